@@ -1,0 +1,1 @@
+"""One module per ``musepayne`` subcommand, plus shared CLI helpers."""

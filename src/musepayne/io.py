@@ -1,0 +1,64 @@
+"""Atomic output helpers: write to a temporary file in the target folder, then rename.
+
+A reader never sees a half-written file: either the old file (or none) or the
+complete new one.  ``os.replace`` is atomic on POSIX and Windows when source
+and target are on the same file system, which a sibling temporary file
+guarantees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_path", "atomic_write_fits", "atomic_write_text", "atomic_write_json", "sha256_file"]
+
+
+@contextmanager
+def atomic_path(path, overwrite: bool = True):
+    """Context manager yielding a temporary path; renamed to ``path`` on success."""
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists (use overwrite)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_fits(hdulist, path, overwrite: bool = True):
+    with atomic_path(path, overwrite) as tmp:
+        hdulist.writeto(tmp, overwrite=True, output_verify="silentfix")
+
+
+def atomic_write_text(text: str, path, overwrite: bool = True):
+    with atomic_path(path, overwrite) as tmp:
+        Path(tmp).write_text(text)
+
+
+def atomic_write_json(obj, path, overwrite: bool = True):
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path, overwrite)
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()

@@ -1,0 +1,134 @@
+"""The Payne-style pseudo-continuum (Ting et al. 2017; Xiang et al. 2019).
+
+``cont_i = sum_j w_ij ivar_j f_j / sum_j w_ij ivar_j``,
+``w_ij = exp(-(l_i - l_j)^2 / (2 L^2))`` with ``L = 50`` Angstrom.
+
+Masked pixels enter with ``ivar = 0``.  The normalised flux is ``f / cont`` and
+its inverse variance ``ivar * cont^2``.  **One** implementation,
+:class:`ContinuumNormalizer`, serves training spectra, observed spectra and
+model gradient spectra, so that the three are normalised identically.
+
+Speed: the numerator ``N = W (ivar f)`` and denominator ``D = W ivar`` are
+Gaussian-smoothed with L = 50 A and therefore smooth on scales much larger than
+a pixel.  By default we evaluate them exactly at nodes every ``L / 5`` = 10 A
+and interpolate with a cubic spline; the relative error of the continuum is
+< 1e-5 (tested against the exact dense sum, ``exact=True``).  Both products are
+dense matrix products over a whole batch, i.e. BLAS-bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.interpolate import CubicSpline
+
+__all__ = ["ContinuumNormalizer", "normalize", "DEFAULT_WIDTH"]
+
+#: Width (sigma, Angstrom) of the Gaussian pseudo-continuum kernel.
+DEFAULT_WIDTH = 50.0
+
+#: Minimum relative support of the continuum (see ``ContinuumNormalizer``).
+MIN_SUPPORT = 0.05
+
+
+@dataclass(frozen=True, eq=False)
+class ContinuumNormalizer:
+    """Pseudo-continuum on a fixed wavelength grid, applied to batches.
+
+    Parameters
+    ----------
+    wave : 1-D array, the grid (A)
+    width : Gaussian sigma in A (50 A, as T17/X19)
+    exact : use the dense ``n_pix x n_pix`` weight matrix instead of nodes
+    node_spacing : node spacing in A for the fast path (default ``width / 5``)
+    """
+
+    wave: np.ndarray
+    width: float = DEFAULT_WIDTH
+    exact: bool = False
+    node_spacing: float | None = None
+    _left: np.ndarray = field(init=False, repr=False)
+    _right: np.ndarray | None = field(init=False, repr=False)
+    _norm: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self):
+        w = np.asarray(self.wave, dtype=np.float64)
+        if w.ndim != 1 or w.size < 2:
+            raise ValueError("ContinuumNormalizer needs a 1-D wavelength grid")
+        if not self.width > 0:
+            raise ValueError("continuum width must be positive")
+        object.__setattr__(self, "wave", w)
+        if self.exact:
+            W = np.exp(-0.5 * ((w[:, None] - w[None, :]) / self.width) ** 2)
+            object.__setattr__(self, "_left", W.T.copy())  # (n_pix, n_pix): x @ W.T
+            object.__setattr__(self, "_right", None)
+        else:
+            h = self.node_spacing or self.width / 5.0
+            n_nodes = int(np.ceil((w[-1] - w[0]) / h)) + 1
+            nodes = np.linspace(w[0], w[-1], max(n_nodes, 4))
+            Wn = np.exp(-0.5 * ((nodes[:, None] - w[None, :]) / self.width) ** 2)  # (n_nodes, n_pix)
+            # cubic-spline evaluation matrix nodes -> pixels (linear in node values)
+            S = CubicSpline(nodes, np.eye(nodes.size), axis=0, bc_type="not-a-knot")(w)  # (n_pix, n_nodes)
+            object.__setattr__(self, "_left", np.ascontiguousarray(Wn.T))  # (n_pix, n_nodes)
+            object.__setattr__(self, "_right", np.ascontiguousarray(S.T))  # (n_nodes, n_pix)
+        # support of an all-ones ivar, to judge where the continuum is defined
+        object.__setattr__(self, "_norm", self._smooth(np.ones((1, w.size)))[0])
+
+    def _smooth(self, x):
+        y = x @ self._left
+        if self._right is not None:
+            y = y @ self._right
+        return y
+
+    def continuum(self, flux, ivar):
+        """Pseudo-continuum of a batch.
+
+        Returns ``(cont, defined)``: ``defined`` is False where the weighted
+        support ``D_i / (max(ivar) * sum_j w_ij)`` is below 5 %, i.e. where
+        no valid pixel lies within ~2.5 kernel widths.  ``cont`` is NaN there.
+        """
+        f = np.atleast_2d(np.asarray(flux, dtype=np.float64))
+        iv = np.atleast_2d(np.asarray(ivar, dtype=np.float64))
+        if f.shape != iv.shape or f.shape[-1] != self.wave.size:
+            raise ValueError(
+                f"flux {f.shape} and ivar {iv.shape} must both be (n_spec, {self.wave.size})"
+            )
+        good = np.isfinite(f) & np.isfinite(iv) & (iv > 0)
+        iv = np.where(good, iv, 0.0)
+        fi = np.where(good, f * iv, 0.0)
+        n = f.shape[0]
+        nd = self._smooth(np.vstack([fi, iv]))
+        num, den = nd[:n], nd[n:]
+        # scale of ivar: a high percentile of the positive values (robust to outliers)
+        scale = np.array([np.percentile(r[r > 0], 90) if np.any(r > 0) else 0.0 for r in iv])
+        support = den / np.maximum(scale[:, None] * self._norm[None, :], 1e-300)
+        defined = (support > MIN_SUPPORT) & (den > 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cont = np.where(defined, num / np.where(den > 0, den, 1.0), np.nan)
+        defined &= np.isfinite(cont) & (cont > 0)
+        cont = np.where(defined, cont, np.nan)
+        return cont, defined
+
+    def __call__(self, flux, ivar):
+        """Normalise a batch: returns ``(flux_norm, ivar_norm, cont, defined)``."""
+        f = np.atleast_2d(np.asarray(flux, dtype=np.float64))
+        iv = np.atleast_2d(np.asarray(ivar, dtype=np.float64))
+        cont, defined = self.continuum(f, iv)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fn = np.where(defined, f / cont, np.nan)
+            ivn = np.where(defined & np.isfinite(iv), iv * cont**2, 0.0)
+        return fn, ivn, cont, defined
+
+
+def normalize(wave, flux, ivar, width: float = DEFAULT_WIDTH, exact: bool = False):
+    """Convenience wrapper: normalise one or many spectra on ``wave``.
+
+    Returns ``(flux_norm, ivar_norm, cont)`` with the batch shape of the input.
+    """
+    f = np.asarray(flux, dtype=np.float64)
+    nz = ContinuumNormalizer(np.asarray(wave), width=width, exact=exact)
+    fn, ivn, cont, _ = nz(f, ivar)
+    if f.ndim == 1:
+        return fn[0], ivn[0], cont[0]
+    return fn, ivn, cont
