@@ -1,0 +1,246 @@
+"""Precision forecasts: the paper's Eq. 11-13 numbers and the Cramér-Rao bound."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from musepayne import forecast as fc
+from musepayne.cli import main
+
+# Paper §5.1: S/N at which sigma = 0.1 dex.
+PAPER_SNR_01 = {"mg_fe": 29.44, "c_fe": 39.00, "fe_h": 42.02, "si_fe": 59.54, "ca_fe": 79.35,
+                "ti_fe": 74.62, "ni_fe": 76.24, "cr_fe": 65.39}
+# Issue 7: limiting V for sigma = 0.1 dex in one hour.
+PAPER_VLIM_1H = {"ca_fe": 18.58, "fe_h": 19.82, "mg_fe": 20.45}
+
+
+@pytest.mark.parametrize("label,snr", sorted(PAPER_SNR_01.items()))
+def test_required_snr_matches_paper(label, snr):
+    assert fc.snr_for_sigma(label, 0.1) == pytest.approx(snr, rel=0.01)
+    # and Eq. 11 forward gives back 0.1 dex there
+    assert fc.sigma_from_snr(label, fc.snr_for_sigma(label, 0.1)) == pytest.approx(0.1, rel=1e-12)
+
+
+@pytest.mark.parametrize("label,vlim", sorted(PAPER_VLIM_1H.items()))
+def test_limiting_magnitude_matches_paper(label, vlim):
+    assert abs(float(fc.limiting_vmag(label, 0.1, 3600.0)) - vlim) <= 0.02
+
+
+def test_paper_statements_about_magnitudes():
+    # "all chemical abundances ... till V = 18.5"; Mg, C, Fe "even till V = 19.7"
+    abund = [k for k in fc.TABLE3 if k not in ("teff", "logg")]
+    assert min(float(fc.limiting_vmag(k, 0.1)) for k in abund) > 18.5
+    assert min(float(fc.limiting_vmag(k, 0.1)) for k in ("mg_fe", "c_fe", "fe_h")) > 19.7
+
+
+def test_teff_is_in_100K_units_inside_table3():
+    # Chem-I-Calc convention (method brief): SNR 100 -> 0.475 (x 100 K) = 47.5 K
+    assert fc.sigma_from_snr("teff", 100.0) == pytest.approx(47.5, abs=0.1)
+    assert fc.snr_for_sigma("Teff", 47.5) == pytest.approx(100.0, rel=0.005)
+
+
+def test_eq12_13_and_inverses_round_trip():
+    v = np.linspace(13.0, 22.0, 37)
+    for t in (600.0, 3600.0, 5 * 3600.0):
+        s = fc.snr_from_vmag(v, t)
+        np.testing.assert_allclose(fc.vmag_for_snr(s, t), v, atol=1e-9)
+        np.testing.assert_allclose(fc.exptime_for_snr(s, v), t, rtol=1e-12)
+    # Eq. 12: S/N grows as sqrt(T)
+    assert fc.snr_from_vmag(18.0, 4 * 3600) == pytest.approx(2 * fc.snr_1hr(18.0))
+    # sigma at the limiting magnitude is the target
+    vl = fc.limiting_vmag("si_fe", 0.07, 1800.0)
+    assert fc.sigma_at("si_fe", vl, 1800.0) == pytest.approx(0.07, rel=1e-9)
+    t = fc.required_exptime("mg_fe", 0.05, 19.0)
+    assert fc.sigma_at("mg_fe", 19.0, t) == pytest.approx(0.05, rel=1e-9)
+
+
+def test_label_names_and_errors():
+    assert fc.canonical_label("[Fe/H]") == "fe_h"
+    assert fc.canonical_label("[Mg/Fe]") == "mg_fe"
+    with pytest.raises(KeyError, match="no Table 3"):
+        fc.snr_for_sigma("zn_fe", 0.1)
+    with pytest.raises(ValueError):
+        fc.snr_for_sigma("fe_h", 0.0)
+
+
+@pytest.mark.parametrize("args,key,expected,tol", [
+    (["--label", "fe_h", "--sigma", "0.1"], "required_snr", 42.02, 0.01 * 42.02),
+    (["--label", "ca_fe", "--sigma", "0.1", "--exptime", "3600"], "limiting_vmag", 18.58, 0.02),
+    (["--label", "mg_fe", "--vmag", "19", "--sigma", "0.05"], "exptime_s", None, None),
+])
+def test_cli_examples(args, key, expected, tol):
+    r = CliRunner().invoke(main, ["forecast", *args, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    if expected is None:  # required exposure time: consistent with the forward relation
+        assert fc.sigma_at("mg_fe", 19.0, out[key]) == pytest.approx(0.05, rel=1e-6)
+        assert 1000 < out[key] < 10000
+    else:
+        assert abs(out[key] - expected) <= tol
+    human = CliRunner().invoke(main, ["forecast", *args])
+    assert human.exit_code == 0 and human.output.strip()
+
+
+def test_cli_bad_label_is_a_clear_error():
+    r = CliRunner().invoke(main, ["forecast", "--label", "xx_fe", "--sigma", "0.1", "--json"])
+    assert r.exit_code == 2
+    assert "no Table 3 relation" in json.loads(r.output)["error"]
+
+
+def test_plots_carry_the_numbers(tmp_path):
+    lims = fc.plot_snr_vs_vmag(tmp_path / "fig14.png", sigma=0.1)
+    assert (tmp_path / "fig14.png").stat().st_size > 5000
+    assert len(lims) == len(fc.TABLE3)
+    assert lims["ca_fe"] == pytest.approx(18.58, abs=0.02)
+    assert lims["teff"] == pytest.approx(float(fc.limiting_vmag("teff", 10.0)), abs=1e-9)  # 0.1 x 100 K
+    drawn = fc.plot_sigma_vs_snr(tmp_path / "fig13.pdf", ["fe_h", "mg_fe"])
+    assert drawn == ["fe_h", "mg_fe"]
+    assert (tmp_path / "fig13.pdf").read_bytes()[:4] == b"%PDF"
+
+
+# --------------------------------------------------------------------------- Cramér-Rao
+
+
+class LinearModel:
+    """flux = 1 + A @ labels: the Fisher matrix is snr^2 A^T A exactly."""
+
+    label_names = ("teff", "logg", "fe_h")
+
+    def __init__(self, a):
+        self.a = a
+
+    def predict_with_jacobian(self, labels):
+        lab = np.atleast_2d(labels)
+        flux = 1.0 + lab @ self.a.T
+        jac = np.broadcast_to(self.a, (lab.shape[0],) + self.a.shape).copy()
+        return flux, jac
+
+
+def test_crlb_exact_for_linear_model_with_mask_and_correction():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(400, 3)) * np.array([1e-4, 0.05, 0.1])
+    model = LinearModel(a)
+    mask = np.zeros(400, bool)
+    mask[:100] = True
+    res = fc.cramer_rao(model, [5000.0, 3.0, 0.0], snr=80.0, mask=mask, correction={"fe_h": 1.5})
+    use = ~mask
+    cov = np.linalg.inv(80.0 ** 2 * a[use].T @ a[use])
+    np.testing.assert_allclose(res.sigma_theory[0], np.sqrt(np.diag(cov)), rtol=1e-10)
+    assert res.sigma[0, 2] == pytest.approx(1.5 * res.sigma_theory[0, 2])
+    assert res.n_used[0] == 300
+    # an integer pixel-flag mask: only excluding bits remove pixels
+    from musepayne.flags import flag_value
+
+    imask = np.where(mask, flag_value("TELLURIC"), flag_value("RES_COARSE"))
+    res2 = fc.cramer_rao(model, [5000.0, 3.0, 0.0], snr=80.0, mask=imask)
+    np.testing.assert_allclose(res2.sigma_theory, res.sigma_theory, rtol=1e-10)
+    # per-pixel S/N: halving S/N everywhere doubles the bound
+    res3 = fc.cramer_rao(model, [5000.0, 3.0, 0.0], snr=np.full(400, 40.0), mask=mask)
+    np.testing.assert_allclose(res3.sigma_theory, 2 * res.sigma_theory, rtol=1e-10)
+    t = res.to_table()
+    assert t["fe_h_crlb"][0] == pytest.approx(res.sigma[0, 2])
+
+
+class LineModel:
+    """Analytic stand-in: absorption lines whose depths and widths depend on 3 labels."""
+
+    label_names = ("teff", "logg", "fe_h")
+
+    def __init__(self, n_pix=1500, n_lines=60, seed=0):
+        rng = np.random.default_rng(seed)
+        self.x = np.linspace(0.0, 1.0, n_pix)
+        self.c = rng.uniform(0.02, 0.98, n_lines)
+        self.k = rng.normal(size=(n_lines, 3)) * np.array([1.0 / 1000.0, 0.3, 1.0])
+        self.d0 = rng.uniform(0.05, 0.4, n_lines)
+        self.w = 0.002
+
+    def predict_with_jacobian(self, labels):
+        lab = np.atleast_2d(np.asarray(labels, float))
+        u = (lab - np.array([5000.0, 3.0, 0.0])) @ self.k.T  # (n, lines)
+        depth = self.d0 * np.exp(u)  # (n, lines)
+        prof = np.exp(-0.5 * ((self.x[:, None] - self.c[None, :]) / self.w) ** 2)  # (pix, lines)
+        flux = 1.0 - depth @ prof.T
+        jac = -np.einsum("pl,nl,lj->npj", prof, depth, self.k)
+        return flux, jac
+
+
+def gauss_newton(model, y, ivar, start, n_iter=8):
+    """Per-spectrum weighted least squares, the check's own small fitter."""
+    theta = np.array(start, float)
+    for _ in range(n_iter):
+        f, j = model.predict_with_jacobian(theta)
+        f, j = f[0], j[0]
+        a = j.T @ (j * ivar[:, None])
+        b = j.T @ ((y - f) * ivar)
+        theta = theta + np.linalg.solve(a, b)
+    return theta
+
+
+def _scatter_vs_crlb(model, truth, snr, n_spec, mask, rng, start_offset):
+    ivar = np.full(model.predict_with_jacobian(truth)[0].shape[1], snr ** 2)
+    ivar[mask] = 0.0
+    f0 = model.predict_with_jacobian(truth)[0][0]
+    fits = np.array([gauss_newton(model, f0 + rng.normal(size=f0.size) / snr, ivar, truth + start_offset)
+                     for _ in range(n_spec)])
+    scatter = np.std(fits - truth, axis=0, ddof=1)
+    bound = fc.cramer_rao(model, truth, snr=snr, mask=mask).sigma[0]
+    return scatter, bound
+
+
+def test_crlb_matches_fitted_scatter_stand_in_model():
+    rng = np.random.default_rng(11)
+    model = LineModel()
+    truth = np.array([4800.0, 2.5, -0.3])
+    mask = np.zeros(model.x.size, bool)
+    mask[200:400] = True
+    scatter, bound = _scatter_vs_crlb(model, truth, 50.0, 300, mask, rng, np.array([30.0, 0.1, 0.05]))
+    np.testing.assert_allclose(scatter / bound, 1.0, atol=0.15)
+
+
+class PerPixelPayne:
+    """The Payne's per-pixel network (T17/X19 format), evaluated with plain numpy."""
+
+    label_names = ("teff", "logg", "fe_h", "mg_fe", "vmacro")
+
+    def __init__(self, path):
+        with np.load(path, allow_pickle=False) as d:
+            self.w0, self.w1 = d["w_array_0"].astype(float), d["w_array_1"].astype(float)
+            self.b0, self.b1 = d["b_array_0"].astype(float), d["b_array_1"].astype(float)
+            self.xmin, self.xmax = d["x_min"], d["x_max"]
+
+    def predict_with_jacobian(self, labels):
+        lab = np.atleast_2d(np.asarray(labels, float))
+        x = (lab - self.xmin) / (self.xmax - self.xmin) - 0.5
+        z = np.einsum("pkl,nl->npk", self.w0, x) + self.b0  # (n, pix, hidden)
+        h = 1.0 / (1.0 + np.exp(-z))
+        flux = np.einsum("pk,npk->np", self.w1, h) + self.b1
+        dfdx = np.einsum("pk,npk,pkl->npl", self.w1, h * (1 - h), self.w0)
+        return flux, dfdx / (self.xmax - self.xmin)
+
+
+@pytest.mark.shared
+def test_crlb_matches_fitted_scatter_real_payne_network(shared):
+    path = shared / "payne_apogee" / "NN_normalized_spectra.npz"
+    model = PerPixelPayne(path)
+    assert model.w0.shape == (7214, 5, 5) and model.w1.shape == (7214, 5)
+    with np.load(shared / "payne_apogee" / "apogee_mask.npz", allow_pickle=False) as d:
+        mask = d["apogee_mask"].astype(bool)  # True = masked (The Payne's convention)
+    # Jacobian against finite differences
+    truth = np.array([5500.0, 4.4, -0.2, 0.1, 8.0])
+    f0, jac = model.predict_with_jacobian(truth)
+    assert f0.shape == (1, 7214) and jac.shape == (1, 7214, 5)
+    step = np.array([1.0, 1e-3, 1e-3, 1e-3, 1e-2])
+    for j in range(5):
+        e = np.zeros(5)
+        e[j] = step[j]
+        fd = (model.predict_with_jacobian(truth + e)[0] - model.predict_with_jacobian(truth - e)[0]) / (2 * step[j])
+        np.testing.assert_allclose(jac[0, :, j], fd[0], rtol=1e-3, atol=1e-6)
+    rng = np.random.default_rng(5)
+    scatter, bound = _scatter_vs_crlb(model, truth, 50.0, 300, mask, rng, np.array([20.0, 0.03, 0.02, 0.02, 0.3]))
+    np.testing.assert_allclose(scatter / bound, 1.0, atol=0.15)
+    # physically sensible: S/N 50 over ~6300 APOGEE pixels gives a Teff bound of order 10 K
+    assert 1.0 < bound[0] < 50.0
