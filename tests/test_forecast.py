@@ -244,3 +244,42 @@ def test_crlb_matches_fitted_scatter_real_payne_network(shared):
     np.testing.assert_allclose(scatter / bound, 1.0, atol=0.15)
     # physically sensible: S/N 50 over ~6300 APOGEE pixels gives a Teff bound of order 10 K
     assert 1.0 < bound[0] < 50.0
+
+
+class GridLineModel(LineModel):
+    """The stand-in on the LAMOST grid (with ``wave``, ``x_min``, ``x_max``) for the CLI."""
+
+    def __init__(self):
+        from musepayne.wavelength import lamost_wavelength
+
+        self.wave = lamost_wavelength()
+        super().__init__(n_pix=self.wave.size)
+        self.x_min = np.array([4000.0, 1.0, -1.5])
+        self.x_max = np.array([6000.0, 5.0, 0.5])
+
+
+def test_cli_cramer_rao_mode(tmp_path, monkeypatch):
+    from musepayne.commands import forecast as cmd
+
+    model = GridLineModel()
+    monkeypatch.setattr(cmd, "_load_model", lambda path: model)
+    args = ["forecast", "--model", "stand-in", "--at", "teff=4800,logg=2.5", "--snr", "50",
+            "--correction", "fe_h=1.5", "--plot-snr", str(tmp_path / "fig13.png"), "--json"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    truth = np.array([4800.0, 2.5, -0.5])  # fe_h not given: middle of the model's range
+    expect = fc.cramer_rao(model, truth, snr=50.0, mask=fc.fit_mask(model.wave, "standard"),
+                           correction={"fe_h": 1.5}).sigma[0]
+    got = {row["label"]: row for row in out["results"]}
+    np.testing.assert_allclose([got[k]["crlb"] for k in ("teff", "logg", "fe_h")], expect, rtol=1e-10)
+    assert got["fe_h"]["value"] == -0.5 and got["fe_h"]["crlb"] == pytest.approx(1.5 * got["fe_h"]["crlb_theory"])
+    assert out["n_used"] == 1928  # LAMOST-grid pixels inside MUSE coverage minus the standard masks
+    assert (tmp_path / "fig13.png").stat().st_size > 5000
+    # bulge mode loses the blue: fewer pixels and a larger bound
+    r2 = CliRunner().invoke(main, args[:-3] + ["--mode", "bulge", "--json"])
+    out2 = json.loads(r2.output)
+    assert out2["n_used"] < out["n_used"]
+    assert all(b["crlb"] > a["crlb"] for a, b in zip(out["results"], out2["results"]))
+    bad = CliRunner().invoke(main, ["forecast", "--model", "x", "--at", "vsini=3", "--snr", "50", "--json"])
+    assert bad.exit_code == 2 and "not in the model" in json.loads(bad.output)["error"]

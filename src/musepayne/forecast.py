@@ -52,6 +52,8 @@ __all__ = [
     "required_exptime",
     "CramerRaoResult",
     "cramer_rao",
+    "MUSE_COVERAGE_AIR",
+    "fit_mask",
     "plot_sigma_vs_snr",
     "plot_snr_vs_vmag",
 ]
@@ -198,6 +200,30 @@ class CramerRaoResult:
         t["n_used"] = self.n_used
         t.meta["method"] = "Cramer-Rao: F = J^T diag(ivar) J, sigma = sqrt(diag(F^-1))"
         return t
+
+
+#: Nominal MUSE WFM wavelength coverage (air, Angstrom); the extended mode starts at 4600.
+MUSE_COVERAGE_AIR = (4750.0, 9350.0)
+
+
+def fit_mask(wave, mode: str = "standard", ao_notch: str | None = None, coverage_air=MUSE_COVERAGE_AIR):
+    """Boolean mask (True = excluded) of the pixels a MUSE fit cannot use on a vacuum model grid.
+
+    The fixed masks of ``mode`` (:func:`musepayne.masks.mode_mask`: telluric
+    bands, dichroic, red cut-off, bulge blue cut-off, AO notch) plus the
+    pixels outside the instrument's coverage (``coverage_air``, converted to
+    vacuum; ``None`` for no coverage limit, e.g. a LAMOST forecast).
+    """
+    from .flags import EXCLUDING_BITS
+    from .masks import mode_mask
+    from .wavelength import air_to_vacuum
+
+    w = np.asarray(wave, dtype=float)
+    excl = (mode_mask(w, mode, ao_notch).astype(np.int64) & EXCLUDING_BITS) != 0
+    if coverage_air is not None:
+        lo, hi = air_to_vacuum(np.asarray(coverage_air, dtype=float))
+        excl |= (w < lo) | (w > hi)
+    return excl
 
 
 def _pixel_weights(n_pix, snr, ivar, mask):

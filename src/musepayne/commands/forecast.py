@@ -19,8 +19,18 @@ from ._common import emit, fail, json_option
               help="Write a Fig. 13-style plot (sigma vs S/N) to this file.")
 @click.option("--plot-vmag", "plot_vmag", type=click.Path(dir_okay=False),
               help="Write a Fig. 14-style plot (S/N vs V with each label's limit for --sigma, default 0.1).")
+@click.option("--model", "model_path", default=None,
+              help="Cramer-Rao mode: a musepayne model file (or 'default'); bound from its Jacobian.")
+@click.option("--at", "at", default=None,
+              help="CRLB: labels of the star, e.g. 'teff=4800,logg=2.5,fe_h=0' (missing labels: mid-range).")
+@click.option("--mode", "mask_mode", type=click.Choice(["standard", "bulge"]), default="standard",
+              show_default=True, help="CRLB: the fit's wavelength mask (paper §3.2 / §4.2.1).")
+@click.option("--ao-notch", default=None, help="CRLB: mask the NaD laser notch of an AO mode.")
+@click.option("--correction", "corrections", multiple=True,
+              help="CRLB: Eq. 9 factor LABEL=F from repeats (Eq. 10; see 'validate --repeats'); repeatable.")
 @json_option
-def forecast(labels, sigma, snr, vmag, exptime, plot_snr, plot_vmag, as_json):
+def forecast(labels, sigma, snr, vmag, exptime, plot_snr, plot_vmag, model_path, at, mask_mode, ao_notch,
+             corrections, as_json):
     """Forecast label precision with the paper's Eq. 11-13 and Table 3.
 
     \b
@@ -31,8 +41,15 @@ def forecast(labels, sigma, snr, vmag, exptime, plot_snr, plot_vmag, as_json):
       --snr                   sigma at that S/N                (Eq. 11)
       --vmag [--exptime]      S/N and sigma (default 3600 s)   (Eq. 11-13)
     Teff uncertainties are in K (Table 3 works in 100 K; converted).
-    For a Cramer-Rao forecast from a model use musepayne.forecast.cramer_rao.
+
+    \b
+    Cramer-Rao mode (--model): the bound sqrt(diag(F^-1)), F = J^T J SNR^2 over
+    the pixels a MUSE fit uses (--mode mask, 4750-9350 A air coverage), at
+    --snr (or the S/N of --vmag/--exptime, Eq. 12-13), times --correction.
     """
+    if model_path:
+        _crlb_mode(model_path, at, snr, vmag, exptime, mask_mode, ao_notch, corrections, plot_snr, as_json)
+        return
 
 
     from .. import forecast as fc
@@ -119,3 +136,71 @@ def forecast(labels, sigma, snr, vmag, exptime, plot_snr, plot_vmag, as_json):
         result.update({k: v for k, v in rows[0].items()})
     emit(result, as_json, lines)
 
+
+
+def _load_model(path):
+    """The model loader of the fitting stage (imported lazily)."""
+    try:
+        from ..model import load_model
+    except ImportError as exc:  # pragma: no cover - depends on the fitting stage being installed
+        raise ValueError(f"model loading is not available in this build: {exc}") from None
+    return load_model(path)
+
+
+def _parse_pairs(text_items, what):
+    out = {}
+    for item in text_items:
+        for part in str(item).split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise ValueError(f"{what} needs NAME=VALUE, got {part!r}")
+            k, v = part.split("=", 1)
+            out[k.strip()] = float(v)
+    return out
+
+
+def _crlb_mode(model_path, at, snr, vmag, exptime, mask_mode, ao_notch, corrections, plot_snr, as_json):
+    import numpy as np
+
+    from .. import forecast as fc
+
+    try:
+        model = _load_model(model_path)
+        names = [fc.canonical_label(n) for n in model.label_names]
+        given = {fc.canonical_label(k): v for k, v in _parse_pairs([at] if at else [], "--at").items()}
+        unknown = set(given) - set(names)
+        if unknown:
+            raise ValueError(f"--at labels not in the model: {sorted(unknown)}; model labels: {names}")
+        mid = 0.5 * (np.asarray(model.x_min, float) + np.asarray(model.x_max, float)) \
+            if hasattr(model, "x_min") else np.full(len(names), np.nan)
+        labels = np.array([given.get(n, mid[i]) for i, n in enumerate(names)], float)
+        if not np.all(np.isfinite(labels)):
+            raise ValueError(f"give every label with --at (model labels: {names})")
+        if snr is None:
+            if vmag is None:
+                raise ValueError("CRLB mode needs --snr or --vmag [--exptime]")
+            snr = float(fc.snr_from_vmag(vmag, exptime or 3600.0))
+        mask = fc.fit_mask(model.wave, mask_mode, ao_notch)
+        corr = _parse_pairs(corrections, "--correction")
+        res = fc.cramer_rao(model, labels, snr=snr, mask=mask, correction=corr)
+        plots = {}
+        if plot_snr:
+            fc.plot_sigma_vs_snr(plot_snr, [n for n in names if n in fc.TABLE3] or None, crlb=res, crlb_snr=snr)
+            plots["sigma_vs_snr"] = plot_snr
+    except (KeyError, ValueError) as exc:
+        fail(str(exc.args[0]) if exc.args else str(exc), as_json)
+        return
+    rows = [{"label": n, "value": float(labels[i]), "crlb": float(res.sigma[0, i]),
+             "crlb_theory": float(res.sigma_theory[0, i]), "correction": corr.get(n, 1.0),
+             "table3": (float(fc.sigma_from_snr(n, snr)) if n in fc.TABLE3 else None)}
+            for i, n in enumerate(names)]
+    info = {"mode": "cramer_rao", "model": str(model_path), "snr": snr, "mask_mode": mask_mode,
+            "n_used": int(res.n_used[0]), "results": rows, "plots": plots,
+            "method": "F = J^T diag(SNR^2) J over used pixels; sigma = sqrt(diag(F^-1)) x correction"}
+    lines = [f"Cramer-Rao bound at S/N {snr:.1f} per pixel ({int(res.n_used[0])} pixels, {mask_mode} mask):"]
+    for r in rows:
+        extra = f"  (paper Eq. 11: {r['table3']:.4g})" if r["table3"] is not None else ""
+        lines.append(f"  {r['label']:8s} = {r['value']:.4g}: sigma >= {r['crlb']:.4g}{extra}")
+    lines += [f"plot written: {p}" for p in plots.values()]
+    emit(info, as_json, lines)
