@@ -37,12 +37,14 @@ def _cats():
                  "dec": [-20.0, -20.0, -20.0, 5.0, -20.0],
                  "teff": [5000.0, 5100.0, 4900.0, 6000.0, 5150.0],
                  "fe_h": [0.0, -0.5, -1.0, 0.2, -0.45],
-                 "teff_err": [50.0] * 5})
+                 "teff_err": [50.0] * 5,
+                 "snr_muse": [100.0, 90.0, 50.0, 100.0, 120.0]})
     ref = Table({"id": ["s3", "s2", "s1", "x9"],
                  "ra": [10.002 + 0.3 / 3600 / np.cos(np.radians(20)), 10.001, 10.0, 80.0],
                  "dec": [-20.0, -20.0 + 0.5 / 3600, -20.0, 0.0],
                  "teff": [4950.0, 5000.0, 5020.0, 4000.0],
-                 "fe_h": [-1.1, -0.4, 0.05, 0.0]})
+                 "fe_h": [-1.1, -0.4, 0.05, 0.0],
+                 "snr": [40.0, 30.0, 60.0, 50.0]})
     return cat, ref
 
 
@@ -137,6 +139,13 @@ def test_validate_cli(tmp_path):
     assert out["labels"]["teff"]["bias"] == pytest.approx(40.0)
     assert out["points_per_panel"] == {"teff": 4, "fe_h": 4}
     assert Table.read(tmp_path / "stats.ecsv")["n"].tolist() == [4, 4]
+    # MUSE-vs-LAMOST style: the LAMOST S/N comes from the reference, then the Eq. 5 cut
+    r = CliRunner().invoke(main, ["validate", str(tmp_path / "cat.fits"), str(tmp_path / "ref.ecsv"),
+                                  "--ref-id-col", "id", "--ref-column", "snr=snr_lamost", "--preset", "eq5",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["n_matched"] == 1 and out["labels"]["teff"]["bias"] == pytest.approx(-20.0)
     # repeats and error scaling
     t = _repeats(200)
     t.write(tmp_path / "rep.fits")
@@ -152,3 +161,36 @@ def test_validate_cli(tmp_path):
     assert r.exit_code == 2 and "cross-validation" in json.loads(r.output)["error"]
     r = CliRunner().invoke(main, ["validate", str(tmp_path / "nope.fits"), "--repeats", "--json"])
     assert r.exit_code == 2 and "no such catalogue" in json.loads(r.output)["error"]
+
+
+@pytest.mark.shared
+def test_real_catalogues_stelib_vs_miles(shared, tmp_path):
+    """Two real label catalogues (STELIB headers vs MILES v9.1 parameters), matched by star name."""
+    from astropy.io import fits
+
+    from musepayne.readers import read_miles_params
+
+    miles = read_miles_params(shared / "libraries" / "miles" / "paramsMILES_v9.1.txt")
+    miles.rename_column("name", "stellar_id")
+
+    def num(h, k):
+        try:
+            return float(h[k])
+        except (KeyError, TypeError, ValueError):
+            return np.nan
+
+    rows = []
+    for f in sorted((shared / "libraries" / "stelib").glob("STELIB_v3.2_*.fits")):
+        h = fits.getheader(f)
+        rows.append((str(h.get("OBJECT", "")).strip(), num(h, "TEFF"), num(h, "LOG_G"), num(h, "FE_H")))
+    stelib = Table(rows=rows, names=("stellar_id", "teff", "logg", "fe_h"))
+    comp = val.compare(stelib, miles, ["teff", "logg", "fe_h"], sort_by_dispersion=True)
+    st = comp.as_dict()
+    assert st["teff"]["n"] >= 60  # the HD stars common to both libraries
+    # the same literature stars: small robust dispersion, negligible bias ...
+    assert st["teff"]["dispersion"] < 100.0 and abs(st["teff"]["bias"]) < 30.0
+    assert st["logg"]["dispersion"] < 0.25 and st["fe_h"]["dispersion"] < 0.12
+    # ... although a few gross mismatches exist, which a plain std would not survive
+    assert np.nanstd(comp.matched["d_teff"]) > 5 * st["teff"]["dispersion"]
+    counts = val.plot_differences(tmp_path / "stelib_vs_miles.png", comp)
+    assert counts["teff"] == st["teff"]["n"]

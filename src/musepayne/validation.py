@@ -34,6 +34,7 @@ __all__ = [
     "bias_dispersion",
     "label_columns",
     "crossmatch",
+    "attach_columns",
     "Comparison",
     "compare",
     "repeat_pairs",
@@ -120,6 +121,24 @@ def crossmatch(cat, ref, by: str = "id", *, id_col: str = "stellar_id", ref_id_c
         ok = np.isfinite(sep_as) & (sep_as <= tolerance_arcsec)
         return np.flatnonzero(ok), np.asarray(idx)[ok], sep_as[ok]
     raise ValueError(f"by must be 'id' or 'sky', not {by!r}")
+
+
+def attach_columns(cat, ref, columns: dict, *, by: str = "id", **match_kw):
+    """New ``cat`` with reference columns copied onto matched rows (NaN elsewhere).
+
+    ``columns``: ``{reference column: new name}``; e.g. ``{'snr_g': 'snr_lamost'}``
+    brings the LAMOST S/N onto MUSE rows so that the Eq. 5 preset can be
+    applied before comparing.
+    """
+    out = cat.copy()
+    i_cat, i_ref, _ = crossmatch(cat, ref, by=by, **match_kw)
+    for src, dst in columns.items():
+        if src not in ref.colnames:
+            raise KeyError(f"reference has no column {src!r}")
+        vals = np.full(len(cat), np.nan)
+        vals[i_cat] = _float(ref[src])[i_ref]
+        out[dst] = vals
+    return out
 
 
 @dataclass(frozen=True)

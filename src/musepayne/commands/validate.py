@@ -42,6 +42,9 @@ def _run_cv(options, as_json):
 @click.option("--labels", default=None, help="Comma-separated labels to compare (default: all common labels).")
 @click.option("--preset", default=None, help="Selection preset applied to CATALOGUE first (e.g. eq5).")
 @click.option("--where", default=None, help="Selection expression applied to CATALOGUE first.")
+@click.option("--ref-column", "ref_columns", multiple=True,
+              help="REF=NEW: copy a REFERENCE column onto matched CATALOGUE rows before --preset/--where, "
+                   "e.g. 'snrg=snr_lamost' for the Eq. 5 cut; repeatable.")
 @click.option("--x", "xcol", default="fe_h", show_default=True, help="x axis of the difference plot (Fig. 5).")
 @click.option("--plot-dir", type=click.Path(file_okay=False),
               help="Write differences.png (Fig. 5 style) and bias_precision.png (Fig. 6-7 style) here.")
@@ -53,8 +56,8 @@ def _run_cv(options, as_json):
               help="With --repeats: write CATALOGUE with <label>_err scaled by the factors (Eq. 9) here.")
 @click.option("--cv", is_flag=True, help="Run the model cross-validation (training stage; see CV_HOOK).")
 @json_option
-def validate(catalogue, reference, match, id_col, ref_id_col, tolerance, labels, preset, where, xcol, plot_dir,
-             stats_path, repeats, robust, apply_out, cv, as_json):
+def validate(catalogue, reference, match, id_col, ref_id_col, tolerance, labels, preset, where, ref_columns, xcol,
+             plot_dir, stats_path, repeats, robust, apply_out, cv, as_json):
     """Compare CATALOGUE with REFERENCE: bias (median) and dispersion (half the
     15.87-84.13 percentile range) of the differences per label; and/or the
     Eq. 10 error scale factors from repeat observations within CATALOGUE.
@@ -82,6 +85,12 @@ def validate(catalogue, reference, match, id_col, ref_id_col, tolerance, labels,
             cat = read_table(catalogue)
             ref = read_table(reference) if reference else None
         n_in = len(cat)
+        match_kw = dict(by=match, id_col=id_col, ref_id_col=ref_id_col, tolerance_arcsec=tolerance)
+        if ref_columns:
+            if ref is None:
+                raise ValueError("--ref-column needs a REFERENCE")
+            pairs = dict(rc.split("=", 1) if "=" in rc else (rc, rc) for rc in ref_columns)
+            cat = val.attach_columns(cat, ref, pairs, **match_kw)
         if preset or where:
             cat = select(cat, where, preset)
             info["selection"] = cat.meta["selection"]
@@ -89,8 +98,7 @@ def validate(catalogue, reference, match, id_col, ref_id_col, tolerance, labels,
         labs = [s.strip() for s in labels.split(",") if s.strip()] if labels else None
         if ref is not None:
             with timer("compare"):
-                comp = val.compare(cat, ref, labs, by=match, id_col=id_col, ref_id_col=ref_id_col,
-                                   tolerance_arcsec=tolerance)
+                comp = val.compare(cat, ref, labs, **match_kw)
             info["n_matched"] = len(comp.matched)
             info["labels"] = comp.as_dict()
             lines.append(f"{len(comp.matched)} matched rows ({match}); per label: bias, dispersion (N)")
