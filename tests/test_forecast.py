@@ -283,3 +283,15 @@ def test_cli_cramer_rao_mode(tmp_path, monkeypatch):
     assert all(b["crlb"] > a["crlb"] for a, b in zip(out["results"], out2["results"]))
     bad = CliRunner().invoke(main, ["forecast", "--model", "x", "--at", "vsini=3", "--snr", "50", "--json"])
     assert bad.exit_code == 2 and "not in the model" in json.loads(bad.output)["error"]
+
+
+def test_cli_teff_targets_are_in_kelvin():
+    r = CliRunner().invoke(main, ["forecast", "--label", "teff", "--sigma", "50", "--json"])
+    assert json.loads(r.output)["required_snr"] == pytest.approx(float(fc.snr_for_sigma("teff", 50.0)))
+    assert 90 < json.loads(r.output)["required_snr"] < 100  # 47.5 K at S/N 100
+    r = CliRunner().invoke(main, ["forecast", "--label", "teff", "--label", "fe_h", "--sigma", "0.1", "--json"])
+    assert r.exit_code == 2 and "--sigma-teff" in json.loads(r.output)["error"]
+    r = CliRunner().invoke(main, ["forecast", "--label", "teff", "--label", "fe_h", "--sigma", "0.1",
+                                  "--sigma-teff", "10", "--exptime", "3600", "--json"])
+    rows = {x["label"]: x for x in json.loads(r.output)["results"]}
+    assert rows["teff"]["sigma"] == 10.0 and rows["fe_h"]["limiting_vmag"] == pytest.approx(19.82, abs=0.02)

@@ -341,12 +341,14 @@ def plot_sigma_vs_snr(path, labels=None, snr=(10.0, 300.0), crlb: CramerRaoResul
     return drawn
 
 
-def plot_snr_vs_vmag(path, labels=None, sigma=0.1, exptime=3600.0, vrange=(14.0, 22.0)):
+def plot_snr_vs_vmag(path, labels=None, sigma=0.1, exptime=3600.0, vrange=(14.0, 22.0), sigma_teff=None):
     """Paper Fig. 14: S/N vs V (Eq. 12-13) with each label's limiting V for ``sigma``.
 
-    ``sigma`` is in dex (Teff: in units of 100 K, so 0.1 = 10 K, as in the
-    paper).  Returns ``{label: limiting V}`` of the drawn thresholds.
+    ``sigma`` is in dex; Teff uses ``sigma_teff`` in K, by default
+    ``100 K x sigma`` (the paper's "0.1 dex or 10 K").  Returns
+    ``{label: limiting V}`` of the drawn thresholds.
     """
+    sigma_teff = 100.0 * sigma if sigma_teff is None else sigma_teff
     from ._plotting import new_figure, save_figure
 
     labels = [canonical_label(x) for x in (labels or TABLE3)]
@@ -355,14 +357,17 @@ def plot_snr_vs_vmag(path, labels=None, sigma=0.1, exptime=3600.0, vrange=(14.0,
     ax = fig.subplots()
     ax.plot(v, snr_from_vmag(v, exptime), color="purple", lw=2, label=f"S/N ({exptime:g} s)")
     lims = {}
-    for lab in labels:
-        vl = float(limiting_vmag(lab, sigma * TABLE3_UNIT_SCALE[lab], exptime))
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    for k, lab in enumerate(labels):
+        vl = float(limiting_vmag(lab, sigma_teff if lab == "teff" else sigma, exptime))
         lims[lab] = vl
-        ax.axvline(vl, lw=1, label=f"{lab}: V={vl:.2f}")
+        ax.axvline(vl, lw=1.2, color=cmap(k % 10), ls="-" if k < 10 else "--", label=f"{lab}: V={vl:.2f}")
     ax.set_yscale("log")
     ax.set_xlabel("V (mag)")
     ax.set_ylabel("S/N per pixel")
-    ax.set_title(rf"limiting V for $\sigma$ = {sigma:g} dex (Teff: {sigma * 100:g} K)", fontsize=9)
+    ax.set_title(rf"limiting V for $\sigma$ = {sigma:g} dex (Teff: {sigma_teff:g} K)", fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     save_figure(fig, path)

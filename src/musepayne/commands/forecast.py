@@ -11,7 +11,9 @@ from ._common import emit, fail, json_option
 @click.option("--label", "labels", multiple=True,
               help="Label(s) of Table 3: teff, logg, fe_h, mg_fe, si_fe, ca_fe, ti_fe, c_fe, ni_fe, cr_fe "
                    "(also '[Fe/H]' style). Repeat for several; default: all.")
-@click.option("--sigma", type=float, help="Target uncertainty (dex; Teff in K).")
+@click.option("--sigma", type=float, help="Target uncertainty in dex (in K when --label teff is the only label).")
+@click.option("--sigma-teff", "sigma_teff", type=float,
+              help="Target Teff uncertainty in K when Teff is forecast with other labels.")
 @click.option("--snr", type=float, help="S/N per pixel (gives sigma, Eq. 11).")
 @click.option("--vmag", type=float, help="V magnitude of the star (Eq. 13).")
 @click.option("--exptime", type=float, help="Exposure time in seconds (Eq. 12).")
@@ -29,7 +31,7 @@ from ._common import emit, fail, json_option
 @click.option("--correction", "corrections", multiple=True,
               help="CRLB: Eq. 9 factor LABEL=F from repeats (Eq. 10; see 'validate --repeats'); repeatable.")
 @json_option
-def forecast(labels, sigma, snr, vmag, exptime, plot_snr, plot_vmag, model_path, at, mask_mode, ao_notch,
+def forecast(labels, sigma, sigma_teff, snr, vmag, exptime, plot_snr, plot_vmag, model_path, at, mask_mode, ao_notch,
              corrections, as_json):
     """Forecast label precision with the paper's Eq. 11-13 and Table 3.
 
@@ -40,7 +42,8 @@ def forecast(labels, sigma, snr, vmag, exptime, plot_snr, plot_vmag, model_path,
       --sigma --vmag          required exposure time           (inverse Eq. 11-13)
       --snr                   sigma at that S/N                (Eq. 11)
       --vmag [--exptime]      S/N and sigma (default 3600 s)   (Eq. 11-13)
-    Teff uncertainties are in K (Table 3 works in 100 K; converted).
+    Teff uncertainties are in K (Table 3 works in 100 K; converted): with
+    --label teff alone --sigma is in K, with other labels use --sigma-teff.
 
     \b
     Cramer-Rao mode (--model): the bound sqrt(diag(F^-1)), F = J^T J SNR^2 over
@@ -55,10 +58,22 @@ def forecast(labels, sigma, snr, vmag, exptime, plot_snr, plot_vmag, model_path,
     from .. import forecast as fc
 
     try:
-        labs = [fc.canonical_label(x) for x in labels] or list(fc.TABLE3)
+        labs = [fc.canonical_label(x) for x in labels]
         for lab in labs:
             if lab not in fc.TABLE3:
                 raise KeyError(f"no Table 3 relation for {lab!r}; known: {', '.join(fc.TABLE3)}")
+        if sigma is None and sigma_teff is not None and not labs:
+            labs = ["teff"]
+        if not labs:  # all; Teff in a --sigma run only with its own target in K
+            labs = [k for k in fc.TABLE3 if k != "teff" or sigma is None or sigma_teff is not None]
+        if sigma is None and sigma_teff is not None and labs == ["teff"]:
+            sigma = sigma_teff
+        if sigma is not None and "teff" in labs and labs != ["teff"] and sigma_teff is None:
+            raise ValueError("Teff with dex labels: give its target in K with --sigma-teff")
+
+        def target(lab):
+            return sigma_teff if (lab == "teff" and sigma_teff is not None) else sigma
+
         for name, v in (("sigma", sigma), ("snr", snr), ("exptime", exptime)):
             if v is not None and not v > 0:
                 raise ValueError(f"--{name} must be positive")
@@ -70,19 +85,20 @@ def forecast(labels, sigma, snr, vmag, exptime, plot_snr, plot_vmag, model_path,
         if sigma is not None and vmag is not None:
             mode = "required_exptime"
             for lab in labs:
-                need = float(fc.snr_for_sigma(lab, sigma))
-                rows.append({"label": lab, "sigma": sigma, "vmag": vmag, "required_snr": need,
+                need = float(fc.snr_for_sigma(lab, target(lab)))
+                rows.append({"label": lab, "sigma": target(lab), "vmag": vmag, "required_snr": need,
                              "exptime_s": float(fc.exptime_for_snr(need, vmag))})
         elif sigma is not None and exptime is not None:
             mode = "limiting_vmag"
             for lab in labs:
-                need = float(fc.snr_for_sigma(lab, sigma))
-                rows.append({"label": lab, "sigma": sigma, "exptime_s": exptime, "required_snr": need,
+                need = float(fc.snr_for_sigma(lab, target(lab)))
+                rows.append({"label": lab, "sigma": target(lab), "exptime_s": exptime, "required_snr": need,
                              "limiting_vmag": float(fc.vmag_for_snr(need, exptime))})
         elif sigma is not None:
             mode = "required_snr"
             for lab in labs:
-                rows.append({"label": lab, "sigma": sigma, "required_snr": float(fc.snr_for_sigma(lab, sigma))})
+                rows.append({"label": lab, "sigma": target(lab),
+                             "required_snr": float(fc.snr_for_sigma(lab, target(lab)))})
         elif snr is not None:
             mode = "sigma_at_snr"
             for lab in labs:
@@ -103,8 +119,8 @@ def forecast(labels, sigma, snr, vmag, exptime, plot_snr, plot_vmag, model_path,
             fc.plot_sigma_vs_snr(plot_snr, labs)
             plots["sigma_vs_snr"] = plot_snr
         if plot_vmag:
-            s01 = 0.1 if sigma is None else sigma
-            fc.plot_snr_vs_vmag(plot_vmag, labs, sigma=s01, exptime=exptime or 3600.0)
+            s01 = 0.1 if sigma is None or labs == ["teff"] else sigma
+            fc.plot_snr_vs_vmag(plot_vmag, labs, sigma=s01, exptime=exptime or 3600.0, sigma_teff=sigma_teff)
             plots["snr_vs_vmag"] = plot_vmag
     except (KeyError, ValueError) as exc:
         fail(str(exc.args[0]) if exc.args else str(exc), as_json)
