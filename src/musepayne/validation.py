@@ -305,11 +305,24 @@ def plot_differences(path, comparison: Comparison, labels=None, x: str = "fe_h",
     for ax, lab in zip(axes, labels):
         d = np.asarray(m[f"d_{lab}"], dtype=float)
         ok = np.isfinite(d) & np.isfinite(xv)
-        ax.scatter(xv[ok], d[ok], s=8, alpha=0.7)
-        ax.axhline(0.0, color="k", lw=0.7)
         b, disp, n = bias_dispersion(d[ok])
-        ax.text(0.03, 0.95, f"median {b:.3g}\ndispersion {disp:.3g}\nN={n}", transform=ax.transAxes,
-                va="top", fontsize=7)
+        # y range: +-6 dispersions around the median; outliers drawn at the edge as triangles
+        half = 6.0 * disp if np.isfinite(disp) and disp > 0 else None
+        if half is not None:
+            lo, hi = b - half, b + half
+            inside = ok & (d >= lo) & (d <= hi)
+            ax.scatter(xv[inside], d[inside], s=8, alpha=0.7)
+            out_hi, out_lo = ok & (d > hi), ok & (d < lo)
+            ax.scatter(xv[out_hi], np.full(out_hi.sum(), hi), marker="^", s=14, color="C3")
+            ax.scatter(xv[out_lo], np.full(out_lo.sum(), lo), marker="v", s=14, color="C3")
+            ax.set_ylim(lo - 0.05 * half, hi + 0.05 * half)
+            n_out = int(out_hi.sum() + out_lo.sum())
+        else:
+            ax.scatter(xv[ok], d[ok], s=8, alpha=0.7)
+            n_out = 0
+        ax.axhline(0.0, color="k", lw=0.7)
+        ax.text(0.03, 0.95, f"median {b:.3g}\ndispersion {disp:.3g}\nN={n}"
+                + (f" ({n_out} beyond the axis)" if n_out else ""), transform=ax.transAxes, va="top", fontsize=7)
         ax.set_ylabel(rf"$\Delta$ {lab}")
         ax.set_xlabel(x)
         counts[lab] = int(np.count_nonzero(ok))
@@ -324,7 +337,8 @@ def plot_bias_precision(path, stats: dict) -> list[str]:
     """Paper Fig. 6-7: bias (top) and precision (bottom) per label, sorted by precision.
 
     ``stats``: ``{name: stats Table from compare}``, e.g. one per wavelength
-    region; labels are ordered by the first entry's dispersion.  Returns the
+    region; labels are ordered by the first entry's dispersion.  Teff is
+    drawn in units of 100 K so that it shares the dex axis.  Returns the
     label order drawn.
     """
     from ._plotting import new_figure, save_figure
@@ -332,22 +346,27 @@ def plot_bias_precision(path, stats: dict) -> list[str]:
     names = list(stats)
     if not names:
         raise ValueError("nothing to plot")
+    def unit_scale(lab):
+        return 0.01 if lab == "teff" else 1.0  # Teff in 100 K so it shares the dex axis
+
     first = stats[names[0]]
-    order = [str(first["label"][i]) for i in np.argsort(np.asarray(first["dispersion"], float), kind="stable")]
+    disp0 = np.array([float(r["dispersion"]) * unit_scale(str(r["label"])) for r in first])
+    order = [str(first["label"][i]) for i in np.argsort(disp0, kind="stable")]
     fig = new_figure(figsize=(max(5.0, 0.5 * len(order) + 2), 5.0))
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
     xs = np.arange(len(order))
     for name in names:
         t = stats[name]
-        look = {str(r["label"]): (float(r["bias"]), float(r["dispersion"])) for r in t}
+        look = {str(r["label"]): (float(r["bias"]) * unit_scale(str(r["label"])),
+                                  float(r["dispersion"]) * unit_scale(str(r["label"]))) for r in t}
         b = [look.get(k, (np.nan, np.nan))[0] for k in order]
         d = [look.get(k, (np.nan, np.nan))[1] for k in order]
         ax1.plot(xs, b, "o-", label=name)
         ax2.plot(xs, d, "o-", label=name)
     ax1.axhline(0, color="k", lw=0.7)
     ax2.axhline(0.1, color="k", lw=0.7, ls=":")
-    ax1.set_ylabel(r"bias $\mu$")
-    ax2.set_ylabel(r"precision $\sigma$")
+    ax1.set_ylabel(r"bias $\mu$ (dex; Teff 100 K)")
+    ax2.set_ylabel(r"precision $\sigma$ (dex; Teff 100 K)")
     ax2.set_xticks(xs)
     ax2.set_xticklabels(order, rotation=45, fontsize=8)
     ax1.legend(fontsize=7)
