@@ -295,3 +295,23 @@ def test_cli_teff_targets_are_in_kelvin():
                                   "--sigma-teff", "10", "--exptime", "3600", "--json"])
     rows = {x["label"]: x for x in json.loads(r.output)["results"]}
     assert rows["teff"]["sigma"] == 10.0 and rows["fe_h"]["limiting_vmag"] == pytest.approx(19.82, abs=0.02)
+
+
+def test_cli_cramer_rao_correction_from_repeats(tmp_path, monkeypatch):
+    from astropy.table import Table
+
+    from musepayne.commands import forecast as cmd
+
+    model = GridLineModel()
+    monkeypatch.setattr(cmd, "_load_model", lambda path: model)
+    rng = np.random.default_rng(4)
+    ids = np.repeat([f"s{k}" for k in range(300)], 3)
+    err = rng.uniform(0.02, 0.1, ids.size)
+    Table({"stellar_id": ids, "fe_h": rng.normal(0, err), "fe_h_err": err / 2.0}).write(tmp_path / "rep.fits")
+    r = CliRunner().invoke(main, ["forecast", "--model", "m", "--at", "teff=4800,logg=2.5,fe_h=0", "--snr", "50",
+                                  "--repeats-from", str(tmp_path / "rep.fits"), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {x["label"]: x for x in json.loads(r.output)["results"]}
+    assert rows["fe_h"]["correction"] == pytest.approx(2.0, rel=0.1)  # errors were underestimated 2x
+    assert rows["teff"]["correction"] == 1.0  # no repeats of Teff in that catalogue
+    assert rows["fe_h"]["crlb"] == pytest.approx(rows["fe_h"]["correction"] * rows["fe_h"]["crlb_theory"])

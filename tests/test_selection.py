@@ -99,6 +99,9 @@ def test_select_does_not_touch_input_and_records_meta():
 
 def test_select_cli(tmp_path):
     _cat().write(tmp_path / "cat.ecsv")
+    _cat().write(tmp_path / "cat.fits")  # string columns come back as bytes from FITS
+    r = CliRunner().invoke(main, ["select", str(tmp_path / "cat.fits"), "--where", "status == 'failed'", "--json"])
+    assert json.loads(r.output)["n_selected"] == 1
     r = CliRunner().invoke(main, ["select", str(tmp_path / "cat.ecsv"), "--preset", "bulge",
                                   "--where", "status == 'ok'", "-o", str(tmp_path / "sel.fits"), "--json"])
     assert r.exit_code == 0, r.output

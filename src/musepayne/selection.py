@@ -149,6 +149,8 @@ def parse_expression(expr: str) -> ast.Expression:
 def _column(table, name):
     col = table[name]
     data = np.asarray(col)
+    if data.dtype.kind == "S":  # FITS string columns come back as bytes
+        data = np.char.decode(data, "utf-8", errors="replace")
     mask = getattr(col, "mask", None)
     if mask is not None and np.any(mask):
         if np.issubdtype(data.dtype, np.floating):

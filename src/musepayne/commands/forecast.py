@@ -30,9 +30,12 @@ from ._common import emit, fail, json_option
 @click.option("--ao-notch", default=None, help="CRLB: mask the NaD laser notch of an AO mode.")
 @click.option("--correction", "corrections", multiple=True,
               help="CRLB: Eq. 9 factor LABEL=F from repeats (Eq. 10; see 'validate --repeats'); repeatable.")
+@click.option("--repeats-from", "repeats_from", type=click.Path(dir_okay=False),
+              help="CRLB: take the Eq. 9 factors from repeat observations in this catalogue (Eq. 10); "
+                   "--correction overrides per label.")
 @json_option
 def forecast(labels, sigma, sigma_teff, snr, vmag, exptime, plot_snr, plot_vmag, model_path, at, mask_mode, ao_notch,
-             corrections, as_json):
+             corrections, repeats_from, as_json):
     """Forecast label precision with the paper's Eq. 11-13 and Table 3.
 
     \b
@@ -51,7 +54,8 @@ def forecast(labels, sigma, sigma_teff, snr, vmag, exptime, plot_snr, plot_vmag,
     --snr (or the S/N of --vmag/--exptime, Eq. 12-13), times --correction.
     """
     if model_path:
-        _crlb_mode(model_path, at, snr, vmag, exptime, mask_mode, ao_notch, corrections, plot_snr, as_json)
+        _crlb_mode(model_path, at, snr, vmag, exptime, mask_mode, ao_notch, corrections, repeats_from, plot_snr,
+                   as_json)
         return
 
 
@@ -176,7 +180,8 @@ def _parse_pairs(text_items, what):
     return out
 
 
-def _crlb_mode(model_path, at, snr, vmag, exptime, mask_mode, ao_notch, corrections, plot_snr, as_json):
+def _crlb_mode(model_path, at, snr, vmag, exptime, mask_mode, ao_notch, corrections, repeats_from, plot_snr,
+               as_json):
     import numpy as np
 
     from .. import forecast as fc
@@ -198,13 +203,23 @@ def _crlb_mode(model_path, at, snr, vmag, exptime, mask_mode, ao_notch, correcti
                 raise ValueError("CRLB mode needs --snr or --vmag [--exptime]")
             snr = float(fc.snr_from_vmag(vmag, exptime or 3600.0))
         mask = fc.fit_mask(model.wave, mask_mode, ao_notch)
-        corr = _parse_pairs(corrections, "--correction")
+        corr = {}
+        if repeats_from:
+            from ..validation import repeat_error_factors
+            from ._tables import read_table
+
+            cat = read_table(repeats_from)
+            have = [n for n in names if n in cat.colnames and f"{n}_err" in cat.colnames]
+            for r in repeat_error_factors(cat, have):
+                if r["n_pairs"] > 0 and np.isfinite(r["factor"]):
+                    corr[str(r["label"])] = float(r["factor"])
+        corr.update({fc.canonical_label(k): v for k, v in _parse_pairs(corrections, "--correction").items()})
         res = fc.cramer_rao(model, labels, snr=snr, mask=mask, correction=corr)
         plots = {}
         if plot_snr:
             fc.plot_sigma_vs_snr(plot_snr, [n for n in names if n in fc.TABLE3] or None, crlb=res, crlb_snr=snr)
             plots["sigma_vs_snr"] = plot_snr
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, FileNotFoundError) as exc:
         fail(str(exc.args[0]) if exc.args else str(exc), as_json)
         return
     rows = [{"label": n, "value": float(labels[i]), "crlb": float(res.sigma[0, i]),
