@@ -270,11 +270,12 @@ def test_cli_cramer_rao_mode(tmp_path, monkeypatch):
     out = json.loads(r.output)
     truth = np.array([4800.0, 2.5, -0.5])  # fe_h not given: middle of the model's range
     expect = fc.cramer_rao(model, truth, snr=50.0, mask=fc.fit_mask(model.wave, "standard"),
-                           correction={"fe_h": 1.5}).sigma[0]
+                           correction={"fe_h": 1.5}, fit_rv=True).sigma[0][:3]
     got = {row["label"]: row for row in out["results"]}
     np.testing.assert_allclose([got[k]["crlb"] for k in ("teff", "logg", "fe_h")], expect, rtol=1e-10)
     assert got["fe_h"]["value"] == -0.5 and got["fe_h"]["crlb"] == pytest.approx(1.5 * got["fe_h"]["crlb_theory"])
     assert out["n_used"] == 1928  # LAMOST-grid pixels inside MUSE coverage minus the standard masks
+    assert out["fit_rv"] and got["rv"]["crlb"] > 0  # RV fitted and marginalised by default
     assert (tmp_path / "fig13.png").stat().st_size > 5000
     # bulge mode loses the blue: fewer pixels and a larger bound
     r2 = CliRunner().invoke(main, args[:-3] + ["--mode", "bulge", "--json"])
@@ -374,3 +375,45 @@ def test_crlb_kgiant_bulge_mask_costs_about_twice(shared):
     paper = np.array([fc.sigma_from_snr(k, 50.0) for k in ("teff", "logg", "fe_h")])
     assert np.all(sig["standard"] < paper)
     assert 5.0 < sig["standard"][0] < 60.0  # Teff bound of order tens of K at S/N 50
+
+
+class LnLineModel:
+    """Gaussian lines in ln(lambda) on the LAMOST grid; with_rv adds an explicit 'rv' label (analytic)."""
+
+    def __init__(self, with_rv, seed=2):
+        from musepayne.wavelength import lamost_wavelength
+
+        rng = np.random.default_rng(seed)
+        self.wave = lamost_wavelength()
+        self.lnw = np.log(self.wave)
+        self.c = np.log(rng.uniform(4800, 8700, 80))
+        self.k = rng.normal(size=(80, 2)) * np.array([1.0 / 1000.0, 1.0])
+        self.d0 = rng.uniform(0.05, 0.4, 80)
+        self.w = 3.0 * 2.302585e-4  # 3 pixels of the LAMOST grid (1e-4 in log10) in ln(lambda)
+        self.with_rv = with_rv
+        self.label_names = ("teff", "fe_h", "rv") if with_rv else ("teff", "fe_h")
+
+    def predict_with_jacobian(self, labels):
+        from musepayne.wavelength import C_KMS
+
+        lab = np.atleast_2d(np.asarray(labels, float))
+        v = lab[:, 2] if self.with_rv else np.zeros(len(lab))
+        depth = self.d0 * np.exp((lab[:, :2] - np.array([5000.0, 0.0])) @ self.k.T)  # (n, lines)
+        u = (self.lnw[None, :, None] - self.c[None, None, :] - (v / C_KMS)[:, None, None]) / self.w
+        prof = np.exp(-0.5 * u ** 2)  # (n, pix, lines)
+        flux = 1.0 - np.einsum("npl,nl->np", prof, depth)
+        jac = -np.einsum("npl,nl,lj->npj", prof, depth, self.k)
+        if self.with_rv:
+            dv = -np.einsum("npl,nl->np", prof * u / self.w / C_KMS, depth)
+            jac = np.concatenate([jac, dv[:, :, None]], axis=2)
+        return flux, jac
+
+
+def test_crlb_marginalised_over_rv_matches_explicit_rv_label():
+    explicit = fc.cramer_rao(LnLineModel(True), [4800.0, -0.2, 0.0], snr=50.0)
+    implicit = fc.cramer_rao(LnLineModel(False), [4800.0, -0.2], snr=50.0, fit_rv=True)
+    assert implicit.label_names == ("teff", "fe_h", "rv")
+    np.testing.assert_allclose(implicit.sigma, explicit.sigma, rtol=0.005)
+    fixed_rv = fc.cramer_rao(LnLineModel(False), [4800.0, -0.2], snr=50.0)
+    assert np.all(implicit.sigma[0, :2] >= fixed_rv.sigma[0, :2] * (1 - 1e-12))  # marginalising never helps
+    assert implicit.to_table()["rv_crlb"][0] == pytest.approx(implicit.sigma[0, 2])

@@ -248,7 +248,8 @@ def _pixel_weights(n_pix, snr, ivar, mask):
     return w
 
 
-def cramer_rao(model, labels, snr=None, *, ivar=None, mask=None, correction=None) -> CramerRaoResult:
+def cramer_rao(model, labels, snr=None, *, ivar=None, mask=None, correction=None,
+               fit_rv: bool = False) -> CramerRaoResult:
     """Cramér-Rao forecast of label uncertainties from a model's Jacobian.
 
     Parameters
@@ -271,6 +272,12 @@ def cramer_rao(model, labels, snr=None, *, ivar=None, mask=None, correction=None
     correction
         Optional ``{label: factor}`` (paper Eq. 9: sigma = sigma_theory x
         f_corr, with f_corr from repeats, Eq. 10).
+    fit_rv
+        Also fit a radial velocity (as the pipeline's fitter does) and
+        marginalise over it: an extra Jacobian column
+        ``d f / d v = -(d f / d ln lambda) / c`` (cubic-spline derivative on
+        the model grid; needs ``model.wave``);
+        the result then has a last label ``rv`` in km/s.
     """
     names = tuple(canonical_label(n) for n in model.label_names)
     lab = np.atleast_2d(np.asarray(labels, dtype=float))
@@ -278,9 +285,26 @@ def cramer_rao(model, labels, snr=None, *, ivar=None, mask=None, correction=None
         raise ValueError(f"labels have {lab.shape[1]} columns, the model has {len(names)}: {names}")
     flux, jac = model.predict_with_jacobian(lab)
     jac = np.asarray(jac, dtype=float)
+    if fit_rv:
+        from .wavelength import C_KMS
+
+        wave = getattr(model, "wave", None)
+        if wave is None:
+            raise ValueError("fit_rv needs a model with a wavelength grid (model.wave)")
+        from scipy.interpolate import CubicSpline
+
+        lnw = np.log(np.asarray(wave, dtype=float))
+        fl = np.asarray(flux, dtype=float)
+        finite = np.isfinite(fl)
+        dfdlnl = CubicSpline(lnw, np.where(finite, fl, 1.0), axis=-1).derivative()(lnw)
+        dfdlnl = np.where(finite, dfdlnl, np.nan)  # pixels without a model flux carry no information
+        jac = np.concatenate([jac, (-dfdlnl / C_KMS)[:, :, None]], axis=2)
+        names = names + ("rv",)
+    bad = ~np.all(np.isfinite(jac), axis=2)
+    jac = np.where(bad[:, :, None], 0.0, jac)
     n, n_pix, n_lab = jac.shape
     w = _pixel_weights(n_pix, snr, ivar, mask)
-    w = np.broadcast_to(w, (n, n_pix))
+    w = np.where(bad, 0.0, np.broadcast_to(w, (n, n_pix)))
     jw = jac * w[:, :, None]
     fisher = np.einsum("npi,npj->nij", jw, jac)
     cov = np.full_like(fisher, np.nan)
@@ -297,7 +321,8 @@ def cramer_rao(model, labels, snr=None, *, ivar=None, mask=None, correction=None
     if unknown:
         raise KeyError(f"correction for labels the model does not have: {sorted(unknown)}")
     factors = np.array([corr.get(nm, 1.0) for nm in names])
-    return CramerRaoResult(label_names=names, labels=lab, sigma=sig * factors, sigma_theory=sig,
+    lab_out = np.column_stack([lab, np.zeros(len(lab))]) if fit_rv else lab
+    return CramerRaoResult(label_names=names, labels=lab_out, sigma=sig * factors, sigma_theory=sig,
                            covariance=cov, n_used=np.count_nonzero(w > 0, axis=1), correction=corr)
 
 
@@ -327,6 +352,8 @@ def plot_sigma_vs_snr(path, labels=None, snr=(10.0, 300.0), crlb: CramerRaoResul
         if crlb_snr is None:
             raise ValueError("crlb_snr: the S/N at which the CRLB was computed")
         for j, lab in enumerate(crlb.label_names):
+            if lab == "rv":  # km/s, not on this axis
+                continue
             s0 = np.nanmedian(crlb.sigma[:, j]) / (100.0 if lab == "teff" else 1.0)
             ax.plot(grid, s0 * crlb_snr / grid, ls="--", label=f"{lab} CRLB")
             drawn.append(f"{lab}_crlb")

@@ -33,9 +33,11 @@ from ._common import emit, fail, json_option
 @click.option("--repeats-from", "repeats_from", type=click.Path(dir_okay=False),
               help="CRLB: take the Eq. 9 factors from repeat observations in this catalogue (Eq. 10); "
                    "--correction overrides per label.")
+@click.option("--fit-rv/--fixed-rv", "fit_rv", default=True, show_default=True,
+              help="CRLB: marginalise over a fitted radial velocity, as the fitter does.")
 @json_option
 def forecast(labels, sigma, sigma_teff, snr, vmag, exptime, plot_snr, plot_vmag, model_path, at, mask_mode, ao_notch,
-             corrections, repeats_from, as_json):
+             corrections, repeats_from, fit_rv, as_json):
     """Forecast label precision with the paper's Eq. 11-13 and Table 3.
 
     \b
@@ -51,11 +53,12 @@ def forecast(labels, sigma, sigma_teff, snr, vmag, exptime, plot_snr, plot_vmag,
     \b
     Cramer-Rao mode (--model): the bound sqrt(diag(F^-1)), F = J^T J SNR^2 over
     the pixels a MUSE fit uses (--mode mask, 4750-9350 A air coverage), at
-    --snr (or the S/N of --vmag/--exptime, Eq. 12-13), times --correction.
+    --snr (or the S/N of --vmag/--exptime, Eq. 12-13), marginalised over RV
+    (--fit-rv), times --correction (or Eq. 10 factors from --repeats-from).
     """
     if model_path:
         _crlb_mode(model_path, at, snr, vmag, exptime, mask_mode, ao_notch, corrections, repeats_from, plot_snr,
-                   as_json)
+                   as_json, fit_rv)
         return
 
 
@@ -181,7 +184,7 @@ def _parse_pairs(text_items, what):
 
 
 def _crlb_mode(model_path, at, snr, vmag, exptime, mask_mode, ao_notch, corrections, repeats_from, plot_snr,
-               as_json):
+               as_json, fit_rv=True):
     import numpy as np
 
     from .. import forecast as fc
@@ -214,19 +217,20 @@ def _crlb_mode(model_path, at, snr, vmag, exptime, mask_mode, ao_notch, correcti
                 if r["n_pairs"] > 0 and np.isfinite(r["factor"]):
                     corr[str(r["label"])] = float(r["factor"])
         corr.update({fc.canonical_label(k): v for k, v in _parse_pairs(corrections, "--correction").items()})
-        res = fc.cramer_rao(model, labels, snr=snr, mask=mask, correction=corr)
+        res = fc.cramer_rao(model, labels, snr=snr, mask=mask, correction=corr, fit_rv=fit_rv)
         plots = {}
         if plot_snr:
             fc.plot_sigma_vs_snr(plot_snr, [n for n in names if n in fc.TABLE3] or None, crlb=res, crlb_snr=snr)
+
             plots["sigma_vs_snr"] = plot_snr
     except (KeyError, ValueError, FileNotFoundError) as exc:
         fail(str(exc.args[0]) if exc.args else str(exc), as_json)
         return
-    rows = [{"label": n, "value": float(labels[i]), "crlb": float(res.sigma[0, i]),
+    rows = [{"label": n, "value": float(res.labels[0, i]), "crlb": float(res.sigma[0, i]),
              "crlb_theory": float(res.sigma_theory[0, i]), "correction": corr.get(n, 1.0),
              "table3": (float(fc.sigma_from_snr(n, snr)) if n in fc.TABLE3 else None)}
-            for i, n in enumerate(names)]
-    info = {"mode": "cramer_rao", "model": str(model_path), "snr": snr, "mask_mode": mask_mode,
+            for i, n in enumerate(res.label_names)]
+    info = {"mode": "cramer_rao", "model": str(model_path), "snr": snr, "mask_mode": mask_mode, "fit_rv": fit_rv,
             "n_used": int(res.n_used[0]), "results": rows, "plots": plots,
             "method": "F = J^T diag(SNR^2) J over used pixels; sigma = sqrt(diag(F^-1)) x correction"}
     lines = [f"Cramer-Rao bound at S/N {snr:.1f} per pixel ({int(res.n_used[0])} pixels, {mask_mode} mask):"]
