@@ -45,6 +45,7 @@ __all__ = ["PrepareConfig", "Preparer", "prepare_spectra", "CONTINUUM_EXCLUDING"
 CONTINUUM_EXCLUDING = flag_value("NO_DATA", "BAD_INPUT", "EDGE", "AO_NOTCH", "USER_MASK")
 
 _BAD_FRACTION = 0.05
+_CONT_EDGE_TOL = 10.0  # A: input edges closer than this to the continuum range count as covering it
 _EDGE_LOSS = 0.01
 
 
@@ -63,6 +64,11 @@ class PrepareConfig:
     sky_nsigma : detection threshold for sky residuals
     user_mask : extra (lo, hi) vacuum ranges to mask
     min_coverage : fraction of unmasked model pixels below which status is low_coverage
+    continuum_range : (lo, hi) vacuum A; only pixels inside enter the pseudo-continuum
+        and pixels outside are flagged NO_CONTINUUM.  The default, 4750-9100 A, is
+        the overlap of MUSE (nominal) and LAMOST, so a LAMOST or library training
+        spectrum and a MUSE spectrum of the same star are normalised from the same
+        wavelengths.  None: use every valid pixel.
     """
 
     mode: str = "standard"
@@ -74,6 +80,7 @@ class PrepareConfig:
     sky_nsigma: float = 5.0
     user_mask: tuple = ()
     min_coverage: float = 0.3
+    continuum_range: tuple | None = (4750.0, 9100.0)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -82,6 +89,11 @@ class PrepareConfig:
         if len(self.grid) != 3 or int(self.grid[2]) < 2:
             raise ValueError("grid must be (coeff0, coeff1, npix)")
         object.__setattr__(self, "user_mask", tuple(tuple(map(float, r)) for r in self.user_mask))
+        if self.continuum_range is not None:
+            lo, hi = map(float, self.continuum_range)
+            if not hi > lo:
+                raise ValueError("continuum_range must be (lo, hi) with hi > lo")
+            object.__setattr__(self, "continuum_range", (lo, hi))
 
     @property
     def do_sky_clean(self) -> bool:
@@ -127,7 +139,47 @@ class Preparer:
             "grid0": float(c.grid[0]),
             "grid1": float(c.grid[1]),
             "gridn": int(c.grid[2]),
+            "contlo": float(c.continuum_range[0]) if c.continuum_range else 0.0,
+            "conthi": float(c.continuum_range[1]) if c.continuum_range else 0.0,
         }
+
+    def normalize(self, flux, ivar, mask=None, input_range=None):
+        """Normalise spectra already on the model grid, with this configuration's policy.
+
+        The one normalisation used for observed spectra (inside ``__call__``),
+        training spectra and model gradient spectra.  ``mask`` (int bits) keeps
+        data-quality-flagged pixels out of the continuum; ``input_range`` (vacuum
+        lo, hi of the input's coverage) flags ``CONT_EDGE`` where an input edge
+        lies inside the continuum range.  Returns ``(flux_norm, ivar_norm, cont, mask)``;
+        ``ivar_norm`` is zero wherever an excluding bit is set.
+        """
+        f = np.atleast_2d(np.asarray(flux, dtype=np.float64))
+        iv = np.atleast_2d(np.asarray(ivar, dtype=np.float64))
+        m = np.zeros(f.shape, np.int32) if mask is None else np.array(np.broadcast_to(mask, f.shape), np.int32)
+        w = self.wave
+        cr = self.config.continuum_range
+        outside = np.zeros(w.shape, bool)
+        if cr is not None:
+            outside = (w < cr[0]) | (w > cr[1])
+            if input_range is not None:
+                lo_in, hi_in = input_range
+                reach = 2.0 * self.config.continuum_width
+                edge = np.zeros(w.shape, bool)
+                if lo_in > cr[0] + _CONT_EDGE_TOL:
+                    edge |= w < lo_in + reach
+                if hi_in < cr[1] - _CONT_EDGE_TOL:
+                    edge |= w > hi_in - reach
+                m |= np.where(edge, flag_value("CONT_EDGE"), 0).astype(np.int32)[None, :]
+        ivar_cont = np.where(((m & CONTINUUM_EXCLUDING) == 0) & ~outside[None, :], iv, 0.0)
+        fn, ivn, cont, defined = self.normalizer(f, ivar_cont)
+        defined &= ~outside[None, :]
+        m |= np.where(~defined, flag_value("NO_CONTINUUM"), 0).astype(np.int32)
+        # normalised ivar from the full ivar (also where the pixel is not in the continuum)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fn = np.where(defined, f / cont, np.nan)
+            ivn = np.where(defined & np.isfinite(iv), iv * cont**2, 0.0)
+        ivn = np.where(((m & EXCLUDING_BITS) != 0) | ~np.isfinite(fn), 0.0, ivn)
+        return fn, ivn, cont, m
 
     def failure(self, meta_rows: Table, status: str, reason: str) -> PreparedSpectra:
         """Prepared rows for spectra that could not be prepared at all."""
@@ -219,12 +271,10 @@ class Preparer:
 
         with np.errstate(divide="ignore", invalid="ignore"):
             ivar = np.where(v_out > 0, 1.0 / v_out, 0.0)
-        ivar_cont = np.where((mask & CONTINUUM_EXCLUDING) == 0, ivar, 0.0)
-        fn, ivn, cont, defined = self.normalizer(f_out, ivar_cont)
-        mask |= np.where(~defined, flag_value("NO_CONTINUUM"), 0).astype(np.int32)
-        excluded = (mask & EXCLUDING_BITS) != 0
-        ivn = np.where(excluded | ~np.isfinite(fn), 0.0, ivn)
-        # keep normalised flux where the continuum is defined (masked pixels still carry flux)
+        cover = self.wave[op.coverage >= 0.999]
+        in_range = (cover[0], cover[-1]) if cover.size else None
+        fn, ivn, cont, mask = self.normalize(f_out, ivar, mask, in_range)
+        # masked pixels keep their normalised flux (IVAR = 0) for plots and diagnostics
         n_used = np.count_nonzero(ivn > 0, axis=1)
         with np.errstate(invalid="ignore"):
             snr_prep = _nanmedian_rows(np.where(ivn > 0, fn * np.sqrt(ivn), np.nan))
