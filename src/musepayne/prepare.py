@@ -39,9 +39,12 @@ from .wavelength import LAMOST_COEFF0, LAMOST_COEFF1, LAMOST_NPIX, air_to_vacuum
 
 __all__ = ["PrepareConfig", "Preparer", "prepare_spectra", "CONTINUUM_EXCLUDING"]
 
-#: Bits that keep a pixel out of the pseudo-continuum (data-quality bits only;
-#: fit masks such as TELLURIC or DICHROIC do not change the continuum, so the
-#: same spectrum is normalised identically in every mode).
+#: Bits that keep a pixel out of the pseudo-continuum (data-quality bits only).
+#: Fit masks such as DICHROIC, RED_CUTOFF or BLUE_CUTOFF do not change the
+#: continuum; telluric absorption does (its depth varies with airmass, and the
+#: O2 A band would pull the 50 A continuum down by ~15 % around 7600 A), so the
+#: *standard* telluric bands are always left out of the continuum, in every
+#: mode, and the same spectrum is normalised identically in every mode.
 CONTINUUM_EXCLUDING = flag_value("NO_DATA", "BAD_INPUT", "EDGE", "AO_NOTCH", "USER_MASK")
 
 _BAD_FRACTION = 0.05
@@ -113,11 +116,15 @@ class Preparer:
     """
 
     config: PrepareConfig = field(default_factory=PrepareConfig)
+    chunk: int = 64
 
     def __post_init__(self):
         self.wave = self.config.wave()
-        self.normalizer = ContinuumNormalizer(self.wave, width=self.config.continuum_width)
+        cr = self.config.continuum_range
+        support = None if cr is None else (self.wave >= cr[0]) & (self.wave <= cr[1])
+        self.normalizer = ContinuumNormalizer(self.wave, width=self.config.continuum_width, support=support)
         self.fixed_mask = mode_mask(self.wave, self.config.mode, self.config.ao_notch, self.config.user_mask)
+        self.telluric_continuum = (mode_mask(self.wave, "standard") & flag_value("TELLURIC")) != 0
         self._ops: dict[str, SpectralOperator] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -159,6 +166,7 @@ class Preparer:
         w = self.wave
         cr = self.config.continuum_range
         outside = np.zeros(w.shape, bool)
+        no_cont = self.telluric_continuum
         if cr is not None:
             outside = (w < cr[0]) | (w > cr[1])
             if input_range is not None:
@@ -170,7 +178,7 @@ class Preparer:
                 if hi_in < cr[1] - _CONT_EDGE_TOL:
                     edge |= w > hi_in - reach
                 m |= np.where(edge, flag_value("CONT_EDGE"), 0).astype(np.int32)[None, :]
-        ivar_cont = np.where(((m & CONTINUUM_EXCLUDING) == 0) & ~outside[None, :], iv, 0.0)
+        ivar_cont = np.where(((m & CONTINUUM_EXCLUDING) == 0) & ~(outside | no_cont)[None, :], iv, 0.0)
         fn, ivn, cont, defined = self.normalizer(f, ivar_cont)
         defined &= ~outside[None, :]
         m |= np.where(~defined, flag_value("NO_CONTINUUM"), 0).astype(np.int32)
@@ -206,10 +214,20 @@ class Preparer:
 
     # ------------------------------------------------------------------ main
     def __call__(self, spectra: SpectrumSet) -> PreparedSpectra:
-        try:
-            return self._prepare(spectra)
-        except Exception as exc:  # never lose the rows of a batch
-            return self.failure(spectra.meta, "failed", f"{type(exc).__name__}: {exc}")
+        """Prepare a batch; works in chunks of ``chunk`` spectra (cache-sized arrays).
+
+        A chunk that raises unexpectedly becomes rows with status ``failed``;
+        the other chunks are unaffected.
+        """
+        n = spectra.n_spectra
+        parts = []
+        for i0 in range(0, n, self.chunk):
+            sub = spectra if (i0 == 0 and n <= self.chunk) else spectra.select(np.arange(i0, min(n, i0 + self.chunk)))
+            try:
+                parts.append(self._prepare(sub))
+            except Exception as exc:  # never lose the rows of a batch
+                parts.append(self.failure(sub.meta, "failed", f"{type(exc).__name__}: {exc}"))
+        return parts[0] if len(parts) == 1 else PreparedSpectra.concatenate(parts)
 
     def _prepare(self, s: SpectrumSet) -> PreparedSpectra:
         cfg = self.config
