@@ -186,7 +186,9 @@ class Preparer:
         with np.errstate(invalid="ignore", divide="ignore"):
             fn = np.where(defined, f / cont, np.nan)
             ivn = np.where(defined & np.isfinite(iv), iv * cont**2, 0.0)
-        ivn = np.where(((m & EXCLUDING_BITS) != 0) | ~np.isfinite(fn), 0.0, ivn)
+        overflow = defined & ~(np.isfinite(ivn) & np.isfinite(fn))
+        m |= np.where(overflow, flag_value("BAD_INPUT"), 0).astype(np.int32)
+        ivn = np.where(((m & EXCLUDING_BITS) != 0) | ~np.isfinite(fn) | ~np.isfinite(ivn), 0.0, ivn)
         return fn, ivn, cont, m
 
     def failure(self, meta_rows: Table, status: str, reason: str) -> PreparedSpectra:

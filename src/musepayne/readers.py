@@ -192,11 +192,16 @@ def detect_kind(path) -> str:
 
 def read_spectra(path, kind: str | None = None, **kw) -> SpectrumSet:
     """Read any supported spectrum file (see module docstring)."""
-    kind = kind or detect_kind(path)
     readers = {"muse": read_muse_spectra, "lamost": read_lamost, "miles": read_miles, "stelib": read_stelib}
-    if kind not in readers:
+    if kind is not None and kind not in readers:
         raise ReaderError(f"unknown instrument/kind {kind!r}; choose one of {KINDS}")
-    return readers[kind](path, **kw)
+    try:
+        kind = kind or detect_kind(path)
+        return readers[kind](path, **kw)
+    except ReaderError:
+        raise
+    except Exception as exc:  # anything astropy/numpy raise on a malformed file
+        raise ReaderError(f"{path}: cannot read as {kind or 'spectrum'} file ({type(exc).__name__}: {exc})") from None
 
 
 # --------------------------------------------------------------------------- MUSE
@@ -596,5 +601,10 @@ class MuseCube:
 
 
 def open_cube(path, allow_missing_stat: bool = False) -> MuseCube:
-    """Open a MUSE cube lazily (see :class:`MuseCube`)."""
-    return MuseCube(str(path), allow_missing_stat=allow_missing_stat)
+    """Open a MUSE cube lazily (see :class:`MuseCube`); malformed files raise ReaderError."""
+    try:
+        return MuseCube(str(path), allow_missing_stat=allow_missing_stat)
+    except ReaderError:
+        raise
+    except Exception as exc:
+        raise ReaderError(f"{path}: cannot open as a MUSE cube ({type(exc).__name__}: {exc})") from None
