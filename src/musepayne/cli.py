@@ -20,11 +20,19 @@ from . import __version__
 COMMANDS = {
     "prepare": "musepayne.commands.prepare:prepare",
     "demo": "musepayne.commands.demo:demo",
+    "forecast": "musepayne.commands.forecast:forecast",
+    "validate": "musepayne.commands.validate:validate",
+    "select": "musepayne.commands.select:select_cmd",
+    "calibrate": "musepayne.commands.calibrate:calibrate",
 }
 
 _HELP = {
     "prepare": "Prepare MUSE/LAMOST/library spectra for a LAMOST-grid model.",
     "demo": "Run the main job on an embedded default (no arguments, no network).",
+    "forecast": "Label precision vs S/N, V and exposure time (paper Eq. 11-13, Table 3).",
+    "validate": "Compare catalogues (bias, dispersion, plots) and scale errors from repeats (Eq. 10).",
+    "select": "Apply the paper's cuts (Eq. 5, 6, 8) or a safe custom expression to a catalogue.",
+    "calibrate": "[Mg/Fe]-Teff trend correction (App. A, Table A1) or per-region offsets.",
 }
 
 
