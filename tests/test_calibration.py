@@ -81,3 +81,16 @@ def test_calibrate_cli(tmp_path):
     r = CliRunner().invoke(main, ["calibrate", str(tmp_path / "cat.fits"), "-o", str(tmp_path / "x.fits"),
                                   "--no-trend", "--offset", "rgc < 3=0.1", "--json"])
     assert r.exit_code == 2 and "unknown column" in json.loads(r.output)["error"]
+
+
+def test_units_and_descriptions_survive():
+    import astropy.units as u
+    from astropy.table import MaskedColumn
+
+    t = _cat()
+    t["mg_fe"] = MaskedColumn(t["mg_fe"], mask=[False, False, False, False, False, True], unit=u.dex,
+                              description="[Mg/Fe] abundance ratio")
+    out = cal.apply_region_offsets(cal.MgFeTeffCalibration()(t), cal.PAPER_REGION_OFFSETS)
+    assert out["mg_fe"].unit == u.dex and out["mg_fe"].description == "[Mg/Fe] abundance ratio"
+    assert out["mg_fe_uncal"].unit == u.dex
+    assert np.isnan(out["mg_fe"][5])  # a masked value stays missing

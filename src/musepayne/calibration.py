@@ -91,6 +91,15 @@ def _append_record(meta, record):
     meta["calibration"] = json.dumps(lst, sort_keys=True)
 
 
+def _set_values(table, name, values):
+    """Replace a column's values, keeping its unit, description and format."""
+    from astropy.table import Column
+
+    old = table[name]
+    table[name] = Column(np.asarray(values, dtype=float), name=name, unit=getattr(old, "unit", None),
+                         description=getattr(old, "description", None), format=getattr(old, "format", None))
+
+
 def _col(table, name):
     if name not in table.colnames:
         raise KeyError(f"catalogue has no column {name!r}")
@@ -129,8 +138,9 @@ class MgFeTeffCalibration:
         applied = (delta != 0.0) & np.isfinite(x)
         if f"{self.label}_uncal" not in out.colnames:
             out[f"{self.label}_uncal"] = x
+            out[f"{self.label}_uncal"].unit = getattr(out[self.label], "unit", None)
             out[f"{self.label}_uncal"].description = f"{self.label} before calibration"
-        out[self.label] = np.where(applied, x + delta, x)
+        _set_values(out, self.label, np.where(applied, x + delta, x))
         out[f"{self.label}_cal_flag"] = applied.astype(np.int16)
         out[f"{self.label}_cal_flag"].description = "1 where the Table A1 Teff-trend correction was applied"
         _append_record(out.meta, {
@@ -169,7 +179,7 @@ def apply_region_offsets(table, offsets, label: str = "mg_fe"):
         rec.append({"region": name, "expression": expr, "offset": off, "n": int(np.count_nonzero(m))})
     if f"{label}_uncal" not in out.colnames:
         out[f"{label}_uncal"] = x
-    out[label] = x + delta
+    _set_values(out, label, x + delta)
     out[f"{label}_region"] = region.astype(str)
     _append_record(out.meta, {"step": "region_offsets", "label": label,
                               "paper": "Wang et al. 2022 Sect. 4.2.3 / App. A", "regions": rec})

@@ -123,6 +123,9 @@ def validate(catalogue, reference, match, id_col, ref_id_col, tolerance, labels,
                 fac = val.repeat_error_factors(cat, labs, id_col=id_col, robust=robust)
             info["error_factors"] = {str(r["label"]): {"factor": float(r["factor"]), "n_pairs": int(r["n_pairs"])}
                                      for r in fac}
+            if not any(v["n_pairs"] for v in info["error_factors"].values()):
+                lines.append(f"no repeat pairs: no {id_col} occurs twice with finite values and errors"
+                             + (" (a best-per-star selection keeps one row per star)" if preset or where else ""))
             lines.append("repeat error factors (Eq. 10): " + ", ".join(
                 f"{k} {v['factor']:.3g} ({v['n_pairs']} pairs)" for k, v in info["error_factors"].items()))
             if apply_out:
