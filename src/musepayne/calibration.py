@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
@@ -42,18 +43,19 @@ __all__ = ["TABLE_A1", "FEH_BINS", "PAPER_REGION_OFFSETS", "slope_for", "MgFeTef
 
 #: [Fe/H] bin edges of Table A1.
 FEH_BINS = np.array([-0.8, -0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.6])
+FEH_BINS.setflags(write=False)
 
 #: Table A1 slopes (dex / 1000 K) per [Fe/H] bin: ``source -> class -> 7 slopes``.
-TABLE_A1 = {
-    "apogee_payne": {
+TABLE_A1 = MappingProxyType({
+    "apogee_payne": MappingProxyType({
         "giant": (-0.025, -0.086, -0.125, -0.128, -0.118, -0.131, -0.165),
         "dwarf": (-0.117, -0.105, -0.080, -0.071, -0.064, -0.078, -0.130),
-    },
-    "lamost_ddpayne_a": {
+    }),
+    "lamost_ddpayne_a": MappingProxyType({
         "giant": (-0.044, -0.092, -0.111, -0.142, -0.162, -0.186, -0.212),
         "dwarf": (-0.141, -0.132, -0.098, -0.093, -0.104, -0.132, -0.154),
-    },
-}
+    }),
+})
 
 #: The paper's [Mg/Fe] offsets per Galactocentric region (expression, offset dex, name).
 PAPER_REGION_OFFSETS = (

@@ -33,6 +33,7 @@ The model is duck-typed: any object with ``label_names`` and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 
@@ -59,7 +60,7 @@ __all__ = [
 ]
 
 #: Paper Table 3: ``label -> (A_X, B_X)`` of Eq. 11 (Teff in units of 100 K).
-TABLE3: dict[str, tuple[float, float]] = {
+TABLE3 = MappingProxyType({
     "teff": (-0.9875, 1.652),
     "logg": (-0.9922, 1.052),
     "fe_h": (-0.9746, 0.5823),
@@ -70,15 +71,15 @@ TABLE3: dict[str, tuple[float, float]] = {
     "c_fe": (-0.9891, 0.5737),
     "ni_fe": (-0.9925, 0.8681),
     "cr_fe": (-0.9835, 0.7855),
-}
+})
 
 #: Catalogue units per Table 3 unit: Teff's relation is in 100 K, the others in dex.
-TABLE3_UNIT_SCALE: dict[str, float] = {k: (100.0 if k == "teff" else 1.0) for k in TABLE3}
+TABLE3_UNIT_SCALE = MappingProxyType({k: (100.0 if k == "teff" else 1.0) for k in TABLE3})
 
 #: Eq. 13 constants: (amplitude, zero point V, background term).
 SNR1HR_ZP = (462.34, 14.83, 0.00223)
 
-_ALIASES = {"t_eff": "teff", "log_g": "logg", "feh": "fe_h", "m_h": "m_h"}
+_ALIASES = MappingProxyType({"t_eff": "teff", "log_g": "logg", "feh": "fe_h"})
 
 
 def canonical_label(name: str) -> str:

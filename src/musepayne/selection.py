@@ -41,6 +41,7 @@ from __future__ import annotations
 import ast
 import operator
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
@@ -69,7 +70,7 @@ class Preset:
     description: str
 
 
-PRESETS: dict[str, Preset] = {
+_PRESETS: dict[str, Preset] = {
     "eq5": Preset("eq5", "Eq. 5", "snr_lamost > 35 and snr_muse > 80", False,
                   "LAMOST-MUSE cross-validation sample: SNR_LAMOST > 35 /pix, SNR_MUSE > 80 /pix"),
     "eq6": Preset("eq6", "Eq. 6", "snr_muse > 80 and corr_flux > 0.85", True,
@@ -78,9 +79,11 @@ PRESETS: dict[str, Preset] = {
     "eq8": Preset("eq8", "Eq. 8", "fe_h > -1.5 and teff > 4300 and mg_fe_gradcorr > 0.65 and red_chi2 < 20",
                   False, "abundance analysis: [Fe/H] > -1.5, Teff > 4300 K, [Mg/Fe] gradcorr > 0.65, chi2 < 20"),
 }
-PRESETS["crossval"] = PRESETS["eq5"]
-PRESETS["bulge"] = PRESETS["eq6"]
-PRESETS["abundance"] = PRESETS["eq8"]
+_PRESETS["crossval"] = _PRESETS["eq5"]
+_PRESETS["bulge"] = _PRESETS["eq6"]
+_PRESETS["abundance"] = _PRESETS["eq8"]
+#: Read-only registry of the paper's cuts (aliases: crossval, bulge, abundance).
+PRESETS = MappingProxyType(_PRESETS)
 
 
 def _bit(col, k):
@@ -90,8 +93,8 @@ def _bit(col, k):
     return (arr.astype(np.int64) >> int(k)) & 1 == 1
 
 
-#: Functions callable in expressions.
-FUNCTIONS = {
+#: Functions callable in expressions (read-only).
+FUNCTIONS = MappingProxyType({
     "abs": np.abs,
     "isfinite": np.isfinite,
     "isnan": np.isnan,
@@ -101,7 +104,7 @@ FUNCTIONS = {
     "minimum": np.minimum,
     "maximum": np.maximum,
     "bit": _bit,
-}
+})
 
 _CONSTANTS = {"nan": np.nan, "inf": np.inf, "true": True, "false": False}
 
