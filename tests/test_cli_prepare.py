@@ -43,3 +43,16 @@ def test_demo_main_job(tmp_path):
     p = PreparedSpectra.read(info["prepared"])
     used = p.ivar[0] > 0
     assert abs(np.nanmedian(p.flux[0][used]) - 1) < 0.05
+
+
+def test_outputs_are_not_private(tmp_path):
+    import os
+    import stat
+
+    from musepayne.io import atomic_write_text
+
+    p = tmp_path / "x.txt"
+    atomic_write_text("hi", p)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask

@@ -1,5 +1,7 @@
 """Property-based fuzzing of the readers and the prepare stage.
 
+(astropy's warnings about truncated or non-standard files are expected here and silenced.)
+
 Every generated case must end in a specific ``ReaderError`` or in prepared rows
 whose status is one of the registered names -- never in another exception --
 and a broken spectrum must not change the result of the good ones in its batch.
@@ -20,6 +22,9 @@ from musepayne.prepare import Preparer
 from musepayne.readers import read_spectra
 from musepayne.spectra import ReaderError, SpectrumSet
 from musepayne.toyspec import muse_grid, toy_spectrum
+
+pytestmark = pytest.mark.filterwarnings("ignore::astropy.utils.exceptions.AstropyUserWarning",
+                                        "ignore::astropy.io.fits.verify.VerifyWarning")
 
 PREP = Preparer()
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

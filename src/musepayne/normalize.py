@@ -90,9 +90,10 @@ class ContinuumNormalizer:
 
     def _smooth(self, x):
         """Gaussian-weighted sums over the support pixels; ``x`` is (n, n_support)."""
-        y = np.asarray(x, dtype=self.dtype) @ self._left
-        if self._right is not None:
-            y = y @ self._right
+        with np.errstate(over="ignore", invalid="ignore"):  # absurd inputs end up NaN -> NO_CONTINUUM
+            y = np.asarray(x, dtype=self.dtype) @ self._left
+            if self._right is not None:
+                y = y @ self._right
         return y.astype(np.float64)
 
     def continuum(self, flux, ivar):
@@ -138,7 +139,7 @@ class ContinuumNormalizer:
         f = np.atleast_2d(np.asarray(flux, dtype=np.float64))
         iv = np.atleast_2d(np.asarray(ivar, dtype=np.float64))
         cont, defined = self.continuum(f, iv)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             fn = np.where(defined, f / cont, np.nan)
             ivn = np.where(defined & np.isfinite(iv), iv * cont**2, 0.0)
         return fn, ivn, cont, defined

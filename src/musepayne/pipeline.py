@@ -331,16 +331,29 @@ def _run_extract(cube_path, sources_path, out_path, config: RunConfig) -> dict:
     from .extract import ExtractConfig, Extractor
 
     cfg = ExtractConfig(method=config.extract_method, **config.extract_options)
-    result = Extractor(cfg)(cube_path, sources_path, out_path)
-    return result if isinstance(result, dict) else {}
+    res = Extractor(cfg)(str(cube_path), str(sources_path))
+    res.write(out_path)
+    status = Counter(str(s) for s in res.sources["status"]) if "status" in res.sources.colnames else {}
+    return {"n_sources": len(res.sources), "status": dict(status),
+            "timings": {k: round(float(v), 3) for k, v in (res.timings or {}).items()}}
 
 
 def _run_fit_chunk(prep, model, model_mp, config: RunConfig):
+    """Fit one chunk; returns (catalogue without the model column, best-fit models)."""
     from .fit import FitConfig, Fitter
 
-    cfg = FitConfig(rv_range=config.rv_range, return_model=True, **config.fit_options)
-    fitter = Fitter(model, cfg)
-    cat, models = fitter(prep)
+    opts = {"rv_range": config.rv_range, "keep_model": True, **config.fit_options}
+    cat = Fitter(model, FitConfig(**opts))(prep)
+    if model_mp is not None:
+        from .catalogue import combine_metal_poor
+
+        cat_mp = Fitter(model_mp, FitConfig(**opts))(prep)
+        cat = combine_metal_poor(cat, cat_mp)
+    if "model_flux" in cat.colnames:
+        models = np.asarray(cat["model_flux"], dtype=np.float64)
+        cat.remove_column("model_flux")
+    else:
+        models = np.full((len(cat), prep.wave.size), np.nan)
     return cat, models
 
 

@@ -183,7 +183,7 @@ class Preparer:
         defined &= ~outside[None, :]
         m |= np.where(~defined, flag_value("NO_CONTINUUM"), 0).astype(np.int32)
         # normalised ivar from the full ivar (also where the pixel is not in the continuum)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             fn = np.where(defined, f / cont, np.nan)
             ivn = np.where(defined & np.isfinite(iv), iv * cont**2, 0.0)
         overflow = defined & ~(np.isfinite(ivn) & np.isfinite(fn))
