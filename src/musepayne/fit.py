@@ -103,13 +103,13 @@ class FitConfig:
     rv_fixed: float = 0.0
     n_grid: int = 256
     n_starts: int = 3
-    explore_iter: int = 4
+    explore_iter: int = 2
     max_iter: int = 40
-    chi2_tol: float = 1e-2
+    chi2_tol: float = 1e-3
     lambda_init: float = 1e-3
     lsf_excess: bool = True
     precision: str = "float32"
-    chunk_size: int = 128
+    chunk_size: int = 32
     min_pixels: int = 50
     scale_errors: bool = True
     keep_model: bool = False
@@ -502,17 +502,30 @@ class Fitter:
         best = np.argsort(chi, axis=1)[:, :k]
         return best
 
-    def _lm(self, theta, d, w, opi, n_iter, lam):
-        """Bounded LM on rows of ``theta``; returns dict with final state."""
+    def _lm(self, theta, d, w, opi, n_iter, lam, state=None):
+        """Bounded Levenberg-Marquardt on the rows of ``theta`` (one row per spectrum/start).
+
+        Per iteration and row: normal matrix ``A = J^T W J`` and gradient ``g = J^T W r``;
+        parameters at a bound whose gradient points outward are frozen; the damped
+        step solves ``(A + lam diag A) delta = g``; the trial point is clipped into the
+        bounds and accepted when chi2 falls (``lam`` x0.3) or rejected (``lam`` x10).
+        A row has converged when the undamped Gauss-Newton step predicts a chi2 gain
+        below ``chi2_tol`` (or the float32 rounding noise of chi2), or when it is stuck
+        (``lam > 1e8``).  ``state``: (f, J, chi2, r, ww) at ``theta`` if already known.
+        """
         cfg = self.config
         m, P = theta.shape
         theta = theta.copy()
         lam = lam.copy()
-        f, J, valid = self._evaluate(theta, opi)
-        chi2, r, ww = self._chi2(f, valid, d, w)
+        if state is None:
+            f, J, valid = self._evaluate(theta, opi)
+            chi2, r, ww = self._chi2(f, valid, d, w)
+        else:
+            f, J, chi2, r, ww = (x.copy() for x in state)
         done = np.zeros(m, bool)
         iters = np.zeros(m, np.int64)
         eps = 1e-9
+        eye = np.eye(P)
         for _ in range(n_iter):
             act = np.flatnonzero(~done)
             if act.size == 0:
@@ -524,36 +537,39 @@ class Fitter:
             g = np.einsum("npk,np->nk", Ja, wr).astype(np.float64)
             th = theta[act]
             fixed = ((th <= self.lo + eps) & (g < 0)) | ((th >= self.hi - eps) & (g > 0))
-            diag = np.einsum("nkk->nk", A).copy()
+            free = (~fixed).astype(np.float64)
+            Af = A * free[:, :, None] * free[:, None, :] + eye * fixed[:, :, None]
+            rhs = g * free
+            diag = np.einsum("nkk->nk", Af).copy()
             diag = np.maximum(diag, 1e-12 * np.maximum(diag.max(1, keepdims=True), 1e-30))
-            M = A + (lam[act, None] * diag)[:, :, None] * np.eye(P)
-            M[fixed[:, :, None] & np.ones((1, 1, P), bool)] = 0.0
-            M[fixed[:, None, :] & np.ones((1, P, 1), bool)] = 0.0
-            M += np.eye(P) * fixed[:, :, None]
-            rhs = np.where(fixed, 0.0, g)
+            M = Af + (lam[act, None] * diag)[:, :, None] * eye
             try:
                 delta = np.linalg.solve(M, rhs[:, :, None])[:, :, 0]
+                d_gn = np.linalg.solve(Af + 1e-12 * diag[:, :, None] * eye, rhs[:, :, None])[:, :, 0]
             except np.linalg.LinAlgError:
                 delta = np.stack([np.linalg.lstsq(Mi, ri, rcond=None)[0] for Mi, ri in zip(M, rhs)])
+                d_gn = delta
+            # tolerance: chi2_tol, or the rounding noise of chi2 at this precision
+            tol = np.maximum(cfg.chi2_tol, self._chi2_noise * chi2[act])
+            pred_gn = np.einsum("nk,nk->n", d_gn, rhs)  # chi2 gain the undamped step promises
+            conv = (pred_gn < tol) | (np.max(np.abs(d_gn) / (self.hi - self.lo), axis=1) < 1e-9)
+            done[act[conv]] = True
+            keep = ~conv
+            act, th, delta = act[keep], th[keep], delta[keep]
+            if act.size == 0:
+                break
             th_new = np.clip(th + delta, self.lo, self.hi)
             f_n, J_n, valid_n = self._evaluate(th_new, opi[act])
             chi_n, r_n, ww_n = self._chi2(f_n, valid_n, d[act], w[act])
             acc = np.isfinite(chi_n) & (chi_n < chi2[act])
             ia = act[acc]
-            gain = chi2[ia] - chi_n[acc]
-            theta[ia], f[ia], J[ia], chi2[ia], r[ia], ww[ia] = th_new[acc], f_n[acc], J_n[acc], chi_n[acc], r_n[acc], ww_n[acc]
+            theta[ia], f[ia], J[ia], chi2[ia], r[ia], ww[ia] = (
+                th_new[acc], f_n[acc], J_n[acc], chi_n[acc], r_n[acc], ww_n[acc])
             iters[act] += 1
             lam[ia] = np.maximum(lam[ia] * 0.3, 1e-9)
             ir = act[~acc]
             lam[ir] *= 10.0
-            # tolerance: chi2_tol, or the rounding noise of chi2 at this precision
-            tol = np.maximum(cfg.chi2_tol, self._chi2_noise * chi2[act])
-            # predicted decrease of the (damped) Gauss-Newton step: 2 d.g - d.A.d
-            pred = 2 * np.einsum("nk,nk->n", delta, rhs) - np.einsum("nk,nkl,nl->n", delta, A, delta)
-            small = (pred < tol) | (np.max(np.abs(delta) / (self.hi - self.lo), axis=1) < 1e-8)
-            done[ia[(gain < tol[acc]) & small[acc]]] = True
-            stuck = (lam[ir] > 1e8) | small[~acc]
-            done[ir[stuck]] = True
+            done[ir[lam[ir] > 1e8]] = True
         return dict(theta=theta, f=f, J=J, chi2=chi2, r=r, ww=ww, lam=lam, done=done, iters=iters)
 
     def _fit_chunk(self, idx, d, w, opi, out):
@@ -576,10 +592,11 @@ class Fitter:
             chi = st["chi2"].reshape(m, K)
             pick = np.arange(m) * K + np.nanargmin(np.where(np.isfinite(chi), chi, np.inf), axis=1)
             th1, lam1 = st["theta"][pick], st["lam"][pick]
+            state = tuple(st[k][pick] for k in ("f", "J", "chi2", "r", "ww"))
             iters += st["iters"][pick]
         else:
-            th1, lam1 = th0[::K], lam0[::K]
-        st = self._lm(th1, d, w, opi, max(cfg.max_iter - n_explore, 1), lam1)
+            th1, lam1, state = th0[::K], lam0[::K], None
+        st = self._lm(th1, d, w, opi, max(cfg.max_iter - n_explore, 1), lam1, state)
         iters += st["iters"]
         theta, J, ww, chi2, f = st["theta"], st["J"], st["ww"], st["chi2"], st["f"]
         n_used = (ww > 0).sum(1)
