@@ -20,11 +20,15 @@ from . import __version__
 COMMANDS = {
     "prepare": "musepayne.commands.prepare:prepare",
     "demo": "musepayne.commands.demo:demo",
+    "fit": "musepayne.commands.fit:fit",
+    "model": "musepayne.commands.model:model",
 }
 
 _HELP = {
     "prepare": "Prepare MUSE/LAMOST/library spectra for a LAMOST-grid model.",
     "demo": "Run the main job on an embedded default (no arguments, no network).",
+    "fit": "Fit prepared spectra: labels, RV, errors, fit quality -> catalogue.",
+    "model": "Import Payne networks into the musepayne model format; describe model files.",
 }
 
 
