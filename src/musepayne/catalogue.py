@@ -284,7 +284,12 @@ def write_catalogue(cat: Table, path, fmt: str | None = None, overwrite: bool = 
 def read_catalogue(path) -> Table:
     path = Path(path)
     if path.suffix.lower() == ".parquet":
-        return Table.read(path, format="parquet")
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise RuntimeError("reading Parquet needs pyarrow: pip install 'musepayne[parquet]'") from None
+        t = pq.read_table(path)
+        return Table({name: np.asarray(t.column(name).to_numpy(zero_copy_only=False)) for name in t.column_names})
     if path.suffix.lower() == ".csv":
         return Table.read(path, format="ascii.csv")
     return Table.read(path)
