@@ -180,3 +180,14 @@ def test_lsf_excess_forward_model(toy):
     z_on = np.abs((on["teff"] - truth[:, 0]) / on["teff_err"])
     assert np.all(z_on < 4)
     assert np.median(on["red_chi2"]) < 1.1 < np.median(off["red_chi2"])
+
+
+def test_threads_give_identical_results(toy):
+    rng = np.random.default_rng(8)
+    truth = toy.unscale(rng.uniform(-0.3, 0.3, (20, 5)))
+    flux, ivar = _mock(toy, truth, rng.uniform(-200, 200, 20), 80, rng)
+    prep = as_prepared(toy.wave, flux, ivar)
+    a = Fitter(toy, FitConfig(chunk_size=6, n_threads=1))(prep)
+    b = Fitter(toy, FitConfig(chunk_size=6, n_threads=2))(prep)
+    for c in ("teff", "logg", "rv", "rv_err", "red_chi2", "status"):
+        assert np.array_equal(np.asarray(a[c]), np.asarray(b[c]))

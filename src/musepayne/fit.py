@@ -85,10 +85,14 @@ class FitConfig:
     n_starts: number of starting points per spectrum (best grid points).
     explore_iter: LM iterations run from every start before keeping the best.
     max_iter: maximum LM iterations in total.
-    chi2_tol: convergence when an accepted step lowers chi2 by less than this.
+    chi2_tol: converged when the undamped Gauss-Newton step promises a chi2 gain below this.
+    stall_tol: also stop when an accepted step gained less than this (kinks of leaky-ReLU
+        models; 0.01 in chi2 is a parameter change of ~0.1 sigma).
     lsf_excess: forward-model the prepared ``LSF_EXCESS`` (Gaussian convolution of the model).
     precision: 'float32' (fast; network, shift and normal matrix) or 'float64'.
     chunk_size: spectra fitted together (memory ~ chunk * n_starts * n_pix * (n_labels+1) * 4 B * 6).
+    n_threads: chunks fitted in parallel threads (numpy releases the GIL; use the number of
+        free cores, with OMP_NUM_THREADS=1 to avoid oversubscribing BLAS).
     min_pixels: fewer usable pixels -> failed row.
     scale_errors: multiply errors by sqrt(chi2/(n-n_par)) when it exceeds 1.
     keep_model: add the best-fit model spectrum to the output (column ``model_flux``).
@@ -106,10 +110,12 @@ class FitConfig:
     explore_iter: int = 2
     max_iter: int = 40
     chi2_tol: float = 1e-3
+    stall_tol: float = 0.01
     lambda_init: float = 1e-3
     lsf_excess: bool = True
     precision: str = "float32"
     chunk_size: int = 32
+    n_threads: int = 1
     min_pixels: int = 50
     scale_errors: bool = True
     keep_model: bool = False
@@ -230,7 +236,7 @@ class Fitter:
         n_grid = max(int(cfg.n_grid), cfg.n_starts)
         pts = qmc.Sobol(d=L, scramble=True, seed=cfg.seed).random(n_grid)
         self.grid_s = np.vstack([np.zeros((1, L)), 0.9 * (pts - 0.5)])
-        self.grid_flux = model.predict_scaled(self.grid_s, dtype=self.dtype)
+        self.grid_flux = model.predict_scaled(self.grid_s, dtype=self.dtype)  # also fills the weight cache
         tpl = np.zeros((3 if L >= 1 else 1, L))
         if L >= 1:
             tpl[1, 0], tpl[2, 0] = -0.3, 0.3
@@ -314,13 +320,24 @@ class Fitter:
                 op_index[np.flatnonzero(nz)] = np.ravel(inv)
         self._ops = ops
         todo = np.flatnonzero(fit_ok)
-        for k in range(0, todo.size, cfg.chunk_size):
-            idx = todo[k:k + cfg.chunk_size]
+        chunks = [todo[k:k + cfg.chunk_size] for k in range(0, todo.size, cfg.chunk_size)]
+
+        def work(idx):
             try:
                 self._fit_chunk(idx, d[idx], w[idx], op_index[idx], out)
             except (np.linalg.LinAlgError, FloatingPointError, ValueError) as exc:  # pragma: no cover
                 out.status[idx] = "failed:numerical"
                 out.reason[idx] = f"{type(exc).__name__}: {exc}"
+
+        if cfg.n_threads > 1 and len(chunks) > 1:
+            # numpy releases the GIL in its array kernels; each chunk writes disjoint rows of ``out``
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=cfg.n_threads) as pool:
+                list(pool.map(work, chunks))
+        else:
+            for idx in chunks:
+                work(idx)
         return out
 
     # ---------------------------------------------------------------- internals
@@ -524,6 +541,7 @@ class Fitter:
             f, J, chi2, r, ww = (x.copy() for x in state)
         done = np.zeros(m, bool)
         iters = np.zeros(m, np.int64)
+        nu = np.full(m, 2.0)
         eps = 1e-9
         eye = np.eye(P)
         for _ in range(n_iter):
@@ -555,7 +573,9 @@ class Fitter:
             conv = (pred_gn < tol) | (np.max(np.abs(d_gn) / (self.hi - self.lo), axis=1) < 1e-9)
             done[act[conv]] = True
             keep = ~conv
-            act, th, delta = act[keep], th[keep], delta[keep]
+            pred_d = (2 * np.einsum("nk,nk->n", delta, rhs)
+                      - np.einsum("nk,nkl,nl->n", delta, A * free[:, :, None] * free[:, None, :], delta))[keep]
+            act, th, delta, tol = act[keep], th[keep], delta[keep], tol[keep]
             if act.size == 0:
                 break
             th_new = np.clip(th + delta, self.lo, self.hi)
@@ -563,13 +583,22 @@ class Fitter:
             chi_n, r_n, ww_n = self._chi2(f_n, valid_n, d[act], w[act])
             acc = np.isfinite(chi_n) & (chi_n < chi2[act])
             ia = act[acc]
+            gain = chi2[ia] - chi_n[acc]
             theta[ia], f[ia], J[ia], chi2[ia], r[ia], ww[ia] = (
                 th_new[acc], f_n[acc], J_n[acc], chi_n[acc], r_n[acc], ww_n[acc])
             iters[act] += 1
-            lam[ia] = np.maximum(lam[ia] * 0.3, 1e-9)
+            # damping update of Nielsen (1999): rho = achieved / predicted gain
+            rho = gain / np.maximum(pred_d[acc], 1e-300)
+            lam[ia] = np.maximum(lam[ia] * np.maximum(1.0 / 3.0, 1.0 - (2.0 * np.clip(rho, 0, 1) - 1.0) ** 3), 1e-9)
+            nu[ia] = 2.0
             ir = act[~acc]
-            lam[ir] *= 10.0
-            done[ir[lam[ir] > 1e8]] = True
+            lam[ir] *= nu[ir]
+            nu[ir] *= 2.0
+            # piecewise-smooth models (leaky ReLU) have kinks where Gauss-Newton keeps promising a
+            # gain it cannot deliver: stop when an accepted step gains less than the stall
+            # tolerance, or a rejected step was predicted to gain less than tol
+            done[ia[gain < np.maximum(tol[acc], cfg.stall_tol)]] = True
+            done[ir[(lam[ir] > 1e8) | (pred_d[~acc] < tol[~acc])]] = True
         return dict(theta=theta, f=f, J=J, chi2=chi2, r=r, ww=ww, lam=lam, done=done, iters=iters)
 
     def _fit_chunk(self, idx, d, w, opi, out):
