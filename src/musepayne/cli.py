@@ -24,6 +24,8 @@ COMMANDS = {
     "validate": "musepayne.commands.validate:validate",
     "select": "musepayne.commands.select:select_cmd",
     "calibrate": "musepayne.commands.calibrate:calibrate",
+    "fit": "musepayne.commands.fit:fit",
+    "model": "musepayne.commands.model:model",
 }
 
 _HELP = {
@@ -33,6 +35,8 @@ _HELP = {
     "validate": "Compare catalogues (bias, dispersion, plots) and scale errors from repeats (Eq. 10).",
     "select": "Apply the paper's cuts (Eq. 5, 6, 8) or a safe custom expression to a catalogue.",
     "calibrate": "[Mg/Fe]-Teff trend correction (App. A, Table A1) or per-region offsets.",
+    "fit": "Fit prepared spectra: labels, RV, errors, fit quality -> catalogue.",
+    "model": "Import Payne networks into the musepayne model format; describe model files.",
 }
 
 
