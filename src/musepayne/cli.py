@@ -20,11 +20,15 @@ from . import __version__
 COMMANDS = {
     "prepare": "musepayne.commands.prepare:prepare",
     "demo": "musepayne.commands.demo:demo",
+    "extract": "musepayne.commands.extract:extract",
+    "simulate": "musepayne.commands.simulate:simulate",
 }
 
 _HELP = {
     "prepare": "Prepare MUSE/LAMOST/library spectra for a LAMOST-grid model.",
     "demo": "Run the main job on an embedded default (no arguments, no network).",
+    "extract": "Extract every catalogue star's spectrum from a MUSE cube (PSF fitting or apertures).",
+    "simulate": "Simulate a crowded MUSE cube with truth table and source catalogue.",
 }
 
 
