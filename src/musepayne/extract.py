@@ -428,7 +428,8 @@ class Extractor:
                 flux, err, chi2, layer_flag = self._aperture_fluxes(c, psf, x, y, on, valid, timings)
             t0 = time.perf_counter()
             # ---- quality table
-            with np.errstate(invalid="ignore", divide="ignore"):
+            with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: off-field stars
                 snr = np.nanmedian(np.where(err > 0, flux / err, np.nan), axis=1) if nz else np.full(len(x), np.nan)
             status = np.full(len(x), "ok", dtype="<U9")
             status[edge < fwhm_ref] = "edge"
