@@ -7,8 +7,9 @@ Simulates the cube in streamed blocks into a temporary folder (deleted at the
 end unless --keep), then runs the extraction in a child process (so its peak
 memory is its own) and prints: wall time split by step, peak RSS, accuracy
 against the truth, and a baseline run in the same child process: a per-layer
-solve without factorisation reuse (weights from that layer's STAT, its own
-normal matrix, LU and error diagonal) on a subset of layers, extrapolated to
+solve without factorisation reuse (design matrix at that layer's wavelength,
+weights from that layer's STAT, its own normal matrix, factorisation and
+error diagonal) on a subset of layers, extrapolated to
 the cube, with the ratio.  Also prints the machine load (shared machine).
 """
 
@@ -27,18 +28,50 @@ import time
 import numpy as np
 
 
+class MemSampler:
+    """Peak anonymous (heap) and file-backed (memory-mapped cube pages) RSS from /proc, sampled."""
+
+    def __init__(self, every=0.2):
+        import threading
+
+        self.peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._t.start()
+
+    def _read(self):
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    k = line.split(":")[0]
+                    if k in self.peak:
+                        self.peak[k] = max(self.peak[k], int(line.split()[1]))
+        except OSError:
+            pass
+
+    def _run(self, every):
+        while not self._stop.wait(every):
+            self._read()
+
+    def stop(self):
+        self._read()
+        self._stop.set()
+        self._t.join()
+        return {k + "_peak_MiB": round(v / 1024.0, 1) for k, v in self.peak.items()}
+
+
 def child(args):
     import scipy.sparse as sp
-    import scipy.sparse.linalg as spla
     from astropy.io import fits
     from astropy.table import Table
 
-    from musepayne.extract import ExtractConfig, Extractor, _read_block
+    from musepayne.extract import ExtractConfig, Extractor, _read_block, factorise
     from musepayne.readers import open_cube
 
     cube, cat, truth = args.cube, args.cube.replace(".fits", "_sources.csv"), args.cube.replace(".fits", "_truth.fits")
     out = os.path.join(os.path.dirname(cube), "spectra.fits")
     ex = Extractor(ExtractConfig(block=args.block))
+    mem = MemSampler()
     t0 = time.perf_counter()
     res = ex(cube, cat)
     t_extract = time.perf_counter() - t0
@@ -46,6 +79,7 @@ def child(args):
     res.write(out)
     t_write = time.perf_counter() - t1
     peak_extract = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MiB (Linux: KiB)
+    mem_peaks = mem.stop()
 
     # accuracy against the truth
     tr = Table.read(truth, "TRUTH")
@@ -82,10 +116,8 @@ def child(args):
         AW = A.multiply(w[:, None]).tocsc()
         N = (A.T @ AW).tocsc()
         N = N + sp.diags(1e-9 * N.diagonal() + (N.diagonal() <= 0))
-        lu = spla.splu(N, permc_spec="COLAMD")
-        xs = lu.solve(np.asarray(AW.T @ np.where(mask.ravel(), d[j].ravel(), 0.0)).ravel())
-        E = np.eye(N.shape[0])[:, : cols.size]
-        np.diag(lu.solve(E)[: cols.size])
+        solve, ninv_diag = factorise(N, ex.config.dense_max)  # same factorisation + error diagonal
+        xs = solve(np.asarray(AW.T @ np.where(mask.ravel(), d[j].ravel(), 0.0)).ravel())
         base_flux.append(xs[: cols.size])
     t_base = (time.perf_counter() - tb) / (i1 - i0)
     c.close()
@@ -100,6 +132,7 @@ def child(args):
         "t_write_s": round(t_write, 2),
         "steps_s": {k: round(v, 2) for k, v in res.timings.items()},
         "peak_rss_extract_MiB": round(peak_extract, 1),
+        "memory_extract": mem_peaks,
         "per_layer_blocked_s": round(flux_steps / nz, 5),
         "per_layer_baseline_s": round(t_base, 5),
         "baseline_ratio": round(t_base / (flux_steps / nz), 1),
@@ -157,8 +190,10 @@ def main():
         res["load_before"] = [round(v, 2) for v in load0]
         res["load_after"] = [round(v, 2) for v in os.getloadavg()]
         print(json.dumps(res, indent=1))
+        m = res["memory_extract"]
         print(f"extraction {res['t_extract_s']:.1f} s (+ write {res['t_write_s']:.1f} s), "
-              f"peak RSS {res['peak_rss_extract_MiB']:.0f} MiB; per layer {res['per_layer_blocked_s']*1e3:.1f} ms "
+              f"peak RSS {res['peak_rss_extract_MiB']:.0f} MiB (anonymous {m['RssAnon_peak_MiB']:.0f} MiB, "
+              f"file-backed cube pages {m['RssFile_peak_MiB']:.0f} MiB); per layer {res['per_layer_blocked_s']*1e3:.1f} ms "
               f"vs per-layer baseline {res['per_layer_baseline_s']*1e3:.1f} ms (x{res['baseline_ratio']})")
     finally:
         if not args.keep:

@@ -9,16 +9,18 @@ coordinate transformation, per-layer flags, timings) and ``write`` it.
 PSF method (paper Sect. 2.1.3; the PampelMUSE approach of Kamann et al. 2013):
 
 1. *Positions.*  Catalogue RA/Dec go through the cube WCS (x/y are taken as
-   0-based pixels).  On a broad-band image made of a few binned layer ranges,
-   the brightest isolated stars are fitted individually (position, flux, sky,
-   Moffat shape); a similarity transformation (offset, rotation, scale)
-   catalogue -> cube is fitted to them with 3-sigma clipping and its residuals
-   are reported.
+   0-based pixels).  A broad-band image is made of a few binned layer ranges.
+   A starting similarity transformation (offset, rotation, scale) comes from
+   single-star Moffat fits of the brightest isolated stars (3-sigma clipped);
+   it is then refined by a crowded-field Gauss-Newton fit of the whole image
+   (every star's flux, the sky, the 4 transform parameters and the Moffat
+   shape at once, :func:`_image_fit`).  The reported residual is the rms of
+   free per-star position offsets of the bright isolated stars fitted with
+   everything else held in the model.
 2. *PSF.*  On each binned layer range the Moffat FWHM, beta and ellipticity
-   (``e1 = e cos 2PA``, ``e2 = e sin 2PA``) are fitted jointly to the same
-   stars (fluxes and local skies solved linearly inside); low-order
-   polynomials in wavelength (:class:`musepayne.psf.MoffatPSF`) are fitted to
-   the per-bin values.
+   (``e1 = e cos 2PA``, ``e2 = e sin 2PA``) are fitted the same way with all
+   stars modelled; low-order polynomials in wavelength
+   (:class:`musepayne.psf.MoffatPSF`) are fitted to the per-bin values.
 3. *Fluxes.*  The cube is streamed in blocks of ``block`` layers.  Each block
    gets one sparse design matrix ``A`` (every star's pixel-integrated PSF at
    the block's central wavelength plus a polynomial sky of order
@@ -74,6 +76,7 @@ __all__ = [
     "circle_overlap",
     "aperture_matrix",
     "EXTRACT_STATUS",
+    "factorise",
     "LAYER_FLAGS",
 ]
 
@@ -117,6 +120,7 @@ class ExtractConfig:
     aperture_correction: bool = True    #: scale aperture fluxes to total with the PSF model
     snr_min: float = 3.0
     ridge: float = 1e-9                 #: relative Tikhonov term on the normal-matrix diagonal
+    dense_max: int = 4000               #: dense Cholesky up to this many unknowns, sparse LU beyond
 
     def __post_init__(self):
         if self.method not in ("psf", "aperture"):
@@ -575,20 +579,13 @@ class Extractor:
             N = N + sp.diags(np.where(dg_ok, cfg.ridge * dg, 1.0))
             timings["design"] = timings.get("design", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
-            lu = spla.splu(N, permc_spec="COLAMD")
-            ninv_diag = np.empty(N.shape[0])
-            eye_chunk = 512
-            for j0 in range(0, ns, eye_chunk):
-                j1 = min(ns, j0 + eye_chunk)
-                E = np.zeros((N.shape[0], j1 - j0))
-                E[np.arange(j0, j1), np.arange(j1 - j0)] = 1.0
-                ninv_diag[j0:j1] = lu.solve(E)[np.arange(j0, j1), np.arange(j1 - j0)]
+            solve, ninv_diag = factorise(N, cfg.dense_max)
             timings["factorise"] = timings.get("factorise", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
             D = np.where(mask.ravel()[None, :], d[good].reshape(good.sum(), -1), 0.0).T  # (npix, L)
             V = np.where(mask.ravel()[None, :], sg, 0.0).T
             B = AW.T @ D
-            X = lu.solve(np.asarray(B))
+            X = solve(np.asarray(B))
             As = A[:, :ns]
             A2 = As.multiply(As).tocsc()
             num = A2.T @ (V * (w**2)[:, None])
@@ -658,6 +655,38 @@ class Extractor:
             err[np.ix_(cols, gi)] = np.sqrt(v)
             timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
         return flux, err, np.full(n, np.nan), layer_flag
+
+
+def factorise(N, dense_max: int = 4000):
+    """Factorise the normal matrix once; return ``(solve, diag(N^-1))``.
+
+    Up to ``dense_max`` unknowns: dense Cholesky (LAPACK ``potrf``) and the
+    inverse's diagonal from ``potri`` -- in crowded fields the sparse factors
+    fill in almost completely (all stamps of a cluster core overlap, the sky
+    columns are dense), so dense is faster there.  Beyond: sparse LU
+    (SuperLU, COLAMD) and the diagonal from solves on unit vectors.  A matrix
+    that is not positive definite falls back to the sparse LU.
+    """
+    import scipy.linalg as sl
+
+    n = N.shape[0]
+    if n <= dense_max:
+        Nd = N.toarray()
+        try:
+            c = sl.cholesky(Nd, lower=False, check_finite=False)
+            inv, info = sl.lapack.dpotri(c)
+            if info == 0:
+                return (lambda B: sl.cho_solve((c, False), B, check_finite=False)), np.diag(inv).copy()
+        except sl.LinAlgError:
+            pass
+    lu = spla.splu(sp.csc_matrix(N), permc_spec="COLAMD")
+    diag = np.empty(n)
+    for j0 in range(0, n, 512):
+        j1 = min(n, j0 + 512)
+        E = np.zeros((n, j1 - j0))
+        E[np.arange(j0, j1), np.arange(j1 - j0)] = 1.0
+        diag[j0:j1] = lu.solve(E)[np.arange(j0, j1), np.arange(j1 - j0)]
+    return lu.solve, diag
 
 
 # --------------------------------------------------------------------------- internals

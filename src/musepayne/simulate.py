@@ -107,28 +107,43 @@ class CallableSpectra:
 
 
 class LibrarySpectra:
-    """Real library spectra (a :class:`~musepayne.spectra.SpectrumSet`) as the source.
+    """Real library spectra (one or several :class:`~musepayne.spectra.SpectrumSet`) as the source.
 
     Each star draws one library spectrum at random; it is converted to air,
     degraded to the MUSE LSF and rebinned flux-conservingly onto the cube grid
-    (:func:`musepayne.resample.build_operator`).  Labels are the set's
-    ``teff``, ``logg``, ``fe_h`` meta columns where present plus ``lib_index``.
+    (:func:`musepayne.resample.build_operator`; where the library is already
+    coarser than MUSE it is left as it is, not sharpened).  Spectra that do not
+    cover the whole cube range are rejected.  Labels are the sets' ``teff``,
+    ``logg``, ``fe_h`` meta columns where present plus ``lib_index``.
     """
 
     def __init__(self, spectra, wave):
         from .resample import build_operator
 
-        op = build_operator(spectra.wave, spectra.frame, spectra.lsf, np.asarray(wave), MUSE_LSF,
-                            frame_out="air")
-        flux = op.apply(np.nan_to_num(spectra.flux))
-        good = np.all(np.isfinite(flux), axis=1) & (np.nanmedian(flux, axis=1) > 0)
-        if not good.any():
+        sets = [spectra] if hasattr(spectra, "flux") else list(spectra)
+        wave = np.asarray(wave, dtype=np.float64)
+        flux, labels = [], {"teff": [], "logg": [], "fe_h": []}
+        for s in sets:
+            op = build_operator(s.wave, s.frame, s.lsf, wave, MUSE_LSF, frame_out="air")
+            if np.min(op.coverage) < 0.999:
+                continue
+            f = op.apply(np.nan_to_num(s.flux))
+            for k in range(s.n_spectra):
+                if np.all(np.isfinite(f[k])) and np.median(f[k]) > 0:
+                    flux.append(f[k])
+                    for lab in labels:
+                        labels[lab].append(float(s.meta[lab][k]) if lab in s.meta.colnames else np.nan)
+        if not flux:
             raise ValueError("no library spectrum covers the cube wavelength range")
-        self._flux = flux[good]
-        meta = spectra.meta[good]
-        self._labels = {k: np.asarray(meta[k], float) for k in ("teff", "logg", "fe_h") if k in meta.colnames}
+        self._flux = np.array(flux)
+        self._labels = {k: np.array(v) for k, v in labels.items()}
         self.label_names = tuple(self._labels) + ("lib_index",)
-        self._wave = np.asarray(wave)
+        self._wave = wave
+
+    @property
+    def spectra(self) -> np.ndarray:
+        """The library spectra on the cube grid at the MUSE LSF (rest frame), ``(n, n_layers)``."""
+        return self._flux.copy()
 
     def sample(self, rng, n):
         idx = rng.integers(0, len(self._flux), n)
