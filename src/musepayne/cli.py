@@ -26,6 +26,8 @@ COMMANDS = {
     "calibrate": "musepayne.commands.calibrate:calibrate",
     "fit": "musepayne.commands.fit:fit",
     "model": "musepayne.commands.model:model",
+    "extract": "musepayne.commands.extract:extract",
+    "simulate": "musepayne.commands.simulate:simulate",
 }
 
 _HELP = {
@@ -37,6 +39,8 @@ _HELP = {
     "calibrate": "[Mg/Fe]-Teff trend correction (App. A, Table A1) or per-region offsets.",
     "fit": "Fit prepared spectra: labels, RV, errors, fit quality -> catalogue.",
     "model": "Import Payne networks into the musepayne model format; describe model files.",
+    "extract": "Extract every catalogue star's spectrum from a MUSE cube (PSF fitting or apertures).",
+    "simulate": "Simulate a crowded MUSE cube with truth table and source catalogue.",
 }
 
 
