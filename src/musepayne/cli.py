@@ -28,9 +28,11 @@ COMMANDS = {
     "model": "musepayne.commands.model:model",
     "extract": "musepayne.commands.extract:extract",
     "simulate": "musepayne.commands.simulate:simulate",
+    "run": "musepayne.commands.run:run",
 }
 
 _HELP = {
+    "run": "Cube(s) + source list -> labelled catalogue and report (resumable).",
     "prepare": "Prepare MUSE/LAMOST/library spectra for a LAMOST-grid model.",
     "demo": "Run the main job on an embedded default (no arguments, no network).",
     "forecast": "Label precision vs S/N, V and exposure time (paper Eq. 11-13, Table 3).",
