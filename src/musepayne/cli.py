@@ -29,9 +29,11 @@ COMMANDS = {
     "extract": "musepayne.commands.extract:extract",
     "simulate": "musepayne.commands.simulate:simulate",
     "run": "musepayne.commands.run:run",
+    "survey": "musepayne.commands.survey:survey",
 }
 
 _HELP = {
+    "survey": "Many cubes on Dask (or in process) into one store; resumable, fault tolerant.",
     "run": "Cube(s) + source list -> labelled catalogue and report (resumable).",
     "prepare": "Prepare MUSE/LAMOST/library spectra for a LAMOST-grid model.",
     "demo": "Run the main job on an embedded default (no arguments, no network).",

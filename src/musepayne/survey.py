@@ -49,7 +49,7 @@ from astropy.table import Table, vstack
 from . import __version__
 from .io import atomic_write_fits, atomic_write_json, sha256_file
 
-__all__ = ["SurveyConfig", "Survey", "process_cube"]
+__all__ = ["SurveyConfig", "Survey", "process_cube", "read_store_catalogue", "sources_resolver"]
 
 
 @dataclass(frozen=True)
@@ -307,3 +307,16 @@ def projected_wall_time(stars_per_s_per_node: float, n_cubes=13000, stars_per_cu
             "total_hours": fit_h + (0 if np.isnan(ext_h) else ext_h),
             "assumptions": {"n_cubes": n_cubes, "stars_per_cube": stars_per_cube, "nodes": nodes,
                             "cores_per_node": cores_per_node, "perfect_scaling": True}}
+
+
+def read_store_catalogue(store) -> Table:
+    """The merged catalogue of a store, read from its Parquet partitions (pyarrow, no pandas)."""
+    from .catalogue import read_catalogue
+
+    parts = sorted(Path(store, "catalogue").glob("cube_id=*/part-0.parquet"))
+    tables = []
+    for p in parts:
+        t = read_catalogue(p)
+        t["cube_id"] = [p.parent.name.split("=", 1)[1]] * len(t)
+        tables.append(t)
+    return vstack(tables, metadata_conflicts="silent") if tables else Table()
