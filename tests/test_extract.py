@@ -158,6 +158,17 @@ def test_output_roundtrip_and_prepare(small_field, tmp_path):
 
     prepared = Preparer(PrepareConfig())(s.select(np.nonzero(np.asarray(r.sources["status"]) == "ok")[0][:5]))
     assert prepared.n_spectra == 5
+    # the short test cube covers 4750-5124 A only: low_coverage on the LAMOST grid, but pixels are used
+    assert set(prepared.spectra["status"]) <= {"ok", "low_coverage"}
+    assert np.all(prepared.spectra["n_used"] > 100)
+    # PampelMUSE-style per-star files read back by the MUSE reader
+    paths = r.write_per_star(tmp_path / "stars", statuses=("ok",))
+    assert len(paths) == int(np.sum(np.asarray(r.sources["status"]) == "ok"))
+    one = read_muse_spectra(paths[0])
+    k = list(r.sources["stellar_id"]).index(one.meta["stellar_id"][0])
+    np.testing.assert_allclose(one.wave, r.wave, rtol=1e-9)
+    np.testing.assert_allclose(one.flux[0], r.flux[k], rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(one.variance[0], r.err[k].astype(np.float64) ** 2, rtol=1e-5, equal_nan=True)
 
 
 # --------------------------------------------------------------------------- corrupt input

@@ -328,6 +328,44 @@ class ExtractionResult:
         atomic_write_fits(fits.HDUList([fits.PrimaryHDU(header=h), wave, fl, er, src, lf]), path, overwrite)
 
 
+    def write_per_star(self, folder, statuses=("ok", "edge", "low_snr")) -> list:
+        """PampelMUSE-style 1-D files (flux in HDU 0, ``SIGMA`` HDU, ``CRVAL1``/``CDELT1``, air), one per star.
+
+        Only stars whose status is in ``statuses``; each file is written
+        atomically as ``<folder>/<stellar_id>.fits``.  Returns the paths.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        step = float(np.median(np.diff(self.wave))) if self.wave.size > 1 else 1.0
+        paths = []
+        for k, row in enumerate(self.sources):
+            if row["status"] not in statuses:
+                continue
+            h = fits.Header()
+            h["OBJECT"] = str(row["stellar_id"])
+            h["RA"] = float(row["ra"])
+            h["DEC"] = float(row["dec"])
+            h["CRVAL1"] = float(self.wave[0])
+            h["CDELT1"] = step
+            h["CRPIX1"] = 1.0
+            h["CTYPE1"] = "AWAV"
+            h["CUNIT1"] = "Angstrom"
+            h["BUNIT"] = self.bunit
+            h["SNR"] = (float(row["snr"]) if np.isfinite(row["snr"]) else -1.0, "median flux/err")
+            h["EDGEDIST"] = (float(row["edge_dist"]), "distance to the field edge [px]")
+            h["BLENDFR"] = (float(row["blend_frac"]) if np.isfinite(row["blend_frac"]) else -1.0,
+                            "flux fraction from neighbours within 1 FWHM")
+            h["STATUS"] = str(row["status"])
+            self.psf.to_header(h)
+            safe = "".join(ch if ch.isalnum() or ch in "-_.+" else "_" for ch in str(row["stellar_id"]))
+            path = folder / f"{safe}.fits"
+            hdul = fits.HDUList([fits.PrimaryHDU(self.flux[k].astype(np.float32), header=h),
+                                 fits.ImageHDU(self.err[k].astype(np.float32), name="SIGMA")])
+            atomic_write_fits(hdul, path)
+            paths.append(path)
+        return paths
+
+
 # --------------------------------------------------------------------------- the extractor
 class Extractor:
     """Configure once with :class:`ExtractConfig`; call on ``(cube, sources)``."""
@@ -543,8 +581,8 @@ class Extractor:
         cfg = self.config
         nz, ny, nx = c.shape
         n = len(x)
-        flux = np.full((n, nz), np.nan)
-        err = np.full((n, nz), np.nan)
+        flux = np.full((n, nz), np.nan, dtype=np.float32)  # output accumulators: n_stars x n_layers
+        err = np.full((n, nz), np.nan, dtype=np.float32)
         chi_num = np.zeros(n)
         chi_den = np.zeros(n)
         layer_flag = np.zeros(nz, np.int16)
@@ -607,8 +645,8 @@ class Extractor:
         cfg = self.config
         nz, ny, nx = c.shape
         n = len(x)
-        flux = np.full((n, nz), np.nan)
-        err = np.full((n, nz), np.nan)
+        flux = np.full((n, nz), np.nan, dtype=np.float32)  # output accumulators: n_stars x n_layers
+        err = np.full((n, nz), np.nan, dtype=np.float32)
         layer_flag = np.zeros(nz, np.int16)
         cols = np.nonzero(on)[0]
         for i0 in range(0, nz, cfg.block):
