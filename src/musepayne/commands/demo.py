@@ -27,7 +27,6 @@ def demo(outdir, snr, seed, as_json):
     from ..flags import decode_mask
     from ..io import atomic_write_fits
     from ..prepare import Preparer
-    from ..prepared import PreparedSpectra
     from ..readers import read_spectra
     from ..toyspec import muse_grid, toy_spectrum
 
