@@ -158,6 +158,17 @@ def test_output_roundtrip_and_prepare(small_field, tmp_path):
 
     prepared = Preparer(PrepareConfig())(s.select(np.nonzero(np.asarray(r.sources["status"]) == "ok")[0][:5]))
     assert prepared.n_spectra == 5
+    # the short test cube covers 4750-5124 A only: low_coverage on the LAMOST grid, but pixels are used
+    assert set(prepared.spectra["status"]) <= {"ok", "low_coverage"}
+    assert np.all(prepared.spectra["n_used"] > 100)
+    # PampelMUSE-style per-star files read back by the MUSE reader
+    paths = r.write_per_star(tmp_path / "stars", statuses=("ok",))
+    assert len(paths) == int(np.sum(np.asarray(r.sources["status"]) == "ok"))
+    one = read_muse_spectra(paths[0])
+    k = list(r.sources["stellar_id"]).index(one.meta["stellar_id"][0])
+    np.testing.assert_allclose(one.wave, r.wave, rtol=1e-9)
+    np.testing.assert_allclose(one.flux[0], r.flux[k], rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(one.variance[0], r.err[k].astype(np.float64) ** 2, rtol=1e-5, equal_nan=True)
 
 
 # --------------------------------------------------------------------------- corrupt input
@@ -321,3 +332,23 @@ def test_factorise_dense_and_sparse_paths_agree():
     np.testing.assert_allclose(d2, np.diag(inv), rtol=1e-9)
     np.testing.assert_allclose(s1(b), inv @ b, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(s2(b), inv @ b, rtol=1e-8, atol=1e-10)
+
+
+def test_nan_region_and_bad_catalogue_rows_are_reported(tiny_cube, tmp_path):
+    with fits.open(tiny_cube["cube"]) as h:
+        h2 = fits.HDUList([x.copy() for x in h])
+    h2["DATA"].data[:, :, :6] = np.nan  # unusable strip (like the edges of a MUSE field)
+    h2["DATA"].data[10] = np.nan  # one NaN layer
+    h2.writeto(tmp_path / "holes.fits")
+    cat = Table.read(tiny_cube["sources"], format="ascii.csv")
+    cat.add_row(("nanpos", np.nan, np.nan, 18.0))
+    cat.add_row(("faraway", cat["ra"][0] + 1.0, cat["dec"][0], 18.0))
+    res = Extractor()(tmp_path / "holes.fits", cat)
+    st = dict(zip(res.sources["stellar_id"], res.sources["status"]))
+    assert len(res.sources) == len(cat)
+    assert st["nanpos"] == "off_field" and st["faraway"] == "off_field"
+    in_strip = np.asarray(res.sources["x"]) < 5.5
+    assert np.all(np.asarray(res.sources["status"])[in_strip] == "off_field")
+    assert res.layer_flag[10] & 1 and np.all(np.isnan(res.flux[:, 10]))
+    ok = np.asarray(res.sources["status"]) == "ok"
+    assert ok.sum() >= 3 and np.all(np.isfinite(res.flux[ok][:, 11:]))

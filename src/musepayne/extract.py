@@ -328,6 +328,44 @@ class ExtractionResult:
         atomic_write_fits(fits.HDUList([fits.PrimaryHDU(header=h), wave, fl, er, src, lf]), path, overwrite)
 
 
+    def write_per_star(self, folder, statuses=("ok", "edge", "low_snr")) -> list:
+        """PampelMUSE-style 1-D files (flux in HDU 0, ``SIGMA`` HDU, ``CRVAL1``/``CDELT1``, air), one per star.
+
+        Only stars whose status is in ``statuses``; each file is written
+        atomically as ``<folder>/<stellar_id>.fits``.  Returns the paths.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        step = float(np.median(np.diff(self.wave))) if self.wave.size > 1 else 1.0
+        paths = []
+        for k, row in enumerate(self.sources):
+            if row["status"] not in statuses:
+                continue
+            h = fits.Header()
+            h["OBJECT"] = str(row["stellar_id"])
+            h["RA"] = float(row["ra"])
+            h["DEC"] = float(row["dec"])
+            h["CRVAL1"] = float(self.wave[0])
+            h["CDELT1"] = step
+            h["CRPIX1"] = 1.0
+            h["CTYPE1"] = "AWAV"
+            h["CUNIT1"] = "Angstrom"
+            h["BUNIT"] = self.bunit
+            h["SNR"] = (float(row["snr"]) if np.isfinite(row["snr"]) else -1.0, "median flux/err")
+            h["EDGEDIST"] = (float(row["edge_dist"]), "distance to the field edge [px]")
+            h["BLENDFR"] = (float(row["blend_frac"]) if np.isfinite(row["blend_frac"]) else -1.0,
+                            "flux fraction from neighbours within 1 FWHM")
+            h["STATUS"] = str(row["status"])
+            self.psf.to_header(h)
+            safe = "".join(ch if ch.isalnum() or ch in "-_.+" else "_" for ch in str(row["stellar_id"]))
+            path = folder / f"{safe}.fits"
+            hdul = fits.HDUList([fits.PrimaryHDU(self.flux[k].astype(np.float32), header=h),
+                                 fits.ImageHDU(self.err[k].astype(np.float32), name="SIGMA")])
+            atomic_write_fits(hdul, path)
+            paths.append(path)
+        return paths
+
+
 # --------------------------------------------------------------------------- the extractor
 class Extractor:
     """Configure once with :class:`ExtractConfig`; call on ``(cube, sources)``."""
@@ -374,6 +412,10 @@ class Extractor:
             cand = _psf_candidates(xc, yc, mag, valid, fwhm0, cfg)
             theta = np.array([1.0, 0.0, 0.0, 0.0])
             shape0 = np.array([fwhm0, cfg.beta_guess, 0.0, 0.0])
+            if cfg.psf is not None:  # a given PSF: its shape at the median wavelength for the broad-band fit
+                pf, pb, pe, pa = (float(v) for v in cfg.psf.params(float(np.median(c.wave))))
+                shape0 = np.array([pf, pb, pe * np.cos(np.deg2rad(2 * pa)), pe * np.sin(np.deg2rad(2 * pa))])
+                fwhm0 = pf
             if cfg.fit_transform and cand.size:
                 # robust start: single-star Moffat fits of isolated stars, similarity transform with clipping
                 fits_ = [_fit_single(white, white_var, xc[i], yc[i], fwhm0, cfg.beta_guess) for i in cand]
@@ -383,7 +425,7 @@ class Extractor:
                 th = np.deg2rad(t1.rotation)
                 theta = np.array([t1.scale * np.cos(th), t1.scale * np.sin(th), *t1.offset])
                 fw = np.array([f[2] for f in fits_])
-                if np.isfinite(fw).sum() >= 3:
+                if np.isfinite(fw).sum() >= 3 and cfg.psf is None:
                     shape0[0] = float(np.nanmedian(fw))
             # crowded-field refinement: all stars, transform + PSF shape on the broad-band image
             rad0 = min(cfg.psf_radius * shape0[0], cfg.psf_radius_max_px)
@@ -415,8 +457,7 @@ class Extractor:
             if cfg.psf is not None:
                 psf = cfg.psf
             else:
-                self._wave = c.wave
-                psf = self._fit_psf(bins, x[near], y[near], shape_w, rad0)
+                psf = self._fit_psf(bins, x[near], y[near], shape_w, rad0, c.wave)
             lap("psf_fit")
             # ---- per-star geometry and status before fluxes
             wref = float(np.median(c.wave))
@@ -500,7 +541,7 @@ class Extractor:
             raise ReaderError(f"{c.path}: every layer is NaN or has no usable STAT")
         return out
 
-    def _fit_psf(self, bins, xs, ys, shape0, radius) -> MoffatPSF:
+    def _fit_psf(self, bins, xs, ys, shape0, radius, cube_wave) -> MoffatPSF:
         """Moffat shape per binned layer range (all stars modelled), then polynomials in wavelength."""
         cfg = self.config
         waves, pars = [], []
@@ -514,13 +555,13 @@ class Extractor:
                 pars.append(p)
         if not pars:
             warnings.warn("PSF fit failed in every bin; using the broad-band shape", RuntimeWarning)
-            waves, pars = [float(np.mean(self._wave))], [p0]
+            waves, pars = [float(np.mean(cube_wave))], [p0]
         pars = np.array(pars)
         e1, e2 = np.mean(pars[:, 2]), np.mean(pars[:, 3])
         e = np.full(len(waves), np.hypot(e1, e2))
         pa = np.full(len(waves), 0.5 * np.rad2deg(np.arctan2(e2, e1)))
         # polynomials in t = (wave - mid) / half-range of the cube: no extrapolation inside the cube
-        wl, wh = float(np.min(self._wave)), float(np.max(self._wave))
+        wl, wh = float(np.min(cube_wave)), float(np.max(cube_wave))
         deg = tuple(min(d, max(0, len(waves) - 2)) for d in cfg.psf_deg)
         return MoffatPSF.fit(waves, pars[:, 0], pars[:, 1], e, pa, deg=deg, wave_ref=0.5 * (wl + wh),
                              wave_scale=max(0.5 * (wh - wl), 1.0))
@@ -532,15 +573,7 @@ class Extractor:
         rad = min(cfg.psf_radius * psf.fwhm_at(wave), cfg.psf_radius_max_px)
         A = psf_design_matrix(psf, x[cols], y[cols], wave, shape, rad, cfg.oversample, valid=mask)
         if cfg.sky_order >= 0:
-            yy, xx = np.mgrid[:ny, :nx]
-            u = (xx.ravel() - (nx - 1) / 2.0) / max(1.0, nx / 2.0)
-            v = (yy.ravel() - (ny - 1) / 2.0) / max(1.0, ny / 2.0)
-            terms = [np.ones_like(u)]
-            if cfg.sky_order >= 1:
-                terms += [u, v]
-            if cfg.sky_order >= 2:
-                terms += [u * u, u * v, v * v]
-            S = np.stack(terms, axis=1) * mask.ravel()[:, None]
+            S = _sky_columns(shape, cfg.sky_order, mask)
             A = sp.hstack([A, sp.csc_matrix(S)], format="csc")
         return A
 
@@ -548,8 +581,8 @@ class Extractor:
         cfg = self.config
         nz, ny, nx = c.shape
         n = len(x)
-        flux = np.full((n, nz), np.nan)
-        err = np.full((n, nz), np.nan)
+        flux = np.full((n, nz), np.nan, dtype=np.float32)  # output accumulators: n_stars x n_layers
+        err = np.full((n, nz), np.nan, dtype=np.float32)
         chi_num = np.zeros(n)
         chi_den = np.zeros(n)
         layer_flag = np.zeros(nz, np.int16)
@@ -612,8 +645,8 @@ class Extractor:
         cfg = self.config
         nz, ny, nx = c.shape
         n = len(x)
-        flux = np.full((n, nz), np.nan)
-        err = np.full((n, nz), np.nan)
+        flux = np.full((n, nz), np.nan, dtype=np.float32)  # output accumulators: n_stars x n_layers
+        err = np.full((n, nz), np.nan, dtype=np.float32)
         layer_flag = np.zeros(nz, np.int16)
         cols = np.nonzero(on)[0]
         for i0 in range(0, nz, cfg.block):
@@ -733,6 +766,8 @@ def _edge_distance(valid, x, y):
     pad[1:-1, 1:-1] = valid
     din = distance_transform_edt(pad)[1:-1, 1:-1] - 0.5
     dout = distance_transform_edt(~pad)[1:-1, 1:-1]
+    fin = np.isfinite(x) & np.isfinite(y)
+    x, y = np.where(fin, x, -1e6), np.where(fin, y, -1e6)
     xi, yi = np.rint(x).astype(int), np.rint(y).astype(int)
     inside = (xi >= 0) & (xi < nx) & (yi >= 0) & (yi < ny)
     out = np.empty(len(x))
@@ -743,6 +778,7 @@ def _edge_distance(valid, x, y):
     far = ~inside
     out[far] = -np.hypot(np.maximum(np.maximum(-x[far] - 0.5, x[far] - (nx - 0.5)), 0),
                          np.maximum(np.maximum(-y[far] - 0.5, y[far] - (ny - 0.5)), 0))
+    out[~fin] = -np.inf
     return out
 
 
@@ -849,14 +885,20 @@ def _fit_shape(img, var, xs, ys, p0, oversample):
 def _blend_fraction(psf, x, y, mag, valid, wave, fwhm, cfg):
     """Fraction of the light within 1 FWHM of each star that comes from its neighbours."""
     ny, nx = valid.shape
-    f = 10.0 ** (-0.4 * (mag - np.nanmin(mag)))
+    out = np.full(len(x), np.nan)
+    fin = np.isfinite(x) & np.isfinite(y) & np.isfinite(mag)
+    if not fin.any():
+        return out
+    x, y, mag = x[fin], y[fin], mag[fin]
+    f = 10.0 ** (-0.4 * (mag - np.min(mag)))
     rad = min(cfg.psf_radius * fwhm, cfg.psf_radius_max_px)
     A = psf_design_matrix(psf, x, y, wave, (ny, nx), rad, 1)
     C = aperture_matrix(x, y, fwhm, (ny, nx))
     total = np.asarray(C.T @ (A @ f)).ravel()
     own = np.asarray(C.multiply(A).sum(axis=0)).ravel() * f
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, 1.0 - own / total, np.nan)
+        out[fin] = np.where(total > 0, 1.0 - own / total, np.nan)
+    return out
 
 
 def _annulus_median(ann, D, V, chunk=128):

@@ -23,8 +23,10 @@ from ._common import Timer, emit, fail, json_option
 @click.option("--sky-order", type=click.IntRange(-1, 2), default=1, show_default=True,
               help="Sky polynomial order (-1: none).")
 @click.option("--no-transform", is_flag=True, help="Use catalogue positions as they are (no offset/rotation/scale fit).")
+@click.option("--per-star", "per_star", type=click.Path(file_okay=False), default=None,
+              help="Also write PampelMUSE-style 1-D files (flux + SIGMA) of the fitted stars into this folder.")
 @json_option
-def extract(cube, catalogue, output, method, block, sky_order, no_transform, as_json):
+def extract(cube, catalogue, output, method, block, sky_order, no_transform, per_star, as_json):
     """Extract the spectrum of every catalogue star from a MUSE CUBE.
 
     Fits the catalogue->cube transformation and a wavelength-dependent Moffat
@@ -43,6 +45,7 @@ def extract(cube, catalogue, output, method, block, sky_order, no_transform, as_
             result = Extractor(cfg)(cube, catalogue)
         with timer("write"):
             result.write(output)
+            n_per_star = len(result.write_per_star(per_star)) if per_star else 0
     except (ReaderError, OSError, ValueError) as exc:
         fail(str(exc), as_json)
     counts = dict(Counter(result.sources["status"].tolist()))
@@ -54,6 +57,7 @@ def extract(cube, catalogue, output, method, block, sky_order, no_transform, as_
         "n_flagged_layers": int((result.layer_flag & 1).sum()),
         "counts": counts,
         "method": method,
+        "per_star_files": n_per_star,
         "transform": {"offset": list(t.offset), "rotation_deg": t.rotation, "scale": t.scale, "rms_px": t.rms,
                       "n_used": t.n_used},
         "psf": result.psf.describe(),
