@@ -34,15 +34,17 @@ def test_prepare_cli_json_and_read_errors(shared, tmp_path):
 
 
 def test_demo_main_job(tmp_path):
-    r = CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "d"), "--json"])
+    """The README's main job, on a smaller field: simulate, run the pipeline, compare with truth."""
+    out = tmp_path / "d"
+    r = CliRunner().invoke(main, ["demo", "-o", str(out), "--nstars", "80", "--size", "40", "--no-progress",
+                                  "--json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.output)
-    assert info["status"] == "ok"
-    # the demo spectrum has S/N 100 per native pixel by construction
-    assert abs(info["snr"] - 100) < 5
-    p = PreparedSpectra.read(info["prepared"])
-    used = p.ivar[0] > 0
-    assert abs(np.nanmedian(p.flux[0][used]) - 1) < 0.05
+    assert info["n_observations"] == 80
+    assert info["counts"].get("converged", 0) + info["counts"].get("edge", 0) >= 30
+    assert (out / "report" / "index.html").exists() and (out / "catalogue_stars.fits").exists()
+    # RVs of the stars it fitted are recovered (most are faint; bright-star accuracy is tested elsewhere)
+    assert abs(info["truth"]["rv"]["bias"]) < 2.0
 
 
 def test_outputs_are_not_private(tmp_path):

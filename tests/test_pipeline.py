@@ -138,3 +138,66 @@ def test_repeat_cubes_best_per_star(field):
         obs = cat[cat["stellar_id"] == row["stellar_id"]]
         cf = np.nan_to_num(np.asarray(obs["corr_flux"], float), nan=-np.inf)
         assert row["obs_id"] == obs["obs_id"][int(np.argmax(cf))]
+
+
+@pytest.mark.slow
+def test_recovery_matches_fitter_alone(tmp_path):
+    """Issue 6: extraction + preparation add little error to what the fitter alone achieves.
+
+    A crowded simulated field (300 stars); for isolated bright stars the label
+    dispersion from the cube is compared with the fitter on the *true* spectra
+    with noise at the same per-pixel errors as the extracted ones.
+    """
+    from scipy.spatial import cKDTree
+
+    from musepayne.fit import FitConfig, Fitter
+    from musepayne.lsf import lsf_from_spec
+    from musepayne.model import load_model
+    from musepayne.prepare import Preparer
+    from musepayne.readers import read_muse_spectra
+    from musepayne.report import bias_dispersion
+    from musepayne.spectra import SpectrumSet
+
+    model = toy_mlp_model(lamost_wavelength(), label_names=("teff", "logg", "fe_h"),
+                          x_min=np.array([4000.0, 0.5, -2.5]), x_max=np.array([7000.0, 5.0, 0.5]))
+    model.save(tmp_path / "model.fits")
+    cfg = SimulateConfig(nx=90, ny=90, nlayers=3681, nstars=350, king_rc=25, mag_bright=14.5, mag_faint=19.0,
+                         seed=11)
+    info = Simulator(cfg, ModelSpectra(model, globular_cluster_sampler())).write(tmp_path / "cube.fits")
+    out = tmp_path / "run"
+    Pipeline(out, RunConfig(model=str(tmp_path / "model.fits"), cube_lsf="lamost", report=False)).run(
+        [info["cube"]], info["sources"])
+    cat = Table.read(out / "catalogue.fits")
+    with fits.open(info["truth"]) as h:
+        truth = Table(h["TRUTH"].data)
+        true_flux = np.array(h["TRUE_FLUX"].data, dtype=np.float64)
+    cdir = next((out / "cubes").iterdir())
+    ext = read_muse_spectra(cdir / "extracted.fits", lsf=lsf_from_spec("lamost"))
+    tmap = {s: i for i, s in enumerate(truth["stellar_id"])}
+    ti = np.array([tmap[s] for s in ext.meta["stellar_id"]])
+    # isolated (nearest neighbour >= 1 FWHM ~ 3.7 px) and in the brightest half, inside the field
+    xy = np.c_[truth["x"], truth["y"]]
+    d, _ = cKDTree(xy).query(xy, k=2)
+    fwhm = cfg.psf.fwhm_at(7000.0)
+    sel_t = truth["in_field"] & (d[:, 1] >= fwhm) & (truth["mag"] < np.median(truth["mag"]))
+    sel = sel_t[ti] & np.isfinite(ext.flux).all(axis=1)
+    assert sel.sum() >= 20
+    # S/N of the brightest half
+    assert np.median(np.nanmedian(ext.flux[sel] / np.sqrt(ext.variance[sel]), axis=1)) >= 50
+    # the fitter alone: true spectra + noise drawn from the extracted errors
+    rng = np.random.default_rng(5)
+    tf = true_flux[ti[sel]]
+    err = np.sqrt(ext.variance[sel])
+    alone = SpectrumSet(ext.wave, tf + rng.normal(size=tf.shape) * err, err**2, "air", ext.lsf, ext.meta[sel])
+    cat_alone = Fitter(load_model(tmp_path / "model.fits"))(Preparer()(alone))
+    cmap = {s: i for i, s in enumerate(cat["stellar_id"])}
+    ci = np.array([cmap[s] for s in ext.meta["stellar_id"][sel]])
+    for name in ("teff", "logg", "fe_h"):
+        t = np.asarray(truth[name])[ti[sel]]
+        _, s_run = bias_dispersion(np.asarray(cat[name])[ci] - t)
+        _, s_alone = bias_dispersion(np.asarray(cat_alone[name]) - t)
+        print(f"{name}: dispersion from the cube {s_run:.4g}, fitter alone {s_alone:.4g} (N={sel.sum()})")
+        assert s_run <= 1.5 * s_alone, (name, s_run, s_alone)
+    drv = np.asarray(cat["rv"])[ci] - np.asarray(truth["rv"])[ti[sel]]
+    print(f"rv: bias {np.median(drv):.3f} km/s, dispersion {bias_dispersion(drv)[1]:.3f} km/s")
+    assert bias_dispersion(drv)[1] <= 2.0 and abs(np.median(drv)) <= 2.0
