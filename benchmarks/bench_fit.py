@@ -74,6 +74,9 @@ def curve_fit_one(fitter, flux, ivar, v0):
     return popt, np.sqrt(np.diag(pcov))
 
 
+CONFIGS = {"default": {}, "fast(n_starts=1)": {"n_starts": 1}}
+
+
 def run(name, model, n, n_base, repeat, mask=None, seed=0, threads=(1, 2)):
     fitter = Fitter(model, FitConfig())
     rng = np.random.default_rng(seed)
@@ -81,20 +84,24 @@ def run(name, model, n, n_base, repeat, mask=None, seed=0, threads=(1, 2)):
     names = list(model.label_names) + ["rv"]
     rates = {}
     cat = None
-    for nt in threads:
-        ft = fitter.with_config(n_threads=nt)
-        rates[nt] = []
-        for r in range(repeat):
-            t0 = time.perf_counter()
-            cat = ft(prep)
-            dt = time.perf_counter() - t0
-            rates[nt].append(n / dt)
-            print(f"  {name} threads={nt} run {r + 1}: {n} spectra in {dt:.2f} s -> {n / dt:.1f} spectra/s "
-                  f"(load {os.getloadavg()[0]:.2f})", flush=True)
+    cats = {}
+    for cname, extra in CONFIGS.items():
+        for nt in threads:
+            ft = fitter.with_config(n_threads=nt, **extra)
+            key = f"{cname} threads={nt}"
+            rates[key] = []
+            for r in range(repeat):
+                t0 = time.perf_counter()
+                cat = ft(prep)
+                dt = time.perf_counter() - t0
+                rates[key].append(n / dt)
+                print(f"  {name} {key} run {r + 1}: {n} spectra in {dt:.2f} s -> {n / dt:.1f} spectra/s "
+                      f"(load {os.getloadavg()[0]:.2f})", flush=True)
+            cats[cname] = cat
+    cat = cats["default"]
     tr = np.c_[truth, v]
     ours = np.column_stack([cat[c] for c in names])
     ours_err = np.column_stack([cat[c + "_err"] for c in names])
-    z_ours = (ours - tr) / ours_err
     # baseline on the first n_base spectra
     v0 = fitter._coarse_rv(np.nan_to_num(prep.flux[:n_base]), prep.ivar[:n_base])
     base, base_err = [], []
@@ -110,14 +117,26 @@ def run(name, model, n, n_base, repeat, mask=None, seed=0, threads=(1, 2)):
     d_ours_base = np.abs(ours[:n_base] - base) / ours_err[:n_base]
     med = {nt: float(np.median(v)) for nt, v in rates.items()}
     print(f"  {name} curve_fit baseline: {n_base} spectra in {dt_b:.2f} s -> {rate_b:.1f} spectra/s")
-    print(f"  {name} accuracy rms z (fit-truth)/sigma, ours  : "
-          + " ".join(f"{k}={np.sqrt(np.mean(z_ours[:, j] ** 2)):.2f}" for j, k in enumerate(names)))
+    for cname, c in cats.items():
+        zz = (np.column_stack([c[k] for k in names]) - tr) / np.column_stack([c[k + "_err"] for k in names])
+        print(f"  {name} accuracy rms z, {cname:17s}: "
+              + " ".join(f"{k}={np.sqrt(np.mean(zz[:, j] ** 2)):.3f}" for j, k in enumerate(names)))
+    chi_better = []
+    f64 = fitter.with_config(precision="float64")
+    for i in range(n_base):
+        th = np.vstack([np.r_[model.scale(ours[i, :-1]), ours[i, -1]], np.r_[model.scale(base[i, :-1]), base[i, -1]]])
+        fo, _, valid = f64._evaluate(th, np.full(2, -1), want_jac=False)
+        chi, _, _ = f64._chi2(fo, valid, np.nan_to_num(prep.flux[[i, i]]), prep.ivar[[i, i]])
+        chi_better.append(chi[0] - chi[1])
+    chi_better = np.array(chi_better)
+    print(f"  {name} chi2(ours) - chi2(curve_fit) over {n_base} spectra: median {np.median(chi_better):.4f}, "
+          f"max {chi_better.max():.4f} (negative: ours lower)")
     print(f"  {name} accuracy rms z (fit-truth)/sigma, scipy : "
           + " ".join(f"{k}={np.sqrt(np.mean(z_base[:, j] ** 2)):.2f}" for j, k in enumerate(names)))
     print(f"  {name} max |ours - scipy| / sigma over {n_base} spectra: {np.max(d_ours_base):.3f}; "
           f"status: {dict(zip(*np.unique(np.asarray(cat['status']), return_counts=True)))}")
     for nt, mr in med.items():
-        print(f"  {name} SUMMARY threads={nt}: median {mr:.1f} spectra/s over {repeat} runs "
+        print(f"  {name} SUMMARY {nt}: median {mr:.1f} spectra/s over {repeat} runs "
               f"(runs: {', '.join(f'{x:.1f}' for x in rates[nt])}); curve_fit (1 thread) {rate_b:.1f} "
               f"spectra/s; ratio {mr / rate_b:.1f}x", flush=True)
     return med, rate_b

@@ -106,8 +106,8 @@ class FitConfig:
     fit_rv: bool = True
     rv_fixed: float = 0.0
     n_grid: int = 256
-    n_starts: int = 3
-    explore_iter: int = 2
+    n_starts: int = 2
+    explore_iter: int = 1
     max_iter: int = 40
     chi2_tol: float = 1e-3
     stall_tol: float = 0.01
