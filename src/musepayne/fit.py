@@ -464,6 +464,16 @@ class Fitter:
         ww = w * valid
         return np.einsum("np,np->n", ww, r * r), r, ww
 
+    def _assess(self, theta, opi, d, w):
+        """Model at ``theta`` and what LM needs there: f, chi2, weights used, A = J^T W J, g = J^T W r."""
+        f, J, valid = self._evaluate(theta, opi)
+        chi2, r, ww = self._chi2(f, valid, d, w)
+        wd = ww.astype(self.dtype)
+        Jw = J * wd[:, :, None]
+        A = np.matmul(J.transpose(0, 2, 1), Jw).astype(np.float64)
+        g = np.einsum("npk,np->nk", Jw, r.astype(self.dtype)).astype(np.float64)
+        return f, chi2, ww, A, g
+
     def _ccf_templates(self):
         """Templates shifted over the coarse velocity grid (fixed for a model and config)."""
         cfg = self.config
@@ -525,20 +535,20 @@ class Fitter:
         Per iteration and row: normal matrix ``A = J^T W J`` and gradient ``g = J^T W r``;
         parameters at a bound whose gradient points outward are frozen; the damped
         step solves ``(A + lam diag A) delta = g``; the trial point is clipped into the
-        bounds and accepted when chi2 falls (``lam`` x0.3) or rejected (``lam`` x10).
+        bounds and accepted when chi2 falls or rejected (damping update of Nielsen 1999).
         A row has converged when the undamped Gauss-Newton step predicts a chi2 gain
         below ``chi2_tol`` (or the float32 rounding noise of chi2), or when it is stuck
-        (``lam > 1e8``).  ``state``: (f, J, chi2, r, ww) at ``theta`` if already known.
+        (``lam > 1e8``).  ``state``: (f, chi2, ww, A, g) at ``theta`` if already known.
+        Only ``A`` and ``g`` are kept per row (the Jacobian itself is never stored).
         """
         cfg = self.config
         m, P = theta.shape
         theta = theta.copy()
         lam = lam.copy()
         if state is None:
-            f, J, valid = self._evaluate(theta, opi)
-            chi2, r, ww = self._chi2(f, valid, d, w)
+            f, chi2, ww, A_all, g_all = self._assess(theta, opi, d, w)
         else:
-            f, J, chi2, r, ww = (x.copy() for x in state)
+            f, chi2, ww, A_all, g_all = (x.copy() for x in state)
         done = np.zeros(m, bool)
         iters = np.zeros(m, np.int64)
         nu = np.full(m, 2.0)
@@ -548,11 +558,7 @@ class Fitter:
             act = np.flatnonzero(~done)
             if act.size == 0:
                 break
-            Ja = J[act]
-            wr = (ww[act] * r[act]).astype(self.dtype)
-            Jw = Ja * ww[act, :, None].astype(self.dtype)
-            A = np.matmul(Ja.transpose(0, 2, 1), Jw).astype(np.float64)
-            g = np.einsum("npk,np->nk", Ja, wr).astype(np.float64)
+            A, g = A_all[act], g_all[act]
             th = theta[act]
             fixed = ((th <= self.lo + eps) & (g < 0)) | ((th >= self.hi - eps) & (g > 0))
             free = (~fixed).astype(np.float64)
@@ -574,18 +580,17 @@ class Fitter:
             done[act[conv]] = True
             keep = ~conv
             pred_d = (2 * np.einsum("nk,nk->n", delta, rhs)
-                      - np.einsum("nk,nkl,nl->n", delta, A * free[:, :, None] * free[:, None, :], delta))[keep]
+                      - np.einsum("nk,nkl,nl->n", delta, Af - eye * fixed[:, :, None], delta))[keep]
             act, th, delta, tol = act[keep], th[keep], delta[keep], tol[keep]
             if act.size == 0:
                 break
             th_new = np.clip(th + delta, self.lo, self.hi)
-            f_n, J_n, valid_n = self._evaluate(th_new, opi[act])
-            chi_n, r_n, ww_n = self._chi2(f_n, valid_n, d[act], w[act])
+            f_n, chi_n, ww_n, A_n, g_n = self._assess(th_new, opi[act], d[act], w[act])
             acc = np.isfinite(chi_n) & (chi_n < chi2[act])
             ia = act[acc]
             gain = chi2[ia] - chi_n[acc]
-            theta[ia], f[ia], J[ia], chi2[ia], r[ia], ww[ia] = (
-                th_new[acc], f_n[acc], J_n[acc], chi_n[acc], r_n[acc], ww_n[acc])
+            theta[ia], f[ia], chi2[ia], ww[ia], A_all[ia], g_all[ia] = (
+                th_new[acc], f_n[acc], chi_n[acc], ww_n[acc], A_n[acc], g_n[acc])
             iters[act] += 1
             # damping update of Nielsen (1999): rho = achieved / predicted gain
             rho = gain / np.maximum(pred_d[acc], 1e-300)
@@ -599,7 +604,7 @@ class Fitter:
             # tolerance, or a rejected step was predicted to gain less than tol
             done[ia[gain < np.maximum(tol[acc], cfg.stall_tol)]] = True
             done[ir[(lam[ir] > 1e8) | (pred_d[~acc] < tol[~acc])]] = True
-        return dict(theta=theta, f=f, J=J, chi2=chi2, r=r, ww=ww, lam=lam, done=done, iters=iters)
+        return dict(theta=theta, f=f, chi2=chi2, ww=ww, A=A_all, g=g_all, lam=lam, done=done, iters=iters)
 
     def _fit_chunk(self, idx, d, w, opi, out):
         cfg = self.config
@@ -621,15 +626,14 @@ class Fitter:
             chi = st["chi2"].reshape(m, K)
             pick = np.arange(m) * K + np.nanargmin(np.where(np.isfinite(chi), chi, np.inf), axis=1)
             th1, lam1 = st["theta"][pick], st["lam"][pick]
-            state = tuple(st[k][pick] for k in ("f", "J", "chi2", "r", "ww"))
+            state = tuple(st[k][pick] for k in ("f", "chi2", "ww", "A", "g"))
             iters += st["iters"][pick]
         else:
             th1, lam1, state = th0[::K], lam0[::K], None
         st = self._lm(th1, d, w, opi, max(cfg.max_iter - n_explore, 1), lam1, state)
         iters += st["iters"]
-        theta, J, ww, chi2, f = st["theta"], st["J"], st["ww"], st["chi2"], st["f"]
+        theta, ww, chi2, f, A = st["theta"], st["ww"], st["chi2"], st["f"], st["A"]
         n_used = (ww > 0).sum(1)
-        A = np.matmul(J.transpose(0, 2, 1), J * ww[:, :, None].astype(self.dtype)).astype(np.float64)
         # covariance in (scaled labels, v); guard singular matrices
         cov = np.full((m, P, P), np.nan)
         for i in range(m):
