@@ -27,8 +27,10 @@ The forward model
   broader than the model's LSF (MUSE below ~5150 A for LAMOST-grid models),
   the model is convolved by a Gaussian of that extra FWHM (a fixed sparse
   matrix per distinct excess profile, :func:`musepayne.resample.convolution_matrix`).
-  Without it Teff is biased (~+28 K) because the data lines are broader than the
-  model's.  Switch: ``FitConfig.lsf_excess``.
+  Without it the model's lines are narrower than the data's and the labels are
+  biased (a ~+28 K Teff bias for MUSE was reported to the project; not re-measured
+  here, the toy-model test only shows the chi2 and label recovery with and without).
+  Switch: ``FitConfig.lsf_excess``.
 
 The optimiser
 -------------
@@ -43,13 +45,14 @@ Vectorised over spectra (no Python loop per spectrum on the hot path):
    ``n_starts`` best grid points start the fit.  The RV is then refined with
    each spectrum's best grid template (+-8 pixels, exact shift).
 3. *Bounded Levenberg-Marquardt* on (scaled labels, v) with per-spectrum
-   damping (Marquardt diagonal scaling), Gauss-Newton normal matrix
-   ``J^T W J`` from the analytic Jacobian, and an active-set projection that
+   damping (Marquardt diagonal scaling, Nielsen 1999 update), Gauss-Newton normal
+   matrix ``J^T W J`` from the analytic Jacobian, and an active-set projection that
    keeps labels inside the training box ``[x_min, x_max]`` and ``|v| <= rv_range``
    (parameters at a bound whose gradient points outward are frozen for the step).
-   All starts run ``explore_iter`` iterations; each spectrum then keeps its
-   lowest-chi2 start and continues to convergence (``chi2`` change below
-   ``chi2_tol``).
+   All ``n_starts`` starts run ``explore_iter`` iterations; each spectrum then keeps
+   its lowest-chi2 start and continues until the undamped Gauss-Newton step promises
+   less than ``chi2_tol`` (or, at the kinks of leaky-ReLU networks, an accepted step
+   gains less than ``stall_tol``).  Per row only ``J^T W J`` and ``J^T W r`` are kept.
 
 Errors
 ------
@@ -125,8 +128,8 @@ class FitConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not self.rv_range > 0:
-            raise ValueError("rv_range must be positive")
+        if not 0 < self.rv_range < C_KMS:
+            raise ValueError("rv_range must be positive and below the speed of light")
         if self.precision not in ("float32", "float64"):
             raise ValueError("precision must be 'float32' or 'float64'")
         if self.n_starts < 1 or self.n_grid < 1 or self.max_iter < 1 or self.chunk_size < 1:
