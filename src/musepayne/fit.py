@@ -95,8 +95,9 @@ class FitConfig:
     lsf_excess: forward-model the prepared ``LSF_EXCESS`` (Gaussian convolution of the model).
     precision: 'float32' (fast; network, shift and normal matrix) or 'float64'.
     chunk_size: spectra fitted together (memory ~ chunk * n_starts * n_pix * (n_labels+1) * 4 B * 6).
-    n_threads: chunks fitted in parallel threads (numpy releases the GIL; use the number of
-        free cores, with OMP_NUM_THREADS=1 to avoid oversubscribing BLAS).
+    n_threads: chunks fitted in parallel threads.  Measured on the 2-core development
+        machine it gives no gain (CPU time = wall time: the many small indexing operations
+        hold the GIL), so the default is 1; results are identical either way.
     min_pixels: fewer usable pixels -> failed row.
     scale_errors: multiply errors by sqrt(chi2/(n-n_par)) when it exceeds 1.
     keep_model: add the best-fit model spectrum to the output (column ``model_flux``).
