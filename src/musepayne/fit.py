@@ -43,7 +43,7 @@ Vectorised over spectra (no Python loop per spectrum on the hot path):
 2. *Starting labels*: chi2 of the (velocity-corrected) data against a
    quasi-random (Sobol) grid of model spectra covering the label box; the
    ``n_starts`` best grid points start the fit.  The RV is then refined with
-   each spectrum's best grid template (+-8 pixels, exact shift).
+   each spectrum's best grid template (+-4 pixels, exact shift).
 3. *Bounded Levenberg-Marquardt* on (scaled labels, v) with per-spectrum
    damping (Marquardt diagonal scaling, Nielsen 1999 update), Gauss-Newton normal
    matrix ``J^T W J`` from the analytic Jacobian, and an active-set projection that
@@ -395,7 +395,7 @@ class Fitter:
             c = c.astype(dt)
             q = np.arange(n_s)[None, :] + fl.astype(np.int64)[:, None] - 1  # first tap, segment-relative
             ok = (q >= 1) & (q <= n_s - 5)  # one pixel margin at each segment end
-            qc = np.clip(q, 0, n_s - 4)
+            qc = np.minimum(np.maximum(q, 0), n_s - 4)
             G = c[:, 0, None] * f_rest[:, a:e - 3]
             for k in range(1, 4):
                 G += c[:, k, None] * f_rest[:, a + k:e - 3 + k]
@@ -517,7 +517,7 @@ class Fitter:
             v0[ii] += np.clip(off, -1, 1) * step
         return np.clip(v0, -cfg.rv_range, cfg.rv_range)
 
-    def _refine_rv(self, d, w, g_best, v0, half_width=8):
+    def _refine_rv(self, d, w, g_best, v0, half_width=4):
         """Second RV pass with each spectrum's own best grid template: chi2 at v0 +- ``half_width``
         model pixels (one-pixel steps, exact shift), parabola through the minimum.  The coarse
         search uses generic templates and can miss by a few pixels for broad-lined stars."""
