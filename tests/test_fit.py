@@ -124,7 +124,10 @@ def test_bad_input_rows_fail_others_unaffected(toy):
     bad_ivar = np.vstack([ivar[0], np.zeros(npix), ivar[0], np.zeros(npix), ivar[1], ivar[2], ivar[2]])
     bad_flux[6, ::3] = np.nan  # partial NaNs: those pixels are ignored, the spectrum is fitted
     status = ["ok", "ok", "ok", "ok", "read_error", "ok", "ok"]
-    cat = fitter(as_prepared(toy.wave, bad_flux, bad_ivar, status=status))
+    prep = as_prepared(toy.wave, bad_flux, bad_ivar, status=status)
+    before = (prep.flux.copy(), prep.ivar.copy())
+    cat = fitter(prep)
+    assert np.array_equal(prep.flux, before[0], equal_nan=True) and np.array_equal(prep.ivar, before[1])
     st = list(cat["status"])
     assert st[1] == "failed:no_valid_pixels" and st[2] == "failed:no_valid_pixels"
     assert st[3] == "failed:no_valid_pixels" and st[4] == "failed:read_error"

@@ -282,15 +282,21 @@ class Fitter:
             out.status[:] = "failed:bad_wavelength"
             out.reason[:] = msg
             return out
-        flux = np.asarray(prepared.flux, np.float64)
-        ivar = np.asarray(prepared.ivar, np.float64)
-        mask = np.asarray(prepared.mask)
-        with np.errstate(invalid="ignore"):
-            good = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0) & ((mask & EXCLUDING_BITS) == 0)
-        w = np.where(good, ivar, 0.0)
-        d = np.where(good, flux, 0.0)
+        flux, ivar, mask = prepared.flux, prepared.ivar, prepared.mask
+
+        def data(idx):
+            """(flux, weights) of rows ``idx``: weight 0 for non-finite, masked or ivar <= 0 pixels.
+            Built per chunk so memory stays ~ chunk size (the caller's arrays are not modified)."""
+            f = np.asarray(flux[idx], np.float64)
+            iv = np.asarray(ivar[idx], np.float64)
+            with np.errstate(invalid="ignore"):
+                good = np.isfinite(f) & np.isfinite(iv) & (iv > 0) & ((np.asarray(mask[idx]) & EXCLUDING_BITS) == 0)
+            return np.where(good, f, 0.0), np.where(good, iv, 0.0)
+
         # per-spectrum validation
-        n_good = good.sum(1)
+        n_good = np.zeros(n, np.int64)
+        for k in range(0, n, 4096):
+            n_good[k:k + 4096] = (data(np.arange(k, min(k + 4096, n)))[1] > 0).sum(1)
         st_in = (np.asarray(prepared.spectra["status"]).astype(str) if "status" in prepared.spectra.colnames
                  else np.full(n, "ok"))
         rs_in = (np.asarray(prepared.spectra["reason"]).astype(str) if "reason" in prepared.spectra.colnames
@@ -329,7 +335,7 @@ class Fitter:
 
         def work(idx):
             try:
-                self._fit_chunk(idx, d[idx], w[idx], op_index[idx], out)
+                self._fit_chunk(idx, *data(idx), op_index[idx], out)
             except (np.linalg.LinAlgError, FloatingPointError, ValueError) as exc:  # pragma: no cover
                 out.status[idx] = "failed:numerical"
                 out.reason[idx] = f"{type(exc).__name__}: {exc}"
