@@ -20,7 +20,7 @@ from ._common import Timer, emit, fail, json_option
               help="Catalogue file: .fits (default), .csv or .parquet by suffix.")
 @click.option("--rv-range", default=600.0, show_default=True, type=float,
               help="Half-width (km/s) of the RV search and bound of the fitted RV.")
-@click.option("--starts", "n_starts", default=3, show_default=True, type=int, help="Starting points per spectrum.")
+@click.option("--starts", "n_starts", default=2, show_default=True, type=int, help="Starting points per spectrum.")
 @click.option("--lsf-excess/--no-lsf-excess", default=True, show_default=True,
               help="Convolve the model by the prepared LSF_EXCESS where the data are broader than the model.")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
