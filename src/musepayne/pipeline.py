@@ -202,8 +202,8 @@ class Pipeline:
         prep = PreparedSpectra.read(prepared_path)
         fdir = cdir / "fit"
         fdir.mkdir(parents=True, exist_ok=True)
-        inputs = {"prepared": sha256_file(prepared_path), "model": _model_id(model),
-                  "model_mp": _model_id(model_mp) if model_mp is not None else None}
+        inputs = {"prepared": sha256_file(prepared_path), "model": _model_id(self.config.model),
+                  "model_mp": _model_id(self.config.model_mp) if model_mp is not None else None}
         cfg_hash = self.config.digest("rv_range", "fit_chunk", "min_snr", "fit_options")
         manifest = fdir / "manifest.json"
         want = {"inputs": inputs, "config": cfg_hash}
@@ -253,7 +253,8 @@ class Pipeline:
         model = load_model(self.config.model)
         model_mp = load_model(self.config.model_mp) if self.config.model_mp else None
         record = {"software": {"musepayne": __version__, "numpy": np.__version__},
-                  "model": {"path": str(self.config.model), "meta": getattr(model, "meta", {})},
+                  "model": {"path": str(self.config.model), "sha256": _model_id(self.config.model),
+                            "meta": getattr(model, "meta", {})},
                   "config": self.config.to_dict(), "inputs": {}, "cubes": []}
         sources = [sources] * len(cubes) if not isinstance(sources, (list, tuple)) else list(sources)
         if len(sources) != len(cubes):
@@ -322,9 +323,12 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------------- adapters
-def _model_id(model):
-    meta = getattr(model, "meta", {}) or {}
-    return meta.get("model_sha256") or meta.get("training_set_hash") or type(model).__name__
+def _model_id(spec) -> str:
+    """sha256 of the model file a run uses ('default' resolves to the shipped file)."""
+    from .model import _default_model_path
+
+    path = _default_model_path() if str(spec) == "default" else spec
+    return sha256_file(path) if path is not None and Path(path).is_file() else str(spec)
 
 
 def _run_extract(cube_path, sources_path, out_path, config: RunConfig) -> dict:
