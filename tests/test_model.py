@@ -94,3 +94,31 @@ def test_import_real_perpixel_network(shared, tmp_path):
     _, J = m2.predict_with_jacobian(x)
     h = 1e-5 * m.scale_width
     assert np.allclose(J[0], _fd_jacobian(m2, x[None], h)[0], rtol=1e-3, atol=1e-7)
+
+
+def test_pixel_mask_roundtrip_and_fit_ignores_masked_pixels(tmp_path):
+    from musepayne.model import load_model
+    from musepayne.toymodel import toy_mlp_model
+    from musepayne.wavelength import lamost_wavelength
+
+    m = toy_mlp_model(lamost_wavelength(), label_names=("teff", "logg", "fe_h"),
+                      x_min=np.array([4000.0, 0.5, -2.5]), x_max=np.array([7000.0, 5.0, 0.5]))
+    mask = np.zeros(m.n_pix, bool)
+    mask[2500:2700] = True
+    m.with_pixel_mask(mask).save(tmp_path / "m.fits")
+    back = load_model(tmp_path / "m.fits")
+    assert np.array_equal(back.pixel_mask, mask)
+    # a spectrum that is garbage in the masked pixels fits exactly as the clean one
+    from musepayne.fit import Fitter
+    from fit_helpers import as_prepared as prepared_from_arrays
+
+    truth = np.array([[5200.0, 2.5, -1.0]])
+    f = m.predict(truth)
+    bad = f.copy()
+    bad[:, 2500:2700] = 5.0
+    iv = np.full(f.shape, 1e4)
+    clean = Fitter(back)(prepared_from_arrays(m.wave, f, iv))
+    dirty = Fitter(back)(prepared_from_arrays(m.wave, bad, iv))
+    for k in ("teff", "logg", "fe_h"):
+        assert dirty[k][0] == pytest.approx(clean[k][0], rel=1e-9)
+        assert clean[k][0] == pytest.approx(truth[0, ["teff", "logg", "fe_h"].index(k)], rel=1e-3, abs=1e-3)

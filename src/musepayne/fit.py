@@ -283,14 +283,18 @@ class Fitter:
             out.reason[:] = msg
             return out
         flux, ivar, mask = prepared.flux, prepared.ivar, prepared.mask
+        # pixels where the model itself is not trusted (e.g. too few training spectra cover them)
+        model_ok = ~np.asarray(getattr(self.model, "pixel_mask", np.zeros(self.model.n_pix, bool)), bool)
 
         def data(idx):
-            """(flux, weights) of rows ``idx``: weight 0 for non-finite, masked or ivar <= 0 pixels.
+            """(flux, weights) of rows ``idx``: weight 0 for non-finite, masked or ivar <= 0 pixels,
+            and where the model's pixel mask is set.
             Built per chunk so memory stays ~ chunk size (the caller's arrays are not modified)."""
             f = np.asarray(flux[idx], np.float64)
             iv = np.asarray(ivar[idx], np.float64)
             with np.errstate(invalid="ignore"):
                 good = np.isfinite(f) & np.isfinite(iv) & (iv > 0) & ((np.asarray(mask[idx]) & EXCLUDING_BITS) == 0)
+            good &= model_ok[None, :]
             return np.where(good, f, 0.0), np.where(good, iv, 0.0)
 
         # per-spectrum validation

@@ -28,6 +28,8 @@ primary    ``MPFORMAT='musepayne-model'``, ``MPMVERS`` (format version),
            ``(n_out, n_in)``), stored at their own precision (float32 usually)
 ``LABELS`` table: name, unit, x_min, x_max (float64)
 ``WAVE``   (n_pix,) float64 Angstrom, header ``FRAME`` = 'vacuum' | 'air'
+``PIXMASK`` optional (n_pix,) uint8, 1 where the model is not to be used
+           (e.g. pixels covered by too few training spectra); fits ignore them
 ``PROVENANCE`` one-row table with a ``json`` column: the ``meta`` dict
            (training-set hash, command, versions, normalisation recipe, ...)
 ========== =================================================================
@@ -126,6 +128,16 @@ class SpectralModel:
         self.meta = dict(meta or {})
         self.path = None
         self._cache = {}  # per-instance casts of the weights (float32/float64)
+        #: True where the model is not to be trusted (too little training data); fits ignore these pixels
+        self.pixel_mask = np.zeros(self.wave.size, bool)
+
+    def with_pixel_mask(self, mask) -> "SpectralModel":
+        """Set the model's pixel mask (True = unusable) and return the model."""
+        m = np.asarray(mask, dtype=bool).ravel()
+        if m.shape != self.wave.shape:
+            raise ModelError(f"pixel mask has {m.size} entries for {self.wave.size} model pixels")
+        self.pixel_mask = m.copy()
+        return self
 
     # ----------------------------------------------------------- basics
     @property
@@ -227,6 +239,10 @@ class SpectralModel:
         hw.header["FRAME"] = (self.frame, "wavelength frame")
         hw.header["BUNIT"] = "Angstrom"
         hdus.append(hw)
+        if self.pixel_mask.any():
+            hm = fits.ImageHDU(self.pixel_mask.astype(np.uint8), name="PIXMASK")
+            hm.header["COMMENT"] = "1 = model pixel not to be used in fits (insufficient training coverage)"
+            hdus.append(hm)
         prov = Table({"json": [json.dumps(self.meta, sort_keys=True, default=str)]})
         hp = fits.table_to_hdu(prov)
         hp.name = "PROVENANCE"
@@ -434,6 +450,8 @@ def load_model(path) -> SpectralModel:
                 meta=meta,
             )
             model = _ARCHS[arch]._from_hdus(h, common)
+            if "PIXMASK" in h:
+                model.with_pixel_mask(np.asarray(h["PIXMASK"].data) != 0)
     except ModelError:
         raise
     except (OSError, KeyError, TypeError, ValueError) as exc:
