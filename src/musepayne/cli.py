@@ -20,11 +20,17 @@ from . import __version__
 COMMANDS = {
     "prepare": "musepayne.commands.prepare:prepare",
     "demo": "musepayne.commands.demo:demo",
+    "gradients": "musepayne.commands.gradients:gradients",
+    "trainset": "musepayne.commands.trainset:trainset",
+    "train": "musepayne.commands.train:train",
 }
 
 _HELP = {
     "prepare": "Prepare MUSE/LAMOST/library spectra for a LAMOST-grid model.",
     "demo": "Run the main job on an embedded default (no arguments, no network).",
+    "gradients": "Build theoretical gradient templates (d flux / d label) for regularisation and flags.",
+    "trainset": "Build a training set (prepared library spectra + labels) from MILES/STELIB.",
+    "train": "Train a DD-Payne model (PyTorch) on a training set, optionally gradient-regularised.",
 }
 
 
