@@ -1,0 +1,511 @@
+"""Spectral emulators (The Payne family) and their self-describing model file.
+
+A :class:`SpectralModel` maps physical labels (Teff, log g, [Fe/H], ...) to a
+continuum-normalised spectrum on its own wavelength grid, in batches, and gives
+the analytic Jacobian d flux / d label (physical units).  Two architectures:
+
+* :class:`PerPixelPayne` -- one small network per pixel (Ting et al. 2017,
+  Xiang et al. 2019): ``z = W0[p] s + b0[p]``, ``f_p = W1[p] . sigmoid(z) + b1[p]``.
+* :class:`MLPPayne` -- one network for all pixels (Ting et al. 2019, "The
+  Payne"): ``labels -> h1 -> h2 -> ... -> pixels`` with leaky ReLU (slope 0.01).
+
+Labels enter the networks scaled to the training range:
+``s = (x - x_min) / (x_max - x_min) - 0.5`` (so the training box is
+``[-0.5, 0.5]`` in every label).
+
+File format (FITS, no pickle; :func:`load_model` / :meth:`SpectralModel.save`)
+------------------------------------------------------------------------------
+========== =================================================================
+HDU        content
+========== =================================================================
+primary    ``MPFORMAT='musepayne-model'``, ``MPMVERS`` (format version),
+           ``ARCH`` ('perpixel' | 'mlp'), ``CREATED`` (UTC ISO date),
+           ``MPSOFT`` (software version), ``NLABELS``, ``NPIX``, ``NLAYERS``
+           (mlp), ``NEGSLOPE`` (mlp leaky-ReLU slope)
+``W0``...  weight arrays: perpixel ``W0 (n_pix, n_hidden, n_labels)``,
+           ``B0 (n_pix, n_hidden)``, ``W1 (n_pix, n_hidden)``, ``B1 (n_pix,)``;
+           mlp ``W0, B0, W1, B1, ...`` (torch ``Linear`` convention
+           ``(n_out, n_in)``), stored at their own precision (float32 usually)
+``LABELS`` table: name, unit, x_min, x_max (float64)
+``WAVE``   (n_pix,) float64 Angstrom, header ``FRAME`` = 'vacuum' | 'air'
+``PROVENANCE`` one-row table with a ``json`` column: the ``meta`` dict
+           (training-set hash, command, versions, normalisation recipe, ...)
+========== =================================================================
+
+Reading and writing round-trips exactly (arrays bit for bit, meta as JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from scipy.special import expit
+
+from . import __version__
+from .io import atomic_write_fits
+
+__all__ = [
+    "SpectralModel",
+    "PerPixelPayne",
+    "MLPPayne",
+    "load_model",
+    "import_payne_npz",
+    "ModelError",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "DEFAULT_UNITS",
+]
+
+FORMAT_NAME = "musepayne-model"
+FORMAT_VERSION = 1
+
+#: Units assumed for well-known label names when the user gives none.
+DEFAULT_UNITS = {
+    "teff": "K",
+    "logg": "dex",
+    "vmic": "km/s",
+    "vmacro": "km/s",
+    "vbroad": "km/s",
+    "vsini": "km/s",
+}
+
+
+class ModelError(ValueError):
+    """A model file or model definition is unusable."""
+
+
+
+class SpectralModel:
+    """Common interface of all emulators (see module docstring)."""
+
+    arch = "base"
+
+    def __init__(self, label_names, x_min, x_max, wave, frame="vacuum", label_units=None, meta=None):
+        names = tuple(str(n).strip().lower() for n in label_names)
+        if len(set(names)) != len(names) or any(not n for n in names):
+            raise ModelError(f"label names must be unique and non-empty: {names}")
+        self.label_names = names
+        self.x_min = np.array(x_min, dtype=np.float64).ravel()
+        self.x_max = np.array(x_max, dtype=np.float64).ravel()
+        if self.x_min.size != len(names) or self.x_max.size != len(names):
+            raise ModelError(
+                f"{len(names)} label names but x_min/x_max have {self.x_min.size}/{self.x_max.size} entries")
+        if not np.all(self.x_max > self.x_min):
+            raise ModelError("x_max must exceed x_min for every label")
+        if label_units is None:
+            label_units = [DEFAULT_UNITS.get(n, "dex") for n in names]
+        self.label_units = tuple(str(u) for u in label_units)
+        if len(self.label_units) != len(names):
+            raise ModelError("label_units must have one entry per label")
+        self.wave = np.array(wave, dtype=np.float64).ravel()
+        if frame not in ("vacuum", "air"):
+            raise ModelError(f"frame must be 'vacuum' or 'air', not {frame!r}")
+        self.frame = frame
+        if self.wave.size < 2 or not np.all(np.diff(self.wave) > 0):
+            raise ModelError("model wavelengths must be strictly increasing")
+        self.meta = dict(meta or {})
+        self.path = None
+        self._cache = {}  # per-instance casts of the weights (float32/float64)
+
+    # ----------------------------------------------------------- basics
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def n_pix(self) -> int:
+        return self.wave.size
+
+    @property
+    def scale_width(self) -> np.ndarray:
+        return self.x_max - self.x_min
+
+    def scale(self, labels):
+        """Physical labels -> network input ``(x - x_min)/(x_max - x_min) - 0.5``."""
+        return (np.asarray(labels, dtype=np.float64) - self.x_min) / self.scale_width - 0.5
+
+    def unscale(self, scaled):
+        """Network input -> physical labels (inverse of :meth:`scale`)."""
+        return (np.asarray(scaled, dtype=np.float64) + 0.5) * self.scale_width + self.x_min
+
+    def _as_batch(self, labels):
+        x = np.asarray(labels, dtype=np.float64)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self.n_labels:
+            raise ValueError(f"labels must have shape (n, {self.n_labels}); got {np.shape(labels)}")
+        return x
+
+    # ---------------------------------------------- scaled-space kernels
+    def predict_scaled(self, s, dtype=np.float64):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _jacobian_kernel(self, s, dtype=np.float64):  # pragma: no cover - abstract
+        """(flux (n, n_pix), d flux / d s laid out (n_pix, n, n_labels)) at scaled labels ``s``."""
+        raise NotImplementedError
+
+    def predict_scaled_with_jacobian(self, s, dtype=np.float64):
+        """(flux (n, n_pix), d flux / d s (n, n_pix, n_labels)) at scaled labels ``s``."""
+        f, j = self._jacobian_kernel(s, dtype)
+        return f, np.ascontiguousarray(j.transpose(1, 0, 2))
+
+    def predict(self, labels):
+        """Normalised flux ``(n, n_pix)`` at physical ``labels`` ``(n, n_labels)``."""
+        return self.predict_scaled(self.scale(self._as_batch(labels)))
+
+    def predict_with_jacobian(self, labels):
+        """``(flux (n, n_pix), jac (n, n_pix, n_labels))``; ``jac`` is d flux / d label
+        in physical label units, computed analytically (chain rule through the network)."""
+        f, js = self.predict_scaled_with_jacobian(self.scale(self._as_batch(labels)))
+        return f, js / self.scale_width
+
+    def describe(self) -> dict:
+        return {
+            "arch": self.arch,
+            "labels": [
+                {"name": n, "unit": u, "x_min": float(a), "x_max": float(b)}
+                for n, u, a, b in zip(self.label_names, self.label_units, self.x_min, self.x_max)
+            ],
+            "n_pix": int(self.n_pix),
+            "wave_min": float(self.wave[0]),
+            "wave_max": float(self.wave[-1]),
+            "frame": self.frame,
+            "meta": self.meta,
+        }
+
+    # ------------------------------------------------------------- I/O
+    def _arrays(self) -> list[tuple[str, np.ndarray]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _extra_header(self) -> dict:
+        return {}
+
+    def to_hdulist(self) -> fits.HDUList:
+        ph = fits.Header()
+        ph["MPFORMAT"] = (FORMAT_NAME, "musepayne model file")
+        ph["MPMVERS"] = (FORMAT_VERSION, "model format version")
+        ph["ARCH"] = (self.arch, "network architecture")
+        ph["CREATED"] = (str(self.meta.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds")),
+                         "creation date (UTC)")
+        ph["MPSOFT"] = (str(self.meta.get("software_version", __version__)), "musepayne version")
+        ph["NLABELS"] = self.n_labels
+        ph["NPIX"] = self.n_pix
+        for k, v in self._extra_header().items():
+            ph[k] = v
+        hdus = [fits.PrimaryHDU(header=ph)]
+        for name, arr in self._arrays():
+            hdus.append(fits.ImageHDU(np.ascontiguousarray(arr), name=name))
+        lab = Table()
+        lab["name"] = list(self.label_names)
+        lab["unit"] = list(self.label_units)
+        lab["x_min"] = self.x_min
+        lab["x_max"] = self.x_max
+        hl = fits.table_to_hdu(lab)
+        hl.name = "LABELS"
+        hdus.append(hl)
+        hw = fits.ImageHDU(self.wave, name="WAVE")
+        hw.header["FRAME"] = (self.frame, "wavelength frame")
+        hw.header["BUNIT"] = "Angstrom"
+        hdus.append(hw)
+        prov = Table({"json": [json.dumps(self.meta, sort_keys=True, default=str)]})
+        hp = fits.table_to_hdu(prov)
+        hp.name = "PROVENANCE"
+        hdus.append(hp)
+        return fits.HDUList(hdus)
+
+    def save(self, path, overwrite: bool = True):
+        """Write the model file atomically (see module docstring for the layout)."""
+        atomic_write_fits(self.to_hdulist(), path, overwrite=overwrite)
+
+
+class PerPixelPayne(SpectralModel):
+    """Per-pixel networks: labels -> ``n_hidden`` sigmoid neurons -> 1 output, per pixel.
+
+    ``w0 (n_pix, n_hidden, n_labels)``, ``b0 (n_pix, n_hidden)``,
+    ``w1 (n_pix, n_hidden)``, ``b1 (n_pix,)`` -- the layout of The Payne's
+    ``NN_normalized_spectra.npz`` (``w_array_0``, ``b_array_0``, ``w_array_1``,
+    ``b_array_1``; ``einsum('ijk,k->ij', w_array_0, s)``).
+    """
+
+    arch = "perpixel"
+
+    def __init__(self, w0, b0, w1, b1, label_names, x_min, x_max, wave, frame="vacuum",
+                 label_units=None, meta=None):
+        super().__init__(label_names, x_min, x_max, wave, frame, label_units, meta)
+        self.w0 = np.asarray(w0)
+        self.b0 = np.asarray(b0)
+        self.w1 = np.asarray(w1)
+        self.b1 = np.asarray(b1)
+        p, h, l = self.w0.shape if self.w0.ndim == 3 else (None, None, None)
+        if (p is None or l != self.n_labels or p != self.n_pix or self.b0.shape != (p, h)
+                or self.w1.shape != (p, h) or self.b1.shape != (p,)):
+            raise ModelError(
+                f"per-pixel weights inconsistent: w0 {self.w0.shape} (want (n_pix={self.n_pix}, n_hidden, "
+                f"n_labels={self.n_labels})), b0 {self.b0.shape}, w1 {self.w1.shape}, b1 {self.b1.shape}")
+        self.n_hidden = h
+
+    def _cast(self, dtype):
+        dt = np.dtype(dtype)
+        c = self._cache.get(dt.str)
+        if c is None:
+            p, h, l = self.w0.shape
+            c = (self.w0.reshape(p * h, l).T.astype(dt), self.b0.reshape(p * h).astype(dt),
+                 self.w1.astype(dt), self.b1.astype(dt), self.w0.astype(dt))
+            self._cache[dt.str] = c
+        return c
+
+    def _hidden(self, s, dtype):
+        w0t, b0f = self._cast(dtype)[:2]
+        z = np.asarray(s, dtype) @ w0t
+        z += b0f
+        return expit(z, out=z).reshape(s.shape[0], self.n_pix, self.n_hidden)
+
+    def predict_scaled(self, s, dtype=np.float64):
+        s = np.atleast_2d(np.asarray(s, np.float64))
+        _, _, w1, b1, _ = self._cast(dtype)
+        a = self._hidden(s, dtype)
+        return np.einsum("nph,ph->np", a, w1) + b1
+
+    def _jacobian_kernel(self, s, dtype=np.float64):
+        """(flux (n, n_pix), jac laid out (n_pix, n, n_labels)) at scaled labels."""
+        s = np.atleast_2d(np.asarray(s, np.float64))
+        _, _, w1, b1, w0 = self._cast(dtype)
+        a = self._hidden(s, dtype)
+        f = np.einsum("nph,ph->np", a, w1) + b1
+        a *= 1.0 - a  # sigmoid'(z) = a (1 - a), in place
+        a *= w1
+        # d f_p / d s_l = sum_h w1[p,h] sigmoid'(z)[p,h] w0[p,h,l]: one small matmul per pixel
+        jac = np.matmul(a.transpose(1, 0, 2), w0)
+        return f, jac
+
+    def _arrays(self):
+        return [("W0", self.w0), ("B0", self.b0), ("W1", self.w1), ("B1", self.b1)]
+
+    @classmethod
+    def _from_hdus(cls, h, common):
+        return cls(h["W0"].data, h["B0"].data, h["W1"].data, h["B1"].data, **common)
+
+
+class MLPPayne(SpectralModel):
+    """One fully connected network for all pixels with leaky-ReLU hidden layers.
+
+    ``weights[i]`` has the torch ``Linear`` shape ``(n_out, n_in)``; the last
+    layer is linear and outputs ``n_pix`` values.  Any number of hidden layers.
+    """
+
+    arch = "mlp"
+
+    def __init__(self, weights, biases, label_names, x_min, x_max, wave, frame="vacuum",
+                 label_units=None, meta=None, negative_slope=0.01):
+        super().__init__(label_names, x_min, x_max, wave, frame, label_units, meta)
+        self.weights = [np.asarray(w) for w in weights]
+        self.biases = [np.asarray(b).ravel() for b in biases]
+        self.negative_slope = float(negative_slope)
+        if len(self.weights) < 1 or len(self.weights) != len(self.biases):
+            raise ModelError("need one bias per weight matrix and at least one layer")
+        n_in = self.n_labels
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if w.ndim != 2 or w.shape[1] != n_in or b.shape != (w.shape[0],):
+                raise ModelError(f"layer {i}: weight {w.shape} / bias {b.shape} do not chain from {n_in} inputs")
+            n_in = w.shape[0]
+        if n_in != self.n_pix:
+            raise ModelError(f"last layer outputs {n_in} values but the wavelength grid has {self.n_pix} pixels")
+
+    def _cast(self, dtype):
+        dt = np.dtype(dtype)
+        c = self._cache.get(dt.str)
+        if c is None:
+            c = ([w.astype(dt) for w in self.weights], [b.astype(dt) for b in self.biases])
+            self._cache[dt.str] = c
+        return c
+
+    def predict_scaled(self, s, dtype=np.float64):
+        ws, bs = self._cast(dtype)
+        h = np.atleast_2d(np.asarray(s, dtype))
+        for w, b in zip(ws[:-1], bs[:-1]):
+            h = h @ w.T + b
+            h = np.where(h > 0, h, self.negative_slope * h)
+        return h @ ws[-1].T + bs[-1]
+
+    def _jacobian_kernel(self, s, dtype=np.float64):
+        ws, bs = self._cast(dtype)
+        h = np.atleast_2d(np.asarray(s, dtype))
+        n, L = h.shape
+        # forward mode: d h / d s carried as (width, n, L)
+        dh = np.broadcast_to(np.eye(L, dtype=dtype)[:, None, :], (L, n, L))
+        for w, b in zip(ws[:-1], bs[:-1]):
+            z = h @ w.T + b
+            slope = np.where(z > 0, 1.0, self.negative_slope).astype(dtype)
+            h = z * slope
+            dh = (w @ np.ascontiguousarray(dh).reshape(w.shape[1], n * L)).reshape(w.shape[0], n, L)
+            dh *= slope.T[:, :, None]
+        f = h @ ws[-1].T + bs[-1]
+        jac = (ws[-1] @ np.ascontiguousarray(dh).reshape(dh.shape[0], n * L)).reshape(self.n_pix, n, L)
+        return f, jac
+
+    def _arrays(self):
+        out = []
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            out += [(f"W{i}", w), (f"B{i}", b)]
+        return out
+
+    def _extra_header(self):
+        return {"NLAYERS": (len(self.weights), "number of weight matrices"),
+                "NEGSLOPE": (self.negative_slope, "leaky ReLU negative slope")}
+
+    @classmethod
+    def _from_hdus(cls, h, common):
+        n = int(h[0].header["NLAYERS"])
+        ws = [h[f"W{i}"].data for i in range(n)]
+        bs = [h[f"B{i}"].data for i in range(n)]
+        return cls(ws, bs, negative_slope=float(h[0].header.get("NEGSLOPE", 0.01)), **common)
+
+
+_ARCHS = {"perpixel": PerPixelPayne, "mlp": MLPPayne}
+
+
+def _default_model_path():
+    from importlib import resources
+
+    try:
+        ref = resources.files("musepayne").joinpath("models", "default.fits")
+        if ref.is_file():
+            return Path(str(ref))
+    except (ModuleNotFoundError, FileNotFoundError):
+        pass
+    return None
+
+
+def load_model(path) -> SpectralModel:
+    """Read a musepayne model file and return the matching :class:`SpectralModel`.
+
+    ``path='default'`` loads the package's shipped ``musepayne/models/default.fits``.
+    """
+    if str(path) == "default":
+        p = _default_model_path()
+        if p is None:
+            raise ModelError(
+                "no default model shipped yet; train one with 'musepayne train ...' or import one with "
+                "'musepayne model import ...' and pass it with --model")
+        path = p
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    try:
+        with fits.open(path, memmap=False) as h:
+            ph = h[0].header
+            if ph.get("MPFORMAT") != FORMAT_NAME:
+                raise ModelError(f"{path}: not a musepayne model file (MPFORMAT missing); "
+                                 "convert Payne .npz files with 'musepayne model import'")
+            if int(ph.get("MPMVERS", 0)) > FORMAT_VERSION:
+                raise ModelError(f"{path}: model format version {ph['MPMVERS']} is newer than this musepayne")
+            arch = ph.get("ARCH")
+            if arch not in _ARCHS:
+                raise ModelError(f"{path}: unknown architecture {arch!r}")
+            lab = Table.read(h["LABELS"])
+            meta = json.loads(str(Table.read(h["PROVENANCE"])["json"][0])) if "PROVENANCE" in h else {}
+            common = dict(
+                label_names=[str(x) for x in lab["name"]],
+                label_units=[str(x) for x in lab["unit"]],
+                x_min=np.array(lab["x_min"], np.float64),
+                x_max=np.array(lab["x_max"], np.float64),
+                wave=np.array(h["WAVE"].data, np.float64),
+                frame=str(h["WAVE"].header.get("FRAME", "vacuum")),
+                meta=meta,
+            )
+            model = _ARCHS[arch]._from_hdus(h, common)
+    except ModelError:
+        raise
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read model ({type(exc).__name__}: {exc})") from None
+    model.path = str(path)
+    return model
+
+
+def _read_wavelength(path) -> np.ndarray:
+    """Wavelength grid from an .npz (first array, or 'wavelength'/'wave') or a FITS file
+    (HDU 'WAVE', or a 1-D primary image, or a table column 'wave'/'wavelength')."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as d:
+            for k in ("wavelength", "wave", "WAVE", "lambda"):
+                if k in d.files:
+                    return np.array(d[k], np.float64).ravel()
+            if len(d.files) == 1:
+                return np.array(d[d.files[0]], np.float64).ravel()
+            raise ModelError(f"{path}: no 'wavelength' or 'wave' array (has {d.files})")
+    with fits.open(path, memmap=False) as h:
+        if "WAVE" in h and h["WAVE"].data is not None:
+            d = h["WAVE"].data
+            if isinstance(d, np.ndarray) and d.dtype.names is None:
+                return np.array(d, np.float64).ravel()
+        if h[0].data is not None and h[0].data.ndim == 1:
+            return np.array(h[0].data, np.float64)
+        for hdu in h[1:]:
+            if isinstance(hdu, fits.BinTableHDU):
+                for c in hdu.columns.names:
+                    if c.lower() in ("wave", "wavelength", "lambda"):
+                        return np.array(hdu.data[c], np.float64).ravel()
+    raise ModelError(f"{path}: no wavelength array found")
+
+
+def import_payne_npz(path, fmt, label_names, wavelength, frame="vacuum", label_units=None,
+                     meta=None) -> SpectralModel:
+    """Convert a The Payne ``.npz`` network into a :class:`SpectralModel`.
+
+    ``fmt='payne-perpixel'``: ``w_array_0 (n_pix, n_hidden, n_labels)``,
+    ``w_array_1 (n_pix, n_hidden)``, ``b_array_0 (n_pix, n_hidden)``,
+    ``b_array_1 (n_pix,)``, ``x_min``, ``x_max``.
+    ``fmt='payne-mlp'``: ``w_array_0, w_array_1, w_array_2, ...`` each
+    ``(n_out, n_in)``, ``b_array_i``, ``x_min``, ``x_max``; leaky ReLU 0.01.
+    ``wavelength``: an array or a path to an .npz/.fits file holding it.
+    """
+    from .io import sha256_file
+
+    path = Path(path)
+    if isinstance(wavelength, (str, Path)):
+        wave_src = str(wavelength)
+        wave = _read_wavelength(wavelength)
+    else:
+        wave_src = "array"
+        wave = np.asarray(wavelength, np.float64)
+    try:
+        d = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read as .npz without pickle ({exc})") from None
+    with d:
+        files = set(d.files)
+        need = {"x_min", "x_max", "w_array_0", "b_array_0"}
+        if not need <= files:
+            raise ModelError(f"{path}: not a Payne network file (missing {sorted(need - files)})")
+        x_min, x_max = d["x_min"], d["x_max"]
+        m = dict(meta or {})
+        m.setdefault("imported_from", path.name)
+        m.setdefault("imported_sha256", sha256_file(path))
+        m.setdefault("import_format", fmt)
+        m.setdefault("wavelength_source", Path(wave_src).name if wave_src != "array" else "array")
+        m.setdefault("software_version", __version__)
+        m.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        if fmt == "payne-perpixel":
+            if d["w_array_0"].ndim != 3:
+                raise ModelError(f"{path}: w_array_0 is {d['w_array_0'].ndim}-D; a per-pixel network has a 3-D "
+                                 "w_array_0 (use --format payne-mlp for 2-D weights)")
+            m.setdefault("architecture", "per-pixel sigmoid network (Ting et al. 2017 / Xiang et al. 2019)")
+            return PerPixelPayne(d["w_array_0"], d["b_array_0"], d["w_array_1"], d["b_array_1"],
+                                 label_names, x_min, x_max, wave, frame, label_units, m)
+        if fmt == "payne-mlp":
+            ws, bs, i = [], [], 0
+            while f"w_array_{i}" in files:
+                ws.append(d[f"w_array_{i}"])
+                bs.append(d[f"b_array_{i}"])
+                i += 1
+            if any(w.ndim != 2 for w in ws):
+                raise ModelError(f"{path}: payne-mlp weights must be 2-D (use --format payne-perpixel)")
+            m.setdefault("architecture", f"MLP {len(ws) - 1} hidden leaky-ReLU layers (Ting et al. 2019)")
+            return MLPPayne(ws, bs, label_names, x_min, x_max, wave, frame, label_units, m)
+    raise ModelError(f"unknown format {fmt!r}; use 'payne-perpixel' or 'payne-mlp'")
