@@ -162,3 +162,21 @@ def test_real_emulator_templates(shared):
     assert pearson_rows(g_t, g_fe, tpl.usable)[0] < -0.3
     # nothing defined blueward of the emulator (4500 A air)
     assert np.all(np.isnan(g_t[w < 4490]))
+
+
+def test_gradcorr_of_a_payne_model_against_its_own_jacobian():
+    """The SpectralModel path: templates made from an MLPPayne's own analytic Jacobian."""
+    from musepayne.model import MLPPayne
+
+    rng = np.random.default_rng(4)
+    wave = np.linspace(5000.0, 5500.0, 300)
+    ws = [rng.normal(0, 1, (20, 3)), rng.normal(0, 0.3, (20, 20)), rng.normal(0, 0.05, (300, 20))]
+    bs = [rng.normal(0, 0.1, 20), rng.normal(0, 0.1, 20), np.ones(300)]
+    model = MLPPayne(ws, bs, ("teff", "logg", "fe_h"), [4000, 1, -2.5], [7000, 5, 0.5], wave)
+    ref_lab = np.array([[4500.0, 2.0, -1.0], [5500.0, 4.0, 0.0], [6500.0, 4.5, -2.0]])
+    _, jac = model.predict_with_jacobian(ref_lab)
+    tpl = GradientTemplates(wave, np.transpose(jac, (0, 2, 1)), Table(ref_lab, names=("teff", "logg", "fe_h")),
+                            ("teff", "logg", "fe_h"))
+    np.testing.assert_allclose(tpl.gradcorr(model, ref_lab), 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="different wavelength grids"):
+        GradientTemplates(wave + 1, tpl.grad, tpl.ref_labels, tpl.label_names).gradcorr(model, ref_lab)

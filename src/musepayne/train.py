@@ -206,10 +206,12 @@ class TrainResult:
 
         common = dict(label_names=self.label_names, x_min=self.x_min, x_max=self.x_max, wave=self.wave,
                       frame=self.frame, label_units=self.label_units or None, meta=dict(self.meta))
+        f32 = np.float32
         if self.arch == "mlp":
-            return MLPPayne([np.asarray(w) for w in self.weights], [np.asarray(b) for b in self.biases],
+            return MLPPayne([np.asarray(w, f32) for w in self.weights], [np.asarray(b, f32) for b in self.biases],
                             negative_slope=self.negative_slope, **common)
-        return PerPixelPayne(self.weights[0], self.biases[0], self.weights[1], self.biases[1], **common)
+        return PerPixelPayne(np.asarray(self.weights[0], f32), np.asarray(self.biases[0], f32),
+                             np.asarray(self.weights[1], f32), np.asarray(self.biases[1], f32), **common)
 
 
 # --------------------------------------------------------------------------- torch parts
@@ -473,12 +475,13 @@ def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | Non
     meta = {
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "software": f"musepayne {__version__}",
-        "versions": json.dumps({"musepayne": __version__, "torch": torch_version, "numpy": np.__version__,
-                                "python": platform.python_version()}),
+        "software_version": __version__,
+        "versions": {"musepayne": __version__, "torch": torch_version, "numpy": np.__version__,
+                     "python": platform.python_version()},
         "arch": cfg.arch,
         "hidden": ",".join(str(h) for h in cfg.hidden),
         "labels": ",".join(names),
-        "label_ranges": json.dumps({k: [float(a), float(b)] for k, a, b in zip(names, xmin, xmax)}),
+        "label_ranges": {k: [float(a), float(b)] for k, a, b in zip(names, xmin, xmax)},
         "n_train": int(tr.size),
         "n_val": int(va.size),
         "seed": int(cfg.seed),
@@ -488,12 +491,15 @@ def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | Non
         "stopped": stopped,
         "final_train_loss": final_tr,
         "final_val_loss": final_va,
-        "final_grad_loss": json.dumps(final_parts),
-        "regularisation": json.dumps({"gradient_weight": cfg.gradient_weight, "gradient_loss": cfg.gradient_loss,
-                                      "n_ref": n_ref_used,
-                                      "templates": dict(templates.meta) if (templates is not None and active)
-                                      else None}, default=str),
-        "train_config": json.dumps(asdict(cfg), default=str),
+        "final_grad_loss": final_parts,
+        "regularisation": {"method": "DD-Payne gradient-spectrum penalty (Ting+17, Xiang+19)" if active
+                           else "none (purely data driven)",
+                           "gradient_weight": dict(cfg.gradient_weight), "gradient_loss": cfg.gradient_loss,
+                           "n_ref": n_ref_used,
+                           "templates": ({k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                          for k, v in templates.meta.items()}
+                                         if (templates is not None and active) else None)},
+        "train_config": json.loads(json.dumps(asdict(cfg), default=str)),
         "loss": "sum ivar (model - flux)^2 / sum ivar  +  sum_l w_l * gradient term",
         "train_seconds": round(elapsed, 2),
         "command": " ".join(sys.argv) if sys.argv else "",
