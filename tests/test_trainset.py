@@ -70,7 +70,7 @@ def test_trainset_labels_masks_and_roundtrip(shared, tmp_path):
     ts.write(p)
     back = TrainingSet.read(p)
     np.testing.assert_allclose(back.labels, ts.labels)
-    assert back.label_names == ("teff", "logg", "fe_h") and "3500<teff<8000" in back.meta["tscuts"]
+    assert back.label_names == ("teff", "logg", "fe_h") and "3800<teff<8000" in back.meta["tscuts"]
     # without unmasking the dichroic has ivar 0, as in observed standard-mode spectra
     ts2 = build_trainset(files=_files(shared)[:1], unmask=())
     assert np.all(ts2.ivar[:, dich] == 0)

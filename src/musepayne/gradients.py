@@ -364,7 +364,7 @@ class GradientTemplates:
             if isinstance(v, (bool, int, float, np.integer, np.floating)):
                 ph[key] = v
             else:
-                ph[key] = str(v)[:68]
+                ph[key] = str(v)  # long strings become CONTINUE cards
         hw = fits.ImageHDU(self.wave, name="WAVE")
         hw.header["BUNIT"] = "Angstrom"
         hu = fits.ImageHDU(self.usable.astype(np.uint8), name="USABLE")

@@ -77,6 +77,8 @@ class TrainConfig:
     gradient_weight : {label: weight} of the DD-Payne term (0 or missing = off)
     gradient_loss : 'corr' or 'mse'
     batch_size : spectra per step (None = full batch)
+    ref_batch : reference stars drawn (seeded) per step for the gradient term
+        (None = all); the validation/early-stopping score always uses all
     dtype : 'float32' or 'float64'
     negative_slope : leaky-ReLU slope of the mlp
     """
@@ -94,6 +96,7 @@ class TrainConfig:
     gradient_weight: dict = field(default_factory=dict)
     gradient_loss: str = "corr"
     batch_size: int | None = None
+    ref_batch: int | None = 128
     dtype: str = "float32"
     negative_slope: float = 0.01
 
@@ -394,14 +397,16 @@ def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | Non
         else:
             Xr = None
 
-        def reg_loss():
+        def reg_loss(sub=None):
             if not reg:
                 return torch.zeros((), dtype=dt, device=dev), {}
-            _, jac = net.forward(Xr, with_jac=True)  # (n_ref, npix, nl) per scaled label
+            xr = Xr if sub is None else Xr[sub]
+            _, jac = net.forward(xr, with_jac=True)  # (n_ref, npix, nl) per scaled label
             total = torch.zeros((), dtype=dt, device=dev)
             parts = {}
             for k, j, w, tm, use, rng_j in reg:
-                term = _grad_term(torch, jac[:, :, j] / rng_j, tm, use, cfg.gradient_loss)
+                tsub = tm if sub is None else tm[sub]
+                term = _grad_term(torch, jac[:, :, j] / rng_j, tsub, use, cfg.gradient_loss)
                 parts[k] = term
                 total = total + w * term
             return total, parts
@@ -430,7 +435,10 @@ def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | Non
                 for bidx in batches:
                     opt.zero_grad(set_to_none=True)
                     ld = data_loss(bidx)
-                    lr_, _ = reg_loss()
+                    sub = None
+                    if reg and cfg.ref_batch and cfg.ref_batch < n_ref_used:
+                        sub = torch.randperm(n_ref_used, generator=gen)[:cfg.ref_batch].to(dev)
+                    lr_, _ = reg_loss(sub)
                     loss = ld + lr_
                     loss.backward()
                     opt.step()

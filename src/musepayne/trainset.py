@@ -19,8 +19,11 @@ header keywords (``MPTRAIN``, ``TSLABELS``, ``TSCUTS``, ``TSUNMASK``).
    LAMOST spectrograph that library spectra do not share) get their
    propagated inverse variance back, so the model is also trained there;
 4. label cuts (documented in the file): all three labels finite, the
-   spectrum usable (status ``ok``), ``teff_range`` (default 3500-8000 K),
-   ``logg_range`` (-0.5-5.5), ``feh_range`` (-3.0-1.0);
+   spectrum usable (status ``ok``), ``teff_range`` (default 3800-8000 K),
+   ``logg_range`` (-0.5-5.5), ``feh_range`` (-3.0-1.0).  The default lower
+   Teff limit, 3800 K, leaves out M stars: their TiO bands are poorly
+   sampled by ~50 library stars and dominated the training loss (the ten
+   worst-fitted training stars were mostly Teff < 3700 K giants);
 5. a ``star_key`` column (normalised star name) identifies stars present in
    both libraries, so cross-validation can keep them in the same fold.
 
@@ -94,7 +97,7 @@ def star_key(name: str) -> str:
 class TrainsetCuts:
     """Label cuts applied to the library stars (inclusive-exclusive ranges: ``lo < x < hi``)."""
 
-    teff_range: tuple = (3500.0, 8000.0)
+    teff_range: tuple = (3800.0, 8000.0)
     logg_range: tuple = (-0.5, 5.5)
     feh_range: tuple = (-3.0, 1.0)
 
@@ -158,7 +161,7 @@ class TrainingSet:
         ph["TSLABELS"] = (",".join(self.label_names), "label columns of SPECTRA used for training")
         for k, v in self.meta.items():
             key = k.upper()[:8]
-            ph[key] = v if isinstance(v, (int, float, bool)) else str(v)[:68]
+            ph[key] = v if isinstance(v, (int, float, bool)) else str(v)  # long strings: CONTINUE cards
         from .io import atomic_write_fits
 
         atomic_write_fits(hl, path)
@@ -169,8 +172,8 @@ class TrainingSet:
         with fits.open(path, memmap=False) as h:
             ph = h[0].header
             names = tuple(str(ph.get("TSLABELS", ",".join(LABELS))).split(","))
-            meta = {k.lower(): ph[k] for k in ("TSCUTS", "TSUNMASK", "TSSOURCE", "MODE", "TGTLSF", "CONTWID")
-                    if k in ph}
+            meta = {k.lower(): ph[k] for k in ("TSCUTS", "TSUNMASK", "TSSOURCE", "TSCMD", "TSNFILE", "TSDROP",
+                                               "MODE", "TGTLSF", "CONTWID") if k in ph}
         missing = [n for n in names if n not in p.spectra.colnames]
         if missing:
             raise ReaderError(f"{path}: training set lacks label columns {missing}")

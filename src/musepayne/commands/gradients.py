@@ -50,8 +50,13 @@ def build(emulator, output, teff_grid, logg_grid, feh_grid, target_lsf, as_json)
     ref = reference_grid(emu, *grids)
     if len(ref) == 0:
         fail("the reference grid has no star inside the emulator's training range", as_json)
+    import shlex
+    import sys
+    from dataclasses import replace
+
     with timer("build"):
         tpl = build_templates(emu, ref, target_lsf=target_lsf)
+    tpl = replace(tpl, meta={**tpl.meta, "command": "musepayne gradients " + " ".join(shlex.quote(a) for a in sys.argv[2:])})
     with timer("write"):
         tpl.save(output)
     info = {"output": str(output), "n_ref": int(tpl.n_ref), "labels": list(tpl.label_names),

@@ -81,12 +81,14 @@ def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradi
         "trainset_n": int(ts.n_spectra),
         "trainset_cuts": ts.meta.get("tscuts", ""),
         "trainset_source": ts.meta.get("tssource", ""),
+        "trainset_command": ts.meta.get("tscmd", ""),
         "normalisation": f"musepayne.normalize pseudo-continuum, sigma {ts.meta.get('contwid', 50)} A",
         "resolution": str(ts.meta.get("tgtlsf", "")),
     }
     if tpl is not None:
         prov["templates"] = str(templates_path).rsplit("/", 1)[-1]
         prov["templates_sha256"] = sha256_file(templates_path)
+        prov["templates_command"] = str(tpl.meta.get("command", ""))
     try:
         with timer("train"):
             res = train_model(ts.flux, ts.ivar, ts.labels, ts.label_names, ts.wave, cfg, templates=tpl,

@@ -34,7 +34,7 @@ def trainset():
               help=f"STELIB folder (labels from headers). Default {_DEFAULT_LIB / 'stelib'} if present.")
 @click.option("--no-miles", is_flag=True, help="Do not use MILES.")
 @click.option("--no-stelib", is_flag=True, help="Do not use STELIB.")
-@click.option("--teff-range", default="3500,8000", show_default=True, help="Keep lo < Teff < hi (K).")
+@click.option("--teff-range", default="3800,8000", show_default=True, help="Keep lo < Teff < hi (K).")
 @click.option("--logg-range", default="-0.5,5.5", show_default=True, help="Keep lo < logg < hi.")
 @click.option("--feh-range", default="-3.0,1.0", show_default=True, help="Keep lo < [Fe/H] < hi.")
 @click.option("--train-dichroic/--mask-dichroic", default=True, show_default=True,
@@ -71,6 +71,12 @@ def build(miles_dir, stelib_dir, no_miles, no_stelib, teff_range, logg_range, fe
             ts = build_trainset(miles_dir, stelib_dir, cuts=cuts, unmask=("DICHROIC",) if train_dichroic else ())
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc), as_json)
+    import shlex
+    import sys
+
+    from dataclasses import replace
+
+    ts = replace(ts, meta={**ts.meta, "tscmd": "musepayne trainset " + " ".join(shlex.quote(a) for a in sys.argv[2:])})
     with timer("write"):
         ts.write(output)
     counts = dict(Counter(ts.table["instrument"].tolist()))
