@@ -23,6 +23,8 @@ COMMANDS = {
     "gradients": "musepayne.commands.gradients:gradients",
     "trainset": "musepayne.commands.trainset:trainset",
     "train": "musepayne.commands.train:train",
+    "fit": "musepayne.commands.fit:fit",
+    "model": "musepayne.commands.model:model",
 }
 
 _HELP = {
@@ -31,6 +33,8 @@ _HELP = {
     "gradients": "Build theoretical gradient templates (d flux / d label) for regularisation and flags.",
     "trainset": "Build a training set (prepared library spectra + labels) from MILES/STELIB.",
     "train": "Train a DD-Payne model (PyTorch) on a training set, optionally gradient-regularised.",
+    "fit": "Fit prepared spectra: labels, RV, errors, fit quality -> catalogue.",
+    "model": "Import Payne networks into the musepayne model format; describe model files.",
 }
 
 

@@ -75,6 +75,12 @@ DEFAULT_UNITS = {
 }
 
 
+def _native(a):
+    """FITS arrays are big-endian: return a native-byte-order copy with the same precision."""
+    a = np.asarray(a)
+    return a.astype(a.dtype.newbyteorder("="), copy=True)
+
+
 class ModelError(ValueError):
     """A model file or model definition is unusable."""
 
@@ -288,7 +294,7 @@ class PerPixelPayne(SpectralModel):
 
     @classmethod
     def _from_hdus(cls, h, common):
-        return cls(h["W0"].data, h["B0"].data, h["W1"].data, h["B1"].data, **common)
+        return cls(*(_native(h[k].data) for k in ("W0", "B0", "W1", "B1")), **common)
 
 
 class MLPPayne(SpectralModel):
@@ -361,8 +367,8 @@ class MLPPayne(SpectralModel):
     @classmethod
     def _from_hdus(cls, h, common):
         n = int(h[0].header["NLAYERS"])
-        ws = [h[f"W{i}"].data for i in range(n)]
-        bs = [h[f"B{i}"].data for i in range(n)]
+        ws = [_native(h[f"W{i}"].data) for i in range(n)]
+        bs = [_native(h[f"B{i}"].data) for i in range(n)]
         return cls(ws, bs, negative_slope=float(h[0].header.get("NEGSLOPE", 0.01)), **common)
 
 

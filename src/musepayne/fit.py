@@ -1,0 +1,662 @@
+"""Fit prepared spectra with a spectral emulator: labels, radial velocity, errors.
+
+Paper §3.2: each continuum-normalised spectrum ``O`` (errors ``e``) is fitted
+with a model spectrum ``P(labels, v)`` by minimising
+``chi2 = sum_i (P_i - O_i)^2 / e_i^2`` over the unmasked pixels; Eq. 3 reports
+``red_chi2 = chi2 / n_pix_used``.
+
+The forward model
+-----------------
+``P(labels, v) = K_exc . S(v) . M(labels)``
+
+* ``M`` -- the emulator (:mod:`musepayne.model`), a normalised rest-frame
+  spectrum on the model's pixel grid, with its analytic Jacobian.
+* ``S(v)`` -- the exact relativistic Doppler shift: a pixel observed at
+  ``lambda_obs`` sees the rest wavelength ``lambda_obs / D``,
+  ``D = sqrt((1 + v/c) / (1 - v/c))``.  The model is known only at its pixel
+  centres, so ``S`` *interpolates* it at ``lambda_obs / D`` with a cubic
+  Catmull-Rom (Keys a = -1/2) kernel in ``ln lambda``: four taps,
+  C1-continuous, exact for quadratics, linear in the model flux (so the same
+  weights shift the Jacobian) and differentiable in ``v`` (the weights'
+  derivatives give d P / d v analytically).  Interpolating a *smooth model*
+  sampled at >= 2 pixels per resolution element is accurate to well below
+  the noise; linear interpolation would broaden lines by a shift-dependent
+  amount and pull RVs to whole pixels.  Pixels whose rest wavelength falls
+  outside the model grid (minus one pixel at each end) are not used.
+* ``K_exc`` -- optional forward modelling of ``LSF_EXCESS``: where the data are
+  broader than the model's LSF (MUSE below ~5150 A for LAMOST-grid models),
+  the model is convolved by a Gaussian of that extra FWHM (a fixed sparse
+  matrix per distinct excess profile, :func:`musepayne.resample.convolution_matrix`).
+  Without it Teff is biased (~+28 K) because the data lines are broader than the
+  model's.  Switch: ``FitConfig.lsf_excess``.
+
+The optimiser
+-------------
+Vectorised over spectra (no Python loop per spectrum on the hot path):
+
+1. *Coarse RV*: chi2 of the data against a few templates (model at the centre of
+   the label box, and Teff-like first label at +-0.3) shifted over a velocity grid
+   (``+-rv_range``, step one model pixel by default), as matrix products; a parabola
+   through the minimum refines it.
+2. *Starting labels*: chi2 of the (velocity-corrected) data against a
+   quasi-random (Sobol) grid of model spectra covering the label box; the
+   ``n_starts`` best grid points start the fit.
+3. *Bounded Levenberg-Marquardt* on (scaled labels, v) with per-spectrum
+   damping (Marquardt diagonal scaling), Gauss-Newton normal matrix
+   ``J^T W J`` from the analytic Jacobian, and an active-set projection that
+   keeps labels inside the training box ``[x_min, x_max]`` and ``|v| <= rv_range``
+   (parameters at a bound whose gradient points outward are frozen for the step).
+   All starts run ``explore_iter`` iterations; each spectrum then keeps its
+   lowest-chi2 start and continues to convergence (``chi2`` change below
+   ``chi2_tol``).
+
+Errors
+------
+Covariance ``C = (J^T W J)^{-1}`` at the solution (labels and RV jointly, so
+label errors include their correlation with v).  When the fit is worse than the
+stated errors allow, ``chi2 / (n - n_par) > 1``, errors are multiplied by
+``sqrt(chi2 / (n - n_par))``: MUSE pipeline flux errors are underestimated by a
+factor 2-5 (paper Fig. 3), and the covariance with the stated errors would then
+understate the label errors by the same factor.  With correct errors the factor
+is ~1 and the errors are the Cramér-Rao bound of the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .flags import EXCLUDING_BITS, SPECTRUM_STATUS
+from .model import SpectralModel
+from .wavelength import C_KMS, air_to_vacuum
+
+__all__ = ["FitConfig", "Fitter", "FitArrays", "doppler_factor", "shift_weights", "grid_segments"]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Configuration of :class:`Fitter` (frozen).
+
+    rv_range: half-width (km/s) of the coarse RV search and bound of the fitted RV.
+    rv_step: coarse RV grid step (km/s); ``None``: one model pixel.
+    fit_rv: fit the RV (else fixed at ``rv_fixed``).
+    n_grid: size of the quasi-random label grid used to choose starting points.
+    n_starts: number of starting points per spectrum (best grid points).
+    explore_iter: LM iterations run from every start before keeping the best.
+    max_iter: maximum LM iterations in total.
+    chi2_tol: convergence when an accepted step lowers chi2 by less than this.
+    lsf_excess: forward-model the prepared ``LSF_EXCESS`` (Gaussian convolution of the model).
+    precision: 'float32' (fast; network, shift and normal matrix) or 'float64'.
+    chunk_size: spectra fitted together (memory ~ chunk * n_starts * n_pix * (n_labels+1) * 4 B * 6).
+    min_pixels: fewer usable pixels -> failed row.
+    scale_errors: multiply errors by sqrt(chi2/(n-n_par)) when it exceeds 1.
+    keep_model: add the best-fit model spectrum to the output (column ``model_flux``).
+    gradcorr_threshold: X_flag = 1 when X_gradcorr exceeds this (paper: 0.5).
+    model_name: value of the catalogue's ``model`` column (default: model meta 'name' or file name).
+    seed: seed of the scrambled Sobol start grid (results are deterministic).
+    """
+
+    rv_range: float = 600.0
+    rv_step: float | None = None
+    fit_rv: bool = True
+    rv_fixed: float = 0.0
+    n_grid: int = 256
+    n_starts: int = 3
+    explore_iter: int = 2
+    max_iter: int = 40
+    chi2_tol: float = 1e-3
+    lambda_init: float = 1e-3
+    lsf_excess: bool = True
+    precision: str = "float32"
+    chunk_size: int = 32
+    min_pixels: int = 50
+    scale_errors: bool = True
+    keep_model: bool = False
+    gradcorr_threshold: float = 0.5
+    model_name: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.rv_range > 0:
+            raise ValueError("rv_range must be positive")
+        if self.precision not in ("float32", "float64"):
+            raise ValueError("precision must be 'float32' or 'float64'")
+        if self.n_starts < 1 or self.n_grid < 1 or self.max_iter < 1 or self.chunk_size < 1:
+            raise ValueError("n_starts, n_grid, max_iter and chunk_size must be >= 1")
+
+
+# ---------------------------------------------------------------- pure helpers
+def doppler_factor(v_kms):
+    """Relativistic Doppler factor ``D = lambda_obs / lambda_rest = sqrt((1+b)/(1-b))``, ``b = v/c``."""
+    b = np.asarray(v_kms, np.float64) / C_KMS
+    return np.sqrt((1.0 + b) / (1.0 - b))
+
+
+def _catmull_rom(t):
+    """Cubic convolution weights (4 taps at j-1, j, j+1, j+2) and their t-derivatives."""
+    t2 = t * t
+    t3 = t2 * t
+    c = np.stack([(-t3 + 2 * t2 - t) / 2, (3 * t3 - 5 * t2 + 2) / 2, (-3 * t3 + 4 * t2 + t) / 2, (t3 - t2) / 2], -1)
+    dc = np.stack([(-3 * t2 + 4 * t - 1) / 2, (9 * t2 - 10 * t) / 2, (-9 * t2 + 8 * t + 1) / 2, (3 * t2 - 2 * t) / 2], -1)
+    return c, dc
+
+
+def grid_segments(lnw):
+    """Segment number of each pixel: a new segment starts after a gap (a step in ln lambda
+    more than 1.5 times its neighbour's, e.g. between detector chips)."""
+    d = np.diff(lnw)
+    brk = np.zeros(d.size, bool)
+    brk[1:] |= d[1:] > 1.5 * d[:-1]
+    brk[:-1] |= d[:-1] > 1.5 * d[1:]
+    if d.size == 1:
+        brk[:] = False
+    return np.r_[0, np.cumsum(brk)]
+
+
+def shift_weights(lnw_model, lnw_data, v_kms, segments=None):
+    """Interpolation taps for evaluating a rest-frame model at ``lambda_data / D(v)``.
+
+    Returns ``(j0, c, dc_dv, valid)``: first tap index ``(m, n_data)`` (taps
+    ``j0 .. j0+3``), weights ``c (m, n_data, 4)``, their derivatives with respect to
+    ``v`` (km/s) and the pixels whose rest wavelength lies inside the model grid
+    (one pixel margin each side) with all four taps in one grid segment
+    (``segments``: :func:`grid_segments`; no interpolation across chip gaps).
+    """
+    v = np.atleast_1d(np.asarray(v_kms, np.float64))
+    b = v / C_KMS
+    lnD = 0.5 * (np.log1p(b) - np.log1p(-b))
+    x = lnw_data[None, :] - lnD[:, None]
+    p = lnw_model.size
+    u = np.interp(x, lnw_model, np.arange(p, dtype=np.float64))
+    valid = (x >= lnw_model[1]) & (x <= lnw_model[-2])
+    j = np.clip(np.floor(u).astype(np.int64), 1, p - 3)
+    if segments is not None:
+        valid &= segments[j - 1] == segments[j + 2]
+    t = u - j
+    c, dc = _catmull_rom(t)
+    dudx = 1.0 / (lnw_model[j + 1] - lnw_model[j])
+    # d lnD / dv = 1 / (c (1 - b^2)) ; x = ln(lambda) - lnD  => du/dv = -du/dx * dlnD/dv
+    dudv = -dudx / (C_KMS * (1.0 - b * b))[:, None]
+    return j - 1, c, dc * dudv[:, :, None], valid
+
+
+@dataclass
+class FitArrays:
+    """Raw per-spectrum results of :meth:`Fitter.fit_arrays` (physical units)."""
+
+    labels: np.ndarray  # (n, L)
+    labels_err: np.ndarray  # (n, L)
+    rv: np.ndarray
+    rv_err: np.ndarray
+    chi2: np.ndarray
+    red_chi2: np.ndarray
+    corr_flux: np.ndarray
+    n_pix_used: np.ndarray
+    n_iter: np.ndarray
+    status: np.ndarray  # object array of str
+    reason: np.ndarray
+    edge_labels: np.ndarray
+    error_scale: np.ndarray
+    model_flux: np.ndarray | None = None
+    cov: np.ndarray | None = None  # (n, P, P) physical units (labels..., rv)
+
+
+class Fitter:
+    """Fit :class:`~musepayne.prepared.PreparedSpectra` with one :class:`SpectralModel`.
+
+    ``Fitter(model, FitConfig(...))(prepared, templates=None) -> astropy Table``
+    (the catalogue of :mod:`musepayne.catalogue`).  ``templates`` (optional) is
+    any object with ``.gradcorr(model, labels) -> (n, n_labels)``; it fills the
+    ``X_gradcorr`` and ``X_flag`` columns.
+    """
+
+    def __init__(self, model: SpectralModel, config: FitConfig | None = None):
+        self.model = model
+        self.config = config or FitConfig()
+        cfg = self.config
+        self.dtype = np.dtype(cfg.precision)
+        self._chi2_noise = 1e-7 if self.dtype == np.float32 else 1e-13
+        L = model.n_labels
+        self.n_par = L + (1 if cfg.fit_rv else 0)
+        wave = model.wave if model.frame == "vacuum" else air_to_vacuum(model.wave)
+        self.wave_vac = np.asarray(wave, np.float64)
+        self.lnw = np.log(self.wave_vac)
+        self.segments = grid_segments(self.lnw)
+        self._uniform = self._uniform_segments()
+        # start grid: centre + scrambled Sobol points in the inner 90 % of the box
+        from scipy.stats import qmc
+
+        n_grid = max(int(cfg.n_grid), cfg.n_starts)
+        pts = qmc.Sobol(d=L, scramble=True, seed=cfg.seed).random(n_grid)
+        self.grid_s = np.vstack([np.zeros((1, L)), 0.9 * (pts - 0.5)])
+        self.grid_flux = model.predict_scaled(self.grid_s, dtype=self.dtype)
+        tpl = np.zeros((3 if L >= 1 else 1, L))
+        if L >= 1:
+            tpl[1, 0], tpl[2, 0] = -0.3, 0.3
+        self.ccf_flux = model.predict_scaled(tpl, dtype=self.dtype)
+        self._ccf = self._ccf_templates() if cfg.fit_rv else None
+        self.lo = np.r_[np.full(L, -0.5), [-cfg.rv_range] if cfg.fit_rv else []]
+        self.hi = np.r_[np.full(L, 0.5), [cfg.rv_range] if cfg.fit_rv else []]
+
+    # ---------------------------------------------------------------- public
+    def __call__(self, prepared, templates=None):
+        from .catalogue import build_catalogue
+
+        res = self.fit_arrays(prepared)
+        return build_catalogue(prepared.spectra, self.model, res, self.config, templates=templates,
+                               model_name=self.config.model_name)
+
+    def fit_arrays(self, prepared) -> FitArrays:
+        """Fit every spectrum; failed spectra get NaN values and a ``failed:<reason>`` status."""
+        cfg = self.config
+        n = prepared.n_spectra
+        L = self.model.n_labels
+        P = self.n_par
+        out = FitArrays(
+            labels=np.full((n, L), np.nan), labels_err=np.full((n, L), np.nan),
+            rv=np.full(n, np.nan), rv_err=np.full(n, np.nan), chi2=np.full(n, np.nan),
+            red_chi2=np.full(n, np.nan), corr_flux=np.full(n, np.nan), n_pix_used=np.zeros(n, np.int64),
+            n_iter=np.zeros(n, np.int64), status=np.full(n, "", dtype=object),
+            reason=np.full(n, "", dtype=object), edge_labels=np.full(n, "", dtype=object),
+            error_scale=np.full(n, np.nan),
+            model_flux=np.full((n, np.size(prepared.wave)), np.nan, np.float32) if cfg.keep_model else None,
+            cov=np.full((n, P, P), np.nan),
+        )
+        wave = np.asarray(prepared.wave, np.float64)
+        if wave.shape != self.wave_vac.shape or not np.allclose(wave, self.wave_vac, rtol=1e-7, atol=0):
+            msg = (f"prepared grid ({wave.size} px, {wave.min():.1f}-{wave.max():.1f} A) differs from the model "
+                   f"grid ({self.wave_vac.size} px, {self.wave_vac[0]:.1f}-{self.wave_vac[-1]:.1f} A vacuum); "
+                   "prepare the spectra for this model")
+            out.status[:] = "failed:bad_wavelength"
+            out.reason[:] = msg
+            return out
+        flux = np.asarray(prepared.flux, np.float64)
+        ivar = np.asarray(prepared.ivar, np.float64)
+        mask = np.asarray(prepared.mask)
+        with np.errstate(invalid="ignore"):
+            good = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0) & ((mask & EXCLUDING_BITS) == 0)
+        w = np.where(good, ivar, 0.0)
+        d = np.where(good, flux, 0.0)
+        # per-spectrum validation
+        n_good = good.sum(1)
+        st_in = (np.asarray(prepared.spectra["status"]).astype(str) if "status" in prepared.spectra.colnames
+                 else np.full(n, "ok"))
+        rs_in = (np.asarray(prepared.spectra["reason"]).astype(str) if "reason" in prepared.spectra.colnames
+                 else np.full(n, ""))
+        fit_ok = np.ones(n, bool)
+        for i in range(n):
+            s = st_in[i].strip()
+            known = SPECTRUM_STATUS.get(s)
+            if known is not None and not known.usable:
+                out.status[i], out.reason[i] = f"failed:{s}", rs_in[i] or known.description
+                fit_ok[i] = False
+            elif n_good[i] < max(cfg.min_pixels, P + 1):
+                why = "no_valid_pixels" if n_good[i] == 0 else "too_few_pixels"
+                out.status[i] = f"failed:{why}"
+                out.reason[i] = (f"{n_good[i]} usable pixels (finite flux, ivar > 0, unmasked); "
+                                 f"need >= {max(cfg.min_pixels, P + 1)}")
+                fit_ok[i] = False
+        # LSF excess operators (one sparse matrix per distinct non-zero profile)
+        op_index = np.full(n, -1)
+        ops = []
+        if cfg.lsf_excess:
+            exc = np.nan_to_num(np.asarray(prepared.lsf_excess, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            exc = np.clip(exc, 0.0, None)
+            nz = fit_ok & (exc.max(1) > 0)
+            if np.any(nz):
+                from .lsf import FWHM_TO_SIGMA
+                from .resample import convolution_matrix
+
+                prof, inv = np.unique(np.round(exc[nz], 4), axis=0, return_inverse=True)
+                for row in prof:
+                    ops.append(convolution_matrix(wave, row * FWHM_TO_SIGMA)[0].astype(self.dtype))
+                op_index[np.flatnonzero(nz)] = np.ravel(inv)
+        self._ops = ops
+        todo = np.flatnonzero(fit_ok)
+        for k in range(0, todo.size, cfg.chunk_size):
+            idx = todo[k:k + cfg.chunk_size]
+            try:
+                self._fit_chunk(idx, d[idx], w[idx], op_index[idx], out)
+            except (np.linalg.LinAlgError, FloatingPointError, ValueError) as exc:  # pragma: no cover
+                out.status[idx] = "failed:numerical"
+                out.reason[idx] = f"{type(exc).__name__}: {exc}"
+        return out
+
+    # ---------------------------------------------------------------- internals
+    def _uniform_segments(self):
+        """[(start, stop, step)] when every grid segment is uniform in ln lambda (log-linear
+        grids: LAMOST, APOGEE chips) to 1e-4 pixel, else None (general path)."""
+        out = []
+        for sg in np.unique(self.segments):
+            idx = np.flatnonzero(self.segments == sg)
+            if idx.size < 5:
+                return None
+            x = self.lnw[idx]
+            i = np.arange(idx.size, dtype=np.float64)
+            h, a = np.polyfit(i, x, 1)
+            if np.max(np.abs(x - (a + h * i))) > 1e-4 * h:
+                return None
+            out.append((int(idx[0]), int(idx[-1]) + 1, float(h)))
+        return out
+
+    def _shift(self, f_rest, v, J_rest=None):
+        """Shift rest-frame model rows to velocities ``v``; returns (f, J (m, n, P) or None, valid).
+
+        ``J_rest`` is laid out ``(n_pix, m, n_labels)``.  On log-linear segments the
+        interpolation weights are the same for every pixel of a row (the shift is a
+        constant number of pixels), so the 4-tap filter runs on contiguous slices and a
+        single integer gather applies the whole-pixel offset.
+        """
+        if self._uniform is None:
+            return self._shift_general(f_rest, v, J_rest)
+        dt = self.dtype
+        m, p = f_rest.shape
+        b = np.asarray(v, np.float64) / C_KMS
+        lnD = 0.5 * (np.log1p(b) - np.log1p(-b))
+        fo = np.zeros((m, p), dt)
+        valid = np.zeros((m, p), bool)
+        want_j = J_rest is not None
+        fit_rv = want_j and self.config.fit_rv
+        if want_j:
+            L = J_rest.shape[2]
+            J = np.zeros((m, p, self.n_par), dt)
+        rows = np.arange(m)[:, None]
+        for a, e, h in self._uniform:
+            n_s = e - a
+            if n_s < 5:
+                continue
+            delta = -lnD / h  # rest position of obs pixel i: u = i + delta
+            fl = np.floor(delta)
+            t = delta - fl
+            c, dc = _catmull_rom(t)  # (m, 4)
+            c = c.astype(dt)
+            q = np.arange(n_s)[None, :] + fl.astype(np.int64)[:, None] - 1  # first tap, segment-relative
+            ok = (q >= 1) & (q <= n_s - 5)  # one pixel margin at each segment end
+            qc = np.clip(q, 0, n_s - 4)
+            G = c[:, 0, None] * f_rest[:, a:e - 3]
+            for k in range(1, 4):
+                G += c[:, k, None] * f_rest[:, a + k:e - 3 + k]
+            fo[:, a:e] = np.take_along_axis(G, qc, 1)
+            valid[:, a:e] = ok
+            if fit_rv:
+                dudv = (-1.0 / (h * C_KMS * (1.0 - b * b)))
+                dcv = (dc * dudv[:, None]).astype(dt)
+                dG = dcv[:, 0, None] * f_rest[:, a:e - 3]
+                for k in range(1, 4):
+                    dG += dcv[:, k, None] * f_rest[:, a + k:e - 3 + k]
+                J[:, a:e, L] = np.take_along_axis(dG, qc, 1)
+            if want_j:
+                GJ = c[None, :, 0, None] * J_rest[a:e - 3]
+                for k in range(1, 4):
+                    GJ += c[None, :, k, None] * J_rest[a + k:e - 3 + k]
+                J[:, a:e, :L] = np.take(GJ.reshape(-1, L), qc * m + rows, axis=0)
+        return fo, (J if want_j else None), valid
+
+    def _shift_general(self, f_rest, v, J_rest=None):
+        """General grids: per-pixel interpolation weights (see :func:`shift_weights`)."""
+        m = f_rest.shape[0]
+        j0, c, dc, valid = shift_weights(self.lnw, self.lnw, v, self.segments)
+        c = c.astype(self.dtype)
+        p = self.lnw.size
+        rows = np.arange(m)[:, None]
+        fo = np.zeros((m, p), self.dtype)
+        dfdv = np.zeros((m, p), self.dtype) if J_rest is not None and self.config.fit_rv else None
+        for k in range(4):
+            fk = f_rest[rows, j0 + k]
+            fo += c[:, :, k] * fk
+            if dfdv is not None:
+                dfdv += dc[:, :, k].astype(self.dtype) * fk
+        if J_rest is None:
+            return fo, None, valid
+        L = J_rest.shape[2]
+        Jf = J_rest.reshape(-1, L)  # layout (p, m, L) flattened
+        J = np.zeros((m, p, self.n_par), self.dtype)
+        for k in range(4):
+            J[:, :, :L] += c[:, :, k, None] * Jf[(j0 + k) * m + rows]
+        if dfdv is not None:
+            J[:, :, L] = dfdv
+        return fo, J, valid
+
+    def _apply_ops(self, f, J, opi):
+        for o in np.unique(opi[opi >= 0]):
+            sel = np.flatnonzero(opi == o)
+            K = self._ops[o]
+            f[sel] = (K @ f[sel].T).T
+            if J is not None:
+                m, p, P = J[sel].shape
+                Jt = np.ascontiguousarray(J[sel].transpose(1, 0, 2)).reshape(p, m * P)
+                J[sel] = (K @ Jt).reshape(p, m, P).transpose(1, 0, 2)
+        return f, J
+
+    def _evaluate(self, theta, opi, want_jac=True):
+        L = self.model.n_labels
+        s = theta[:, :L]
+        v = theta[:, L] if self.config.fit_rv else np.full(theta.shape[0], self.config.rv_fixed)
+        if want_jac:
+            f_rest, J_rest = self.model._jacobian_kernel(s, self.dtype)
+        else:
+            f_rest, J_rest = self.model.predict_scaled(s, self.dtype), None
+        f, J, valid = self._shift(f_rest, v, J_rest)
+        if np.any(opi >= 0):
+            f, J = self._apply_ops(f, J, opi)
+        return f, J, valid
+
+    def _chi2(self, f, valid, d, w):
+        r = d - f
+        ww = w * valid
+        return np.einsum("np,np->n", ww, r * r), r, ww
+
+    def _ccf_templates(self):
+        """Templates shifted over the coarse velocity grid (fixed for a model and config)."""
+        cfg = self.config
+        dv_pix = C_KMS * float(np.median(np.diff(self.lnw)))
+        step = float(cfg.rv_step) if cfg.rv_step else dv_pix
+        nv = int(np.floor(cfg.rv_range / step))
+        vgrid = np.arange(-nv, nv + 1) * step
+        nt = self.ccf_flux.shape[0]
+        tf = np.repeat(self.ccf_flux, vgrid.size, axis=0)
+        T, _, valid = self._shift(tf, np.tile(vgrid, nt))
+        common = valid.all(0)
+        Tc = np.where(common, T, 0).astype(self.dtype)
+        return vgrid, step, Tc, (Tc * Tc), common
+
+    def _coarse_rv(self, d, w):
+        """Coarse RV: minimum over templates and the velocity grid of chi2, refined by a parabola."""
+        cfg = self.config
+        if not cfg.fit_rv:
+            return np.full(d.shape[0], cfg.rv_fixed)
+        vgrid, step, Tc, T2, common = self._ccf
+        nt = self.ccf_flux.shape[0]
+        wc = (w * common).astype(self.dtype)
+        wd = wc * d.astype(self.dtype)
+        chi = -2.0 * (wd @ Tc.T) + wc @ T2.T  # (n, nt*nv), up to a constant per spectrum
+        chi = chi.astype(np.float64).reshape(-1, nt, vgrid.size)
+        best_t = np.argmin(chi.min(2), 1)
+        c = chi[np.arange(chi.shape[0]), best_t]
+        k = np.argmin(c, 1)
+        v0 = vgrid[k].astype(np.float64)
+        inner = (k > 0) & (k < vgrid.size - 1)
+        ii = np.flatnonzero(inner)
+        if ii.size:
+            cm, c0, cp = c[ii, k[ii] - 1], c[ii, k[ii]], c[ii, k[ii] + 1]
+            den = cm - 2 * c0 + cp
+            off = np.where(den > 0, 0.5 * (cm - cp) / np.where(den > 0, den, 1), 0.0)
+            v0[ii] += np.clip(off, -1, 1) * step
+        return np.clip(v0, -cfg.rv_range, cfg.rv_range)
+
+    def _starts(self, d, w, v0):
+        """Best ``n_starts`` grid points per spectrum (chi2 in the rest frame, nearest-pixel shift)."""
+        cfg = self.config
+        m, p = d.shape
+        b = v0 / C_KMS
+        lnD = 0.5 * (np.log1p(b) - np.log1p(-b))
+        u = np.interp(self.lnw[None, :] - lnD[:, None], self.lnw, np.arange(p, dtype=np.float64))
+        j = np.clip(np.rint(u).astype(np.int64), 0, p - 1)
+        flat = (np.arange(m)[:, None] * p + j).ravel()
+        Dm = np.bincount(flat, weights=(w * d).ravel(), minlength=m * p).reshape(m, p).astype(self.dtype)
+        Wm = np.bincount(flat, weights=w.ravel(), minlength=m * p).reshape(m, p).astype(self.dtype)
+        G = self.grid_flux
+        chi = -2.0 * (Dm @ G.T) + Wm @ (G * G).T
+        k = min(cfg.n_starts, G.shape[0])
+        best = np.argsort(chi, axis=1)[:, :k]
+        return best
+
+    def _lm(self, theta, d, w, opi, n_iter, lam, state=None):
+        """Bounded Levenberg-Marquardt on the rows of ``theta`` (one row per spectrum/start).
+
+        Per iteration and row: normal matrix ``A = J^T W J`` and gradient ``g = J^T W r``;
+        parameters at a bound whose gradient points outward are frozen; the damped
+        step solves ``(A + lam diag A) delta = g``; the trial point is clipped into the
+        bounds and accepted when chi2 falls (``lam`` x0.3) or rejected (``lam`` x10).
+        A row has converged when the undamped Gauss-Newton step predicts a chi2 gain
+        below ``chi2_tol`` (or the float32 rounding noise of chi2), or when it is stuck
+        (``lam > 1e8``).  ``state``: (f, J, chi2, r, ww) at ``theta`` if already known.
+        """
+        cfg = self.config
+        m, P = theta.shape
+        theta = theta.copy()
+        lam = lam.copy()
+        if state is None:
+            f, J, valid = self._evaluate(theta, opi)
+            chi2, r, ww = self._chi2(f, valid, d, w)
+        else:
+            f, J, chi2, r, ww = (x.copy() for x in state)
+        done = np.zeros(m, bool)
+        iters = np.zeros(m, np.int64)
+        eps = 1e-9
+        eye = np.eye(P)
+        for _ in range(n_iter):
+            act = np.flatnonzero(~done)
+            if act.size == 0:
+                break
+            Ja = J[act]
+            wr = (ww[act] * r[act]).astype(self.dtype)
+            Jw = Ja * ww[act, :, None].astype(self.dtype)
+            A = np.matmul(Ja.transpose(0, 2, 1), Jw).astype(np.float64)
+            g = np.einsum("npk,np->nk", Ja, wr).astype(np.float64)
+            th = theta[act]
+            fixed = ((th <= self.lo + eps) & (g < 0)) | ((th >= self.hi - eps) & (g > 0))
+            free = (~fixed).astype(np.float64)
+            Af = A * free[:, :, None] * free[:, None, :] + eye * fixed[:, :, None]
+            rhs = g * free
+            diag = np.einsum("nkk->nk", Af).copy()
+            diag = np.maximum(diag, 1e-12 * np.maximum(diag.max(1, keepdims=True), 1e-30))
+            M = Af + (lam[act, None] * diag)[:, :, None] * eye
+            try:
+                delta = np.linalg.solve(M, rhs[:, :, None])[:, :, 0]
+                d_gn = np.linalg.solve(Af + 1e-12 * diag[:, :, None] * eye, rhs[:, :, None])[:, :, 0]
+            except np.linalg.LinAlgError:
+                delta = np.stack([np.linalg.lstsq(Mi, ri, rcond=None)[0] for Mi, ri in zip(M, rhs)])
+                d_gn = delta
+            # tolerance: chi2_tol, or the rounding noise of chi2 at this precision
+            tol = np.maximum(cfg.chi2_tol, self._chi2_noise * chi2[act])
+            pred_gn = np.einsum("nk,nk->n", d_gn, rhs)  # chi2 gain the undamped step promises
+            conv = (pred_gn < tol) | (np.max(np.abs(d_gn) / (self.hi - self.lo), axis=1) < 1e-9)
+            done[act[conv]] = True
+            keep = ~conv
+            act, th, delta = act[keep], th[keep], delta[keep]
+            if act.size == 0:
+                break
+            th_new = np.clip(th + delta, self.lo, self.hi)
+            f_n, J_n, valid_n = self._evaluate(th_new, opi[act])
+            chi_n, r_n, ww_n = self._chi2(f_n, valid_n, d[act], w[act])
+            acc = np.isfinite(chi_n) & (chi_n < chi2[act])
+            ia = act[acc]
+            theta[ia], f[ia], J[ia], chi2[ia], r[ia], ww[ia] = (
+                th_new[acc], f_n[acc], J_n[acc], chi_n[acc], r_n[acc], ww_n[acc])
+            iters[act] += 1
+            lam[ia] = np.maximum(lam[ia] * 0.3, 1e-9)
+            ir = act[~acc]
+            lam[ir] *= 10.0
+            done[ir[lam[ir] > 1e8]] = True
+        return dict(theta=theta, f=f, J=J, chi2=chi2, r=r, ww=ww, lam=lam, done=done, iters=iters)
+
+    def _fit_chunk(self, idx, d, w, opi, out):
+        cfg = self.config
+        L = self.model.n_labels
+        P = self.n_par
+        m = idx.size
+        v0 = self._coarse_rv(d, w)
+        best = self._starts(d, w, v0)
+        K = best.shape[1]
+        rows = np.repeat(np.arange(m), K)
+        th0 = self.grid_s[best.ravel()]
+        if cfg.fit_rv:
+            th0 = np.hstack([th0, v0[rows, None]])
+        lam0 = np.full(rows.size, cfg.lambda_init)
+        n_explore = min(cfg.explore_iter, cfg.max_iter) if K > 1 else 0
+        iters = np.zeros(m, np.int64)
+        if n_explore:
+            st = self._lm(th0, d[rows], w[rows], opi[rows], n_explore, lam0)
+            chi = st["chi2"].reshape(m, K)
+            pick = np.arange(m) * K + np.nanargmin(np.where(np.isfinite(chi), chi, np.inf), axis=1)
+            th1, lam1 = st["theta"][pick], st["lam"][pick]
+            state = tuple(st[k][pick] for k in ("f", "J", "chi2", "r", "ww"))
+            iters += st["iters"][pick]
+        else:
+            th1, lam1, state = th0[::K], lam0[::K], None
+        st = self._lm(th1, d, w, opi, max(cfg.max_iter - n_explore, 1), lam1, state)
+        iters += st["iters"]
+        theta, J, ww, chi2, f = st["theta"], st["J"], st["ww"], st["chi2"], st["f"]
+        n_used = (ww > 0).sum(1)
+        A = np.matmul(J.transpose(0, 2, 1), J * ww[:, :, None].astype(self.dtype)).astype(np.float64)
+        # covariance in (scaled labels, v); guard singular matrices
+        cov = np.full((m, P, P), np.nan)
+        for i in range(m):
+            try:
+                cov[i] = np.linalg.inv(A[i])
+            except np.linalg.LinAlgError:
+                cov[i] = np.linalg.pinv(A[i])
+        dof = np.maximum(n_used - P, 1)
+        rchi_dof = chi2 / dof
+        scale = np.sqrt(np.maximum(rchi_dof, 1.0)) if cfg.scale_errors else np.ones(m)
+        conv_scale = np.r_[self.model.scale_width, [1.0] if cfg.fit_rv else []]
+        cov_phys = cov * conv_scale[None, :, None] * conv_scale[None, None, :] * (scale ** 2)[:, None, None]
+        err = np.sqrt(np.clip(np.einsum("nkk->nk", cov_phys), 0, None))
+        labels = self.model.unscale(theta[:, :L])
+        # Pearson correlation of data and best-fit model over used pixels
+        used = ww > 0
+        dd = np.where(used, d, 0.0)
+        ff = np.where(used, f.astype(np.float64), 0.0)
+        nu = np.maximum(n_used, 1)
+        md, mf = dd.sum(1) / nu, ff.sum(1) / nu
+        xd, xf = np.where(used, d - md[:, None], 0), np.where(used, ff - mf[:, None], 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            corr = (xd * xf).sum(1) / np.sqrt((xd * xd).sum(1) * (xf * xf).sum(1))
+        at_lo = theta <= self.lo + 1e-6 * (self.hi - self.lo)
+        at_hi = theta >= self.hi - 1e-6 * (self.hi - self.lo)
+        names = list(self.model.label_names) + (["rv"] if cfg.fit_rv else [])
+        for i in range(m):
+            g = idx[i]
+            edge = [names[k] + ("<" if at_lo[i, k] else ">") for k in range(P) if at_lo[i, k] or at_hi[i, k]]
+            finite = np.isfinite(chi2[i]) and np.all(np.isfinite(theta[i]))
+            if not finite:
+                out.status[g], out.reason[g] = "failed:numerical", "non-finite chi2 or labels"
+                continue
+            out.labels[g] = labels[i]
+            out.labels_err[g] = err[i, :L]
+            out.rv[g] = theta[i, L] if cfg.fit_rv else cfg.rv_fixed
+            out.rv_err[g] = err[i, L] if cfg.fit_rv else 0.0
+            out.chi2[g] = chi2[i]
+            out.red_chi2[g] = chi2[i] / max(n_used[i], 1)
+            out.corr_flux[g] = corr[i]
+            out.n_pix_used[g] = n_used[i]
+            out.n_iter[g] = iters[i]
+            out.error_scale[g] = scale[i]
+            out.cov[g] = cov_phys[i]
+            out.edge_labels[g] = ",".join(edge)
+            if edge:
+                out.status[g] = "edge"
+                out.reason[g] = "solution at the model's training-range (or RV) bound: " + ", ".join(edge)
+            elif not st["done"][i]:
+                out.status[g] = "not_converged"
+                out.reason[g] = f"no convergence in {cfg.max_iter} iterations"
+            else:
+                out.status[g] = "converged"
+            if out.model_flux is not None:
+                out.model_flux[g] = f[i]
+
+    def with_config(self, **changes) -> "Fitter":
+        """A new fitter with some configuration fields changed."""
+        return Fitter(self.model, replace(self.config, **changes))

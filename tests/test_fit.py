@@ -1,0 +1,182 @@
+"""The batched fitter: agreement with curve_fit on real data, error calibration, RV, bad input."""
+
+import numpy as np
+import pytest
+from scipy.optimize import curve_fit
+
+from fit_helpers import as_prepared, load_apogee, reference_shift
+from musepayne.fit import FitConfig, Fitter
+from musepayne.toymodel import toy_mlp_model
+from musepayne.wavelength import lamost_wavelength
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_mlp_model(lamost_wavelength(), hidden=(64, 64), n_lines=400, seed=1)
+
+
+def _mock(model, labels, v, snr, rng):
+    f = model.predict(labels)
+    obs = reference_shift(model.wave, f, v)
+    err = np.full(obs.shape, 1.0 / snr)
+    good = np.isfinite(obs)
+    flux = np.where(good, obs + rng.normal(size=obs.shape) * err, 0.0)
+    ivar = np.where(good, 1.0 / err**2, 0.0)
+    return flux, ivar
+
+
+@pytest.mark.shared
+def test_apogee_real_spectrum_agrees_with_curve_fit(shared):
+    """Real APOGEE spectrum + real per-pixel network: our batched LM vs an independent
+    per-spectrum scipy curve_fit (method 'trf', same bounds, same mask), RV fitted in both."""
+    model, mask, flux, err = load_apogee(shared)
+    ivar = np.where(mask, 0.0, 1.0 / err**2)
+    cat = Fitter(model, FitConfig())(as_prepared(model.wave, flux, ivar))
+    assert cat["status"][0] == "converged"
+
+    nn_w = model.wave
+    from musepayne.fit import grid_segments
+
+    seg = grid_segments(np.log(nn_w))
+    near_end = np.zeros(seg.size, bool)  # 3 px at each chip end: interpolation margin (star has |v| < 5 km/s)
+    for s in np.unique(seg):
+        i = np.flatnonzero(seg == s)
+        near_end[i[:3]] = near_end[i[-3:]] = True
+    use = ~mask & ~near_end
+
+    def fmodel(pix, *p):
+        f = model.predict(np.array(p[:5]))
+        return reference_shift(nn_w, f, p[5])[0][np.asarray(pix, int)]
+
+    pix = np.flatnonzero(use)
+    lo = np.r_[model.x_min, -600.0]
+    hi = np.r_[model.x_max, 600.0]
+    p0 = np.r_[(model.x_min + model.x_max) / 2, 0.0]
+    popt, pcov = curve_fit(fmodel, pix, flux[pix], p0=p0, sigma=err[pix], absolute_sigma=True,
+                           bounds=(lo, hi), method="trf", x_scale=np.r_[model.x_max - model.x_min, 10.0])
+    names = list(model.label_names) + ["rv"]
+    ours = np.array([cat[n][0] for n in names])
+    sig = np.array([cat[n + "_err"][0] for n in names])
+    abs_tol = np.array([10.0, 0.02, 0.02, 0.02, 0.02, 0.05])
+    diff = np.abs(ours - popt)
+    assert np.all((diff < 0.1 * sig) | (diff < abs_tol)), dict(zip(names, zip(ours, popt, sig)))
+    # plausible dwarf solution, errors inflated by sqrt(red_chi2) (APOGEE errors understated here)
+    assert 4500 < cat["teff"][0] < 5500 and cat["red_chi2"][0] > 1
+    assert cat["error_scale"][0] == pytest.approx(np.sqrt(cat["chi2"][0] / (cat["n_pix_used"][0] - 6)))
+    assert 0.8 < cat["corr_flux"][0] <= 1
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+@pytest.mark.parametrize("snr,seed", [(30, 11), (100, 12)])
+def test_error_calibration_apogee(shared, snr, seed):
+    """Noisy copies of model spectra (random labels inside the box, RV up to +-300 km/s):
+    pulls (fit - truth)/err must have std ~1 and median ~0.  250 copies per S/N keep the test
+    fast; the sampling error of the std is 1/sqrt(2N) = 0.045 and of the median 1.25/sqrt(N) = 0.08,
+    so the limits are the issue's (0.9-1.1, 0.1) widened by 2 sampling sigma: [0.81, 1.19], 0.26.
+    benchmarks/validate_errors.py runs 1000 copies against the issue's limits."""
+    model, mask, _, _ = load_apogee(shared)
+    rng = np.random.default_rng(seed)
+    n = 250
+    truth = model.unscale(rng.uniform(-0.4, 0.4, (n, 5)))
+    v = rng.uniform(-300, 300, n)
+    flux, ivar = _mock(model, truth, v, snr, rng)
+    ivar[:, mask] = 0
+    cat = Fitter(model, FitConfig())(as_prepared(model.wave, flux, ivar))
+    ok = np.asarray(cat["status"]) == "converged"
+    assert ok.mean() > 0.97
+    for k, name in enumerate(model.label_names):
+        pull = ((cat[name] - truth[:, k]) / cat[name + "_err"])[ok]
+        assert 0.81 < np.std(pull) < 1.19, (name, np.std(pull))
+        assert abs(np.median(pull)) < 0.26, (name, np.median(pull))
+    pull_v = ((cat["rv"] - v) / cat["rv_err"])[ok]
+    assert 0.81 < np.std(pull_v) < 1.19
+    if snr == 100:
+        assert np.max(np.abs(cat["rv"] - v)[ok]) < 1.0
+
+
+def test_toy_recovery_large_rv(toy):
+    """Noiseless toy spectra with RVs up to +-550 km/s: labels and RV recovered exactly
+    (relativistic shift, coarse search + joint fit)."""
+    rng = np.random.default_rng(5)
+    n = 12
+    truth = toy.unscale(rng.uniform(-0.4, 0.4, (n, 5)))
+    v = np.r_[-550.0, 550.0, rng.uniform(-400, 400, n - 2)]
+    flux, ivar = _mock(toy, truth, v, 1e4, rng)
+    cat = Fitter(toy, FitConfig(precision="float64"))(as_prepared(toy.wave, flux, ivar))
+    assert list(cat["status"]) == ["converged"] * n
+    for k, name in enumerate(toy.label_names):
+        assert np.all(np.abs(cat[name] - truth[:, k]) < 5 * cat[name + "_err"] + 1e-6 * toy.scale_width[k])
+    assert np.max(np.abs(cat["rv"] - v)) < 0.5
+    assert np.all(cat["red_chi2"] < 1.5)
+
+
+def test_bad_input_rows_fail_others_unaffected(toy):
+    rng = np.random.default_rng(7)
+    truth = toy.unscale(rng.uniform(-0.3, 0.3, (3, 5)))
+    v = np.array([-120.0, 10.0, 250.0])
+    flux, ivar = _mock(toy, truth, v, 100, rng)
+    fitter = Fitter(toy, FitConfig())
+    alone = fitter(as_prepared(toy.wave, flux, ivar))
+
+    npix = toy.n_pix
+    bad_flux = np.vstack([flux[0], np.zeros(npix), np.full(npix, np.nan), flux[1], flux[1], flux[2], flux[2]])
+    bad_ivar = np.vstack([ivar[0], np.zeros(npix), ivar[0], np.zeros(npix), ivar[1], ivar[2], ivar[2]])
+    bad_flux[6, ::3] = np.nan  # partial NaNs: those pixels are ignored, the spectrum is fitted
+    status = ["ok", "ok", "ok", "ok", "read_error", "ok", "ok"]
+    cat = fitter(as_prepared(toy.wave, bad_flux, bad_ivar, status=status))
+    st = list(cat["status"])
+    assert st[1] == "failed:no_valid_pixels" and st[2] == "failed:no_valid_pixels"
+    assert st[3] == "failed:no_valid_pixels" and st[4] == "failed:read_error"
+    assert all(np.isnan(cat["teff"][i]) for i in (1, 2, 3, 4))
+    assert all(cat["reason"][i] for i in (1, 2, 3, 4))
+    assert st[0] == st[5] == st[6] == "converged"
+    for name in list(toy.label_names) + ["rv"]:
+        assert cat[name][0] == pytest.approx(alone[name][0], rel=1e-5, abs=1e-3 * alone[name + "_err"][0])
+        assert cat[name][5] == pytest.approx(alone[name][2], rel=1e-5, abs=1e-3 * alone[name + "_err"][2])
+        assert abs(cat[name][6] - alone[name][2]) < 3 * alone[name + "_err"][2]
+    assert cat["n_pix_used"][6] < cat["n_pix_used"][5]
+
+
+def test_wrong_grid_fails_every_row(toy):
+    wave = toy.wave * 1.001
+    cat = Fitter(toy)(as_prepared(wave, np.ones((2, toy.n_pix)), np.ones(toy.n_pix)))
+    assert list(cat["status"]) == ["failed:bad_wavelength"] * 2
+    assert "differs from the model grid" in cat["reason"][0]
+
+
+def test_edge_flag_when_truth_outside_range(toy):
+    rng = np.random.default_rng(9)
+    s = np.array([[0.8, 0.0, 0.1, -0.1, 0.0]])  # teff beyond x_max
+    truth = toy.unscale(s)
+    flux, ivar = _mock(toy, truth, np.array([30.0]), 300, rng)
+    cat = Fitter(toy)(as_prepared(toy.wave, flux, ivar))
+    assert cat["status"][0] == "edge"
+    assert "teff>" in cat["edge_labels"][0]
+    assert cat["teff"][0] == pytest.approx(toy.x_max[0])
+
+
+def test_lsf_excess_forward_model(toy):
+    """Data broader than the model below some wavelength (MUSE blue end): convolving the model
+    by LSF_EXCESS recovers the truth; ignoring it biases the labels."""
+    from musepayne.lsf import FWHM_TO_SIGMA
+    from musepayne.resample import convolution_matrix
+
+    rng = np.random.default_rng(2)
+    n = 6
+    truth = toy.unscale(rng.uniform(-0.3, 0.3, (n, 5)))
+    v = rng.uniform(-100, 100, n)
+    exc = np.where(toy.wave < 5500, 4.0, 0.0)
+    K, _ = convolution_matrix(toy.wave, exc * FWHM_TO_SIGMA)
+    obs = reference_shift(toy.wave, toy.predict(truth), v)
+    good = np.isfinite(obs)
+    obs = (K @ np.where(good, obs, 1.0).T).T
+    snr = 200
+    flux = np.where(good, obs + rng.normal(size=obs.shape) / snr, 0)
+    ivar = np.where(good, snr**2, 0.0)
+    prep = as_prepared(toy.wave, flux, ivar, lsf_excess=np.tile(exc, (n, 1)))
+    on = Fitter(toy, FitConfig(lsf_excess=True))(prep)
+    off = Fitter(toy, FitConfig(lsf_excess=False))(prep)
+    z_on = np.abs((on["teff"] - truth[:, 0]) / on["teff_err"])
+    assert np.all(z_on < 4)
+    assert np.median(on["red_chi2"]) < 1.1 < np.median(off["red_chi2"])
