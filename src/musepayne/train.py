@@ -77,6 +77,7 @@ class TrainConfig:
     gradient_weight : {label: weight} of the DD-Payne term (0 or missing = off)
     gradient_loss : 'corr' or 'mse'
     batch_size : spectra per step (None = full batch)
+    restore_best : return the parameters of the best validation score (else the last)
     ref_batch : reference stars drawn (seeded) per step for the gradient term
         (None = all); the validation/early-stopping score always uses all
     dtype : 'float32' or 'float64'
@@ -97,6 +98,7 @@ class TrainConfig:
     gradient_loss: str = "corr"
     batch_size: int | None = None
     ref_batch: int | None = 128
+    restore_best: bool = True
     dtype: str = "float32"
     negative_slope: float = 0.01
 
@@ -465,7 +467,7 @@ def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | Non
         finally:
             if bar is not None:
                 bar.close()
-        if best[1] is not None:
+        if best[1] is not None and cfg.restore_best:
             with torch.no_grad():
                 for p, b in zip(net.params, best[1]):
                     p.copy_(b)

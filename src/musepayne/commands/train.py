@@ -31,10 +31,11 @@ from ._common import Timer, emit, fail, json_option
 @click.option("--seed", default=0, show_default=True, help="Random seed (split, initialisation).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
 @click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")
+@click.option("--name", default=None, help="Model name stored in the file (the catalogue's 'model' column).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @json_option
 def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradient_loss, epochs, learning_rate,
-          batch_size, patience, val_fraction, seed, device, threads, progress, as_json):
+          batch_size, patience, val_fraction, seed, device, threads, name, progress, as_json):
     """Train a Payne emulator on TRAINSET (musepayne trainset build) and write a model file.
 
     The loss is the ivar-weighted squared residual (masked pixels, IVAR = 0,
@@ -85,6 +86,8 @@ def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradi
         "normalisation": f"musepayne.normalize pseudo-continuum, sigma {ts.meta.get('contwid', 50)} A",
         "resolution": str(ts.meta.get("tgtlsf", "")),
     }
+    if name:
+        prov["name"] = name
     if tpl is not None:
         prov["templates"] = str(templates_path).rsplit("/", 1)[-1]
         prov["templates_sha256"] = sha256_file(templates_path)
