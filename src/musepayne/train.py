@@ -361,15 +361,16 @@ def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | Non
     wsum = ivar[tr].sum(0)
     mean_flux = np.where(wsum > 0, (ivar[tr] * flux[tr]).sum(0) / np.where(wsum > 0, wsum, 1), 1.0)
 
+    dev = cfg.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but no CUDA device is available")
     torch.manual_seed(cfg.seed)
     prev_det = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    # on CUDA some kernels have no deterministic variant without CUBLAS_WORKSPACE_CONFIG: warn, do not fail
+    torch.use_deterministic_algorithms(True, warn_only=(dev == "cuda"))
     try:
-        dev = cfg.device
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-        if dev == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda requested but no CUDA device is available")
         dt = torch.float32 if cfg.dtype == "float32" else torch.float64
         T = lambda a: torch.as_tensor(a, dtype=dt, device=dev)  # noqa: E731
         X, F, W = T(xs), T(flux), T(ivar)
