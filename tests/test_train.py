@@ -118,6 +118,11 @@ def test_seed_reproducibility():
     assert a.history == b.history
     c = train_model(f, iv, lab, NAMES, WAVE, TrainConfig(hidden=(16, 16), seed=8, **{**FAST, "epochs": 60}))
     assert not np.array_equal(a.weights[0], c.weights[0])
+    # the robust validation score is recorded and also reproducible
+    d = train_model(f, iv, lab, NAMES, WAVE, TrainConfig(hidden=(16, 16), seed=7, val_metric="median",
+                                                          **{**FAST, "epochs": 60}))
+    assert d.history[-1]["val_score"] <= d.history[-1]["val_data"] * 1.5
+    np.testing.assert_array_equal(d.weights[0], a.weights[0])  # same trajectory; only the stopping rule differs
 
 
 def test_gradient_regularisation_reduces_mismatch():
@@ -176,6 +181,8 @@ def test_config_and_parsing_errors():
         parse_gradient_weights("mg_fe=1", NAMES)
     with pytest.raises(ValueError):
         TrainConfig(arch="cnn")
+    with pytest.raises(ValueError):
+        TrainConfig(val_metric="max")
     lab, f, iv = data(np.random.default_rng(0), 20)
     with pytest.raises(ValueError, match="templates"):
         train_model(f, iv, lab, NAMES, WAVE, TrainConfig(gradient_weight={"teff": 1.0}))

@@ -77,6 +77,9 @@ class TrainConfig:
     gradient_weight : {label: weight} of the DD-Payne term (0 or missing = off)
     gradient_loss : 'corr' or 'mse'
     batch_size : spectra per step (None = full batch)
+    val_metric : 'mean' (ivar-weighted loss over all validation pixels) or
+        'median' (median over validation stars of their own weighted loss:
+        robust to a few stars with peculiar spectra or wrong labels)
     restore_best : return the parameters of the best validation score (else the last)
     ref_batch : reference stars drawn (seeded) per step for the gradient term
         (None = all); the validation/early-stopping score always uses all
@@ -99,6 +102,7 @@ class TrainConfig:
     batch_size: int | None = None
     ref_batch: int | None = 128
     restore_best: bool = True
+    val_metric: str = "mean"
     dtype: str = "float32"
     negative_slope: float = 0.01
 
@@ -120,6 +124,8 @@ class TrainConfig:
         object.__setattr__(self, "gradient_weight", gw)
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError("device must be cpu, cuda or auto")
+        if self.val_metric not in ("mean", "median"):
+            raise ValueError("val_metric must be 'mean' or 'median'")
         if self.dtype not in ("float32", "float64"):
             raise ValueError("dtype must be float32 or float64")
 
@@ -419,6 +425,13 @@ def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | Non
             w = W[idx]
             return (w * (pred - F[idx]) ** 2).sum() / w.sum()
 
+        def val_score(idx):
+            if cfg.val_metric == "mean":
+                return float(data_loss(idx))
+            w = W[idx]
+            per = (w * (net.forward(X[idx]) - F[idx]) ** 2).sum(1) / w.sum(1).clamp_min(1e-30)
+            return float(per.median())
+
         opt = torch.optim.Adam(net.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         tr_t = torch.as_tensor(tr, device=dev)
         va_t = torch.as_tensor(va, device=dev)
@@ -449,10 +462,11 @@ def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | Non
                     with torch.no_grad():
                         ltr = float(data_loss(tr_t))
                         lva = float(data_loss(va_t)) if va.size else ltr
+                        sva = val_score(va_t) if va.size else ltr
                     rl, parts = reg_loss()
                     rl = float(rl.detach())
-                    score = lva + rl
-                    rec = {"epoch": epoch, "train_data": ltr, "val_data": lva, "reg": rl,
+                    score = sva + rl
+                    rec = {"epoch": epoch, "train_data": ltr, "val_data": lva, "val_score": sva, "reg": rl,
                            **{f"grad_{k}": float(v.detach()) for k, v in parts.items()}}
                     history.append(rec)
                     if score < best[0] * (1 - 1e-5):
