@@ -190,3 +190,26 @@ def test_config_and_parsing_errors():
     groups = np.repeat(np.arange(10), 3)
     tr, va = split_indices(30, 0.2, 0, groups)
     assert not set(groups[tr]) & set(groups[va]) and len(va) == 6
+
+
+def test_outlier_clip_drops_stars_with_wrong_labels():
+    rng = np.random.default_rng(11)
+    lab, f, iv = data(rng, 200)
+    wrong = set(rng.choice(200, 16, replace=False).tolist())
+    bad_lab = lab.copy()
+    bad_lab[sorted(wrong), 0] += 900.0  # literature Teff off by 900 K
+    base = dict(hidden=(32, 32), seed=0, **{**FAST, "epochs": 400})
+    res = train_model(f, iv, bad_lab, NAMES, WAVE, TrainConfig(outlier_clip=5.0, **base))
+    tr, _ = split_indices(200, FAST["val_fraction"], 0)
+    clipped = set(res.meta["clipped"])
+    assert res.meta["n_clipped"] == len(clipped) > 0 and clipped <= set(tr.tolist())
+    wrong_tr = wrong & set(tr.tolist())
+    # most mislabelled training stars are clipped, few good ones (<= 5 % of them)
+    assert len(clipped & wrong_tr) >= 0.7 * len(wrong_tr)
+    assert len(clipped - wrong) <= 0.05 * (len(tr) - len(wrong_tr))
+    # and the model of the true spectra gets better
+    plain = train_model(f, iv, bad_lab, NAMES, WAVE, TrainConfig(**base))
+    test_lab = draw_labels(np.random.default_rng(97), 100)
+    err_clip = np.sqrt(np.mean((res.predict(test_lab) - truth(test_lab)) ** 2))
+    err_plain = np.sqrt(np.mean((plain.predict(test_lab) - truth(test_lab)) ** 2))
+    assert err_clip < 0.8 * err_plain

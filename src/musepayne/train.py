@@ -80,6 +80,8 @@ class TrainConfig:
     val_metric : 'mean' (ivar-weighted loss over all validation pixels) or
         'median' (median over validation stars of their own weighted loss:
         robust to a few stars with peculiar spectra or wrong labels)
+    outlier_clip : drop training stars whose loss exceeds this many times the
+        median and retrain (None = off); see :func:`train_model`
     restore_best : return the parameters of the best validation score (else the last)
     ref_batch : reference stars drawn (seeded) per step for the gradient term
         (None = all); the validation/early-stopping score always uses all
@@ -102,6 +104,7 @@ class TrainConfig:
     batch_size: int | None = None
     ref_batch: int | None = 128
     restore_best: bool = True
+    outlier_clip: float | None = None
     val_metric: str = "mean"
     dtype: str = "float32"
     negative_slope: float = 0.01
@@ -328,11 +331,42 @@ def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | Non
     ``templates``: optional :class:`~musepayne.gradients.GradientTemplates` on
     the same grid for the DD-Payne term (weights in ``config.gradient_weight``).
     ``groups``: optional per-spectrum group ids for the validation split.
+    With ``config.outlier_clip = k`` the network is trained twice: training
+    stars whose own ivar-weighted loss under the first network exceeds
+    ``k`` times the median are dropped (peculiar spectra, wrong literature
+    labels) and the network is retrained from the same seed; the validation
+    set is unchanged.  ``meta['clipped']`` lists the dropped row indices.
     Returns a :class:`TrainResult` with numpy arrays and provenance; the
     inputs are not modified.
     """
-    torch = _torch()
     cfg = config or TrainConfig()
+    kw = dict(templates=templates, groups=groups, frame=frame, provenance=provenance, label_units=label_units,
+              x_min=x_min, x_max=x_max)
+    if not cfg.outlier_clip:
+        res = _train(flux, ivar, labels, label_names, wave, cfg, progress=progress, exclude=None, **kw)
+        res.meta.pop("_train_idx", None)
+        return res
+    first = _train(flux, ivar, labels, label_names, wave, cfg, progress=False, exclude=None, **kw)
+    f = np.asarray(flux, np.float64)
+    iv = np.asarray(ivar, np.float64)
+    good = np.isfinite(f) & np.isfinite(iv) & (iv > 0)
+    iv = np.where(good, iv, 0.0)
+    r = np.where(good, f - first.predict(labels), 0.0)
+    per = (iv * r**2).sum(1) / np.maximum(iv.sum(1), 1e-300)
+    tr = np.asarray(first.meta["_train_idx"])
+    exclude = np.zeros(f.shape[0], bool)
+    exclude[tr] = per[tr] > cfg.outlier_clip * np.median(per[tr])
+    res = _train(flux, ivar, labels, label_names, wave, cfg, progress=progress, exclude=exclude, **kw)
+    res.meta.pop("_train_idx", None)
+    res.meta["clipped"] = np.nonzero(exclude)[0].tolist()
+    res.meta["n_clipped"] = int(exclude.sum())
+    res.meta["train_seconds"] = round(res.meta["train_seconds"] + first.meta["train_seconds"], 2)
+    return res
+
+
+def _train(flux, ivar, labels, label_names, wave, cfg, templates=None, groups=None, frame="vacuum",
+           provenance=None, progress=False, label_units=None, x_min=None, x_max=None, exclude=None):
+    torch = _torch()
     t_start = time.perf_counter()
     flux = np.array(flux, np.float64)
     ivar = np.array(ivar, np.float64)
@@ -363,6 +397,8 @@ def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | Non
     xs = (labels - xmin) / (xmax - xmin) - 0.5
 
     tr, va = split_indices(n, cfg.val_fraction, cfg.seed, groups)
+    if exclude is not None:
+        tr = tr[~np.asarray(exclude, bool)[tr]]
     # weight of each pixel in the mean spectrum (start of the output bias)
     wsum = ivar[tr].sum(0)
     mean_flux = np.where(wsum > 0, (ivar[tr] * flux[tr]).sum(0) / np.where(wsum > 0, wsum, 1), 1.0)
@@ -508,6 +544,7 @@ def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | Non
         "labels": ",".join(names),
         "label_ranges": {k: [float(a), float(b)] for k, a, b in zip(names, xmin, xmax)},
         "n_train": int(tr.size),
+        "_train_idx": tr.tolist(),
         "n_val": int(va.size),
         "seed": int(cfg.seed),
         "device": dev,

@@ -31,11 +31,13 @@ from ._common import Timer, emit, fail, json_option
 @click.option("--seed", default=0, show_default=True, help="Random seed (split, initialisation).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
 @click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")
+@click.option("--outlier-clip", default=None, type=float,
+              help="Retrain without training stars whose loss exceeds this many times the median (e.g. 5).")
 @click.option("--name", default=None, help="Model name stored in the file (the catalogue's 'model' column).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @json_option
 def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradient_loss, epochs, learning_rate,
-          batch_size, patience, val_fraction, seed, device, threads, name, progress, as_json):
+          batch_size, patience, val_fraction, seed, device, threads, outlier_clip, name, progress, as_json):
     """Train a Payne emulator on TRAINSET (musepayne trainset build) and write a model file.
 
     The loss is the ivar-weighted squared residual (masked pixels, IVAR = 0,
@@ -68,7 +70,7 @@ def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradi
             raise ValueError("--gradient-weight > 0 needs --gradient-templates")
         cfg = TrainConfig(arch=arch, hidden=hid, epochs=epochs, learning_rate=learning_rate, val_fraction=val_fraction,
                           patience=patience, seed=seed, device=device, gradient_weight=gw,
-                          gradient_loss=gradient_loss, batch_size=batch_size)
+                          gradient_loss=gradient_loss, batch_size=batch_size, outlier_clip=outlier_clip)
     except ValueError as exc:
         fail(str(exc), as_json)
     if threads:
@@ -99,6 +101,8 @@ def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradi
                               label_units=tuple("K" if n == "teff" else "dex" for n in ts.label_names))
     except (ValueError, RuntimeError) as exc:
         fail(str(exc), as_json)
+    if res.meta.get("clipped"):
+        res.meta["clipped_stars"] = [str(ts.table["stellar_id"][i]) for i in res.meta["clipped"]]
     with timer("write"):
         res.to_model().save(output)
     m = res.meta
