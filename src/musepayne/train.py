@@ -336,6 +336,9 @@ def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | Non
     ``k`` times the median are dropped (peculiar spectra, wrong literature
     labels) and the network is retrained from the same seed; the validation
     set is unchanged.  ``meta['clipped']`` lists the dropped row indices.
+    Caveat (measured on MILES+STELIB): rare stars (metal-poor giants, cluster
+    stars) are fitted worst and are clipped first, so clipping can hurt the
+    sparse corners of label space; it is off by default.
     Returns a :class:`TrainResult` with numpy arrays and provenance; the
     inputs are not modified.
     """
