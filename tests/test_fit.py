@@ -124,7 +124,10 @@ def test_bad_input_rows_fail_others_unaffected(toy):
     bad_ivar = np.vstack([ivar[0], np.zeros(npix), ivar[0], np.zeros(npix), ivar[1], ivar[2], ivar[2]])
     bad_flux[6, ::3] = np.nan  # partial NaNs: those pixels are ignored, the spectrum is fitted
     status = ["ok", "ok", "ok", "ok", "read_error", "ok", "ok"]
-    cat = fitter(as_prepared(toy.wave, bad_flux, bad_ivar, status=status))
+    prep = as_prepared(toy.wave, bad_flux, bad_ivar, status=status)
+    before = (prep.flux.copy(), prep.ivar.copy())
+    cat = fitter(prep)
+    assert np.array_equal(prep.flux, before[0], equal_nan=True) and np.array_equal(prep.ivar, before[1])
     st = list(cat["status"])
     assert st[1] == "failed:no_valid_pixels" and st[2] == "failed:no_valid_pixels"
     assert st[3] == "failed:no_valid_pixels" and st[4] == "failed:read_error"
@@ -180,3 +183,61 @@ def test_lsf_excess_forward_model(toy):
     z_on = np.abs((on["teff"] - truth[:, 0]) / on["teff_err"])
     assert np.all(z_on < 4)
     assert np.median(on["red_chi2"]) < 1.1 < np.median(off["red_chi2"])
+
+
+def test_threads_give_identical_results(toy):
+    rng = np.random.default_rng(8)
+    truth = toy.unscale(rng.uniform(-0.3, 0.3, (20, 5)))
+    flux, ivar = _mock(toy, truth, rng.uniform(-200, 200, 20), 80, rng)
+    prep = as_prepared(toy.wave, flux, ivar)
+    a = Fitter(toy, FitConfig(chunk_size=6, n_threads=1))(prep)
+    b = Fitter(toy, FitConfig(chunk_size=6, n_threads=2))(prep)
+    for c in ("teff", "logg", "rv", "rv_err", "red_chi2", "status"):
+        assert np.array_equal(np.asarray(a[c]), np.asarray(b[c]))
+
+
+def test_general_grid_path_linear_wavelengths():
+    """A model on a linear-in-lambda grid (not log-linear) uses the per-pixel interpolation path
+    and still recovers labels and RV."""
+    wave = np.linspace(5000.0, 5600.0, 1500)
+    model = toy_mlp_model(wave, hidden=(32, 32), n_lines=150, seed=3)
+    fitter = Fitter(model, FitConfig(precision="float64"))
+    assert fitter._uniform is None
+    rng = np.random.default_rng(4)
+    truth = model.unscale(rng.uniform(-0.3, 0.3, (4, 5)))
+    v = np.array([-250.0, -20.0, 75.0, 310.0])
+    flux, ivar = _mock(model, truth, v, 1e4, rng)
+    cat = fitter(as_prepared(wave, flux, ivar))
+    assert list(cat["status"]) == ["converged"] * 4
+    assert np.max(np.abs(cat["rv"] - v)) < 0.1
+    assert np.all(np.abs(cat["teff"] - truth[:, 0]) < 5 * cat["teff_err"] + 1e-3)
+
+
+def test_fixed_rv(toy):
+    rng = np.random.default_rng(12)
+    truth = toy.unscale(rng.uniform(-0.3, 0.3, (3, 5)))
+    flux, ivar = _mock(toy, truth, np.full(3, 42.0), 1e4, rng)
+    cat = Fitter(toy, FitConfig(fit_rv=False, rv_fixed=42.0))(as_prepared(toy.wave, flux, ivar))
+    assert list(cat["status"]) == ["converged"] * 3
+    assert np.all(cat["rv"] == 42.0) and np.all(cat["rv_err"] == 0)
+    assert np.all(np.abs(cat["logg"] - truth[:, 1]) < 5 * cat["logg_err"] + 1e-6)
+
+
+def test_doppler_exact_and_rv_derivative_consistent(toy):
+    from musepayne.fit import doppler_factor
+    from musepayne.wavelength import C_KMS
+
+    b = 600.0 / C_KMS
+    assert doppler_factor(600.0) == pytest.approx(np.sqrt((1 + b) / (1 - b)), rel=1e-15)
+    assert abs(doppler_factor(600.0) - (1 + b)) > 1e-6  # not the first-order formula
+    fitter = Fitter(toy, FitConfig(precision="float64"))
+    th = np.array([[0.1, -0.2, 0.05, 0.2, -0.1, 333.3], [-0.3, 0.1, 0.2, -0.1, 0.3, -512.7]])
+    f, J, valid = fitter._evaluate(th, np.full(2, -1))
+    for k, h in ((0, 1e-6), (5, 1e-4)):
+        e = np.zeros(6)
+        e[k] = h
+        fp, _, vp = fitter._evaluate(th + e, np.full(2, -1), want_jac=False)
+        fm, _, vm = fitter._evaluate(th - e, np.full(2, -1), want_jac=False)
+        ok = valid & vp & vm
+        fd = (fp - fm) / (2 * h)
+        assert np.max(np.abs(fd - J[:, :, k])[ok]) < 1e-5 * np.max(np.abs(J[:, :, k]))

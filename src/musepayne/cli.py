@@ -23,18 +23,34 @@ COMMANDS = {
     "gradients": "musepayne.commands.gradients:gradients",
     "trainset": "musepayne.commands.trainset:trainset",
     "train": "musepayne.commands.train:train",
+    "forecast": "musepayne.commands.forecast:forecast",
+    "validate": "musepayne.commands.validate:validate",
+    "select": "musepayne.commands.select:select_cmd",
+    "calibrate": "musepayne.commands.calibrate:calibrate",
     "fit": "musepayne.commands.fit:fit",
     "model": "musepayne.commands.model:model",
+    "extract": "musepayne.commands.extract:extract",
+    "simulate": "musepayne.commands.simulate:simulate",
+    "run": "musepayne.commands.run:run",
+    "survey": "musepayne.commands.survey:survey",
 }
 
 _HELP = {
+    "survey": "Many cubes on Dask (or in process) into one store; resumable, fault tolerant.",
+    "run": "Cube(s) + source list -> labelled catalogue and report (resumable).",
     "prepare": "Prepare MUSE/LAMOST/library spectra for a LAMOST-grid model.",
     "demo": "Run the main job on an embedded default (no arguments, no network).",
     "gradients": "Build theoretical gradient templates (d flux / d label) for regularisation and flags.",
     "trainset": "Build a training set (prepared library spectra + labels) from MILES/STELIB.",
     "train": "Train a DD-Payne model (PyTorch) on a training set, optionally gradient-regularised.",
+    "forecast": "Label precision vs S/N, V and exposure time (paper Eq. 11-13, Table 3).",
+    "validate": "Compare catalogues (bias, dispersion, plots) and scale errors from repeats (Eq. 10).",
+    "select": "Apply the paper's cuts (Eq. 5, 6, 8) or a safe custom expression to a catalogue.",
+    "calibrate": "[Mg/Fe]-Teff trend correction (App. A, Table A1) or per-region offsets.",
     "fit": "Fit prepared spectra: labels, RV, errors, fit quality -> catalogue.",
     "model": "Import Payne networks into the musepayne model format; describe model files.",
+    "extract": "Extract every catalogue star's spectrum from a MUSE cube (PSF fitting or apertures).",
+    "simulate": "Simulate a crowded MUSE cube with truth table and source catalogue.",
 }
 
 

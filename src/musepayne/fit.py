@@ -27,8 +27,10 @@ The forward model
   broader than the model's LSF (MUSE below ~5150 A for LAMOST-grid models),
   the model is convolved by a Gaussian of that extra FWHM (a fixed sparse
   matrix per distinct excess profile, :func:`musepayne.resample.convolution_matrix`).
-  Without it Teff is biased (~+28 K) because the data lines are broader than the
-  model's.  Switch: ``FitConfig.lsf_excess``.
+  Without it the model's lines are narrower than the data's and the labels are
+  biased (a ~+28 K Teff bias for MUSE was reported to the project; not re-measured
+  here, the toy-model test only shows the chi2 and label recovery with and without).
+  Switch: ``FitConfig.lsf_excess``.
 
 The optimiser
 -------------
@@ -40,15 +42,17 @@ Vectorised over spectra (no Python loop per spectrum on the hot path):
    through the minimum refines it.
 2. *Starting labels*: chi2 of the (velocity-corrected) data against a
    quasi-random (Sobol) grid of model spectra covering the label box; the
-   ``n_starts`` best grid points start the fit.
+   ``n_starts`` best grid points start the fit.  The RV is then refined with
+   each spectrum's best grid template (+-4 pixels, exact shift).
 3. *Bounded Levenberg-Marquardt* on (scaled labels, v) with per-spectrum
-   damping (Marquardt diagonal scaling), Gauss-Newton normal matrix
-   ``J^T W J`` from the analytic Jacobian, and an active-set projection that
+   damping (Marquardt diagonal scaling, Nielsen 1999 update), Gauss-Newton normal
+   matrix ``J^T W J`` from the analytic Jacobian, and an active-set projection that
    keeps labels inside the training box ``[x_min, x_max]`` and ``|v| <= rv_range``
    (parameters at a bound whose gradient points outward are frozen for the step).
-   All starts run ``explore_iter`` iterations; each spectrum then keeps its
-   lowest-chi2 start and continues to convergence (``chi2`` change below
-   ``chi2_tol``).
+   All ``n_starts`` starts run ``explore_iter`` iterations; each spectrum then keeps
+   its lowest-chi2 start and continues until the undamped Gauss-Newton step promises
+   less than ``chi2_tol`` (or, at the kinks of leaky-ReLU networks, an accepted step
+   gains less than ``stall_tol``).  Per row only ``J^T W J`` and ``J^T W r`` are kept.
 
 Errors
 ------
@@ -85,10 +89,15 @@ class FitConfig:
     n_starts: number of starting points per spectrum (best grid points).
     explore_iter: LM iterations run from every start before keeping the best.
     max_iter: maximum LM iterations in total.
-    chi2_tol: convergence when an accepted step lowers chi2 by less than this.
+    chi2_tol: converged when the undamped Gauss-Newton step promises a chi2 gain below this.
+    stall_tol: also stop when an accepted step gained less than this (kinks of leaky-ReLU
+        models; 0.01 in chi2 is a parameter change of ~0.1 sigma).
     lsf_excess: forward-model the prepared ``LSF_EXCESS`` (Gaussian convolution of the model).
     precision: 'float32' (fast; network, shift and normal matrix) or 'float64'.
     chunk_size: spectra fitted together (memory ~ chunk * n_starts * n_pix * (n_labels+1) * 4 B * 6).
+    n_threads: chunks fitted in parallel threads.  Measured on the 2-core development
+        machine it gives no gain (CPU time = wall time: the many small indexing operations
+        hold the GIL), so the default is 1; results are identical either way.
     min_pixels: fewer usable pixels -> failed row.
     scale_errors: multiply errors by sqrt(chi2/(n-n_par)) when it exceeds 1.
     keep_model: add the best-fit model spectrum to the output (column ``model_flux``).
@@ -102,14 +111,16 @@ class FitConfig:
     fit_rv: bool = True
     rv_fixed: float = 0.0
     n_grid: int = 256
-    n_starts: int = 3
-    explore_iter: int = 2
+    n_starts: int = 2
+    explore_iter: int = 1
     max_iter: int = 40
     chi2_tol: float = 1e-3
+    stall_tol: float = 0.01
     lambda_init: float = 1e-3
     lsf_excess: bool = True
     precision: str = "float32"
     chunk_size: int = 32
+    n_threads: int = 1
     min_pixels: int = 50
     scale_errors: bool = True
     keep_model: bool = False
@@ -118,8 +129,8 @@ class FitConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not self.rv_range > 0:
-            raise ValueError("rv_range must be positive")
+        if not 0 < self.rv_range < C_KMS:
+            raise ValueError("rv_range must be positive and below the speed of light")
         if self.precision not in ("float32", "float64"):
             raise ValueError("precision must be 'float32' or 'float64'")
         if self.n_starts < 1 or self.n_grid < 1 or self.max_iter < 1 or self.chunk_size < 1:
@@ -230,7 +241,7 @@ class Fitter:
         n_grid = max(int(cfg.n_grid), cfg.n_starts)
         pts = qmc.Sobol(d=L, scramble=True, seed=cfg.seed).random(n_grid)
         self.grid_s = np.vstack([np.zeros((1, L)), 0.9 * (pts - 0.5)])
-        self.grid_flux = model.predict_scaled(self.grid_s, dtype=self.dtype)
+        self.grid_flux = model.predict_scaled(self.grid_s, dtype=self.dtype)  # also fills the weight cache
         tpl = np.zeros((3 if L >= 1 else 1, L))
         if L >= 1:
             tpl[1, 0], tpl[2, 0] = -0.3, 0.3
@@ -271,15 +282,21 @@ class Fitter:
             out.status[:] = "failed:bad_wavelength"
             out.reason[:] = msg
             return out
-        flux = np.asarray(prepared.flux, np.float64)
-        ivar = np.asarray(prepared.ivar, np.float64)
-        mask = np.asarray(prepared.mask)
-        with np.errstate(invalid="ignore"):
-            good = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0) & ((mask & EXCLUDING_BITS) == 0)
-        w = np.where(good, ivar, 0.0)
-        d = np.where(good, flux, 0.0)
+        flux, ivar, mask = prepared.flux, prepared.ivar, prepared.mask
+
+        def data(idx):
+            """(flux, weights) of rows ``idx``: weight 0 for non-finite, masked or ivar <= 0 pixels.
+            Built per chunk so memory stays ~ chunk size (the caller's arrays are not modified)."""
+            f = np.asarray(flux[idx], np.float64)
+            iv = np.asarray(ivar[idx], np.float64)
+            with np.errstate(invalid="ignore"):
+                good = np.isfinite(f) & np.isfinite(iv) & (iv > 0) & ((np.asarray(mask[idx]) & EXCLUDING_BITS) == 0)
+            return np.where(good, f, 0.0), np.where(good, iv, 0.0)
+
         # per-spectrum validation
-        n_good = good.sum(1)
+        n_good = np.zeros(n, np.int64)
+        for k in range(0, n, 4096):
+            n_good[k:k + 4096] = (data(np.arange(k, min(k + 4096, n)))[1] > 0).sum(1)
         st_in = (np.asarray(prepared.spectra["status"]).astype(str) if "status" in prepared.spectra.colnames
                  else np.full(n, "ok"))
         rs_in = (np.asarray(prepared.spectra["reason"]).astype(str) if "reason" in prepared.spectra.colnames
@@ -314,13 +331,24 @@ class Fitter:
                 op_index[np.flatnonzero(nz)] = np.ravel(inv)
         self._ops = ops
         todo = np.flatnonzero(fit_ok)
-        for k in range(0, todo.size, cfg.chunk_size):
-            idx = todo[k:k + cfg.chunk_size]
+        chunks = [todo[k:k + cfg.chunk_size] for k in range(0, todo.size, cfg.chunk_size)]
+
+        def work(idx):
             try:
-                self._fit_chunk(idx, d[idx], w[idx], op_index[idx], out)
+                self._fit_chunk(idx, *data(idx), op_index[idx], out)
             except (np.linalg.LinAlgError, FloatingPointError, ValueError) as exc:  # pragma: no cover
                 out.status[idx] = "failed:numerical"
                 out.reason[idx] = f"{type(exc).__name__}: {exc}"
+
+        if cfg.n_threads > 1 and len(chunks) > 1:
+            # numpy releases the GIL in its array kernels; each chunk writes disjoint rows of ``out``
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=cfg.n_threads) as pool:
+                list(pool.map(work, chunks))
+        else:
+            for idx in chunks:
+                work(idx)
         return out
 
     # ---------------------------------------------------------------- internals
@@ -373,7 +401,7 @@ class Fitter:
             c = c.astype(dt)
             q = np.arange(n_s)[None, :] + fl.astype(np.int64)[:, None] - 1  # first tap, segment-relative
             ok = (q >= 1) & (q <= n_s - 5)  # one pixel margin at each segment end
-            qc = np.clip(q, 0, n_s - 4)
+            qc = np.minimum(np.maximum(q, 0), n_s - 4)
             G = c[:, 0, None] * f_rest[:, a:e - 3]
             for k in range(1, 4):
                 G += c[:, k, None] * f_rest[:, a + k:e - 3 + k]
@@ -447,6 +475,16 @@ class Fitter:
         ww = w * valid
         return np.einsum("np,np->n", ww, r * r), r, ww
 
+    def _assess(self, theta, opi, d, w):
+        """Model at ``theta`` and what LM needs there: f, chi2, weights used, A = J^T W J, g = J^T W r."""
+        f, J, valid = self._evaluate(theta, opi)
+        chi2, r, ww = self._chi2(f, valid, d, w)
+        wd = ww.astype(self.dtype)
+        Jw = J * wd[:, :, None]
+        A = np.matmul(J.transpose(0, 2, 1), Jw).astype(np.float64)
+        g = np.einsum("npk,np->nk", Jw, r.astype(self.dtype)).astype(np.float64)
+        return f, chi2, ww, A, g
+
     def _ccf_templates(self):
         """Templates shifted over the coarse velocity grid (fixed for a model and config)."""
         cfg = self.config
@@ -485,6 +523,31 @@ class Fitter:
             v0[ii] += np.clip(off, -1, 1) * step
         return np.clip(v0, -cfg.rv_range, cfg.rv_range)
 
+    def _refine_rv(self, d, w, g_best, v0, half_width=4):
+        """Second RV pass with each spectrum's own best grid template: chi2 at v0 +- ``half_width``
+        model pixels (one-pixel steps, exact shift), parabola through the minimum.  The coarse
+        search uses generic templates and can miss by a few pixels for broad-lined stars."""
+        cfg = self.config
+        m = d.shape[0]
+        step = self._ccf[1]
+        k = np.arange(-half_width, half_width + 1)
+        vv = np.clip(v0[:, None] + k[None, :] * step, -cfg.rv_range, cfg.rv_range)
+        T, _, valid = self._shift(np.repeat(self.grid_flux[g_best], k.size, axis=0), vv.ravel())
+        T = T.reshape(m, k.size, -1)
+        common = valid.reshape(m, k.size, -1).all(1)
+        wc = w * common
+        chi = np.einsum("np,nkp->nk", wc, (d[:, None, :] - T) ** 2)
+        j = np.argmin(chi, 1)
+        v1 = vv[np.arange(m), j]
+        inner = (j > 0) & (j < k.size - 1)
+        ii = np.flatnonzero(inner)
+        if ii.size:
+            cm, c0, cp = chi[ii, j[ii] - 1], chi[ii, j[ii]], chi[ii, j[ii] + 1]
+            den = cm - 2 * c0 + cp
+            off = np.where(den > 0, 0.5 * (cm - cp) / np.where(den > 0, den, 1), 0.0)
+            v1[ii] += np.clip(off, -1, 1) * step
+        return np.clip(v1, -cfg.rv_range, cfg.rv_range)
+
     def _starts(self, d, w, v0):
         """Best ``n_starts`` grid points per spectrum (chi2 in the rest frame, nearest-pixel shift)."""
         cfg = self.config
@@ -508,33 +571,30 @@ class Fitter:
         Per iteration and row: normal matrix ``A = J^T W J`` and gradient ``g = J^T W r``;
         parameters at a bound whose gradient points outward are frozen; the damped
         step solves ``(A + lam diag A) delta = g``; the trial point is clipped into the
-        bounds and accepted when chi2 falls (``lam`` x0.3) or rejected (``lam`` x10).
+        bounds and accepted when chi2 falls or rejected (damping update of Nielsen 1999).
         A row has converged when the undamped Gauss-Newton step predicts a chi2 gain
         below ``chi2_tol`` (or the float32 rounding noise of chi2), or when it is stuck
-        (``lam > 1e8``).  ``state``: (f, J, chi2, r, ww) at ``theta`` if already known.
+        (``lam > 1e8``).  ``state``: (f, chi2, ww, A, g) at ``theta`` if already known.
+        Only ``A`` and ``g`` are kept per row (the Jacobian itself is never stored).
         """
         cfg = self.config
         m, P = theta.shape
         theta = theta.copy()
         lam = lam.copy()
         if state is None:
-            f, J, valid = self._evaluate(theta, opi)
-            chi2, r, ww = self._chi2(f, valid, d, w)
+            f, chi2, ww, A_all, g_all = self._assess(theta, opi, d, w)
         else:
-            f, J, chi2, r, ww = (x.copy() for x in state)
+            f, chi2, ww, A_all, g_all = (x.copy() for x in state)
         done = np.zeros(m, bool)
         iters = np.zeros(m, np.int64)
+        nu = np.full(m, 2.0)
         eps = 1e-9
         eye = np.eye(P)
         for _ in range(n_iter):
             act = np.flatnonzero(~done)
             if act.size == 0:
                 break
-            Ja = J[act]
-            wr = (ww[act] * r[act]).astype(self.dtype)
-            Jw = Ja * ww[act, :, None].astype(self.dtype)
-            A = np.matmul(Ja.transpose(0, 2, 1), Jw).astype(np.float64)
-            g = np.einsum("npk,np->nk", Ja, wr).astype(np.float64)
+            A, g = A_all[act], g_all[act]
             th = theta[act]
             fixed = ((th <= self.lo + eps) & (g < 0)) | ((th >= self.hi - eps) & (g > 0))
             free = (~fixed).astype(np.float64)
@@ -555,22 +615,32 @@ class Fitter:
             conv = (pred_gn < tol) | (np.max(np.abs(d_gn) / (self.hi - self.lo), axis=1) < 1e-9)
             done[act[conv]] = True
             keep = ~conv
-            act, th, delta = act[keep], th[keep], delta[keep]
+            pred_d = (2 * np.einsum("nk,nk->n", delta, rhs)
+                      - np.einsum("nk,nkl,nl->n", delta, Af - eye * fixed[:, :, None], delta))[keep]
+            act, th, delta, tol = act[keep], th[keep], delta[keep], tol[keep]
             if act.size == 0:
                 break
             th_new = np.clip(th + delta, self.lo, self.hi)
-            f_n, J_n, valid_n = self._evaluate(th_new, opi[act])
-            chi_n, r_n, ww_n = self._chi2(f_n, valid_n, d[act], w[act])
+            f_n, chi_n, ww_n, A_n, g_n = self._assess(th_new, opi[act], d[act], w[act])
             acc = np.isfinite(chi_n) & (chi_n < chi2[act])
             ia = act[acc]
-            theta[ia], f[ia], J[ia], chi2[ia], r[ia], ww[ia] = (
-                th_new[acc], f_n[acc], J_n[acc], chi_n[acc], r_n[acc], ww_n[acc])
+            gain = chi2[ia] - chi_n[acc]
+            theta[ia], f[ia], chi2[ia], ww[ia], A_all[ia], g_all[ia] = (
+                th_new[acc], f_n[acc], chi_n[acc], ww_n[acc], A_n[acc], g_n[acc])
             iters[act] += 1
-            lam[ia] = np.maximum(lam[ia] * 0.3, 1e-9)
+            # damping update of Nielsen (1999): rho = achieved / predicted gain
+            rho = gain / np.maximum(pred_d[acc], 1e-300)
+            lam[ia] = np.maximum(lam[ia] * np.maximum(1.0 / 3.0, 1.0 - (2.0 * np.clip(rho, 0, 1) - 1.0) ** 3), 1e-9)
+            nu[ia] = 2.0
             ir = act[~acc]
-            lam[ir] *= 10.0
-            done[ir[lam[ir] > 1e8]] = True
-        return dict(theta=theta, f=f, J=J, chi2=chi2, r=r, ww=ww, lam=lam, done=done, iters=iters)
+            lam[ir] *= nu[ir]
+            nu[ir] *= 2.0
+            # piecewise-smooth models (leaky ReLU) have kinks where Gauss-Newton keeps promising a
+            # gain it cannot deliver: stop when an accepted step gains less than the stall
+            # tolerance, or a rejected step was predicted to gain less than tol
+            done[ia[gain < np.maximum(tol[acc], cfg.stall_tol)]] = True
+            done[ir[(lam[ir] > 1e8) | (pred_d[~acc] < tol[~acc])]] = True
+        return dict(theta=theta, f=f, chi2=chi2, ww=ww, A=A_all, g=g_all, lam=lam, done=done, iters=iters)
 
     def _fit_chunk(self, idx, d, w, opi, out):
         cfg = self.config
@@ -579,6 +649,8 @@ class Fitter:
         m = idx.size
         v0 = self._coarse_rv(d, w)
         best = self._starts(d, w, v0)
+        if cfg.fit_rv:
+            v0 = self._refine_rv(d, w, best[:, 0], v0)
         K = best.shape[1]
         rows = np.repeat(np.arange(m), K)
         th0 = self.grid_s[best.ravel()]
@@ -592,15 +664,14 @@ class Fitter:
             chi = st["chi2"].reshape(m, K)
             pick = np.arange(m) * K + np.nanargmin(np.where(np.isfinite(chi), chi, np.inf), axis=1)
             th1, lam1 = st["theta"][pick], st["lam"][pick]
-            state = tuple(st[k][pick] for k in ("f", "J", "chi2", "r", "ww"))
+            state = tuple(st[k][pick] for k in ("f", "chi2", "ww", "A", "g"))
             iters += st["iters"][pick]
         else:
             th1, lam1, state = th0[::K], lam0[::K], None
         st = self._lm(th1, d, w, opi, max(cfg.max_iter - n_explore, 1), lam1, state)
         iters += st["iters"]
-        theta, J, ww, chi2, f = st["theta"], st["J"], st["ww"], st["chi2"], st["f"]
+        theta, ww, chi2, f, A = st["theta"], st["ww"], st["chi2"], st["f"], st["A"]
         n_used = (ww > 0).sum(1)
-        A = np.matmul(J.transpose(0, 2, 1), J * ww[:, :, None].astype(self.dtype)).astype(np.float64)
         # covariance in (scaled labels, v); guard singular matrices
         cov = np.full((m, P, P), np.nan)
         for i in range(m):

@@ -59,6 +59,9 @@ _PIXEL_FLAG_LIST = (
     PixelFlag("NO_CONTINUUM", 9, True, "pseudo-continuum undefined (no valid pixels within ~3x the 50 A kernel)"),
     PixelFlag("USER_MASK", 10, True, "masked by a user-supplied wavelength range"),
     PixelFlag("EDGE", 11, True, "within one LSF kernel of the input coverage edge (convolution incomplete)"),
+    PixelFlag("CONT_EDGE", 12, True,
+              "within 2 continuum-kernel widths of an input coverage edge that lies inside the continuum range: "
+              "the pseudo-continuum there differs from that of a spectrum covering the whole range"),
 )
 
 #: Registry of pixel flags by name.

@@ -44,7 +44,6 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
-from scipy.special import expit
 
 from . import __version__
 from .io import atomic_write_fits
@@ -73,6 +72,16 @@ DEFAULT_UNITS = {
     "vbroad": "km/s",
     "vsini": "km/s",
 }
+
+
+def _sigmoid_inplace(z):
+    """Logistic function in place, as 0.5 (1 + tanh(z/2)): exact identity, no overflow, and
+    numpy's vectorised tanh is several times faster than exp-based forms."""
+    z *= 0.5
+    np.tanh(z, out=z)
+    z *= 0.5
+    z += 0.5
+    return z
 
 
 def _native(a):
@@ -269,7 +278,7 @@ class PerPixelPayne(SpectralModel):
         w0t, b0f = self._cast(dtype)[:2]
         z = np.asarray(s, dtype) @ w0t
         z += b0f
-        return expit(z, out=z).reshape(s.shape[0], self.n_pix, self.n_hidden)
+        return _sigmoid_inplace(z).reshape(s.shape[0], self.n_pix, self.n_hidden)
 
     def predict_scaled(self, s, dtype=np.float64):
         s = np.atleast_2d(np.asarray(s, np.float64))

@@ -39,12 +39,16 @@ from .wavelength import LAMOST_COEFF0, LAMOST_COEFF1, LAMOST_NPIX, air_to_vacuum
 
 __all__ = ["PrepareConfig", "Preparer", "prepare_spectra", "CONTINUUM_EXCLUDING"]
 
-#: Bits that keep a pixel out of the pseudo-continuum (data-quality bits only;
-#: fit masks such as TELLURIC or DICHROIC do not change the continuum, so the
-#: same spectrum is normalised identically in every mode).
+#: Bits that keep a pixel out of the pseudo-continuum (data-quality bits only).
+#: Fit masks such as DICHROIC, RED_CUTOFF or BLUE_CUTOFF do not change the
+#: continuum; telluric absorption does (its depth varies with airmass, and the
+#: O2 A band would pull the 50 A continuum down by ~15 % around 7600 A), so the
+#: *standard* telluric bands are always left out of the continuum, in every
+#: mode, and the same spectrum is normalised identically in every mode.
 CONTINUUM_EXCLUDING = flag_value("NO_DATA", "BAD_INPUT", "EDGE", "AO_NOTCH", "USER_MASK")
 
 _BAD_FRACTION = 0.05
+_CONT_EDGE_TOL = 10.0  # A: input edges closer than this to the continuum range count as covering it
 _EDGE_LOSS = 0.01
 
 
@@ -63,6 +67,11 @@ class PrepareConfig:
     sky_nsigma : detection threshold for sky residuals
     user_mask : extra (lo, hi) vacuum ranges to mask
     min_coverage : fraction of unmasked model pixels below which status is low_coverage
+    continuum_range : (lo, hi) vacuum A; only pixels inside enter the pseudo-continuum
+        and pixels outside are flagged NO_CONTINUUM.  The default, 4750-9100 A, is
+        the overlap of MUSE (nominal) and LAMOST, so a LAMOST or library training
+        spectrum and a MUSE spectrum of the same star are normalised from the same
+        wavelengths.  None: use every valid pixel.
     """
 
     mode: str = "standard"
@@ -74,6 +83,7 @@ class PrepareConfig:
     sky_nsigma: float = 5.0
     user_mask: tuple = ()
     min_coverage: float = 0.3
+    continuum_range: tuple | None = (4750.0, 9100.0)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -82,6 +92,11 @@ class PrepareConfig:
         if len(self.grid) != 3 or int(self.grid[2]) < 2:
             raise ValueError("grid must be (coeff0, coeff1, npix)")
         object.__setattr__(self, "user_mask", tuple(tuple(map(float, r)) for r in self.user_mask))
+        if self.continuum_range is not None:
+            lo, hi = map(float, self.continuum_range)
+            if not hi > lo:
+                raise ValueError("continuum_range must be (lo, hi) with hi > lo")
+            object.__setattr__(self, "continuum_range", (lo, hi))
 
     @property
     def do_sky_clean(self) -> bool:
@@ -101,11 +116,15 @@ class Preparer:
     """
 
     config: PrepareConfig = field(default_factory=PrepareConfig)
+    chunk: int = 64
 
     def __post_init__(self):
         self.wave = self.config.wave()
-        self.normalizer = ContinuumNormalizer(self.wave, width=self.config.continuum_width)
+        cr = self.config.continuum_range
+        support = None if cr is None else (self.wave >= cr[0]) & (self.wave <= cr[1])
+        self.normalizer = ContinuumNormalizer(self.wave, width=self.config.continuum_width, support=support)
         self.fixed_mask = mode_mask(self.wave, self.config.mode, self.config.ao_notch, self.config.user_mask)
+        self.telluric_continuum = (mode_mask(self.wave, "standard") & flag_value("TELLURIC")) != 0
         self._ops: dict[str, SpectralOperator] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -127,7 +146,50 @@ class Preparer:
             "grid0": float(c.grid[0]),
             "grid1": float(c.grid[1]),
             "gridn": int(c.grid[2]),
+            "contlo": float(c.continuum_range[0]) if c.continuum_range else 0.0,
+            "conthi": float(c.continuum_range[1]) if c.continuum_range else 0.0,
         }
+
+    def normalize(self, flux, ivar, mask=None, input_range=None):
+        """Normalise spectra already on the model grid, with this configuration's policy.
+
+        The one normalisation used for observed spectra (inside ``__call__``),
+        training spectra and model gradient spectra.  ``mask`` (int bits) keeps
+        data-quality-flagged pixels out of the continuum; ``input_range`` (vacuum
+        lo, hi of the input's coverage) flags ``CONT_EDGE`` where an input edge
+        lies inside the continuum range.  Returns ``(flux_norm, ivar_norm, cont, mask)``;
+        ``ivar_norm`` is zero wherever an excluding bit is set.
+        """
+        f = np.atleast_2d(np.asarray(flux, dtype=np.float64))
+        iv = np.atleast_2d(np.asarray(ivar, dtype=np.float64))
+        m = np.zeros(f.shape, np.int32) if mask is None else np.array(np.broadcast_to(mask, f.shape), np.int32)
+        w = self.wave
+        cr = self.config.continuum_range
+        outside = np.zeros(w.shape, bool)
+        no_cont = self.telluric_continuum
+        if cr is not None:
+            outside = (w < cr[0]) | (w > cr[1])
+            if input_range is not None:
+                lo_in, hi_in = input_range
+                reach = 2.0 * self.config.continuum_width
+                edge = np.zeros(w.shape, bool)
+                if lo_in > cr[0] + _CONT_EDGE_TOL:
+                    edge |= w < lo_in + reach
+                if hi_in < cr[1] - _CONT_EDGE_TOL:
+                    edge |= w > hi_in - reach
+                m |= np.where(edge, flag_value("CONT_EDGE"), 0).astype(np.int32)[None, :]
+        ivar_cont = np.where(((m & CONTINUUM_EXCLUDING) == 0) & ~(outside | no_cont)[None, :], iv, 0.0)
+        fn, ivn, cont, defined = self.normalizer(f, ivar_cont)
+        defined &= ~outside[None, :]
+        m |= np.where(~defined, flag_value("NO_CONTINUUM"), 0).astype(np.int32)
+        # normalised ivar from the full ivar (also where the pixel is not in the continuum)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            fn = np.where(defined, f / cont, np.nan)
+            ivn = np.where(defined & np.isfinite(iv), iv * cont**2, 0.0)
+        overflow = defined & ~(np.isfinite(ivn) & np.isfinite(fn))
+        m |= np.where(overflow, flag_value("BAD_INPUT"), 0).astype(np.int32)
+        ivn = np.where(((m & EXCLUDING_BITS) != 0) | ~np.isfinite(fn) | ~np.isfinite(ivn), 0.0, ivn)
+        return fn, ivn, cont, m
 
     def failure(self, meta_rows: Table, status: str, reason: str) -> PreparedSpectra:
         """Prepared rows for spectra that could not be prepared at all."""
@@ -154,10 +216,20 @@ class Preparer:
 
     # ------------------------------------------------------------------ main
     def __call__(self, spectra: SpectrumSet) -> PreparedSpectra:
-        try:
-            return self._prepare(spectra)
-        except Exception as exc:  # never lose the rows of a batch
-            return self.failure(spectra.meta, "failed", f"{type(exc).__name__}: {exc}")
+        """Prepare a batch; works in chunks of ``chunk`` spectra (cache-sized arrays).
+
+        A chunk that raises unexpectedly becomes rows with status ``failed``;
+        the other chunks are unaffected.
+        """
+        n = spectra.n_spectra
+        parts = []
+        for i0 in range(0, n, self.chunk):
+            sub = spectra if (i0 == 0 and n <= self.chunk) else spectra.select(np.arange(i0, min(n, i0 + self.chunk)))
+            try:
+                parts.append(self._prepare(sub))
+            except Exception as exc:  # never lose the rows of a batch
+                parts.append(self.failure(sub.meta, "failed", f"{type(exc).__name__}: {exc}"))
+        return parts[0] if len(parts) == 1 else PreparedSpectra.concatenate(parts)
 
     def _prepare(self, s: SpectrumSet) -> PreparedSpectra:
         cfg = self.config
@@ -219,12 +291,10 @@ class Preparer:
 
         with np.errstate(divide="ignore", invalid="ignore"):
             ivar = np.where(v_out > 0, 1.0 / v_out, 0.0)
-        ivar_cont = np.where((mask & CONTINUUM_EXCLUDING) == 0, ivar, 0.0)
-        fn, ivn, cont, defined = self.normalizer(f_out, ivar_cont)
-        mask |= np.where(~defined, flag_value("NO_CONTINUUM"), 0).astype(np.int32)
-        excluded = (mask & EXCLUDING_BITS) != 0
-        ivn = np.where(excluded | ~np.isfinite(fn), 0.0, ivn)
-        # keep normalised flux where the continuum is defined (masked pixels still carry flux)
+        cover = self.wave[op.coverage >= 0.999]
+        in_range = (cover[0], cover[-1]) if cover.size else None
+        fn, ivn, cont, mask = self.normalize(f_out, ivar, mask, in_range)
+        # masked pixels keep their normalised flux (IVAR = 0) for plots and diagnostics
         n_used = np.count_nonzero(ivn > 0, axis=1)
         with np.errstate(invalid="ignore"):
             snr_prep = _nanmedian_rows(np.where(ivn > 0, fn * np.sqrt(ivn), np.nan))

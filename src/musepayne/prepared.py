@@ -142,6 +142,12 @@ class PreparedSpectra:
             raise ReaderError(f"{path}: SPECTRA has {len(spectra)} rows for {flux.shape[0]} spectra")
         return cls(wave, flux, ivar, mask, exc, cont, spectra, meta)
 
+    def take(self, index) -> "PreparedSpectra":
+        """A new object with the rows at ``index`` (in that order)."""
+        idx = np.asarray(index)
+        return PreparedSpectra(self.wave.copy(), self.flux[idx], self.ivar[idx], self.mask[idx],
+                               self.lsf_excess[idx], self.cont[idx], self.spectra[idx], dict(self.meta))
+
     @staticmethod
     def concatenate(parts) -> "PreparedSpectra":
         from astropy.table import vstack

@@ -192,11 +192,16 @@ def detect_kind(path) -> str:
 
 def read_spectra(path, kind: str | None = None, **kw) -> SpectrumSet:
     """Read any supported spectrum file (see module docstring)."""
-    kind = kind or detect_kind(path)
     readers = {"muse": read_muse_spectra, "lamost": read_lamost, "miles": read_miles, "stelib": read_stelib}
-    if kind not in readers:
+    if kind is not None and kind not in readers:
         raise ReaderError(f"unknown instrument/kind {kind!r}; choose one of {KINDS}")
-    return readers[kind](path, **kw)
+    try:
+        kind = kind or detect_kind(path)
+        return readers[kind](path, **kw)
+    except ReaderError:
+        raise
+    except Exception as exc:  # anything astropy/numpy raise on a malformed file
+        raise ReaderError(f"{path}: cannot read as {kind or 'spectrum'} file ({type(exc).__name__}: {exc})") from None
 
 
 # --------------------------------------------------------------------------- MUSE
@@ -382,37 +387,32 @@ def library_variance(flux, snr: float = LIBRARY_SNR):
 
 
 def read_miles_params(path) -> Table:
-    """Parse ``paramsMILES_v9.1.txt``: MILES id, name, SpT, Teff, logg, [Fe/H].
+    """Parse ``paramsMILES_v9.1.txt``: MILES id, name, Teff, logg, [Fe/H].
 
-    Missing values ('--') become NaN.
+    The file is fixed-width: the name in columns 0-22 (cluster stars have
+    spaces and a 'Cl' tag in it), the 4-digit MILES id in columns 23-26, then
+    CaT id, spectral type, Teff, log g, [Fe/H], references.  Missing values
+    ('--') become NaN.  Rows whose id is not four digits (one row in v9.1
+    reads '022.') are skipped: guessing the star would risk a wrong label.
     """
+    num_re = re.compile(r"-?\d+\.\d+|--")
     rows = []
     with open(path, encoding="latin-1") as fh:
         for line in fh:
-            m = re.match(r"^(\S.{0,21}?)\s+(\d{4})\s", line)
-            if not m:
+            mid = line[23:27]
+            if len(line) < 40 or not re.fullmatch(r"\d{4}", mid):
                 continue
-            tail = line[m.end():]
-            toks = tail.split()
-            # the last tokens before Refs are Teff, logg, [Fe/H]; find them from the right
-            nums = []
-            for tok in toks:
-                if re.fullmatch(r"-?\d+(\.\d+)?|--", tok):
-                    nums.append(tok)
-            # numeric tokens: [CaT], Teff, logg, feh, [refs...]; locate Teff as first with >= 4 digits int
+            toks = line[27:].split()
             vals = None
             for i in range(len(toks) - 2):
                 a, b, c = toks[i:i + 3]
-                if re.fullmatch(r"\d{4,5}|--", a) and re.fullmatch(r"-?\d+\.\d+|--", b) and re.fullmatch(r"-?\d+\.\d+|--", c):
+                if re.fullmatch(r"\d{4,5}|--", a) and num_re.fullmatch(b) and num_re.fullmatch(c):
                     vals = (a, b, c)
                     break
             if vals is None:
                 continue
-
-            def num(x):
-                return np.nan if x == "--" else float(x)
-
-            rows.append((m.group(2), m.group(1).strip(), num(vals[0]), num(vals[1]), num(vals[2])))
+            num = [np.nan if x == "--" else float(x) for x in vals]
+            rows.append((mid, line[:23].strip(), *num))
     if not rows:
         raise ReaderError(f"{path}: no MILES parameter rows found")
     ids, names, teff, logg, feh = zip(*rows)
@@ -601,5 +601,10 @@ class MuseCube:
 
 
 def open_cube(path, allow_missing_stat: bool = False) -> MuseCube:
-    """Open a MUSE cube lazily (see :class:`MuseCube`)."""
-    return MuseCube(str(path), allow_missing_stat=allow_missing_stat)
+    """Open a MUSE cube lazily (see :class:`MuseCube`); malformed files raise ReaderError."""
+    try:
+        return MuseCube(str(path), allow_missing_stat=allow_missing_stat)
+    except ReaderError:
+        raise
+    except Exception as exc:
+        raise ReaderError(f"{path}: cannot open as a MUSE cube ({type(exc).__name__}: {exc})") from None

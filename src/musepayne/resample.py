@@ -15,13 +15,16 @@ Resolution matching (paper Eq. 1)
 ---------------------------------
 The Gaussian kernel that takes an input LSF to a target LSF has
 
-``sigma_k^2(l) = sigma_target^2(l) - sigma_in^2(l) - max(0, dl_out^2 - dl_in^2) / 12``
+``sigma_k^2(l) = sigma_target^2(l) - sigma_in^2(l) - (dl_in^2 + dl_out^2) / 12``
 
-The first two terms are Eq. 1.  The last accounts for the extra smoothing of
-the rebinning itself: averaging input pixels of width ``dl_in`` over an output
-pixel of width ``dl_out`` widens the effective LSF by the difference of the two
-box-car variances.  With it, taking a spectrum to a target in one step or in
-two (e.g. library -> MUSE -> LAMOST) gives the same effective resolution.  The
+The first two terms are Eq. 1.  The last accounts for the smoothing of the
+rebinning itself: input samples treated as constant over their pixels of width
+``dl_in`` and averaged over output pixels of width ``dl_out`` are, on average
+over pixel phases, the input convolved with both box-cars (variance
+``dl^2 / 12`` each).  LSFs are effective ones (they include their own pixel),
+so with this term the output has exactly the target LSF, and taking a spectrum
+to a target in one step or in two (library -> MUSE -> LAMOST) gives the same
+resolution.  The
 kernel width varies with wavelength; where ``sigma_k^2 < 0`` the input is
 already coarser than the target: it is *not* sharpened (zero kernel), the
 pixels are flagged ``RES_COARSE`` and the excess FWHM is returned so that a fit
@@ -52,6 +55,7 @@ __all__ = [
     "kernel_sigma",
     "SpectralOperator",
     "build_operator",
+    "broadening_matrix",
 ]
 
 _TRUNCATE = 4.0  # kernel half-width in sigma
@@ -143,7 +147,7 @@ def kernel_sigma(wave_in, lsf_in: LSF, lsf_target: LSF, dpix_in, dpix_out):
     """
     s_t2 = lsf_target.sigma(wave_in) ** 2
     s_i2 = lsf_in.sigma(wave_in) ** 2
-    pix = np.maximum(0.0, np.asarray(dpix_out) ** 2 - np.asarray(dpix_in) ** 2) / 12.0
+    pix = (np.asarray(dpix_out) ** 2 + np.asarray(dpix_in) ** 2) / 12.0
     k2 = s_t2 - s_i2 - pix
     sigma_k = np.sqrt(np.clip(k2, 0.0, None))
     excess_fwhm = np.sqrt(np.clip(-k2, 0.0, None)) / FWHM_TO_SIGMA
@@ -219,3 +223,15 @@ def build_operator(wave_in, frame_in: str, lsf_in: LSF, wave_out, lsf_target: LS
     excess = np.where(coverage > 0, (R @ excess_in) / cov_safe, 0.0)
     Msq = M.multiply(M).tocsr()
     return SpectralOperator(M, Msq, coverage, edge_loss, excess)
+
+
+def broadening_matrix(wave, excess_fwhm):
+    """Sparse operator that broadens a spectrum on ``wave`` by a Gaussian of FWHM ``excess_fwhm``.
+
+    This is how a model is forward-modelled to data whose LSF is broader than
+    the model's (the ``LSF_EXCESS`` of prepared spectra): ``model_broad =
+    B @ model``.  Rows where the excess is below a quarter pixel are the identity.
+    """
+    sigma = np.asarray(excess_fwhm, dtype=np.float64) * FWHM_TO_SIGMA
+    K, _ = convolution_matrix(wave, np.broadcast_to(sigma, np.shape(wave)))
+    return K

@@ -2,77 +2,85 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
-import numpy as np
 
-from ._common import Timer, emit, json_option
+from ._common import emit, fail, json_option
 
 
 @click.command(name="demo")
 @click.option("-o", "--outdir", default="musepayne-demo", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the demo's inputs and outputs.")
-@click.option("--snr", default=100.0, show_default=True, help="S/N per pixel of the simulated spectrum.")
-@click.option("--seed", default=1, show_default=True, help="Random seed of the noise.")
+              help="Folder for the simulated cube and every output.")
+@click.option("--cube", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Run the pipeline on this cube instead of a simulated one (needs --sources).")
+@click.option("--sources", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Source catalogue for --cube.")
+@click.option("--model", default="default", show_default=True, help="Model file or 'default'.")
+@click.option("--nstars", default=400, show_default=True, help="Stars in the simulated field.")
+@click.option("--size", default=80, show_default=True, help="Simulated field size in spaxels (square).")
+@click.option("--seed", default=2022, show_default=True, help="Random seed of the simulation.")
+@click.option("--progress/--no-progress", default=True)
 @json_option
-def demo(outdir, snr, seed, as_json):
-    """Make a MUSE-like spectrum with the package's own toy model, prepare it, report.
+def demo(outdir, cube, sources, model, nstars, size, seed, progress, as_json):
+    """Simulate a globular-cluster-like MUSE cube and run the full pipeline on it.
 
-    Needs no arguments, no data and no network.  Writes a PampelMUSE-style
-    input spectrum and the prepared file into OUTDIR and prints where.
+    With no arguments and no network: the package's simulator makes a crowded
+    field (a King-profile cluster of old metal-poor stars plus disc field
+    stars; spectra from the default model, at MUSE air sampling, with a
+    wavelength-dependent Moffat PSF, sky and noise); then extract -> prepare
+    -> fit -> catalogue -> report run on it with the default model, and the
+    recovered labels are compared with the truth.  Writes everything to
+    OUTDIR and prints where.  With --cube/--sources it runs on your cube.
     """
-    from astropy.io import fits
+    from astropy.table import Table
 
-    from ..flags import decode_mask
-    from ..io import atomic_write_fits
-    from ..prepare import Preparer
-    from ..prepared import PreparedSpectra
-    from ..readers import read_spectra
-    from ..toyspec import muse_grid, toy_spectrum
+    from ..model import ModelError, load_model
+    from ..pipeline import Pipeline, RunConfig
+    from .run import progress_display, setup_log
 
-    timer = Timer()
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    with timer("simulate"):
-        wave = muse_grid()
-        flux = 1e4 * toy_spectrum(wave, rv_kms=18.8)
-        sigma = flux / snr
-        noisy = flux + rng.normal(0.0, 1.0, flux.size) * sigma
-        ph = fits.PrimaryHDU(noisy.astype(np.float32))
-        for k, v in (("CRVAL1", wave[0]), ("CDELT1", 1.25), ("CRPIX1", 1.0), ("CTYPE1", "AWAV"),
-                     ("CUNIT1", "Angstrom"), ("OBJNAME", "musepayne-demo-toy")):
-            ph.header[k] = v
-        spec_path = out / "demo_muse_spectrum.fits"
-        atomic_write_fits(fits.HDUList([ph, fits.ImageHDU(sigma.astype(np.float32), name="SIGMA")]), spec_path)
-    with timer("prepare"):
-        prepared = Preparer()(read_spectra(spec_path))
-        prep_path = out / "demo_prepared.fits"
-        prepared.write(prep_path)
-    row = prepared.spectra[0]
-    used = prepared.ivar[0] > 0
-    info = {
-        "outdir": str(out),
-        "input": str(spec_path),
-        "prepared": str(prep_path),
-        "status": str(row["status"]),
-        "snr": float(row["snr"]),
-        "snr_prepared": float(row["snr_prepared"]),
-        "n_used": int(row["n_used"]),
-        "timings": timer.timings,
-    }
-    flags = {}
-    for m in np.unique(prepared.mask[0]):
-        for name in decode_mask(m):
-            flags[name] = flags.get(name, 0) + int(np.count_nonzero(prepared.mask[0] == m))
-    lines = [
-        f"demo: simulated a MUSE-like spectrum (S/N {snr:g}) -> {spec_path}",
-        f"prepared onto the LAMOST grid ({prepared.wave.size} px, vacuum) -> {prep_path}",
-        f"status {row['status']}, {int(row['n_used'])} pixels used, S/N per pixel {row['snr']:.1f} "
-        f"(native) / {row['snr_prepared']:.1f} (prepared)",
-        f"median normalised flux over used pixels: {np.nanmedian(prepared.flux[0][used]):.3f}",
-        "pixel flags: " + ", ".join(f"{k}={v}" for k, v in sorted(flags.items())),
-        f"outputs are in {out.resolve()}",
-    ]
+    t0 = time.perf_counter()
+    try:
+        mdl = load_model(model)
+    except ModelError as exc:
+        fail(str(exc), as_json)
+    truth = None
+    if cube is not None:
+        if sources is None:
+            fail("--cube needs --sources (a catalogue with ra/dec or x/y and mag)", as_json)
+        cubes, cube_lsf = [cube], "muse"
+    else:
+        from ..simulate import SimulateConfig, Simulator
+        from ..synthesis import ModelSpectra, globular_cluster_sampler
+
+        cfg = SimulateConfig(nx=size, ny=size, nlayers=3681, nstars=nstars, king_rc=size / 4.0,
+                             mag_bright=15.0, mag_faint=20.0, seed=seed)
+        info = Simulator(cfg, ModelSpectra(mdl, globular_cluster_sampler())).write(out / "demo_cube.fits")
+        cubes, sources, cube_lsf = [info["cube"]], info["sources"], "lamost"
+        truth = Table.read(info["truth"], "TRUTH")
+    t_sim = time.perf_counter() - t0
+    rc = RunConfig(model=model, cube_lsf=cube_lsf)
+    log, handler = setup_log(out)
+    ctx, cb = progress_display(progress and not as_json)
+    try:
+        with ctx:
+            record = Pipeline(out, rc, progress=cb, logger=log).run(cubes, sources, truth=truth)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    rep = record.get("report", {})
+    info = {"outdir": str(out.resolve()), "catalogue": str(out / "catalogue.fits"),
+            "report": str(out / "report" / "index.html"), "counts": record["counts"],
+            "n_observations": record["n_observations"], "simulate_s": round(t_sim, 2),
+            "timings": record["timings"], "truth": rep.get("truth")}
+    lines = [f"demo: {'simulated ' + str(nstars) + '-star cluster field' if cube is None else cube}, "
+             f"{record['n_observations']} stars -> " + ", ".join(f"{k}={v}" for k, v in sorted(record["counts"].items()))]
+    for name, st in (rep.get("truth") or {}).items():
+        lines.append(f"  {name:5s} recovered - true: bias {st['bias']:+.3g}, dispersion {st['dispersion']:.3g} "
+                     f"(N={st['n']})")
+    lines += [f"catalogue: {out / 'catalogue.fits'}", f"report:    {out / 'report' / 'index.html'}",
+              f"total {time.perf_counter() - t0:.0f} s; everything is in {out.resolve()}"]
     emit(info, as_json, lines)

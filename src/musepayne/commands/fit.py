@@ -20,15 +20,17 @@ from ._common import Timer, emit, fail, json_option
               help="Catalogue file: .fits (default), .csv or .parquet by suffix.")
 @click.option("--rv-range", default=600.0, show_default=True, type=float,
               help="Half-width (km/s) of the RV search and bound of the fitted RV.")
-@click.option("--starts", "n_starts", default=3, show_default=True, type=int, help="Starting points per spectrum.")
+@click.option("--starts", "n_starts", default=2, show_default=True, type=int, help="Starting points per spectrum.")
 @click.option("--lsf-excess/--no-lsf-excess", default=True, show_default=True,
               help="Convolve the model by the prepared LSF_EXCESS where the data are broader than the model.")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--threads", "n_threads", default=1, show_default=True, type=int,
+              help="Fit chunks of spectra in this many threads (set OMP_NUM_THREADS=1 alongside).")
 @click.option("--keep-model", is_flag=True, help="Store the best-fit model spectra (FITS output only).")
 @click.option("--also", "also", multiple=True, type=click.Path(dir_okay=False),
               help="Also export the catalogue to this file (.csv or .parquet); repeatable.")
 @json_option
-def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_excess, precision, keep_model,
+def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_excess, precision, n_threads, keep_model,
         also, as_json):
     """Fit PREPARED spectra (the file 'musepayne prepare' writes) and write the catalogue.
 
@@ -52,7 +54,7 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
     except (ReaderError, ModelError) as exc:
         fail(str(exc), as_json)
     cfg = FitConfig(rv_range=rv_range, n_starts=n_starts, lsf_excess=lsf_excess, precision=precision,
-                    keep_model=keep_model)
+                    keep_model=keep_model, n_threads=n_threads)
     with timer("fit"):
         cat = Fitter(model, cfg)(data)
         if model_mp is not None:

@@ -53,17 +53,24 @@ def prepare(inputs, output, mode, ao_notch, instrument, lsf_spec, target_lsf, sk
     prep = Preparer(cfg)
     parts, sets = [], []
     with timer("read"):
-        for path in inputs:
+        for i, path in enumerate(inputs):
             try:
                 kw = {"lsf": lsf_from_spec(lsf_spec)} if lsf_spec else {}
-                sets.append(read_spectra(path, kind=instrument, **kw))
+                s = read_spectra(path, kind=instrument, **kw)
+                s.meta["_order"] = [(i, j) for j in range(s.n_spectra)]
+                sets.append(s)
             except (ReaderError, ValueError, OSError) as exc:
-                parts.append(prep.failure_for_file(path, str(exc)))
+                part = prep.failure_for_file(path, str(exc))
+                part.spectra["_order"] = [(i, 0)]
+                parts.append(part)
     with timer("prepare"):
         for s in group_sets(sets):
             parts.append(prep(s))
     with timer("write"):
         result = PreparedSpectra.concatenate(parts)
+        order = np.lexsort(np.asarray(result.spectra["_order"]).T[::-1])  # input file order
+        result = result.take(order)
+        result.spectra.remove_column("_order")
         result.write(output)
     counts = dict(Counter(result.spectra["status"].tolist()))
     info = {

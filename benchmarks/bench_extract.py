@@ -1,0 +1,204 @@
+"""Benchmark: PSF extraction of a full-size simulated MUSE WFM cube.
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/bench_extract.py            # 300x300x3681, 2000 stars
+    PYTHONPATH=src python benchmarks/bench_extract.py --size 150 --nlayers 1000 --nstars 500   # quicker
+
+Simulates the cube in streamed blocks into a temporary folder (deleted at the
+end unless --keep), then runs the extraction in a child process (so its peak
+memory is its own) and prints: wall time split by step, peak RSS, accuracy
+against the truth, and a baseline run in the same child process: a per-layer
+solve without factorisation reuse (design matrix at that layer's wavelength,
+weights from that layer's STAT, its own normal matrix, factorisation and
+error diagonal) on a subset of layers, extrapolated to
+the cube, with the ratio.  Also prints the machine load (shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+class MemSampler:
+    """Peak anonymous (heap) and file-backed (memory-mapped cube pages) RSS from /proc, sampled."""
+
+    def __init__(self, every=0.2):
+        import threading
+
+        self.peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._t.start()
+
+    def _read(self):
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    k = line.split(":")[0]
+                    if k in self.peak:
+                        self.peak[k] = max(self.peak[k], int(line.split()[1]))
+        except OSError:
+            pass
+
+    def _run(self, every):
+        while not self._stop.wait(every):
+            self._read()
+
+    def stop(self):
+        self._read()
+        self._stop.set()
+        self._t.join()
+        return {k + "_peak_MiB": round(v / 1024.0, 1) for k, v in self.peak.items()}
+
+
+def child(args):
+    import scipy.sparse as sp
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from musepayne.extract import ExtractConfig, Extractor, _read_block, factorise
+    from musepayne.readers import open_cube
+
+    cube, cat, truth = args.cube, args.cube.replace(".fits", "_sources.csv"), args.cube.replace(".fits", "_truth.fits")
+    out = os.path.join(os.path.dirname(cube), "spectra.fits")
+    ex = Extractor(ExtractConfig(block=args.block))
+    mem = MemSampler()
+    t0 = time.perf_counter()
+    res = ex(cube, cat)
+    t_extract = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    res.write(out)
+    t_write = time.perf_counter() - t1
+    peak_extract = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MiB (Linux: KiB)
+    mem_peaks = mem.stop()
+
+    # accuracy against the truth
+    tr = Table.read(truth, "TRUTH")
+    tf = fits.getdata(truth, "TRUE_FLUX").astype(float)
+    from scipy.spatial import cKDTree
+
+    xy = np.column_stack([tr["x"], tr["y"]])
+    nn = cKDTree(xy).query(xy, 2)[0][:, 1]
+    fw = res.psf.fwhm_at(float(np.median(res.wave)))
+    s = res.sources
+    ok = np.asarray(s["status"]) == "ok"
+    bright = np.asarray(tr["mag"]) < np.percentile(np.asarray(tr["mag"])[np.asarray(tr["in_field"])], 90)
+    iso = ok & bright & (nn >= fw)
+    rel = (np.nansum(res.flux, 1) - tf.sum(1)) / tf.sum(1)
+    resid = res.flux - tf
+    snr_emp = np.nanmedian(tf, 1) / np.nanstd(resid, 1)
+    pull = np.nanstd(resid / res.err, 1)
+
+    # baseline: per-layer solve without reuse, on a subset of layers of a middle block
+    c = open_cube(cube)
+    nz, ny, nx = c.shape
+    x, y = np.asarray(s["x"]), np.asarray(s["y"])
+    rmax = min(ex.config.psf_radius * float(np.max(res.psf.params(c.wave)[0])), ex.config.psf_radius_max_px)
+    cols = np.nonzero((x > -rmax) & (x < nx - 1 + rmax) & (y > -rmax) & (y < ny - 1 + rmax))[0]
+    valid = np.isfinite(c.data_block(nz // 2, nz // 2 + 1)[0])
+    i0 = nz // 2
+    i1 = min(nz, i0 + args.baseline_layers)
+    d, st, good, mask, _ = _read_block(c, i0, i1, valid)
+    tb = time.perf_counter()
+    base_flux = []
+    for j in range(i1 - i0):
+        A = ex._design(res.psf, x, y, cols, float(c.wave[i0 + j]), (ny, nx), mask)
+        w = np.where(mask.ravel(), 1.0 / np.where(mask.ravel(), st[j].ravel(), 1.0), 0.0)
+        AW = A.multiply(w[:, None]).tocsc()
+        N = (A.T @ AW).tocsc()
+        N = N + sp.diags(1e-9 * N.diagonal() + (N.diagonal() <= 0))
+        solve, ninv_diag = factorise(N, ex.config.dense_max)  # same factorisation + error diagonal
+        xs = solve(np.asarray(AW.T @ np.where(mask.ravel(), d[j].ravel(), 0.0)).ravel())
+        base_flux.append(xs[: cols.size])
+    t_base = (time.perf_counter() - tb) / (i1 - i0)
+    c.close()
+    base_flux = np.array(base_flux).T
+    diff = np.nanmedian(np.abs(base_flux - res.flux[cols, i0:i1]) / np.maximum(res.err[cols, i0:i1], 1e-30))
+    flux_steps = sum(res.timings.get(k, 0.0) for k in ("read", "design", "factorise", "solve"))
+    return {
+        "shape": [nz, ny, nx],
+        "n_stars": int(len(s)),
+        "n_fitted_columns": int(cols.size),
+        "t_extract_s": round(t_extract, 2),
+        "t_write_s": round(t_write, 2),
+        "steps_s": {k: round(v, 2) for k, v in res.timings.items()},
+        "peak_rss_extract_MiB": round(peak_extract, 1),
+        "memory_extract": mem_peaks,
+        "per_layer_blocked_s": round(flux_steps / nz, 5),
+        "per_layer_baseline_s": round(t_base, 5),
+        "baseline_ratio": round(t_base / (flux_steps / nz), 1),
+        "baseline_extrapolated_full_cube_s": round(t_base * nz, 1),
+        "baseline_vs_blocked_median_abs_diff_in_sigma": round(float(diff), 4),
+        "transform": {"offset": res.transform.offset, "rotation": res.transform.rotation,
+                      "scale": res.transform.scale, "rms_px": res.transform.rms},
+        "psf": res.psf.describe(),
+        "status_counts": {k: int(v) for k, v in zip(*np.unique(np.asarray(s["status"]), return_counts=True))},
+        "n_isolated_bright": int(iso.sum()),
+        "isolated_median_abs_flux_err": round(float(np.median(np.abs(rel[iso]))), 5),
+        "isolated_median_pull_std": round(float(np.median(pull[iso])), 3),
+        "isolated_median_snr_reported_over_empirical": round(float(np.median(np.asarray(s["snr"])[iso] / snr_emp[iso])), 3),
+        "blended_median_abs_flux_err": round(float(np.median(np.abs(rel[ok & (nn < fw)]))), 5),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=300)
+    ap.add_argument("--nlayers", type=int, default=3681)
+    ap.add_argument("--nstars", type=int, default=2000)
+    ap.add_argument("--block", type=int, default=50)
+    ap.add_argument("--baseline-layers", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--tmpdir", default=None)
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        args.cube = args.child
+        print(json.dumps(child(args)))
+        return
+    from musepayne.simulate import SimulateConfig, Simulator
+
+    tmp = tempfile.mkdtemp(prefix="bench_extract_", dir=args.tmpdir)
+    try:
+        load0 = os.getloadavg()
+        cube = os.path.join(tmp, "cube.fits")
+        cfg = SimulateConfig(nx=args.size, ny=args.size, nlayers=args.nlayers, nstars=args.nstars, seed=args.seed,
+                             king_rc=args.size / 4.0, psf_step=100)
+        t0 = time.perf_counter()
+        Simulator(cfg).write(cube)
+        t_sim = time.perf_counter() - t0
+        size_gb = os.path.getsize(cube) / 1e9
+        print(f"simulated {args.size}x{args.size}x{args.nlayers}, {args.nstars} stars: {t_sim:.1f} s, {size_gb:.2f} GB",
+              flush=True)
+        r = subprocess.run([sys.executable, __file__, "--child", cube, "--block", str(args.block),
+                            "--baseline-layers", str(args.baseline_layers)], capture_output=True, text=True)
+        if r.returncode:
+            print(r.stderr)
+            sys.exit(r.returncode)
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        res["t_simulate_s"] = round(t_sim, 1)
+        res["load_before"] = [round(v, 2) for v in load0]
+        res["load_after"] = [round(v, 2) for v in os.getloadavg()]
+        print(json.dumps(res, indent=1))
+        m = res["memory_extract"]
+        print(f"extraction {res['t_extract_s']:.1f} s (+ write {res['t_write_s']:.1f} s), "
+              f"peak RSS {res['peak_rss_extract_MiB']:.0f} MiB (anonymous {m['RssAnon_peak_MiB']:.0f} MiB, "
+              f"file-backed cube pages {m['RssFile_peak_MiB']:.0f} MiB); per layer {res['per_layer_blocked_s']*1e3:.1f} ms "
+              f"vs per-layer baseline {res['per_layer_baseline_s']*1e3:.1f} ms (x{res['baseline_ratio']})")
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from musepayne.cli import main
+from musepayne.prepared import PreparedSpectra
+
+
+def test_help_lists_commands():
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0 and "prepare" in r.output
+
+
+def test_prepare_cli_json_and_read_errors(shared, tmp_path):
+    out = tmp_path / "p.fits"
+    bad = tmp_path / "broken.fits"
+    bad.write_text("garbage")
+    args = [str(shared / "muse/spectra/ngc6397_id10554_pampelmuse.fits"),
+            str(shared / "lamost/dr6_dr7/spec-58397-EG014118N254444M01_sp03-031.fits"),
+            str(shared / "libraries/miles/MILES_res2.50_star_m0001V.fits"), str(bad),
+            "-o", str(out), "--json"]
+    r = CliRunner().invoke(main, ["prepare", *args])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["n_spectra"] == 4 and info["counts"] == {"ok": 3, "read_error": 1}
+    p = PreparedSpectra.read(out)
+    assert p.flux.shape == (4, 3909)
+    assert set(p.spectra["instrument"]) == {"muse", "lamost", "miles", "unknown"}
+    row = p.spectra[p.spectra["status"] == "read_error"][0]
+    assert "not a readable FITS" in row["reason"]
+    assert p.spectra["teff"][2] == 5305.0
+    assert p.meta["mode"] == "standard"
+
+
+def test_demo_main_job(tmp_path):
+    r = CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "d"), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["status"] == "ok"
+    # the demo spectrum has S/N 100 per native pixel by construction
+    assert abs(info["snr"] - 100) < 5
+    p = PreparedSpectra.read(info["prepared"])
+    used = p.ivar[0] > 0
+    assert abs(np.nanmedian(p.flux[0][used]) - 1) < 0.05
+
+
+def test_outputs_are_not_private(tmp_path):
+    import os
+    import stat
+
+    from musepayne.io import atomic_write_text
+
+    p = tmp_path / "x.txt"
+    atomic_write_text("hi", p)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
