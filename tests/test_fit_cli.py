@@ -11,15 +11,21 @@ from musepayne.catalogue import read_catalogue
 from musepayne.cli import main
 
 
-def test_fit_without_default_model_is_clear(tmp_path):
+def test_fit_default_model_on_a_wrong_grid_is_a_failed_row(tmp_path):
+    """Without --model the shipped default (LAMOST grid) is used; spectra on another grid
+    become failed rows with a reason, not a crash."""
+    from astropy.table import Table
+
     from musepayne.toymodel import toy_mlp_model
 
     m = toy_mlp_model(np.linspace(5000, 5100, 200), hidden=(8, 8), n_lines=10)
     prep = tmp_path / "p.fits"
     as_prepared(m.wave, np.ones((1, 200)), np.ones(200)).write(prep)
     r = CliRunner().invoke(main, ["fit", str(prep), "-o", str(tmp_path / "o.fits"), "--json"])
-    assert r.exit_code == 2
-    assert "no default model shipped yet" in json.loads(r.output)["error"]
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["counts"] == {"failed": 1}
+    t = Table.read(tmp_path / "o.fits")
+    assert t["status"][0] == "failed:bad_wavelength" and t["model"][0] == "musepayne-default-miles-stelib"
 
 
 @pytest.mark.shared

@@ -64,8 +64,11 @@ def test_model_file_round_trip_exact(tmp_path):
 
 
 def test_load_model_errors(tmp_path):
-    with pytest.raises(ModelError, match="no default model shipped yet"):
-        load_model("default")
+    # the shipped default: trained on MILES+STELIB, LAMOST grid, provenance inside
+    d = load_model("default")
+    assert d.label_names == ("teff", "logg", "fe_h") and d.n_pix == 3909 and d.frame == "vacuum"
+    assert d.meta["regularisation"]["gradient_weight"]["teff"] > 0 and d.meta["trainset_source"] == "miles,stelib"
+    assert d.meta["command"].startswith("musepayne train ")
     with pytest.raises(ModelError, match="not found"):
         load_model(tmp_path / "missing.fits")
     bad = tmp_path / "bad.npz"

@@ -27,7 +27,11 @@ def _run_cv(options, as_json):
         fail("cross-validation (--cv) is not available in this build (needs "
              f"{CV_HOOK}, provided by the training stage)", as_json)
         return
-    info, lines = fn(options)
+    try:
+        info, lines = fn(options)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        fail(f"cross-validation failed: {exc}", as_json)
+        return
     emit(info, as_json, lines)
 
 
