@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,13 @@ LIBRARY_SNR = 1000.0
 
 # --------------------------------------------------------------------------- helpers
 def _open(path, **kw):
+    with warnings.catch_warnings():
+        # STELIB headers repeat EXTEND; astropy fixes that silently for us
+        warnings.filterwarnings("ignore", message=".*EXTEND.*already exists.*")
+        return _open_checked(path, **kw)
+
+
+def _open_checked(path, **kw):
     p = Path(path)
     if not p.exists():
         raise ReaderError(f"{path}: no such file")

@@ -87,6 +87,12 @@ class TrainConfig:
         (None = all); the validation/early-stopping score always uses all
     dtype : 'float32' or 'float64'
     negative_slope : leaky-ReLU slope of the mlp
+    min_pixel_coverage : model pixels with usable data (IVAR > 0) in fewer than this
+        fraction of the training spectra are written to the model's pixel mask, so
+        fits ignore them.  A network is only constrained where most training stars
+        have data: MILES stops at 7410 A, so redder pixels are learnt from the ~20 %
+        of STELIB stars alone and extrapolate badly for labels STELIB does not cover
+        (e.g. the NGC 6397 giant's RV moved by 40 km/s).  0 disables the mask.
     """
 
     arch: str = "mlp"
@@ -108,6 +114,7 @@ class TrainConfig:
     val_metric: str = "mean"
     dtype: str = "float32"
     negative_slope: float = 0.01
+    min_pixel_coverage: float = 0.5
 
     def __post_init__(self):
         if self.arch not in ("mlp", "perpixel"):
@@ -193,6 +200,7 @@ class TrainResult:
     history: list
     negative_slope: float = 0.01
     label_units: tuple = ()
+    pixel_mask: np.ndarray | None = None
 
     # ------------------------------------------------------------ numpy inference
     def scale(self, labels):
@@ -222,10 +230,14 @@ class TrainResult:
                       frame=self.frame, label_units=self.label_units or None, meta=dict(self.meta))
         f32 = np.float32
         if self.arch == "mlp":
-            return MLPPayne([np.asarray(w, f32) for w in self.weights], [np.asarray(b, f32) for b in self.biases],
-                            negative_slope=self.negative_slope, **common)
-        return PerPixelPayne(np.asarray(self.weights[0], f32), np.asarray(self.biases[0], f32),
-                             np.asarray(self.weights[1], f32), np.asarray(self.biases[1], f32), **common)
+            model = MLPPayne([np.asarray(w, f32) for w in self.weights], [np.asarray(b, f32) for b in self.biases],
+                             negative_slope=self.negative_slope, **common)
+        else:
+            model = PerPixelPayne(np.asarray(self.weights[0], f32), np.asarray(self.biases[0], f32),
+                                  np.asarray(self.weights[1], f32), np.asarray(self.biases[1], f32), **common)
+        if self.pixel_mask is not None:
+            model.with_pixel_mask(self.pixel_mask)
+        return model
 
 
 # --------------------------------------------------------------------------- torch parts
@@ -569,10 +581,14 @@ def _train(flux, ivar, labels, label_names, wave, cfg, templates=None, groups=No
         "train_seconds": round(elapsed, 2),
         "command": " ".join(sys.argv) if sys.argv else "",
     }
+    coverage = np.mean(ivar[tr] > 0, axis=0)
+    pixel_mask = coverage < cfg.min_pixel_coverage
+    meta["pixel_mask"] = {"rule": f"IVAR > 0 in fewer than {cfg.min_pixel_coverage:g} of the training spectra",
+                          "n_masked": int(pixel_mask.sum())}
     if provenance:
         meta.update(provenance)
     return TrainResult(cfg.arch, weights, biases, names, xmin.copy(), xmax.copy(), wave.copy(), frame, meta,
-                       history, cfg.negative_slope, tuple(label_units or ()))
+                       history, cfg.negative_slope, tuple(label_units or ()), pixel_mask)
 
 
 class _progress:
