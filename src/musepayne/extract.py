@@ -177,6 +177,11 @@ def read_catalogue(src) -> Table:
         out["x_cat"] = np.asarray(t[x], float)
         out["y_cat"] = np.asarray(t[y], float)
     out["mag"] = np.asarray(np.ma.filled(t[mag], np.nan), float)
+    ids, counts = np.unique(np.asarray(out["stellar_id"]), return_counts=True)
+    if np.any(counts > 1):
+        dup = ", ".join(map(str, ids[counts > 1][:5]))
+        raise ReaderError(f"source catalogue has duplicated stellar ids ({dup}{', ...' if (counts > 1).sum() > 5 else ''}); "
+                          "every star must have a unique id")
     return out
 
 
