@@ -64,9 +64,10 @@ def _col(t, name):
 
 
 def _good(cat):
+    """Rows with a converged fit inside the model's label range (not 'edge', not failed)."""
     if "status" not in cat.colnames:
         return np.ones(len(cat), bool)
-    return np.array([str(s).startswith(("converged", "ok", "edge")) for s in cat["status"]])
+    return np.array([str(s).startswith(("converged", "ok")) for s in cat["status"]])
 
 
 def plot_white_light(path, image, sources=None):
@@ -262,7 +263,8 @@ def make_report(outdir, catalogue, *, white_light=None, sources=None, wave=None,
         stats = plot_truth(out / "truth.png", catalogue, truth)
         if stats:
             summary["truth"] = stats
-            figs.append(("truth.png", "Recovered minus true labels for the simulated stars."))
+            figs.append(("truth.png", "Recovered minus true labels for the simulated stars with a converged fit "
+                                  "(all magnitudes; labels at the model's range edge excluded)."))
     rows = "".join(
         f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
         for k, v in {**summary, **(extra or {})}.items() if k != "truth"
