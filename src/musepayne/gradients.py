@@ -331,8 +331,8 @@ class GradientTemplates:
         ``model`` follows the :class:`musepayne.model.SpectralModel` API
         (``label_names``, ``wave``, ``frame``, ``predict_with_jacobian``).
         The model grid must be the template grid.  Returns (n, n_model_labels):
-        Pearson correlation over the usable pixels (template usable and,
-        if the model has a ``pixel_mask``/``usable`` attribute, model usable)
+        Pearson correlation over the usable pixels (template usable and not
+        in the model's ``pixel_mask``)
         of the model's Jacobian column with the nearest reference star's
         template; NaN where the label has no template.
         """
@@ -345,11 +345,9 @@ class GradientTemplates:
         lab = np.atleast_2d(np.asarray(labels, float))
         _, jac = model.predict_with_jacobian(lab)
         use = None
-        for attr in ("usable", "pixel_mask"):
-            m = getattr(model, attr, None)
-            if m is not None and np.shape(m) == self.wave.shape:
-                use = np.asarray(m, bool)
-                break
+        m = getattr(model, "pixel_mask", None)  # True where the model is not to be used
+        if m is not None and np.shape(m) == self.wave.shape:
+            use = ~np.asarray(m, bool)
         return self.gradcorr_from_jacobian(jac, lab, tuple(model.label_names), use)
 
     # ------------------------------------------------------------------ I/O
