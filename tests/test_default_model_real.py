@@ -1,0 +1,38 @@
+"""The shipped default model on real data (issue 4 checks that need no training)."""
+
+import numpy as np
+import pytest
+
+from musepayne.fit import FitConfig, Fitter
+from musepayne.model import load_model
+from musepayne.prepare import Preparer
+from musepayne.readers import read_spectra
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("default")
+
+
+def test_default_model_provenance(model):
+    m = model.meta
+    assert model.label_names == ("teff", "logg", "fe_h")
+    assert "musepayne train" in m["command"] and m["regularisation"]["gradient_weight"]
+    assert m["n_train"] > 500 and "pixel_mask" in m
+    # the model is not used where most training spectra have no data (MILES ends at 7410 A)
+    w = model.wave
+    assert model.pixel_mask[(w > 7500) & (w < 7550)].all()
+    assert not model.pixel_mask[(w > 6100) & (w < 6250)].any()
+
+
+def test_ngc6397_giant(shared, model):
+    """Real MUSE spectrum of an NGC 6397 giant: cluster [Fe/H] = -2.0, RV = +18.8 km/s."""
+    s = read_spectra(shared / "muse/spectra/ngc6397_id10554_pampelmuse.fits")
+    cat = Fitter(model, FitConfig())(Preparer()(s))
+    row = cat[0]
+    assert row["status"] == "converged"
+    assert abs(row["fe_h"] + 2.0) < 0.3
+    assert row["logg"] < 3.5
+    assert 4500 < row["teff"] < 5800
+    assert abs(row["rv"] - 18.8) < 15  # an air/vacuum mistake would show as ~80 km/s
+    assert np.isfinite(row["teff_err"]) and row["teff_err"] > 0
