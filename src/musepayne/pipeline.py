@@ -58,6 +58,11 @@ class RunConfig:
     fit_chunk : stars per fit checkpoint
     min_snr : spectra below this native S/N are not fitted (status row kept)
     report : write the HTML report
+    blas_threads : BLAS threads used by the run (default 1).  Floating-point sums
+        depend on the thread count, so fixing it makes a run's numbers identical
+        wherever it runs (a resumed run, another worker, another machine);
+        parallelism comes from running cubes side by side (``musepayne survey``).
+        None: leave the BLAS library's own setting.
     """
 
     model: str = "default"
@@ -70,6 +75,7 @@ class RunConfig:
     fit_chunk: int = 200
     min_snr: float = 3.0
     report: bool = True
+    blas_threads: int | None = 1
     extract_options: dict = field(default_factory=dict)
     fit_options: dict = field(default_factory=dict)
 
@@ -245,9 +251,21 @@ class Pipeline:
 
     # ------------------------------------------------------------------ driver
     def run(self, cubes, sources, truth=None, stop_after=None) -> dict:
+        """Process ``cubes`` (with one source catalogue, or one per cube); returns the run record."""
+        if self.config.blas_threads is None:
+            return self._run(cubes, sources, truth, stop_after)
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=int(self.config.blas_threads)):
+            return self._run(cubes, sources, truth, stop_after)
+
+    def _run(self, cubes, sources, truth=None, stop_after=None) -> dict:
         from .model import load_model
 
         self.outdir.mkdir(parents=True, exist_ok=True)
+        # temporary files of a killed run are never valid: remove them (one run per OUTDIR at a time)
+        for stale in self.outdir.rglob(".*.part"):
+            stale.unlink(missing_ok=True)
         atomic_write_json(self.config.to_dict(), self.outdir / "config.json")
         t_start = time.perf_counter()
         model = load_model(self.config.model)
