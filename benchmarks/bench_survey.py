@@ -37,11 +37,13 @@ def main():
     ap.add_argument("--size", type=int, default=60)
     ap.add_argument("--model", default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--extract-seconds", type=float, default=161.0,
+                    help="extraction time of one full 300x300x3681 cube (benchmarks/bench_extract.py; 161 s measured)")
     args = ap.parse_args()
 
     from musepayne.model import ModelError, load_model
     from musepayne.simulate import SimulateConfig, Simulator
-    from musepayne.survey import Survey, SurveyConfig, projected_wall_time, read_store_catalogue, sources_resolver
+    from musepayne.survey import Survey, SurveyConfig, read_store_catalogue, sources_resolver
     from musepayne.synthesis import ModelSpectra, globular_cluster_sampler
 
     tmp = Path(tempfile.mkdtemp(prefix="mp-bench-survey-"))
@@ -90,16 +92,20 @@ def main():
         print(f"peak RSS: in-process worker {peak_self:.0f} MB; largest Dask worker process {peak_children:.0f} MB")
         w1, n1 = results[1]
         w2, n2 = results[2]
-        print(f"speed-up 2 workers vs 1: {(n2 / w2) / (n1 / w1):.2f}x")
-        per_cube = w2 / args.cubes * 2  # seconds of one 2-core node per cube at this size
-        rate_node = n2 / w2
-        proj = projected_wall_time(rate_node, extract_s_per_cube=None)
-        print("projection, 13,000 cubes x 300 stars on 100 nodes like this one (2 cores):")
-        print(f"  from the measured whole-pipeline rate ({rate_node:.2f} stars/s per node): "
-              f"{proj['fit_hours']:.1f} h")
-        print(f"  assumptions: cubes of {args.size}x{args.size} spaxels here ({per_cube:.0f} s per cube per node); "
-              "a full 300x300 WFM cube costs ~25x more to extract (see benchmarks/bench_extract.py); "
-              "perfect scaling over nodes; no I/O limits; 300 stars per cube")
+        print(f"speed-up 2 workers vs 1: {(n2 / w2) / (n1 / w1):.2f}x (includes Dask cluster start-up)")
+        # per-stage costs from the per-cube records of the 1-worker store
+        man = Survey(tmp / "store-1").load_manifest()
+        fit_s = sum(r["timings"].get("fit", 0.0) for r in man.values())
+        prep_s = sum(r["timings"].get("prepare", 0.0) for r in man.values())
+        fit_rate = n1 / fit_s if fit_s > 0 else float("nan")
+        print(f"fit stage: {fit_rate:.1f} stars/s per worker; prepare {prep_s / n1 * 1e3:.1f} ms per star")
+        t_cube = args.extract_seconds + 300 / fit_rate + 300 * prep_s / n1
+        hours = 13000 / 100 * t_cube / 2 / 3600
+        print("projection, 13,000 cubes x 300 stars on 100 nodes like this one (2 cores = 2 workers):")
+        print(f"  per full cube: extract {args.extract_seconds:.0f} s (bench_extract, 300x300x3681, 2000 stars) "
+              f"+ fit {300 / fit_rate:.0f} s + prepare {300 * prep_s / n1:.1f} s = {t_cube:.0f} s")
+        print(f"  -> {hours:.1f} h wall (assumes perfect scaling over nodes and workers, cubes read from local disk "
+              "at the rate measured here, extraction single-threaded per worker)")
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -56,3 +56,13 @@ def reference_shift(wave, f, v):
             inside = (x >= lw[1]) & (x <= lw[-2])
             out[i, inside] = spl(x[inside])
     return out
+
+
+def toy_stellar_model():
+    """A random-weight MLP on the LAMOST grid with the default model's labels and ranges of a
+    typical training set (Teff 4000-7000 K, log g 0.5-5, [Fe/H] -2.5..0.5)."""
+    from musepayne.toymodel import toy_mlp_model
+    from musepayne.wavelength import lamost_wavelength
+
+    return toy_mlp_model(lamost_wavelength(), label_names=("teff", "logg", "fe_h"),
+                         x_min=np.array([4000.0, 0.5, -2.5]), x_max=np.array([7000.0, 5.0, 0.5]))

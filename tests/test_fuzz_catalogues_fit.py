@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import numpy as np
 import pytest
 from astropy.table import Table
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fit_helpers import as_prepared
+from fit_helpers import as_prepared, toy_stellar_model
 from musepayne.extract import read_catalogue
 from musepayne.fit import FitConfig, Fitter
 from musepayne.spectra import ReaderError
-from musepayne.toymodel import toy_mlp_model
-from musepayne.wavelength import lamost_wavelength
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+                 derandomize=os.environ.get("CI", "").lower() in ("1", "true", "yes"))  # reproducible CI runs
 COLS = ["stellar_id", "id", "ra", "dec", "x", "y", "mag", "Vmag", "other"]
 
 
@@ -49,8 +49,7 @@ def test_fuzz_source_catalogues(tmp_path_factory, cols, n, dup, nan_frac, seed, 
     assert "mag" in out.colnames and (("ra" in out.colnames) or ("x_cat" in out.colnames))
 
 
-MODEL = toy_mlp_model(lamost_wavelength(), label_names=("teff", "logg", "fe_h"),
-                      x_min=np.array([4000.0, 0.5, -2.5]), x_max=np.array([7000.0, 5.0, 0.5]))
+MODEL = toy_stellar_model()
 FITTER = Fitter(MODEL, FitConfig(n_grid=64))
 TRUE = MODEL.predict(np.array([[5200.0, 2.5, -1.0]]))[0]
 
@@ -82,11 +81,13 @@ def test_fuzz_fitter_bad_rows(kinds, seed):
     cat = FITTER(as_prepared(MODEL.wave, f, iv))
     assert len(cat) == n
     assert all(str(s).split(":")[0] in ("converged", "edge", "not_converged", "failed") for s in cat["status"])
-    # row 0 is clean and unaffected by its neighbours, up to the fit's own convergence tolerance
-    # (chi2 gain < 1e-3 -> ~0.05 sigma) under float32 summation-order changes
+    # row 0 is clean and unaffected by its neighbours, up to the fit's own stopping tolerance:
+    # it stops when a step gains less than stall_tol in chi2, i.e. ~sqrt(2 stall_tol) sigma
+    # from the minimum, and float32 summation order (which depends on the batch) moves that
     alone = FITTER(as_prepared(MODEL.wave, f[:1], iv[:1]))
+    tol = np.sqrt(2 * FITTER.config.stall_tol)
     for k in ("teff", "logg", "fe_h", "rv"):
-        assert cat[k][0] == pytest.approx(alone[k][0], abs=0.05 * float(alone[k + "_err"][0]))
+        assert cat[k][0] == pytest.approx(alone[k][0], abs=tol * float(alone[k + "_err"][0]))
     for i, k in enumerate(kinds, start=1):
         if k in ("all_masked", "few_pixels"):
             assert str(cat["status"][i]).startswith("failed") and cat["reason"][i]

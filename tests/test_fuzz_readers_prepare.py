@@ -9,6 +9,7 @@ and a broken spectrum must not change the result of the good ones in its batch.
 
 from __future__ import annotations
 
+import os
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::astropy.utils.exceptions.Astrop
                                         "ignore::astropy.io.fits.verify.VerifyWarning")
 
 PREP = Preparer()
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+                 derandomize=os.environ.get("CI", "").lower() in ("1", "true", "yes"))  # reproducible CI runs
 
 
 def _meta(n):

@@ -101,11 +101,9 @@ def test_import_real_perpixel_network(shared, tmp_path):
 
 def test_pixel_mask_roundtrip_and_fit_ignores_masked_pixels(tmp_path):
     from musepayne.model import load_model
-    from musepayne.toymodel import toy_mlp_model
-    from musepayne.wavelength import lamost_wavelength
+    from fit_helpers import toy_stellar_model
 
-    m = toy_mlp_model(lamost_wavelength(), label_names=("teff", "logg", "fe_h"),
-                      x_min=np.array([4000.0, 0.5, -2.5]), x_max=np.array([7000.0, 5.0, 0.5]))
+    m = toy_stellar_model()
     mask = np.zeros(m.n_pix, bool)
     mask[2500:2700] = True
     m.with_pixel_mask(mask).save(tmp_path / "m.fits")

@@ -1,15 +1,7 @@
 import numpy as np
 from astropy.table import Table
 
-from musepayne.report import bias_dispersion, make_report
-
-
-def test_bias_dispersion_hand_values():
-    x = np.arange(1, 101, dtype=float)  # percentiles of 1..100 by linear interpolation
-    b, s = bias_dispersion(x)
-    assert b == 50.5
-    assert s == np.float64(0.5 * (np.percentile(x, 84.13) - np.percentile(x, 15.87)))
-    assert np.isnan(bias_dispersion([np.nan])[0])
+from musepayne.report import make_report
 
 
 def test_report_figures_and_truth_stats(tmp_path):

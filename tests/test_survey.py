@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
+from fit_helpers import toy_stellar_model
 from musepayne.simulate import SimulateConfig, Simulator
 from musepayne.survey import Survey, SurveyConfig, read_store_catalogue, sources_resolver
 from musepayne.synthesis import ModelSpectra, globular_cluster_sampler
-from musepayne.toymodel import toy_mlp_model
-from musepayne.wavelength import lamost_wavelength
 
 N_CUBES = 4
 
@@ -25,8 +24,7 @@ N_CUBES = 4
 @pytest.fixture(scope="module")
 def cubes(tmp_path_factory):
     d = tmp_path_factory.mktemp("survey")
-    model = toy_mlp_model(lamost_wavelength(), label_names=("teff", "logg", "fe_h"),
-                          x_min=np.array([4000.0, 0.5, -2.5]), x_max=np.array([7000.0, 5.0, 0.5]))
+    model = toy_stellar_model()
     model.save(d / "model.fits")
     src = ModelSpectra(model, globular_cluster_sampler())
     (d / "sources").mkdir()

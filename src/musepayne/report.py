@@ -24,19 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["make_report", "bias_dispersion"]
+from .validation import bias_dispersion
+
+__all__ = ["make_report"]
 
 _LABEL_TEX = {"teff": r"$T_{\rm eff}$ [K]", "logg": r"$\log g$", "fe_h": "[Fe/H]", "rv": "RV [km/s]"}
-
-
-def bias_dispersion(diff):
-    """Median and half the 15.87-84.13 percentile range (paper S4.1), ignoring NaN."""
-    d = np.asarray(diff, dtype=np.float64)
-    d = d[np.isfinite(d)]
-    if d.size == 0:
-        return np.nan, np.nan
-    lo, hi = np.percentile(d, [15.87, 84.13])
-    return float(np.median(d)), float(0.5 * (hi - lo))
 
 
 def _plt():
@@ -218,12 +210,12 @@ def plot_truth(path, cat, truth, labels=("teff", "logg", "fe_h", "rv"), key="ste
     for ax, n in zip(axes[0], labels):
         t = np.asarray(truth[n], float)[idx[sel]]
         d = _col(cat, n)[sel] - t
-        b, s = bias_dispersion(d)
+        b, s, _ = bias_dispersion(d)
         stats[n] = {"bias": b, "dispersion": s, "n": int(np.isfinite(d).sum())}
         ax.scatter(t, d, s=8)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xlabel(f"true {_label_tex(n)}")
-        ax.set_ylabel(f"recovered - true")
+        ax.set_ylabel("recovered - true")
         ax.set_title(f"bias {b:.3g}, dispersion {s:.3g} (N={stats[n]['n']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -297,18 +297,6 @@ def sources_resolver(sources_dir=None, sources_from=None, workdir=None):
     return find
 
 
-def projected_wall_time(stars_per_s_per_node: float, n_cubes=13000, stars_per_cube=300, nodes=100,
-                        extract_s_per_cube=None, cores_per_node=2) -> dict:
-    """Projected survey wall time (hours) for the benchmark note; assumptions returned with it."""
-    stars = n_cubes * stars_per_cube
-    fit_h = stars / (stars_per_s_per_node * nodes) / 3600
-    ext_h = (n_cubes * extract_s_per_cube / nodes / 3600) if extract_s_per_cube else float("nan")
-    return {"stars": stars, "fit_hours": fit_h, "extract_hours": ext_h,
-            "total_hours": fit_h + (0 if np.isnan(ext_h) else ext_h),
-            "assumptions": {"n_cubes": n_cubes, "stars_per_cube": stars_per_cube, "nodes": nodes,
-                            "cores_per_node": cores_per_node, "perfect_scaling": True}}
-
-
 def read_store_catalogue(store) -> Table:
     """The merged catalogue of a store, read from its Parquet partitions (pyarrow, no pandas)."""
     from .catalogue import read_catalogue

@@ -53,7 +53,7 @@ def survey(cubes, cube_list, store, sources_dir, sources_from, scheduler, worker
         opts["model"] = model
     cfg = SurveyConfig(run_options=opts, retries=retries, scheduler=scheduler, workers=workers,
                        merged_fits=merged_fits)
-    bar = None
+    prog, bar = None, None
     if progress and not as_json:
         from rich.progress import Progress
 
@@ -61,12 +61,14 @@ def survey(cubes, cube_list, store, sources_dir, sources_from, scheduler, worker
         prog.start()
         task = prog.add_task("cubes", total=len(paths))
 
-        def bar(done, total):
+        def _update(done, total):
             prog.update(task, completed=done, total=total)
+
+        bar = _update
     try:
         summary = Survey(store, cfg, progress=bar, log=(lambda *_: None) if as_json else click.echo).run(paths, resolve)
     finally:
-        if bar is not None:
+        if prog is not None:
             prog.stop()
     emit(summary, as_json, [
         f"survey: {summary['n_cubes']} cube(s): {summary['processed']} processed, {summary['skipped']} skipped, "
