@@ -77,6 +77,27 @@ class SurveyConfig:
         return RunConfig(**opts)
 
 
+def _relax_malloc_trim():
+    """Undo Dask's ``MALLOC_TRIM_THRESHOLD_=65536`` for this process (glibc only).
+
+    Dask nannies start workers with that variable, which also disables glibc's
+    dynamic mmap threshold: every large temporary array is then mmap'ed and
+    unmapped again, and the page faults made a cube 3-4x slower in a worker
+    than in a plain process (measured: 7.4 s system time instead of 1.1 s).
+    """
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+    libc.mallopt(m_trim_threshold, 256 * 1024 * 1024)
+
+
 def process_cube(cube: str, sources: str, store: str, run_options: dict, cube_id: str, checksum: str) -> dict:
     """One survey task: run the pipeline for one cube and commit its directory.
 
@@ -85,6 +106,7 @@ def process_cube(cube: str, sources: str, store: str, run_options: dict, cube_id
     """
     from .pipeline import Pipeline, RunConfig
 
+    _relax_malloc_trim()
     store = Path(store)
     work = store / "tmp" / f"{cube_id}-{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True)
