@@ -50,7 +50,9 @@ def test_fuzz_source_catalogues(tmp_path_factory, cols, n, dup, nan_frac, seed, 
 
 
 MODEL = toy_stellar_model()
-FITTER = Fitter(MODEL, FitConfig(n_grid=64))
+# float64: the test is about isolation of rows, not about float32 summation order (which depends on
+# the batch size inside BLAS and can move a float32 fit by a fraction of its error)
+FITTER = Fitter(MODEL, FitConfig(n_grid=64, precision="float64"))
 TRUE = MODEL.predict(np.array([[5200.0, 2.5, -1.0]]))[0]
 
 
@@ -81,13 +83,10 @@ def test_fuzz_fitter_bad_rows(kinds, seed):
     cat = FITTER(as_prepared(MODEL.wave, f, iv))
     assert len(cat) == n
     assert all(str(s).split(":")[0] in ("converged", "edge", "not_converged", "failed") for s in cat["status"])
-    # row 0 is clean and unaffected by its neighbours, up to the fit's own stopping tolerance:
-    # it stops when a step gains less than stall_tol in chi2, i.e. ~sqrt(2 stall_tol) sigma
-    # from the minimum, and float32 summation order (which depends on the batch) moves that
+    # row 0 is clean and unaffected by its neighbours
     alone = FITTER(as_prepared(MODEL.wave, f[:1], iv[:1]))
-    tol = np.sqrt(2 * FITTER.config.stall_tol)
     for k in ("teff", "logg", "fe_h", "rv"):
-        assert cat[k][0] == pytest.approx(alone[k][0], abs=tol * float(alone[k + "_err"][0]))
+        assert cat[k][0] == pytest.approx(alone[k][0], abs=0.01 * float(alone[k + "_err"][0]))
     for i, k in enumerate(kinds, start=1):
         if k in ("all_masked", "few_pixels"):
             assert str(cat["status"][i]).startswith("failed") and cat["reason"][i]
