@@ -262,6 +262,8 @@ def write_catalogue(cat: Table, path, fmt: str | None = None, overwrite: bool = 
         for c in list(tab.colnames):
             if tab[c].ndim > 1:
                 tab.remove_column(c)
+            elif tab[c].dtype.kind == "S":  # byte strings, e.g. from a table read back from FITS
+                tab[c] = tab[c].astype(str)
     if fmt == "parquet":
         try:
             import pyarrow  # noqa: F401

@@ -138,6 +138,21 @@ class FitConfig:
 
 
 # ---------------------------------------------------------------- pure helpers
+def _parabola_offset(chi, k):
+    """Vertex of the parabola through ``chi[i, k-1:k+2]`` for each row, in grid steps from ``k``.
+
+    Rows whose minimum ``k`` sits on the grid edge, or whose three points are not
+    convex, get 0; offsets are clipped to one step.
+    """
+    off = np.zeros(chi.shape[0])
+    ii = np.flatnonzero((k > 0) & (k < chi.shape[1] - 1))
+    if ii.size:
+        cm, c0, cp = chi[ii, k[ii] - 1], chi[ii, k[ii]], chi[ii, k[ii] + 1]
+        den = cm - 2 * c0 + cp
+        off[ii] = np.clip(np.where(den > 0, 0.5 * (cm - cp) / np.where(den > 0, den, 1), 0.0), -1, 1)
+    return off
+
+
 def doppler_factor(v_kms):
     """Relativistic Doppler factor ``D = lambda_obs / lambda_rest = sqrt((1+b)/(1-b))``, ``b = v/c``."""
     b = np.asarray(v_kms, np.float64) / C_KMS
@@ -518,13 +533,7 @@ class Fitter:
         c = chi[np.arange(chi.shape[0]), best_t]
         k = np.argmin(c, 1)
         v0 = vgrid[k].astype(np.float64)
-        inner = (k > 0) & (k < vgrid.size - 1)
-        ii = np.flatnonzero(inner)
-        if ii.size:
-            cm, c0, cp = c[ii, k[ii] - 1], c[ii, k[ii]], c[ii, k[ii] + 1]
-            den = cm - 2 * c0 + cp
-            off = np.where(den > 0, 0.5 * (cm - cp) / np.where(den > 0, den, 1), 0.0)
-            v0[ii] += np.clip(off, -1, 1) * step
+        v0 += _parabola_offset(c, k) * step
         return np.clip(v0, -cfg.rv_range, cfg.rv_range)
 
     def _refine_rv(self, d, w, g_best, v0, half_width=4):
@@ -543,13 +552,7 @@ class Fitter:
         chi = np.einsum("np,nkp->nk", wc, (d[:, None, :] - T) ** 2)
         j = np.argmin(chi, 1)
         v1 = vv[np.arange(m), j]
-        inner = (j > 0) & (j < k.size - 1)
-        ii = np.flatnonzero(inner)
-        if ii.size:
-            cm, c0, cp = chi[ii, j[ii] - 1], chi[ii, j[ii]], chi[ii, j[ii] + 1]
-            den = cm - 2 * c0 + cp
-            off = np.where(den > 0, 0.5 * (cm - cp) / np.where(den > 0, den, 1), 0.0)
-            v1[ii] += np.clip(off, -1, 1) * step
+        v1 += _parabola_offset(chi, j) * step
         return np.clip(v1, -cfg.rv_range, cfg.rv_range)
 
     def _starts(self, d, w, v0):

@@ -407,18 +407,12 @@ def _best_per_star(cat: Table) -> Table:
 
 
 def _write_catalogue(cat: Table, stem: Path):
-    atomic_write_fits(fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(cat)]), stem.with_suffix(".fits"))
-    from .io import atomic_path
+    """``stem``.fits and .csv, and .parquet when pyarrow is installed (all atomic)."""
+    from .catalogue import write_catalogue
 
-    with atomic_path(stem.with_suffix(".csv")) as tmp:
-        cat.write(tmp, format="ascii.csv", overwrite=True)
+    write_catalogue(cat, stem.with_suffix(".fits"))
+    write_catalogue(cat, stem.with_suffix(".csv"))
     try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        return
-    plain = Table(cat, copy=True)
-    for c in plain.colnames:
-        if plain[c].dtype.kind in "SU":
-            plain[c] = plain[c].astype(str)
-    with atomic_path(stem.with_suffix(".parquet")) as tmp:
-        plain.write(tmp, format="parquet", overwrite=True)
+        write_catalogue(cat, stem.with_suffix(".parquet"))
+    except RuntimeError:  # no pyarrow: Parquet is optional
+        pass

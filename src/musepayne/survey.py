@@ -42,11 +42,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from astropy.io import fits
 from astropy.table import Table, vstack
 
 from . import __version__
+from .catalogue import write_catalogue
 from .io import atomic_write_fits, atomic_write_json, sha256_file
 
 __all__ = ["SurveyConfig", "Survey", "process_cube", "read_store_catalogue", "sources_resolver"]
@@ -264,21 +264,13 @@ class Survey:
                 continue
             t = Table.read(path)
             tables.append(t)
+            # the partition key lives in the folder name (hive layout), not in the file
+            part = t.copy(copy_data=False)
+            if "cube_id" in part.colnames:
+                part.remove_column("cube_id")
             try:
-                import pyarrow  # noqa: F401
-
-                from .io import atomic_path
-
-                part = pdir / f"cube_id={cid}" / "part-0.parquet"
-                part.parent.mkdir(parents=True, exist_ok=True)
-                plain = Table(t, copy=True)
-                plain.remove_column("cube_id") if "cube_id" in plain.colnames else None
-                for c in plain.colnames:
-                    if plain[c].dtype.kind in "SU":
-                        plain[c] = plain[c].astype(str)
-                with atomic_path(part) as tmp:
-                    plain.write(tmp, format="parquet", overwrite=True)
-            except ImportError:
+                write_catalogue(part, pdir / f"cube_id={cid}" / "part-0.parquet")
+            except RuntimeError:  # no pyarrow: the merged FITS table is still available
                 pass
         if pdir.exists():  # partitions of cubes no longer done
             for p in pdir.glob("cube_id=*"):
