@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from musepayne.crossval import CVConfig, assign_folds, cross_validate, dispersion
+from musepayne.cannon import CannonConfig
+from musepayne.crossval import CVConfig, assign_folds, cross_validate, cv_summary, dispersion
 
 
 def test_folds_keep_groups_together_and_balance():
@@ -33,7 +34,7 @@ def test_cross_validation_end_to_end(shared):
     lib = shared / "libraries" / "miles"
     files = [("miles", p) for p in sorted(lib.glob("MILES_res2.50_star_m0*V.fits"))[:40]]
     ts = build_trainset(files=files)
-    cfg = CVConfig(k=2, train=TrainConfig(hidden=(32, 32), epochs=300, patience=100))
+    cfg = CVConfig(k=2, train=TrainConfig(hidden=(32, 32), epochs=300, patience=100), baseline=CannonConfig())
     tab, summ = cross_validate(ts, None, cfg)
     assert summ["n_stars"] == len(tab) > 5
     lab = ts.labels
@@ -46,6 +47,11 @@ def test_cross_validation_end_to_end(shared):
         # a 32-32 network on ~20 stars is crude, but real spectra still give Teff to a few hundred K
         assert summ[f"{inst}_minus_lit"]["teff"]["dispersion"] < 700
         assert np.all(np.abs(tab[f"rv_{inst}"]) < 30)  # simulated stars are at rest
+        # the quadratic-Cannon baseline fitted the same stars (same folds, same prepared spectra)
+        assert np.all(np.isfinite(tab[f"teff_{inst}_cannon"]))
+        assert summ["baseline"][f"{inst}_minus_lit"]["teff"]["dispersion"] < 700
+        assert np.all(np.abs(tab[f"rv_{inst}_cannon"]) < 30)
+    assert "muse_minus_lamost" in summ["baseline"] and summ["seconds"]["baseline_fit"] > 0
 
 
 def test_cv_checks_apply_the_issue_thresholds():
@@ -63,3 +69,45 @@ def test_cv_checks_apply_the_issue_thresholds():
     assert not c["muse_minus_lamost_teff_dispersion"] and c["muse_minus_lamost_fe_h_dispersion"]
     assert c["gradcorr_teff_ge_0.7"] and not c["gradcorr_fe_h_ge_0.7"]
     assert not c["gradcorr_logg_above_weight0"] and c["gradcorr_teff_above_weight0"]
+
+
+def test_cv_summary_reads_the_baseline_columns():
+    from astropy.table import Table
+
+    rng = np.random.default_rng(0)
+    n = 400
+    lit = rng.normal(5500, 500, n)
+    t = Table({"teff_lit": lit, "teff_muse": lit + rng.normal(10, 50, n), "teff_lamost": lit + rng.normal(0, 50, n),
+               "teff_muse_cannon": lit + rng.normal(-30, 120, n), "teff_lamost_cannon": lit + rng.normal(0, 120, n)})
+    ours = cv_summary(t, ("teff",))
+    base = cv_summary(t, ("teff",), suffix="_cannon")
+    assert ours["muse_minus_lit"]["teff"]["dispersion"] == pytest.approx(50, rel=0.15)
+    assert base["muse_minus_lit"]["teff"]["dispersion"] == pytest.approx(120, rel=0.15)
+    assert base["muse_minus_lit"]["teff"]["bias"] == pytest.approx(-30, abs=20)
+    assert base["muse_minus_lamost"]["teff"]["dispersion"] == pytest.approx(120 * np.sqrt(2), rel=0.15)
+
+
+def test_validate_cv_passes_the_baseline_switch(monkeypatch):
+    """``validate --cv [--no-baseline] --json`` hands the switch to the CV hook and prints its result."""
+    import json
+    import sys
+    import types
+
+    from click.testing import CliRunner
+
+    from musepayne.commands import validate as vmod
+
+    seen = {}
+
+    def fake(options):
+        seen.update(options)
+        return {"baseline": options["baseline"]}, ["ok"]
+
+    mod = types.ModuleType("_fake_cv_hook")
+    mod.run_cv = fake
+    monkeypatch.setitem(sys.modules, "_fake_cv_hook", mod)
+    monkeypatch.setattr(vmod, "CV_HOOK", "_fake_cv_hook:run_cv")
+    for args, want in ((["--cv", "--json"], True), (["--cv", "--no-baseline", "--json"], False)):
+        res = CliRunner().invoke(vmod.validate, args)
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.output)["baseline"] is want and seen["baseline"] is want

@@ -15,15 +15,26 @@ half the 15.87-84.13 percentile range.  Reported for fit - literature
 (MUSE and LAMOST) and MUSE - LAMOST (instrument consistency, the paper's
 validation 1), plus the median gradient correlation of each label over the
 validation stars when templates are given.
+
+Baseline (``CVConfig.baseline``, a :class:`musepayne.cannon.CannonConfig`):
+a quadratic Cannon (Ness et al. 2015) is trained on exactly the same
+training spectra of each fold and fitted to exactly the same prepared
+MUSE/LAMOST test spectra (same noise realisations) with the same
+:class:`~musepayne.fit.Fitter` settings (RV free, ``LSF_EXCESS`` forward
+model, label box), its intrinsic scatter added to the test-step errors.  Its
+per-star results are the ``*_cannon`` columns and its statistics
+``summary['baseline']``.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 from astropy.table import Table
 
+from .cannon import CannonConfig, cannon_test_inputs, train_cannon
 from .prepare import PrepareConfig, Preparer
 from .prepared import PreparedSpectra
 from .readers import read_miles, read_stelib
@@ -69,6 +80,8 @@ class CVConfig:
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
     instruments: tuple = ("muse", "lamost")
+    #: :class:`musepayne.cannon.CannonConfig` of the quadratic-Cannon baseline, or None (no baseline)
+    baseline: object = None
 
 
 def _read_native(row):
@@ -99,6 +112,7 @@ def cross_validate(trainset: TrainingSet, templates=None, config: CVConfig | Non
     prep = Preparer(PrepareConfig())
     sims = {"muse": simulate_muse_observation, "lamost": simulate_lamost_observation}
     rows = []
+    seconds = {"train": 0.0, "fit": 0.0, "baseline_train": 0.0, "baseline_fit": 0.0}
     for f in range(cfg.k):
         tr = np.nonzero(folds != f)[0]
         te = np.nonzero((folds == f) & in_box)[0]
@@ -106,10 +120,18 @@ def cross_validate(trainset: TrainingSet, templates=None, config: CVConfig | Non
             progress(f"fold {f + 1}/{cfg.k}: training on {tr.size} stars, validating {te.size}")
         sub = trainset.select(tr)
         tcfg = replace(cfg.train, seed=cfg.train.seed + f)
+        t0 = time.perf_counter()
         res = train_model(sub.flux, sub.ivar, sub.labels, names, sub.wave, tcfg, templates=templates,
                           groups=np.asarray(sub.table["star_key"]) if "star_key" in sub.table.colnames else None)
         model = res.to_model()
         fitter = Fitter(model, fcfg)
+        seconds["train"] += time.perf_counter() - t0
+        cannon = None
+        if cfg.baseline is not None:
+            t0 = time.perf_counter()
+            cannon = train_cannon(sub.flux, sub.ivar, sub.labels, names, sub.wave, cfg.baseline)
+            cfitter = Fitter(cannon, fcfg)
+            seconds["baseline_train"] += time.perf_counter() - t0
         natives, keep = [], []
         for i in te:
             try:
@@ -121,44 +143,65 @@ def cross_validate(trainset: TrainingSet, templates=None, config: CVConfig | Non
         if not keep:
             continue
         rng = np.random.default_rng(cfg.seed * 1000 + f)
-        cats = {}
+        cats, bcats = {}, {}
         for inst in cfg.instruments:
-            parts = [prep(sims[inst](s, cfg.snr, rng)) for s in natives]
-            cats[inst] = fitter(PreparedSpectra.concatenate(parts), templates=templates)
+            prepped = PreparedSpectra.concatenate([prep(sims[inst](s, cfg.snr, rng)) for s in natives])
+            t0 = time.perf_counter()
+            cats[inst] = fitter(prepped, templates=templates)
+            seconds["fit"] += time.perf_counter() - t0
+            if cannon is not None:  # the same prepared spectra (same noise) for the baseline
+                t0 = time.perf_counter()
+                bcats[inst] = cfitter(cannon_test_inputs(cannon, prepped), templates=templates)
+                seconds["baseline_fit"] += time.perf_counter() - t0
         for j, i in enumerate(keep):
             r = {"stellar_id": str(t["stellar_id"][i]), "star_key": str(groups[i]), "fold": f,
                  "library": str(t["instrument"][i])}
             for k, n in enumerate(names):
                 r[f"{n}_lit"] = float(lab[i, k])
-            for inst, cat in cats.items():
-                for n in names:
-                    r[f"{n}_{inst}"] = float(cat[n][j])
-                    r[f"{n}_err_{inst}"] = float(cat[f"{n}_err"][j])
-                    if f"{n}_gradcorr" in cat.colnames:
-                        r[f"{n}_gradcorr_{inst}"] = float(cat[f"{n}_gradcorr"][j])
-                r[f"rv_{inst}"] = float(cat["rv"][j])
-                r[f"status_{inst}"] = str(cat["status"][j])
+            for suffix, cc in (("", cats), (BASELINE_SUFFIX, bcats)):
+                for inst, cat in cc.items():
+                    for n in names:
+                        r[f"{n}_{inst}{suffix}"] = float(cat[n][j])
+                        r[f"{n}_err_{inst}{suffix}"] = float(cat[f"{n}_err"][j])
+                        if f"{n}_gradcorr" in cat.colnames:
+                            r[f"{n}_gradcorr_{inst}{suffix}"] = float(cat[f"{n}_gradcorr"][j])
+                    r[f"rv_{inst}{suffix}"] = float(cat["rv"][j])
+                    r[f"status_{inst}{suffix}"] = str(cat["status"][j])
             rows.append(r)
     table = Table(rows=rows) if rows else Table()
-    return table, cv_summary(table, names, cfg.instruments)
+    summary = cv_summary(table, names, cfg.instruments)
+    summary["seconds"] = {k: round(v, 1) for k, v in seconds.items() if cfg.baseline is not None
+                          or not k.startswith("baseline")}
+    if cfg.baseline is not None:
+        summary["baseline"] = {"method": BASELINE_METHOD, **cv_summary(table, names, cfg.instruments, BASELINE_SUFFIX)}
+    return table, summary
 
 
-def cv_summary(table: Table, names=("teff", "logg", "fe_h"), instruments=("muse", "lamost")) -> dict:
-    """Dispersion / bias of fit - literature per instrument, MUSE - LAMOST, median gradcorr."""
+#: column suffix and description of the quadratic-Cannon baseline
+BASELINE_SUFFIX = "_cannon"
+BASELINE_METHOD = ("quadratic Cannon (Ness et al. 2015), same folds, training spectra and prepared test spectra; "
+                   "test step with the same Fitter (RV free, LSF_EXCESS forward model)")
+
+
+def cv_summary(table: Table, names=("teff", "logg", "fe_h"), instruments=("muse", "lamost"), suffix="") -> dict:
+    """Dispersion / bias of fit - literature per instrument, MUSE - LAMOST, median gradcorr.
+
+    ``suffix``: read the columns ``<label>_<instrument><suffix>`` (e.g. ``'_cannon'`` for the baseline).
+    """
     out = {"n_stars": len(table)}
     if not len(table):
         return out
     for inst in instruments:
-        d = np.stack([np.asarray(table[f"{n}_{inst}"], float) - np.asarray(table[f"{n}_lit"], float)
+        d = np.stack([np.asarray(table[f"{n}_{inst}{suffix}"], float) - np.asarray(table[f"{n}_lit"], float)
                       for n in names], 1)
         out[f"{inst}_minus_lit"] = {n: {"dispersion": float(s), "bias": float(b)}
                                     for n, s, b in zip(names, dispersion(d), bias(d))}
-        gcols = [f"{n}_gradcorr_{inst}" for n in names]
+        gcols = [f"{n}_gradcorr_{inst}{suffix}" for n in names]
         if all(c in table.colnames for c in gcols):
             out[f"{inst}_gradcorr_median"] = {n: float(np.nanmedian(np.asarray(table[c], float)))
                                               for n, c in zip(names, gcols)}
     if "muse" in instruments and "lamost" in instruments:
-        d = np.stack([np.asarray(table[f"{n}_muse"], float) - np.asarray(table[f"{n}_lamost"], float)
+        d = np.stack([np.asarray(table[f"{n}_muse{suffix}"], float) - np.asarray(table[f"{n}_lamost{suffix}"], float)
                       for n in names], 1)
         out["muse_minus_lamost"] = {n: {"dispersion": float(s), "bias": float(b)}
                                     for n, s, b in zip(names, dispersion(d), bias(d))}
@@ -201,7 +244,9 @@ def run_cv(options: dict):
     Uses ``options['trainset']`` / ``options['templates']`` when given, else builds both in
     memory from ``$MUSEPAYNE_SHARED`` or ``../shared/data``.  ``options['plot_dir']``, when
     given, receives the per-star tables (``cv_regularised.fits``, ``cv_weight0.fits``).
-    Takes ~5-10 min on one core (10 trainings).
+    ``options['baseline']`` (default True): also train and test the quadratic-Cannon
+    baseline beside the regularised run (``info['baseline']``; its per-star results are the
+    ``*_cannon`` columns of ``cv_regularised.fits``).  Takes ~10 min on one core (10 trainings).
     """
     import os
     import time
@@ -231,18 +276,26 @@ def run_cv(options: dict):
     k = int(options.get("k", 5))
     snr = float(options.get("snr", 100.0))
     runs = {}
+    with_baseline = bool(options.get("baseline", True))
     for name, w in (("regularised", weights), ("weight0", {})):
-        cfg = CVConfig(k=k, snr=snr, train=TrainConfig(gradient_weight=w))
+        tcfg = TrainConfig(gradient_weight=w)
+        # the baseline once, beside the regularised run (the folds and test spectra of both runs are the same)
+        base = (CannonConfig(min_pixel_coverage=tcfg.min_pixel_coverage)
+                if with_baseline and name == "regularised" else None)
+        cfg = CVConfig(k=k, snr=snr, train=tcfg, baseline=base)
         table, summ = cross_validate(ts, tpl, cfg)
         runs[name] = summ
         if options.get("plot_dir"):
             d = Path(options["plot_dir"])
             d.mkdir(parents=True, exist_ok=True)
             table.write(d / f"cv_{name}.fits", overwrite=True)
+    baseline = runs["regularised"].pop("baseline", None)
     checks = cv_checks(runs["regularised"], runs["weight0"])
     info = {"k": k, "snr": snr, "gradient_weight": weights, "regularised": runs["regularised"],
             "weight0": runs["weight0"], "checks": checks, "all_pass": all(checks.values()),
             "seconds": round(time.perf_counter() - t0, 1)}
+    if baseline is not None:
+        info["baseline"] = baseline
     r, p = runs["regularised"], runs["weight0"]
     lines = [f"K-fold CV ({k} folds, S/N {snr:g}) over {r.get('n_stars', 0)} library stars "
              f"(4000 < Teff < 7000 K, [Fe/H] > -2), gradient weight {weights}:"]
@@ -254,6 +307,12 @@ def run_cv(options: dict):
         lines.append("  median gradcorr (MUSE fits): regularised "
                      + ", ".join(f"{n} {v:.3f}" for n, v in r["muse_gradcorr_median"].items())
                      + " | weight 0 " + ", ".join(f"{n} {v:.3f}" for n, v in p.get("muse_gradcorr_median", {}).items()))
+    if baseline is not None:
+        lines.append("  quadratic Cannon baseline (same folds, training spectra and test spectra):")
+        for comp in ("muse_minus_lit", "lamost_minus_lit", "muse_minus_lamost"):
+            if comp in baseline:
+                lines.append(f"  {comp:18s} " + "  ".join(
+                    f"{n}: disp {v['dispersion']:.3g} bias {v['bias']:+.3g}" for n, v in baseline[comp].items()))
     failed = [c for c, ok in checks.items() if not ok]
     lines.append("all criteria pass" if not failed else "failing: " + ", ".join(failed))
     return info, lines

@@ -59,15 +59,18 @@ def _run_cv(options, as_json):
 @click.option("--apply-errors", "apply_out", type=click.Path(dir_okay=False),
               help="With --repeats: write CATALOGUE with <label>_err scaled by the factors (Eq. 9) here.")
 @click.option("--cv", is_flag=True, help="Run the model cross-validation (training stage; see CV_HOOK).")
+@click.option("--no-baseline", is_flag=True,
+              help="With --cv: skip the quadratic-Cannon baseline trained and tested on the same folds.")
 @json_option
 def validate(catalogue, reference, match, id_col, ref_id_col, tolerance, labels, preset, where, ref_columns, xcol,
-             plot_dir, stats_path, repeats, robust, apply_out, cv, as_json):
+             plot_dir, stats_path, repeats, robust, apply_out, cv, no_baseline, as_json):
     """Compare CATALOGUE with REFERENCE: bias (median) and dispersion (half the
     15.87-84.13 percentile range) of the differences per label; and/or the
     Eq. 10 error scale factors from repeat observations within CATALOGUE.
     """
     if cv:
-        _run_cv({"catalogue": catalogue, "reference": reference, "plot_dir": plot_dir}, as_json)
+        _run_cv({"catalogue": catalogue, "reference": reference, "plot_dir": plot_dir,
+                 "baseline": not no_baseline}, as_json)
         return
     if not catalogue:
         fail("give a CATALOGUE (and a REFERENCE, or --repeats)", as_json)
