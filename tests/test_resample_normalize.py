@@ -123,3 +123,63 @@ def test_air_grid_converted_before_rebin():
     d = 1 - out[sel]
     centre = np.sum(d * w[sel]) / np.sum(d)
     assert centre == pytest.approx(float(air_to_vacuum(line_air)), abs=0.05)
+
+
+def _line_spectrum(wave, lsf, centres, frame_shift=None):
+    """Unresolved absorption lines (equivalent width 0.8 A) seen through the instrument's LSF,
+    sampled at the pixel centres (``centres`` vacuum; ``frame_shift``: vacuum -> the grid's frame)."""
+    c = centres if frame_shift is None else frame_shift(centres)
+    f = np.ones(wave.size)
+    for cc in c:
+        s = lsf.sigma(cc)
+        f -= 0.8 / (np.sqrt(2 * np.pi) * s) * np.exp(-0.5 * ((wave - cc) / s) ** 2)
+    return f
+
+
+def test_same_grid_same_lsf_is_identity_without_excess():
+    """A LAMOST spectrum onto the LAMOST grid at the LAMOST LSF is unchanged and carries no
+    LSF excess (the phase-averaged rebinning term once recorded ~1.1-1.5 A everywhere, and the
+    fit then broadened the model for every LAMOST spectrum)."""
+    w = lamost_wavelength()
+    op = build_operator(w, "vacuum", LAMOST_LSF, w, LAMOST_LSF)
+    f = _line_spectrum(w, LAMOST_LSF, np.arange(4000.0, 8800.0, 17.3))
+    np.testing.assert_allclose(op.apply(f)[0], f, atol=1e-12)
+    assert np.all(op.excess_fwhm == 0.0)
+    # half a pixel off the grid: the two-point mix adds t(1-t) dl^2 = dl^2/4 of variance, i.e. an
+    # excess of FWHM sqrt(dl^2/4)/FWHM_TO_SIGMA where the input already has the target LSF
+    w_half = w * 10 ** (0.5e-4)
+    op2 = build_operator(w_half, "vacuum", LAMOST_LSF, w, LAMOST_LSF)
+    dl = np.diff(bin_edges(w))
+    inner = slice(100, -100)
+    np.testing.assert_allclose(op2.excess_fwhm[inner], 0.5 * dl[inner] / FWHM_TO_SIGMA, rtol=0.02)
+
+
+def test_recorded_muse_excess_matches_the_broadening_measured_on_lines():
+    """MUSE and LAMOST observations of the same lines, both prepared to the LAMOST grid: broadening
+    the LAMOST version by the MUSE LSF_EXCESS reproduces the MUSE version (the forward model of
+    the fit); the LAMOST version itself records no excess."""
+    from musepayne.prepare import PrepareConfig, Preparer
+    from musepayne.resample import broadening_matrix
+    from musepayne.spectra import SpectrumSet
+    from musepayne.wavelength import vacuum_to_air
+    from astropy.table import Table
+
+    rng = np.random.default_rng(0)
+    centres = np.arange(4780.0, 7000.0, 16.0) + rng.uniform(-3, 3, np.arange(4780.0, 7000.0, 16.0).size)
+    w_l = lamost_wavelength()
+    w_m = linear_grid(4749.75, 1.25, 3681)
+
+    def sset(w, f, frame, lsf):
+        meta = Table({"stellar_id": ["a"], "ra": [0.0], "dec": [0.0], "source": ["x"], "instrument": ["t"]})
+        return SpectrumSet(w, f[None], np.full((1, w.size), 1e-8), frame, lsf, meta)
+
+    prep = Preparer(PrepareConfig())
+    pl = prep(sset(w_l, _line_spectrum(w_l, LAMOST_LSF, centres), "vacuum", LAMOST_LSF))
+    pm = prep(sset(w_m, _line_spectrum(w_m, MUSE_LSF, centres, vacuum_to_air), "air", MUSE_LSF))
+    assert np.all(pl.lsf_excess == 0)
+    blue = (w_l > 4790) & (w_l < 5100) & (pm.ivar[0] > 0) & (pl.ivar[0] > 0)
+    assert np.all(pm.lsf_excess[0, blue] > 1.0)
+    broad = (broadening_matrix(w_l, pm.lsf_excess[0]) @ pl.flux[0])
+    rms_raw = np.sqrt(np.mean((pl.flux[0, blue] - pm.flux[0, blue]) ** 2))
+    rms_fm = np.sqrt(np.mean((broad[blue] - pm.flux[0, blue]) ** 2))
+    assert rms_fm < 0.5 * rms_raw

@@ -21,7 +21,11 @@ The first two terms are Eq. 1.  The last accounts for the smoothing of the
 rebinning itself: input samples treated as constant over their pixels of width
 ``dl_in`` and averaged over output pixels of width ``dl_out`` are, on average
 over pixel phases, the input convolved with both box-cars (variance
-``dl^2 / 12`` each).  LSFs are effective ones (they include their own pixel),
+``dl^2 / 12`` each).  Where input and output pixels have the same width the
+phase does not average out: the term is ``t (1 - t) dl^2`` for a sub-pixel
+offset ``t`` (:func:`rebin_variance`), zero for identical grids, so a
+spectrum already on the target grid at the target LSF is left unchanged with
+no excess broadening.  LSFs are effective ones (they include their own pixel),
 so with this term the output has exactly the target LSF, and taking a spectrum
 to a target in one step or in two (library -> MUSE -> LAMOST) gives the same
 resolution.  The
@@ -53,6 +57,7 @@ __all__ = [
     "rebin_matrix",
     "convolution_matrix",
     "kernel_sigma",
+    "rebin_variance",
     "SpectralOperator",
     "build_operator",
     "broadening_matrix",
@@ -139,15 +144,39 @@ def convolution_matrix(wave, sigma):
     return K.tocsr(), edge_loss
 
 
-def kernel_sigma(wave_in, lsf_in: LSF, lsf_target: LSF, dpix_in, dpix_out):
+def rebin_variance(dpix_in, dpix_out, phase=None):
+    """Variance (A^2) the flux-conserving rebinning adds to the LSF, per input pixel.
+
+    Pixels of different widths: the phase average ``(dl_in^2 + dl_out^2) / 12``
+    (module docstring).  Pixels of equal width (to 1 %) keep the same sub-pixel
+    ``phase`` t (offset of the input centre from the nearest output centre, in
+    output pixels) over many pixels, and rebinning is the two-point mix
+    ``(1 - t) f_j + t f_j+1`` with variance ``t (1 - t) dl^2`` -- zero for
+    identical grids (a LAMOST spectrum onto the LAMOST grid is not smoothed).
+    The phase average of ``t (1 - t) dl^2`` is ``dl^2 / 6``, the general formula.
+    ``phase`` None: the phase average everywhere.
+    """
+    di = np.asarray(dpix_in, np.float64)
+    do = np.asarray(dpix_out, np.float64)
+    pix = (di**2 + do**2) / 12.0
+    if phase is None:
+        return pix
+    t = np.abs(np.asarray(phase, np.float64))
+    same = np.abs(di / do - 1.0) < 0.01
+    return np.where(same, t * (1.0 - t) * di * do, pix)
+
+
+def kernel_sigma(wave_in, lsf_in: LSF, lsf_target: LSF, dpix_in, dpix_out, phase=None):
     """Kernel sigma (A) and excess FWHM (A) for resolution matching at ``wave_in``.
 
     ``dpix_in``/``dpix_out`` are the input and output pixel widths at each
-    input pixel.  See the module docstring for the formula.
+    input pixel, ``phase`` the input centres' offsets from the nearest output
+    centres in output pixels (see :func:`rebin_variance`; None = phase average).
+    See the module docstring for the formula.
     """
     s_t2 = lsf_target.sigma(wave_in) ** 2
     s_i2 = lsf_in.sigma(wave_in) ** 2
-    pix = (np.asarray(dpix_out) ** 2 + np.asarray(dpix_in) ** 2) / 12.0
+    pix = rebin_variance(dpix_in, dpix_out, phase)
     k2 = s_t2 - s_i2 - pix
     sigma_k = np.sqrt(np.clip(k2, 0.0, None))
     excess_fwhm = np.sqrt(np.clip(-k2, 0.0, None)) / FWHM_TO_SIGMA
@@ -212,7 +241,8 @@ def build_operator(wave_in, frame_in: str, lsf_in: LSF, wave_out, lsf_target: LS
     e_out = bin_edges(w_out)
     dpix_in = np.diff(e_in)
     dpix_out_at_in = np.interp(w_in_out, w_out, np.diff(e_out))
-    sigma_k, excess_in = kernel_sigma(w_in, lsf_in, lsf_target, dpix_in, dpix_out_at_in)
+    u = np.interp(w_in_out, w_out, np.arange(w_out.size, dtype=np.float64))
+    sigma_k, excess_in = kernel_sigma(w_in, lsf_in, lsf_target, dpix_in, dpix_out_at_in, u - np.rint(u))
     K, edge_loss_in = convolution_matrix(w_in, sigma_k)
     R, coverage = rebin_matrix(bin_edges(w_in_out), e_out)
     M = (R @ K).tocsr()
