@@ -51,7 +51,9 @@ def _run_cv(options, as_json):
                    "e.g. 'snrg=snr_lamost' for the Eq. 5 cut; repeatable.")
 @click.option("--x", "xcol", default="fe_h", show_default=True, help="x axis of the difference plot (Fig. 5).")
 @click.option("--plot-dir", type=click.Path(file_okay=False),
-              help="Write differences.png (Fig. 5 style) and bias_precision.png (Fig. 6-7 style) here.")
+              help="Write differences.png (Fig. 5 style) and bias_precision.png (Fig. 6-7 style) here; "
+                   "with --cv the per-star tables cv_regularised.fits (with the baseline's *_cannon "
+                   "columns) and cv_weight0.fits.")
 @click.option("--stats", "stats_path", type=click.Path(dir_okay=False),
               help="Write the per-label statistics table here (.ecsv, .fits, .csv).")
 @click.option("--repeats", is_flag=True, help="Eq. 10 error factors from repeat observations in CATALOGUE.")
