@@ -111,3 +111,45 @@ def test_validate_cv_passes_the_baseline_switch(monkeypatch):
         res = CliRunner().invoke(vmod.validate, args)
         assert res.exit_code == 0, res.output
         assert json.loads(res.output)["baseline"] is want and seen["baseline"] is want
+
+
+def test_run_cv_reports_the_baseline_beside_the_regularised_run(monkeypatch, tmp_path):
+    """run_cv trains the baseline once (with the regularised run, whose folds and test spectra are
+    those of the weight-0 run too), reports it in info['baseline'] and in the human summary."""
+    from astropy.table import Table
+
+    import musepayne.crossval as cv
+    import musepayne.gradients as gr
+    import musepayne.trainset as tsm
+
+    def comp(t, g, f, b=0.0):
+        return {"teff": {"dispersion": t, "bias": b}, "logg": {"dispersion": g, "bias": 0.0},
+                "fe_h": {"dispersion": f, "bias": 0.0}}
+
+    calls = []
+
+    def fake_cv(ts, tpl, cfg):
+        calls.append(cfg)
+        s = {"n_stars": 3, "muse_minus_lit": comp(120, 0.3, 0.15), "muse_minus_lamost": comp(28, 0.08, 0.03),
+             "muse_gradcorr_median": {"teff": 0.95, "logg": 0.95, "fe_h": 0.95}}
+        if cfg.baseline is not None:
+            s["baseline"] = {"method": cv.BASELINE_METHOD, "muse_minus_lit": comp(124, 0.31, 0.18, 61.0)}
+        return Table({"x": [1, 2, 3]}), s
+
+    class FakeTS:
+        label_names = ("teff", "logg", "fe_h")
+
+    monkeypatch.setattr(cv, "cross_validate", fake_cv)
+    monkeypatch.setattr(tsm.TrainingSet, "read", classmethod(lambda cls, p: FakeTS()))
+    monkeypatch.setattr(gr.GradientTemplates, "load", classmethod(lambda cls, p: object()))
+    opts = {"trainset": "ts.fits", "templates": "tpl.fits", "plot_dir": str(tmp_path)}
+    info, lines = cv.run_cv(opts)
+    assert [c.baseline is not None for c in calls] == [True, False]
+    assert calls[0].baseline.min_pixel_coverage == calls[0].train.min_pixel_coverage
+    assert info["baseline"]["muse_minus_lit"]["teff"]["dispersion"] == 124
+    assert "baseline" not in info["regularised"]
+    assert any("Cannon baseline" in ln for ln in lines) and any("disp 124 bias +61" in ln for ln in lines)
+    assert (tmp_path / "cv_regularised.fits").exists()
+    calls.clear()
+    info, lines = cv.run_cv({**opts, "baseline": False})
+    assert [c.baseline for c in calls] == [None, None] and "baseline" not in info
