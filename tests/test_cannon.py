@@ -133,3 +133,24 @@ def test_test_step_recovers_labels_of_rest_frame_spectra(fit_rv):
     assert np.median(np.abs(got[:, 0] - test_lab[:, 0])) < 2 * np.median(err[:, 0]) < 100
     if fit_rv:
         assert np.all(np.abs(np.asarray(cat["rv"], float)) < 3.0)
+
+
+def test_model_file_round_trip(tmp_path):
+    from musepayne.model import load_model
+
+    wave = log_linear_grid(np.log10(5000.0), 1e-4, 120)
+    theta = _truth_theta(wave, 12)
+    lab = _labels(60, 13)
+    f = design_matrix(_scaled(lab)) @ theta.T + np.random.default_rng(14).normal(0, 0.01, (60, wave.size))
+    ivar = np.full(f.shape, 1e4)
+    ivar[:50, 100:] = 0.0  # untrained red end
+    m = train_cannon(f, ivar, lab, NAMES, wave, x_min=LO, x_max=HI)
+    m.save(tmp_path / "cannon.fits")
+    m2 = load_model(tmp_path / "cannon.fits")
+    assert m2.arch == "cannon" and m2.label_names == NAMES
+    np.testing.assert_array_equal(m2.predict(lab[:5]), m.predict(lab[:5]))
+    np.testing.assert_array_equal(m2.scatter, m.scatter)
+    np.testing.assert_array_equal(m2.pixel_mask, m.pixel_mask)
+    assert m2.pixel_mask[100:].all()
+    m2.with_pixel_mask(np.zeros(wave.size, bool))
+    assert m2.pixel_mask[100:].all()

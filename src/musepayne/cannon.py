@@ -33,7 +33,10 @@ this is Ness et al.'s pivot-and-scale up to a re-parametrisation.
 
 Pure array functions: :func:`design_matrix`, :func:`design_jacobian`,
 :func:`fit_coefficients`, :func:`ml_scatter`; class: :class:`CannonModel`
-(built by :func:`train_cannon`).  numpy only; nothing is pickled.
+(built by :func:`train_cannon`).  numpy only; nothing is pickled: ``model.save(path)``
+writes the package's model file (``ARCH = 'cannon'``, HDUs ``THETA`` (n_pix, K) and
+``SCATTER`` (n_pix,)), which :func:`musepayne.model.load_model` (and so ``musepayne fit
+--model``) reads back; ``musepayne fit`` uses the prepared IVAR as it is (no scatter term).
 """
 
 from __future__ import annotations
@@ -184,7 +187,13 @@ class CannonModel(SpectralModel):
             return np.where(iv > 0, iv / (1.0 + iv * s2[None, :]), 0.0)
 
     def _arrays(self):
-        return [("THETA", self.theta), ("SCATTER", self.scatter)]
+        theta = self.theta.copy()
+        theta[self._untrained] = np.nan  # untrained pixels stay untrained after a round trip
+        return [("THETA", theta), ("SCATTER", self.scatter)]
+
+    @classmethod
+    def _from_hdus(cls, h, common):
+        return cls(np.array(h["THETA"].data, np.float64), np.array(h["SCATTER"].data, np.float64), **common)
 
 
 @dataclass(frozen=True)

@@ -436,7 +436,12 @@ def load_model(path) -> SpectralModel:
             if int(ph.get("MPMVERS", 0)) > FORMAT_VERSION:
                 raise ModelError(f"{path}: model format version {ph['MPMVERS']} is newer than this musepayne")
             arch = ph.get("ARCH")
-            if arch not in _ARCHS:
+            archs = dict(_ARCHS)
+            if arch == "cannon":  # the quadratic-Cannon baseline (imported lazily: it imports this module)
+                from .cannon import CannonModel
+
+                archs["cannon"] = CannonModel
+            if arch not in archs:
                 raise ModelError(f"{path}: unknown architecture {arch!r}")
             lab = Table.read(h["LABELS"])
             meta = json.loads(str(Table.read(h["PROVENANCE"])["json"][0])) if "PROVENANCE" in h else {}
@@ -449,7 +454,7 @@ def load_model(path) -> SpectralModel:
                 frame=str(h["WAVE"].header.get("FRAME", "vacuum")),
                 meta=meta,
             )
-            model = _ARCHS[arch]._from_hdus(h, common)
+            model = archs[arch]._from_hdus(h, common)
             if "PIXMASK" in h:
                 model.with_pixel_mask(np.asarray(h["PIXMASK"].data) != 0)
     except ModelError:
