@@ -19,7 +19,7 @@ File format (FITS, no pickle; :func:`load_model` / :meth:`SpectralModel.save`)
 HDU        content
 ========== =================================================================
 primary    ``MPFORMAT='musepayne-model'``, ``MPMVERS`` (format version),
-           ``ARCH`` ('perpixel' | 'mlp'), ``CREATED`` (UTC ISO date),
+           ``ARCH`` ('perpixel' | 'mlp' | 'cannon', :mod:`musepayne.cannon`), ``CREATED`` (UTC ISO date),
            ``MPSOFT`` (software version), ``NLABELS``, ``NPIX``, ``NLAYERS``
            (mlp), ``NEGSLOPE`` (mlp leaky-ReLU slope)
 ``W0``...  weight arrays: perpixel ``W0 (n_pix, n_hidden, n_labels)``,
