@@ -38,12 +38,12 @@ Vectorised over spectra (no Python loop per spectrum on the hot path):
 
 1. *Coarse RV*: chi2 of the data against a few templates (model at the centre of
    the label box, and Teff-like first label at +-0.3) shifted over a velocity grid
-   (``+-rv_range``, step one model pixel by default), as matrix products; a parabola
+   (``+-rv_range``, step two model pixels by default), as matrix products; a parabola
    through the minimum refines it.
 2. *Starting labels*: chi2 of the (velocity-corrected) data against a
    quasi-random (Sobol) grid of model spectra covering the label box; the
    ``n_starts`` best grid points start the fit.  The RV is then refined with
-   each spectrum's best grid template (+-4 pixels, exact shift).
+   each spectrum's best grid template (+-4 single pixels, exact shift).
 3. *Bounded Levenberg-Marquardt* on (scaled labels, v) with per-spectrum
    damping (Marquardt diagonal scaling, Nielsen 1999 update), Gauss-Newton normal
    matrix ``J^T W J`` from the analytic Jacobian, and an active-set projection that
@@ -52,7 +52,24 @@ Vectorised over spectra (no Python loop per spectrum on the hot path):
    All ``n_starts`` starts run ``explore_iter`` iterations; each spectrum then keeps
    its lowest-chi2 start and continues until the undamped Gauss-Newton step promises
    less than ``chi2_tol`` (or, at the kinks of leaky-ReLU networks, an accepted step
-   gains less than ``stall_tol``).  Per row only ``J^T W J`` and ``J^T W r`` are kept.
+   gains -- or a rejected one promised -- less than ``stall_tol``).
+
+Where the time goes, and how it is kept small (all vectorised over the rows of a chunk):
+
+* the model and its Jacobian are one *planar* array ``(rows, 1 + n_labels, n_pix)``
+  (:meth:`SpectralModel.planar_kernel`), so every plane is a contiguous spectrum;
+* on log-linear grids the shift is one whole-pixel offset per row plus a 4-tap filter:
+  rows are aligned by one block gather and filtered with one weight per row and tap;
+  grids split into segments on one common lattice (APOGEE chips) are shifted in one go;
+* the residual replaces the flux plane and one batched product of the sqrt(W)-weighted
+  planes with themselves gives chi2, ``J^T W r`` and ``J^T W J`` together;
+* the grid points' flux and Jacobian are precomputed, so the starts cost no network call;
+* lazy Jacobians: the explored steps of all starts, and any trial that follows a
+  rejected one, are first evaluated without the Jacobian (flux only); the Jacobian is
+  computed only for the kept start and for accepted points;
+* a rejected sub-sigma step (a kink) raises the damping to ~1 at once.
+
+Per row only ``J^T W J`` and ``J^T W r`` are kept (the Jacobian itself is never stored).
 
 Errors
 ------
@@ -83,15 +100,18 @@ class FitConfig:
     """Configuration of :class:`Fitter` (frozen).
 
     rv_range: half-width (km/s) of the coarse RV search and bound of the fitted RV.
-    rv_step: coarse RV grid step (km/s); ``None``: one model pixel.
+    rv_step: coarse RV grid step (km/s); ``None``: two model pixels (the second pass then
+        searches +-4 single pixels around the coarse minimum).
     fit_rv: fit the RV (else fixed at ``rv_fixed``).
     n_grid: size of the quasi-random label grid used to choose starting points.
     n_starts: number of starting points per spectrum (best grid points).
     explore_iter: LM iterations run from every start before keeping the best.
     max_iter: maximum LM iterations in total.
     chi2_tol: converged when the undamped Gauss-Newton step promises a chi2 gain below this.
-    stall_tol: also stop when an accepted step gained less than this (kinks of leaky-ReLU
-        models; 0.01 in chi2 is a parameter change of ~0.1 sigma).
+    stall_tol: also stop when an accepted step gained less than this, or a rejected step
+        promised less (kinks of leaky-ReLU models).  A chi2 within 0.03 of the minimum is a
+        parameter offset below ~0.17 sigma in the worst direction; measured on 1000 mock
+        spectra per model, 0.01 -> 0.03 changed the rms of (fit - truth)/sigma by <= 0.001.
     lsf_excess: forward-model the prepared ``LSF_EXCESS`` (Gaussian convolution of the model).
     precision: 'float32' (fast; network, shift and normal matrix) or 'float64'.
     chunk_size: spectra fitted together (memory ~ chunk * n_starts * n_pix * (n_labels+1) * 4 B * 6).
@@ -115,7 +135,7 @@ class FitConfig:
     explore_iter: int = 1
     max_iter: int = 40
     chi2_tol: float = 1e-3
-    stall_tol: float = 0.01
+    stall_tol: float = 0.03
     lambda_init: float = 1e-3
     lsf_excess: bool = True
     precision: str = "float32"
@@ -256,7 +276,9 @@ class Fitter:
         n_grid = max(int(cfg.n_grid), cfg.n_starts)
         pts = qmc.Sobol(d=L, scramble=True, seed=cfg.seed).random(n_grid)
         self.grid_s = np.vstack([np.zeros((1, L)), 0.9 * (pts - 0.5)])
-        self.grid_flux = model.predict_scaled(self.grid_s, dtype=self.dtype)  # also fills the weight cache
+        # flux and Jacobian planes at every grid point (the fits start there; ~n_grid * 6 * n_pix * 4 B)
+        self.grid_planes = model.planar_kernel(self.grid_s, dtype=self.dtype)
+        self.grid_flux = self.grid_planes[:, 0]
         tpl = np.zeros((3 if L >= 1 else 1, L))
         if L >= 1:
             tpl[1, 0], tpl[2, 0] = -0.3, 0.3
@@ -301,21 +323,25 @@ class Fitter:
         # pixels where the model itself is not trusted (e.g. too few training spectra cover them)
         model_ok = ~np.asarray(getattr(self.model, "pixel_mask", np.zeros(self.model.n_pix, bool)), bool)
 
+        def usable(f, iv, mk):
+            """Pixels that count: finite flux and ivar, ivar > 0, no excluding mask bit, and not
+            masked by the model itself."""
+            with np.errstate(invalid="ignore"):
+                good = np.isfinite(f) & np.isfinite(iv) & (iv > 0) & ((np.asarray(mk) & EXCLUDING_BITS) == 0)
+            return good & model_ok[None, :]
+
         def data(idx):
-            """(flux, weights) of rows ``idx``: weight 0 for non-finite, masked or ivar <= 0 pixels,
-            and where the model's pixel mask is set.
+            """(flux, weights) of rows ``idx`` in float64, weight 0 where not :func:`usable`.
             Built per chunk so memory stays ~ chunk size (the caller's arrays are not modified)."""
             f = np.asarray(flux[idx], np.float64)
             iv = np.asarray(ivar[idx], np.float64)
-            with np.errstate(invalid="ignore"):
-                good = np.isfinite(f) & np.isfinite(iv) & (iv > 0) & ((np.asarray(mask[idx]) & EXCLUDING_BITS) == 0)
-            good &= model_ok[None, :]
+            good = usable(f, iv, mask[idx])
             return np.where(good, f, 0.0), np.where(good, iv, 0.0)
 
         # per-spectrum validation
         n_good = np.zeros(n, np.int64)
         for k in range(0, n, 4096):
-            n_good[k:k + 4096] = (data(np.arange(k, min(k + 4096, n)))[1] > 0).sum(1)
+            n_good[k:k + 4096] = usable(flux[k:k + 4096], ivar[k:k + 4096], mask[k:k + 4096]).sum(1)
         st_in = (np.asarray(prepared.spectra["status"]).astype(str) if "status" in prepared.spectra.colnames
                  else np.full(n, "ok"))
         rs_in = (np.asarray(prepared.spectra["reason"]).astype(str) if "reason" in prepared.spectra.colnames
@@ -372,9 +398,15 @@ class Fitter:
 
     # ---------------------------------------------------------------- internals
     def _uniform_segments(self):
-        """[(start, stop, step)] when every grid segment is uniform in ln lambda (log-linear
-        grids: LAMOST, APOGEE chips) to 1e-4 pixel, else None (general path)."""
-        out = []
+        """Blocks on which the shift is one constant number of pixels, or None (general path).
+
+        Every grid segment must be uniform in ln lambda (log-linear grids: LAMOST, APOGEE
+        chips) to 1e-4 pixel.  When all segments also lie on one common lattice (same step,
+        starts a whole number of steps apart: the APOGEE chips), they form one block, so the
+        shift runs once over the whole spectrum.  Returns ``[(start, stop, step, s0, s1)]``
+        where ``s0``/``s1`` give, per pixel of the block, the bounds of its own segment.
+        """
+        segs = []
         for sg in np.unique(self.segments):
             idx = np.flatnonzero(self.segments == sg)
             if idx.size < 5:
@@ -384,146 +416,158 @@ class Fitter:
             h, a = np.polyfit(i, x, 1)
             if np.max(np.abs(x - (a + h * i))) > 1e-4 * h:
                 return None
-            out.append((int(idx[0]), int(idx[-1]) + 1, float(h)))
+            segs.append((int(idx[0]), int(idx[-1]) + 1, float(h)))
+        h0 = segs[0][2]
+        k = (self.lnw[[a for a, _, _ in segs]] - self.lnw[0]) / h0
+        if all(abs(h / h0 - 1) < 1e-6 for _, _, h in segs) and np.all(np.abs(k - np.round(k)) < 1e-3):
+            s0 = np.concatenate([np.full(e - a, a) for a, e, _ in segs])
+            s1 = np.concatenate([np.full(e - a, e) for a, e, _ in segs])
+            blocks = [(0, self.lnw.size, float(np.mean([h for _, _, h in segs])), s0, s1)]
+        else:
+            blocks = [(a, e, h, np.full(e - a, a), np.full(e - a, e)) for a, e, h in segs]
+        # pixel i (taps i+o-1 ... i+o+2) is valid for whole-pixel offsets lo_i <= o <= hi_i:
+        # all taps inside its own segment [s0, s1) with a one-pixel margin at each end
+        out = []
+        for a, e, h, s0, s1 in blocks:
+            i = np.arange(a, e)
+            out.append((a, e, h, (s0 - i + 2).astype(np.int32), (s1 - i - 4).astype(np.int32)))
         return out
 
-    def _shift(self, f_rest, v, J_rest=None):
-        """Shift rest-frame model rows to velocities ``v``; returns (f, J (m, n, P) or None, valid).
+    def _shift(self, X, v, rv_plane=False):
+        """Shift rest-frame planes ``X (m, Q, n_pix)`` (plane 0 the flux) to velocities ``v``.
 
-        ``J_rest`` is laid out ``(n_pix, m, n_labels)``.  On log-linear segments the
-        interpolation weights are the same for every pixel of a row (the shift is a
-        constant number of pixels), so the 4-tap filter runs on contiguous slices and a
-        single integer gather applies the whole-pixel offset.
+        Returns ``(Y, valid)``: ``Y (m, Q + rv_plane, n_pix)`` the planes interpolated at
+        ``lambda_obs / D(v)`` and, with ``rv_plane``, a last plane d flux / d v (the
+        derivative of the interpolation weights applied to plane 0); ``valid (m, n_pix)``
+        marks pixels whose four taps lie inside the pixel's own grid segment with a
+        one-pixel margin.  Values at invalid pixels are finite but meaningless (weights zero them).
+
+        On log-linear blocks a row's shift is one constant number of pixels, so each row
+        is first aligned by its whole-pixel offset (one block gather through a sliding-window
+        view of the zero-padded block, no per-pixel index arrays) and the four-tap filter
+        then runs on contiguous planes with one weight per row and tap.
         """
         if self._uniform is None:
-            return self._shift_general(f_rest, v, J_rest)
+            return self._shift_general(X, v, rv_plane)
         dt = self.dtype
-        m, p = f_rest.shape
+        m, Q, p = X.shape
         b = np.asarray(v, np.float64) / C_KMS
         lnD = 0.5 * (np.log1p(b) - np.log1p(-b))
-        fo = np.zeros((m, p), dt)
+        Y = np.empty((m, Q + int(rv_plane), p), dt)
         valid = np.zeros((m, p), bool)
-        want_j = J_rest is not None
-        fit_rv = want_j and self.config.fit_rv
-        if want_j:
-            L = J_rest.shape[2]
-            J = np.zeros((m, p, self.n_par), dt)
-        rows = np.arange(m)[:, None]
-        for a, e, h in self._uniform:
+        rows = np.arange(m)
+        for a, e, h, o_lo, o_hi in self._uniform:
             n_s = e - a
-            if n_s < 5:
-                continue
             delta = -lnD / h  # rest position of obs pixel i: u = i + delta
             fl = np.floor(delta)
-            t = delta - fl
-            c, dc = _catmull_rom(t)  # (m, 4)
-            c = c.astype(dt)
-            q = np.arange(n_s)[None, :] + fl.astype(np.int64)[:, None] - 1  # first tap, segment-relative
-            ok = (q >= 1) & (q <= n_s - 5)  # one pixel margin at each segment end
-            qc = np.minimum(np.maximum(q, 0), n_s - 4)
-            G = c[:, 0, None] * f_rest[:, a:e - 3]
+            c, dc = _catmull_rom(delta - fl)  # (m, 4)
+            o = fl.astype(np.int64)  # taps at i + o - 1 ... i + o + 2
+            o32 = np.clip(o, -2**30, 2**30).astype(np.int32)[:, None]
+            np.logical_and(o32 >= o_lo, o32 <= o_hi, out=valid[:, a:e])
+            pad = int(min(np.abs(o).max(), n_s)) + 2
+            Xp = np.zeros((m, Q, n_s + 2 * pad), dt)
+            Xp[:, :, pad:pad + n_s] = X[:, :, a:e]
+            win = np.lib.stride_tricks.sliding_window_view(Xp, n_s + 3, axis=2)
+            start = np.clip(pad + o - 1, 0, win.shape[2] - 1)
+            al = win[rows, :, start]  # (m, Q, n_s + 3): al[r, :, j] = X[r, :, a + j + o_r - 1]
+            seg = Y[:, :Q, a:e]
+            np.multiply(al[:, :, 0:n_s], c[:, 0, None, None].astype(dt), out=seg)
             for k in range(1, 4):
-                G += c[:, k, None] * f_rest[:, a + k:e - 3 + k]
-            fo[:, a:e] = np.take_along_axis(G, qc, 1)
-            valid[:, a:e] = ok
-            if fit_rv:
-                dudv = (-1.0 / (h * C_KMS * (1.0 - b * b)))
+                seg += c[:, k, None, None].astype(dt) * al[:, :, k:k + n_s]
+            if rv_plane:
+                dudv = -1.0 / (h * C_KMS * (1.0 - b * b))
                 dcv = (dc * dudv[:, None]).astype(dt)
-                dG = dcv[:, 0, None] * f_rest[:, a:e - 3]
+                rv = Y[:, Q, a:e]
+                np.multiply(al[:, 0, 0:n_s], dcv[:, 0, None], out=rv)
                 for k in range(1, 4):
-                    dG += dcv[:, k, None] * f_rest[:, a + k:e - 3 + k]
-                J[:, a:e, L] = np.take_along_axis(dG, qc, 1)
-            if want_j:
-                GJ = c[None, :, 0, None] * J_rest[a:e - 3]
-                for k in range(1, 4):
-                    GJ += c[None, :, k, None] * J_rest[a + k:e - 3 + k]
-                J[:, a:e, :L] = np.take(GJ.reshape(-1, L), qc * m + rows, axis=0)
-        return fo, (J if want_j else None), valid
+                    rv += dcv[:, k, None] * al[:, 0, k:k + n_s]
+        return Y, valid
 
-    def _shift_general(self, f_rest, v, J_rest=None):
+    def _shift_general(self, X, v, rv_plane=False):
         """General grids: per-pixel interpolation weights (see :func:`shift_weights`)."""
-        m = f_rest.shape[0]
+        m, Q, p = X.shape
         j0, c, dc, valid = shift_weights(self.lnw, self.lnw, v, self.segments)
         c = c.astype(self.dtype)
-        p = self.lnw.size
-        rows = np.arange(m)[:, None]
-        fo = np.zeros((m, p), self.dtype)
-        dfdv = np.zeros((m, p), self.dtype) if J_rest is not None and self.config.fit_rv else None
+        Y = np.zeros((m, Q + int(rv_plane), p), self.dtype)
         for k in range(4):
-            fk = f_rest[rows, j0 + k]
-            fo += c[:, :, k] * fk
-            if dfdv is not None:
-                dfdv += dc[:, :, k].astype(self.dtype) * fk
-        if J_rest is None:
-            return fo, None, valid
-        L = J_rest.shape[2]
-        Jf = J_rest.reshape(-1, L)  # layout (p, m, L) flattened
-        J = np.zeros((m, p, self.n_par), self.dtype)
-        for k in range(4):
-            J[:, :, :L] += c[:, :, k, None] * Jf[(j0 + k) * m + rows]
-        if dfdv is not None:
-            J[:, :, L] = dfdv
-        return fo, J, valid
+            Xk = np.take_along_axis(X, (j0 + k)[:, None, :], axis=2)
+            Y[:, :Q] += c[:, None, :, k] * Xk
+            if rv_plane:
+                Y[:, Q] += dc[:, :, k].astype(self.dtype) * Xk[:, 0]
+        return Y, valid
 
-    def _apply_ops(self, f, J, opi):
+    def _apply_ops(self, Y, opi):
+        """Convolve the rows that have an LSF-excess operator (every plane: flux and Jacobian)."""
         for o in np.unique(opi[opi >= 0]):
             sel = np.flatnonzero(opi == o)
             K = self._ops[o]
-            f[sel] = (K @ f[sel].T).T
-            if J is not None:
-                m, p, P = J[sel].shape
-                Jt = np.ascontiguousarray(J[sel].transpose(1, 0, 2)).reshape(p, m * P)
-                J[sel] = (K @ Jt).reshape(p, m, P).transpose(1, 0, 2)
-        return f, J
+            m, Q, p = Y[sel].shape
+            Y[sel] = (K @ Y[sel].reshape(m * Q, p).T).T.reshape(m, Q, p)
+        return Y
 
-    def _evaluate(self, theta, opi, want_jac=True):
+    def _planes(self, theta, opi, want_jac=True, rest=None):
+        """Observed-frame model planes at ``theta``: ``(Y, valid)``, ``Y (m, 1 [+ n_par], n_pix)``,
+        plane 0 the flux, then d flux / d (scaled labels, v).  ``rest``: the rest-frame planes
+        at ``theta``'s labels when already known (grid points)."""
         L = self.model.n_labels
         s = theta[:, :L]
         v = theta[:, L] if self.config.fit_rv else np.full(theta.shape[0], self.config.rv_fixed)
-        if want_jac:
-            f_rest, J_rest = self.model._jacobian_kernel(s, self.dtype)
+        if rest is not None:
+            X = rest
+        elif want_jac:
+            X = self.model.planar_kernel(s, self.dtype)
         else:
-            f_rest, J_rest = self.model.predict_scaled(s, self.dtype), None
-        f, J, valid = self._shift(f_rest, v, J_rest)
+            X = self.model.predict_scaled(s, self.dtype)[:, None, :]
+        Y, valid = self._shift(X, v, rv_plane=want_jac and self.config.fit_rv)
         if np.any(opi >= 0):
-            f, J = self._apply_ops(f, J, opi)
-        return f, J, valid
+            Y = self._apply_ops(Y, opi)
+        return Y, valid
+
+    def _evaluate(self, theta, opi, want_jac=True):
+        """``(f (m, n_pix), J (m, n_pix, n_par) or None, valid)`` (for tests and benchmarks)."""
+        Y, valid = self._planes(theta, opi, want_jac)
+        J = np.ascontiguousarray(Y[:, 1:].transpose(0, 2, 1)) if want_jac else None
+        return np.ascontiguousarray(Y[:, 0]), J, valid
 
     def _chi2(self, f, valid, d, w):
         r = d - f
         ww = w * valid
         return np.einsum("np,np->n", ww, r * r), r, ww
 
-    def _assess(self, theta, opi, d, w):
-        """Model at ``theta`` and what LM needs there: f, chi2, weights used, A = J^T W J, g = J^T W r."""
-        f, J, valid = self._evaluate(theta, opi)
+    def _assess(self, theta, opi, d, w, rest=None):
+        """Model at ``theta`` and what LM needs there: f, chi2, weights used, A = J^T W J, g = J^T W r.
+
+        The residual replaces the flux plane, every plane is multiplied by sqrt(W), and one
+        batched product of the planes with themselves gives chi2, ``g`` and ``A`` together."""
+        Y, valid = self._planes(theta, opi, rest=rest)
+        f = Y[:, 0].copy()
         chi2, r, ww = self._chi2(f, valid, d, w)
-        wd = ww.astype(self.dtype)
-        Jw = J * wd[:, :, None]
-        A = np.matmul(J.transpose(0, 2, 1), Jw).astype(np.float64)
-        g = np.einsum("npk,np->nk", Jw, r.astype(self.dtype)).astype(np.float64)
-        return f, chi2, ww, A, g
+        Y[:, 0] = r
+        Y *= np.sqrt(ww).astype(self.dtype)[:, None, :]
+        M = np.einsum("nqp,nrp->nqr", Y, Y).astype(np.float64)
+        return f, chi2, ww, np.ascontiguousarray(M[:, 1:, 1:]), np.ascontiguousarray(M[:, 1:, 0])
 
     def _ccf_templates(self):
         """Templates shifted over the coarse velocity grid (fixed for a model and config)."""
         cfg = self.config
         dv_pix = C_KMS * float(np.median(np.diff(self.lnw)))
-        step = float(cfg.rv_step) if cfg.rv_step else dv_pix
+        step = float(cfg.rv_step) if cfg.rv_step else 2.0 * dv_pix
         nv = int(np.floor(cfg.rv_range / step))
         vgrid = np.arange(-nv, nv + 1) * step
         nt = self.ccf_flux.shape[0]
         tf = np.repeat(self.ccf_flux, vgrid.size, axis=0)
-        T, _, valid = self._shift(tf, np.tile(vgrid, nt))
+        T, valid = self._shift(tf[:, None, :], np.tile(vgrid, nt))
+        T = T[:, 0]
         common = valid.all(0)
         Tc = np.where(common, T, 0).astype(self.dtype)
-        return vgrid, step, Tc, (Tc * Tc), common
+        return vgrid, step, Tc, (Tc * Tc), common, dv_pix
 
     def _coarse_rv(self, d, w):
         """Coarse RV: minimum over templates and the velocity grid of chi2, refined by a parabola."""
         cfg = self.config
         if not cfg.fit_rv:
             return np.full(d.shape[0], cfg.rv_fixed)
-        vgrid, step, Tc, T2, common = self._ccf
+        vgrid, step, Tc, T2, common, _ = self._ccf
         nt = self.ccf_flux.shape[0]
         wc = (w * common).astype(self.dtype)
         wd = wc * d.astype(self.dtype)
@@ -539,17 +583,56 @@ class Fitter:
     def _refine_rv(self, d, w, g_best, v0, half_width=4):
         """Second RV pass with each spectrum's own best grid template: chi2 at v0 +- ``half_width``
         model pixels (one-pixel steps, exact shift), parabola through the minimum.  The coarse
-        search uses generic templates and can miss by a few pixels for broad-lined stars."""
+        search uses generic templates and can miss by a few pixels for broad-lined stars.
+
+        On a single log-linear lattice the template is shifted once, to ``v0``; one more pixel
+        of velocity is then one whole pixel of offset, so the other trial velocities are
+        windows of that one shifted template (``lnD = lnD0 + k h``, ``v = c tanh(lnD)``).
+        Only pixels valid at every trial offset and not crossing a segment gap count."""
+        cfg = self.config
+        hw = int(half_width)
+        blocks = self._uniform
+        if blocks is None or len(blocks) != 1 or d.shape[1] <= 2 * hw + 1:
+            return self._refine_rv_general(d, w, g_best, v0, hw)
+        dt = self.dtype
+        m, p = d.shape
+        h = blocks[0][2]
+        T0, valid = self._shift(self.grid_flux[g_best][:, None, :], v0)
+        T0 = T0[:, 0]
+        n_c = p - 2 * hw
+        win = np.lib.stride_tricks.sliding_window_view
+        # window j holds T0[j + t] at centre pixel i = hw + t, i.e. the template at offset k = hw - j
+        common = win(valid, n_c, axis=1).all(1) & self._same_segment(hw)[None, :]
+        wc = (w[:, hw:p - hw] * common).astype(dt)
+        wd = wc * d[:, hw:p - hw].astype(dt)
+        chi = (np.einsum("nt,njt->nj", wc, win(T0 * T0, n_c, axis=1))
+               - 2.0 * np.einsum("nt,njt->nj", wd, win(T0, n_c, axis=1)))
+        chi = chi[:, ::-1].astype(np.float64)  # column q <-> offset k = q - hw
+        q = np.argmin(chi, 1)
+        b = np.asarray(v0, np.float64) / C_KMS
+        lnD = 0.5 * (np.log1p(b) - np.log1p(-b)) + (q - hw + _parabola_offset(chi, q)) * h
+        return np.clip(C_KMS * np.tanh(lnD), -cfg.rv_range, cfg.rv_range)
+
+    def _same_segment(self, hw):
+        """Pixels ``hw .. n_pix - hw - 1`` whose +-``hw`` neighbours are all in their own segment."""
+        seg = self.segments
+        n_c = seg.size - 2 * hw
+        return (np.lib.stride_tricks.sliding_window_view(seg, n_c) == seg[hw:seg.size - hw]).all(0)
+
+    def _refine_rv_general(self, d, w, g_best, v0, half_width):
+        """:meth:`_refine_rv` on general grids: the template shifted to every trial velocity."""
         cfg = self.config
         m = d.shape[0]
-        step = self._ccf[1]
+        step = self._ccf[5]  # one model pixel
         k = np.arange(-half_width, half_width + 1)
         vv = np.clip(v0[:, None] + k[None, :] * step, -cfg.rv_range, cfg.rv_range)
-        T, _, valid = self._shift(np.repeat(self.grid_flux[g_best], k.size, axis=0), vv.ravel())
-        T = T.reshape(m, k.size, -1)
+        T, valid = self._shift(np.repeat(self.grid_flux[g_best], k.size, axis=0)[:, None, :], vv.ravel())
+        T = T[:, 0].reshape(m, k.size, -1)
         common = valid.reshape(m, k.size, -1).all(1)
-        wc = w * common
-        chi = np.einsum("np,nkp->nk", wc, (d[:, None, :] - T) ** 2)
+        wc = (w * common).astype(self.dtype)
+        # chi2 up to a per-spectrum constant: sum w T^2 - 2 sum w d T
+        chi = (np.einsum("np,nkp->nk", wc, T * T) - 2.0 * np.einsum("np,nkp->nk", wc * d.astype(self.dtype), T))
+        chi = chi.astype(np.float64)
         j = np.argmin(chi, 1)
         v1 = vv[np.arange(m), j]
         v1 += _parabola_offset(chi, j) * step
@@ -558,21 +641,34 @@ class Fitter:
     def _starts(self, d, w, v0):
         """Best ``n_starts`` grid points per spectrum (chi2 in the rest frame, nearest-pixel shift)."""
         cfg = self.config
-        m, p = d.shape
-        b = v0 / C_KMS
-        lnD = 0.5 * (np.log1p(b) - np.log1p(-b))
-        u = np.interp(self.lnw[None, :] - lnD[:, None], self.lnw, np.arange(p, dtype=np.float64))
-        j = np.clip(np.rint(u).astype(np.int64), 0, p - 1)
-        flat = (np.arange(m)[:, None] * p + j).ravel()
-        Dm = np.bincount(flat, weights=(w * d).ravel(), minlength=m * p).reshape(m, p).astype(self.dtype)
-        Wm = np.bincount(flat, weights=w.ravel(), minlength=m * p).reshape(m, p).astype(self.dtype)
+        Dm, Wm = self._to_rest(d, w, v0)
         G = self.grid_flux
         chi = -2.0 * (Dm @ G.T) + Wm @ (G * G).T
         k = min(cfg.n_starts, G.shape[0])
         best = np.argsort(chi, axis=1)[:, :k]
         return best
 
-    def _lm(self, theta, d, w, opi, n_iter, lam, state=None):
+    def _to_rest(self, d, w, v):
+        """Data moved to the rest frame at velocities ``v``, to the nearest model pixel:
+        per rest pixel the sums of ``w d`` and of ``w`` (float32 ``(m, n_pix)`` each)."""
+        m, p = d.shape
+        b = np.asarray(v, np.float64) / C_KMS
+        lnD = 0.5 * (np.log1p(b) - np.log1p(-b))
+        u = np.interp(self.lnw[None, :] - lnD[:, None], self.lnw, np.arange(p, dtype=np.float64))
+        j = np.clip(np.rint(u).astype(np.int64), 0, p - 1)
+        flat = (np.arange(m)[:, None] * p + j).ravel()
+        Dm = np.bincount(flat, weights=(w * d).ravel(), minlength=m * p).reshape(m, p).astype(self.dtype)
+        Wm = np.bincount(flat, weights=w.ravel(), minlength=m * p).reshape(m, p).astype(self.dtype)
+        return Dm, Wm
+
+    def _chi2_at(self, theta, opi, d, w):
+        """Flux, chi2 and used weights at ``theta`` without the Jacobian (a probe)."""
+        Y, valid = self._planes(theta, opi, want_jac=False)
+        f = Y[:, 0]
+        chi2, _, ww = self._chi2(f, valid, d, w)
+        return f, chi2, ww
+
+    def _lm(self, theta, d, w, opi, n_iter, lam, state=None, stale=None, probe_all=False, final_jac=True):
         """Bounded Levenberg-Marquardt on the rows of ``theta`` (one row per spectrum/start).
 
         Per iteration and row: normal matrix ``A = J^T W J`` and gradient ``g = J^T W r``;
@@ -583,6 +679,13 @@ class Fitter:
         below ``chi2_tol`` (or the float32 rounding noise of chi2), or when it is stuck
         (``lam > 1e8``).  ``state``: (f, chi2, ww, A, g) at ``theta`` if already known.
         Only ``A`` and ``g`` are kept per row (the Jacobian itself is never stored).
+
+        Lazy Jacobians: a trial that is likely to be rejected is first *probed* (flux and
+        chi2 only, a fraction of the cost); its Jacobian is computed only if it is accepted,
+        at the start of the next iteration (rows marked ``stale``).  Probed are all trials
+        with ``probe_all`` (the exploration of several starts, of which one is kept) and
+        otherwise the trials that follow a rejection.  With ``final_jac=False`` rows may come
+        back ``stale`` (their ``A``, ``g`` not yet evaluated at ``theta``).
         """
         cfg = self.config
         m, P = theta.shape
@@ -592,12 +695,22 @@ class Fitter:
             f, chi2, ww, A_all, g_all = self._assess(theta, opi, d, w)
         else:
             f, chi2, ww, A_all, g_all = (x.copy() for x in state)
+        stale = np.zeros(m, bool) if stale is None else stale.copy()
         done = np.zeros(m, bool)
         iters = np.zeros(m, np.int64)
         nu = np.full(m, 2.0)
+        rejected = np.zeros(m, bool)
         eps = 1e-9
         eye = np.eye(P)
+
+        def refresh(rows):
+            if rows.size:
+                f[rows], chi2[rows], ww[rows], A_all[rows], g_all[rows] = self._assess(
+                    theta[rows], opi[rows], d[rows], w[rows])
+                stale[rows] = False
+
         for _ in range(n_iter):
+            refresh(np.flatnonzero(~done & stale))
             act = np.flatnonzero(~done)
             if act.size == 0:
                 break
@@ -628,12 +741,30 @@ class Fitter:
             if act.size == 0:
                 break
             th_new = np.clip(th + delta, self.lo, self.hi)
-            f_n, chi_n, ww_n, A_n, g_n = self._assess(th_new, opi[act], d[act], w[act])
+            probe = np.ones(act.size, bool) if probe_all else rejected[act]
+            chi_n = np.empty(act.size)
+            new = [None] * 5
+            for sel, full in ((np.flatnonzero(~probe), True), (np.flatnonzero(probe), False)):
+                if sel.size == 0:
+                    continue
+                if full:
+                    res = self._assess(th_new[sel], opi[act[sel]], d[act[sel]], w[act[sel]])
+                else:
+                    res = self._chi2_at(th_new[sel], opi[act[sel]], d[act[sel]], w[act[sel]])
+                chi_n[sel] = res[1]
+                for k, x in enumerate(res):
+                    if new[k] is None:
+                        new[k] = np.zeros((act.size,) + x.shape[1:], x.dtype)
+                    new[k][sel] = x
             acc = np.isfinite(chi_n) & (chi_n < chi2[act])
             ia = act[acc]
             gain = chi2[ia] - chi_n[acc]
-            theta[ia], f[ia], chi2[ia], ww[ia], A_all[ia], g_all[ia] = (
-                th_new[acc], f_n[acc], chi_n[acc], ww_n[acc], A_n[acc], g_n[acc])
+            theta[ia], f[ia], chi2[ia], ww[ia] = th_new[acc], new[0][acc], chi_n[acc], new[2][acc]
+            if new[3] is not None:
+                full_acc = acc & ~probe
+                A_all[act[full_acc]], g_all[act[full_acc]] = new[3][full_acc], new[4][full_acc]
+            stale[act[acc & probe]] = True
+            rejected[act] = ~acc
             iters[act] += 1
             # damping update of Nielsen (1999): rho = achieved / predicted gain
             rho = gain / np.maximum(pred_d[acc], 1e-300)
@@ -642,12 +773,21 @@ class Fitter:
             ir = act[~acc]
             lam[ir] *= nu[ir]
             nu[ir] *= 2.0
+            # a rejected step that promised less than one unit of chi2 (a sub-sigma step) failed
+            # on a non-linearity at that small scale (a kink of a leaky-ReLU network): damp at
+            # once to about half the step instead of doubling lam from ~1e-5 over many trials
+            lam[ir] = np.where(pred_d[~acc] < 1.0, np.maximum(lam[ir], 1.0), lam[ir])
             # piecewise-smooth models (leaky ReLU) have kinks where Gauss-Newton keeps promising a
             # gain it cannot deliver: stop when an accepted step gains less than the stall
-            # tolerance, or a rejected step was predicted to gain less than tol
-            done[ia[gain < np.maximum(tol[acc], cfg.stall_tol)]] = True
-            done[ir[(lam[ir] > 1e8) | (pred_d[~acc] < tol[~acc])]] = True
-        return dict(theta=theta, f=f, chi2=chi2, ww=ww, A=A_all, g=g_all, lam=lam, done=done, iters=iters)
+            # tolerance, or a rejected step was predicted to gain less than that (had it been
+            # accepted, the fit would have stopped after it anyway)
+            stall = np.maximum(tol, cfg.stall_tol)
+            done[ia[gain < stall[acc]]] = True
+            done[ir[(lam[ir] > 1e8) | (pred_d[~acc] < stall[~acc])]] = True
+        if final_jac:
+            refresh(np.flatnonzero(stale))
+        return dict(theta=theta, f=f, chi2=chi2, ww=ww, A=A_all, g=g_all, lam=lam, done=done, iters=iters,
+                    stale=stale)
 
     def _fit_chunk(self, idx, d, w, opi, out):
         cfg = self.config
@@ -664,18 +804,21 @@ class Fitter:
         if cfg.fit_rv:
             th0 = np.hstack([th0, v0[rows, None]])
         lam0 = np.full(rows.size, cfg.lambda_init)
+        # the starts are grid points: their rest-frame flux and Jacobian are precomputed
+        state0 = self._assess(th0, opi[rows], d[rows], w[rows], rest=self.grid_planes[best.ravel()])
         n_explore = min(cfg.explore_iter, cfg.max_iter) if K > 1 else 0
         iters = np.zeros(m, np.int64)
         if n_explore:
-            st = self._lm(th0, d[rows], w[rows], opi[rows], n_explore, lam0)
+            # every start takes one probed step; only the kept start's Jacobian is then evaluated
+            st = self._lm(th0, d[rows], w[rows], opi[rows], n_explore, lam0, state0, probe_all=True, final_jac=False)
             chi = st["chi2"].reshape(m, K)
             pick = np.arange(m) * K + np.nanargmin(np.where(np.isfinite(chi), chi, np.inf), axis=1)
-            th1, lam1 = st["theta"][pick], st["lam"][pick]
+            th1, lam1, stale1 = st["theta"][pick], st["lam"][pick], st["stale"][pick]
             state = tuple(st[k][pick] for k in ("f", "chi2", "ww", "A", "g"))
             iters += st["iters"][pick]
         else:
-            th1, lam1, state = th0[::K], lam0[::K], None
-        st = self._lm(th1, d, w, opi, max(cfg.max_iter - n_explore, 1), lam1, state)
+            th1, lam1, state, stale1 = th0[::K], lam0[::K], state0, None
+        st = self._lm(th1, d, w, opi, max(cfg.max_iter - n_explore, 1), lam1, state, stale1)
         iters += st["iters"]
         theta, ww, chi2, f, A = st["theta"], st["ww"], st["chi2"], st["f"], st["A"]
         n_used = (ww > 0).sum(1)

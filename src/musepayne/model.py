@@ -172,14 +172,16 @@ class SpectralModel:
     def predict_scaled(self, s, dtype=np.float64):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _jacobian_kernel(self, s, dtype=np.float64):  # pragma: no cover - abstract
-        """(flux (n, n_pix), d flux / d s laid out (n_pix, n, n_labels)) at scaled labels ``s``."""
-        raise NotImplementedError
+    def planar_kernel(self, s, dtype=np.float64):
+        """Flux and Jacobian at scaled labels ``s`` as one planar array ``(n, 1 + n_labels, n_pix)``:
+        plane 0 is the flux, plane ``1 + l`` is d flux / d s_l.  Each plane is a contiguous
+        spectrum, the layout the fitter shifts and reduces without reshuffling."""
+        raise NotImplementedError  # pragma: no cover - abstract
 
     def predict_scaled_with_jacobian(self, s, dtype=np.float64):
         """(flux (n, n_pix), d flux / d s (n, n_pix, n_labels)) at scaled labels ``s``."""
-        f, j = self._jacobian_kernel(s, dtype)
-        return f, np.ascontiguousarray(j.transpose(1, 0, 2))
+        x = self.planar_kernel(s, dtype)
+        return np.ascontiguousarray(x[:, 0]), np.ascontiguousarray(x[:, 1:].transpose(0, 2, 1))
 
     def predict(self, labels):
         """Normalised flux ``(n, n_pix)`` at physical ``labels`` ``(n, n_labels)``."""
@@ -281,38 +283,43 @@ class PerPixelPayne(SpectralModel):
         self.n_hidden = h
 
     def _cast(self, dtype):
+        """Weights at ``dtype`` in the hidden-unit-major layout of the kernels (cached per dtype)."""
         dt = np.dtype(dtype)
         c = self._cache.get(dt.str)
         if c is None:
             p, h, l = self.w0.shape
-            c = (self.w0.reshape(p * h, l).T.astype(dt), self.b0.reshape(p * h).astype(dt),
-                 self.w1.astype(dt), self.b1.astype(dt), self.w0.astype(dt))
+            c = (np.ascontiguousarray(self.w0.transpose(2, 1, 0).reshape(l, h * p)).astype(dt),  # (L, H*p)
+                 np.ascontiguousarray(self.b0.T).reshape(h * p).astype(dt),
+                 np.ascontiguousarray(self.w1.T).astype(dt),  # (H, p)
+                 self.b1.astype(dt),
+                 np.ascontiguousarray(self.w0.transpose(1, 2, 0)).astype(dt))  # (H, L, p)
             self._cache[dt.str] = c
         return c
 
     def _hidden(self, s, dtype):
+        """Sigmoid activations laid out ``(n, n_hidden, n_pix)``."""
         w0t, b0f = self._cast(dtype)[:2]
         z = np.asarray(s, dtype) @ w0t
         z += b0f
-        return _sigmoid_inplace(z).reshape(s.shape[0], self.n_pix, self.n_hidden)
+        return _sigmoid_inplace(z).reshape(s.shape[0], self.n_hidden, self.n_pix)
 
     def predict_scaled(self, s, dtype=np.float64):
         s = np.atleast_2d(np.asarray(s, np.float64))
         _, _, w1, b1, _ = self._cast(dtype)
-        a = self._hidden(s, dtype)
-        return np.einsum("nph,ph->np", a, w1) + b1
+        return np.einsum("nhp,hp->np", self._hidden(s, dtype), w1) + b1
 
-    def _jacobian_kernel(self, s, dtype=np.float64):
-        """(flux (n, n_pix), jac laid out (n_pix, n, n_labels)) at scaled labels."""
+    def planar_kernel(self, s, dtype=np.float64):
         s = np.atleast_2d(np.asarray(s, np.float64))
         _, _, w1, b1, w0 = self._cast(dtype)
         a = self._hidden(s, dtype)
-        f = np.einsum("nph,ph->np", a, w1) + b1
+        x = np.empty((s.shape[0], 1 + self.n_labels, self.n_pix), a.dtype)
+        np.einsum("nhp,hp->np", a, w1, out=x[:, 0])
+        x[:, 0] += b1
         a *= 1.0 - a  # sigmoid'(z) = a (1 - a), in place
         a *= w1
-        # d f_p / d s_l = sum_h w1[p,h] sigmoid'(z)[p,h] w0[p,h,l]: one small matmul per pixel
-        jac = np.matmul(a.transpose(1, 0, 2), w0)
-        return f, jac
+        # d f_p / d s_l = sum_h w1[p,h] sigmoid'(z)[p,h] w0[p,h,l]
+        np.einsum("nhp,hlp->nlp", a, w0, out=x[:, 1:])
+        return x
 
     def _arrays(self):
         return [("W0", self.w0), ("B0", self.b0), ("W1", self.w1), ("B1", self.b1)]
@@ -363,21 +370,24 @@ class MLPPayne(SpectralModel):
             h = np.where(h > 0, h, self.negative_slope * h)
         return h @ ws[-1].T + bs[-1]
 
-    def _jacobian_kernel(self, s, dtype=np.float64):
+    def planar_kernel(self, s, dtype=np.float64):
         ws, bs = self._cast(dtype)
-        h = np.atleast_2d(np.asarray(s, dtype))
-        n, L = h.shape
-        # forward mode: d h / d s carried as (width, n, L)
-        dh = np.broadcast_to(np.eye(L, dtype=dtype)[:, None, :], (L, n, L))
+        s = np.atleast_2d(np.asarray(s, dtype))
+        n, L = s.shape
+        # forward mode: activations and their derivatives carried together as planes
+        # (n, 1 + L, width): plane 0 the activation, plane 1 + l its derivative by s_l
+        h = np.zeros((n, 1 + L, L), dtype)
+        h[:, 0] = s
+        h[:, 1:] = np.eye(L, dtype=dtype)
         for w, b in zip(ws[:-1], bs[:-1]):
-            z = h @ w.T + b
-            slope = np.where(z > 0, 1.0, self.negative_slope).astype(dtype)
-            h = z * slope
-            dh = (w @ np.ascontiguousarray(dh).reshape(w.shape[1], n * L)).reshape(w.shape[0], n, L)
-            dh *= slope.T[:, :, None]
-        f = h @ ws[-1].T + bs[-1]
-        jac = (ws[-1] @ np.ascontiguousarray(dh).reshape(dh.shape[0], n * L)).reshape(self.n_pix, n, L)
-        return f, jac
+            z = (h.reshape(n * (1 + L), -1) @ w.T).reshape(n, 1 + L, -1)  # one GEMM for all planes
+            z[:, 0] += b
+            slope = np.where(z[:, 0] > 0, 1.0, self.negative_slope).astype(dtype)
+            z *= slope[:, None, :]
+            h = z
+        x = (h.reshape(n * (1 + L), -1) @ ws[-1].T).reshape(n, 1 + L, -1)
+        x[:, 0] += bs[-1]
+        return x
 
     def _arrays(self):
         out = []
