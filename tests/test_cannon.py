@@ -154,3 +154,17 @@ def test_model_file_round_trip(tmp_path):
     assert m2.pixel_mask[100:].all()
     m2.with_pixel_mask(np.zeros(wave.size, bool))
     assert m2.pixel_mask[100:].all()
+
+
+def test_model_jacobian_matches_finite_differences():
+    wave = log_linear_grid(np.log10(5000.0), 1e-4, 80)
+    lab = _labels(50, 15)
+    f = design_matrix(_scaled(lab)) @ _truth_theta(wave, 16).T
+    m = train_cannon(f, np.full(f.shape, 1e4), lab, NAMES, wave, x_min=LO, x_max=HI)
+    x = _labels(3, 17)
+    flux, jac = m.predict_with_jacobian(x)
+    np.testing.assert_allclose(flux, m.predict(x), atol=1e-12)
+    for k, h in enumerate((1.0, 1e-3, 1e-3)):
+        d = np.zeros(3)
+        d[k] = h
+        np.testing.assert_allclose(jac[:, :, k], (m.predict(x + d) - m.predict(x - d)) / (2 * h), atol=1e-8)

@@ -171,13 +171,12 @@ class CannonModel(SpectralModel):
     def predict_scaled(self, s, dtype=np.float64):
         return design_matrix(s).astype(dtype) @ self._theta(dtype)
 
-    def _jacobian_kernel(self, s, dtype=np.float64):
-        """(flux (n, n_pix), d flux / d s laid out (n_pix, n, n_labels))."""
-        th = self._theta(dtype)
-        f = design_matrix(s).astype(dtype) @ th
-        dX = design_jacobian(s).astype(dtype)  # (n, K, L)
-        jac = np.einsum("kp,nkl->pnl", th, dX, optimize=True)
-        return f, np.ascontiguousarray(jac)
+    def planar_kernel(self, s, dtype=np.float64):
+        """Flux and d flux / d s as one planar array ``(n, 1 + n_labels, n_pix)`` (the fitter's layout)."""
+        th = self._theta(dtype)  # (K, p)
+        s = np.atleast_2d(np.asarray(s, np.float64))
+        A = np.concatenate([design_matrix(s)[:, None, :], design_jacobian(s).transpose(0, 2, 1)], axis=1)
+        return np.ascontiguousarray(A.astype(dtype) @ th)  # (n, 1 + L, K) @ (K, p)
 
     def inflate_ivar(self, ivar):
         """Test-step weights ``1 / (1/ivar + s_p^2)`` (0 stays 0); the input is not modified."""
