@@ -24,12 +24,17 @@ The forward model
   amount and pull RVs to whole pixels.  Pixels whose rest wavelength falls
   outside the model grid (minus one pixel at each end) are not used.
 * ``K_exc`` -- optional forward modelling of ``LSF_EXCESS``: where the data are
-  broader than the model's LSF (MUSE below ~5150 A for LAMOST-grid models),
+  broader than the model's LSF (MUSE below ~5400 A for LAMOST-grid models),
   the model is convolved by a Gaussian of that extra FWHM (a fixed sparse
   matrix per distinct excess profile, :func:`musepayne.resample.convolution_matrix`).
-  Without it the model's lines are narrower than the data's and the labels are
-  biased (a ~+28 K Teff bias for MUSE was reported to the project; not re-measured
-  here, the toy-model test only shows the chi2 and label recovery with and without).
+  Without it the model's lines are narrower than the data's there.  Measured
+  (``benchmarks/lsf_offset_study.py``, 175 MILES stars simulated as MUSE and as
+  LAMOST at S/N 1000): both the default model and a quadratic Cannon reach their
+  lowest chi2 with the recorded excess (not with 0.5x or 1.5x it), and it moves
+  Teff by only +6 K (ours) / -3 K (Cannon).  The MUSE - LAMOST Teff offset of
+  +14 to +27 K reported for such comparisons is not a resolution effect: it comes
+  from the IVAR-weighted pseudo-continuum, since MUSE pixels rebinned onto the LAMOST
+  grid leave a beat pattern in IVAR (see the README).
   Switch: ``FitConfig.lsf_excess``.
 
 The optimiser
@@ -115,9 +120,12 @@ class FitConfig:
     lsf_excess: forward-model the prepared ``LSF_EXCESS`` (Gaussian convolution of the model).
     precision: 'float32' (fast; network, shift and normal matrix) or 'float64'.
     chunk_size: spectra fitted together (memory ~ chunk * n_starts * n_pix * (n_labels+1) * 4 B * 6).
-    n_threads: chunks fitted in parallel threads.  Measured on the 2-core development
-        machine it gives no gain (CPU time = wall time: the many small indexing operations
-        hold the GIL), so the default is 1; results are identical either way.
+    n_threads: chunks fitted in parallel threads (numpy releases the GIL in its kernels).
+        BLAS is held to one thread meanwhile, so results are identical for any value.
+        Measured on the quiet 2-core development machine (``benchmarks/bench_fit.py``, 1000
+        spectra): 2 threads give 1.50x (APOGEE per-pixel network) and 1.67x (LAMOST-grid MLP)
+        the 1-thread rate.  Default 1 (pipelines and Dask workers parallelise at a higher
+        level); ``musepayne fit`` uses all cores.
     min_pixels: fewer usable pixels -> failed row.
     scale_errors: multiply errors by sqrt(chi2/(n-n_par)) when it exceeds 1.
     keep_model: add the best-fit model spectrum to the output (column ``model_flux``).
@@ -386,10 +394,14 @@ class Fitter:
                 out.reason[idx] = f"{type(exc).__name__}: {exc}"
 
         if cfg.n_threads > 1 and len(chunks) > 1:
-            # numpy releases the GIL in its array kernels; each chunk writes disjoint rows of ``out``
+            # numpy releases the GIL in its array kernels; each chunk writes disjoint rows of ``out``;
+            # one BLAS thread per chunk thread (no oversubscription, same sums as one thread)
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(max_workers=cfg.n_threads) as pool:
+            import scipy.linalg  # noqa: F401 - load scipy's BLAS too: limits only reach loaded libraries
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=cfg.n_threads) as pool:
                 list(pool.map(work, chunks))
         else:
             for idx in chunks:

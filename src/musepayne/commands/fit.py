@@ -24,8 +24,8 @@ from ._common import Timer, emit, fail, json_option
 @click.option("--lsf-excess/--no-lsf-excess", default=True, show_default=True,
               help="Convolve the model by the prepared LSF_EXCESS where the data are broader than the model.")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--threads", "n_threads", default=1, show_default=True, type=int,
-              help="Fit chunks of spectra in this many threads (set OMP_NUM_THREADS=1 alongside).")
+@click.option("--threads", "n_threads", default=0, show_default=True, type=int,
+              help="Fit chunks of spectra in this many threads; 0: one per CPU core. Results do not depend on it.")
 @click.option("--keep-model", is_flag=True, help="Store the best-fit model spectra (FITS output only).")
 @click.option("--also", "also", multiple=True, type=click.Path(dir_okay=False),
               help="Also export the catalogue to this file (.csv or .parquet); repeatable.")
@@ -53,6 +53,11 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
             model_mp = load_model(model_mp_path) if model_mp_path else None
     except (ReaderError, ModelError) as exc:
         fail(str(exc), as_json)
+    if n_threads < 0:
+        fail("--threads must be >= 0", as_json)
+    import os
+
+    n_threads = n_threads or os.cpu_count() or 1
     cfg = FitConfig(rv_range=rv_range, n_starts=n_starts, lsf_excess=lsf_excess, precision=precision,
                     keep_model=keep_model, n_threads=n_threads)
     with timer("fit"):
@@ -70,7 +75,8 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
     counts = dict(Counter(s.split(":")[0] if s.startswith("failed") else s for s in cat["status"]))
     reasons = dict(Counter(s for s in cat["status"] if s.startswith("failed")))
     n = len(cat)
-    info = {"output": str(Path(output)), "also": [str(a) for a in also], "n_spectra": n, "counts": counts,
+    info = {"output": str(Path(output)), "also": [str(a) for a in also], "n_spectra": n, "threads": n_threads,
+            "counts": counts,
             "failed": reasons, "model": str(model_path), "model_mp": model_mp_path, "timings": timer.timings,
             "spectra_per_second": round(n / timer.timings["fit"], 2) if timer.timings.get("fit") else None}
     lines = [f"fitted {n} spectra with {model_path} -> {output} ({timer.timings['fit']:.2f} s)",
