@@ -8,7 +8,7 @@ from astropy.io import fits
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
-from musepayne.extract import ExtractConfig, Extractor, aperture_matrix, circle_overlap, read_catalogue
+from musepayne.extract import ExtractConfig, Extractor, circle_overlap, read_catalogue
 from musepayne.psf import MoffatPSF, psf_design_matrix
 from musepayne.readers import open_cube, read_muse_spectra
 from musepayne.simulate import SimulateConfig, Simulator
