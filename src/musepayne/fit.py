@@ -121,7 +121,8 @@ class FitConfig:
     precision: 'float32' (fast; network, shift and normal matrix) or 'float64'.
     chunk_size: spectra fitted together (memory ~ chunk * n_starts * n_pix * (n_labels+1) * 4 B * 6).
     n_threads: chunks fitted in parallel threads (numpy releases the GIL in its kernels).
-        BLAS is held to one thread meanwhile, so results are identical for any value.
+        BLAS is held to one thread inside the fit, so results are identical for any value
+        and any BLAS thread setting of the machine.
         Measured on the quiet 2-core development machine (``benchmarks/bench_fit.py``, 1000
         spectra): 2 threads give 1.50x (APOGEE per-pixel network) and 1.67x (LAMOST-grid MLP)
         the 1-thread rate.  Default 1 (pipelines and Dask workers parallelise at a higher
@@ -393,19 +394,22 @@ class Fitter:
                 out.status[idx] = "failed:numerical"
                 out.reason[idx] = f"{type(exc).__name__}: {exc}"
 
-        if cfg.n_threads > 1 and len(chunks) > 1:
-            # numpy releases the GIL in its array kernels; each chunk writes disjoint rows of ``out``;
-            # one BLAS thread per chunk thread (no oversubscription, same sums as one thread)
-            from concurrent.futures import ThreadPoolExecutor
+        # BLAS runs single-threaded inside the fit: the products are per chunk (small), the sums
+        # then do not depend on the machine's BLAS thread count, and chunk threads do not
+        # oversubscribe the cores -- the results are the same for any n_threads
+        import scipy.linalg  # noqa: F401 - load scipy's BLAS too: limits only reach loaded libraries
+        from threadpoolctl import threadpool_limits
 
-            import scipy.linalg  # noqa: F401 - load scipy's BLAS too: limits only reach loaded libraries
-            from threadpoolctl import threadpool_limits
+        with threadpool_limits(limits=1):
+            if cfg.n_threads > 1 and len(chunks) > 1:
+                # numpy releases the GIL in its array kernels; each chunk writes disjoint rows of ``out``
+                from concurrent.futures import ThreadPoolExecutor
 
-            with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=cfg.n_threads) as pool:
-                list(pool.map(work, chunks))
-        else:
-            for idx in chunks:
-                work(idx)
+                with ThreadPoolExecutor(max_workers=cfg.n_threads) as pool:
+                    list(pool.map(work, chunks))
+            else:
+                for idx in chunks:
+                    work(idx)
         return out
 
     # ---------------------------------------------------------------- internals
