@@ -292,6 +292,7 @@ class Fitter:
         if L >= 1:
             tpl[1, 0], tpl[2, 0] = -0.3, 0.3
         self.ccf_flux = model.predict_scaled(tpl, dtype=self.dtype)
+        self._dv_pix = C_KMS * float(np.median(np.diff(self.lnw)))  # velocity of one model pixel
         self._ccf = self._ccf_templates() if cfg.fit_rv else None
         self.lo = np.r_[np.full(L, -0.5), [-cfg.rv_range] if cfg.fit_rv else []]
         self.hi = np.r_[np.full(L, 0.5), [cfg.rv_range] if cfg.fit_rv else []]
@@ -397,10 +398,9 @@ class Fitter:
         # BLAS runs single-threaded inside the fit: the products are per chunk (small), the sums
         # then do not depend on the machine's BLAS thread count, and chunk threads do not
         # oversubscribe the cores -- the results are the same for any n_threads
-        import scipy.linalg  # noqa: F401 - load scipy's BLAS too: limits only reach loaded libraries
-        from threadpoolctl import threadpool_limits
+        from .threads import blas_threads
 
-        with threadpool_limits(limits=1):
+        with blas_threads(1):
             if cfg.n_threads > 1 and len(chunks) > 1:
                 # numpy releases the GIL in its array kernels; each chunk writes disjoint rows of ``out``
                 from concurrent.futures import ThreadPoolExecutor
@@ -477,6 +477,7 @@ class Fitter:
             delta = -lnD / h  # rest position of obs pixel i: u = i + delta
             fl = np.floor(delta)
             c, dc = _catmull_rom(delta - fl)  # (m, 4)
+            c = c.astype(dt)
             o = fl.astype(np.int64)  # taps at i + o - 1 ... i + o + 2
             o32 = np.clip(o, -2**30, 2**30).astype(np.int32)[:, None]
             np.logical_and(o32 >= o_lo, o32 <= o_hi, out=valid[:, a:e])
@@ -487,9 +488,9 @@ class Fitter:
             start = np.clip(pad + o - 1, 0, win.shape[2] - 1)
             al = win[rows, :, start]  # (m, Q, n_s + 3): al[r, :, j] = X[r, :, a + j + o_r - 1]
             seg = Y[:, :Q, a:e]
-            np.multiply(al[:, :, 0:n_s], c[:, 0, None, None].astype(dt), out=seg)
+            np.multiply(al[:, :, 0:n_s], c[:, 0, None, None], out=seg)
             for k in range(1, 4):
-                seg += c[:, k, None, None].astype(dt) * al[:, :, k:k + n_s]
+                seg += c[:, k, None, None] * al[:, :, k:k + n_s]
             if rv_plane:
                 dudv = -1.0 / (h * C_KMS * (1.0 - b * b))
                 dcv = (dc * dudv[:, None]).astype(dt)
@@ -566,8 +567,7 @@ class Fitter:
     def _ccf_templates(self):
         """Templates shifted over the coarse velocity grid (fixed for a model and config)."""
         cfg = self.config
-        dv_pix = C_KMS * float(np.median(np.diff(self.lnw)))
-        step = float(cfg.rv_step) if cfg.rv_step else 2.0 * dv_pix
+        step = float(cfg.rv_step) if cfg.rv_step else 2.0 * self._dv_pix
         nv = int(np.floor(cfg.rv_range / step))
         vgrid = np.arange(-nv, nv + 1) * step
         nt = self.ccf_flux.shape[0]
@@ -576,14 +576,14 @@ class Fitter:
         T = T[:, 0]
         common = valid.all(0)
         Tc = np.where(common, T, 0).astype(self.dtype)
-        return vgrid, step, Tc, (Tc * Tc), common, dv_pix
+        return vgrid, step, Tc, (Tc * Tc), common
 
     def _coarse_rv(self, d, w):
         """Coarse RV: minimum over templates and the velocity grid of chi2, refined by a parabola."""
         cfg = self.config
         if not cfg.fit_rv:
             return np.full(d.shape[0], cfg.rv_fixed)
-        vgrid, step, Tc, T2, common, _ = self._ccf
+        vgrid, step, Tc, T2, common = self._ccf
         nt = self.ccf_flux.shape[0]
         wc = (w * common).astype(self.dtype)
         wd = wc * d.astype(self.dtype)
@@ -639,7 +639,7 @@ class Fitter:
         """:meth:`_refine_rv` on general grids: the template shifted to every trial velocity."""
         cfg = self.config
         m = d.shape[0]
-        step = self._ccf[5]  # one model pixel
+        step = self._dv_pix
         k = np.arange(-half_width, half_width + 1)
         vv = np.clip(v0[:, None] + k[None, :] * step, -cfg.rv_range, cfg.rv_range)
         T, valid = self._shift(np.repeat(self.grid_flux[g_best], k.size, axis=0)[:, None, :], vv.ravel())
@@ -758,27 +758,20 @@ class Fitter:
                 break
             th_new = np.clip(th + delta, self.lo, self.hi)
             probe = np.ones(act.size, bool) if probe_all else rejected[act]
-            chi_n = np.empty(act.size)
-            new = [None] * 5
-            for sel, full in ((np.flatnonzero(~probe), True), (np.flatnonzero(probe), False)):
-                if sel.size == 0:
-                    continue
-                if full:
-                    res = self._assess(th_new[sel], opi[act[sel]], d[act[sel]], w[act[sel]])
-                else:
-                    res = self._chi2_at(th_new[sel], opi[act[sel]], d[act[sel]], w[act[sel]])
-                chi_n[sel] = res[1]
-                for k, x in enumerate(res):
-                    if new[k] is None:
-                        new[k] = np.zeros((act.size,) + x.shape[1:], x.dtype)
-                    new[k][sel] = x
+            full, pr = np.flatnonzero(~probe), np.flatnonzero(probe)
+            f_n, chi_n, ww_n = np.empty((act.size, f.shape[1]), f.dtype), np.empty(act.size), np.empty((act.size, ww.shape[1]))
+            if full.size:
+                f_n[full], chi_n[full], ww_n[full], A_n, g_n = self._assess(
+                    th_new[full], opi[act[full]], d[act[full]], w[act[full]])
+            if pr.size:
+                f_n[pr], chi_n[pr], ww_n[pr] = self._chi2_at(th_new[pr], opi[act[pr]], d[act[pr]], w[act[pr]])
             acc = np.isfinite(chi_n) & (chi_n < chi2[act])
             ia = act[acc]
             gain = chi2[ia] - chi_n[acc]
-            theta[ia], f[ia], chi2[ia], ww[ia] = th_new[acc], new[0][acc], chi_n[acc], new[2][acc]
-            if new[3] is not None:
-                full_acc = acc & ~probe
-                A_all[act[full_acc]], g_all[act[full_acc]] = new[3][full_acc], new[4][full_acc]
+            theta[ia], f[ia], chi2[ia], ww[ia] = th_new[acc], f_n[acc], chi_n[acc], ww_n[acc]
+            if full.size:
+                ka = acc[full]  # accepted rows evaluated with their Jacobian
+                A_all[act[full[ka]]], g_all[act[full[ka]]] = A_n[ka], g_n[ka]
             stale[act[acc & probe]] = True
             rejected[act] = ~acc
             iters[act] += 1

@@ -254,11 +254,9 @@ class Pipeline:
         """Process ``cubes`` (with one source catalogue, or one per cube); returns the run record."""
         if self.config.blas_threads is None:
             return self._run(cubes, sources, truth, stop_after)
-        import scipy.linalg  # noqa: F401 - load scipy's own BLAS/LAPACK first: limits only reach loaded libraries
-        import scipy.sparse.linalg  # noqa: F401
-        from threadpoolctl import threadpool_limits
+        from .threads import blas_threads
 
-        with threadpool_limits(limits=int(self.config.blas_threads)):
+        with blas_threads(self.config.blas_threads):
             return self._run(cubes, sources, truth, stop_after)
 
     def _run(self, cubes, sources, truth=None, stop_after=None) -> dict:

@@ -1,0 +1,23 @@
+"""Thread limits for the numerical libraries (BLAS/LAPACK/OpenMP) during a block of work.
+
+Floating-point sums in BLAS depend on how many threads share them, so holding the count
+fixed makes results independent of the machine's defaults, and it keeps stages that run
+their own threads (chunk threads, Dask workers) from oversubscribing the cores.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+__all__ = ["blas_threads"]
+
+
+@contextmanager
+def blas_threads(limit: int):
+    """Hold numpy's and scipy's BLAS/LAPACK (and OpenMP) to ``limit`` threads inside the block."""
+    import scipy.linalg  # noqa: F401 - load scipy's own BLAS/LAPACK first: limits only reach loaded libraries
+    import scipy.sparse.linalg  # noqa: F401
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=int(limit)):
+        yield
