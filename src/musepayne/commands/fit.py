@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -55,8 +56,6 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
         fail(str(exc), as_json)
     if n_threads < 0:
         fail("--threads must be >= 0", as_json)
-    import os
-
     n_threads = n_threads or os.cpu_count() or 1
     cfg = FitConfig(rv_range=rv_range, n_starts=n_starts, lsf_excess=lsf_excess, precision=precision,
                     keep_model=keep_model, n_threads=n_threads)
