@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 import numpy as np
 from astropy.table import Table
-from musepayne.cannon import CannonConfig, cannon_test_inputs, train_cannon
+from musepayne.cannon import CannonConfig, train_cannon
 from musepayne.crossval import assign_folds, cv_summary, _read_native
 from musepayne.fit import Fitter, FitConfig
 from musepayne.gradients import CannonEmulator, build_templates
@@ -64,7 +64,7 @@ for f in range(5):
     for inst in ("muse", "lamost"):
         pp = flat(PreparedSpectra.concatenate([prep(sims[inst](s, 100.0, rng)) for s in natives]))
         for k, m in models.items():
-            cats[(k, inst)] = Fitter(m, FitConfig())(cannon_test_inputs(m, pp) if k == "cannon" else pp,
+            cats[(k, inst)] = Fitter(m, FitConfig())(pp,
                                                    templates=tpl if k == "ours" else None)
     for j, i in enumerate(te):
         r = {"stellar_id": str(t["stellar_id"][i]), "fold": f}

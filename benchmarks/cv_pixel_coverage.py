@@ -10,7 +10,7 @@ import json, os, sys, time
 from dataclasses import replace
 from pathlib import Path
 import numpy as np
-from musepayne.cannon import CannonConfig, cannon_test_inputs, train_cannon
+from musepayne.cannon import CannonConfig, train_cannon
 from musepayne.crossval import assign_folds, cv_summary, _read_native
 from musepayne.fit import Fitter, FitConfig
 from musepayne.gradients import CannonEmulator, build_templates
@@ -56,7 +56,7 @@ for f in range(5):
     for inst in ("muse", "lamost"):
         pp = PreparedSpectra.concatenate([prep(sims[inst](s, 100.0, rng)) for s in natives])
         for k, fit in fitters.items():
-            inp = cannon_test_inputs(models[k], pp) if k.startswith("cannon") else pp
+            inp = pp
             cats[(k, inst)] = fit(inp, templates=tpl if k.startswith("ours") else None)
     for j, i in enumerate(te):
         r = {"stellar_id": str(t["stellar_id"][i]), "fold": f, "library": str(t["instrument"][i])}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from musepayne.cannon import cannon_test_inputs, train_cannon
+from musepayne.cannon import train_cannon
 from musepayne.fit import FitConfig, Fitter
 from musepayne.lsf import LAMOST_LSF, MUSE_LSF
 from musepayne.model import load_model
@@ -88,7 +88,7 @@ def main():
     names = ts.label_names
 
     def labels(model, p, on):
-        q = cannon_test_inputs(model, p) if model.arch == "cannon" else p
+        q = p  # the Fitter adds a model's intrinsic scatter itself
         c = Fitter(model, FitConfig(lsf_excess=on))(q)
         return np.stack([np.asarray(c[n], float) for n in names], 1), np.asarray(c["chi2"], float)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fit_helpers import as_prepared
-from musepayne.cannon import (CannonConfig, cannon_test_inputs, design_jacobian, design_matrix, fit_coefficients,
+from musepayne.cannon import (CannonConfig, design_jacobian, design_matrix, fit_coefficients,
                               ml_scatter, n_terms, train_cannon)
 from musepayne.fit import FitConfig, Fitter
 from musepayne.wavelength import log_linear_grid
@@ -122,7 +122,7 @@ def test_test_step_recovers_labels_of_rest_frame_spectra(fit_rv):
     m = train_cannon(f_tr, np.full(f_tr.shape, 1 / sig**2), train_lab, NAMES, wave, x_min=LO, x_max=HI)
     test_lab = _labels(40, 11)
     f = design_matrix(_scaled(test_lab)) @ theta.T + rng.normal(0, sig, (40, wave.size))
-    prep = cannon_test_inputs(m, as_prepared(wave, f, 1 / sig**2))
+    prep = as_prepared(wave, f, 1 / sig**2)  # the Fitter adds the model's scatter
     cat = Fitter(m, FitConfig(fit_rv=fit_rv, rv_range=300.0, precision="float64"))(prep)
     got = np.stack([np.asarray(cat[n], float) for n in NAMES], 1)
     err = np.stack([np.asarray(cat[f"{n}_err"], float) for n in NAMES], 1)

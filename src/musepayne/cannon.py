@@ -24,8 +24,8 @@ Test step (Eq. 5): per spectrum, the labels that minimise
 vector), so :class:`musepayne.fit.Fitter` does this step -- vectorised over
 spectra, with the same radial-velocity fit, ``LSF_EXCESS`` forward model,
 masks and label box as for the networks, which makes the comparison fair.
-Use :meth:`CannonModel.inflate_ivar` (or :func:`cannon_test_inputs`) on the
-prepared spectra first so that ``s_p`` enters the weights.
+The Fitter puts ``s_p`` into the weights itself (``FitConfig.model_scatter``,
+:meth:`~musepayne.model.SpectralModel.inflate_ivar`), as for any model with a scatter.
 
 Labels enter scaled as for the networks, ``s = (l - x_min)/(x_max - x_min) - 0.5``;
 a quadratic polynomial is the same family under any affine label scaling, so
@@ -36,7 +36,7 @@ Pure array functions: :func:`design_matrix`, :func:`design_jacobian`,
 (built by :func:`train_cannon`).  numpy only; nothing is pickled: ``model.save(path)``
 writes the package's model file (``ARCH = 'cannon'``, HDUs ``THETA`` (n_pix, K) and
 ``SCATTER`` (n_pix,)), which :func:`musepayne.model.load_model` (and so ``musepayne fit
---model``) reads back; ``musepayne fit`` uses the prepared IVAR as it is (no scatter term).
+--model``) reads back, scatter included.
 """
 
 from __future__ import annotations
@@ -46,10 +46,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .model import SpectralModel
-from .prepared import PreparedSpectra
 
 __all__ = ["CannonConfig", "CannonModel", "design_matrix", "design_jacobian", "fit_coefficients",
-           "ml_scatter", "train_cannon", "cannon_test_inputs", "n_terms"]
+           "ml_scatter", "train_cannon", "n_terms"]
 
 
 def n_terms(n_labels: int) -> int:
@@ -151,9 +150,9 @@ class CannonModel(SpectralModel):
         theta[bad] = 0.0
         theta[bad, 0] = 1.0
         self.theta = theta
-        self.scatter = np.nan_to_num(np.array(scatter, np.float64).ravel(), nan=0.0)
-        if self.scatter.shape != (self.n_pix,):
+        if np.size(scatter) != self.n_pix:
             raise ValueError("scatter must have one entry per pixel")
+        self.with_scatter(scatter)
         self._untrained = bad
         self.with_pixel_mask(bad)
 
@@ -178,21 +177,15 @@ class CannonModel(SpectralModel):
         A = np.concatenate([design_matrix(s)[:, None, :], design_jacobian(s).transpose(0, 2, 1)], axis=1)
         return np.ascontiguousarray(A.astype(dtype) @ th)  # (n, 1 + L, K) @ (K, p)
 
-    def inflate_ivar(self, ivar):
-        """Test-step weights ``1 / (1/ivar + s_p^2)`` (0 stays 0); the input is not modified."""
-        iv = np.asarray(ivar, np.float64)
-        s2 = self.scatter ** 2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(iv > 0, iv / (1.0 + iv * s2[None, :]), 0.0)
-
     def _arrays(self):
         theta = self.theta.copy()
         theta[self._untrained] = np.nan  # untrained pixels stay untrained after a round trip
-        return [("THETA", theta), ("SCATTER", self.scatter)]
+        return [("THETA", theta)]  # SCATTER is written by the base class
 
     @classmethod
     def _from_hdus(cls, h, common):
-        return cls(np.array(h["THETA"].data, np.float64), np.array(h["SCATTER"].data, np.float64), **common)
+        scatter = np.array(h["SCATTER"].data, np.float64) if "SCATTER" in h else np.zeros(len(common["wave"]))
+        return cls(np.array(h["THETA"].data, np.float64), scatter, **common)
 
 
 @dataclass(frozen=True)
@@ -254,9 +247,3 @@ def train_cannon(flux, ivar, labels, label_names, wave, config: CannonConfig | N
                                    f"or fewer than {K + 2} spectra", "n_masked": int(masked.sum())}}
     return CannonModel(theta, np.sqrt(s2), names, lo, hi, wave, frame, label_units, meta)
 
-
-def cannon_test_inputs(model: CannonModel, prepared: PreparedSpectra) -> PreparedSpectra:
-    """``prepared`` with its IVAR replaced by the Cannon test-step weights (``model.inflate_ivar``)."""
-    p = prepared
-    return PreparedSpectra(p.wave, p.flux, model.inflate_ivar(p.ivar), p.mask, p.lsf_excess, p.cont,
-                           p.spectra, dict(p.meta))

@@ -4,7 +4,7 @@ Columns (lower case), every one with a unit and a description:
 
 ``stellar_id, ra, dec, snr_muse``; for every model label ``X`` (``teff``,
 ``logg``, ``fe_h``, ``mg_fe``, ...): ``X, X_err, X_flag, X_gradcorr``; then
-``rv, rv_err, red_chi2, corr_flux, n_pix_used, model, status`` and the
+``rv, rv_err, red_chi2, corr_flux, n_pix_used, model, status, fit_flags`` and the
 diagnostics ``reason, edge_labels, n_iter, chi2, error_scale`` (+ ``model_flux``
 when the fitter keeps best-fit spectra).
 
@@ -15,6 +15,10 @@ when the fitter keeps best-fit spectra).
 * ``status``: ``converged``; ``edge`` (a label or the RV at its bound: the model
   would have to extrapolate; ``edge_labels`` names them, ``<`` lower / ``>`` upper);
   ``not_converged``; ``failed:<reason>`` (row kept, values NaN).
+* ``fit_flags``: OR of the :data:`musepayne.flags.FIT_FLAGS` bits (``FAILED``,
+  ``NOT_CONVERGED``, ``LABEL_EDGE``, ``HIGH_CHI2``); 0 for a clean fit.
+* Errors and ``red_chi2`` use the pixel variance ``1/ivar + s_p^2``, where ``s_p``
+  is the model's intrinsic scatter when it has one (``SCATTER`` in the model file).
 
 Also: :func:`combine_metal_poor` (the A / A-mp rule, paper Eq. 2),
 :func:`merge_by_gradcorr` (per label, take the model with the larger gradient
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Column, Table
 
+from .flags import FIT_FLAGS, fit_flags_description
 from .io import atomic_path
 
 __all__ = [
@@ -51,11 +56,13 @@ _FIXED_BEFORE = {
 _FIXED_AFTER = {
     "rv": ("km / s", "radial velocity (relativistic Doppler shift of the model), fitted jointly with the labels"),
     "rv_err": ("km / s", "RV uncertainty (covariance, scaled by sqrt(chi2/(n-n_par)) when > 1)"),
-    "red_chi2": ("", "reduced chi2 of the best fit, (1/n) sum (P_i - O_i)^2 / e_i^2 over used pixels (paper Eq. 3)"),
+    "red_chi2": ("", "reduced chi2 of the best fit, (1/n) sum (P_i - O_i)^2 / e_i^2 over used pixels (paper Eq. 3); "
+                     "e_i^2 = 1/ivar_i + s_i^2 (s_i: the model's intrinsic scatter, when it has one)"),
     "corr_flux": ("", "Pearson correlation of observed and best-fit flux over used pixels"),
     "n_pix_used": ("", "number of pixels used in the fit"),
     "model": ("", "model(s) the labels come from"),
     "status": ("", "converged | edge | not_converged | failed:<reason>"),
+    "fit_flags": ("", fit_flags_description()),
     "reason": ("", "human-readable detail for the status"),
     "edge_labels": ("", "labels at a training-range bound ('<' lower, '>' upper), comma separated"),
     "n_iter": ("", "Levenberg-Marquardt iterations"),
@@ -81,7 +88,8 @@ def label_columns(name: str, unit: str) -> dict:
     p = _pretty(name)
     return {
         name: (u, f"{p} ({unit})"),
-        f"{name}_err": (u, f"uncertainty of {p} (covariance, scaled by sqrt(chi2/(n-n_par)) when > 1)"),
+        f"{name}_err": (u, f"uncertainty of {p} (covariance with the model's intrinsic scatter in the pixel "
+                           "variances, scaled by sqrt(chi2/(n-n_par)) when > 1)"),
         f"{name}_flag": ("", f"1: {name}_gradcorr above threshold (paper §3.3), 0: not, -1: not computed"),
         f"{name}_gradcorr": ("", f"correlation of the model gradient d f/d {name} with the theoretical one; "
                                  "NaN: not computed"),
@@ -121,6 +129,8 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
     vals = {
         "rv": res.rv, "rv_err": res.rv_err, "red_chi2": res.red_chi2, "corr_flux": res.corr_flux,
         "n_pix_used": res.n_pix_used, "model": np.full(n, model_name), "status": res.status.astype(str),
+        "fit_flags": fit_flags(res.status, res.red_chi2,
+                               config.max_red_chi2 if config is not None else _DEFAULT_MAX_RED_CHI2),
         "reason": res.reason.astype(str), "edge_labels": res.edge_labels.astype(str), "n_iter": res.n_iter,
         "chi2": res.chi2, "error_scale": res.error_scale,
     }
@@ -132,10 +142,28 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
     if config is not None:
         tab.meta["RVRANGE"] = float(config.rv_range)
         tab.meta["LSFEXC"] = bool(config.lsf_excess)
+        tab.meta["MSCATTER"] = bool(config.model_scatter and np.any(getattr(model, "scatter", 0.0)))
+        tab.meta["MAXRCHI2"] = float(config.max_red_chi2)
     if templates is not None:
         thr = config.gradcorr_threshold if config is not None else 0.5
         apply_gradcorr(tab, model, templates, threshold=thr)
     return tab
+
+
+_DEFAULT_MAX_RED_CHI2 = 3.0
+
+
+def fit_flags(status, red_chi2, max_red_chi2: float = _DEFAULT_MAX_RED_CHI2) -> np.ndarray:
+    """``fit_flags`` values (int32) from the fit ``status`` strings and ``red_chi2``."""
+    st = np.asarray(status).astype(str)
+    rc = np.asarray(red_chi2, np.float64)
+    out = np.zeros(st.shape, np.int32)
+    out[np.char.startswith(st, "failed")] |= FIT_FLAGS["FAILED"].value
+    out[st == "not_converged"] |= FIT_FLAGS["NOT_CONVERGED"].value
+    out[st == "edge"] |= FIT_FLAGS["LABEL_EDGE"].value
+    with np.errstate(invalid="ignore"):
+        out[rc > max_red_chi2] |= FIT_FLAGS["HIGH_CHI2"].value
+    return out
 
 
 def apply_gradcorr(cat: Table, model, templates, threshold: float = 0.5) -> Table:

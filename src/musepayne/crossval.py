@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from astropy.table import Table
 
-from .cannon import CannonConfig, cannon_test_inputs, train_cannon
+from .cannon import CannonConfig, train_cannon
 from .prepare import PrepareConfig, Preparer
 from .prepared import PreparedSpectra
 from .readers import read_miles, read_stelib
@@ -151,7 +151,7 @@ def cross_validate(trainset: TrainingSet, templates=None, config: CVConfig | Non
             seconds["fit"] += time.perf_counter() - t0
             if cannon is not None:  # the same prepared spectra (same noise) for the baseline
                 t0 = time.perf_counter()
-                bcats[inst] = cfitter(cannon_test_inputs(cannon, prepped), templates=templates)
+                bcats[inst] = cfitter(prepped, templates=templates)  # the Fitter adds the Cannon's scatter
                 seconds["baseline_fit"] += time.perf_counter() - t0
         for j, i in enumerate(keep):
             r = {"stellar_id": str(t["stellar_id"][i]), "star_key": str(groups[i]), "fold": f,

@@ -1,4 +1,5 @@
-"""Named bit flags: the pixel mask registry and the spectrum status registry.
+"""Named bit flags: the pixel mask registry, the spectrum status registry and the fit
+quality flags.
 
 Pixel mask (``MASK`` HDU of a prepared file)
 --------------------------------------------
@@ -11,6 +12,11 @@ Spectrum status (``status`` column)
 -----------------------------------
 A spectrum that cannot be used is never dropped: it keeps its row, with a
 status name from :data:`SPECTRUM_STATUS` and a human-readable reason.
+
+Fit quality (``fit_flags`` column of a catalogue)
+-------------------------------------------------
+One integer per catalogue row, the OR of the :data:`FIT_FLAGS` that apply
+(0 = a clean fit); ``decode_fit_flags`` turns a value into names.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ __all__ = [
     "SpectrumStatus",
     "SPECTRUM_STATUS",
     "OK",
+    "FitFlag",
+    "FIT_FLAGS",
+    "fit_flag_value",
+    "decode_fit_flags",
+    "fit_flags_description",
 ]
 
 
@@ -71,18 +82,28 @@ PIXEL_FLAGS = {f.name: f for f in _PIXEL_FLAG_LIST}
 EXCLUDING_BITS = int(sum(f.value for f in _PIXEL_FLAG_LIST if f.excluding))
 
 
+def _or_value(registry: dict, names, kind: str) -> int:
+    """OR of the named flags of ``registry`` (a clear error for an unknown name)."""
+    try:
+        return int(sum(registry[n].value for n in names))
+    except KeyError as exc:
+        raise KeyError(f"unknown {kind} flag {exc.args[0]!r}; known: {sorted(registry)}") from None
+
+
+def _decode(registry: dict, value: int) -> list[str]:
+    """Names of the flags of ``registry`` set in ``value`` (in bit order)."""
+    v = int(value)
+    return [f.name for f in registry.values() if v & f.value]
+
+
 def flag_value(*names: str) -> int:
     """Integer value of the OR of named pixel flags."""
-    try:
-        return int(sum(PIXEL_FLAGS[n].value for n in names))
-    except KeyError as exc:
-        raise KeyError(f"unknown pixel flag {exc.args[0]!r}; known: {sorted(PIXEL_FLAGS)}") from None
+    return _or_value(PIXEL_FLAGS, names, "pixel")
 
 
 def decode_mask(value: int) -> list[str]:
     """Names of the flags set in one mask value."""
-    v = int(value)
-    return [f.name for f in _PIXEL_FLAG_LIST if v & f.value]
+    return _decode(PIXEL_FLAGS, value)
 
 
 def mask_summary(mask) -> dict:
@@ -113,3 +134,45 @@ _STATUS_LIST = (
 SPECTRUM_STATUS = {s.name: s for s in _STATUS_LIST}
 
 OK = "ok"
+
+
+@dataclass(frozen=True)
+class FitFlag:
+    name: str
+    bit: int
+    description: str
+
+    @property
+    def value(self) -> int:
+        return 1 << self.bit
+
+
+_FIT_FLAG_LIST = (
+    FitFlag("FAILED", 0, "no fit (status failed:<reason>); the values are NaN"),
+    FitFlag("NOT_CONVERGED", 1, "the fit stopped at max_iter before converging (status not_converged)"),
+    FitFlag("LABEL_EDGE", 2, "a label or the RV at its bound: the model would have to extrapolate (status edge)"),
+    FitFlag("HIGH_CHI2", 3,
+            "red_chi2 above FitConfig.max_red_chi2 (default 3): with the model's own scatter in the "
+            "variances the spectrum is described worse than the model's validation stars are -- a star "
+            "unlike the training set (e.g. an M giant below the 3800 K training edge), a peculiar or "
+            "composite spectrum, or a bad extraction; treat its labels and errors with suspicion"),
+)
+
+#: Registry of fit quality flags (the ``fit_flags`` catalogue column).
+FIT_FLAGS = {f.name: f for f in _FIT_FLAG_LIST}
+
+
+def fit_flag_value(*names: str) -> int:
+    """Integer value of the OR of named fit flags."""
+    return _or_value(FIT_FLAGS, names, "fit")
+
+
+def decode_fit_flags(value: int) -> list[str]:
+    """Names of the fit flags set in one ``fit_flags`` value."""
+    return _decode(FIT_FLAGS, value)
+
+
+def fit_flags_description() -> str:
+    """One-line description of the bits (the catalogue column description)."""
+    return "bit flags, 0 = clean: " + ", ".join(f"{f.value} {f.name}" for f in _FIT_FLAG_LIST) + \
+        " (musepayne.flags.FIT_FLAGS)"

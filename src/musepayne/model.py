@@ -30,6 +30,8 @@ primary    ``MPFORMAT='musepayne-model'``, ``MPMVERS`` (format version),
 ``WAVE``   (n_pix,) float64 Angstrom, header ``FRAME`` = 'vacuum' | 'air'
 ``PIXMASK`` optional (n_pix,) uint8, 1 where the model is not to be used
            (e.g. pixels covered by too few training spectra); fits ignore them
+``SCATTER`` optional (n_pix,) float64, the model's intrinsic scatter ``s_p`` per pixel
+           (normalised flux; fits add ``s_p^2`` to the variance)
 ``PROVENANCE`` one-row table with a ``json`` column: the ``meta`` dict
            (training-set hash, command, versions, normalisation recipe, ...)
 ========== =================================================================
@@ -130,6 +132,9 @@ class SpectralModel:
         self._cache = {}  # per-instance casts of the weights (float32/float64)
         #: True where the model is not to be trusted (too little training data); fits ignore these pixels
         self.pixel_mask = np.zeros(self.wave.size, bool)
+        #: intrinsic per-pixel scatter ``s_p`` of the model (normalised-flux units; 0 = none): what the
+        #: model cannot predict from the labels; fits add ``s_p^2`` to each pixel's variance
+        self.scatter = np.zeros(self.wave.size)
 
     def with_pixel_mask(self, mask) -> "SpectralModel":
         """Set the model's pixel mask (True = unusable) and return the model."""
@@ -138,6 +143,26 @@ class SpectralModel:
             raise ModelError(f"pixel mask has {m.size} entries for {self.wave.size} model pixels")
         self.pixel_mask = m.copy()
         return self
+
+    def with_scatter(self, scatter) -> "SpectralModel":
+        """Set the model's intrinsic per-pixel scatter ``s_p`` (>= 0, one per pixel; NaN -> 0)
+        and return the model."""
+        s = np.nan_to_num(np.array(scatter, dtype=np.float64).ravel(), nan=0.0, posinf=0.0)
+        if s.shape != self.wave.shape:
+            raise ModelError(f"scatter has {s.size} entries for {self.wave.size} model pixels")
+        if np.any(s < 0):
+            raise ModelError("scatter must be >= 0")
+        self.scatter = s
+        return self
+
+    def inflate_ivar(self, ivar):
+        """Fit weights ``1 / (1/ivar + s_p^2)`` for observed ``ivar`` ``(..., n_pix)`` (0 stays 0).
+
+        Returns a new array (float64); the input is not modified."""
+        iv = np.asarray(ivar, np.float64)
+        s2 = self.scatter ** 2
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return np.where(iv > 0, iv / (1.0 + iv * s2), 0.0)
 
     # ----------------------------------------------------------- basics
     @property
@@ -245,6 +270,10 @@ class SpectralModel:
             hm = fits.ImageHDU(self.pixel_mask.astype(np.uint8), name="PIXMASK")
             hm.header["COMMENT"] = "1 = model pixel not to be used in fits (insufficient training coverage)"
             hdus.append(hm)
+        if self.scatter.any():
+            hs = fits.ImageHDU(self.scatter, name="SCATTER")
+            hs.header["COMMENT"] = "intrinsic model scatter s_p per pixel (normalised flux); fits add s_p^2 to the variance"
+            hdus.append(hs)
         prov = Table({"json": [json.dumps(self.meta, sort_keys=True, default=str)]})
         hp = fits.table_to_hdu(prov)
         hp.name = "PROVENANCE"
@@ -467,6 +496,8 @@ def load_model(path) -> SpectralModel:
             model = archs[arch]._from_hdus(h, common)
             if "PIXMASK" in h:
                 model.with_pixel_mask(np.asarray(h["PIXMASK"].data) != 0)
+            if "SCATTER" in h:
+                model.with_scatter(np.asarray(h["SCATTER"].data, np.float64))
     except ModelError:
         raise
     except (OSError, KeyError, TypeError, ValueError) as exc:

@@ -87,6 +87,11 @@ class TrainConfig:
         (None = all); the validation/early-stopping score always uses all
     dtype : 'float32' or 'float64'
     negative_slope : leaky-ReLU slope of the mlp
+    model_scatter : estimate the model's intrinsic per-pixel scatter ``s_p`` on the held-out
+        validation stars (each fitted at its own best labels and RV, so label errors in the
+        training catalogue do not count) and store it in the model; fits add ``s_p^2`` to
+        each pixel's variance (:attr:`musepayne.fit.FitConfig.model_scatter`).  Needs
+        ``val_fraction > 0``.
     min_pixel_coverage : model pixels with usable data (IVAR > 0) in fewer than this
         fraction of the training spectra are written to the model's pixel mask, so
         fits ignore them.  A network is only constrained where most training stars
@@ -115,6 +120,7 @@ class TrainConfig:
     dtype: str = "float32"
     negative_slope: float = 0.01
     min_pixel_coverage: float = 0.5
+    model_scatter: bool = True
 
     def __post_init__(self):
         if self.arch not in ("mlp", "perpixel"):
@@ -201,6 +207,7 @@ class TrainResult:
     negative_slope: float = 0.01
     label_units: tuple = ()
     pixel_mask: np.ndarray | None = None
+    scatter: np.ndarray | None = None
 
     # ------------------------------------------------------------ numpy inference
     def scale(self, labels):
@@ -237,6 +244,8 @@ class TrainResult:
                                   np.asarray(self.weights[1], f32), np.asarray(self.biases[1], f32), **common)
         if self.pixel_mask is not None:
             model.with_pixel_mask(self.pixel_mask)
+        if self.scatter is not None:
+            model.with_scatter(self.scatter)
         return model
 
 
@@ -359,8 +368,7 @@ def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | Non
               x_min=x_min, x_max=x_max)
     if not cfg.outlier_clip:
         res = _train(flux, ivar, labels, label_names, wave, cfg, progress=progress, exclude=None, **kw)
-        res.meta.pop("_train_idx", None)
-        return res
+        return _finish(res, flux, ivar, cfg)
     first = _train(flux, ivar, labels, label_names, wave, cfg, progress=False, exclude=None, **kw)
     f = np.asarray(flux, np.float64)
     iv = np.asarray(ivar, np.float64)
@@ -372,11 +380,76 @@ def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | Non
     exclude = np.zeros(f.shape[0], bool)
     exclude[tr] = per[tr] > cfg.outlier_clip * np.median(per[tr])
     res = _train(flux, ivar, labels, label_names, wave, cfg, progress=progress, exclude=exclude, **kw)
-    res.meta.pop("_train_idx", None)
     res.meta["clipped"] = np.nonzero(exclude)[0].tolist()
     res.meta["n_clipped"] = int(exclude.sum())
     res.meta["train_seconds"] = round(res.meta["train_seconds"] + first.meta["train_seconds"], 2)
+    return _finish(res, flux, ivar, cfg)
+
+
+def _finish(res, flux, ivar, cfg):
+    """Drop the internal index lists from the provenance; add the model scatter (validation stars)."""
+    res.meta.pop("_train_idx", None)
+    va = np.asarray(res.meta.pop("_val_idx", []), int)
+    if not cfg.model_scatter:
+        res.meta["scatter"] = {"method": "none"}
+        return res
+    if va.size < 10:
+        res.meta["scatter"] = {"method": "none", "why": f"only {va.size} validation spectra (need >= 10)"}
+        return res
+    t0 = time.perf_counter()
+    model = res.to_model()
+    s, n_used = estimate_scatter(model, np.asarray(flux)[va], np.asarray(ivar)[va])
+    res.scatter = s
+    ok = ~model.pixel_mask
+    res.meta["scatter"] = {
+        "method": "maximum-likelihood intrinsic scatter per pixel of the validation spectra, each fitted "
+                  "(labels and RV free, float64) with this model; residuals at the fitted labels",
+        "n_stars": int(n_used),
+        "median": float(np.median(s[ok])) if ok.any() else float("nan"),
+        "p90": float(np.percentile(s[ok], 90)) if ok.any() else float("nan"),
+        "seconds": round(time.perf_counter() - t0, 2)}
     return res
+
+
+def estimate_scatter(model, flux, ivar, fit_config=None):
+    """Intrinsic per-pixel scatter ``s_p`` of ``model`` from held-out spectra on its grid.
+
+    Every spectrum (``flux``, ``ivar`` (n, n_pix), prepared like the training set) is
+    fitted with ``model`` (labels and RV free; the model's existing scatter is not used);
+    ``s_p`` maximises the likelihood of the residuals at the fitted labels with variance
+    ``1/ivar + s_p^2`` (:func:`musepayne.cannon.ml_scatter`).  Fitting each star at its own
+    best labels keeps errors of the catalogue labels out of ``s_p``: what remains is what
+    the model cannot predict from any labels.  Returns ``(s_p (n_pix,), n_spectra_used)``;
+    ``s_p = 0`` on the model's masked pixels.  Pure numpy; the inputs are not modified.
+    """
+    from dataclasses import replace as _replace
+
+    from astropy.table import Table
+
+    from .cannon import ml_scatter
+    from .fit import FitConfig, Fitter
+    from .prepared import PreparedSpectra
+
+    f = np.asarray(flux, np.float64)
+    iv = np.asarray(ivar, np.float64)
+    good = np.isfinite(f) & np.isfinite(iv) & (iv > 0)
+    f, iv = np.where(good, f, 0.0), np.where(good, iv, 0.0)
+    n = f.shape[0]
+    zeros = np.zeros(f.shape)
+    prep = PreparedSpectra(np.asarray(model.wave, np.float64), f, iv, np.zeros(f.shape, np.int32), zeros, zeros + 1.0,
+                           Table({"stellar_id": [f"val{i}" for i in range(n)]}))
+    cfg = _replace(fit_config or FitConfig(precision="float64"), keep_model=True, model_scatter=False,
+                   lsf_excess=False)
+    res = Fitter(model, cfg).fit_arrays(prep)
+    ok = np.all(np.isfinite(res.model_flux), axis=1) & (res.status.astype(str) == "converged")
+    used = good[ok] & ~model.pixel_mask[None, :]
+    if not ok.any():
+        return np.zeros(model.n_pix), 0
+    var = np.where(used, 1.0 / np.where(used, iv[ok], 1.0), 1.0)
+    s2 = ml_scatter(np.where(used, f[ok] - res.model_flux[ok], 0.0), var, used)
+    s = np.sqrt(s2)
+    s[model.pixel_mask] = 0.0
+    return s, int(ok.sum())
 
 
 def _train(flux, ivar, labels, label_names, wave, cfg, templates=None, groups=None, frame="vacuum",
@@ -560,6 +633,7 @@ def _train(flux, ivar, labels, label_names, wave, cfg, templates=None, groups=No
         "label_ranges": {k: [float(a), float(b)] for k, a, b in zip(names, xmin, xmax)},
         "n_train": int(tr.size),
         "_train_idx": tr.tolist(),
+        "_val_idx": va.tolist(),
         "n_val": int(va.size),
         "seed": int(cfg.seed),
         "device": dev,
@@ -588,7 +662,7 @@ def _train(flux, ivar, labels, label_names, wave, cfg, templates=None, groups=No
     if provenance:
         meta.update(provenance)
     return TrainResult(cfg.arch, weights, biases, names, xmin.copy(), xmax.copy(), wave.copy(), frame, meta,
-                       history, cfg.negative_slope, tuple(label_units or ()), pixel_mask)
+                       history, cfg.negative_slope, tuple(label_units or ()), pixel_mask, None)
 
 
 class _progress:

@@ -24,6 +24,9 @@ from ._common import Timer, emit, fail, json_option
 @click.option("--starts", "n_starts", default=2, show_default=True, type=int, help="Starting points per spectrum.")
 @click.option("--lsf-excess/--no-lsf-excess", default=True, show_default=True,
               help="Convolve the model by the prepared LSF_EXCESS where the data are broader than the model.")
+@click.option("--model-scatter/--no-model-scatter", default=True, show_default=True,
+              help="Add the model's intrinsic per-pixel scatter (SCATTER in the model file) to each pixel's "
+                   "variance.")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--threads", "n_threads", default=0, show_default=True, type=int,
               help="Fit chunks of spectra in this many threads; 0: one per CPU core. Results do not depend on it.")
@@ -31,12 +34,13 @@ from ._common import Timer, emit, fail, json_option
 @click.option("--also", "also", multiple=True, type=click.Path(dir_okay=False),
               help="Also export the catalogue to this file (.csv or .parquet); repeatable.")
 @json_option
-def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_excess, precision, n_threads, keep_model,
-        also, as_json):
+def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_excess, model_scatter, precision, n_threads,
+        keep_model, also, as_json):
     """Fit PREPARED spectra (the file 'musepayne prepare' writes) and write the catalogue.
 
     Labels, RV (relativistic Doppler shift, coarse search over +-RV_RANGE then
-    fitted jointly), errors (covariance, scaled by sqrt(chi2/dof) when > 1),
+    fitted jointly), errors (covariance with the model's intrinsic scatter in
+    the pixel variances, scaled by sqrt(chi2/dof) when > 1),
     red_chi2, corr_flux and a status per spectrum.  Failed spectra are rows
     with status 'failed:<reason>'.
     """
@@ -57,7 +61,8 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
     if n_threads < 0:
         fail("--threads must be >= 0", as_json)
     n_threads = n_threads or os.cpu_count() or 1
-    cfg = FitConfig(rv_range=rv_range, n_starts=n_starts, lsf_excess=lsf_excess, precision=precision,
+    cfg = FitConfig(rv_range=rv_range, n_starts=n_starts, lsf_excess=lsf_excess, model_scatter=model_scatter,
+                    precision=precision,
                     keep_model=keep_model, n_threads=n_threads)
     with timer("fit"):
         cat = Fitter(model, cfg)(data)

@@ -36,12 +36,15 @@ from ._common import Timer, emit, fail, json_option
 @click.option("--min-pixel-coverage", default=0.5, show_default=True,
               help="Model pixels with data in fewer than this fraction of training spectra go to the model's "
                    "pixel mask (fits ignore them); 0 disables.")
+@click.option("--model-scatter/--no-model-scatter", default=True, show_default=True,
+              help="Estimate the model's intrinsic per-pixel scatter on the validation stars (each fitted at its "
+                   "best labels) and store it in the model; fits add it to the pixel variances.")
 @click.option("--name", default=None, help="Model name stored in the file (the catalogue's 'model' column).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @json_option
 def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradient_loss, epochs, learning_rate,
-          batch_size, patience, val_fraction, seed, device, threads, outlier_clip, min_pixel_coverage, name, progress,
-          as_json):
+          batch_size, patience, val_fraction, seed, device, threads, outlier_clip, min_pixel_coverage, model_scatter,
+          name, progress, as_json):
     """Train a Payne emulator on TRAINSET (musepayne trainset build) and write a model file.
 
     The loss is the ivar-weighted squared residual (masked pixels, IVAR = 0,
@@ -75,7 +78,7 @@ def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradi
         cfg = TrainConfig(arch=arch, hidden=hid, epochs=epochs, learning_rate=learning_rate, val_fraction=val_fraction,
                           patience=patience, seed=seed, device=device, gradient_weight=gw,
                           gradient_loss=gradient_loss, batch_size=batch_size, outlier_clip=outlier_clip,
-                          min_pixel_coverage=min_pixel_coverage)
+                          min_pixel_coverage=min_pixel_coverage, model_scatter=model_scatter)
     except ValueError as exc:
         fail(str(exc), as_json)
     if threads:
