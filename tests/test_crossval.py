@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -146,6 +148,9 @@ def test_run_cv_reports_the_baseline_beside_the_regularised_run(monkeypatch, tmp
     info, lines = cv.run_cv(opts)
     assert [c.baseline is not None for c in calls] == [True, False]
     assert calls[0].baseline.min_pixel_coverage == calls[0].train.min_pixel_coverage
+    # the default model's recipe (architecture, scatter, ...) for both runs; weight 0 for the second
+    recipe = cv.default_recipe()
+    assert calls[0].train == recipe and calls[1].train == replace(recipe, gradient_weight={})
     assert info["baseline"]["muse_minus_lit"]["teff"]["dispersion"] == 124
     assert "baseline" not in info["regularised"]
     assert any("Cannon baseline" in ln for ln in lines) and any("disp 124 bias +61" in ln for ln in lines)
@@ -153,3 +158,14 @@ def test_run_cv_reports_the_baseline_beside_the_regularised_run(monkeypatch, tmp
     calls.clear()
     info, lines = cv.run_cv({**opts, "baseline": False})
     assert [c.baseline for c in calls] == [None, None] and "baseline" not in info
+
+
+def test_default_recipe_is_the_shipped_models_training_config():
+    from musepayne.crossval import default_recipe
+    from musepayne.model import load_model
+
+    tc = load_model("default").meta["train_config"]
+    r = default_recipe()
+    assert r.hidden == tuple(tc["hidden"]) and r.gradient_weight == tc["gradient_weight"]
+    assert r.model_scatter == tc["model_scatter"] and r.min_pixel_coverage == tc["min_pixel_coverage"]
+    assert r.seed == 0  # seeds are per fold, not part of the recipe

@@ -23,6 +23,10 @@ def test_default_model_provenance(model):
     w = model.wave
     assert model.pixel_mask[(w > 7500) & (w < 7550)].all()
     assert not model.pixel_mask[(w > 6100) & (w < 6250)].any()
+    # the intrinsic scatter, from the held-out validation stars: ~1 % of the continuum
+    sc = m["scatter"]
+    assert sc["n_stars"] >= 50 and 0.003 < sc["median"] < 0.03
+    assert np.all(model.scatter[model.pixel_mask] == 0) and np.median(model.scatter[~model.pixel_mask]) > 0.003
 
 
 def test_ngc6397_giant(shared, model):
@@ -36,3 +40,6 @@ def test_ngc6397_giant(shared, model):
     assert 4500 < row["teff"] < 5800
     assert abs(row["rv"] - 18.8) < 15  # an air/vacuum mistake would show as ~80 km/s
     assert np.isfinite(row["teff_err"]) and row["teff_err"] > 0
+    # with the model's scatter in the variances the giant is fitted about as well as the
+    # model's validation stars (red_chi2 12.8 with photon noise alone): no HIGH_CHI2 flag
+    assert row["red_chi2"] < 1.5 and row["fit_flags"] == 0

@@ -237,9 +237,36 @@ def cv_checks(reg: dict, plain: dict | None = None) -> dict:
     return out
 
 
+#: TrainConfig fields that make up a model's training recipe (copied from the default model's provenance)
+_RECIPE_FIELDS = ("arch", "hidden", "epochs", "learning_rate", "weight_decay", "val_fraction", "patience",
+                  "eval_every", "gradient_weight", "gradient_loss", "batch_size", "ref_batch", "val_metric",
+                  "outlier_clip", "negative_slope", "min_pixel_coverage", "model_scatter")
+
+
+def default_recipe(label_names=("teff", "logg", "fe_h")) -> TrainConfig:
+    """The :class:`TrainConfig` the shipped default model was trained with (read from its
+    provenance ``train_config``); the documented defaults (gradient weight 3e-4 per label)
+    when no default model is installed or it does not record them."""
+    fallback = TrainConfig(gradient_weight={n: 3e-4 for n in label_names})
+    try:
+        from .model import load_model
+
+        tc = dict(load_model("default").meta.get("train_config") or {})
+    except Exception:  # noqa: BLE001 - no (readable) default model: the documented recipe
+        return fallback
+    kw = {k: tc[k] for k in _RECIPE_FIELDS if k in tc}
+    if not kw.get("gradient_weight"):
+        kw["gradient_weight"] = fallback.gradient_weight
+    try:
+        return TrainConfig(**kw)
+    except (TypeError, ValueError):
+        return fallback
+
+
 def run_cv(options: dict):
-    """``musepayne validate --cv``: K-fold CV of the default model's recipe, with and without
-    the gradient regularisation.  Returns ``(info, lines)``.
+    """``musepayne validate --cv``: K-fold CV of the default model's recipe
+    (:func:`default_recipe`: architecture, regularisation, model scatter, ...), with and
+    without the gradient regularisation.  Returns ``(info, lines)``.
 
     Uses ``options['trainset']`` / ``options['templates']`` when given, else builds both in
     memory from ``$MUSEPAYNE_SHARED`` or ``../shared/data``.  ``options['plot_dir']``, when
@@ -266,19 +293,14 @@ def run_cv(options: dict):
         tpl = GradientTemplates.load(options["templates"])
     else:
         tpl = build_templates(CannonEmulator.load(shared / "synthetic" / "doppler_cannon_coolstars_norm.npz"))
-    weights = {n: 3e-4 for n in ts.label_names}
-    try:  # the recipe of the shipped default model
-        from .model import load_model
-
-        weights = dict(load_model("default").meta["regularisation"]["gradient_weight"]) or weights
-    except Exception:  # noqa: BLE001 - fall back to the documented default weight
-        pass
+    recipe = default_recipe(ts.label_names)
+    weights = dict(recipe.gradient_weight)
     k = int(options.get("k", 5))
     snr = float(options.get("snr", 100.0))
     runs = {}
     with_baseline = bool(options.get("baseline", True))
     for name, w in (("regularised", weights), ("weight0", {})):
-        tcfg = TrainConfig(gradient_weight=w)
+        tcfg = replace(recipe, gradient_weight=w)
         # the baseline once, beside the regularised run (the folds and test spectra of both runs are the same)
         base = (CannonConfig(min_pixel_coverage=tcfg.min_pixel_coverage)
                 if with_baseline and name == "regularised" else None)
