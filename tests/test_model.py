@@ -123,3 +123,31 @@ def test_pixel_mask_roundtrip_and_fit_ignores_masked_pixels(tmp_path):
     for k in ("teff", "logg", "fe_h"):
         assert dirty[k][0] == pytest.approx(clean[k][0], rel=1e-9)
         assert clean[k][0] == pytest.approx(truth[0, ["teff", "logg", "fe_h"].index(k)], rel=1e-3, abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["model", "prepared", "gradients"])
+def test_readers_refuse_foreign_and_newer_files(tmp_path, kind):
+    """Each of the package's FITS formats is recognised by MPFORMAT and refuses a newer version,
+    with the reader's own error class and the file named in the message."""
+    from astropy.io import fits
+
+    from musepayne.gradients import GradientTemplates
+    from musepayne.prepared import PreparedSpectra
+    from musepayne.spectra import ReaderError
+
+    read, err, name, vkey = {
+        "model": (load_model, ModelError, "musepayne-model", "MPMVERS"),
+        "prepared": (PreparedSpectra.read, ReaderError, "musepayne-prepared", "MPVERS"),
+        "gradients": (GradientTemplates.load, ReaderError, "musepayne-gradients", "MPVERS"),
+    }[kind]
+    foreign = tmp_path / "foreign.fits"
+    fits.PrimaryHDU(np.zeros(3)).writeto(foreign)
+    with pytest.raises(err, match=r"foreign.fits: not a musepayne .* file \(MPFORMAT missing"):
+        read(foreign)
+    newer = tmp_path / "newer.fits"
+    h = fits.Header()
+    h["MPFORMAT"] = name
+    h[vkey] = 99
+    fits.PrimaryHDU(header=h).writeto(newer)
+    with pytest.raises(err, match="format version 99 is newer than this musepayne reads"):
+        read(newer)

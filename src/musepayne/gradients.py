@@ -67,7 +67,7 @@ from astropy.table import Table
 
 from . import __version__
 from .flags import EXCLUDING_BITS
-from .io import atomic_write_fits, sha256_file
+from .io import atomic_write_fits, check_format, sha256_file
 from .lsf import LAMOST_LSF, LSF, ConstantFWHM, lsf_from_spec
 from .masks import mode_mask
 from .normalize import DEFAULT_WIDTH, ContinuumNormalizer
@@ -384,10 +384,7 @@ class GradientTemplates:
         try:
             with fits.open(path, memmap=False) as h:
                 ph = h[0].header
-                if ph.get("MPFORMAT") != FORMAT_NAME:
-                    raise ReaderError(f"{path}: not a musepayne gradient-template file")
-                if int(ph.get("MPVERS", 0)) > FORMAT_VERSION:
-                    raise ReaderError(f"{path}: template format {ph['MPVERS']} is newer than this musepayne")
+                check_format(ph, path, FORMAT_NAME, FORMAT_VERSION, "gradient-template", ReaderError)
                 wave = np.array(h["WAVE"].data, np.float64)
                 usable = np.array(h["USABLE"].data, bool)
                 grad = np.array(h["GRAD"].data, np.float32)

@@ -55,6 +55,28 @@ def atomic_write_json(obj, path, overwrite: bool = True):
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path, overwrite)
 
 
+def check_format(header, path, name: str, max_version: int, what: str, error=ValueError,
+                 version_key: str = "MPVERS", hint: str = "") -> int:
+    """Check the primary ``header`` of one of the package's FITS formats and return its version.
+
+    Raises ``error`` (the reader's own exception class) unless ``MPFORMAT == name`` and the
+    format version (``version_key``) is an integer no newer than ``max_version``; ``what``
+    names the file kind in the message, ``hint`` is appended to the not-this-format message.
+    """
+    found = header.get("MPFORMAT")
+    if found != name:
+        got = "MPFORMAT missing" if found is None else f"MPFORMAT = {found!r}"
+        raise error(f"{path}: not a musepayne {what} file ({got}, expected {name!r}){hint}")
+    try:
+        version = int(header.get(version_key, 0))
+    except (TypeError, ValueError):
+        raise error(f"{path}: unreadable {what} format version {version_key} = {header.get(version_key)!r}") from None
+    if version > max_version:
+        raise error(f"{path}: {what} format version {version} is newer than this musepayne reads "
+                    f"({max_version}); upgrade musepayne")
+    return version
+
+
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     import hashlib
 

@@ -50,7 +50,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from . import __version__
-from .io import atomic_write_fits
+from .io import atomic_write_fits, check_format
 
 __all__ = [
     "SpectralModel",
@@ -469,11 +469,8 @@ def load_model(path) -> SpectralModel:
     try:
         with fits.open(path, memmap=False) as h:
             ph = h[0].header
-            if ph.get("MPFORMAT") != FORMAT_NAME:
-                raise ModelError(f"{path}: not a musepayne model file (MPFORMAT missing); "
-                                 "convert Payne .npz files with 'musepayne model import'")
-            if int(ph.get("MPMVERS", 0)) > FORMAT_VERSION:
-                raise ModelError(f"{path}: model format version {ph['MPMVERS']} is newer than this musepayne")
+            check_format(ph, path, FORMAT_NAME, FORMAT_VERSION, "model", ModelError, version_key="MPMVERS",
+                         hint="; convert Payne .npz files with 'musepayne model import'")
             arch = ph.get("ARCH")
             archs = dict(_ARCHS)
             if arch == "cannon":  # the quadratic-Cannon baseline (imported lazily: it imports this module)

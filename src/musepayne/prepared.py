@@ -34,7 +34,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from . import __version__
-from .io import atomic_write_fits
+from .io import atomic_write_fits, check_format
 
 __all__ = ["PreparedSpectra", "FORMAT_NAME", "FORMAT_VERSION", "SPECTRA_COLUMNS"]
 
@@ -119,10 +119,7 @@ class PreparedSpectra:
         try:
             with fits.open(path, memmap=False) as h:
                 ph = h[0].header
-                if ph.get("MPFORMAT") != FORMAT_NAME:
-                    raise ReaderError(f"{path}: not a musepayne prepared-spectra file (MPFORMAT missing)")
-                if int(ph.get("MPVERS", 0)) > FORMAT_VERSION:
-                    raise ReaderError(f"{path}: format version {ph['MPVERS']} is newer than this musepayne")
+                check_format(ph, path, FORMAT_NAME, FORMAT_VERSION, "prepared-spectra", ReaderError)
                 wave = np.array(h["WAVE"].data, np.float64)
                 flux = np.array(h["FLUX"].data, np.float64, ndmin=2)
                 ivar = np.array(h["IVAR"].data, np.float64, ndmin=2)
