@@ -586,23 +586,16 @@ class Extractor:
         cfg = self.config
         nz, ny, nx = c.shape
         n = len(x)
-        flux = np.full((n, nz), np.nan, dtype=np.float32)  # output accumulators: n_stars x n_layers
-        err = np.full((n, nz), np.nan, dtype=np.float32)
+        flux, err, layer_flag = _accumulators(n, nz)
         chi_num = np.zeros(n)
         chi_den = np.zeros(n)
-        layer_flag = np.zeros(nz, np.int16)
         # columns: stars whose stamp reaches usable spaxels (includes off-field neighbours' light)
         rmax = min(cfg.psf_radius * float(np.max(psf.params(c.wave)[0])), cfg.psf_radius_max_px)
         near = (x > -rmax) & (x < nx - 1 + rmax) & (y > -rmax) & (y < ny - 1 + rmax)
         cols = np.nonzero(near)[0]
         ns = cols.size
-        for i0 in range(0, nz, cfg.block):
-            i1 = min(nz, i0 + cfg.block)
-            t = time.perf_counter()
-            d, s, good, mask, lflag = _read_block(c, i0, i1, valid)
-            layer_flag[i0:i1] = lflag
-            timings["read"] = timings.get("read", 0.0) + time.perf_counter() - t
-            if not good.any() or ns == 0:
+        for i0, i1, d, s, good, mask in _layer_blocks(c, valid, cfg.block, layer_flag, timings):
+            if ns == 0:
                 continue
             t = time.perf_counter()
             wmid = float(np.mean(c.wave[i0:i1][good]))
@@ -650,17 +643,10 @@ class Extractor:
         cfg = self.config
         nz, ny, nx = c.shape
         n = len(x)
-        flux = np.full((n, nz), np.nan, dtype=np.float32)  # output accumulators: n_stars x n_layers
-        err = np.full((n, nz), np.nan, dtype=np.float32)
-        layer_flag = np.zeros(nz, np.int16)
+        flux, err, layer_flag = _accumulators(n, nz)
         cols = np.nonzero(on)[0]
-        for i0 in range(0, nz, cfg.block):
-            i1 = min(nz, i0 + cfg.block)
-            t = time.perf_counter()
-            d, s, good, mask, lflag = _read_block(c, i0, i1, valid)
-            layer_flag[i0:i1] = lflag
-            timings["read"] = timings.get("read", 0.0) + time.perf_counter() - t
-            if not good.any() or cols.size == 0:
+        for i0, i1, d, s, good, mask in _layer_blocks(c, valid, cfg.block, layer_flag, timings):
+            if cols.size == 0:
                 continue
             t = time.perf_counter()
             wmid = float(np.mean(c.wave[i0:i1][good]))
@@ -754,6 +740,28 @@ def _read_block(c, i0, i1, valid):
     if good.any() and mask.sum() < valid.sum():
         lflag[good] |= 2
     return d, s, good, mask, lflag
+
+
+def _accumulators(n, nz):
+    """Output arrays of an extraction: flux and error (n_stars x n_layers, NaN until solved)
+    and the per-layer flags."""
+    return (np.full((n, nz), np.nan, dtype=np.float32), np.full((n, nz), np.nan, dtype=np.float32),
+            np.zeros(nz, np.int16))
+
+
+def _layer_blocks(c, valid, block, layer_flag, timings):
+    """Read the cube ``block`` layers at a time; yield ``(i0, i1, data, var, good, mask)`` for
+    blocks with a usable layer.  Fills ``layer_flag`` for every block and adds the read time
+    to ``timings['read']``."""
+    nz = c.shape[0]
+    for i0 in range(0, nz, block):
+        i1 = min(nz, i0 + block)
+        t = time.perf_counter()
+        d, s, good, mask, lflag = _read_block(c, i0, i1, valid)
+        layer_flag[i0:i1] = lflag
+        timings["read"] = timings.get("read", 0.0) + time.perf_counter() - t
+        if good.any():
+            yield i0, i1, d, s, good, mask
 
 
 def _combine_bins(bins):
