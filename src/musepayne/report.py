@@ -232,6 +232,12 @@ def make_report(outdir, catalogue, *, white_light=None, sources=None, wave=None,
     summary = {"n_rows": len(catalogue)}
     if "status" in catalogue.colnames:
         summary["status_counts"] = dict(Counter(str(s).split(":")[0] for s in catalogue["status"]))
+    if "fit_flags" in catalogue.colnames:  # rows with each quality flag (musepayne.flags.FIT_FLAGS)
+        from .flags import FIT_FLAGS
+
+        ff = np.asarray(catalogue["fit_flags"], np.int64)
+        summary["fit_flag_counts"] = {k: int(np.count_nonzero(ff & f.value)) for k, f in FIT_FLAGS.items()}
+        summary["fit_flag_counts"]["clean"] = int(np.count_nonzero(ff == 0))
     if white_light is not None:
         plot_white_light(out / "white_light.png", white_light, sources)
         figs.append(("white_light.png", "White-light image of the cube with the extracted sources."))
