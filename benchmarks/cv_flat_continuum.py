@@ -64,7 +64,8 @@ for f in range(5):
     for inst in ("muse", "lamost"):
         pp = flat(PreparedSpectra.concatenate([prep(sims[inst](s, 100.0, rng)) for s in natives]))
         for k, m in models.items():
-            cats[(k, inst)] = Fitter(m, FitConfig())(pp,
+            # the Cannon's test step weighs pixels by 1/(1/ivar + s^2)
+            cats[(k, inst)] = Fitter(m, FitConfig(model_scatter="weights" if k == "cannon" else "errors"))(pp,
                                                    templates=tpl if k == "ours" else None)
     for j, i in enumerate(te):
         r = {"stellar_id": str(t["stellar_id"][i]), "fold": f}

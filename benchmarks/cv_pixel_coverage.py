@@ -49,7 +49,8 @@ for f in range(5):
     cn = train_cannon(sub.flux, sub.ivar, sub.labels, names, sub.wave, CannonConfig(min_pixel_coverage=0.5))
     cn_low = train_cannon(sub.flux, sub.ivar, sub.labels, names, sub.wave, CannonConfig(min_pixel_coverage=low))
     models["cannon"], models["cannon_low"] = cn, cn_low
-    fitters = {k: Fitter(m, fcfg) for k, m in models.items()}
+    fitters = {k: Fitter(m, replace(fcfg, model_scatter="weights") if k.startswith("cannon") else fcfg)
+               for k, m in models.items()}
     natives = [_read_native(t[i]) for i in te]
     rng = np.random.default_rng(0 * 1000 + f)
     cats = {}

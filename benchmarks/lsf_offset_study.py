@@ -88,8 +88,7 @@ def main():
     names = ts.label_names
 
     def labels(model, p, on):
-        q = p  # the Fitter adds a model's intrinsic scatter itself
-        c = Fitter(model, FitConfig(lsf_excess=on))(q)
+        c = Fitter(model, FitConfig(lsf_excess=on, model_scatter="weights" if model.arch == "cannon" else "errors"))(p)
         return np.stack([np.asarray(c[n], float) for n in names], 1), np.asarray(c["chi2"], float)
 
     cases = [("A MUSE", "A", False), ("A MUSE", "A", True), ("B MUSE grid, LAMOST LSF", "B", False),

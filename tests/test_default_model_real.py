@@ -41,5 +41,5 @@ def test_ngc6397_giant(shared, model):
     assert abs(row["rv"] - 18.8) < 15  # an air/vacuum mistake would show as ~80 km/s
     assert np.isfinite(row["teff_err"]) and row["teff_err"] > 0
     # with the model's scatter in the variances the giant is fitted about as well as the
-    # model's validation stars (red_chi2 12.8 with photon noise alone): no HIGH_CHI2 flag
-    assert row["red_chi2"] < 1.5 and row["fit_flags"] == 0
+    # model's validation stars (red_chi2 ~13 with the PampelMUSE errors alone): no HIGH_CHI2
+    assert row["red_chi2"] > 5 and row["red_chi2_model"] < 1.5 and row["fit_flags"] == 0

@@ -46,10 +46,12 @@ def test_estimate_scatter_recovers_injected_scatter(toy):
 
 
 def test_fit_errors_include_model_scatter(toy, tmp_path):
-    """Spectra with star-to-star model error: without the scatter term the photon-noise errors
-    are too small (pulls > 1); with the estimated scatter stored in the model file, pulls have
-    unit scatter, and the labels are closer to the truth than with the photon weights even
-    after their sqrt(red_chi2) error scaling (the mismatched pixels weigh less)."""
+    """Spectra with star-to-star model error: without the scatter the observed-noise errors are
+    too small (pulls > 1).  With the estimated scatter stored in the model file:
+    'errors' keeps the labels of the observed-error fit (paper Eq. 3) and gives them the right
+    covariance (sandwich): unit pulls; 'weights' also weighs the mismatched pixels less, which
+    here (independent per-pixel model errors, where it is the maximum-likelihood fit) gives unit
+    pulls and labels closer to the truth."""
     _, fv, ivv, _ = _stars(toy, 150, 1)
     s, _ = estimate_scatter(toy, fv, ivv)
     lab, f, iv, _ = _stars(toy, 300, 2)
@@ -62,25 +64,32 @@ def test_fit_errors_include_model_scatter(toy, tmp_path):
     m2 = load_model(path)
     np.testing.assert_allclose(m2.scatter, s)  # round trip through the SCATTER HDU
     prep = as_prepared(toy.wave, f, iv)
-    res = {}
-    for key, c in (("raw", dict(model_scatter=False, scale_errors=False)),
-                   ("scaled", dict(model_scatter=False, scale_errors=True)),
-                   ("scatter", dict(model_scatter=True, scale_errors=False))):
-        cat = Fitter(m2, FitConfig(fit_rv=False, precision="float64", **c))(prep)
+    res, cats = {}, {}
+    for key in ("off", "errors", "weights"):
+        cat = Fitter(m2, FitConfig(fit_rv=False, precision="float64", scale_errors=False, model_scatter=key))(prep)
         got = np.stack([np.asarray(cat[n], float) for n in toy.label_names], 1)
         err = np.stack([np.asarray(cat[f"{n}_err"], float) for n in toy.label_names], 1)
         ok = np.asarray(cat["status"]) == "converged"
         res[key] = ((got - lab) / err)[ok], np.abs(got - lab)[ok] / toy.scale_width
+        cats[key] = cat
     pull = {k: np.std(v[0], axis=0) for k, v in res.items()}
     rms = {k: np.sqrt(np.mean(v[1] ** 2)) for k, v in res.items()}
-    assert np.all(pull["raw"] > 1.25), pull
-    assert np.all((pull["scatter"] > 0.85) & (pull["scatter"] < 1.15)), pull
-    assert rms["scatter"] < 0.95 * rms["scaled"], rms
+    assert np.all(pull["off"] > 1.25), pull
+    assert np.all((pull["errors"] > 0.85) & (pull["errors"] < 1.15)), pull
+    assert np.all((pull["weights"] > 0.85) & (pull["weights"] < 1.15)), pull
+    assert rms["weights"] < 0.9 * rms["errors"], rms
+    # 'errors' changes only the errors: same labels and paper chi2 as without the scatter
+    for n in toy.label_names:
+        np.testing.assert_array_equal(cats["errors"][n], cats["off"][n])
+        assert np.all(np.asarray(cats["errors"][f"{n}_err"]) > np.asarray(cats["off"][f"{n}_err"]))
+    np.testing.assert_array_equal(cats["errors"]["red_chi2"], cats["off"]["red_chi2"])
+    assert np.all(np.isnan(cats["off"]["red_chi2_model"]))
+    assert 0.85 < np.median(cats["errors"]["red_chi2_model"]) < 1.15 < np.median(cats["off"]["red_chi2"])
 
 
 def test_high_chi2_flag_marks_spectra_unlike_the_model(toy):
     """With the model scatter in the variances, stars like the model's validation stars have
-    red_chi2 ~ 1 and a clean fit_flags; a spectrum with absorption lines the model does not
+    red_chi2_model ~ 1 and a clean fit_flags; a spectrum with absorption lines the model does not
     have (a star unlike the training set) gets HIGH_CHI2; a broken spectrum gets FAILED."""
     from musepayne.flags import FIT_FLAGS, decode_fit_flags
 
@@ -96,14 +105,14 @@ def test_high_chi2_flag_marks_spectra_unlike_the_model(toy):
     flux = np.vstack([f, odd, np.full((1, toy.n_pix), np.nan)])
     ivar = np.vstack([iv, iv[:10], iv[:1]])
     cat = Fitter(m, FitConfig(fit_rv=False))(as_prepared(toy.wave, flux, ivar))
-    rc = np.asarray(cat["red_chi2"], float)
+    rc = np.asarray(cat["red_chi2_model"], float)
     flags = np.asarray(cat["fit_flags"])
     high = FIT_FLAGS["HIGH_CHI2"].value
     assert 0.85 < np.median(rc[:200]) < 1.15
     assert np.mean(flags[:200] & high != 0) < 0.02
     assert np.all(flags[200:210] & high != 0), rc[200:210]
     assert decode_fit_flags(flags[-1]) == ["FAILED"] and str(cat["status"][-1]).startswith("failed")
-    assert cat.meta["MSCATTER"] is True
+    assert cat.meta["MSCATTER"] == "errors"
 
 
 def load_model_copy(model):

@@ -24,8 +24,9 @@ Test step (Eq. 5): per spectrum, the labels that minimise
 vector), so :class:`musepayne.fit.Fitter` does this step -- vectorised over
 spectra, with the same radial-velocity fit, ``LSF_EXCESS`` forward model,
 masks and label box as for the networks, which makes the comparison fair.
-The Fitter puts ``s_p`` into the weights itself (``FitConfig.model_scatter``,
-:meth:`~musepayne.model.SpectralModel.inflate_ivar`), as for any model with a scatter.
+For this test step use ``FitConfig(model_scatter='weights')``: the Fitter then puts
+``s_p`` into the weights itself (as for any model with a scatter); the default
+'errors' fits with the observed errors and puts ``s_p`` into the covariance only.
 
 Labels enter scaled as for the networks, ``s = (l - x_min)/(x_max - x_min) - 0.5``;
 a quadratic polynomial is the same family under any affine label scaling, so

@@ -4,7 +4,7 @@ Columns (lower case), every one with a unit and a description:
 
 ``stellar_id, ra, dec, snr_muse``; for every model label ``X`` (``teff``,
 ``logg``, ``fe_h``, ``mg_fe``, ...): ``X, X_err, X_flag, X_gradcorr``; then
-``rv, rv_err, red_chi2, corr_flux, n_pix_used, model, status, fit_flags`` and the
+``rv, rv_err, red_chi2, red_chi2_model, corr_flux, n_pix_used, model, status, fit_flags`` and the
 diagnostics ``reason, edge_labels, n_iter, chi2, error_scale`` (+ ``model_flux``
 when the fitter keeps best-fit spectra).
 
@@ -17,8 +17,9 @@ when the fitter keeps best-fit spectra).
   ``not_converged``; ``failed:<reason>`` (row kept, values NaN).
 * ``fit_flags``: OR of the :data:`musepayne.flags.FIT_FLAGS` bits (``FAILED``,
   ``NOT_CONVERGED``, ``LABEL_EDGE``, ``HIGH_CHI2``); 0 for a clean fit.
-* Errors and ``red_chi2`` use the pixel variance ``1/ivar + s_p^2``, where ``s_p``
-  is the model's intrinsic scatter when it has one (``SCATTER`` in the model file).
+* When the model has an intrinsic scatter ``s_p`` (``SCATTER`` in the model file),
+  the errors and ``red_chi2_model`` use the pixel variance ``1/ivar + s_p^2``;
+  ``red_chi2`` is always the paper's (observed errors).
 
 Also: :func:`combine_metal_poor` (the A / A-mp rule, paper Eq. 2),
 :func:`merge_by_gradcorr` (per label, take the model with the larger gradient
@@ -56,8 +57,11 @@ _FIXED_BEFORE = {
 _FIXED_AFTER = {
     "rv": ("km / s", "radial velocity (relativistic Doppler shift of the model), fitted jointly with the labels"),
     "rv_err": ("km / s", "RV uncertainty (covariance, scaled by sqrt(chi2/(n-n_par)) when > 1)"),
-    "red_chi2": ("", "reduced chi2 of the best fit, (1/n) sum (P_i - O_i)^2 / e_i^2 over used pixels (paper Eq. 3); "
-                     "e_i^2 = 1/ivar_i + s_i^2 (s_i: the model's intrinsic scatter, when it has one)"),
+    "red_chi2": ("", "reduced chi2 of the best fit, (1/n) sum (P_i - O_i)^2 / e_i^2 over used pixels with the "
+                     "observed errors e_i (paper Eq. 3)"),
+    "red_chi2_model": ("", "reduced chi2 with e_i^2 = 1/ivar_i + s_i^2 (s_i: the model's intrinsic scatter); ~1 for "
+                           "a star the model describes as well as its validation stars; NaN: the model has no "
+                           "scatter (or model_scatter='off')"),
     "corr_flux": ("", "Pearson correlation of observed and best-fit flux over used pixels"),
     "n_pix_used": ("", "number of pixels used in the fit"),
     "model": ("", "model(s) the labels come from"),
@@ -67,7 +71,8 @@ _FIXED_AFTER = {
     "edge_labels": ("", "labels at a training-range bound ('<' lower, '>' upper), comma separated"),
     "n_iter": ("", "Levenberg-Marquardt iterations"),
     "chi2": ("", "chi2 of the best fit"),
-    "error_scale": ("", "factor applied to the covariance errors: max(1, sqrt(chi2/(n-n_par)))"),
+    "error_scale": ("", "factor applied to the covariance errors: max(1, sqrt(chi2/(n-n_par))), chi2 with the "
+                        "model's scatter in the variance when it has one"),
 }
 
 
@@ -88,8 +93,8 @@ def label_columns(name: str, unit: str) -> dict:
     p = _pretty(name)
     return {
         name: (u, f"{p} ({unit})"),
-        f"{name}_err": (u, f"uncertainty of {p} (covariance with the model's intrinsic scatter in the pixel "
-                           "variances, scaled by sqrt(chi2/(n-n_par)) when > 1)"),
+        f"{name}_err": (u, f"uncertainty of {p} (covariance, with the model's intrinsic scatter in the pixel "
+                           "variances when it has one, scaled by sqrt(chi2/(n-n_par)) when > 1)"),
         f"{name}_flag": ("", f"1: {name}_gradcorr above threshold (paper §3.3), 0: not, -1: not computed"),
         f"{name}_gradcorr": ("", f"correlation of the model gradient d f/d {name} with the theoretical one; "
                                  "NaN: not computed"),
@@ -127,9 +132,11 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
         model_name = str(model.meta.get("name") or (Path(model.path).stem if getattr(model, "path", None) else
                                                         model.arch))
     vals = {
-        "rv": res.rv, "rv_err": res.rv_err, "red_chi2": res.red_chi2, "corr_flux": res.corr_flux,
+        "rv": res.rv, "rv_err": res.rv_err, "red_chi2": res.red_chi2, "red_chi2_model": res.red_chi2_model,
+        "corr_flux": res.corr_flux,
         "n_pix_used": res.n_pix_used, "model": np.full(n, model_name), "status": res.status.astype(str),
-        "fit_flags": fit_flags(res.status, res.red_chi2,
+        "fit_flags": fit_flags(res.status, np.where(np.isfinite(res.red_chi2_model), res.red_chi2_model,
+                                                     res.red_chi2),
                                config.max_red_chi2 if config is not None else _DEFAULT_MAX_RED_CHI2),
         "reason": res.reason.astype(str), "edge_labels": res.edge_labels.astype(str), "n_iter": res.n_iter,
         "chi2": res.chi2, "error_scale": res.error_scale,
@@ -142,7 +149,8 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
     if config is not None:
         tab.meta["RVRANGE"] = float(config.rv_range)
         tab.meta["LSFEXC"] = bool(config.lsf_excess)
-        tab.meta["MSCATTER"] = bool(config.model_scatter and np.any(getattr(model, "scatter", 0.0)))
+        has = bool(np.any(getattr(model, "scatter", 0.0)))
+        tab.meta["MSCATTER"] = str(config.model_scatter) if has else "none"
         tab.meta["MAXRCHI2"] = float(config.max_red_chi2)
     if templates is not None:
         thr = config.gradcorr_threshold if config is not None else 0.5

@@ -130,7 +130,7 @@ def cross_validate(trainset: TrainingSet, templates=None, config: CVConfig | Non
         if cfg.baseline is not None:
             t0 = time.perf_counter()
             cannon = train_cannon(sub.flux, sub.ivar, sub.labels, names, sub.wave, cfg.baseline)
-            cfitter = Fitter(cannon, fcfg)
+            cfitter = Fitter(cannon, replace(fcfg, model_scatter="weights"))  # Ness et al.'s test step
             seconds["baseline_train"] += time.perf_counter() - t0
         natives, keep = [], []
         for i in te:

@@ -89,8 +89,9 @@ class TrainConfig:
     negative_slope : leaky-ReLU slope of the mlp
     model_scatter : estimate the model's intrinsic per-pixel scatter ``s_p`` on the held-out
         validation stars (each fitted at its own best labels and RV, so label errors in the
-        training catalogue do not count) and store it in the model; fits add ``s_p^2`` to
-        each pixel's variance (:attr:`musepayne.fit.FitConfig.model_scatter`).  Needs
+        training catalogue do not count) and store it in the model; fits put ``s_p^2`` into
+        the pixel variances of the errors and of ``red_chi2_model``
+        (:attr:`musepayne.fit.FitConfig.model_scatter`).  Needs
         ``val_fraction > 0``.
     min_pixel_coverage : model pixels with usable data (IVAR > 0) in fewer than this
         fraction of the training spectra are written to the model's pixel mask, so
@@ -438,7 +439,7 @@ def estimate_scatter(model, flux, ivar, fit_config=None):
     zeros = np.zeros(f.shape)
     prep = PreparedSpectra(np.asarray(model.wave, np.float64), f, iv, np.zeros(f.shape, np.int32), zeros, zeros + 1.0,
                            Table({"stellar_id": [f"val{i}" for i in range(n)]}))
-    cfg = _replace(fit_config or FitConfig(precision="float64"), keep_model=True, model_scatter=False,
+    cfg = _replace(fit_config or FitConfig(precision="float64"), keep_model=True, model_scatter="off",
                    lsf_excess=False)
     res = Fitter(model, cfg).fit_arrays(prep)
     ok = np.all(np.isfinite(res.model_flux), axis=1) & (res.status.astype(str) == "converged")

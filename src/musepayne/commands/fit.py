@@ -24,9 +24,11 @@ from ._common import Timer, emit, fail, json_option
 @click.option("--starts", "n_starts", default=2, show_default=True, type=int, help="Starting points per spectrum.")
 @click.option("--lsf-excess/--no-lsf-excess", default=True, show_default=True,
               help="Convolve the model by the prepared LSF_EXCESS where the data are broader than the model.")
-@click.option("--model-scatter/--no-model-scatter", default=True, show_default=True,
-              help="Add the model's intrinsic per-pixel scatter (SCATTER in the model file) to each pixel's "
-                   "variance.")
+@click.option("--model-scatter", type=click.Choice(["errors", "weights", "off"]), default="errors",
+              show_default=True,
+              help="The model's intrinsic per-pixel scatter (SCATTER in the model file): in the errors and "
+                   "red_chi2_model only (labels from the observed errors, paper Eq. 3), also in the fit "
+                   "weights (Cannon test step), or not at all.")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--threads", "n_threads", default=0, show_default=True, type=int,
               help="Fit chunks of spectra in this many threads; 0: one per CPU core. Results do not depend on it.")
