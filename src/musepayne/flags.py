@@ -152,8 +152,9 @@ _FIT_FLAG_LIST = (
     FitFlag("NOT_CONVERGED", 1, "the fit stopped at max_iter before converging (status not_converged)"),
     FitFlag("LABEL_EDGE", 2, "a label or the RV at its bound: the model would have to extrapolate (status edge)"),
     FitFlag("HIGH_CHI2", 3,
-            "red_chi2 above FitConfig.max_red_chi2 (default 3): with the model's own scatter in the "
-            "variances the spectrum is described worse than the model's validation stars are -- a star "
+            "red_chi2_model (red_chi2 for a model without a scatter) above FitConfig.max_red_chi2 "
+            "(default 3): with the model's own scatter in the variances the spectrum is described worse "
+            "than the model's validation stars are -- a star "
             "unlike the training set (e.g. an M giant below the 3800 K training edge), a peculiar or "
             "composite spectrum, or a bad extraction; treat its labels and errors with suspicion"),
 )

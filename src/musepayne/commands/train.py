@@ -38,7 +38,7 @@ from ._common import Timer, emit, fail, json_option
                    "pixel mask (fits ignore them); 0 disables.")
 @click.option("--model-scatter/--no-model-scatter", default=True, show_default=True,
               help="Estimate the model's intrinsic per-pixel scatter on the validation stars (each fitted at its "
-                   "best labels) and store it in the model; fits add it to the pixel variances.")
+                   "best labels) and store it in the model; fits put it into the errors and red_chi2_model.")
 @click.option("--name", default=None, help="Model name stored in the file (the catalogue's 'model' column).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @json_option
