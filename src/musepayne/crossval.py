@@ -180,7 +180,7 @@ def cross_validate(trainset: TrainingSet, templates=None, config: CVConfig | Non
 #: column suffix and description of the quadratic-Cannon baseline
 BASELINE_SUFFIX = "_cannon"
 BASELINE_METHOD = ("quadratic Cannon (Ness et al. 2015), same folds, training spectra and prepared test spectra; "
-                   "test step with the same Fitter (RV free, LSF_EXCESS forward model)")
+                   "test step with the same Fitter (RV free, LSF_EXCESS forward model, scatter in the weights)")
 
 
 def cv_summary(table: Table, names=("teff", "logg", "fe_h"), instruments=("muse", "lamost"), suffix="") -> dict:
