@@ -113,6 +113,14 @@ def test_validate_cv_passes_the_baseline_switch(monkeypatch):
         res = CliRunner().invoke(vmod.validate, args)
         assert res.exit_code == 0, res.output
         assert json.loads(res.output)["baseline"] is want and seen["baseline"] is want
+        assert seen["trainset"] is None and seen["templates"] is None
+    # --trainset / --templates hand files to the hook (the default model is trained from such files)
+    with CliRunner().isolated_filesystem():
+        open("ts.fits", "w").close()
+        open("tpl.fits", "w").close()
+        res = CliRunner().invoke(vmod.validate, ["--cv", "--trainset", "ts.fits", "--templates", "tpl.fits", "--json"])
+        assert res.exit_code == 0, res.output
+        assert seen["trainset"] == "ts.fits" and seen["templates"] == "tpl.fits"
 
 
 def test_run_cv_reports_the_baseline_beside_the_regularised_run(monkeypatch, tmp_path):

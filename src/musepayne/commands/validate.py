@@ -63,16 +63,22 @@ def _run_cv(options, as_json):
 @click.option("--cv", is_flag=True, help="Run the model cross-validation (training stage; see CV_HOOK).")
 @click.option("--no-baseline", is_flag=True,
               help="With --cv: skip the quadratic-Cannon baseline trained and tested on the same folds.")
+@click.option("--trainset", "cv_trainset", type=click.Path(exists=True, dir_okay=False),
+              help="With --cv: training set file (musepayne trainset build) instead of building one in memory "
+                   "from ../shared/data (the default model is trained from such a file, whose float32 storage "
+                   "alone moves CV figures by a few K).")
+@click.option("--templates", "cv_templates", type=click.Path(exists=True, dir_okay=False),
+              help="With --cv: gradient templates file (musepayne gradients build) instead of building them.")
 @json_option
 def validate(catalogue, reference, match, id_col, ref_id_col, tolerance, labels, preset, where, ref_columns, xcol,
-             plot_dir, stats_path, repeats, robust, apply_out, cv, no_baseline, as_json):
+             plot_dir, stats_path, repeats, robust, apply_out, cv, no_baseline, cv_trainset, cv_templates, as_json):
     """Compare CATALOGUE with REFERENCE: bias (median) and dispersion (half the
     15.87-84.13 percentile range) of the differences per label; and/or the
     Eq. 10 error scale factors from repeat observations within CATALOGUE.
     """
     if cv:
         _run_cv({"catalogue": catalogue, "reference": reference, "plot_dir": plot_dir,
-                 "baseline": not no_baseline}, as_json)
+                 "baseline": not no_baseline, "trainset": cv_trainset, "templates": cv_templates}, as_json)
         return
     if not catalogue:
         fail("give a CATALOGUE (and a REFERENCE, or --repeats)", as_json)
