@@ -75,6 +75,10 @@ def test_run_outputs(field, reference_run):
     ok = np.array([s in conv for s in cat["stellar_id"]])
     drv = np.asarray(cat["rv"])[ok] - np.asarray(truth["rv"])[[tmap[s] for s in cat["stellar_id"][ok]]]
     assert np.median(np.abs(drv)) < 2.0
+    # every column keeps its unit and description through the per-chunk checkpoints
+    for c in ("teff", "teff_err", "rv", "red_chi2", "red_chi2_model", "status", "fit_flags"):
+        assert cat[c].description, c
+    assert str(cat["rv"].unit) == "km / s" and "HIGH_CHI2" in cat["fit_flags"].description
     for f in ("config.json", "run.json", "catalogue.csv", "catalogue.parquet", "catalogue_stars.fits",
               "models.fits", "report/index.html", "report/kiel.png", "report/truth.png"):
         assert (out / f).exists(), f

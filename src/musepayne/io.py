@@ -46,6 +46,23 @@ def atomic_write_fits(hdulist, path, overwrite: bool = True):
         hdulist.writeto(tmp, overwrite=True, output_verify="silentfix")
 
 
+def table_hdu(table, name: str):
+    """A FITS binary-table HDU of ``table`` that keeps what ``Table.write`` keeps -- column
+    units, descriptions and table meta (astropy's serialized-metadata comment cards) --
+    unlike a bare ``fits.table_to_hdu``; ``Table.read(hdu)`` restores them."""
+    import io
+
+    from astropy.io import fits
+
+    buf = io.BytesIO()
+    table.write(buf, format="fits")
+    buf.seek(0)
+    with fits.open(buf) as hl:
+        hdu = hl[1].copy()
+    hdu.name = name
+    return hdu
+
+
 def atomic_write_text(text: str, path, overwrite: bool = True):
     with atomic_path(path, overwrite) as tmp:
         Path(tmp).write_text(text)

@@ -38,7 +38,7 @@ from astropy.io import fits
 from astropy.table import Table, vstack
 
 from . import __version__
-from .io import atomic_write_fits, atomic_write_json, sha256_file
+from .io import atomic_write_fits, atomic_write_json, sha256_file, table_hdu
 
 __all__ = ["RunConfig", "Pipeline", "load_config_file", "cube_id_for"]
 
@@ -380,8 +380,9 @@ def _run_fit_chunk(prep, model, model_mp, config: RunConfig):
 
 
 def _write_part(path, cat: Table, models):
-    h = fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(cat), fits.ImageHDU(np.asarray(models, np.float32), name="MODEL")])
-    h[1].name = "CATALOGUE"
+    # the catalogue HDU keeps the column descriptions (every output column is documented)
+    h = fits.HDUList([fits.PrimaryHDU(), table_hdu(cat, "CATALOGUE"),
+                      fits.ImageHDU(np.asarray(models, np.float32), name="MODEL")])
     atomic_write_fits(h, path)
 
 

@@ -42,12 +42,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from astropy.io import fits
 from astropy.table import Table, vstack
 
 from . import __version__
 from .catalogue import write_catalogue
-from .io import atomic_write_fits, atomic_write_json, sha256_file
+from .io import atomic_write_json, sha256_file
 
 __all__ = ["SurveyConfig", "Survey", "process_cube", "read_store_catalogue", "sources_resolver"]
 
@@ -279,8 +278,7 @@ class Survey:
         n = sum(len(t) for t in tables)
         if self.config.merged_fits and tables:
             merged = vstack(tables, metadata_conflicts="silent")
-            atomic_write_fits(fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(merged)]),
-                              self.store / "catalogue.fits")
+            write_catalogue(merged, self.store / "catalogue.fits")  # atomic; keeps column descriptions
         return n
 
 
