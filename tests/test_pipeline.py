@@ -76,8 +76,7 @@ def test_run_outputs(field, reference_run):
     drv = np.asarray(cat["rv"])[ok] - np.asarray(truth["rv"])[[tmap[s] for s in cat["stellar_id"][ok]]]
     assert np.median(np.abs(drv)) < 2.0
     # every column keeps its unit and description through the per-chunk checkpoints
-    for c in ("teff", "teff_err", "rv", "red_chi2", "red_chi2_model", "status", "fit_flags"):
-        assert cat[c].description, c
+    assert [c for c in cat.colnames if not cat[c].description] == []
     assert str(cat["rv"].unit) == "km / s" and "HIGH_CHI2" in cat["fit_flags"].description
     for f in ("config.json", "run.json", "catalogue.csv", "catalogue.parquet", "catalogue_stars.fits",
               "models.fits", "report/index.html", "report/kiel.png", "report/truth.png"):

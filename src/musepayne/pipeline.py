@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table, vstack
+from astropy.table import Column, Table, vstack
 
 from . import __version__
 from .io import atomic_write_fits, atomic_write_json, sha256_file, table_hdu
@@ -293,8 +293,9 @@ class Pipeline:
             extracted = self.extract(cube, src, cdir, {"cube": csum, "sources": ssum})
             prepared = self.prepare(extracted, cdir)
             cat, models = self.fit(prepared, cdir, model, model_mp, stop_after=stop_after)
-            cat["cube_id"] = [cid] * len(cat)
-            cat["obs_id"] = [f"{cid}:{s}" for s in cat["stellar_id"]]
+            cat["cube_id"] = Column([cid] * len(cat), description="cube identifier: file name stem and the first 8 hex digits of its sha256")
+            cat["obs_id"] = Column([f"{cid}:{s}" for s in cat["stellar_id"]],
+                                   description="observation identifier, cube_id:stellar_id (unique per row)")
             all_cats.append(cat)
             all_models.append(models)
             if prep_wave is None:
@@ -401,7 +402,8 @@ def _best_per_star(cat: Table) -> Table:
     first[1:] = ids[order][1:] != ids[order][:-1]
     best = cat[order[first]]
     counts = Counter(ids)
-    best["n_obs"] = [counts[str(s)] for s in best["stellar_id"]]
+    best["n_obs"] = Column([counts[str(s)] for s in best["stellar_id"]],
+                           description="number of observations (cubes) of this star in catalogue.fits")
     return best
 
 
