@@ -77,6 +77,12 @@ def test_run_outputs(field, reference_run):
     assert np.median(np.abs(drv)) < 2.0
     # every column keeps its unit and description through the per-chunk checkpoints
     assert [c for c in cat.colnames if not cat[c].description] == []
+    # the Parquet export has the same columns (no ".mask" companions) and keeps the descriptions
+    from musepayne.catalogue import read_catalogue
+
+    pq_cat = read_catalogue(out / "catalogue.parquet")
+    assert pq_cat.colnames == cat.colnames
+    assert pq_cat["teff"].description == cat["teff"].description and str(pq_cat["rv"].unit) == "km / s"
     assert str(cat["rv"].unit) == "km / s" and "HIGH_CHI2" in cat["fit_flags"].description
     for f in ("config.json", "run.json", "catalogue.csv", "catalogue.parquet", "catalogue_stars.fits",
               "models.fits", "report/index.html", "report/kiel.png", "report/truth.png"):

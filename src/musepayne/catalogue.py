@@ -319,6 +319,29 @@ def write_catalogue(cat: Table, path, fmt: str | None = None, overwrite: bool = 
     return path
 
 
+def _restore_parquet_meta(tab: Table, yaml_bytes) -> None:
+    """Units, descriptions and table meta from astropy's ``table_meta_yaml`` Parquet metadata
+    (written by ``Table.write(format='parquet')``), in place; nothing when absent or unreadable."""
+    if not yaml_bytes:
+        return
+    from astropy import units as u
+    from astropy.table.meta import YamlParseError, get_header_from_yaml
+
+    try:
+        hdr = get_header_from_yaml(yaml_bytes.decode("utf-8").splitlines())
+    except (YamlParseError, UnicodeDecodeError, ValueError):
+        return
+    for col in hdr.get("datatype", []):
+        name = col.get("name")
+        if name not in tab.colnames:
+            continue
+        if col.get("description"):
+            tab[name].description = col["description"]
+        if col.get("unit"):
+            tab[name].unit = u.Unit(col["unit"], parse_strict="silent")
+    tab.meta.update(hdr.get("meta") or {})
+
+
 def read_catalogue(path) -> Table:
     path = Path(path)
     if path.suffix.lower() == ".parquet":
@@ -327,7 +350,9 @@ def read_catalogue(path) -> Table:
         except ImportError:
             raise RuntimeError("reading Parquet needs pyarrow: pip install 'musepayne[parquet]'") from None
         t = pq.read_table(path)
-        return Table({name: np.asarray(t.column(name).to_numpy(zero_copy_only=False)) for name in t.column_names})
+        out = Table({name: np.asarray(t.column(name).to_numpy(zero_copy_only=False)) for name in t.column_names})
+        _restore_parquet_meta(out, (t.schema.metadata or {}).get(b"table_meta_yaml"))
+        return out
     if path.suffix.lower() == ".csv":
         return Table.read(path, format="ascii.csv")
     return Table.read(path)

@@ -389,7 +389,9 @@ def _write_part(path, cat: Table, models):
 
 def _read_part(path):
     with fits.open(path) as h:
-        return Table.read(h["CATALOGUE"]), np.array(h["MODEL"].data, dtype=np.float64, ndmin=2)
+        # mask_invalid=False: NaN stays NaN (no MaskedColumns, which Parquet would split into value + ".mask")
+        return (Table.read(h["CATALOGUE"], mask_invalid=False),
+                np.array(h["MODEL"].data, dtype=np.float64, ndmin=2))
 
 
 def _best_per_star(cat: Table) -> Table:

@@ -261,7 +261,7 @@ class Survey:
             path = self.store / "cubes" / cid / "catalogue.fits"
             if not path.exists():
                 continue
-            t = Table.read(path)
+            t = Table.read(path, mask_invalid=False)  # NaN stays NaN (no ".mask" columns in Parquet)
             tables.append(t)
             # the partition key lives in the folder name (hive layout), not in the file
             part = t.copy(copy_data=False)
