@@ -143,6 +143,7 @@ class CannonModel(SpectralModel):
 
     def __init__(self, theta, scatter, label_names, x_min, x_max, wave, frame="vacuum", label_units=None,
                  meta=None):
+        """``scatter``: ``s_p`` per pixel, or None (none; e.g. set later by ``load_model``)."""
         super().__init__(label_names, x_min, x_max, wave, frame, label_units, meta)
         theta = np.array(theta, np.float64)
         if theta.shape != (self.n_pix, n_terms(self.n_labels)):
@@ -151,9 +152,10 @@ class CannonModel(SpectralModel):
         theta[bad] = 0.0
         theta[bad, 0] = 1.0
         self.theta = theta
-        if np.size(scatter) != self.n_pix:
-            raise ValueError("scatter must have one entry per pixel")
-        self.with_scatter(scatter)
+        if scatter is not None:
+            if np.size(scatter) != self.n_pix:
+                raise ValueError("scatter must have one entry per pixel")
+            self.with_scatter(scatter)
         self._untrained = bad
         self.with_pixel_mask(bad)
 
@@ -185,8 +187,8 @@ class CannonModel(SpectralModel):
 
     @classmethod
     def _from_hdus(cls, h, common):
-        scatter = np.array(h["SCATTER"].data, np.float64) if "SCATTER" in h else np.zeros(len(common["wave"]))
-        return cls(np.array(h["THETA"].data, np.float64), scatter, **common)
+        # SCATTER is read by load_model for every architecture
+        return cls(np.array(h["THETA"].data, np.float64), None, **common)
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,7 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
         "n_pix_used": res.n_pix_used, "model": np.full(n, model_name), "status": res.status.astype(str),
         "fit_flags": fit_flags(res.status, np.where(np.isfinite(res.red_chi2_model), res.red_chi2_model,
                                                      res.red_chi2),
-                               config.max_red_chi2 if config is not None else _DEFAULT_MAX_RED_CHI2),
+                               *(() if config is None else (config.max_red_chi2,))),
         "reason": res.reason.astype(str), "edge_labels": res.edge_labels.astype(str), "n_iter": res.n_iter,
         "chi2": res.chi2, "error_scale": res.error_scale,
     }
@@ -158,11 +158,13 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
     return tab
 
 
-_DEFAULT_MAX_RED_CHI2 = 3.0
+def fit_flags(status, red_chi2, max_red_chi2: float | None = None) -> np.ndarray:
+    """``fit_flags`` values (int32) from the fit ``status`` strings and ``red_chi2``;
+    ``max_red_chi2`` defaults to :attr:`musepayne.fit.FitConfig.max_red_chi2`."""
+    if max_red_chi2 is None:
+        from .fit import FitConfig  # lazily: fit imports this module
 
-
-def fit_flags(status, red_chi2, max_red_chi2: float = _DEFAULT_MAX_RED_CHI2) -> np.ndarray:
-    """``fit_flags`` values (int32) from the fit ``status`` strings and ``red_chi2``."""
+        max_red_chi2 = FitConfig.max_red_chi2
     st = np.asarray(status).astype(str)
     rc = np.asarray(red_chi2, np.float64)
     out = np.zeros(st.shape, np.int32)

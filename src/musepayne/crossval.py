@@ -29,7 +29,7 @@ per-star results are the ``*_cannon`` columns and its statistics
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 from astropy.table import Table
@@ -237,10 +237,8 @@ def cv_checks(reg: dict, plain: dict | None = None) -> dict:
     return out
 
 
-#: TrainConfig fields that make up a model's training recipe (copied from the default model's provenance)
-_RECIPE_FIELDS = ("arch", "hidden", "epochs", "learning_rate", "weight_decay", "val_fraction", "patience",
-                  "eval_every", "gradient_weight", "gradient_loss", "batch_size", "ref_batch", "val_metric",
-                  "outlier_clip", "negative_slope", "min_pixel_coverage", "model_scatter")
+#: TrainConfig fields that are not part of a training recipe (set per run / per fold)
+_NOT_RECIPE = ("seed", "device")
 
 
 def default_recipe(label_names=("teff", "logg", "fe_h")) -> TrainConfig:
@@ -254,7 +252,7 @@ def default_recipe(label_names=("teff", "logg", "fe_h")) -> TrainConfig:
         tc = dict(load_model("default").meta.get("train_config") or {})
     except Exception:  # noqa: BLE001 - no (readable) default model: the documented recipe
         return fallback
-    kw = {k: tc[k] for k in _RECIPE_FIELDS if k in tc}
+    kw = {f.name: tc[f.name] for f in fields(TrainConfig) if f.name not in _NOT_RECIPE and f.name in tc}
     if not kw.get("gradient_weight"):
         kw["gradient_weight"] = fallback.gradient_weight
     try:

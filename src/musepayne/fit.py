@@ -298,6 +298,8 @@ class Fitter:
         self.config = config or FitConfig()
         cfg = self.config
         self.dtype = np.dtype(cfg.precision)
+        # whether this fit uses the model's intrinsic scatter (model.scatter, model.inflate_ivar)
+        self._use_scatter = cfg.model_scatter != "off" and bool(np.any(getattr(model, "scatter", 0.0)))
         self._chi2_noise = 1e-7 if self.dtype == np.float32 else 1e-13
         L = model.n_labels
         self.n_par = L + (1 if cfg.fit_rv else 0)
@@ -359,9 +361,6 @@ class Fitter:
         flux, ivar, mask = prepared.flux, prepared.ivar, prepared.mask
         # pixels where the model itself is not trusted (e.g. too few training spectra cover them)
         model_ok = ~np.asarray(getattr(self.model, "pixel_mask", np.zeros(self.model.n_pix, bool)), bool)
-        scatter = np.broadcast_to(np.asarray(getattr(self.model, "scatter", 0.0), np.float64), (self.model.n_pix,))
-        # s_p^2 for the chunks (None: no scatter in this fit)
-        self._s2 = scatter ** 2 if (cfg.model_scatter != "off" and np.any(scatter > 0)) else None
 
         def usable(f, iv, mk):
             """Pixels that count: finite flux and ivar, ivar > 0, no excluding mask bit, and not
@@ -833,9 +832,9 @@ class Fitter:
         L = self.model.n_labels
         P = self.n_par
         m = idx.size
-        s2 = self._s2
+        scatter = self._use_scatter
         # the weights the labels are fitted with: observed, or 1/(1/ivar + s_p^2) ('weights')
-        w = w_obs / (1.0 + w_obs * s2) if (s2 is not None and cfg.model_scatter == "weights") else w_obs
+        w = self.model.inflate_ivar(w_obs) if (scatter and cfg.model_scatter == "weights") else w_obs
         v0 = self._coarse_rv(d, w)
         best = self._starts(d, w, v0)
         if cfg.fit_rv:
@@ -869,7 +868,7 @@ class Fitter:
         r2 = np.where(used, (d - f.astype(np.float64)) ** 2, 0.0)
         w_obs_used = np.where(used, w_obs, 0.0)
         chi2 = np.einsum("np,np->n", w_obs_used, r2)
-        chi2_model = (np.einsum("np,np->n", w_obs_used / (1.0 + w_obs_used * s2), r2) if s2 is not None
+        chi2_model = (np.einsum("np,np->n", self.model.inflate_ivar(w_obs_used), r2) if scatter
                       else np.full(m, np.nan))
         # covariance in (scaled labels, v); guard singular matrices
         cov = np.full((m, P, P), np.nan)
@@ -878,15 +877,15 @@ class Fitter:
                 cov[i] = np.linalg.inv(A[i])
             except np.linalg.LinAlgError:
                 cov[i] = np.linalg.pinv(A[i])
-        if s2 is not None and cfg.model_scatter == "errors":
+        if scatter and cfg.model_scatter == "errors":
             # labels fitted with W = ivar while the variance is 1/ivar + s^2: cov = A^-1 B A^-1 with
             # B = J^T W (W^-1 + S) W J = A + J^T diag(W^2 s^2) J
             Y, _ = self._planes(theta, opi)
-            Jw = Y[:, 1:].astype(np.float64) * (w_obs_used * np.sqrt(s2))[:, None, :]
+            Jw = Y[:, 1:].astype(np.float64) * (w_obs_used * self.model.scatter)[:, None, :]
             B = A + np.einsum("nqp,nrp->nqr", Jw, Jw)
             cov = np.einsum("nij,njk,nkl->nil", cov, B, cov)
         dof = np.maximum(n_used - P, 1)
-        rchi_dof = (chi2_model if s2 is not None else chi2) / dof
+        rchi_dof = (chi2_model if scatter else chi2) / dof
         scale = np.sqrt(np.maximum(rchi_dof, 1.0)) if cfg.scale_errors else np.ones(m)
         conv_scale = np.r_[self.model.scale_width, [1.0] if cfg.fit_rv else []]
         cov_phys = cov * conv_scale[None, :, None] * conv_scale[None, None, :] * (scale ** 2)[:, None, None]
