@@ -65,8 +65,8 @@ def child(args):
     from astropy.io import fits
     from astropy.table import Table
 
-    from musepayne.extract import ExtractConfig, Extractor, _read_block, factorise
-    from musepayne.readers import open_cube
+    from musepayne.extract.extractor import ExtractConfig, Extractor, _read_block, factorise
+    from musepayne.io.readers import open_cube
 
     cube, cat, truth = args.cube, args.cube.replace(".fits", "_sources.csv"), args.cube.replace(".fits", "_truth.fits")
     out = os.path.join(os.path.dirname(cube), "spectra.fits")
@@ -166,7 +166,7 @@ def main():
         args.cube = args.child
         print(json.dumps(child(args)))
         return
-    from musepayne.simulate import SimulateConfig, Simulator
+    from musepayne.simulate.simulator import SimulateConfig, Simulator
 
     tmp = tempfile.mkdtemp(prefix="bench_extract_", dir=args.tmpdir)
     try:

@@ -3,7 +3,7 @@
 Two models:
   * apogee  -- the real 7214-px per-pixel Payne network (../shared/data/payne_apogee), 5 labels + RV
   * lamost  -- a 3909-px LAMOST-grid MLP of The Payne's size (5 -> 300 -> 300 -> 3909, random weights
-               with line-like outputs: musepayne.toymodel), 5 labels + RV
+               with line-like outputs: musepayne.testing), 5 labels + RV
 
 Mock spectra: random labels in the inner 80 % of the box, RV uniform in +-300 km/s, Gaussian noise
 at S/N 50; masked pixels as the APOGEE mask for the APOGEE model.
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from fit_helpers import as_prepared  # noqa: E402
-from musepayne.fit import FitConfig, Fitter, shift_weights  # noqa: E402
+from musepayne.fit.fitter import FitConfig, Fitter, shift_weights  # noqa: E402
 
 
 def mock(fitter, n, snr, rng, mask=None):
@@ -61,7 +61,7 @@ def mock(fitter, n, snr, rng, mask=None):
 def payne_style_predict(model):
     """One-spectrum emulator with The Payne's own expressions (physical labels in, flux out).
     Weights are cast to float64 once here, so no per-call dtype conversion slows the baseline."""
-    from musepayne.model import PerPixelPayne
+    from musepayne.models.model import PerPixelPayne
 
     if isinstance(model, PerPixelPayne):
         w0, b0, w1, b1 = (np.asarray(a, np.float64) for a in (model.w0, model.b0, model.w1, model.b1))
@@ -200,8 +200,8 @@ def main():
         model, mask, _, _ = load_apogee(shared)
         run("apogee-perpixel-7214", model, args.n, args.n_base, args.repeat, mask=mask)
     if args.only in (None, "lamost"):
-        from musepayne.toymodel import toy_mlp_model
-        from musepayne.wavelength import lamost_wavelength
+        from musepayne.testing import toy_mlp_model
+        from musepayne.instrument.wavelength import lamost_wavelength
 
         model = toy_mlp_model(lamost_wavelength(), hidden=(300, 300))
         run("lamost-mlp-3909", model, args.n, args.n_base, args.repeat)

@@ -28,11 +28,11 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 from astropy.table import Table  # noqa: E402
 
-from musepayne.lsf import LAMOST_LSF, MUSE_LSF  # noqa: E402
-from musepayne.prepare import Preparer  # noqa: E402
-from musepayne.spectra import SpectrumSet  # noqa: E402
-from musepayne.toyspec import muse_grid, toy_spectrum  # noqa: E402
-from musepayne.wavelength import air_to_vacuum, lamost_wavelength  # noqa: E402
+from musepayne.instrument.lsf import LAMOST_LSF, MUSE_LSF  # noqa: E402
+from musepayne.prepare.preparer import Preparer  # noqa: E402
+from musepayne.io.spectra import SpectrumSet  # noqa: E402
+from musepayne.simulate.toyspec import muse_grid, toy_spectrum  # noqa: E402
+from musepayne.instrument.wavelength import air_to_vacuum, lamost_wavelength  # noqa: E402
 
 
 def make_batch(n, seed=0):

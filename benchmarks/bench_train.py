@@ -27,9 +27,9 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    from musepayne.gradients import CannonEmulator, build_templates
-    from musepayne.train import TrainConfig, train_model
-    from musepayne.trainset import build_trainset
+    from musepayne.models.gradients import CannonEmulator, build_templates
+    from musepayne.train.trainer import TrainConfig, train_model
+    from musepayne.train.trainset import build_trainset
 
     sh = Path(args.shared)
     t0 = time.perf_counter()

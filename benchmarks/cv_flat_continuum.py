@@ -10,16 +10,16 @@ from dataclasses import replace
 from pathlib import Path
 import numpy as np
 from astropy.table import Table
-from musepayne.cannon import CannonConfig, train_cannon
-from musepayne.crossval import assign_folds, cv_summary, _read_native
-from musepayne.fit import Fitter, FitConfig
-from musepayne.gradients import CannonEmulator, build_templates
-from musepayne.model import load_model
-from musepayne.normalize import ContinuumNormalizer
-from musepayne.prepare import Preparer, PrepareConfig, CONTINUUM_EXCLUDING
-from musepayne.prepared import PreparedSpectra
-from musepayne.train import TrainConfig, train_model
-from musepayne.trainset import build_trainset, simulate_lamost_observation, simulate_muse_observation
+from musepayne.models.cannon import CannonConfig, train_cannon
+from musepayne.train.crossval import assign_folds, cv_summary, _read_native
+from musepayne.fit.fitter import Fitter, FitConfig
+from musepayne.models.gradients import CannonEmulator, build_templates
+from musepayne.models.model import load_model
+from musepayne.prepare.normalize import ContinuumNormalizer
+from musepayne.prepare.preparer import Preparer, PrepareConfig, CONTINUUM_EXCLUDING
+from musepayne.io.prepared import PreparedSpectra
+from musepayne.train.trainer import TrainConfig, train_model
+from musepayne.train.trainset import build_trainset, simulate_lamost_observation, simulate_muse_observation
 
 t00 = time.time()
 shared = Path(os.environ.get("MUSEPAYNE_SHARED", Path("..") / "shared" / "data"))

@@ -10,15 +10,15 @@ import json, os, sys, time
 from dataclasses import replace
 from pathlib import Path
 import numpy as np
-from musepayne.cannon import CannonConfig, train_cannon
-from musepayne.crossval import assign_folds, cv_summary, _read_native
-from musepayne.fit import Fitter, FitConfig
-from musepayne.gradients import CannonEmulator, build_templates
-from musepayne.model import load_model
-from musepayne.prepare import Preparer, PrepareConfig
-from musepayne.prepared import PreparedSpectra
-from musepayne.train import TrainConfig, train_model
-from musepayne.trainset import build_trainset, simulate_lamost_observation, simulate_muse_observation
+from musepayne.models.cannon import CannonConfig, train_cannon
+from musepayne.train.crossval import assign_folds, cv_summary, _read_native
+from musepayne.fit.fitter import Fitter, FitConfig
+from musepayne.models.gradients import CannonEmulator, build_templates
+from musepayne.models.model import load_model
+from musepayne.prepare.preparer import Preparer, PrepareConfig
+from musepayne.io.prepared import PreparedSpectra
+from musepayne.train.trainer import TrainConfig, train_model
+from musepayne.train.trainset import build_trainset, simulate_lamost_observation, simulate_muse_observation
 from astropy.table import Table
 
 low = float(sys.argv[1]) if len(sys.argv) > 1 else 0.05

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from fit_helpers import as_prepared, load_apogee, reference_shift  # noqa: E402
-from musepayne.fit import FitConfig, Fitter  # noqa: E402
+from musepayne.fit.fitter import FitConfig, Fitter  # noqa: E402
 
 
 def main():

@@ -7,8 +7,8 @@ import numpy as np
 from astropy.table import Table
 from scipy.interpolate import CubicHermiteSpline
 
-from musepayne.fit import doppler_factor, grid_segments
-from musepayne.prepared import PreparedSpectra
+from musepayne.fit.fitter import doppler_factor, grid_segments
+from musepayne.io.prepared import PreparedSpectra
 
 APOGEE_LABELS = ["teff", "logg", "fe_h", "mg_fe", "vmacro"]
 
@@ -29,7 +29,7 @@ def as_prepared(wave, flux, ivar, status=None, lsf_excess=None, mask=None):
 
 
 def load_apogee(shared):
-    from musepayne.model import import_payne_npz
+    from musepayne.models.model import import_payne_npz
 
     d = shared / "payne_apogee"
     model = import_payne_npz(d / "NN_normalized_spectra.npz", "payne-perpixel", APOGEE_LABELS,
@@ -61,8 +61,8 @@ def reference_shift(wave, f, v):
 def toy_stellar_model():
     """A random-weight MLP on the LAMOST grid with the default model's labels and ranges of a
     typical training set (Teff 4000-7000 K, log g 0.5-5, [Fe/H] -2.5..0.5)."""
-    from musepayne.toymodel import toy_mlp_model
-    from musepayne.wavelength import lamost_wavelength
+    from musepayne.testing import toy_mlp_model
+    from musepayne.instrument.wavelength import lamost_wavelength
 
     return toy_mlp_model(lamost_wavelength(), label_names=("teff", "logg", "fe_h"),
                          x_min=np.array([4000.0, 0.5, -2.5]), x_max=np.array([7000.0, 5.0, 0.5]))

@@ -9,7 +9,7 @@ import pytest
 from astropy.table import Table
 from click.testing import CliRunner
 
-from musepayne import calibration as cal
+from musepayne.science import calibration as cal
 from musepayne.cli import main
 
 

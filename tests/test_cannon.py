@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from fit_helpers import as_prepared
-from musepayne.cannon import (CannonConfig, design_jacobian, design_matrix, fit_coefficients,
+from musepayne.models.cannon import (CannonConfig, design_jacobian, design_matrix, fit_coefficients,
                               ml_scatter, n_terms, train_cannon)
-from musepayne.fit import FitConfig, Fitter
-from musepayne.wavelength import log_linear_grid
+from musepayne.fit.fitter import FitConfig, Fitter
+from musepayne.instrument.wavelength import log_linear_grid
 
 NAMES = ("teff", "logg", "fe_h")
 LO = np.array([4000.0, 1.0, -2.0])
@@ -136,7 +136,7 @@ def test_test_step_recovers_labels_of_rest_frame_spectra(fit_rv):
 
 
 def test_model_file_round_trip(tmp_path):
-    from musepayne.model import load_model
+    from musepayne.models.model import load_model
 
     wave = log_linear_grid(np.log10(5000.0), 1e-4, 120)
     theta = _truth_theta(wave, 12)

@@ -3,7 +3,7 @@ import json
 from click.testing import CliRunner
 
 from musepayne.cli import main
-from musepayne.prepared import PreparedSpectra
+from musepayne.io.prepared import PreparedSpectra
 
 
 def test_help_lists_commands():
@@ -50,7 +50,7 @@ def test_outputs_are_not_private(tmp_path):
     import os
     import stat
 
-    from musepayne.io import atomic_write_text
+    from musepayne.io.fits import atomic_write_text
 
     p = tmp_path / "x.txt"
     atomic_write_text("hi", p)

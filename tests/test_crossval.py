@@ -7,8 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from musepayne.cannon import CannonConfig
-from musepayne.crossval import CVConfig, assign_folds, cross_validate, cv_summary, dispersion
+from musepayne.models.cannon import CannonConfig
+from musepayne.train.crossval import CVConfig, assign_folds, cross_validate, cv_summary, dispersion
 
 
 def test_folds_keep_groups_together_and_balance():
@@ -30,8 +30,8 @@ def test_dispersion_of_a_gaussian_is_sigma():
 @pytest.mark.slow
 def test_cross_validation_end_to_end(shared):
     pytest.importorskip("torch")
-    from musepayne.train import TrainConfig
-    from musepayne.trainset import build_trainset
+    from musepayne.train.trainer import TrainConfig
+    from musepayne.train.trainset import build_trainset
 
     lib = shared / "libraries" / "miles"
     files = [("miles", p) for p in sorted(lib.glob("MILES_res2.50_star_m0*V.fits"))[:40]]
@@ -57,7 +57,7 @@ def test_cross_validation_end_to_end(shared):
 
 
 def test_cv_checks_apply_the_issue_thresholds():
-    from musepayne.crossval import cv_checks
+    from musepayne.train.crossval import cv_checks
 
     def comp(t, g, f, bias=0.0):
         return {"teff": {"dispersion": t, "bias": bias}, "logg": {"dispersion": g, "bias": 0.0},
@@ -97,7 +97,7 @@ def test_validate_cv_passes_the_baseline_switch(monkeypatch):
 
     from click.testing import CliRunner
 
-    from musepayne.commands import validate as vmod
+    from musepayne.cli import validate as vmod
 
     seen = {}
 
@@ -128,9 +128,9 @@ def test_run_cv_reports_the_baseline_beside_the_regularised_run(monkeypatch, tmp
     those of the weight-0 run too), reports it in info['baseline'] and in the human summary."""
     from astropy.table import Table
 
-    import musepayne.crossval as cv
-    import musepayne.gradients as gr
-    import musepayne.trainset as tsm
+    import musepayne.train.crossval as cv
+    import musepayne.models.gradients as gr
+    import musepayne.train.trainset as tsm
 
     def comp(t, g, f, b=0.0):
         return {"teff": {"dispersion": t, "bias": b}, "logg": {"dispersion": g, "bias": 0.0},
@@ -169,8 +169,8 @@ def test_run_cv_reports_the_baseline_beside_the_regularised_run(monkeypatch, tmp
 
 
 def test_default_recipe_is_the_shipped_models_training_config():
-    from musepayne.crossval import default_recipe
-    from musepayne.model import load_model
+    from musepayne.train.crossval import default_recipe
+    from musepayne.models.model import load_model
 
     tc = load_model("default").meta["train_config"]
     r = default_recipe()

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from musepayne.fit import FitConfig, Fitter
-from musepayne.model import load_model
-from musepayne.prepare import Preparer
-from musepayne.readers import read_spectra
+from musepayne.fit.fitter import FitConfig, Fitter
+from musepayne.models.model import load_model
+from musepayne.prepare.preparer import Preparer
+from musepayne.io.readers import read_spectra
 
 
 @pytest.fixture(scope="module")

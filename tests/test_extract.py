@@ -8,11 +8,11 @@ from astropy.io import fits
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
-from musepayne.extract import ExtractConfig, Extractor, circle_overlap, read_catalogue
-from musepayne.psf import MoffatPSF, psf_design_matrix
-from musepayne.readers import open_cube, read_muse_spectra
-from musepayne.simulate import SimulateConfig, Simulator
-from musepayne.spectra import ReaderError
+from musepayne.extract.extractor import ExtractConfig, Extractor, circle_overlap, read_source_catalogue
+from musepayne.extract.psf import MoffatPSF, psf_design_matrix
+from musepayne.io.readers import open_cube, read_muse_spectra
+from musepayne.simulate.simulator import SimulateConfig, Simulator
+from musepayne.io.spectra import ReaderError
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -38,7 +38,7 @@ def test_moffat_normalisation_and_header_roundtrip():
     assert back.fwhm == pytest.approx(psf.fwhm, rel=1e-14) and back.angle == psf.angle
     # FWHM really is the FWHM along the geometric mean: a round profile at half maximum
     rnd = MoffatPSF(fwhm=(4.0,), beta=(3.0,))
-    from musepayne.psf import moffat_profile
+    from musepayne.extract.psf import moffat_profile
 
     assert moffat_profile(2.0, 0.0, 4.0, 3.0) / moffat_profile(0.0, 0.0, 4.0, 3.0) == pytest.approx(0.5)
     assert rnd.fwhm_at(5000) == 4.0
@@ -154,7 +154,7 @@ def test_output_roundtrip_and_prepare(small_field, tmp_path):
     assert s.frame == "air" and s.n_spectra == cfg.nstars
     np.testing.assert_allclose(s.flux, r.flux.astype(np.float32), rtol=1e-6, equal_nan=True)
     assert list(s.meta["stellar_id"]) == list(r.sources["stellar_id"])
-    from musepayne.prepare import PrepareConfig, Preparer
+    from musepayne.prepare.preparer import PrepareConfig, Preparer
 
     prepared = Preparer(PrepareConfig())(s.select(np.nonzero(np.asarray(r.sources["status"]) == "ok")[0][:5]))
     assert prepared.n_spectra == 5
@@ -218,11 +218,11 @@ def test_catalogue_formats_agree(tiny_cube, tmp_path):
     t = Table.read(tiny_cube["sources"], format="ascii.csv")
     t.write(tmp_path / "c.fits")
     t.write(tmp_path / "c.xml", format="votable")
-    a, b, c = (read_catalogue(p) for p in (tiny_cube["sources"], tmp_path / "c.fits", tmp_path / "c.xml"))
+    a, b, c = (read_source_catalogue(p) for p in (tiny_cube["sources"], tmp_path / "c.fits", tmp_path / "c.xml"))
     np.testing.assert_allclose(a["ra"], b["ra"])
     np.testing.assert_allclose(a["mag"], c["mag"])
     with pytest.raises(ReaderError, match="mag"):
-        read_catalogue(Table({"ra": [1.0], "dec": [2.0]}))
+        read_source_catalogue(Table({"ra": [1.0], "dec": [2.0]}))
 
 
 def test_cli_simulate_extract_json(tmp_path):
@@ -277,7 +277,7 @@ def test_real_cube_aperture_matches_direct_sum(shared, name, xy):
 
 # --------------------------------------------------------------------------- simulator sources
 def test_pluggable_spectrum_source_and_rv_shift(tmp_path):
-    from musepayne.simulate import CallableSpectra
+    from musepayne.simulate.simulator import CallableSpectra
 
     def fn(labels, wave):  # flat continuum with one Gaussian line whose depth is the label
         return 1.0 - labels["depth"] * np.exp(-0.5 * ((wave - 6000.0) / 3.0) ** 2)
@@ -300,8 +300,8 @@ def test_pluggable_spectrum_source_and_rv_shift(tmp_path):
 
 @pytest.mark.shared
 def test_library_spectra_source(shared, tmp_path):
-    from musepayne.readers import read_stelib
-    from musepayne.simulate import LibrarySpectra
+    from musepayne.io.readers import read_stelib
+    from musepayne.simulate.simulator import LibrarySpectra
 
     files = sorted((shared / "libraries" / "stelib").glob("STELIB_v3.2_HD*.fits"))[:3]
     sets = [read_stelib(f) for f in files]
@@ -319,7 +319,7 @@ def test_library_spectra_source(shared, tmp_path):
 def test_factorise_dense_and_sparse_paths_agree():
     import scipy.sparse as sp
 
-    from musepayne.extract import factorise
+    from musepayne.extract.extractor import factorise
 
     rng = np.random.default_rng(0)
     A = sp.random(400, 60, density=0.1, random_state=1, format="csc") + sp.eye(400, 60)

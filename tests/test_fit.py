@@ -5,9 +5,9 @@ import pytest
 from scipy.optimize import curve_fit
 
 from fit_helpers import as_prepared, load_apogee, reference_shift
-from musepayne.fit import FitConfig, Fitter
-from musepayne.toymodel import toy_mlp_model
-from musepayne.wavelength import lamost_wavelength
+from musepayne.fit.fitter import FitConfig, Fitter
+from musepayne.testing import toy_mlp_model
+from musepayne.instrument.wavelength import lamost_wavelength
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_apogee_real_spectrum_agrees_with_curve_fit(shared):
     assert cat["status"][0] == "converged"
 
     nn_w = model.wave
-    from musepayne.fit import grid_segments
+    from musepayne.fit.fitter import grid_segments
 
     seg = grid_segments(np.log(nn_w))
     near_end = np.zeros(seg.size, bool)  # 3 px at each chip end: interpolation margin (star has |v| < 5 km/s)
@@ -162,8 +162,8 @@ def test_edge_flag_when_truth_outside_range(toy):
 def test_lsf_excess_forward_model(toy):
     """Data broader than the model below some wavelength (MUSE blue end): convolving the model
     by LSF_EXCESS recovers the truth; ignoring it biases the labels."""
-    from musepayne.lsf import FWHM_TO_SIGMA
-    from musepayne.resample import convolution_matrix
+    from musepayne.instrument.lsf import FWHM_TO_SIGMA
+    from musepayne.prepare.resample import convolution_matrix
 
     rng = np.random.default_rng(2)
     n = 6
@@ -224,8 +224,8 @@ def test_fixed_rv(toy):
 
 
 def test_doppler_exact_and_rv_derivative_consistent(toy):
-    from musepayne.fit import doppler_factor
-    from musepayne.wavelength import C_KMS
+    from musepayne.fit.fitter import doppler_factor
+    from musepayne.instrument.wavelength import C_KMS
 
     b = 600.0 / C_KMS
     assert doppler_factor(600.0) == pytest.approx(np.sqrt((1 + b) / (1 - b)), rel=1e-15)

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from fit_helpers import APOGEE_LABELS, as_prepared, load_apogee
-from musepayne.catalogue import read_catalogue
+from musepayne.fit.catalogue import read_catalogue
 from musepayne.cli import main
 
 
@@ -16,7 +16,7 @@ def test_fit_default_model_on_a_wrong_grid_is_a_failed_row(tmp_path):
     become failed rows with a reason, not a crash."""
     from astropy.table import Table
 
-    from musepayne.toymodel import toy_mlp_model
+    from musepayne.testing import toy_mlp_model
 
     m = toy_mlp_model(np.linspace(5000, 5100, 200), hidden=(8, 8), n_lines=10)
     prep = tmp_path / "p.fits"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from musepayne import forecast as fc
+from musepayne.science import forecast as fc
 from musepayne.cli import main
 
 # Paper §5.1: S/N at which sigma = 0.1 dex.
@@ -249,7 +249,7 @@ class GridLineModel(LineModel):
     """The stand-in on the LAMOST grid (with ``wave``, ``x_min``, ``x_max``) for the CLI."""
 
     def __init__(self):
-        from musepayne.wavelength import lamost_wavelength
+        from musepayne.instrument.wavelength import lamost_wavelength
 
         self.wave = lamost_wavelength()
         super().__init__(n_pix=self.wave.size)
@@ -258,7 +258,7 @@ class GridLineModel(LineModel):
 
 
 def test_cli_cramer_rao_mode(tmp_path, monkeypatch):
-    from musepayne.commands import forecast as cmd
+    from musepayne.cli import forecast as cmd
 
     model = GridLineModel()
     monkeypatch.setattr(cmd, "_load_model", lambda path: model)
@@ -300,7 +300,7 @@ def test_cli_teff_targets_are_in_kelvin():
 def test_cli_cramer_rao_correction_from_repeats(tmp_path, monkeypatch):
     from astropy.table import Table
 
-    from musepayne.commands import forecast as cmd
+    from musepayne.cli import forecast as cmd
 
     model = GridLineModel()
     monkeypatch.setattr(cmd, "_load_model", lambda path: model)
@@ -325,10 +325,10 @@ class CannonOnLamostGrid:
     label_names = ("teff", "logg", "fe_h")
 
     def __init__(self, path, mode):
-        from musepayne.lsf import LAMOST_LSF, ConstantFWHM
-        from musepayne.normalize import ContinuumNormalizer
-        from musepayne.resample import build_operator
-        from musepayne.wavelength import lamost_wavelength
+        from musepayne.instrument.lsf import LAMOST_LSF, ConstantFWHM
+        from musepayne.prepare.normalize import ContinuumNormalizer
+        from musepayne.prepare.resample import build_operator
+        from musepayne.instrument.wavelength import lamost_wavelength
 
         with np.load(path, allow_pickle=False) as d:
             self.theta, self.exps = d["theta"], d["exponents"]
@@ -380,7 +380,7 @@ class LnLineModel:
     """Gaussian lines in ln(lambda) on the LAMOST grid; with_rv adds an explicit 'rv' label (analytic)."""
 
     def __init__(self, with_rv, seed=2):
-        from musepayne.wavelength import lamost_wavelength
+        from musepayne.instrument.wavelength import lamost_wavelength
 
         rng = np.random.default_rng(seed)
         self.wave = lamost_wavelength()
@@ -393,7 +393,7 @@ class LnLineModel:
         self.label_names = ("teff", "fe_h", "rv") if with_rv else ("teff", "fe_h")
 
     def predict_with_jacobian(self, labels):
-        from musepayne.wavelength import C_KMS
+        from musepayne.instrument.wavelength import C_KMS
 
         lab = np.atleast_2d(np.asarray(labels, float))
         v = lab[:, 2] if self.with_rv else np.zeros(len(lab))

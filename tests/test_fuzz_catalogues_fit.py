@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fit_helpers import as_prepared, toy_stellar_model
-from musepayne.extract import read_catalogue
-from musepayne.fit import FitConfig, Fitter
-from musepayne.spectra import ReaderError
+from musepayne.extract.extractor import read_source_catalogue
+from musepayne.fit.fitter import FitConfig, Fitter
+from musepayne.io.spectra import ReaderError
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
                  derandomize=os.environ.get("CI", "").lower() in ("1", "true", "yes"))  # reproducible CI runs
@@ -40,7 +40,7 @@ def test_fuzz_source_catalogues(tmp_path_factory, cols, n, dup, nan_frac, seed, 
     except Exception:
         return  # astropy cannot write this table in that format: nothing to read
     try:
-        out = read_catalogue(p)
+        out = read_source_catalogue(p)
     except ReaderError as exc:
         assert str(exc)
         return

@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from musepayne.flags import SPECTRUM_STATUS
-from musepayne.lsf import MUSE_LSF
-from musepayne.prepare import Preparer
-from musepayne.readers import read_spectra
-from musepayne.spectra import ReaderError, SpectrumSet
-from musepayne.toyspec import muse_grid, toy_spectrum
+from musepayne.instrument.lsf import MUSE_LSF
+from musepayne.prepare.preparer import Preparer
+from musepayne.io.readers import read_spectra
+from musepayne.io.spectra import ReaderError, SpectrumSet
+from musepayne.simulate.toyspec import muse_grid, toy_spectrum
 
 pytestmark = pytest.mark.filterwarnings("ignore::astropy.utils.exceptions.AstropyUserWarning",
                                         "ignore::astropy.io.fits.verify.VerifyWarning")
@@ -129,7 +129,7 @@ def test_fuzz_batches_do_not_corrupt_neighbours(n_bad, kind, seed, rv):
 @given(lo=st.floats(100, 12000), step=st.floats(0.01, 10), npix=st.integers(2, 3000),
        frame=st.sampled_from(["air", "vacuum"]), fwhm=st.floats(0, 20))
 def test_fuzz_grids_and_lsfs(lo, step, npix, frame, fwhm):
-    from musepayne.lsf import ConstantFWHM
+    from musepayne.instrument.lsf import ConstantFWHM
 
     w = lo + step * np.arange(npix)
     f = np.ones((1, npix))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from musepayne.gradients import (
+from musepayne.models.gradients import (
     CannonEmulator,
     GradientTemplates,
     build_templates,
@@ -14,11 +14,11 @@ from musepayne.gradients import (
     pearson_rows,
     reference_grid,
 )
-from musepayne.lsf import ConstantFWHM, LAMOST_LSF
-from musepayne.normalize import ContinuumNormalizer
-from musepayne.readers import library_variance
-from musepayne.resample import build_operator
-from musepayne.wavelength import lamost_wavelength
+from musepayne.instrument.lsf import ConstantFWHM, LAMOST_LSF
+from musepayne.prepare.normalize import ContinuumNormalizer
+from musepayne.io.readers import library_variance
+from musepayne.prepare.resample import build_operator
+from musepayne.instrument.wavelength import lamost_wavelength
 
 EMU = "synthetic/doppler_cannon_coolstars_norm.npz"
 
@@ -166,7 +166,7 @@ def test_real_emulator_templates(shared):
 
 def test_gradcorr_of_a_payne_model_against_its_own_jacobian():
     """The SpectralModel path: templates made from an MLPPayne's own analytic Jacobian."""
-    from musepayne.model import MLPPayne
+    from musepayne.models.model import MLPPayne
 
     rng = np.random.default_rng(4)
     wave = np.linspace(5000.0, 5500.0, 300)

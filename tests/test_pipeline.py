@@ -15,10 +15,10 @@ from astropy.io import fits
 from astropy.table import Table
 
 from fit_helpers import toy_stellar_model
-from musepayne.pipeline import Pipeline, RunConfig
-from musepayne.simulate import SimulateConfig, Simulator
-from musepayne.synthesis import ModelSpectra, globular_cluster_sampler
-from musepayne.wavelength import lamost_wavelength
+from musepayne.pipeline.runner import Pipeline, RunConfig
+from musepayne.simulate.simulator import SimulateConfig, Simulator
+from musepayne.simulate.synthesis import ModelSpectra, globular_cluster_sampler
+from musepayne.instrument.wavelength import lamost_wavelength
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_run_outputs(field, reference_run):
     # every column keeps its unit and description through the per-chunk checkpoints
     assert [c for c in cat.colnames if not cat[c].description] == []
     # the Parquet export has the same columns (no ".mask" companions) and keeps the descriptions
-    from musepayne.catalogue import read_catalogue
+    from musepayne.fit.catalogue import read_catalogue
 
     pq_cat = read_catalogue(out / "catalogue.parquet")
     assert pq_cat.colnames == cat.colnames
@@ -158,13 +158,13 @@ def test_recovery_matches_fitter_alone(tmp_path):
     """
     from scipy.spatial import cKDTree
 
-    from musepayne.fit import Fitter
-    from musepayne.lsf import lsf_from_spec
-    from musepayne.model import load_model
-    from musepayne.prepare import Preparer
-    from musepayne.readers import read_muse_spectra
-    from musepayne.validation import bias_dispersion
-    from musepayne.spectra import SpectrumSet
+    from musepayne.fit.fitter import Fitter
+    from musepayne.instrument.lsf import lsf_from_spec
+    from musepayne.models.model import load_model
+    from musepayne.prepare.preparer import Preparer
+    from musepayne.io.readers import read_muse_spectra
+    from musepayne.science.validation import bias_dispersion
+    from musepayne.io.spectra import SpectrumSet
 
     model = toy_stellar_model()
     model.save(tmp_path / "model.fits")

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from musepayne.flags import EXCLUDING_BITS, flag_value
-from musepayne.lsf import MUSE_LSF
-from musepayne.masks import TELLURIC_STANDARD
-from musepayne.prepare import PrepareConfig, Preparer
-from musepayne.readers import read_lamost, read_miles, read_muse_spectra, read_spectra, read_stelib
-from musepayne.resample import broadening_matrix, build_operator
-from musepayne.spectra import SpectrumSet
-from musepayne.toyspec import muse_grid
+from musepayne.instrument.lsf import MUSE_LSF
+from musepayne.prepare.masks import TELLURIC_STANDARD
+from musepayne.prepare.preparer import PrepareConfig, Preparer
+from musepayne.io.readers import read_lamost, read_miles, read_muse_spectra, read_spectra, read_stelib
+from musepayne.prepare.resample import broadening_matrix, build_operator
+from musepayne.io.spectra import SpectrumSet
+from musepayne.simulate.toyspec import muse_grid
 
 #: vacuum windows with few strong lines in FGK spectra at R ~ 1800 (used to check normalisation)
 LINE_FREE = ((6080, 6100), (6690, 6710), (7040, 7100), (7400, 7500), (7860, 7890), (8020, 8080), (8380, 8420))

@@ -8,11 +8,11 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from musepayne.prepare import Preparer
-from musepayne.readers import (detect_kind, open_cube, read_lamost, read_miles, read_miles_params,
+from musepayne.prepare.preparer import Preparer
+from musepayne.io.readers import (detect_kind, open_cube, read_lamost, read_miles, read_miles_params,
                                read_muse_spectra, read_spectra, read_stelib)
-from musepayne.spectra import ReaderError, SpectrumSet
-from musepayne.toyspec import muse_grid, toy_spectrum
+from musepayne.io.spectra import ReaderError, SpectrumSet
+from musepayne.simulate.toyspec import muse_grid, toy_spectrum
 
 
 def _pampelmuse(path, flux, sigma, crval=4749.75, cdelt=1.25, cunit="Angstrom", with_sigma=True):
@@ -138,7 +138,7 @@ def test_bad_spectra_in_a_batch_become_status_rows():
     v[3, :] = np.where(w < 9000, np.inf, v[3])  # nearly everything bad
     meta = Table({"stellar_id": ["a", "b", "c", "d"], "ra": [0.0] * 4, "dec": [0.0] * 4,
                   "source": ["x"] * 4, "instrument": ["muse"] * 4})
-    s = SpectrumSet(w, f, v, "air", __import__("musepayne.lsf").lsf.MUSE_LSF, meta)
+    s = SpectrumSet(w, f, v, "air", __import__("musepayne.instrument.lsf").instrument.lsf.MUSE_LSF, meta)
     f0, v0 = f.copy(), v.copy()
     prep = Preparer()(s)
     assert list(prep.spectra["status"]) == ["ok", "no_valid_pixels", "bad_variance", "no_valid_pixels"]

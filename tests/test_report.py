@@ -1,7 +1,7 @@
 import numpy as np
 from astropy.table import Table
 
-from musepayne.report import make_report
+from musepayne.pipeline.report import make_report
 
 
 def test_report_figures_and_truth_stats(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from astropy.table import MaskedColumn, Table
 from click.testing import CliRunner
 
-from musepayne import selection as sel
+from musepayne.science import selection as sel
 from musepayne.cli import main
 
 

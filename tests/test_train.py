@@ -8,8 +8,8 @@ from astropy.table import Table
 
 torch = pytest.importorskip("torch")
 
-from musepayne.gradients import GradientTemplates, pearson_rows  # noqa: E402
-from musepayne.train import TrainConfig, parse_gradient_weights, split_indices, train_model  # noqa: E402
+from musepayne.models.gradients import GradientTemplates, pearson_rows  # noqa: E402
+from musepayne.train.trainer import TrainConfig, parse_gradient_weights, split_indices, train_model  # noqa: E402
 
 NAMES = ("teff", "logg", "fe_h")
 WAVE = np.linspace(5000.0, 5300.0, 240)
@@ -155,7 +155,7 @@ def test_gradient_regularisation_reduces_mismatch():
 
 
 def test_to_model_roundtrip_matches_numpy(tmp_path):
-    from musepayne.model import load_model
+    from musepayne.models.model import load_model
 
     rng = np.random.default_rng(6)
     lab, f, iv = data(rng, 80)

@@ -10,8 +10,8 @@ from astropy.table import Table
 from click.testing import CliRunner
 
 from musepayne.cli import main
-from musepayne.prepared import PreparedSpectra
-from musepayne.trainset import TrainingSet
+from musepayne.io.prepared import PreparedSpectra
+from musepayne.train.trainset import TrainingSet
 
 
 def test_gradients_build_missing_emulator_is_a_clear_error(tmp_path, monkeypatch):
@@ -39,8 +39,8 @@ def _toy_trainset(path, n=60, npix=120):
 
 def test_train_cli_writes_a_model_with_provenance(tmp_path):
     pytest.importorskip("torch")
-    from musepayne.io import sha256_file
-    from musepayne.model import load_model
+    from musepayne.io.fits import sha256_file
+    from musepayne.models.model import load_model
 
     ts = tmp_path / "ts.fits"
     lab, flux = _toy_trainset(ts)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from musepayne.flags import flag_value
-from musepayne.prepare import Preparer
-from musepayne.readers import read_miles, read_miles_params
-from musepayne.trainset import (
+from musepayne.prepare.preparer import Preparer
+from musepayne.io.readers import read_miles, read_miles_params
+from musepayne.train.trainset import (
     TrainingSet,
     TrainsetCuts,
     build_trainset,
@@ -17,7 +17,7 @@ from musepayne.trainset import (
     simulate_muse_observation,
     star_key,
 )
-from musepayne.wavelength import air_to_vacuum
+from musepayne.instrument.wavelength import air_to_vacuum
 
 pytestmark = pytest.mark.shared
 

@@ -9,7 +9,7 @@ import pytest
 from astropy.table import Table
 from click.testing import CliRunner
 
-from musepayne import validation as val
+from musepayne.science import validation as val
 from musepayne.cli import main
 
 
@@ -168,7 +168,7 @@ def test_real_catalogues_stelib_vs_miles(shared, tmp_path):
     """Two real label catalogues (STELIB headers vs MILES v9.1 parameters), matched by star name."""
     from astropy.io import fits
 
-    from musepayne.readers import read_miles_params
+    from musepayne.io.readers import read_miles_params
 
     miles = read_miles_params(shared / "libraries" / "miles" / "paramsMILES_v9.1.txt")
     miles.rename_column("name", "stellar_id")

@@ -1,18 +1,52 @@
 """musepayne: stellar labels for every resolved star in VLT/MUSE data cubes.
 
-The package is a library first; the ``musepayne`` command line tool is a thin
-layer on top of it.  Pipeline stages live in one module each:
+A library first, with the ``musepayne`` command line tool on top.  Data flow one
+way through one subpackage per pipeline stage::
 
-- :mod:`musepayne.readers`   -- MUSE, LAMOST and stellar-library readers, lazy cubes
-- :mod:`musepayne.wavelength` -- air/vacuum conversion and the LAMOST grid
-- :mod:`musepayne.lsf`        -- line-spread functions (MUSE, LAMOST, libraries)
-- :mod:`musepayne.resample`   -- resolution matching and flux-conserving rebinning
-- :mod:`musepayne.normalize`  -- the Payne-style pseudo-continuum
-- :mod:`musepayne.flags`      -- the pixel bit-mask and spectrum status registries
-- :mod:`musepayne.prepare`    -- the ``prepare`` stage (spectra -> model grid)
-- :mod:`musepayne.prepared`   -- the prepared-spectra interchange file format
+    cube --extract--> spectra --prepare--> prepared --fit--> labels --> catalogue
+
+=====================  ============================================================
+subpackage             owns
+=====================  ============================================================
+``instrument``         air/vacuum, wavelength grids, line-spread functions
+``io``                 spectrum and cube readers, the prepared-spectra format, atomic FITS
+``prepare``            resolution matching, flux-conserving rebinning, masks, continuum
+``extract``            spectra from cubes: PSF fitting or apertures; Moffat PSF
+``models``             Payne emulators, the Cannon, gradient templates, model files
+``fit``                labels, RV, errors, flags; the label catalogue
+``simulate``           mock MUSE cubes with truth (injection-recovery, demo)
+``train``              training sets, DD-Payne training, cross-validation (PyTorch extra)
+``science``            validation, selection (paper cuts), forecasts, calibrations
+``pipeline``           resumable cube -> catalogue runs, surveys on Dask, the report
+``cli``                the ``musepayne`` command (a thin layer over the above)
+=====================  ============================================================
+
+Entry points re-exported here (the common path from files to a catalogue)::
+
+    import musepayne as mp
+    spectra = mp.read_spectra(["star1.fits", "star2.fits"])        # MUSE/LAMOST/library files
+    prepared = mp.Preparer(mp.PrepareConfig())(spectra)            # onto the model's grid
+    catalogue = mp.Fitter(mp.load_model("default"))(prepared)      # astropy Table with units
+    mp.write_catalogue(catalogue, "labels.fits")
+
+From a cube: ``mp.Pipeline(mp.RunConfig(...)).run([cube], sources, outdir)``; one stage
+at a time: ``mp.Extractor(mp.ExtractConfig())(cube, sources)``.  The bit-flag
+registries are in :mod:`musepayne.flags`.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from ._lazy import attach  # noqa: E402
+
+__getattr__, __dir__, _public = attach(__name__, {
+    "flags": ["PIXEL_FLAGS", "FIT_FLAGS", "SPECTRUM_STATUS"],
+    "io": ["read_spectra", "open_cube", "MuseCube", "SpectrumSet", "PreparedSpectra"],
+    "prepare": ["Preparer", "PrepareConfig", "prepare_spectra"],
+    "extract": ["Extractor", "ExtractConfig", "ExtractionResult", "read_source_catalogue", "MoffatPSF"],
+    "models": ["load_model", "SpectralModel"],
+    "fit": ["Fitter", "FitConfig", "read_catalogue", "write_catalogue"],
+    "pipeline": ["Pipeline", "RunConfig", "Survey", "SurveyConfig"],
+    "science": ["select", "compare"],
+    "simulate": ["Simulator", "SimulateConfig"],
+})
+__all__ = ["__version__", *_public]

@@ -1,0 +1,5 @@
+"""``python -m musepayne.cli``: the command line tool."""
+
+from . import main
+
+main()

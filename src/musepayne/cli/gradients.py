@@ -1,0 +1,66 @@
+"""``musepayne gradients``: theoretical gradient templates (paper S3.2, Eq. 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._common import Timer, emit, fail, json_option
+
+
+@click.group(name="gradients")
+def gradients():
+    """Theoretical gradient spectra for DD-Payne regularisation and per-label flags."""
+
+
+@gradients.command(name="build")
+@click.option("--emulator", type=click.Path(dir_okay=False), default=None,
+              help="Emulator .npz (default: $MUSEPAYNE_EMULATOR or "
+                   "../shared/data/synthetic/doppler_cannon_coolstars_norm.npz relative to the current directory).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output template file (FITS).")
+@click.option("--teff", "teff_grid", default="4000,7000,250", show_default=True, help="Reference Teff grid lo,hi,step (K).")
+@click.option("--logg", "logg_grid", default="1,5,0.5", show_default=True, help="Reference logg grid lo,hi,step.")
+@click.option("--feh", "feh_grid", default="-2.5,0.5,0.5", show_default=True, help="Reference [Fe/H] grid lo,hi,step.")
+@click.option("--target-lsf", default="lamost", show_default=True, help="Resolution of the model grid (LSF spec).")
+@json_option
+def build(emulator, output, teff_grid, logg_grid, feh_grid, target_lsf, as_json):
+    """Build gradient templates d f/d label on the LAMOST grid from the emulator.
+
+    Emulator spectra at label +- delta are convolved to the target LSF,
+    converted air -> vacuum, rebinned onto the LAMOST grid and normalised
+    with the same 50 A pseudo-continuum as data; the gradients are central
+    differences of the normalised spectra.
+    """
+    from ..models.gradients import CannonEmulator, build_templates, default_emulator_path, reference_grid
+
+    timer = Timer()
+    path = Path(emulator) if emulator else default_emulator_path()
+    try:
+        grids = [tuple(float(x) for x in g.split(",")) for g in (teff_grid, logg_grid, feh_grid)]
+        if any(len(g) != 3 or g[2] <= 0 or g[1] < g[0] for g in grids):
+            raise ValueError("each grid is lo,hi,step with hi >= lo and step > 0")
+    except ValueError as exc:
+        fail(f"bad reference grid: {exc}", as_json)
+    try:
+        with timer("load"):
+            emu = CannonEmulator.load(path)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc), as_json)
+    ref = reference_grid(emu, *grids)
+    if len(ref) == 0:
+        fail("the reference grid has no star inside the emulator's training range", as_json)
+    import shlex
+    import sys
+    from dataclasses import replace
+
+    with timer("build"):
+        tpl = build_templates(emu, ref, target_lsf=target_lsf)
+    tpl = replace(tpl, meta={**tpl.meta, "command": "musepayne gradients " + " ".join(shlex.quote(a) for a in sys.argv[2:])})
+    with timer("write"):
+        tpl.save(output)
+    info = {"output": str(output), "n_ref": int(tpl.n_ref), "labels": list(tpl.label_names),
+            "n_pix": int(tpl.wave.size), "n_usable": int(tpl.usable.sum()), "emulator": str(path),
+            "timings": timer.timings}
+    emit(info, as_json, [f"{tpl.n_ref} reference stars x {len(tpl.label_names)} labels "
+                         f"({', '.join(tpl.label_names)}) on {tpl.wave.size} px ({int(tpl.usable.sum())} usable) -> {output}"])

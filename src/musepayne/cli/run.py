@@ -1,0 +1,107 @@
+"""``musepayne run``: cube(s) + source catalogue -> labelled catalogue and report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from ._common import emit, fail, json_option
+
+
+def progress_display(enabled: bool):
+    """A rich progress display with one bar per stage; returns (context, callback)."""
+    if not enabled:
+        from contextlib import nullcontext
+
+        return nullcontext(), None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+    tasks = {}
+    import time
+
+    starts = {}
+
+    def cb(stage, done, total):
+        if stage not in tasks:
+            tasks[stage] = prog.add_task(stage, total=total, rate="")
+            starts[stage] = time.perf_counter()
+        dt = time.perf_counter() - starts[stage]
+        rate = f"{done / dt:.1f}/s" if dt > 0 and done else ""
+        prog.update(tasks[stage], completed=done, total=total, rate=rate)
+
+    return prog, cb
+
+
+def setup_log(outdir: Path):
+    """A logger writing OUTDIR/musepayne.log (no global handlers are touched)."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger(f"musepayne.run.{outdir.resolve()}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    h = logging.FileHandler(outdir / "musepayne.log")
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(h)
+    return log, h
+
+
+@click.command(name="run")
+@click.argument("cubes", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--sources", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Reference catalogue (CSV, FITS or VOTable) with ra/dec or x/y and a magnitude.")
+@click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="TOML or JSON file with any run option; command-line flags override it.")
+@click.option("--model", default=None, help="Model file or 'default' (the shipped model).")
+@click.option("--model-mp", default=None, help="Metal-poor model (paper Eq. 2 combination).")
+@click.option("--mode", type=click.Choice(["standard", "bulge"]), default=None, help="Masking mode (default standard).")
+@click.option("--ao-notch", type=click.Choice(["WFM-AO-N", "WFM-AO-E", "NFM"], case_sensitive=False), default=None)
+@click.option("--method", "extract_method", type=click.Choice(["psf", "aperture"]), default=None,
+              help="Extraction method (default psf).")
+@click.option("--cube-lsf", default=None, help="LSF of the cube spectra (default muse; see 'prepare --lsf').")
+@click.option("--rv-range", type=float, default=None, help="Half-width of the RV search in km/s (default 600).")
+@click.option("--fit-chunk", type=int, default=None, help="Stars per fit checkpoint (default 200).")
+@click.option("--no-report", is_flag=True, help="Skip the HTML report.")
+@click.option("--progress/--no-progress", default=True, help="Show progress bars.")
+@json_option
+def run(cubes, sources, outdir, config_file, model, model_mp, mode, ao_notch, extract_method, cube_lsf, rv_range,
+        fit_chunk, no_report, progress, as_json):
+    """Extract, prepare and fit every star of CUBES; write catalogue and report to OUTDIR.
+
+    Several cubes of the same field are allowed: the catalogue keeps every
+    observation and catalogue_stars.fits keeps, per star, the observation with
+    the highest corr_flux (paper Eq. 6).  Interrupt at any moment and run the
+    same command again: finished stages and fitted chunks are not redone.
+    """
+    from ..pipeline.runner import Pipeline, RunConfig, load_config_file
+
+    opts = load_config_file(config_file) if config_file else {}
+    try:
+        cfg = RunConfig(**opts).updated(model=model, model_mp=model_mp, mode=mode, ao_notch=ao_notch,
+                                        extract_method=extract_method, cube_lsf=cube_lsf, rv_range=rv_range,
+                                        fit_chunk=fit_chunk, report=False if no_report else None)
+    except (TypeError, ValueError) as exc:
+        fail(f"bad configuration: {exc}", as_json)
+    out = Path(outdir)
+    log, handler = setup_log(out)
+    ctx, cb = progress_display(progress and not as_json)
+    try:
+        with ctx:
+            record = Pipeline(out, cfg, progress=cb, logger=log).run(list(cubes), sources)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    info = {"outdir": str(out), "catalogue": str(out / "catalogue.fits"),
+            "stars": str(out / "catalogue_stars.fits"), "report": str(out / "report" / "index.html"),
+            "counts": record["counts"], "n_observations": record["n_observations"], "n_stars": record["n_stars"],
+            "timings": record["timings"]}
+    emit(info, as_json, [
+        f"run: {len(cubes)} cube(s) -> {record['n_observations']} observations of {record['n_stars']} stars",
+        "status: " + ", ".join(f"{k}={v}" for k, v in sorted(record["counts"].items())),
+        f"catalogue: {out / 'catalogue.fits'} (+ .csv, .parquet); per star: {out / 'catalogue_stars.fits'}",
+        f"report: {out / 'report' / 'index.html'}" if cfg.report else "report: skipped",
+        "timings [s]: " + ", ".join(f"{k}={v}" for k, v in record["timings"].items()),
+    ])

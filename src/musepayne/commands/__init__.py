@@ -1,1 +1,0 @@
-"""One module per ``musepayne`` subcommand, plus shared CLI helpers."""

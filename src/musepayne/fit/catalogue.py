@@ -1,0 +1,360 @@
+"""The label catalogue (paper Table 2) and operations on catalogues.
+
+Columns (lower case), every one with a unit and a description:
+
+``stellar_id, ra, dec, snr_muse``; for every model label ``X`` (``teff``,
+``logg``, ``fe_h``, ``mg_fe``, ...): ``X, X_err, X_flag, X_gradcorr``; then
+``rv, rv_err, red_chi2, red_chi2_model, corr_flux, n_pix_used, model, status, fit_flags`` and the
+diagnostics ``reason, edge_labels, n_iter, chi2, error_scale`` (+ ``model_flux``
+when the fitter keeps best-fit spectra).
+
+* ``X_gradcorr``: correlation of the model's gradient spectrum d f / d X with a
+  theoretical gradient spectrum (paper §3.3, Eq. 4); NaN until computed.
+* ``X_flag``: 1 when ``X_gradcorr`` > threshold (paper: 0.5), 0 when not,
+  -1 while not computed.
+* ``status``: ``converged``; ``edge`` (a label or the RV at its bound: the model
+  would have to extrapolate; ``edge_labels`` names them, ``<`` lower / ``>`` upper);
+  ``not_converged``; ``failed:<reason>`` (row kept, values NaN).
+* ``fit_flags``: OR of the :data:`musepayne.flags.FIT_FLAGS` bits (``FAILED``,
+  ``NOT_CONVERGED``, ``LABEL_EDGE``, ``HIGH_CHI2``); 0 for a clean fit.
+* When the model has an intrinsic scatter ``s_p`` (``SCATTER`` in the model file),
+  the errors and ``red_chi2_model`` use the pixel variance ``1/ivar + s_p^2``;
+  ``red_chi2`` is always the paper's (observed errors).
+
+Also: :func:`combine_metal_poor` (the A / A-mp rule, paper Eq. 2),
+:func:`merge_by_gradcorr` (per label, take the model with the larger gradient
+correlation) and :func:`write_catalogue` (FITS, CSV or Parquet, atomically).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from astropy.table import Column, Table
+
+from ..flags import FIT_FLAGS, fit_flags_description
+from ..io.fits import atomic_path
+
+__all__ = [
+    "build_catalogue",
+    "label_columns",
+    "apply_gradcorr",
+    "combine_metal_poor",
+    "merge_by_gradcorr",
+    "write_catalogue",
+    "read_catalogue",
+    "catalogue_labels",
+]
+
+_FIXED_BEFORE = {
+    "stellar_id": ("", "identifier of the star / spectrum"),
+    "ra": ("deg", "right ascension (ICRS)"),
+    "dec": ("deg", "declination (ICRS)"),
+    "snr_muse": ("", "median S/N per pixel of the input spectrum (prepared file's 'snr')"),
+}
+
+_FIXED_AFTER = {
+    "rv": ("km / s", "radial velocity (relativistic Doppler shift of the model), fitted jointly with the labels"),
+    "rv_err": ("km / s", "RV uncertainty (covariance, scaled by sqrt(chi2/(n-n_par)) when > 1)"),
+    "red_chi2": ("", "reduced chi2 of the best fit, (1/n) sum (P_i - O_i)^2 / e_i^2 over used pixels with the "
+                     "observed errors e_i (paper Eq. 3)"),
+    "red_chi2_model": ("", "reduced chi2 with e_i^2 = 1/ivar_i + s_i^2 (s_i: the model's intrinsic scatter); ~1 for "
+                           "a star the model describes as well as its validation stars; NaN: the model has no "
+                           "scatter (or model_scatter='off')"),
+    "corr_flux": ("", "Pearson correlation of observed and best-fit flux over used pixels"),
+    "n_pix_used": ("", "number of pixels used in the fit"),
+    "model": ("", "model(s) the labels come from"),
+    "status": ("", "converged | edge | not_converged | failed:<reason>"),
+    "fit_flags": ("", fit_flags_description()),
+    "reason": ("", "human-readable detail for the status"),
+    "edge_labels": ("", "labels at a training-range bound ('<' lower, '>' upper), comma separated"),
+    "n_iter": ("", "Levenberg-Marquardt iterations"),
+    "chi2": ("", "chi2 of the best fit"),
+    "error_scale": ("", "factor applied to the covariance errors: max(1, sqrt(chi2/(n-n_par))), chi2 with the "
+                        "model's scatter in the variance when it has one"),
+}
+
+
+def _pretty(name: str) -> str:
+    if name == "teff":
+        return "effective temperature"
+    if name == "logg":
+        return "surface gravity log10(g / cm s^-2)"
+    if name.endswith("_h") or name.endswith("_fe"):
+        a, b = name.split("_", 1)
+        return f"[{a.capitalize()}/{b.capitalize()}]"
+    return name
+
+
+def label_columns(name: str, unit: str) -> dict:
+    """Unit and description of the four columns of one label."""
+    u = "" if unit in ("dex",) else unit
+    p = _pretty(name)
+    return {
+        name: (u, f"{p} ({unit})"),
+        f"{name}_err": (u, f"uncertainty of {p} (covariance, with the model's intrinsic scatter in the pixel "
+                           "variances when it has one, scaled by sqrt(chi2/(n-n_par)) when > 1)"),
+        f"{name}_flag": ("", f"1: {name}_gradcorr above threshold (paper §3.3), 0: not, -1: not computed"),
+        f"{name}_gradcorr": ("", f"correlation of the model gradient d f/d {name} with the theoretical one; "
+                                 "NaN: not computed"),
+    }
+
+
+def catalogue_labels(cat: Table) -> list[str]:
+    """Label names present in a catalogue (columns with _err, _flag and _gradcorr siblings)."""
+    return [c for c in cat.colnames if f"{c}_err" in cat.colnames and f"{c}_gradcorr" in cat.colnames]
+
+
+def _set(tab, name, values, unit, desc):
+    tab[name] = Column(values, name=name, unit=unit or None, description=desc)
+
+
+def build_catalogue(spectra: Table, model, res, config=None, templates=None, model_name=None) -> Table:
+    """Catalogue Table from the prepared ``SPECTRA`` table and :class:`~musepayne.fit.fitter.FitArrays`."""
+    n = len(spectra)
+    tab = Table()
+    sid = (np.asarray(spectra["stellar_id"]).astype(str) if "stellar_id" in spectra.colnames
+           else np.array([str(i) for i in range(n)]))
+    _set(tab, "stellar_id", sid, *_FIXED_BEFORE["stellar_id"])
+    for c in ("ra", "dec"):
+        vals = np.asarray(spectra[c], np.float64) if c in spectra.colnames else np.full(n, np.nan)
+        _set(tab, c, vals, *_FIXED_BEFORE[c])
+    snr = np.asarray(spectra["snr"], np.float64) if "snr" in spectra.colnames else np.full(n, np.nan)
+    _set(tab, "snr_muse", snr, *_FIXED_BEFORE["snr_muse"])
+    for k, (name, unit) in enumerate(zip(model.label_names, model.label_units)):
+        cols = label_columns(name, unit)
+        _set(tab, name, res.labels[:, k], *cols[name])
+        _set(tab, f"{name}_err", res.labels_err[:, k], *cols[f"{name}_err"])
+        _set(tab, f"{name}_flag", np.full(n, -1, np.int16), *cols[f"{name}_flag"])
+        _set(tab, f"{name}_gradcorr", np.full(n, np.nan), *cols[f"{name}_gradcorr"])
+    if model_name is None:
+        model_name = str(model.meta.get("name") or (Path(model.path).stem if getattr(model, "path", None) else
+                                                        model.arch))
+    vals = {
+        "rv": res.rv, "rv_err": res.rv_err, "red_chi2": res.red_chi2, "red_chi2_model": res.red_chi2_model,
+        "corr_flux": res.corr_flux,
+        "n_pix_used": res.n_pix_used, "model": np.full(n, model_name), "status": res.status.astype(str),
+        "fit_flags": fit_flags(res.status, np.where(np.isfinite(res.red_chi2_model), res.red_chi2_model,
+                                                     res.red_chi2),
+                               *(() if config is None else (config.max_red_chi2,))),
+        "reason": res.reason.astype(str), "edge_labels": res.edge_labels.astype(str), "n_iter": res.n_iter,
+        "chi2": res.chi2, "error_scale": res.error_scale,
+    }
+    for name, (unit, desc) in _FIXED_AFTER.items():
+        _set(tab, name, vals[name], unit, desc)
+    if res.model_flux is not None:
+        _set(tab, "model_flux", res.model_flux, "", "best-fit model spectrum on the prepared grid")
+    tab.meta["MODEL"] = model_name
+    if config is not None:
+        tab.meta["RVRANGE"] = float(config.rv_range)
+        tab.meta["LSFEXC"] = bool(config.lsf_excess)
+        has = bool(np.any(getattr(model, "scatter", 0.0)))
+        tab.meta["MSCATTER"] = str(config.model_scatter) if has else "none"
+        tab.meta["MAXRCHI2"] = float(config.max_red_chi2)
+    if templates is not None:
+        thr = config.gradcorr_threshold if config is not None else 0.5
+        apply_gradcorr(tab, model, templates, threshold=thr)
+    return tab
+
+
+def fit_flags(status, red_chi2, max_red_chi2: float | None = None) -> np.ndarray:
+    """``fit_flags`` values (int32) from the fit ``status`` strings and ``red_chi2``;
+    ``max_red_chi2`` defaults to :attr:`musepayne.fit.fitter.FitConfig.max_red_chi2`."""
+    if max_red_chi2 is None:
+        from .fitter import FitConfig  # lazily: fit imports this module
+
+        max_red_chi2 = FitConfig.max_red_chi2
+    st = np.asarray(status).astype(str)
+    rc = np.asarray(red_chi2, np.float64)
+    out = np.zeros(st.shape, np.int32)
+    out[np.char.startswith(st, "failed")] |= FIT_FLAGS["FAILED"].value
+    out[st == "not_converged"] |= FIT_FLAGS["NOT_CONVERGED"].value
+    out[st == "edge"] |= FIT_FLAGS["LABEL_EDGE"].value
+    with np.errstate(invalid="ignore"):
+        out[rc > max_red_chi2] |= FIT_FLAGS["HIGH_CHI2"].value
+    return out
+
+
+def apply_gradcorr(cat: Table, model, templates, threshold: float = 0.5) -> Table:
+    """Fill ``X_gradcorr`` / ``X_flag`` in place from ``templates.gradcorr(model, labels)``.
+
+    Rows without finite labels keep NaN / -1.
+    """
+    names = list(model.label_names)
+    lab = np.column_stack([np.asarray(cat[n], np.float64) for n in names])
+    ok = np.all(np.isfinite(lab), axis=1)
+    if not np.any(ok):
+        return cat
+    gc = np.asarray(templates.gradcorr(model, lab[ok]), np.float64)
+    if gc.shape != (int(ok.sum()), len(names)):
+        raise ValueError(f"templates.gradcorr returned shape {gc.shape}, expected {(int(ok.sum()), len(names))}")
+    for k, n in enumerate(names):
+        col = np.asarray(cat[f"{n}_gradcorr"], np.float64).copy()
+        col[ok] = gc[:, k]
+        cat[f"{n}_gradcorr"][:] = col
+        flag = np.where(np.isfinite(col), (col > threshold).astype(np.int16), -1)
+        cat[f"{n}_flag"][:] = flag
+    return cat
+
+
+def combine_metal_poor(cat_mr: Table, cat_mp: Table, feh: str = "fe_h", lo: float = -1.0,
+                       hi: float = -0.6, name_mr: str = "A", name_mp: str = "A-mp") -> Table:
+    """Combine a metal-rich (A) and metal-poor (A-mp) catalogue of the same spectra (paper Eq. 2).
+
+    With ``[Fe/H]_MR`` from the metal-rich model: above ``hi`` take A; below ``lo``
+    take A-mp; in between ``w_MP = ([Fe/H]_MR - hi) / (lo - hi)`` (= ([Fe/H]+0.6)/(-0.4)),
+    ``w_MR = 1 - w_MP`` and ``X = w_MR X_MR + w_MP X_MP`` for every label both
+    catalogues have.  Errors combine as ``w_MR e_MR + w_MP e_MP`` (the two fits use
+    the same data, so their errors are correlated; the linear sum is the
+    fully-correlated bound).  Non-label columns (rv, red_chi2, status, ...) come
+    from the model with the larger weight.  ``model`` says 'A', 'A-mp' or 'A+A-mp'.
+    A star whose A fit failed keeps the A row.
+    """
+    if len(cat_mr) != len(cat_mp):
+        raise ValueError("catalogues must have the same rows (same prepared spectra)")
+    sid_a, sid_b = np.asarray(cat_mr["stellar_id"]).astype(str), np.asarray(cat_mp["stellar_id"]).astype(str)
+    if not np.array_equal(sid_a, sid_b):
+        raise ValueError("catalogues must list the same stellar_id in the same order")
+    f = np.asarray(cat_mr[feh], np.float64)
+    w_mp = np.clip((f - hi) / (lo - hi), 0.0, 1.0)
+    w_mp = np.where(np.isfinite(f), w_mp, 0.0)
+    mp_ok = np.isfinite(np.asarray(cat_mp[feh], np.float64))
+    w_mp = np.where(mp_ok, w_mp, 0.0)
+    w_mr = 1.0 - w_mp
+    out = cat_mr.copy(copy_data=True)
+    take_mp = w_mp > 0.5
+    labels = [n for n in catalogue_labels(cat_mr) if n in cat_mp.colnames]
+    for c in out.colnames:
+        if c in cat_mp.colnames and not any(c == n or c.startswith(n + "_") for n in labels) and c != "model":
+            if c in ("stellar_id", "ra", "dec", "snr_muse"):
+                continue
+            col = np.array(out[c])
+            col[take_mp] = np.asarray(cat_mp[c])[take_mp]
+            out[c][:] = col
+    for n in labels:
+        a, b = np.asarray(cat_mr[n], np.float64), np.asarray(cat_mp[n], np.float64)
+        ea, eb = np.asarray(cat_mr[f"{n}_err"], np.float64), np.asarray(cat_mp[f"{n}_err"], np.float64)
+        out[n][:] = np.where(w_mp == 0, a, np.where(w_mr == 0, b, w_mr * a + w_mp * b))
+        out[f"{n}_err"][:] = np.where(w_mp == 0, ea, np.where(w_mr == 0, eb, w_mr * ea + w_mp * eb))
+        for sfx in ("_gradcorr", "_flag"):
+            col = np.array(out[n + sfx])
+            col[take_mp] = np.asarray(cat_mp[n + sfx])[take_mp]
+            out[n + sfx][:] = col
+    for n in catalogue_labels(cat_mp):
+        if n not in labels:  # labels only the metal-poor model has
+            for c in (n, f"{n}_err", f"{n}_flag", f"{n}_gradcorr"):
+                col = np.array(cat_mp[c]).copy()
+                if c in (n, f"{n}_err", f"{n}_gradcorr"):
+                    col = np.where(w_mp > 0, col, np.nan)
+                out[c] = Column(col, unit=cat_mp[c].unit, description=cat_mp[c].description)
+    model = np.where(w_mp == 0, name_mr, np.where(w_mr == 0, name_mp, f"{name_mr}+{name_mp}"))
+    out.replace_column("model", Column(model.astype(str), name="model", description=_FIXED_AFTER["model"][1]))
+    _set(out, "w_mp", w_mp, "", "weight of the metal-poor model (paper Eq. 2)")
+    return out
+
+
+def merge_by_gradcorr(cat_a: Table, cat_b: Table) -> Table:
+    """Merge two catalogues of the same spectra label by label: for each star and each label
+    both have, take value, error, flag and gradcorr from the catalogue with the larger
+    ``X_gradcorr`` (NaN counts as lower than any number; ties and both-NaN keep ``cat_a``).
+    Labels only one catalogue has are copied.  A column ``X_source`` records the choice."""
+    if len(cat_a) != len(cat_b):
+        raise ValueError("catalogues must have the same rows")
+    out = cat_a.copy(copy_data=True)
+    la, lb = catalogue_labels(cat_a), catalogue_labels(cat_b)
+    ma = str(cat_a.meta.get("MODEL", "a"))
+    mb = str(cat_b.meta.get("MODEL", "b"))
+    for n in lb:
+        cols = (n, f"{n}_err", f"{n}_flag", f"{n}_gradcorr")
+        if n not in la:
+            for c in cols:
+                out[c] = cat_b[c].copy()
+            _set(out, f"{n}_source", np.full(len(out), mb), "", f"model {n} was taken from")
+            continue
+        ga = np.nan_to_num(np.asarray(cat_a[f"{n}_gradcorr"], np.float64), nan=-np.inf)
+        gb = np.nan_to_num(np.asarray(cat_b[f"{n}_gradcorr"], np.float64), nan=-np.inf)
+        use_b = gb > ga
+        for c in cols:
+            col = np.array(out[c])
+            col[use_b] = np.asarray(cat_b[c])[use_b]
+            out[c][:] = col
+        _set(out, f"{n}_source", np.where(use_b, mb, ma), "", f"model {n} was taken from")
+    return out
+
+
+def write_catalogue(cat: Table, path, fmt: str | None = None, overwrite: bool = True) -> Path:
+    """Write atomically as FITS (default), CSV or Parquet (by ``fmt`` or the file suffix).
+
+    Vector columns (``model_flux``) are only kept in FITS.  Parquet needs
+    ``pyarrow`` (``pip install musepayne[parquet]``).
+    """
+    path = Path(path)
+    if fmt is None:
+        suf = "".join(path.suffixes[-2:]).lower()
+        fmt = ("parquet" if suf.endswith(".parquet") else "csv" if suf.endswith(".csv")
+               else "ecsv" if suf.endswith(".ecsv") else "fits")
+    tab = cat
+    if fmt != "fits":
+        tab = cat.copy(copy_data=False)
+        for c in list(tab.colnames):
+            if tab[c].ndim > 1:
+                tab.remove_column(c)
+            elif tab[c].dtype.kind == "S":  # byte strings, e.g. from a table read back from FITS
+                tab[c] = tab[c].astype(str)
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise RuntimeError("Parquet export needs pyarrow: pip install 'musepayne[parquet]'") from None
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        if fmt == "fits":
+            tab.write(tmp, format="fits", overwrite=True)
+        elif fmt == "csv":
+            tab.write(tmp, format="ascii.csv", overwrite=True)
+        elif fmt == "ecsv":
+            tab.write(tmp, format="ascii.ecsv", overwrite=True)
+        elif fmt == "parquet":
+            tab.write(tmp, format="parquet", overwrite=True)
+        else:
+            raise ValueError(f"unknown catalogue format {fmt!r} (fits, csv, ecsv, parquet)")
+    return path
+
+
+def _restore_parquet_meta(tab: Table, yaml_bytes) -> None:
+    """Units, descriptions and table meta from astropy's ``table_meta_yaml`` Parquet metadata
+    (written by ``Table.write(format='parquet')``), in place; nothing when absent or unreadable."""
+    if not yaml_bytes:
+        return
+    from astropy import units as u
+    from astropy.table.meta import YamlParseError, get_header_from_yaml
+
+    try:
+        hdr = get_header_from_yaml(yaml_bytes.decode("utf-8").splitlines())
+    except (YamlParseError, UnicodeDecodeError, ValueError):
+        return
+    for col in hdr.get("datatype", []):
+        name = col.get("name")
+        if name not in tab.colnames:
+            continue
+        if col.get("description"):
+            tab[name].description = col["description"]
+        if col.get("unit"):
+            tab[name].unit = u.Unit(col["unit"], parse_strict="silent")
+    tab.meta.update(hdr.get("meta") or {})
+
+
+def read_catalogue(path) -> Table:
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise RuntimeError("reading Parquet needs pyarrow: pip install 'musepayne[parquet]'") from None
+        t = pq.read_table(path)
+        out = Table({name: np.asarray(t.column(name).to_numpy(zero_copy_only=False)) for name in t.column_names})
+        _restore_parquet_meta(out, (t.schema.metadata or {}).get(b"table_meta_yaml"))
+        return out
+    if path.suffix.lower() == ".csv":
+        return Table.read(path, format="ascii.csv")
+    return Table.read(path)

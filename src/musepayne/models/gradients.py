@@ -1,0 +1,496 @@
+"""Theoretical gradient spectra and the per-label gradient check (paper S3.2, Eq. 4).
+
+A label measured by a data-driven model is only trustworthy if the model
+"looks at" the right spectral features.  Following Xiang et al. (2019) and
+the paper (S3.2), for each star and label we correlate the model's gradient
+spectrum ``d f / d label`` (its Jacobian column at the fitted labels) with
+the *theoretical* gradient spectrum of the reference star nearest in
+
+``D = sqrt((dTeff / 100 K)^2 + (dlogg / 0.2)^2 + (d[Fe/H] / 0.1)^2)``  (Eq. 4)
+
+and flag the label as reliable when the Pearson correlation exceeds 0.5.
+The same templates regularise training (:mod:`musepayne.train.trainer`).
+
+Template library format (FITS, no pickle)
+-----------------------------------------
+========== ==================================================================
+HDU        content
+========== ==================================================================
+primary    ``MPFORMAT='musepayne-gradients'``, ``MPVERS``, ``FRAME``
+           (wavelength frame of WAVE), ``TGTLSF`` (resolution of the
+           gradients), ``CONTWID`` (pseudo-continuum sigma, A), ``NORM``
+           (normalisation recipe), ``SOURCE``/``SRCSHA`` (emulator file and
+           its sha256), ``MPSOFT``, ``DATE``
+``WAVE``   (n_pix,) float64 pixel centres (Angstrom, in ``FRAME``)
+``USABLE`` (n_pix,) uint8: 1 where the gradients are defined (covered by the
+           emulator, continuum defined) and outside the standard fit masks
+           (tellurics, lambda > 8750 A, LAMOST dichroic)
+``GRAD``   (n_ref, n_labels, n_pix) float32: d (normalised flux) / d label,
+           per physical label unit (per K, per dex); NaN where undefined
+``REFSTARS`` table: the reference stars' labels (at least ``teff``, ``logg``,
+           ``fe_h``; more columns allowed)
+``LABELS`` table: ``name``, ``unit``, ``delta`` (finite-difference step)
+           -- one row per gradient label, in the order of GRAD's axis 1
+========== ==================================================================
+
+Users can supply templates for more labels (e.g. ``mg_fe``) in the same
+format: any label listed in ``LABELS`` whose name matches a model label gets
+a gradient correlation.
+
+Building templates from the emulator
+------------------------------------
+:func:`build_templates` uses a physics-based emulator of normalised synthetic
+spectra (:class:`CannonEmulator`, Doppler's cubic Cannon model trained on a
+synthetic grid: air wavelengths, 0.1 A sampling, effectively unconvolved).
+For each reference star the emulator spectra at ``label +- delta`` are
+taken through **the same chain as data**: resolution matching to the target
+LSF (input LSF ~0 FWHM) and air -> vacuum flux-conserving rebinning onto the
+model grid in one :func:`musepayne.prepare.resample.build_operator`, then the
+:class:`musepayne.prepare.normalize.ContinuumNormalizer` pseudo-continuum with the
+photon-like library variance (:func:`musepayne.io.readers.library_variance`)
+as weights.  The weights of a reference star are computed once from its
+central spectrum and used for the ``+-`` spectra as well, so the finite
+difference is the derivative of the normalised spectrum at fixed noise
+weights.  Gradients are central differences of the *normalised* spectra.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+
+from .. import __version__
+from ..flags import EXCLUDING_BITS
+from ..io.fits import atomic_write_fits, check_format, sha256_file
+from ..instrument.lsf import LAMOST_LSF, LSF, ConstantFWHM, lsf_from_spec
+from ..prepare.masks import mode_mask
+from ..prepare.normalize import DEFAULT_WIDTH, ContinuumNormalizer
+from ..io.readers import library_variance
+from ..prepare.resample import build_operator
+from ..io.spectra import ReaderError
+from ..instrument.wavelength import lamost_wavelength
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "EQ4_SCALES",
+    "DEFAULT_EMULATOR",
+    "EMULATOR_ENV",
+    "CannonEmulator",
+    "GradientTemplates",
+    "eq4_distance",
+    "pearson_rows",
+    "reference_grid",
+    "build_templates",
+    "default_emulator_path",
+]
+
+FORMAT_NAME = "musepayne-gradients"
+FORMAT_VERSION = 1
+
+#: Eq. 4 distance scales: 100 K in Teff, 0.2 dex in logg, 0.1 dex in [Fe/H].
+EQ4_SCALES = {"teff": 100.0, "logg": 0.2, "fe_h": 0.1}
+
+#: Default location of the emulator, relative to the current directory.
+DEFAULT_EMULATOR = Path("..") / "shared" / "data" / "synthetic" / "doppler_cannon_coolstars_norm.npz"
+#: Environment variable overriding :data:`DEFAULT_EMULATOR`.
+EMULATOR_ENV = "MUSEPAYNE_EMULATOR"
+
+#: Emulator label names -> musepayne label names.
+_EMU_LABELS = {"TEFF": "teff", "LOGG": "logg", "FEH": "fe_h", "FE_H": "fe_h", "MH": "fe_h"}
+_UNITS = {"teff": "K", "logg": "dex", "fe_h": "dex"}
+#: Default finite-difference half steps.
+DEFAULT_DELTA = {"teff": 25.0, "logg": 0.05, "fe_h": 0.05}
+
+
+def default_emulator_path() -> Path:
+    """``$MUSEPAYNE_EMULATOR`` if set, else ``../shared/data/synthetic/...npz``."""
+    env = os.environ.get(EMULATOR_ENV)
+    return Path(env) if env else DEFAULT_EMULATOR
+
+
+# --------------------------------------------------------------------------- emulator
+@dataclass(frozen=True, eq=False)
+class CannonEmulator:
+    """A polynomial Cannon emulator of normalised spectra.
+
+    ``flux = theta @ v``, ``v_i = prod_j x_j ** exponents[i, j]``,
+    ``x = (labels - fiducials) / scales``.
+    """
+
+    wave: np.ndarray  # (n_pix,), in ``frame``
+    theta: np.ndarray  # (n_pix, n_terms)
+    exponents: np.ndarray  # (n_terms, n_labels) int
+    fiducials: np.ndarray
+    scales: np.ndarray
+    label_names: tuple
+    frame: str = "air"
+    training_labels: np.ndarray | None = None
+    source: str = ""
+    sha256: str = ""
+
+    @classmethod
+    def load(cls, path) -> "CannonEmulator":
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"emulator file {p} not found: pass --emulator PATH or set ${EMULATOR_ENV} "
+                f"(default {DEFAULT_EMULATOR}, relative to the current directory)"
+            )
+        try:
+            with np.load(p, allow_pickle=False) as d:
+                wave = np.array(d["wavelength_air"] if "wavelength_air" in d.files else d["wavelength"], np.float64)
+                frame = "air" if "wavelength_air" in d.files else "vacuum"
+                names = tuple(_EMU_LABELS.get(str(n).upper(), str(n).lower()) for n in d["label_names"])
+                tl = np.array(d["training_labels"], np.float64) if "training_labels" in d.files else None
+                emu = cls(wave, np.array(d["theta"], np.float64), np.array(d["exponents"], np.int64),
+                          np.array(d["fiducials"], np.float64), np.array(d["scales"], np.float64),
+                          names, frame, tl, str(p), sha256_file(p))
+        except KeyError as exc:
+            raise ReaderError(f"{p}: not a Cannon emulator file (missing array {exc})") from None
+        if emu.theta.shape != (wave.size, emu.exponents.shape[0]) or emu.exponents.shape[1] != len(names):
+            raise ReaderError(f"{p}: emulator arrays have inconsistent shapes")
+        return emu
+
+    def _x(self, labels):
+        lab = np.atleast_2d(np.asarray(labels, np.float64))
+        if lab.shape[1] != len(self.label_names):
+            raise ValueError(f"labels must be (n, {len(self.label_names)}) in order {self.label_names}")
+        return (lab - self.fiducials) / self.scales
+
+    def design(self, labels):
+        """The polynomial terms ``v`` (n, n_terms)."""
+        x = self._x(labels)
+        return np.prod(x[:, None, :] ** self.exponents[None, :, :], axis=2)
+
+    def flux(self, labels):
+        """Normalised model flux (n, n_pix) on :attr:`wave`."""
+        return self.design(labels) @ self.theta.T
+
+    def jacobian(self, labels):
+        """Analytic ``d flux / d label`` (n, n_labels, n_pix), per physical unit."""
+        x = self._x(labels)
+        e = self.exponents
+        n, nl = x.shape
+        out = np.empty((n, nl, self.wave.size))
+        for k in range(nl):
+            ek = e[:, k]
+            reduced = e.copy()
+            reduced[:, k] = np.maximum(ek - 1, 0)
+            dv = ek[None, :] * np.prod(x[:, None, :] ** reduced[None, :, :], axis=2)  # (n, n_terms)
+            out[:, k, :] = (dv @ self.theta.T) / self.scales[k]
+        return out
+
+
+# --------------------------------------------------------------------------- helpers
+def eq4_distance(labels_a: dict, labels_b: dict):
+    """Paper Eq. 4 distance between label sets (dicts of arrays, broadcastable).
+
+    Only the labels of :data:`EQ4_SCALES` present in both are used.
+    """
+    d2 = 0.0
+    used = 0
+    for name, s in EQ4_SCALES.items():
+        if name in labels_a and name in labels_b:
+            d2 = d2 + ((np.asarray(labels_a[name], float) - np.asarray(labels_b[name], float)) / s) ** 2
+            used += 1
+    if not used:
+        raise ValueError("no Eq. 4 label (teff, logg, fe_h) in common")
+    return np.sqrt(d2)
+
+
+def pearson_rows(a, b, use=None):
+    """Pearson correlation of matching rows of ``a`` and ``b`` over ``use`` pixels.
+
+    ``a``, ``b``: (n, n_pix); ``use``: (n_pix,) or (n, n_pix) bool.  Pixels
+    where either is non-finite are skipped.  Rows with < 3 pixels or zero
+    variance give NaN.
+    """
+    a = np.atleast_2d(np.asarray(a, np.float64))
+    b = np.atleast_2d(np.asarray(b, np.float64))
+    ok = np.isfinite(a) & np.isfinite(b)
+    if use is not None:
+        ok &= np.broadcast_to(np.asarray(use, bool), ok.shape)
+    n = ok.sum(axis=1)
+    a0 = np.where(ok, a, 0.0)
+    b0 = np.where(ok, b, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ma = a0.sum(1) / n
+        mb = b0.sum(1) / n
+        da = np.where(ok, a0 - ma[:, None], 0.0)
+        db = np.where(ok, b0 - mb[:, None], 0.0)
+        r = (da * db).sum(1) / np.sqrt((da * da).sum(1) * (db * db).sum(1))
+    r = np.where((n >= 3) & np.isfinite(r), r, np.nan)
+    return r
+
+
+# --------------------------------------------------------------------------- templates
+@dataclass(frozen=True, eq=False)
+class GradientTemplates:
+    """Reference stars and their theoretical gradient spectra on one model grid.
+
+    Attributes
+    ----------
+    wave : (n_pix,) pixel centres (A) in ``frame``
+    grad : (n_ref, n_labels, n_pix) d f / d label per physical unit (NaN = undefined)
+    ref_labels : Table, one row per reference star (teff, logg, fe_h, ...)
+    label_names : names of the gradient labels (axis 1 of ``grad``)
+    label_units, delta : per gradient label
+    usable : (n_pix,) bool, pixels entering correlations
+    frame : 'vacuum' or 'air'
+    meta : provenance (target LSF, continuum width, source emulator, ...)
+    """
+
+    wave: np.ndarray
+    grad: np.ndarray
+    ref_labels: Table
+    label_names: tuple
+    label_units: tuple = ()
+    delta: tuple = ()
+    usable: np.ndarray | None = None
+    frame: str = "vacuum"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        w = np.asarray(self.wave, np.float64)
+        g = np.asarray(self.grad)
+        if g.ndim != 3 or g.shape[2] != w.size or g.shape[1] != len(self.label_names):
+            raise ValueError(f"grad must be (n_ref, {len(self.label_names)}, {w.size}), got {g.shape}")
+        if len(self.ref_labels) != g.shape[0]:
+            raise ValueError("one reference-star row per gradient set needed")
+        missing = [k for k in EQ4_SCALES if k not in self.ref_labels.colnames]
+        if missing:
+            raise ValueError(f"reference-star table lacks Eq. 4 labels {missing}")
+        object.__setattr__(self, "wave", w)
+        object.__setattr__(self, "label_names", tuple(self.label_names))
+        if not self.label_units:
+            object.__setattr__(self, "label_units", tuple(_UNITS.get(n, "dex") for n in self.label_names))
+        if not self.delta:
+            object.__setattr__(self, "delta", tuple(np.nan for _ in self.label_names))
+        u = (np.isfinite(g).any(axis=(0, 1)) if self.usable is None else np.asarray(self.usable, bool))
+        object.__setattr__(self, "usable", u)
+
+    @property
+    def n_ref(self) -> int:
+        return self.grad.shape[0]
+
+    # ------------------------------------------------------------------ lookup
+    def nearest(self, labels, label_names=("teff", "logg", "fe_h")):
+        """Index of the nearest reference star (Eq. 4) for each row of ``labels``.
+
+        ``labels`` is (n, k) in the order of ``label_names`` (or a Table /
+        dict with those columns); only Teff, logg, [Fe/H] enter the distance.
+        Returns ``(index (n,), distance (n,))``.
+        """
+        if isinstance(labels, (Table, dict)):
+            lab = {k: np.atleast_1d(np.asarray(labels[k], float)) for k in EQ4_SCALES if k in labels}
+        else:
+            arr = np.atleast_2d(np.asarray(labels, float))
+            lab = {n: arr[:, i] for i, n in enumerate(label_names) if n in EQ4_SCALES}
+        ref = {k: np.asarray(self.ref_labels[k], float) for k in EQ4_SCALES}
+        d = eq4_distance({k: v[:, None] for k, v in lab.items()}, {k: v[None, :] for k, v in ref.items()})
+        d = np.where(np.isfinite(d), d, np.inf)
+        idx = np.argmin(d, axis=1)
+        return idx, d[np.arange(d.shape[0]), idx]
+
+    def gradient(self, label: str, index):
+        """Template gradient spectra (len(index), n_pix) of one label."""
+        j = self.label_names.index(label)
+        return self.grad[np.asarray(index), j, :].astype(np.float64)
+
+    def gradcorr_from_jacobian(self, jac, labels, label_names, use=None):
+        """Correlations of given Jacobians with the nearest templates.
+
+        ``jac``: (n, n_pix, n_labels) on this template grid; ``labels``: (n,
+        n_labels) in the order ``label_names``.  Returns (n, n_labels) with
+        NaN for labels without a template.
+        """
+        jac = np.asarray(jac, np.float64)
+        lab = np.atleast_2d(np.asarray(labels, float))
+        names = tuple(label_names)
+        if jac.shape[1] != self.wave.size:
+            raise ValueError(f"Jacobian has {jac.shape[1]} pixels, templates {self.wave.size}")
+        idx, _ = self.nearest(lab, names)
+        out = np.full((lab.shape[0], len(names)), np.nan)
+        u = self.usable if use is None else (self.usable & np.asarray(use, bool))
+        for k, name in enumerate(names):
+            if name not in self.label_names:
+                continue
+            out[:, k] = pearson_rows(jac[:, :, k], self.gradient(name, idx), u)
+        return out
+
+    def gradcorr(self, model, labels):
+        """Per-label gradient correlation of ``model`` at ``labels`` (paper S3.2).
+
+        ``model`` follows the :class:`musepayne.models.model.SpectralModel` API
+        (``label_names``, ``wave``, ``frame``, ``predict_with_jacobian``).
+        The model grid must be the template grid.  Returns (n, n_model_labels):
+        Pearson correlation over the usable pixels (template usable and not
+        in the model's ``pixel_mask``)
+        of the model's Jacobian column with the nearest reference star's
+        template; NaN where the label has no template.
+        """
+        mw = np.asarray(model.wave, np.float64)
+        if mw.shape != self.wave.shape or not np.allclose(mw, self.wave, rtol=1e-9, atol=0):
+            raise ValueError("model and templates are on different wavelength grids; rebuild the "
+                             "templates on the model grid (musepayne gradients build)")
+        if getattr(model, "frame", self.frame) != self.frame:
+            raise ValueError(f"model frame {model.frame!r} differs from template frame {self.frame!r}")
+        lab = np.atleast_2d(np.asarray(labels, float))
+        _, jac = model.predict_with_jacobian(lab)
+        use = None
+        m = getattr(model, "pixel_mask", None)  # True where the model is not to be used
+        if m is not None and np.shape(m) == self.wave.shape:
+            use = ~np.asarray(m, bool)
+        return self.gradcorr_from_jacobian(jac, lab, tuple(model.label_names), use)
+
+    # ------------------------------------------------------------------ I/O
+    def to_hdulist(self) -> fits.HDUList:
+        ph = fits.Header()
+        ph["MPFORMAT"] = (FORMAT_NAME, "musepayne gradient templates")
+        ph["MPVERS"] = (FORMAT_VERSION, "format version")
+        ph["MPSOFT"] = (__version__, "musepayne version that wrote the file")
+        ph["FRAME"] = (self.frame, "wavelength frame of WAVE")
+        for k, v in self.meta.items():
+            key = k.upper()[:8]
+            if isinstance(v, (bool, int, float, np.integer, np.floating)):
+                ph[key] = v
+            else:
+                ph[key] = str(v)  # long strings become CONTINUE cards
+        hw = fits.ImageHDU(self.wave, name="WAVE")
+        hw.header["BUNIT"] = "Angstrom"
+        hu = fits.ImageHDU(self.usable.astype(np.uint8), name="USABLE")
+        hg = fits.ImageHDU(np.asarray(self.grad, np.float32), name="GRAD")
+        hg.header["BUNIT"] = ("1/label", "d normalised flux / d label (physical units)")
+        rt = fits.table_to_hdu(Table(self.ref_labels, copy=True))
+        rt.name = "REFSTARS"
+        lt = fits.table_to_hdu(Table({"name": list(self.label_names), "unit": list(self.label_units),
+                                      "delta": np.asarray(self.delta, float)}))
+        lt.name = "LABELS"
+        return fits.HDUList([fits.PrimaryHDU(header=ph), hw, hu, hg, rt, lt])
+
+    def save(self, path, overwrite: bool = True):
+        """Write atomically."""
+        atomic_write_fits(self.to_hdulist(), path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path) -> "GradientTemplates":
+        try:
+            with fits.open(path, memmap=False) as h:
+                ph = h[0].header
+                check_format(ph, path, FORMAT_NAME, FORMAT_VERSION, "gradient-template", ReaderError)
+                wave = np.array(h["WAVE"].data, np.float64)
+                usable = np.array(h["USABLE"].data, bool)
+                grad = np.array(h["GRAD"].data, np.float32)
+                ref = Table.read(h["REFSTARS"])
+                lt = Table.read(h["LABELS"])
+                skip = {"SIMPLE", "BITPIX", "NAXIS", "EXTEND", "MPFORMAT", "MPVERS", "FRAME"}
+                meta = {k.lower(): ph[k] for k in ph if k not in skip and k not in ("COMMENT", "HISTORY", "")}
+                frame = str(ph.get("FRAME", "vacuum"))
+        except ReaderError:
+            raise
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise ReaderError(f"{path}: cannot read gradient templates ({type(exc).__name__}: {exc})") from None
+        return cls(wave, grad, ref, tuple(str(n).strip() for n in lt["name"]),
+                   tuple(str(u).strip() for u in lt["unit"]), tuple(float(x) for x in lt["delta"]),
+                   usable, frame, meta)
+
+
+# --------------------------------------------------------------------------- building
+def reference_grid(emulator: CannonEmulator | None = None, teff=(4000.0, 7000.0, 250.0),
+                   logg=(1.0, 5.0, 0.5), fe_h=(-2.5, 0.5, 0.5), support=(250.0, 0.5, 0.5)) -> Table:
+    """Reference stars on a regular grid (inclusive ranges ``(lo, hi, step)``).
+
+    With an emulator that carries its training labels, grid points farther
+    than ``support`` (Teff, logg, [Fe/H], in a max-norm) from every training
+    label are dropped, so no template is an extrapolation of the emulator
+    (e.g. Teff > 6000 K giants, absent from its synthetic grid).
+    """
+    axes = [np.arange(lo, hi + 0.5 * st, st) for lo, hi, st in (teff, logg, fe_h)]
+    T, G, F = (a.ravel() for a in np.meshgrid(*axes, indexing="ij"))
+    keep = np.ones(T.size, bool)
+    if emulator is not None and emulator.training_labels is not None:
+        order = [emulator.label_names.index(n) for n in ("teff", "logg", "fe_h")]
+        tl = emulator.training_labels[:, order]
+        pts = np.stack([T, G, F], 1)
+        dist = np.max(np.abs(pts[:, None, :] - tl[None, :, :]) / np.asarray(support)[None, None, :], axis=2)
+        keep = dist.min(axis=1) <= 1.0 + 1e-9
+    t = Table({"teff": T[keep], "logg": G[keep], "fe_h": F[keep]})
+    t["teff"].unit = "K"
+    t["logg"].description = "log10(g / cm s^-2), dex"
+    t["fe_h"].description = "[Fe/H], dex"
+    return t
+
+
+def build_templates(emulator, ref_labels: Table | None = None, wave=None, target_lsf: LSF | str = LAMOST_LSF,
+                    continuum_width: float = DEFAULT_WIDTH, delta: dict | None = None,
+                    input_fwhm: float = 0.0, batch: int = 64, progress=None) -> GradientTemplates:
+    """Theoretical gradient templates on a model grid from an emulator.
+
+    Parameters
+    ----------
+    emulator : :class:`CannonEmulator` or path to its ``.npz``
+    ref_labels : reference stars (default :func:`reference_grid`)
+    wave : model grid (vacuum; default the 3909-px LAMOST grid)
+    target_lsf : resolution of the model (default LAMOST R = 1800)
+    continuum_width : pseudo-continuum sigma (A), as in ``prepare``
+    delta : finite-difference half steps per label (default 25 K, 0.05, 0.05 dex)
+    input_fwhm : FWHM (A) of the emulator's own LSF (~0: unconvolved)
+    progress : optional callable ``progress(n_done, n_total)``
+    """
+    emu = emulator if isinstance(emulator, CannonEmulator) else CannonEmulator.load(emulator)
+    lsf_t = lsf_from_spec(target_lsf)
+    w_out = lamost_wavelength() if wave is None else np.asarray(wave, np.float64)
+    ref = reference_grid(emu) if ref_labels is None else Table(ref_labels, copy=True)
+    dl = dict(DEFAULT_DELTA)
+    dl.update(delta or {})
+    names = emu.label_names
+    op = build_operator(emu.wave, emu.frame, ConstantFWHM(float(input_fwhm)), w_out, lsf_t, "vacuum")
+    nz = ContinuumNormalizer(w_out, width=continuum_width)
+    covered = (op.coverage >= 0.999) & (op.edge_loss <= 0.01)
+    fixed = mode_mask(w_out, "standard")
+    lab0 = np.stack([np.asarray(ref[n], float) for n in names], axis=1)
+    n_ref, nl = lab0.shape
+    grad = np.full((n_ref, nl, w_out.size), np.nan, np.float32)
+    defined_any = np.zeros(w_out.size, bool)
+    for i0 in range(0, n_ref, batch):
+        lab = lab0[i0:i0 + batch]
+        nb = lab.shape[0]
+        f0 = emu.flux(lab)
+        fo = op.apply(f0)
+        var = op.apply_variance(library_variance(f0))
+        with np.errstate(divide="ignore"):
+            ivar = np.where(covered & (var > 0) & np.isfinite(var), 1.0 / var, 0.0)
+        cont0, defined = nz.continuum(fo, ivar)
+        defined &= covered
+        defined_any |= defined.any(axis=0)
+        for k, name in enumerate(names):
+            step = np.zeros(nl)
+            step[k] = dl[name]
+            fp = op.apply(emu.flux(lab + step))
+            fm = op.apply(emu.flux(lab - step))
+            cp, _ = nz.continuum(fp, ivar)
+            cm, _ = nz.continuum(fm, ivar)
+            g = (fp / cp - fm / cm) / (2.0 * dl[name])
+            grad[i0:i0 + nb, k] = np.where(defined, g, np.nan)
+        if progress is not None:
+            progress(min(i0 + nb, n_ref), n_ref)
+    usable = defined_any & ((fixed & EXCLUDING_BITS) == 0)
+    meta = {
+        "tgtlsf": lsf_t.describe(),
+        "contwid": float(continuum_width),
+        "norm": "payne-gaussian-ivar (musepayne.prepare.normalize), photon-like library ivar of the central spectrum",
+        "source": Path(emu.source).name,
+        "srcsha": emu.sha256[:64] if emu.sha256 else "",
+        "infwhm": float(input_fwhm),
+        "method": "central difference of normalised spectra",
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    return GradientTemplates(w_out, grad, ref, names, tuple(_UNITS.get(n, "dex") for n in names),
+                             tuple(float(dl[n]) for n in names), usable, "vacuum", meta)

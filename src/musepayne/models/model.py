@@ -1,0 +1,587 @@
+"""Spectral emulators (The Payne family) and their self-describing model file.
+
+A :class:`SpectralModel` maps physical labels (Teff, log g, [Fe/H], ...) to a
+continuum-normalised spectrum on its own wavelength grid, in batches, and gives
+the analytic Jacobian d flux / d label (physical units).  Two architectures:
+
+* :class:`PerPixelPayne` -- one small network per pixel (Ting et al. 2017,
+  Xiang et al. 2019): ``z = W0[p] s + b0[p]``, ``f_p = W1[p] . sigmoid(z) + b1[p]``.
+* :class:`MLPPayne` -- one network for all pixels (Ting et al. 2019, "The
+  Payne"): ``labels -> h1 -> h2 -> ... -> pixels`` with leaky ReLU (slope 0.01).
+
+Labels enter the networks scaled to the training range:
+``s = (x - x_min) / (x_max - x_min) - 0.5`` (so the training box is
+``[-0.5, 0.5]`` in every label).
+
+File format (FITS, no pickle; :func:`load_model` / :meth:`SpectralModel.save`)
+------------------------------------------------------------------------------
+========== =================================================================
+HDU        content
+========== =================================================================
+primary    ``MPFORMAT='musepayne-model'``, ``MPMVERS`` (format version),
+           ``ARCH`` ('perpixel' | 'mlp' | 'cannon', :mod:`musepayne.models.cannon`), ``CREATED`` (UTC ISO date),
+           ``MPSOFT`` (software version), ``NLABELS``, ``NPIX``, ``NLAYERS``
+           (mlp), ``NEGSLOPE`` (mlp leaky-ReLU slope)
+``W0``...  weight arrays: perpixel ``W0 (n_pix, n_hidden, n_labels)``,
+           ``B0 (n_pix, n_hidden)``, ``W1 (n_pix, n_hidden)``, ``B1 (n_pix,)``;
+           mlp ``W0, B0, W1, B1, ...`` (torch ``Linear`` convention
+           ``(n_out, n_in)``), stored at their own precision (float32 usually)
+``LABELS`` table: name, unit, x_min, x_max (float64)
+``WAVE``   (n_pix,) float64 Angstrom, header ``FRAME`` = 'vacuum' | 'air'
+``PIXMASK`` optional (n_pix,) uint8, 1 where the model is not to be used
+           (e.g. pixels covered by too few training spectra); fits ignore them
+``SCATTER`` optional (n_pix,) float64, the model's intrinsic scatter ``s_p`` per pixel
+           (normalised flux; fits add ``s_p^2`` to the variance)
+``PROVENANCE`` one-row table with a ``json`` column: the ``meta`` dict
+           (training-set hash, command, versions, normalisation recipe, ...)
+========== =================================================================
+
+Reading and writing round-trips exactly (arrays bit for bit, meta as JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+
+from .. import __version__
+from ..io.fits import atomic_write_fits, check_format
+
+__all__ = [
+    "SpectralModel",
+    "PerPixelPayne",
+    "MLPPayne",
+    "load_model",
+    "import_payne_npz",
+    "ModelError",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "DEFAULT_UNITS",
+]
+
+FORMAT_NAME = "musepayne-model"
+FORMAT_VERSION = 1
+
+#: Units assumed for well-known label names when the user gives none.
+DEFAULT_UNITS = {
+    "teff": "K",
+    "logg": "dex",
+    "vmic": "km/s",
+    "vmacro": "km/s",
+    "vbroad": "km/s",
+    "vsini": "km/s",
+}
+
+
+def _sigmoid_inplace(z):
+    """Logistic function in place, as 0.5 (1 + tanh(z/2)): exact identity, no overflow, and
+    numpy's vectorised tanh is several times faster than exp-based forms."""
+    z *= 0.5
+    np.tanh(z, out=z)
+    z *= 0.5
+    z += 0.5
+    return z
+
+
+def _native(a):
+    """FITS arrays are big-endian: return a native-byte-order copy with the same precision."""
+    a = np.asarray(a)
+    return a.astype(a.dtype.newbyteorder("="), copy=True)
+
+
+class ModelError(ValueError):
+    """A model file or model definition is unusable."""
+
+
+
+class SpectralModel:
+    """Common interface of all emulators (see module docstring)."""
+
+    arch = "base"
+
+    def __init__(self, label_names, x_min, x_max, wave, frame="vacuum", label_units=None, meta=None):
+        names = tuple(str(n).strip().lower() for n in label_names)
+        if len(set(names)) != len(names) or any(not n for n in names):
+            raise ModelError(f"label names must be unique and non-empty: {names}")
+        self.label_names = names
+        self.x_min = np.array(x_min, dtype=np.float64).ravel()
+        self.x_max = np.array(x_max, dtype=np.float64).ravel()
+        if self.x_min.size != len(names) or self.x_max.size != len(names):
+            raise ModelError(
+                f"{len(names)} label names but x_min/x_max have {self.x_min.size}/{self.x_max.size} entries")
+        if not np.all(self.x_max > self.x_min):
+            raise ModelError("x_max must exceed x_min for every label")
+        if label_units is None:
+            label_units = [DEFAULT_UNITS.get(n, "dex") for n in names]
+        self.label_units = tuple(str(u) for u in label_units)
+        if len(self.label_units) != len(names):
+            raise ModelError("label_units must have one entry per label")
+        self.wave = np.array(wave, dtype=np.float64).ravel()
+        if frame not in ("vacuum", "air"):
+            raise ModelError(f"frame must be 'vacuum' or 'air', not {frame!r}")
+        self.frame = frame
+        if self.wave.size < 2 or not np.all(np.diff(self.wave) > 0):
+            raise ModelError("model wavelengths must be strictly increasing")
+        self.meta = dict(meta or {})
+        self.path = None
+        self._cache = {}  # per-instance casts of the weights (float32/float64)
+        #: True where the model is not to be trusted (too little training data); fits ignore these pixels
+        self.pixel_mask = np.zeros(self.wave.size, bool)
+        #: intrinsic per-pixel scatter ``s_p`` of the model (normalised-flux units; 0 = none): what the
+        #: model cannot predict from the labels; fits add ``s_p^2`` to each pixel's variance
+        self.scatter = np.zeros(self.wave.size)
+
+    def with_pixel_mask(self, mask) -> "SpectralModel":
+        """Set the model's pixel mask (True = unusable) and return the model."""
+        m = np.asarray(mask, dtype=bool).ravel()
+        if m.shape != self.wave.shape:
+            raise ModelError(f"pixel mask has {m.size} entries for {self.wave.size} model pixels")
+        self.pixel_mask = m.copy()
+        return self
+
+    def with_scatter(self, scatter) -> "SpectralModel":
+        """Set the model's intrinsic per-pixel scatter ``s_p`` (>= 0, one per pixel; NaN -> 0)
+        and return the model."""
+        s = np.nan_to_num(np.array(scatter, dtype=np.float64).ravel(), nan=0.0, posinf=0.0)
+        if s.shape != self.wave.shape:
+            raise ModelError(f"scatter has {s.size} entries for {self.wave.size} model pixels")
+        if np.any(s < 0):
+            raise ModelError("scatter must be >= 0")
+        self.scatter = s
+        return self
+
+    def inflate_ivar(self, ivar):
+        """Fit weights ``1 / (1/ivar + s_p^2)`` for observed ``ivar`` ``(..., n_pix)`` (0 stays 0).
+
+        Returns a new array (float64); the input is not modified."""
+        iv = np.asarray(ivar, np.float64)
+        s2 = self.scatter ** 2
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return np.where(iv > 0, iv / (1.0 + iv * s2), 0.0)
+
+    # ----------------------------------------------------------- basics
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def n_pix(self) -> int:
+        return self.wave.size
+
+    @property
+    def scale_width(self) -> np.ndarray:
+        return self.x_max - self.x_min
+
+    def scale(self, labels):
+        """Physical labels -> network input ``(x - x_min)/(x_max - x_min) - 0.5``."""
+        return (np.asarray(labels, dtype=np.float64) - self.x_min) / self.scale_width - 0.5
+
+    def unscale(self, scaled):
+        """Network input -> physical labels (inverse of :meth:`scale`)."""
+        return (np.asarray(scaled, dtype=np.float64) + 0.5) * self.scale_width + self.x_min
+
+    def _as_batch(self, labels):
+        x = np.asarray(labels, dtype=np.float64)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self.n_labels:
+            raise ValueError(f"labels must have shape (n, {self.n_labels}); got {np.shape(labels)}")
+        return x
+
+    # ---------------------------------------------- scaled-space kernels
+    def predict_scaled(self, s, dtype=np.float64):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def planar_kernel(self, s, dtype=np.float64):
+        """Flux and Jacobian at scaled labels ``s`` as one planar array ``(n, 1 + n_labels, n_pix)``:
+        plane 0 is the flux, plane ``1 + l`` is d flux / d s_l.  Each plane is a contiguous
+        spectrum, the layout the fitter shifts and reduces without reshuffling."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def predict_scaled_with_jacobian(self, s, dtype=np.float64):
+        """(flux (n, n_pix), d flux / d s (n, n_pix, n_labels)) at scaled labels ``s``."""
+        x = self.planar_kernel(s, dtype)
+        return np.ascontiguousarray(x[:, 0]), np.ascontiguousarray(x[:, 1:].transpose(0, 2, 1))
+
+    def predict(self, labels):
+        """Normalised flux ``(n, n_pix)`` at physical ``labels`` ``(n, n_labels)``."""
+        return self.predict_scaled(self.scale(self._as_batch(labels)))
+
+    def predict_with_jacobian(self, labels):
+        """``(flux (n, n_pix), jac (n, n_pix, n_labels))``; ``jac`` is d flux / d label
+        in physical label units, computed analytically (chain rule through the network)."""
+        f, js = self.predict_scaled_with_jacobian(self.scale(self._as_batch(labels)))
+        return f, js / self.scale_width
+
+    def describe(self) -> dict:
+        return {
+            "arch": self.arch,
+            "labels": [
+                {"name": n, "unit": u, "x_min": float(a), "x_max": float(b)}
+                for n, u, a, b in zip(self.label_names, self.label_units, self.x_min, self.x_max)
+            ],
+            "n_pix": int(self.n_pix),
+            "wave_min": float(self.wave[0]),
+            "wave_max": float(self.wave[-1]),
+            "frame": self.frame,
+            "meta": self.meta,
+        }
+
+    # ------------------------------------------------------------- I/O
+    def _arrays(self) -> list[tuple[str, np.ndarray]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _extra_header(self) -> dict:
+        return {}
+
+    def to_hdulist(self) -> fits.HDUList:
+        ph = fits.Header()
+        ph["MPFORMAT"] = (FORMAT_NAME, "musepayne model file")
+        ph["MPMVERS"] = (FORMAT_VERSION, "model format version")
+        ph["ARCH"] = (self.arch, "network architecture")
+        ph["CREATED"] = (str(self.meta.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds")),
+                         "creation date (UTC)")
+        ph["MPSOFT"] = (str(self.meta.get("software_version", __version__)), "musepayne version")
+        ph["NLABELS"] = self.n_labels
+        ph["NPIX"] = self.n_pix
+        for k, v in self._extra_header().items():
+            ph[k] = v
+        hdus = [fits.PrimaryHDU(header=ph)]
+        for name, arr in self._arrays():
+            hdus.append(fits.ImageHDU(np.ascontiguousarray(arr), name=name))
+        lab = Table()
+        lab["name"] = list(self.label_names)
+        lab["unit"] = list(self.label_units)
+        lab["x_min"] = self.x_min
+        lab["x_max"] = self.x_max
+        hl = fits.table_to_hdu(lab)
+        hl.name = "LABELS"
+        hdus.append(hl)
+        hw = fits.ImageHDU(self.wave, name="WAVE")
+        hw.header["FRAME"] = (self.frame, "wavelength frame")
+        hw.header["BUNIT"] = "Angstrom"
+        hdus.append(hw)
+        if self.pixel_mask.any():
+            hm = fits.ImageHDU(self.pixel_mask.astype(np.uint8), name="PIXMASK")
+            hm.header["COMMENT"] = "1 = model pixel not to be used in fits (insufficient training coverage)"
+            hdus.append(hm)
+        if self.scatter.any():
+            hs = fits.ImageHDU(self.scatter, name="SCATTER")
+            hs.header["COMMENT"] = "intrinsic model scatter s_p per pixel (normalised flux); fits add s_p^2 to the variance"
+            hdus.append(hs)
+        prov = Table({"json": [json.dumps(self.meta, sort_keys=True, default=str)]})
+        hp = fits.table_to_hdu(prov)
+        hp.name = "PROVENANCE"
+        hdus.append(hp)
+        return fits.HDUList(hdus)
+
+    def save(self, path, overwrite: bool = True):
+        """Write the model file atomically (see module docstring for the layout)."""
+        atomic_write_fits(self.to_hdulist(), path, overwrite=overwrite)
+
+
+class PerPixelPayne(SpectralModel):
+    """Per-pixel networks: labels -> ``n_hidden`` sigmoid neurons -> 1 output, per pixel.
+
+    ``w0 (n_pix, n_hidden, n_labels)``, ``b0 (n_pix, n_hidden)``,
+    ``w1 (n_pix, n_hidden)``, ``b1 (n_pix,)`` -- the layout of The Payne's
+    ``NN_normalized_spectra.npz`` (``w_array_0``, ``b_array_0``, ``w_array_1``,
+    ``b_array_1``; ``einsum('ijk,k->ij', w_array_0, s)``).
+    """
+
+    arch = "perpixel"
+
+    def __init__(self, w0, b0, w1, b1, label_names, x_min, x_max, wave, frame="vacuum",
+                 label_units=None, meta=None):
+        super().__init__(label_names, x_min, x_max, wave, frame, label_units, meta)
+        self.w0 = np.asarray(w0)
+        self.b0 = np.asarray(b0)
+        self.w1 = np.asarray(w1)
+        self.b1 = np.asarray(b1)
+        p, h, l = self.w0.shape if self.w0.ndim == 3 else (None, None, None)
+        if (p is None or l != self.n_labels or p != self.n_pix or self.b0.shape != (p, h)
+                or self.w1.shape != (p, h) or self.b1.shape != (p,)):
+            raise ModelError(
+                f"per-pixel weights inconsistent: w0 {self.w0.shape} (want (n_pix={self.n_pix}, n_hidden, "
+                f"n_labels={self.n_labels})), b0 {self.b0.shape}, w1 {self.w1.shape}, b1 {self.b1.shape}")
+        self.n_hidden = h
+
+    def _cast(self, dtype):
+        """Weights at ``dtype`` in the hidden-unit-major layout of the kernels (cached per dtype)."""
+        dt = np.dtype(dtype)
+        c = self._cache.get(dt.str)
+        if c is None:
+            p, h, l = self.w0.shape
+            c = (np.ascontiguousarray(self.w0.transpose(2, 1, 0).reshape(l, h * p)).astype(dt),  # (L, H*p)
+                 np.ascontiguousarray(self.b0.T).reshape(h * p).astype(dt),
+                 np.ascontiguousarray(self.w1.T).astype(dt),  # (H, p)
+                 self.b1.astype(dt),
+                 np.ascontiguousarray(self.w0.transpose(1, 2, 0)).astype(dt))  # (H, L, p)
+            self._cache[dt.str] = c
+        return c
+
+    def _hidden(self, s, dtype):
+        """Sigmoid activations laid out ``(n, n_hidden, n_pix)``."""
+        w0t, b0f = self._cast(dtype)[:2]
+        z = np.asarray(s, dtype) @ w0t
+        z += b0f
+        return _sigmoid_inplace(z).reshape(s.shape[0], self.n_hidden, self.n_pix)
+
+    def predict_scaled(self, s, dtype=np.float64):
+        s = np.atleast_2d(np.asarray(s, np.float64))
+        _, _, w1, b1, _ = self._cast(dtype)
+        return np.einsum("nhp,hp->np", self._hidden(s, dtype), w1) + b1
+
+    def planar_kernel(self, s, dtype=np.float64):
+        s = np.atleast_2d(np.asarray(s, np.float64))
+        _, _, w1, b1, w0 = self._cast(dtype)
+        a = self._hidden(s, dtype)
+        x = np.empty((s.shape[0], 1 + self.n_labels, self.n_pix), a.dtype)
+        np.einsum("nhp,hp->np", a, w1, out=x[:, 0])
+        x[:, 0] += b1
+        a *= 1.0 - a  # sigmoid'(z) = a (1 - a), in place
+        a *= w1
+        # d f_p / d s_l = sum_h w1[p,h] sigmoid'(z)[p,h] w0[p,h,l]
+        np.einsum("nhp,hlp->nlp", a, w0, out=x[:, 1:])
+        return x
+
+    def _arrays(self):
+        return [("W0", self.w0), ("B0", self.b0), ("W1", self.w1), ("B1", self.b1)]
+
+    @classmethod
+    def _from_hdus(cls, h, common):
+        return cls(*(_native(h[k].data) for k in ("W0", "B0", "W1", "B1")), **common)
+
+
+class MLPPayne(SpectralModel):
+    """One fully connected network for all pixels with leaky-ReLU hidden layers.
+
+    ``weights[i]`` has the torch ``Linear`` shape ``(n_out, n_in)``; the last
+    layer is linear and outputs ``n_pix`` values.  Any number of hidden layers.
+    """
+
+    arch = "mlp"
+
+    def __init__(self, weights, biases, label_names, x_min, x_max, wave, frame="vacuum",
+                 label_units=None, meta=None, negative_slope=0.01):
+        super().__init__(label_names, x_min, x_max, wave, frame, label_units, meta)
+        self.weights = [np.asarray(w) for w in weights]
+        self.biases = [np.asarray(b).ravel() for b in biases]
+        self.negative_slope = float(negative_slope)
+        if len(self.weights) < 1 or len(self.weights) != len(self.biases):
+            raise ModelError("need one bias per weight matrix and at least one layer")
+        n_in = self.n_labels
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if w.ndim != 2 or w.shape[1] != n_in or b.shape != (w.shape[0],):
+                raise ModelError(f"layer {i}: weight {w.shape} / bias {b.shape} do not chain from {n_in} inputs")
+            n_in = w.shape[0]
+        if n_in != self.n_pix:
+            raise ModelError(f"last layer outputs {n_in} values but the wavelength grid has {self.n_pix} pixels")
+
+    def _cast(self, dtype):
+        dt = np.dtype(dtype)
+        c = self._cache.get(dt.str)
+        if c is None:
+            c = ([w.astype(dt) for w in self.weights], [b.astype(dt) for b in self.biases])
+            self._cache[dt.str] = c
+        return c
+
+    def predict_scaled(self, s, dtype=np.float64):
+        ws, bs = self._cast(dtype)
+        h = np.atleast_2d(np.asarray(s, dtype))
+        for w, b in zip(ws[:-1], bs[:-1]):
+            h = h @ w.T + b
+            h = np.where(h > 0, h, self.negative_slope * h)
+        return h @ ws[-1].T + bs[-1]
+
+    def planar_kernel(self, s, dtype=np.float64):
+        ws, bs = self._cast(dtype)
+        s = np.atleast_2d(np.asarray(s, dtype))
+        n, L = s.shape
+        # forward mode: activations and their derivatives carried together as planes
+        # (n, 1 + L, width): plane 0 the activation, plane 1 + l its derivative by s_l
+        h = np.zeros((n, 1 + L, L), dtype)
+        h[:, 0] = s
+        h[:, 1:] = np.eye(L, dtype=dtype)
+        for w, b in zip(ws[:-1], bs[:-1]):
+            z = (h.reshape(n * (1 + L), -1) @ w.T).reshape(n, 1 + L, -1)  # one GEMM for all planes
+            z[:, 0] += b
+            slope = np.where(z[:, 0] > 0, 1.0, self.negative_slope).astype(dtype)
+            z *= slope[:, None, :]
+            h = z
+        x = (h.reshape(n * (1 + L), -1) @ ws[-1].T).reshape(n, 1 + L, -1)
+        x[:, 0] += bs[-1]
+        return x
+
+    def _arrays(self):
+        out = []
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            out += [(f"W{i}", w), (f"B{i}", b)]
+        return out
+
+    def _extra_header(self):
+        return {"NLAYERS": (len(self.weights), "number of weight matrices"),
+                "NEGSLOPE": (self.negative_slope, "leaky ReLU negative slope")}
+
+    @classmethod
+    def _from_hdus(cls, h, common):
+        n = int(h[0].header["NLAYERS"])
+        ws = [_native(h[f"W{i}"].data) for i in range(n)]
+        bs = [_native(h[f"B{i}"].data) for i in range(n)]
+        return cls(ws, bs, negative_slope=float(h[0].header.get("NEGSLOPE", 0.01)), **common)
+
+
+_ARCHS = {"perpixel": PerPixelPayne, "mlp": MLPPayne}
+
+
+def _default_model_path():
+    from importlib import resources
+
+    try:
+        ref = resources.files("musepayne").joinpath("models", "default.fits")
+        if ref.is_file():
+            return Path(str(ref))
+    except (ModuleNotFoundError, FileNotFoundError):
+        pass
+    return None
+
+
+def load_model(path) -> SpectralModel:
+    """Read a musepayne model file and return the matching :class:`SpectralModel`.
+
+    ``path='default'`` loads the package's shipped ``musepayne/models/default.fits``.
+    """
+    if str(path) == "default":
+        p = _default_model_path()
+        if p is None:
+            raise ModelError(
+                "no default model shipped yet; train one with 'musepayne train ...' or import one with "
+                "'musepayne model import ...' and pass it with --model")
+        path = p
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    try:
+        with fits.open(path, memmap=False) as h:
+            ph = h[0].header
+            check_format(ph, path, FORMAT_NAME, FORMAT_VERSION, "model", ModelError, version_key="MPMVERS",
+                         hint="; convert Payne .npz files with 'musepayne model import'")
+            arch = ph.get("ARCH")
+            archs = dict(_ARCHS)
+            if arch == "cannon":  # the quadratic-Cannon baseline (imported lazily: it imports this module)
+                from .cannon import CannonModel
+
+                archs["cannon"] = CannonModel
+            if arch not in archs:
+                raise ModelError(f"{path}: unknown architecture {arch!r}")
+            lab = Table.read(h["LABELS"])
+            meta = json.loads(str(Table.read(h["PROVENANCE"])["json"][0])) if "PROVENANCE" in h else {}
+            common = dict(
+                label_names=[str(x) for x in lab["name"]],
+                label_units=[str(x) for x in lab["unit"]],
+                x_min=np.array(lab["x_min"], np.float64),
+                x_max=np.array(lab["x_max"], np.float64),
+                wave=np.array(h["WAVE"].data, np.float64),
+                frame=str(h["WAVE"].header.get("FRAME", "vacuum")),
+                meta=meta,
+            )
+            model = archs[arch]._from_hdus(h, common)
+            if "PIXMASK" in h:
+                model.with_pixel_mask(np.asarray(h["PIXMASK"].data) != 0)
+            if "SCATTER" in h:
+                model.with_scatter(np.asarray(h["SCATTER"].data, np.float64))
+    except ModelError:
+        raise
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read model ({type(exc).__name__}: {exc})") from None
+    model.path = str(path)
+    return model
+
+
+def _read_wavelength(path) -> np.ndarray:
+    """Wavelength grid from an .npz (first array, or 'wavelength'/'wave') or a FITS file
+    (HDU 'WAVE', or a 1-D primary image, or a table column 'wave'/'wavelength')."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as d:
+            for k in ("wavelength", "wave", "WAVE", "lambda"):
+                if k in d.files:
+                    return np.array(d[k], np.float64).ravel()
+            if len(d.files) == 1:
+                return np.array(d[d.files[0]], np.float64).ravel()
+            raise ModelError(f"{path}: no 'wavelength' or 'wave' array (has {d.files})")
+    with fits.open(path, memmap=False) as h:
+        if "WAVE" in h and h["WAVE"].data is not None:
+            d = h["WAVE"].data
+            if isinstance(d, np.ndarray) and d.dtype.names is None:
+                return np.array(d, np.float64).ravel()
+        if h[0].data is not None and h[0].data.ndim == 1:
+            return np.array(h[0].data, np.float64)
+        for hdu in h[1:]:
+            if isinstance(hdu, fits.BinTableHDU):
+                for c in hdu.columns.names:
+                    if c.lower() in ("wave", "wavelength", "lambda"):
+                        return np.array(hdu.data[c], np.float64).ravel()
+    raise ModelError(f"{path}: no wavelength array found")
+
+
+def import_payne_npz(path, fmt, label_names, wavelength, frame="vacuum", label_units=None,
+                     meta=None) -> SpectralModel:
+    """Convert a The Payne ``.npz`` network into a :class:`SpectralModel`.
+
+    ``fmt='payne-perpixel'``: ``w_array_0 (n_pix, n_hidden, n_labels)``,
+    ``w_array_1 (n_pix, n_hidden)``, ``b_array_0 (n_pix, n_hidden)``,
+    ``b_array_1 (n_pix,)``, ``x_min``, ``x_max``.
+    ``fmt='payne-mlp'``: ``w_array_0, w_array_1, w_array_2, ...`` each
+    ``(n_out, n_in)``, ``b_array_i``, ``x_min``, ``x_max``; leaky ReLU 0.01.
+    ``wavelength``: an array or a path to an .npz/.fits file holding it.
+    """
+    from ..io.fits import sha256_file
+
+    path = Path(path)
+    if isinstance(wavelength, (str, Path)):
+        wave_src = str(wavelength)
+        wave = _read_wavelength(wavelength)
+    else:
+        wave_src = "array"
+        wave = np.asarray(wavelength, np.float64)
+    try:
+        d = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read as .npz without pickle ({exc})") from None
+    with d:
+        files = set(d.files)
+        need = {"x_min", "x_max", "w_array_0", "b_array_0"}
+        if not need <= files:
+            raise ModelError(f"{path}: not a Payne network file (missing {sorted(need - files)})")
+        x_min, x_max = d["x_min"], d["x_max"]
+        m = dict(meta or {})
+        m.setdefault("imported_from", path.name)
+        m.setdefault("imported_sha256", sha256_file(path))
+        m.setdefault("import_format", fmt)
+        m.setdefault("wavelength_source", Path(wave_src).name if wave_src != "array" else "array")
+        m.setdefault("software_version", __version__)
+        m.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        if fmt == "payne-perpixel":
+            if d["w_array_0"].ndim != 3:
+                raise ModelError(f"{path}: w_array_0 is {d['w_array_0'].ndim}-D; a per-pixel network has a 3-D "
+                                 "w_array_0 (use --format payne-mlp for 2-D weights)")
+            m.setdefault("architecture", "per-pixel sigmoid network (Ting et al. 2017 / Xiang et al. 2019)")
+            return PerPixelPayne(d["w_array_0"], d["b_array_0"], d["w_array_1"], d["b_array_1"],
+                                 label_names, x_min, x_max, wave, frame, label_units, m)
+        if fmt == "payne-mlp":
+            ws, bs, i = [], [], 0
+            while f"w_array_{i}" in files:
+                ws.append(d[f"w_array_{i}"])
+                bs.append(d[f"b_array_{i}"])
+                i += 1
+            if any(w.ndim != 2 for w in ws):
+                raise ModelError(f"{path}: payne-mlp weights must be 2-D (use --format payne-perpixel)")
+            m.setdefault("architecture", f"MLP {len(ws) - 1} hidden leaky-ReLU layers (Ting et al. 2019)")
+            return MLPPayne(ws, bs, label_names, x_min, x_max, wave, frame, label_units, m)
+    raise ModelError(f"unknown format {fmt!r}; use 'payne-perpixel' or 'payne-mlp'")

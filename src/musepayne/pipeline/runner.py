@@ -1,0 +1,421 @@
+"""``musepayne run``: cube(s) + source list -> labelled catalogue, resumable.
+
+Layout of ``OUTDIR``::
+
+    config.json                 the effective configuration (file + CLI overrides)
+    run.json                    run record: versions, configuration, input checksums,
+                                per-stage timings, counts by status
+    musepayne.log               log file
+    cubes/<cube_id>/extracted.fits   extracted spectra (extract stage)
+    cubes/<cube_id>/prepared.fits    prepared spectra (prepare stage)
+    cubes/<cube_id>/fit/part-NNNNN.fits  fitted chunks (labels + best-fit models)
+    cubes/<cube_id>/<stage>.done.json    completion markers (input + config hashes)
+    catalogue.fits / .csv / .parquet     every observation (one row per star and cube)
+    catalogue_stars.fits / .csv          per-star summary: the observation with the
+                                         highest corr_flux (paper Eq. 6 rule)
+    models.fits                 best-fit model spectra, aligned with catalogue.fits
+    report/index.html           the report (PNG figures beside it)
+
+Every file is written atomically (temporary file, then rename).  A stage is
+skipped when its marker exists and records the same input checksums and
+configuration hash; fitting is checkpointed per chunk of stars, so a killed
+run loses at most one chunk of work and the final catalogue has every star
+exactly once (checked when merging).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Column, Table, vstack
+
+from .. import __version__
+from ..io.fits import atomic_write_fits, atomic_write_json, sha256_file, table_hdu
+
+__all__ = ["RunConfig", "Pipeline", "load_config_file", "cube_id_for"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every option of ``musepayne run``; a TOML/JSON file can hold any subset.
+
+    Attributes
+    ----------
+    model, model_mp : model file paths or 'default'
+    mode : 'standard' | 'bulge' (prepare masks, paper S4.2.1)
+    ao_notch : None | 'WFM-AO-N' | 'WFM-AO-E' | 'NFM'
+    extract_method : 'psf' | 'aperture'
+    cube_lsf : LSF of the cube spectra ('muse' or any ``lsf_from_spec`` string)
+    rv_range : half-width (km/s) of the RV search
+    fit_chunk : stars per fit checkpoint
+    min_snr : spectra below this native S/N are not fitted (status row kept)
+    report : write the HTML report
+    blas_threads : BLAS threads used by the run (default 1).  Floating-point sums
+        depend on the thread count, so fixing it makes a run's numbers identical
+        wherever it runs (a resumed run, another worker, another machine);
+        parallelism comes from running cubes side by side (``musepayne survey``).
+        None: leave the BLAS library's own setting.
+    """
+
+    model: str = "default"
+    model_mp: str | None = None
+    mode: str = "standard"
+    ao_notch: str | None = None
+    extract_method: str = "psf"
+    cube_lsf: str = "muse"
+    rv_range: float = 600.0
+    fit_chunk: int = 200
+    min_snr: float = 3.0
+    report: bool = True
+    blas_threads: int | None = 1
+    extract_options: dict = field(default_factory=dict)
+    fit_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in ("standard", "bulge"):
+            raise ValueError(f"mode must be standard or bulge, got {self.mode!r}")
+        if self.extract_method not in ("psf", "aperture"):
+            raise ValueError(f"extract_method must be psf or aperture, got {self.extract_method!r}")
+        if not self.fit_chunk > 0:
+            raise ValueError("fit_chunk must be positive")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def digest(self, *names) -> str:
+        """Hash of the named options (all when none): what a stage's output depends on."""
+        d = self.to_dict()
+        if names:
+            d = {k: d[k] for k in names}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def updated(self, **overrides) -> "RunConfig":
+        known = {f.name for f in fields(self)}
+        bad = set(overrides) - known
+        if bad:
+            raise ValueError(f"unknown configuration option(s): {sorted(bad)}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def load_config_file(path) -> dict:
+    """Read options from a TOML (``[run]`` table or top level) or JSON file."""
+    p = Path(path)
+    text = p.read_bytes()
+    if p.suffix.lower() == ".json":
+        d = json.loads(text)
+    else:
+        import tomllib
+
+        d = tomllib.loads(text.decode())
+    return d.get("run", d)
+
+
+def cube_id_for(path, checksum: str) -> str:
+    return f"{Path(path).name.split('.fits')[0]}-{checksum[:8]}"
+
+
+class _StageLog:
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    def add(self, key, dt):
+        self.timings[key] = round(self.timings.get(key, 0.0) + dt, 3)
+
+
+class Pipeline:
+    """Configure once; ``run(cubes, sources)`` does extract -> prepare -> fit -> catalogue.
+
+    ``progress`` is a callable ``(stage, done, total)`` or None; the CLI passes
+    a rich progress display.  ``stop_after`` (tests) raises ``KeyboardInterrupt``
+    after that many fit chunks, to exercise resuming.
+    """
+
+    def __init__(self, outdir, config: RunConfig = RunConfig(), progress=None, logger=None):
+        self.outdir = Path(outdir)
+        self.config = config
+        self.progress = progress
+        self.log = logger or logging.getLogger(f"musepayne.run.{id(self)}")
+        self.times = _StageLog()
+
+    # ------------------------------------------------------------------ helpers
+    def _marker(self, cdir: Path, stage: str) -> Path:
+        return cdir / f"{stage}.done.json"
+
+    def _is_done(self, cdir, stage, inputs: dict, cfg_hash: str, output: Path) -> bool:
+        m = self._marker(cdir, stage)
+        if not (m.exists() and output.exists()):
+            return False
+        try:
+            rec = json.loads(m.read_text())
+        except (OSError, ValueError):
+            return False
+        return rec.get("inputs") == inputs and rec.get("config") == cfg_hash
+
+    def _mark(self, cdir, stage, inputs, cfg_hash, extra=None):
+        atomic_write_json({"stage": stage, "inputs": inputs, "config": cfg_hash, "version": __version__,
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})},
+                          self._marker(cdir, stage))
+
+    def _tick(self, stage, done, total):
+        if self.progress is not None:
+            self.progress(stage, done, total)
+
+    # ------------------------------------------------------------------ stages
+    def extract(self, cube_path, sources_path, cdir: Path, checks: dict) -> Path:
+        out = cdir / "extracted.fits"
+        cfg_hash = self.config.digest("extract_method", "extract_options")
+        if self._is_done(cdir, "extract", checks, cfg_hash, out):
+            self.log.info("extract: %s already done, skipped", cube_path)
+            return out
+        t0 = time.perf_counter()
+        info = _run_extract(cube_path, sources_path, out, self.config)
+        self.times.add("extract", time.perf_counter() - t0)
+        self._mark(cdir, "extract", checks, cfg_hash, {"summary": info})
+        self.log.info("extract: %s -> %s (%s)", cube_path, out, info)
+        return out
+
+    def prepare(self, extracted: Path, cdir: Path) -> Path:
+        from ..instrument.lsf import lsf_from_spec
+        from ..prepare.preparer import PrepareConfig, Preparer
+        from ..io.readers import read_muse_spectra
+
+        out = cdir / "prepared.fits"
+        inputs = {"extracted": sha256_file(extracted)}
+        cfg_hash = self.config.digest("mode", "ao_notch", "cube_lsf")
+        if self._is_done(cdir, "prepare", inputs, cfg_hash, out):
+            self.log.info("prepare: %s already done, skipped", extracted)
+            return out
+        t0 = time.perf_counter()
+        spectra = read_muse_spectra(extracted, lsf=lsf_from_spec(self.config.cube_lsf))
+        prep = Preparer(PrepareConfig(mode=self.config.mode, ao_notch=self.config.ao_notch))(spectra)
+        prep.write(out)
+        self.times.add("prepare", time.perf_counter() - t0)
+        self._mark(cdir, "prepare", inputs, cfg_hash, {"counts": dict(Counter(prep.spectra["status"].tolist()))})
+        self.log.info("prepare: %d spectra -> %s", prep.n_spectra, out)
+        return out
+
+    def fit(self, prepared_path: Path, cdir: Path, model, model_mp=None, stop_after=None) -> tuple[Table, np.ndarray]:
+        from ..io.prepared import PreparedSpectra
+
+        prep = PreparedSpectra.read(prepared_path)
+        fdir = cdir / "fit"
+        fdir.mkdir(parents=True, exist_ok=True)
+        inputs = {"prepared": sha256_file(prepared_path), "model": _model_id(self.config.model),
+                  "model_mp": _model_id(self.config.model_mp) if model_mp is not None else None}
+        cfg_hash = self.config.digest("rv_range", "fit_chunk", "min_snr", "fit_options")
+        manifest = fdir / "manifest.json"
+        want = {"inputs": inputs, "config": cfg_hash}
+        if manifest.exists():
+            try:
+                have = json.loads(manifest.read_text())
+            except ValueError:
+                have = None
+            if have != want:  # inputs or options changed: old parts are stale
+                for p in fdir.glob("part-*.fits"):
+                    p.unlink()
+        atomic_write_json(want, manifest)
+        n = prep.n_spectra
+        chunk = self.config.fit_chunk
+        starts = list(range(0, n, chunk))
+        done_chunks = 0
+        for k, i0 in enumerate(starts):
+            part = fdir / f"part-{k:05d}.fits"
+            if not part.exists():
+                t0 = time.perf_counter()
+                idx = np.arange(i0, min(n, i0 + chunk))
+                cat, models = _run_fit_chunk(prep.take(idx), model, model_mp, self.config)
+                _write_part(part, cat, models)
+                self.times.add("fit", time.perf_counter() - t0)
+                done_chunks += 1
+                if stop_after is not None and done_chunks >= stop_after:
+                    raise KeyboardInterrupt(f"stopped after {done_chunks} chunks (test hook)")
+            self._tick("fit", min(n, i0 + chunk), n)
+        cats, models = [], []
+        for k in range(len(starts)):
+            c, m = _read_part(fdir / f"part-{k:05d}.fits")
+            cats.append(c)
+            models.append(m)
+        cat = vstack(cats, metadata_conflicts="silent") if cats else Table()
+        mod = np.vstack(models) if models else np.zeros((0, prep.wave.size))
+        if len(cat) != n or len(set(cat["stellar_id"])) != len(cat):
+            raise RuntimeError(f"{cdir}: merged fit has {len(cat)} rows for {n} spectra or duplicate ids")
+        return cat, mod
+
+    # ------------------------------------------------------------------ driver
+    def run(self, cubes, sources, truth=None, stop_after=None) -> dict:
+        """Process ``cubes`` (with one source catalogue, or one per cube); returns the run record."""
+        if self.config.blas_threads is None:
+            return self._run(cubes, sources, truth, stop_after)
+        from ..threads import blas_threads
+
+        with blas_threads(self.config.blas_threads):
+            return self._run(cubes, sources, truth, stop_after)
+
+    def _run(self, cubes, sources, truth=None, stop_after=None) -> dict:
+        from ..models.model import load_model
+
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        # temporary files of a killed run are never valid: remove them (one run per OUTDIR at a time)
+        for stale in self.outdir.rglob(".*.part"):
+            stale.unlink(missing_ok=True)
+        atomic_write_json(self.config.to_dict(), self.outdir / "config.json")
+        t_start = time.perf_counter()
+        model = load_model(self.config.model)
+        model_mp = load_model(self.config.model_mp) if self.config.model_mp else None
+        record = {"software": {"musepayne": __version__, "numpy": np.__version__},
+                  "model": {"path": str(self.config.model), "sha256": _model_id(self.config.model),
+                            "meta": getattr(model, "meta", {})},
+                  "config": self.config.to_dict(), "inputs": {}, "cubes": []}
+        sources = [sources] * len(cubes) if not isinstance(sources, (list, tuple)) else list(sources)
+        if len(sources) != len(cubes):
+            raise ValueError("give one source catalogue, or one per cube")
+        all_cats, all_models = [], []
+        prep_wave = None
+        for ci, (cube, src) in enumerate(zip(cubes, sources)):
+            t0 = time.perf_counter()
+            csum = sha256_file(cube)
+            ssum = sha256_file(src)
+            self.times.add("checksums", time.perf_counter() - t0)
+            cid = cube_id_for(cube, csum)
+            record["inputs"][str(cube)] = csum
+            record["inputs"][str(src)] = ssum
+            cdir = self.outdir / "cubes" / cid
+            cdir.mkdir(parents=True, exist_ok=True)
+            self._tick("cubes", ci, len(cubes))
+            extracted = self.extract(cube, src, cdir, {"cube": csum, "sources": ssum})
+            prepared = self.prepare(extracted, cdir)
+            cat, models = self.fit(prepared, cdir, model, model_mp, stop_after=stop_after)
+            cat["cube_id"] = Column([cid] * len(cat), description="cube identifier: file name stem and the first 8 hex digits of its sha256")
+            cat["obs_id"] = Column([f"{cid}:{s}" for s in cat["stellar_id"]],
+                                   description="observation identifier, cube_id:stellar_id (unique per row)")
+            all_cats.append(cat)
+            all_models.append(models)
+            if prep_wave is None:
+                prep_wave = fits.getdata(prepared, "WAVE")
+            record["cubes"].append({"cube": str(cube), "cube_id": cid, "n_rows": len(cat),
+                                    "status": dict(Counter(str(s).split(":")[0] for s in cat["status"]))})
+            self._tick("cubes", ci + 1, len(cubes))
+        catalogue = vstack(all_cats, metadata_conflicts="silent")
+        models = np.vstack(all_models)
+        stars = _best_per_star(catalogue)
+        _write_catalogue(catalogue, self.outdir / "catalogue")
+        _write_catalogue(stars, self.outdir / "catalogue_stars")
+        hm = fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(prep_wave, name="WAVE"),
+                           fits.ImageHDU(models.astype(np.float32), name="MODEL")])
+        atomic_write_fits(hm, self.outdir / "models.fits")
+        record["counts"] = dict(Counter(str(s).split(":")[0] for s in catalogue["status"]))
+        record["n_observations"] = len(catalogue)
+        record["n_stars"] = len(stars)
+        if self.config.report:
+            t0 = time.perf_counter()
+            record["report"] = self.write_report(cubes[0], catalogue, models, truth)
+            self.times.add("report", time.perf_counter() - t0)
+        self.times.add("total", time.perf_counter() - t_start)
+        record["timings"] = self.times.timings
+        atomic_write_json(record, self.outdir / "run.json")
+        return record
+
+    def write_report(self, cube, catalogue, models, truth=None):
+        from ..io.prepared import PreparedSpectra
+        from ..io.readers import open_cube
+        from .report import make_report
+
+        first = catalogue["cube_id"][0]
+        cdir = self.outdir / "cubes" / first
+        prep = PreparedSpectra.read(cdir / "prepared.fits")
+        sel = np.array([c == first for c in catalogue["cube_id"]])
+        with open_cube(cube) as c:
+            wl = c.white_light(block=256)
+        with fits.open(cdir / "extracted.fits") as h:
+            sources = Table(h["SOURCES"].data) if "SOURCES" in h else None
+        return make_report(self.outdir / "report", catalogue[sel], white_light=wl, sources=sources,
+                           wave=prep.wave, flux=prep.flux, ivar=prep.ivar, model_flux=models[sel], truth=truth,
+                           title=f"musepayne run: {Path(cube).name}")
+
+
+# ---------------------------------------------------------------------- adapters
+def _model_id(spec) -> str:
+    """sha256 of the model file a run uses ('default' resolves to the shipped file)."""
+    from ..models.model import _default_model_path
+
+    path = _default_model_path() if str(spec) == "default" else spec
+    return sha256_file(path) if path is not None and Path(path).is_file() else str(spec)
+
+
+def _run_extract(cube_path, sources_path, out_path, config: RunConfig) -> dict:
+    from ..extract.extractor import ExtractConfig, Extractor
+
+    cfg = ExtractConfig(method=config.extract_method, **config.extract_options)
+    res = Extractor(cfg)(str(cube_path), str(sources_path))
+    res.write(out_path)
+    status = Counter(str(s) for s in res.sources["status"]) if "status" in res.sources.colnames else {}
+    return {"n_sources": len(res.sources), "status": dict(status),
+            "timings": {k: round(float(v), 3) for k, v in (res.timings or {}).items()}}
+
+
+def _run_fit_chunk(prep, model, model_mp, config: RunConfig):
+    """Fit one chunk; returns (catalogue without the model column, best-fit models)."""
+    from ..fit.fitter import FitConfig, Fitter
+
+    opts = {"rv_range": config.rv_range, "keep_model": True, **config.fit_options}
+    cat = Fitter(model, FitConfig(**opts))(prep)
+    if model_mp is not None:
+        from ..fit.catalogue import combine_metal_poor
+
+        cat_mp = Fitter(model_mp, FitConfig(**opts))(prep)
+        cat = combine_metal_poor(cat, cat_mp)
+    if "model_flux" in cat.colnames:
+        models = np.asarray(cat["model_flux"], dtype=np.float64)
+        cat.remove_column("model_flux")
+    else:
+        models = np.full((len(cat), prep.wave.size), np.nan)
+    return cat, models
+
+
+def _write_part(path, cat: Table, models):
+    # the catalogue HDU keeps the column descriptions (every output column is documented)
+    h = fits.HDUList([fits.PrimaryHDU(), table_hdu(cat, "CATALOGUE"),
+                      fits.ImageHDU(np.asarray(models, np.float32), name="MODEL")])
+    atomic_write_fits(h, path)
+
+
+def _read_part(path):
+    with fits.open(path) as h:
+        # mask_invalid=False: NaN stays NaN (no MaskedColumns, which Parquet would split into value + ".mask")
+        return (Table.read(h["CATALOGUE"], mask_invalid=False),
+                np.array(h["MODEL"].data, dtype=np.float64, ndmin=2))
+
+
+def _best_per_star(cat: Table) -> Table:
+    """One row per stellar_id: the observation with the highest corr_flux (paper Eq. 6)."""
+    ids = np.asarray(cat["stellar_id"]).astype(str)
+    cf = np.asarray(cat["corr_flux"], dtype=np.float64) if "corr_flux" in cat.colnames else np.zeros(len(cat))
+    cf = np.where(np.isfinite(cf), cf, -np.inf)
+    order = np.lexsort((-cf, ids))
+    first = np.ones(order.size, bool)
+    first[1:] = ids[order][1:] != ids[order][:-1]
+    best = cat[order[first]]
+    counts = Counter(ids)
+    best["n_obs"] = Column([counts[str(s)] for s in best["stellar_id"]],
+                           description="number of observations (cubes) of this star in catalogue.fits")
+    return best
+
+
+def _write_catalogue(cat: Table, stem: Path):
+    """``stem``.fits and .csv, and .parquet when pyarrow is installed (all atomic)."""
+    from ..fit.catalogue import write_catalogue
+
+    write_catalogue(cat, stem.with_suffix(".fits"))
+    write_catalogue(cat, stem.with_suffix(".csv"))
+    try:
+        write_catalogue(cat, stem.with_suffix(".parquet"))
+    except RuntimeError:  # no pyarrow: Parquet is optional
+        pass

@@ -1,0 +1,431 @@
+"""Precision forecasts: label uncertainty vs S/N, magnitude and exposure time.
+
+Two families of forecast:
+
+1. **The paper's fitted relations** (Wang et al. 2022, §5):
+
+   * Eq. 11, ``log10 sigma_X = A_X log10 SNR + B_X`` with the coefficients of
+     Table 3 (:data:`TABLE3`).  Logs are base 10, abundances in dex and, as in
+     Chem-I-Calc, **Teff in units of 100 K** inside the relation (SNR 100 gives
+     0.475, i.e. 47.5 K).  The public functions here take and return Teff
+     uncertainties in **K** and convert internally (:data:`TABLE3_UNIT_SCALE`).
+   * Eq. 12-13, ``SNR = SNR_1hr(V) sqrt(T_exp / 3600 s)`` with
+     ``SNR_1hr(V) = 462.34 x / sqrt(0.00223 + x)``, ``x = 10**(0.4 (14.83 - V))``
+     (MUSE ETC, K giant, airmass 1.5, seeing 0.8").
+   * Their inverses in closed form: the S/N needed for a target sigma, the
+     limiting V for a sigma at an exposure time, and the exposure time needed
+     for a sigma at a magnitude.  With ``y = SNR_1hr`` and ``a = 462.34**2``,
+     Eq. 13 inverts to ``x = (y**2 + sqrt(y**4 + 4 a y**2 0.00223)) / (2 a)``.
+
+2. **A Cramér-Rao forecast from any model's Jacobian** (beyond the paper; the
+   method of Chem-I-Calc, Sandford et al. 2020, which the paper used to build
+   Fig. 13): the Fisher matrix ``F = J^T diag(ivar) J`` over the pixels a fit
+   uses, with ``J = d flux / d label`` the model's own gradient spectra in
+   physical label units and ``ivar = SNR**2`` per pixel of a normalised
+   spectrum (``sigma_pix = 1/SNR``).  The bound is ``sqrt(diag(F^-1))``.
+   The paper's Eq. 9 then multiplies by a per-label correction factor measured
+   from repeat observations (Eq. 10, :func:`musepayne.science.validation.repeat_error_factor`).
+
+The model is duck-typed: any object with ``label_names`` and
+``predict_with_jacobian(labels) -> (flux (n, n_pix), jac (n, n_pix, n_labels))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import numpy as np
+
+__all__ = [
+    "TABLE3",
+    "TABLE3_UNIT_SCALE",
+    "SNR1HR_ZP",
+    "canonical_label",
+    "sigma_from_snr",
+    "snr_for_sigma",
+    "snr_1hr",
+    "snr_from_vmag",
+    "vmag_for_snr",
+    "exptime_for_snr",
+    "sigma_at",
+    "limiting_vmag",
+    "required_exptime",
+    "CramerRaoResult",
+    "cramer_rao",
+    "scatter_check",
+    "MUSE_COVERAGE_AIR",
+    "fit_mask",
+    "plot_sigma_vs_snr",
+    "plot_snr_vs_vmag",
+]
+
+#: Paper Table 3: ``label -> (A_X, B_X)`` of Eq. 11 (Teff in units of 100 K).
+TABLE3 = MappingProxyType({
+    "teff": (-0.9875, 1.652),
+    "logg": (-0.9922, 1.052),
+    "fe_h": (-0.9746, 0.5823),
+    "mg_fe": (-0.9862, 0.4486),
+    "si_fe": (-0.9886, 0.7546),
+    "ca_fe": (-0.9834, 0.868),
+    "ti_fe": (-0.991, 0.856),
+    "c_fe": (-0.9891, 0.5737),
+    "ni_fe": (-0.9925, 0.8681),
+    "cr_fe": (-0.9835, 0.7855),
+})
+
+#: Catalogue units per Table 3 unit: Teff's relation is in 100 K, the others in dex.
+TABLE3_UNIT_SCALE = MappingProxyType({k: (100.0 if k == "teff" else 1.0) for k in TABLE3})
+
+#: Eq. 13 constants: (amplitude, zero point V, background term).
+SNR1HR_ZP = (462.34, 14.83, 0.00223)
+
+_ALIASES = MappingProxyType({"t_eff": "teff", "log_g": "logg", "feh": "fe_h"})
+
+
+def canonical_label(name: str) -> str:
+    """Catalogue column name of a label: ``'[Fe/H]' -> 'fe_h'``, ``'Teff' -> 'teff'``."""
+    s = str(name).strip().lower().replace("[", "").replace("]", "").replace("/", "_")
+    s = s.replace(" ", "").replace("-", "_")
+    return _ALIASES.get(s, s)
+
+
+def _coeffs(label: str) -> tuple[float, float, float]:
+    key = canonical_label(label)
+    if key not in TABLE3:
+        raise KeyError(f"no Table 3 relation for label {label!r}; known: {sorted(TABLE3)}")
+    a, b = TABLE3[key]
+    return a, b, TABLE3_UNIT_SCALE[key]
+
+
+def sigma_from_snr(label: str, snr):
+    """Eq. 11: uncertainty of ``label`` at S/N per pixel ``snr`` (Teff in K, else dex)."""
+    a, b, scale = _coeffs(label)
+    snr = np.asarray(snr, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return scale * 10.0 ** (a * np.log10(snr) + b)
+
+
+def snr_for_sigma(label: str, sigma):
+    """Inverse of Eq. 11: S/N per pixel at which ``label`` reaches ``sigma`` (Teff in K)."""
+    a, b, scale = _coeffs(label)
+    sigma = np.asarray(sigma, dtype=float)
+    if np.any(sigma <= 0):
+        raise ValueError("sigma must be positive")
+    return 10.0 ** ((np.log10(sigma / scale) - b) / a)
+
+
+def snr_1hr(vmag):
+    """Eq. 13: S/N per pixel of a K giant of magnitude V in a one-hour MUSE exposure."""
+    amp, v0, bg = SNR1HR_ZP
+    x = 10.0 ** (0.4 * (v0 - np.asarray(vmag, dtype=float)))
+    return amp * x / np.sqrt(bg + x)
+
+
+def snr_from_vmag(vmag, exptime=3600.0):
+    """Eq. 12: S/N per pixel at magnitude V after ``exptime`` seconds."""
+    exptime = np.asarray(exptime, dtype=float)
+    if np.any(exptime <= 0):
+        raise ValueError("exposure time must be positive")
+    return snr_1hr(vmag) * np.sqrt(exptime / 3600.0)
+
+
+def vmag_for_snr(snr, exptime=3600.0):
+    """Inverse of Eq. 12-13: the faintest V reaching ``snr`` in ``exptime`` seconds."""
+    amp, v0, bg = SNR1HR_ZP
+    snr = np.asarray(snr, dtype=float)
+    exptime = np.asarray(exptime, dtype=float)
+    if np.any(snr <= 0) or np.any(exptime <= 0):
+        raise ValueError("S/N and exposure time must be positive")
+    y = snr / np.sqrt(exptime / 3600.0)
+    a = amp ** 2
+    x = (y ** 2 + np.sqrt(y ** 4 + 4.0 * a * y ** 2 * bg)) / (2.0 * a)
+    return v0 - 2.5 * np.log10(x)
+
+
+def exptime_for_snr(snr, vmag):
+    """Inverse of Eq. 12: seconds needed to reach ``snr`` at magnitude V."""
+    snr = np.asarray(snr, dtype=float)
+    if np.any(snr <= 0):
+        raise ValueError("S/N must be positive")
+    return 3600.0 * (snr / snr_1hr(vmag)) ** 2
+
+
+def sigma_at(label: str, vmag, exptime=3600.0):
+    """Eq. 11-13 combined: uncertainty of ``label`` for a star of magnitude V."""
+    return sigma_from_snr(label, snr_from_vmag(vmag, exptime))
+
+
+def limiting_vmag(label: str, sigma, exptime=3600.0):
+    """Faintest V at which ``label`` reaches ``sigma`` in ``exptime`` seconds."""
+    return vmag_for_snr(snr_for_sigma(label, sigma), exptime)
+
+
+def required_exptime(label: str, sigma, vmag):
+    """Exposure time (s) for ``label`` to reach ``sigma`` at magnitude V."""
+    return exptime_for_snr(snr_for_sigma(label, sigma), vmag)
+
+
+# --------------------------------------------------------------------------- Cramér-Rao
+
+
+@dataclass(frozen=True)
+class CramerRaoResult:
+    """Cramér-Rao bounds for a set of label vectors.
+
+    ``sigma`` (n, n_labels): ``sqrt(diag(F^-1))`` times the correction factors;
+    ``sigma_theory`` the same without them; ``covariance`` (n, n_labels,
+    n_labels) is ``F^-1`` (uncorrected); ``n_used`` the number of pixels in F.
+    Rows whose Fisher matrix is singular are NaN.
+    """
+
+    label_names: tuple
+    labels: np.ndarray
+    sigma: np.ndarray
+    sigma_theory: np.ndarray
+    covariance: np.ndarray
+    n_used: np.ndarray
+    correction: dict = field(default_factory=dict)
+
+    def to_table(self):
+        """Astropy Table: the input labels and ``<label>_crlb`` per label."""
+        from astropy.table import Table
+
+        t = Table()
+        for j, name in enumerate(self.label_names):
+            t[name] = self.labels[:, j]
+        for j, name in enumerate(self.label_names):
+            t[f"{name}_crlb"] = self.sigma[:, j]
+            t[f"{name}_crlb"].description = (
+                f"Cramer-Rao bound on {name} (Fisher matrix of the model Jacobian)"
+                + (f" x correction {self.correction[name]:g} (Eq. 9)" if name in self.correction else ""))
+        t["n_used"] = self.n_used
+        t.meta["method"] = "Cramer-Rao: F = J^T diag(ivar) J, sigma = sqrt(diag(F^-1))"
+        return t
+
+
+#: Nominal MUSE WFM wavelength coverage (air, Angstrom); the extended mode starts at 4600.
+MUSE_COVERAGE_AIR = (4750.0, 9350.0)
+
+
+def fit_mask(wave, mode: str = "standard", ao_notch: str | None = None, coverage_air=MUSE_COVERAGE_AIR):
+    """Boolean mask (True = excluded) of the pixels a MUSE fit cannot use on a vacuum model grid.
+
+    The fixed masks of ``mode`` (:func:`musepayne.prepare.masks.mode_mask`: telluric
+    bands, dichroic, red cut-off, bulge blue cut-off, AO notch) plus the
+    pixels outside the instrument's coverage (``coverage_air``, converted to
+    vacuum; ``None`` for no coverage limit, e.g. a LAMOST forecast).
+    """
+    from ..flags import EXCLUDING_BITS
+    from ..prepare.masks import mode_mask
+    from ..instrument.wavelength import air_to_vacuum
+
+    w = np.asarray(wave, dtype=float)
+    excl = (mode_mask(w, mode, ao_notch).astype(np.int64) & EXCLUDING_BITS) != 0
+    if coverage_air is not None:
+        lo, hi = air_to_vacuum(np.asarray(coverage_air, dtype=float))
+        excl |= (w < lo) | (w > hi)
+    return excl
+
+
+def _pixel_weights(n_pix, snr, ivar, mask):
+    if ivar is not None:
+        w = np.asarray(ivar, dtype=float)
+    elif snr is not None:
+        s = np.asarray(snr, dtype=float)
+        w = s ** 2  # normalised spectrum: sigma_pix = 1 / SNR
+    else:
+        raise ValueError("give snr (scalar or per pixel) or ivar per pixel")
+    w = np.broadcast_to(w, np.broadcast_shapes(w.shape, (n_pix,))).astype(float, copy=True)
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.dtype == bool:
+            excl = m
+        else:
+            from ..flags import EXCLUDING_BITS
+
+            excl = (m.astype(np.int64) & EXCLUDING_BITS) != 0
+        w = np.where(np.broadcast_to(excl, w.shape), 0.0, w)
+    w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
+    return w
+
+
+def cramer_rao(model, labels, snr=None, *, ivar=None, mask=None, correction=None,
+               fit_rv: bool = False) -> CramerRaoResult:
+    """Cramér-Rao forecast of label uncertainties from a model's Jacobian.
+
+    Parameters
+    ----------
+    model
+        Any object with ``label_names`` and ``predict_with_jacobian(labels)``
+        returning ``(flux (n, n_pix), jac (n, n_pix, n_labels))``, the
+        Jacobian in physical label units.
+    labels
+        One label vector (n_labels,) or several (n, n_labels), in the order of
+        ``model.label_names``.
+    snr
+        S/N per pixel of the normalised spectrum: a scalar, a per-pixel array
+        (n_pix,) or (n, n_pix).  ``ivar = snr**2`` (Chem-I-Calc convention).
+    ivar
+        Inverse variance per pixel of the normalised spectrum; overrides ``snr``.
+    mask
+        Pixels excluded from the fit: boolean (True = excluded) or an integer
+        pixel-flag mask (pixels with any bit of ``flags.EXCLUDING_BITS`` excluded).
+    correction
+        Optional ``{label: factor}`` (paper Eq. 9: sigma = sigma_theory x
+        f_corr, with f_corr from repeats, Eq. 10).
+    fit_rv
+        Also fit a radial velocity (as the pipeline's fitter does) and
+        marginalise over it: an extra Jacobian column
+        ``d f / d v = -(d f / d ln lambda) / c`` (cubic-spline derivative on
+        the model grid; needs ``model.wave``);
+        the result then has a last label ``rv`` in km/s.
+    """
+    names = tuple(canonical_label(n) for n in model.label_names)
+    lab = np.atleast_2d(np.asarray(labels, dtype=float))
+    if lab.shape[1] != len(names):
+        raise ValueError(f"labels have {lab.shape[1]} columns, the model has {len(names)}: {names}")
+    flux, jac = model.predict_with_jacobian(lab)
+    jac = np.asarray(jac, dtype=float)
+    if fit_rv:
+        from ..instrument.wavelength import C_KMS
+
+        wave = getattr(model, "wave", None)
+        if wave is None:
+            raise ValueError("fit_rv needs a model with a wavelength grid (model.wave)")
+        from scipy.interpolate import CubicSpline
+
+        lnw = np.log(np.asarray(wave, dtype=float))
+        fl = np.asarray(flux, dtype=float)
+        finite = np.isfinite(fl)
+        dfdlnl = CubicSpline(lnw, np.where(finite, fl, 1.0), axis=-1).derivative()(lnw)
+        dfdlnl = np.where(finite, dfdlnl, np.nan)  # pixels without a model flux carry no information
+        jac = np.concatenate([jac, (-dfdlnl / C_KMS)[:, :, None]], axis=2)
+        names = names + ("rv",)
+    bad = ~np.all(np.isfinite(jac), axis=2)
+    jac = np.where(bad[:, :, None], 0.0, jac)
+    n, n_pix, n_lab = jac.shape
+    w = _pixel_weights(n_pix, snr, ivar, mask)
+    w = np.where(bad, 0.0, np.broadcast_to(w, (n, n_pix)))
+    jw = jac * w[:, :, None]
+    fisher = np.einsum("npi,npj->nij", jw, jac)
+    cov = np.full_like(fisher, np.nan)
+    for k in range(n):
+        try:
+            c = np.linalg.inv(fisher[k])
+        except np.linalg.LinAlgError:
+            continue
+        if np.all(np.isfinite(c)) and np.all(np.diag(c) > 0):
+            cov[k] = c
+    sig = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+    corr = {canonical_label(k): float(v) for k, v in (correction or {}).items()}
+    unknown = set(corr) - set(names)
+    if unknown:
+        raise KeyError(f"correction for labels the model does not have: {sorted(unknown)}")
+    factors = np.array([corr.get(nm, 1.0) for nm in names])
+    lab_out = np.column_stack([lab, np.zeros(len(lab))]) if fit_rv else lab
+    return CramerRaoResult(label_names=names, labels=lab_out, sigma=sig * factors, sigma_theory=sig,
+                           covariance=cov, n_used=np.count_nonzero(w > 0, axis=1), correction=corr)
+
+
+def scatter_check(model, labels, snr: float, fit, *, n_spec: int = 200, mask=None, seed: int = 0,
+                  fit_rv: bool = False) -> dict:
+    """Compare the Cramér-Rao bound with the scatter of labels fitted to noisy model spectra.
+
+    Draws ``n_spec`` noisy copies (Gaussian, sigma = 1/snr per pixel) of the
+    model spectrum at ``labels`` and fits them with ``fit(flux (n, n_pix),
+    ivar (n, n_pix)) -> labels (n, n_labels)`` (any fitter: ivar is 0 on
+    masked pixels).  Returns ``{'scatter', 'crlb', 'ratio', 'label_names'}``
+    (per label, sample std with ddof=1; ratio = scatter / crlb, which should be
+    1 within ~1/sqrt(2 n_spec) for an efficient, unbiased fitter).
+    With ``fit_rv`` the bound is marginalised over RV (the fitter must fit it
+    too; its returned columns are compared with the model labels only).
+    """
+    lab = np.asarray(labels, dtype=float).ravel()
+    flux0, _ = model.predict_with_jacobian(lab[None, :])
+    flux0 = np.asarray(flux0, dtype=float)[0]
+    w = _pixel_weights(flux0.size, snr, None, mask)
+    rng = np.random.default_rng(seed)
+    noisy = flux0[None, :] + rng.normal(size=(n_spec, flux0.size)) / float(snr)
+    ivar = np.broadcast_to(w, noisy.shape).copy()
+    fitted = np.asarray(fit(noisy, ivar), dtype=float)[:, : lab.size]
+    ok = np.all(np.isfinite(fitted), axis=1)
+    scatter = np.std(fitted[ok] - lab, axis=0, ddof=1)
+    bound = cramer_rao(model, lab, snr=snr, mask=mask, fit_rv=fit_rv).sigma[0, : lab.size]
+    return {"label_names": tuple(canonical_label(n) for n in model.label_names), "scatter": scatter,
+            "crlb": bound, "ratio": scatter / bound, "n_fitted": int(ok.sum())}
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_sigma_vs_snr(path, labels=None, snr=(10.0, 300.0), crlb: CramerRaoResult | None = None,
+                      crlb_snr: float | None = None):
+    """Paper Fig. 13: sigma_X vs S/N from Eq. 11 (and, optionally, a model's CRLB).
+
+    ``crlb`` evaluated at S/N ``crlb_snr`` is scaled as 1/SNR (exact for a
+    Fisher bound) and drawn dashed.  Teff is plotted in units of 100 K, as in
+    the paper.  Returns the list of plotted curve names.
+    """
+    from ._plotting import new_figure, save_figure
+
+    labels = [canonical_label(x) for x in (labels or TABLE3)]
+    grid = np.geomspace(snr[0], snr[1], 200)
+    fig = new_figure()
+    ax = fig.subplots()
+    drawn = []
+    for lab in labels:
+        s = sigma_from_snr(lab, grid) / TABLE3_UNIT_SCALE[lab]
+        ax.plot(grid, s, label=lab + (" (100 K)" if lab == "teff" else ""))
+        drawn.append(lab)
+    if crlb is not None:
+        if crlb_snr is None:
+            raise ValueError("crlb_snr: the S/N at which the CRLB was computed")
+        for j, lab in enumerate(crlb.label_names):
+            if lab == "rv":  # km/s, not on this axis
+                continue
+            s0 = np.nanmedian(crlb.sigma[:, j]) / (100.0 if lab == "teff" else 1.0)
+            ax.plot(grid, s0 * crlb_snr / grid, ls="--", label=f"{lab} CRLB")
+            drawn.append(f"{lab}_crlb")
+    ax.axhline(0.1, color="k", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("S/N per pixel")
+    ax.set_ylabel(r"$\sigma_X$ (dex; Teff in 100 K)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return drawn
+
+
+def plot_snr_vs_vmag(path, labels=None, sigma=0.1, exptime=3600.0, vrange=(14.0, 22.0), sigma_teff=None):
+    """Paper Fig. 14: S/N vs V (Eq. 12-13) with each label's limiting V for ``sigma``.
+
+    ``sigma`` is in dex; Teff uses ``sigma_teff`` in K, by default
+    ``100 K x sigma`` (the paper's "0.1 dex or 10 K").  Returns
+    ``{label: limiting V}`` of the drawn thresholds.
+    """
+    sigma_teff = 100.0 * sigma if sigma_teff is None else sigma_teff
+    from ._plotting import new_figure, save_figure
+
+    labels = [canonical_label(x) for x in (labels or TABLE3)]
+    v = np.linspace(vrange[0], vrange[1], 300)
+    fig = new_figure()
+    ax = fig.subplots()
+    ax.plot(v, snr_from_vmag(v, exptime), color="purple", lw=2, label=f"S/N ({exptime:g} s)")
+    lims = {}
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    for k, lab in enumerate(labels):
+        vl = float(limiting_vmag(lab, sigma_teff if lab == "teff" else sigma, exptime))
+        lims[lab] = vl
+        ax.axvline(vl, lw=1.2, color=cmap(k % 10), ls="-" if k < 10 else "--", label=f"{lab}: V={vl:.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("V (mag)")
+    ax.set_ylabel("S/N per pixel")
+    ax.set_title(rf"limiting V for $\sigma$ = {sigma:g} dex (Teff: {sigma_teff:g} K)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return lims

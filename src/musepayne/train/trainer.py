@@ -1,0 +1,689 @@
+"""Training Payne-style emulators the DD-Payne way (PyTorch, optional extra).
+
+Two architectures (the two Payne families the fitter reads):
+
+``mlp``
+    one network ``labels -> h1 -> h2 -> ... -> n_pix``, leaky-ReLU hidden
+    layers (slope 0.01), linear output (The Payne, Ting et al. 2019).
+``perpixel``
+    one tiny network per pixel, ``labels -> n_h sigmoid neurons -> 1``
+    (Ting et al. 2017; Xiang et al. 2019).
+
+Labels enter scaled as ``(l - x_min) / (x_max - x_min) - 0.5`` with
+``x_min``/``x_max`` the training-label ranges.
+
+Loss
+----
+``L = L_data + sum_l w_l L_grad,l``
+
+* ``L_data = sum ivar (f_model - f)^2 / sum ivar`` over all spectra and pixels
+  of the batch: the ivar-weighted mean squared residual.  Masked pixels have
+  ``ivar = 0`` and do not enter.
+* DD-Payne gradient regularisation (Ting et al. 2017 S5; Xiang et al. 2019
+  S3.2): at every reference star ``r`` of a template library
+  (:class:`musepayne.models.gradients.GradientTemplates`) the network's gradient
+  spectrum ``d f / d l`` (computed analytically by forward-mode
+  differentiation through the network, hence itself differentiable) is
+  compared with the theoretical gradient ``T_r,l`` over the template's
+  usable pixels:
+
+  - ``'corr'`` (default): ``L_grad,l = mean_r (1 - corr(df/dl, T_r,l))``,
+    the quantity the per-label quality flag checks (paper Eq. 4 and S3.2);
+  - ``'mse'``: ``L_grad,l = mean_r sum_p (df/dl - T)^2 / sum_p T^2``.
+
+  Reference stars outside the training label range are not used.  With all
+  weights 0 the model is purely data driven.
+
+Training is full batch (or mini-batch with ``batch_size``) Adam with a
+fixed seed (``torch.manual_seed``, deterministic algorithms); a random
+validation fraction (grouped by ``star_key`` where present, so one star
+observed by two libraries never sits on both sides) drives early stopping on
+the validation loss ``L_data(val) + sum_l w_l L_grad,l``; the parameters of the
+best validation loss are returned.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .. import __version__
+
+__all__ = ["TrainConfig", "TrainResult", "train_model", "parse_gradient_weights", "split_indices"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Configuration of :func:`train_model`.
+
+    Attributes
+    ----------
+    arch : 'mlp' or 'perpixel'
+    hidden : hidden-layer sizes (mlp) or neurons per pixel (perpixel, one number)
+    epochs : maximum number of optimisation steps (full-batch epochs)
+    learning_rate : Adam step size
+    weight_decay : L2 penalty on the weights (Adam's decoupled form is not used)
+    val_fraction : fraction of stars held out for validation / early stopping
+    patience : stop after this many evaluations without a better validation loss
+    eval_every : evaluate the validation loss every this many epochs
+    seed : seeds numpy (split) and torch (initialisation, mini-batches)
+    device : 'cpu', 'cuda' or 'auto' (cuda if available)
+    gradient_weight : {label: weight} of the DD-Payne term (0 or missing = off)
+    gradient_loss : 'corr' or 'mse'
+    batch_size : spectra per step (None = full batch)
+    val_metric : 'mean' (ivar-weighted loss over all validation pixels) or
+        'median' (median over validation stars of their own weighted loss:
+        robust to a few stars with peculiar spectra or wrong labels)
+    outlier_clip : drop training stars whose loss exceeds this many times the
+        median and retrain (None = off); see :func:`train_model`
+    restore_best : return the parameters of the best validation score (else the last)
+    ref_batch : reference stars drawn (seeded) per step for the gradient term
+        (None = all); the validation/early-stopping score always uses all
+    dtype : 'float32' or 'float64'
+    negative_slope : leaky-ReLU slope of the mlp
+    model_scatter : estimate the model's intrinsic per-pixel scatter ``s_p`` on the held-out
+        validation stars (each fitted at its own best labels and RV, so label errors in the
+        training catalogue do not count) and store it in the model; fits put ``s_p^2`` into
+        the pixel variances of the errors and of ``red_chi2_model``
+        (:attr:`musepayne.fit.fitter.FitConfig.model_scatter`).  Needs
+        ``val_fraction > 0``.
+    min_pixel_coverage : model pixels with usable data (IVAR > 0) in fewer than this
+        fraction of the training spectra are written to the model's pixel mask, so
+        fits ignore them.  A network is only constrained where most training stars
+        have data: MILES stops at 7410 A, so redder pixels are learnt from the ~20 %
+        of STELIB stars alone and extrapolate badly for labels STELIB does not cover
+        (e.g. the NGC 6397 giant's RV moved by 40 km/s).  0 disables the mask.
+    """
+
+    arch: str = "mlp"
+    hidden: tuple = (100, 100)
+    epochs: int = 3000
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1
+    patience: int = 30
+    eval_every: int = 20
+    seed: int = 0
+    device: str = "cpu"
+    gradient_weight: dict = field(default_factory=dict)
+    gradient_loss: str = "corr"
+    batch_size: int | None = None
+    ref_batch: int | None = 128
+    restore_best: bool = True
+    outlier_clip: float | None = None
+    val_metric: str = "mean"
+    dtype: str = "float32"
+    negative_slope: float = 0.01
+    min_pixel_coverage: float = 0.5
+    model_scatter: bool = True
+
+    def __post_init__(self):
+        if self.arch not in ("mlp", "perpixel"):
+            raise ValueError(f"arch must be 'mlp' or 'perpixel', got {self.arch!r}")
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if not self.hidden or min(self.hidden) < 1:
+            raise ValueError("hidden sizes must be positive integers")
+        if self.arch == "perpixel" and len(self.hidden) != 1:
+            raise ValueError("perpixel takes one hidden size (neurons per pixel)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError("val_fraction must be in [0, 1)")
+        if self.gradient_loss not in ("corr", "mse"):
+            raise ValueError("gradient_loss must be 'corr' or 'mse'")
+        gw = {str(k): float(v) for k, v in dict(self.gradient_weight).items()}
+        if any(v < 0 or not np.isfinite(v) for v in gw.values()):
+            raise ValueError("gradient weights must be finite and >= 0")
+        object.__setattr__(self, "gradient_weight", gw)
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError("device must be cpu, cuda or auto")
+        if self.val_metric not in ("mean", "median"):
+            raise ValueError("val_metric must be 'mean' or 'median'")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError("dtype must be float32 or float64")
+
+
+def parse_gradient_weights(text, label_names) -> dict:
+    """``'0.1'`` (all labels) or ``'teff=0.1,logg=0.05'`` -> ``{label: weight}``."""
+    if text is None or str(text).strip() == "":
+        return {}
+    text = str(text).strip()
+    if "=" not in text:
+        w = float(text)
+        return {n: w for n in label_names}
+    out = {}
+    for part in text.split(","):
+        k, _, v = part.partition("=")
+        k = k.strip()
+        if k not in label_names:
+            raise ValueError(f"gradient weight for unknown label {k!r}; labels are {list(label_names)}")
+        out[k] = float(v)
+    return out
+
+
+def split_indices(n, val_fraction, seed, groups=None):
+    """Random train/validation split (grouped: all members of a group on one side)."""
+    rng = np.random.default_rng(seed)
+    if val_fraction <= 0 or n < 2:
+        return np.arange(n), np.zeros(0, int)
+    if groups is None:
+        groups = np.arange(n)
+    groups = np.asarray(groups)
+    uniq = np.unique(groups)
+    perm = rng.permutation(uniq.size)
+    n_val_target = max(1, int(round(val_fraction * n)))
+    val_groups, count = [], 0
+    sizes = {g: c for g, c in zip(*np.unique(groups, return_counts=True))}
+    for i in perm:
+        if count >= n_val_target:
+            break
+        val_groups.append(uniq[i])
+        count += sizes[uniq[i]]
+    is_val = np.isin(groups, val_groups)
+    return np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
+
+
+@dataclass(eq=False)
+class TrainResult:
+    """A trained network as plain numpy arrays, plus provenance.
+
+    mlp: ``weights`` [(n_out, n_in)...], ``biases`` [(n_out,)...];
+    perpixel: ``weights`` [w0 (npix, nh, nl), w1 (npix, nh)], ``biases`` [b0 (npix, nh), b1 (npix,)].
+    """
+
+    arch: str
+    weights: list
+    biases: list
+    label_names: tuple
+    x_min: np.ndarray
+    x_max: np.ndarray
+    wave: np.ndarray
+    frame: str
+    meta: dict
+    history: list
+    negative_slope: float = 0.01
+    label_units: tuple = ()
+    pixel_mask: np.ndarray | None = None
+    scatter: np.ndarray | None = None
+
+    # ------------------------------------------------------------ numpy inference
+    def scale(self, labels):
+        lab = np.atleast_2d(np.asarray(labels, np.float64))
+        return (lab - self.x_min) / (self.x_max - self.x_min) - 0.5
+
+    def predict(self, labels):
+        """Model spectra (n, n_pix) in numpy (mirrors the torch forward pass)."""
+        x = self.scale(labels)
+        if self.arch == "mlp":
+            h = x
+            for i, (W, b) in enumerate(zip(self.weights, self.biases)):
+                h = h @ W.T + b
+                if i < len(self.weights) - 1:
+                    h = np.where(h > 0, h, self.negative_slope * h)
+            return h
+        w0, w1 = self.weights
+        b0, b1 = self.biases
+        z = np.einsum("pkl,nl->npk", w0, x) + b0[None]
+        return np.einsum("pk,npk->np", w1, 1.0 / (1.0 + np.exp(-z))) + b1[None]
+
+    def to_model(self):
+        """The trained network as a :mod:`musepayne.models.model` spectral model."""
+        from ..models.model import MLPPayne, PerPixelPayne
+
+        common = dict(label_names=self.label_names, x_min=self.x_min, x_max=self.x_max, wave=self.wave,
+                      frame=self.frame, label_units=self.label_units or None, meta=dict(self.meta))
+        f32 = np.float32
+        if self.arch == "mlp":
+            model = MLPPayne([np.asarray(w, f32) for w in self.weights], [np.asarray(b, f32) for b in self.biases],
+                             negative_slope=self.negative_slope, **common)
+        else:
+            model = PerPixelPayne(np.asarray(self.weights[0], f32), np.asarray(self.biases[0], f32),
+                                  np.asarray(self.weights[1], f32), np.asarray(self.biases[1], f32), **common)
+        if self.pixel_mask is not None:
+            model.with_pixel_mask(self.pixel_mask)
+        if self.scatter is not None:
+            model.with_scatter(self.scatter)
+        return model
+
+
+# --------------------------------------------------------------------------- torch parts
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("training needs PyTorch: pip install 'musepayne[train]'") from exc
+    return torch
+
+
+class _Net:
+    """Parameters and the forward pass + analytic label Jacobian (forward mode)."""
+
+    def __init__(self, torch, arch, n_labels, n_pix, hidden, slope, dtype, device, mean_flux):
+        self.t, self.arch, self.slope = torch, arch, slope
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int(torch.initial_seed()) % (2**63))
+        self.params = []
+        if arch == "mlp":
+            sizes = [n_labels, *hidden, n_pix]
+            self.W, self.b = [], []
+            for i in range(len(sizes) - 1):
+                fan_in = sizes[i]
+                # Kaiming-uniform for leaky ReLU; the last layer small so the start is the mean spectrum
+                bound = np.sqrt(6.0 / fan_in) if i < len(sizes) - 2 else 0.1 / np.sqrt(fan_in)
+                W = (torch.rand(sizes[i + 1], fan_in, generator=g, dtype=torch.float64) * 2 - 1) * bound
+                b = torch.zeros(sizes[i + 1], dtype=torch.float64)
+                if i == len(sizes) - 2:
+                    b = torch.as_tensor(mean_flux, dtype=torch.float64).clone()
+                self.W.append(W.to(device=device, dtype=dtype).requires_grad_(True))
+                self.b.append(b.to(device=device, dtype=dtype).requires_grad_(True))
+            self.params = self.W + self.b
+        else:
+            nh = hidden[0]
+            w0 = (torch.rand(n_pix, nh, n_labels, generator=g, dtype=torch.float64) * 2 - 1) * 1.0
+            b0 = (torch.rand(n_pix, nh, generator=g, dtype=torch.float64) * 2 - 1) * 0.5
+            w1 = (torch.rand(n_pix, nh, generator=g, dtype=torch.float64) * 2 - 1) * 0.05
+            m = torch.as_tensor(mean_flux, dtype=torch.float64)
+            b1 = m - 0.5 * w1.sum(1)
+            self.w0, self.b0, self.w1, self.b1 = (p.to(device=device, dtype=dtype).requires_grad_(True)
+                                                  for p in (w0, b0, w1, b1))
+            self.params = [self.w0, self.b0, self.w1, self.b1]
+
+    def forward(self, x, with_jac=False):
+        """x: scaled labels (n, nl). Returns flux (n, npix) and, if asked, d flux / d x (n, npix, nl)."""
+        t = self.t
+        if self.arch == "mlp":
+            h = x
+            dh = None
+            if with_jac:
+                dh = t.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)  # (n, nl, nl)
+            L = len(self.W)
+            for i in range(L):
+                z = h @ self.W[i].T + self.b[i]
+                if with_jac:
+                    dz = t.einsum("oi,nil->nol", self.W[i], dh)
+                if i < L - 1:
+                    pos = z > 0
+                    h = t.where(pos, z, self.slope * z)
+                    if with_jac:
+                        dh = dz * t.where(pos, 1.0, self.slope).to(z.dtype)[..., None]
+                else:
+                    h = z
+                    if with_jac:
+                        dh = dz
+            return (h, dh) if with_jac else h
+        z = t.einsum("pkl,nl->npk", self.w0, x) + self.b0
+        s = t.sigmoid(z)
+        f = t.einsum("pk,npk->np", self.w1, s) + self.b1
+        if not with_jac:
+            return f
+        ds = s * (1 - s)
+        jac = t.einsum("pk,npk,pkl->npl", self.w1, ds, self.w0)
+        return f, jac
+
+    def numpy(self):
+        if self.arch == "mlp":
+            return ([W.detach().cpu().double().numpy().copy() for W in self.W],
+                    [b.detach().cpu().double().numpy().copy() for b in self.b])
+        return ([self.w0.detach().cpu().double().numpy().copy(), self.w1.detach().cpu().double().numpy().copy()],
+                [self.b0.detach().cpu().double().numpy().copy(), self.b1.detach().cpu().double().numpy().copy()])
+
+
+def _grad_term(torch, jac_phys, tmpl, use, kind):
+    """Per-label gradient mismatch.  jac_phys, tmpl: (n_ref, npix); use: (npix,) bool tensor."""
+    a = jac_phys[:, use]
+    b = tmpl[:, use]
+    if kind == "corr":
+        a = a - a.mean(1, keepdim=True)
+        b = b - b.mean(1, keepdim=True)
+        num = (a * b).sum(1)
+        den = torch.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-30)
+        return (1.0 - num / den).mean()
+    return (((a - b) ** 2).sum(1) / ((b * b).sum(1) + 1e-30)).mean()
+
+
+def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | None = None, templates=None,
+                groups=None, frame="vacuum", provenance: dict | None = None, progress: bool = False,
+                label_units=None, x_min=None, x_max=None) -> TrainResult:
+    """Train a Payne emulator on ``flux`` (n, n_pix) with ``ivar`` and ``labels`` (n, n_labels).
+
+    ``templates``: optional :class:`~musepayne.models.gradients.GradientTemplates` on
+    the same grid for the DD-Payne term (weights in ``config.gradient_weight``).
+    ``groups``: optional per-spectrum group ids for the validation split.
+    With ``config.outlier_clip = k`` the network is trained twice: training
+    stars whose own ivar-weighted loss under the first network exceeds
+    ``k`` times the median are dropped (peculiar spectra, wrong literature
+    labels) and the network is retrained from the same seed; the validation
+    set is unchanged.  ``meta['clipped']`` lists the dropped row indices.
+    Caveat (measured on MILES+STELIB): rare stars (metal-poor giants, cluster
+    stars) are fitted worst and are clipped first, so clipping can hurt the
+    sparse corners of label space; it is off by default.
+    Returns a :class:`TrainResult` with numpy arrays and provenance; the
+    inputs are not modified.
+    """
+    cfg = config or TrainConfig()
+    kw = dict(templates=templates, groups=groups, frame=frame, provenance=provenance, label_units=label_units,
+              x_min=x_min, x_max=x_max)
+    if not cfg.outlier_clip:
+        res = _train(flux, ivar, labels, label_names, wave, cfg, progress=progress, exclude=None, **kw)
+        return _finish(res, flux, ivar, cfg)
+    first = _train(flux, ivar, labels, label_names, wave, cfg, progress=False, exclude=None, **kw)
+    f = np.asarray(flux, np.float64)
+    iv = np.asarray(ivar, np.float64)
+    good = np.isfinite(f) & np.isfinite(iv) & (iv > 0)
+    iv = np.where(good, iv, 0.0)
+    r = np.where(good, f - first.predict(labels), 0.0)
+    per = (iv * r**2).sum(1) / np.maximum(iv.sum(1), 1e-300)
+    tr = np.asarray(first.meta["_train_idx"])
+    exclude = np.zeros(f.shape[0], bool)
+    exclude[tr] = per[tr] > cfg.outlier_clip * np.median(per[tr])
+    res = _train(flux, ivar, labels, label_names, wave, cfg, progress=progress, exclude=exclude, **kw)
+    res.meta["clipped"] = np.nonzero(exclude)[0].tolist()
+    res.meta["n_clipped"] = int(exclude.sum())
+    res.meta["train_seconds"] = round(res.meta["train_seconds"] + first.meta["train_seconds"], 2)
+    return _finish(res, flux, ivar, cfg)
+
+
+def _finish(res, flux, ivar, cfg):
+    """Drop the internal index lists from the provenance; add the model scatter (validation stars)."""
+    res.meta.pop("_train_idx", None)
+    va = np.asarray(res.meta.pop("_val_idx", []), int)
+    if not cfg.model_scatter:
+        res.meta["scatter"] = {"method": "none"}
+        return res
+    if va.size < 10:
+        res.meta["scatter"] = {"method": "none", "why": f"only {va.size} validation spectra (need >= 10)"}
+        return res
+    t0 = time.perf_counter()
+    model = res.to_model()
+    s, n_used = estimate_scatter(model, np.asarray(flux)[va], np.asarray(ivar)[va])
+    res.scatter = s
+    ok = ~model.pixel_mask
+    res.meta["scatter"] = {
+        "method": "maximum-likelihood intrinsic scatter per pixel of the validation spectra, each fitted "
+                  "(labels and RV free, float64) with this model; residuals at the fitted labels",
+        "n_stars": int(n_used),
+        "median": float(np.median(s[ok])) if ok.any() else float("nan"),
+        "p90": float(np.percentile(s[ok], 90)) if ok.any() else float("nan"),
+        "seconds": round(time.perf_counter() - t0, 2)}
+    return res
+
+
+def estimate_scatter(model, flux, ivar, fit_config=None):
+    """Intrinsic per-pixel scatter ``s_p`` of ``model`` from held-out spectra on its grid.
+
+    Every spectrum (``flux``, ``ivar`` (n, n_pix), prepared like the training set) is
+    fitted with ``model`` (labels and RV free; the model's existing scatter is not used);
+    ``s_p`` maximises the likelihood of the residuals at the fitted labels with variance
+    ``1/ivar + s_p^2`` (:func:`musepayne.models.cannon.ml_scatter`).  Fitting each star at its own
+    best labels keeps errors of the catalogue labels out of ``s_p``: what remains is what
+    the model cannot predict from any labels.  Returns ``(s_p (n_pix,), n_spectra_used)``;
+    ``s_p = 0`` on the model's masked pixels.  Pure numpy; the inputs are not modified.
+    """
+    from dataclasses import replace as _replace
+
+    from astropy.table import Table
+
+    from ..models.cannon import ml_scatter
+    from ..fit.fitter import FitConfig, Fitter
+    from ..io.prepared import PreparedSpectra
+
+    f = np.asarray(flux, np.float64)
+    iv = np.asarray(ivar, np.float64)
+    good = np.isfinite(f) & np.isfinite(iv) & (iv > 0)
+    f, iv = np.where(good, f, 0.0), np.where(good, iv, 0.0)
+    n = f.shape[0]
+    zeros = np.zeros(f.shape)
+    prep = PreparedSpectra(np.asarray(model.wave, np.float64), f, iv, np.zeros(f.shape, np.int32), zeros, zeros + 1.0,
+                           Table({"stellar_id": [f"val{i}" for i in range(n)]}))
+    cfg = _replace(fit_config or FitConfig(precision="float64"), keep_model=True, model_scatter="off",
+                   lsf_excess=False)
+    res = Fitter(model, cfg).fit_arrays(prep)
+    ok = np.all(np.isfinite(res.model_flux), axis=1) & (res.status.astype(str) == "converged")
+    used = good[ok] & ~model.pixel_mask[None, :]
+    if not ok.any():
+        return np.zeros(model.n_pix), 0
+    var = np.where(used, 1.0 / np.where(used, iv[ok], 1.0), 1.0)
+    s2 = ml_scatter(np.where(used, f[ok] - res.model_flux[ok], 0.0), var, used)
+    s = np.sqrt(s2)
+    s[model.pixel_mask] = 0.0
+    return s, int(ok.sum())
+
+
+def _train(flux, ivar, labels, label_names, wave, cfg, templates=None, groups=None, frame="vacuum",
+           provenance=None, progress=False, label_units=None, x_min=None, x_max=None, exclude=None):
+    torch = _torch()
+    t_start = time.perf_counter()
+    flux = np.array(flux, np.float64)
+    ivar = np.array(ivar, np.float64)
+    labels = np.atleast_2d(np.array(labels, np.float64))
+    wave = np.asarray(wave, np.float64)
+    names = tuple(label_names)
+    n, npix = flux.shape
+    if ivar.shape != flux.shape or labels.shape != (n, len(names)) or wave.size != npix:
+        raise ValueError("flux, ivar (n, n_pix), labels (n, n_labels) and wave (n_pix,) disagree")
+    if not np.all(np.isfinite(labels)):
+        raise ValueError("labels must be finite")
+    good = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
+    ivar = np.where(good, ivar, 0.0)
+    flux = np.where(good, flux, 0.0)
+    if not good.any():
+        raise ValueError("no pixel with ivar > 0")
+    unknown = [k for k in cfg.gradient_weight if k not in names]
+    if unknown:
+        raise ValueError(f"gradient weight for unknown labels {unknown}")
+    active = {k: w for k, w in cfg.gradient_weight.items() if w > 0}
+    if active and templates is None:
+        raise ValueError("gradient weights > 0 need gradient templates")
+
+    xmin = labels.min(0) if x_min is None else np.asarray(x_min, np.float64)
+    xmax = labels.max(0) if x_max is None else np.asarray(x_max, np.float64)
+    if np.any(xmax <= xmin):
+        raise ValueError("every label needs a non-zero range in the training set")
+    xs = (labels - xmin) / (xmax - xmin) - 0.5
+
+    tr, va = split_indices(n, cfg.val_fraction, cfg.seed, groups)
+    if exclude is not None:
+        tr = tr[~np.asarray(exclude, bool)[tr]]
+    # weight of each pixel in the mean spectrum (start of the output bias)
+    wsum = ivar[tr].sum(0)
+    mean_flux = np.where(wsum > 0, (ivar[tr] * flux[tr]).sum(0) / np.where(wsum > 0, wsum, 1), 1.0)
+
+    dev = cfg.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but no CUDA device is available")
+    torch.manual_seed(cfg.seed)
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    # on CUDA some kernels have no deterministic variant without CUBLAS_WORKSPACE_CONFIG: warn, do not fail
+    torch.use_deterministic_algorithms(True, warn_only=(dev == "cuda"))
+    try:
+        dt = torch.float32 if cfg.dtype == "float32" else torch.float64
+        T = lambda a: torch.as_tensor(a, dtype=dt, device=dev)  # noqa: E731
+        X, F, W = T(xs), T(flux), T(ivar)
+        net = _Net(torch, cfg.arch, len(names), npix, cfg.hidden, cfg.negative_slope, dt, dev, mean_flux)
+
+        # ---------------------------------------------------------- templates
+        reg = []
+        n_ref_used = 0
+        if active:
+            if templates.wave.shape != wave.shape or not np.allclose(templates.wave, wave, rtol=1e-9, atol=0):
+                raise ValueError("gradient templates are on a different wavelength grid than the training set")
+            ref = np.stack([np.asarray(templates.ref_labels[k], float) if k in templates.ref_labels.colnames
+                            else np.full(templates.n_ref, np.nan) for k in names], 1)
+            inside = np.all((ref >= xmin) & (ref <= xmax), axis=1)
+            if not inside.any():
+                raise ValueError("no reference star lies inside the training label range")
+            n_ref_used = int(inside.sum())
+            Xr = T((ref[inside] - xmin) / (xmax - xmin) - 0.5)
+            for k, w in active.items():
+                if k not in templates.label_names:
+                    raise ValueError(f"no gradient template for label {k!r} (templates have {templates.label_names})")
+                g = templates.gradient(k, np.nonzero(inside)[0])
+                use = templates.usable & np.all(np.isfinite(g), axis=0)
+                j = names.index(k)
+                reg.append((k, j, float(w), T(np.where(np.isfinite(g), g, 0.0)),
+                            torch.as_tensor(use, device=dev), float(xmax[j] - xmin[j])))
+        else:
+            Xr = None
+
+        def reg_loss(sub=None):
+            if not reg:
+                return torch.zeros((), dtype=dt, device=dev), {}
+            xr = Xr if sub is None else Xr[sub]
+            _, jac = net.forward(xr, with_jac=True)  # (n_ref, npix, nl) per scaled label
+            total = torch.zeros((), dtype=dt, device=dev)
+            parts = {}
+            for k, j, w, tm, use, rng_j in reg:
+                tsub = tm if sub is None else tm[sub]
+                term = _grad_term(torch, jac[:, :, j] / rng_j, tsub, use, cfg.gradient_loss)
+                parts[k] = term
+                total = total + w * term
+            return total, parts
+
+        def data_loss(idx):
+            pred = net.forward(X[idx])
+            w = W[idx]
+            return (w * (pred - F[idx]) ** 2).sum() / w.sum()
+
+        def val_score(idx):
+            if cfg.val_metric == "mean":
+                return float(data_loss(idx))
+            w = W[idx]
+            per = (w * (net.forward(X[idx]) - F[idx]) ** 2).sum(1) / w.sum(1).clamp_min(1e-30)
+            return float(per.median())
+
+        opt = torch.optim.Adam(net.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        tr_t = torch.as_tensor(tr, device=dev)
+        va_t = torch.as_tensor(va, device=dev)
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(cfg.seed)
+        best = (np.inf, None, -1)
+        history, bad_evals = [], 0
+        bar = _progress(progress, cfg.epochs)
+        stopped = "max_epochs"
+        try:
+            for epoch in range(1, cfg.epochs + 1):
+                if cfg.batch_size and cfg.batch_size < tr.size:
+                    perm = tr_t[torch.randperm(tr.size, generator=gen).to(dev)]
+                    batches = [perm[i:i + cfg.batch_size] for i in range(0, tr.size, cfg.batch_size)]
+                else:
+                    batches = [tr_t]
+                for bidx in batches:
+                    opt.zero_grad(set_to_none=True)
+                    ld = data_loss(bidx)
+                    sub = None
+                    if reg and cfg.ref_batch and cfg.ref_batch < n_ref_used:
+                        sub = torch.randperm(n_ref_used, generator=gen)[:cfg.ref_batch].to(dev)
+                    lr_, _ = reg_loss(sub)
+                    loss = ld + lr_
+                    loss.backward()
+                    opt.step()
+                if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                    with torch.no_grad():
+                        ltr = float(data_loss(tr_t))
+                        lva = float(data_loss(va_t)) if va.size else ltr
+                        sva = val_score(va_t) if va.size else ltr
+                    rl, parts = reg_loss()
+                    rl = float(rl.detach())
+                    score = sva + rl
+                    rec = {"epoch": epoch, "train_data": ltr, "val_data": lva, "val_score": sva, "reg": rl,
+                           **{f"grad_{k}": float(v.detach()) for k, v in parts.items()}}
+                    history.append(rec)
+                    if score < best[0] * (1 - 1e-5):
+                        best = (score, [p.detach().clone() for p in net.params], epoch)
+                        bad_evals = 0
+                    else:
+                        bad_evals += 1
+                    if bar is not None:
+                        bar.update(epoch, ltr, lva, rl)
+                    if bad_evals >= cfg.patience:
+                        stopped = "early_stopping"
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+        if best[1] is not None and cfg.restore_best:
+            with torch.no_grad():
+                for p, b in zip(net.params, best[1]):
+                    p.copy_(b)
+        with torch.no_grad():
+            final_tr = float(data_loss(tr_t))
+            final_va = float(data_loss(va_t)) if va.size else float("nan")
+        rl, parts = reg_loss()
+        final_parts = {k: float(v.detach()) for k, v in parts.items()}
+        weights, biases = net.numpy()
+        torch_version = torch.__version__
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+
+    elapsed = time.perf_counter() - t_start
+    meta = {
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "software": f"musepayne {__version__}",
+        "software_version": __version__,
+        "versions": {"musepayne": __version__, "torch": torch_version, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "arch": cfg.arch,
+        "hidden": ",".join(str(h) for h in cfg.hidden),
+        "labels": ",".join(names),
+        "label_ranges": {k: [float(a), float(b)] for k, a, b in zip(names, xmin, xmax)},
+        "n_train": int(tr.size),
+        "_train_idx": tr.tolist(),
+        "_val_idx": va.tolist(),
+        "n_val": int(va.size),
+        "seed": int(cfg.seed),
+        "device": dev,
+        "epochs_run": int(history[-1]["epoch"]) if history else 0,
+        "best_epoch": int(best[2]),
+        "stopped": stopped,
+        "final_train_loss": final_tr,
+        "final_val_loss": final_va,
+        "final_grad_loss": final_parts,
+        "regularisation": {"method": "DD-Payne gradient-spectrum penalty (Ting+17, Xiang+19)" if active
+                           else "none (purely data driven)",
+                           "gradient_weight": dict(cfg.gradient_weight), "gradient_loss": cfg.gradient_loss,
+                           "n_ref": n_ref_used,
+                           "templates": ({k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                          for k, v in templates.meta.items()}
+                                         if (templates is not None and active) else None)},
+        "train_config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "loss": "sum ivar (model - flux)^2 / sum ivar  +  sum_l w_l * gradient term",
+        "train_seconds": round(elapsed, 2),
+        "command": " ".join(sys.argv) if sys.argv else "",
+    }
+    coverage = np.mean(ivar[tr] > 0, axis=0)
+    pixel_mask = coverage < cfg.min_pixel_coverage
+    meta["pixel_mask"] = {"rule": f"IVAR > 0 in fewer than {cfg.min_pixel_coverage:g} of the training spectra",
+                          "n_masked": int(pixel_mask.sum())}
+    if provenance:
+        meta.update(provenance)
+    return TrainResult(cfg.arch, weights, biases, names, xmin.copy(), xmax.copy(), wave.copy(), frame, meta,
+                       history, cfg.negative_slope, tuple(label_units or ()), pixel_mask, None)
+
+
+class _progress:
+    """A rich progress bar (no-op when disabled or not installed)."""
+
+    def __new__(cls, enabled, total):
+        if not enabled:
+            return None
+        return super().__new__(cls)
+
+    def __init__(self, enabled, total):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.p = Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                          TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False)
+        self.p.start()
+        self.task = self.p.add_task("train", total=total, info="")
+
+    def update(self, epoch, ltr, lva, rl):
+        self.p.update(self.task, completed=epoch, info=f"train {ltr:.3e} val {lva:.3e} grad {rl:.3f}")
+
+    def close(self):
+        self.p.stop()
