@@ -200,8 +200,8 @@ def main():
         model, mask, _, _ = load_apogee(shared)
         run("apogee-perpixel-7214", model, args.n, args.n_base, args.repeat, mask=mask)
     if args.only in (None, "lamost"):
-        from musepayne.testing import toy_mlp_model
         from musepayne.instrument.wavelength import lamost_wavelength
+        from musepayne.testing import toy_mlp_model
 
         model = toy_mlp_model(lamost_wavelength(), hidden=(300, 300))
         run("lamost-mlp-3909", model, args.n, args.n_base, args.repeat)

@@ -29,10 +29,10 @@ import numpy as np  # noqa: E402
 from astropy.table import Table  # noqa: E402
 
 from musepayne.instrument.lsf import LAMOST_LSF, MUSE_LSF  # noqa: E402
-from musepayne.prepare.preparer import Preparer  # noqa: E402
-from musepayne.io.spectra import SpectrumSet  # noqa: E402
-from musepayne.simulate.toyspec import muse_grid, toy_spectrum  # noqa: E402
 from musepayne.instrument.wavelength import air_to_vacuum, lamost_wavelength  # noqa: E402
+from musepayne.io.spectra import SpectrumSet  # noqa: E402
+from musepayne.prepare.preparer import Preparer  # noqa: E402
+from musepayne.simulate.toyspec import muse_grid, toy_spectrum  # noqa: E402
 
 
 def make_batch(n, seed=0):

@@ -42,8 +42,8 @@ def main():
     args = ap.parse_args()
 
     from musepayne.models.model import ModelError, load_model
-    from musepayne.simulate.simulator import SimulateConfig, Simulator
     from musepayne.pipeline.survey import Survey, SurveyConfig, read_store_catalogue, sources_resolver
+    from musepayne.simulate.simulator import SimulateConfig, Simulator
     from musepayne.simulate.synthesis import ModelSpectra, globular_cluster_sampler
 
     tmp = Path(tempfile.mkdtemp(prefix="mp-bench-survey-"))
@@ -55,8 +55,8 @@ def main():
                 load_model("default")
                 model_path = "default"
             except ModelError:
-                from musepayne.testing import toy_mlp_model
                 from musepayne.instrument.wavelength import lamost_wavelength
+                from musepayne.testing import toy_mlp_model
 
                 toy_mlp_model(lamost_wavelength(), label_names=("teff", "logg", "fe_h"),
                               x_min=np.array([4000.0, 0.5, -2.5]), x_max=np.array([7000.0, 5.0, 0.5])

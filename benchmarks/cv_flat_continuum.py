@@ -5,19 +5,23 @@ instead of IVAR weights -- for training and test spectra alike.  Gradient templa
 Writes cv_flat_continuum.fits (per star).  Compare with benchmarks/cv_pixel_coverage.py (the
 pipeline's IVAR-weighted continuum, same folds, seeds and noise).
 Usage (~7 min on one core): PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/cv_flat_continuum.py"""
-import json, os, time
+import json
+import os
+import time
 from dataclasses import replace
 from pathlib import Path
+
 import numpy as np
 from astropy.table import Table
+
+from musepayne.fit.fitter import FitConfig, Fitter
+from musepayne.io.prepared import PreparedSpectra
 from musepayne.models.cannon import CannonConfig, train_cannon
-from musepayne.train.crossval import assign_folds, cv_summary, _read_native
-from musepayne.fit.fitter import Fitter, FitConfig
 from musepayne.models.gradients import CannonEmulator, build_templates
 from musepayne.models.model import load_model
 from musepayne.prepare.normalize import ContinuumNormalizer
-from musepayne.prepare.preparer import Preparer, PrepareConfig, CONTINUUM_EXCLUDING
-from musepayne.io.prepared import PreparedSpectra
+from musepayne.prepare.preparer import CONTINUUM_EXCLUDING, PrepareConfig, Preparer
+from musepayne.train.crossval import _read_native, assign_folds, cv_summary
 from musepayne.train.trainer import TrainConfig, train_model
 from musepayne.train.trainset import build_trainset, simulate_lamost_observation, simulate_muse_observation
 

@@ -6,20 +6,25 @@ decides which model pixels the fitter uses), so one training per fold serves bot
 Also prints the quadratic-Cannon baseline with both masks.  Writes cv_pixel_coverage.fits (per star).
 Usage (~8 min on one core): PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/cv_pixel_coverage.py [LOW=0.05]
 Data from $MUSEPAYNE_SHARED or ../shared/data."""
-import json, os, sys, time
+import json
+import os
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
+
 import numpy as np
+from astropy.table import Table
+
+from musepayne.fit.fitter import FitConfig, Fitter
+from musepayne.io.prepared import PreparedSpectra
 from musepayne.models.cannon import CannonConfig, train_cannon
-from musepayne.train.crossval import assign_folds, cv_summary, _read_native
-from musepayne.fit.fitter import Fitter, FitConfig
 from musepayne.models.gradients import CannonEmulator, build_templates
 from musepayne.models.model import load_model
-from musepayne.prepare.preparer import Preparer, PrepareConfig
-from musepayne.io.prepared import PreparedSpectra
+from musepayne.prepare.preparer import PrepareConfig, Preparer
+from musepayne.train.crossval import _read_native, assign_folds, cv_summary
 from musepayne.train.trainer import TrainConfig, train_model
 from musepayne.train.trainset import build_trainset, simulate_lamost_observation, simulate_muse_observation
-from astropy.table import Table
 
 low = float(sys.argv[1]) if len(sys.argv) > 1 else 0.05
 t00 = time.time()
@@ -70,7 +75,8 @@ for f in range(5):
                 if f"{n}_gradcorr" in cat.colnames:
                     r[f"{n}_gradcorr_{inst}{sfx}"] = float(cat[f"{n}_gradcorr"][j])
         rows.append(r)
-    print(f"fold {f}: {te.size} stars, masked px ours {models['ours'].pixel_mask.sum()} low {models['ours_low'].pixel_mask.sum()}, "
+    print(f"fold {f}: {te.size} stars, masked px ours {models['ours'].pixel_mask.sum()} "
+          f"low {models['ours_low'].pixel_mask.sum()}, "
           f"{time.time() - t00:.0f} s", flush=True)
 tab = Table(rows=rows)
 tab.write("cv_pixel_coverage.fits", overwrite=True)

@@ -24,17 +24,23 @@ from pathlib import Path
 
 import numpy as np
 
-from musepayne.models.cannon import train_cannon
 from musepayne.fit.fitter import FitConfig, Fitter
 from musepayne.instrument.lsf import LAMOST_LSF, MUSE_LSF
+from musepayne.instrument.wavelength import lamost_wavelength
+from musepayne.io.prepared import PreparedSpectra
+from musepayne.io.readers import read_miles
+from musepayne.models.cannon import train_cannon
 from musepayne.models.model import load_model
 from musepayne.prepare.normalize import ContinuumNormalizer
 from musepayne.prepare.preparer import PrepareConfig, Preparer
-from musepayne.io.prepared import PreparedSpectra
-from musepayne.io.readers import read_miles
-from musepayne.train.trainset import (TrainingSet, build_trainset, muse_air_grid, simulate_lamost_observation,
-                                simulate_muse_observation, simulate_observation)
-from musepayne.instrument.wavelength import lamost_wavelength
+from musepayne.train.trainset import (
+    TrainingSet,
+    build_trainset,
+    muse_air_grid,
+    simulate_lamost_observation,
+    simulate_muse_observation,
+    simulate_observation,
+)
 
 
 def main():

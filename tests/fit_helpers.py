@@ -61,8 +61,8 @@ def reference_shift(wave, f, v):
 def toy_stellar_model():
     """A random-weight MLP on the LAMOST grid with the default model's labels and ranges of a
     typical training set (Teff 4000-7000 K, log g 0.5-5, [Fe/H] -2.5..0.5)."""
-    from musepayne.testing import toy_mlp_model
     from musepayne.instrument.wavelength import lamost_wavelength
+    from musepayne.testing import toy_mlp_model
 
     return toy_mlp_model(lamost_wavelength(), label_names=("teff", "logg", "fe_h"),
                          x_min=np.array([4000.0, 0.5, -2.5]), x_max=np.array([7000.0, 5.0, 0.5]))

@@ -9,8 +9,8 @@ import pytest
 from astropy.table import Table
 from click.testing import CliRunner
 
-from musepayne.science import calibration as cal
 from musepayne.cli import main
+from musepayne.science import calibration as cal
 
 
 def _cat():

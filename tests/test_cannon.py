@@ -6,10 +6,17 @@ import numpy as np
 import pytest
 
 from fit_helpers import as_prepared
-from musepayne.models.cannon import (CannonConfig, design_jacobian, design_matrix, fit_coefficients,
-                              ml_scatter, n_terms, train_cannon)
 from musepayne.fit.fitter import FitConfig, Fitter
 from musepayne.instrument.wavelength import log_linear_grid
+from musepayne.models.cannon import (
+    CannonConfig,
+    design_jacobian,
+    design_matrix,
+    fit_coefficients,
+    ml_scatter,
+    n_terms,
+    train_cannon,
+)
 
 NAMES = ("teff", "logg", "fe_h")
 LO = np.array([4000.0, 1.0, -2.0])

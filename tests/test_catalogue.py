@@ -5,11 +5,16 @@ import pytest
 from astropy.table import Table
 
 from fit_helpers import as_prepared
-from musepayne.fit.catalogue import (apply_gradcorr, combine_metal_poor, merge_by_gradcorr, read_catalogue,
-                                 write_catalogue)
+from musepayne.fit.catalogue import (
+    apply_gradcorr,
+    combine_metal_poor,
+    merge_by_gradcorr,
+    read_catalogue,
+    write_catalogue,
+)
 from musepayne.fit.fitter import FitConfig, Fitter
-from musepayne.testing import toy_mlp_model
 from musepayne.instrument.wavelength import lamost_wavelength
+from musepayne.testing import toy_mlp_model
 
 
 @pytest.fixture(scope="module")

@@ -128,8 +128,8 @@ def test_run_cv_reports_the_baseline_beside_the_regularised_run(monkeypatch, tmp
     those of the weight-0 run too), reports it in info['baseline'] and in the human summary."""
     from astropy.table import Table
 
-    import musepayne.train.crossval as cv
     import musepayne.models.gradients as gr
+    import musepayne.train.crossval as cv
     import musepayne.train.trainset as tsm
 
     def comp(t, g, f, b=0.0):
@@ -169,8 +169,8 @@ def test_run_cv_reports_the_baseline_beside_the_regularised_run(monkeypatch, tmp
 
 
 def test_default_recipe_is_the_shipped_models_training_config():
-    from musepayne.train.crossval import default_recipe
     from musepayne.models.model import load_model
+    from musepayne.train.crossval import default_recipe
 
     tc = load_model("default").meta["train_config"]
     r = default_recipe()

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from musepayne.fit.fitter import FitConfig, Fitter
+from musepayne.io.readers import read_spectra
 from musepayne.models.model import load_model
 from musepayne.prepare.preparer import Preparer
-from musepayne.io.readers import read_spectra
 
 
 @pytest.fixture(scope="module")

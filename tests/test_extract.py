@@ -11,8 +11,8 @@ from scipy.spatial import cKDTree
 from musepayne.extract.extractor import ExtractConfig, Extractor, circle_overlap, read_source_catalogue
 from musepayne.extract.psf import MoffatPSF, psf_design_matrix
 from musepayne.io.readers import open_cube, read_muse_spectra
-from musepayne.simulate.simulator import SimulateConfig, Simulator
 from musepayne.io.spectra import ReaderError
+from musepayne.simulate.simulator import SimulateConfig, Simulator
 
 
 # --------------------------------------------------------------------------- building blocks

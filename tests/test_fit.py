@@ -6,8 +6,8 @@ from scipy.optimize import curve_fit
 
 from fit_helpers import as_prepared, load_apogee, reference_shift
 from musepayne.fit.fitter import FitConfig, Fitter
-from musepayne.testing import toy_mlp_model
 from musepayne.instrument.wavelength import lamost_wavelength
+from musepayne.testing import toy_mlp_model
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from fit_helpers import APOGEE_LABELS, as_prepared, load_apogee
-from musepayne.fit.catalogue import read_catalogue
 from musepayne.cli import main
+from musepayne.fit.catalogue import read_catalogue
 
 
 def test_fit_default_model_on_a_wrong_grid_is_a_failed_row(tmp_path):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from musepayne.science import forecast as fc
 from musepayne.cli import main
+from musepayne.science import forecast as fc
 
 # Paper §5.1: S/N at which sigma = 0.1 dex.
 PAPER_SNR_01 = {"mg_fe": 29.44, "c_fe": 39.00, "fe_h": 42.02, "si_fe": 59.54, "ca_fe": 79.35,
@@ -326,9 +326,9 @@ class CannonOnLamostGrid:
 
     def __init__(self, path, mode):
         from musepayne.instrument.lsf import LAMOST_LSF, ConstantFWHM
+        from musepayne.instrument.wavelength import lamost_wavelength
         from musepayne.prepare.normalize import ContinuumNormalizer
         from musepayne.prepare.resample import build_operator
-        from musepayne.instrument.wavelength import lamost_wavelength
 
         with np.load(path, allow_pickle=False) as d:
             self.theta, self.exps = d["theta"], d["exponents"]

@@ -10,6 +10,7 @@ and a broken spectrum must not change the result of the good ones in its batch.
 from __future__ import annotations
 
 import os
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -19,9 +20,9 @@ from hypothesis import strategies as st
 
 from musepayne.flags import SPECTRUM_STATUS
 from musepayne.instrument.lsf import MUSE_LSF
-from musepayne.prepare.preparer import Preparer
 from musepayne.io.readers import read_spectra
 from musepayne.io.spectra import ReaderError, SpectrumSet
+from musepayne.prepare.preparer import Preparer
 from musepayne.simulate.toyspec import muse_grid, toy_spectrum
 
 pytestmark = pytest.mark.filterwarnings("ignore::astropy.utils.exceptions.AstropyUserWarning",

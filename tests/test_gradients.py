@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
+from musepayne.instrument.lsf import LAMOST_LSF, ConstantFWHM
+from musepayne.instrument.wavelength import lamost_wavelength
+from musepayne.io.readers import library_variance
 from musepayne.models.gradients import (
     CannonEmulator,
     GradientTemplates,
@@ -14,11 +17,8 @@ from musepayne.models.gradients import (
     pearson_rows,
     reference_grid,
 )
-from musepayne.instrument.lsf import ConstantFWHM, LAMOST_LSF
 from musepayne.prepare.normalize import ContinuumNormalizer
-from musepayne.io.readers import library_variance
 from musepayne.prepare.resample import build_operator
-from musepayne.instrument.wavelength import lamost_wavelength
 
 EMU = "synthetic/doppler_cannon_coolstars_norm.npz"
 

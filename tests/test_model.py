@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from musepayne.instrument.wavelength import lamost_wavelength
 from musepayne.models.model import MLPPayne, ModelError, PerPixelPayne, import_payne_npz, load_model
 from musepayne.testing import toy_mlp_model
-from musepayne.instrument.wavelength import lamost_wavelength
 
 
 def _fd_jacobian(model, x, h):
@@ -100,8 +100,8 @@ def test_import_real_perpixel_network(shared, tmp_path):
 
 
 def test_pixel_mask_roundtrip_and_fit_ignores_masked_pixels(tmp_path):
-    from musepayne.models.model import load_model
     from fit_helpers import toy_stellar_model
+    from musepayne.models.model import load_model
 
     m = toy_stellar_model()
     mask = np.zeros(m.n_pix, bool)
@@ -110,8 +110,8 @@ def test_pixel_mask_roundtrip_and_fit_ignores_masked_pixels(tmp_path):
     back = load_model(tmp_path / "m.fits")
     assert np.array_equal(back.pixel_mask, mask)
     # a spectrum that is garbage in the masked pixels fits exactly as the clean one
-    from musepayne.fit.fitter import Fitter
     from fit_helpers import as_prepared as prepared_from_arrays
+    from musepayne.fit.fitter import Fitter
 
     truth = np.array([[5200.0, 2.5, -1.0]])
     f = m.predict(truth)
@@ -131,9 +131,9 @@ def test_readers_refuse_foreign_and_newer_files(tmp_path, kind):
     with the reader's own error class and the file named in the message."""
     from astropy.io import fits
 
-    from musepayne.models.gradients import GradientTemplates
     from musepayne.io.prepared import PreparedSpectra
     from musepayne.io.spectra import ReaderError
+    from musepayne.models.gradients import GradientTemplates
 
     read, err, name, vkey = {
         "model": (load_model, ModelError, "musepayne-model", "MPMVERS"),

@@ -15,10 +15,10 @@ from astropy.io import fits
 from astropy.table import Table
 
 from fit_helpers import toy_stellar_model
+from musepayne.instrument.wavelength import lamost_wavelength
 from musepayne.pipeline.runner import Pipeline, RunConfig
 from musepayne.simulate.simulator import SimulateConfig, Simulator
 from musepayne.simulate.synthesis import ModelSpectra, globular_cluster_sampler
-from musepayne.instrument.wavelength import lamost_wavelength
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +160,11 @@ def test_recovery_matches_fitter_alone(tmp_path):
 
     from musepayne.fit.fitter import Fitter
     from musepayne.instrument.lsf import lsf_from_spec
+    from musepayne.io.readers import read_muse_spectra
+    from musepayne.io.spectra import SpectrumSet
     from musepayne.models.model import load_model
     from musepayne.prepare.preparer import Preparer
-    from musepayne.io.readers import read_muse_spectra
     from musepayne.science.validation import bias_dispersion
-    from musepayne.io.spectra import SpectrumSet
 
     model = toy_stellar_model()
     model.save(tmp_path / "model.fits")

@@ -7,11 +7,11 @@ import pytest
 
 from musepayne.flags import EXCLUDING_BITS, flag_value
 from musepayne.instrument.lsf import MUSE_LSF
+from musepayne.io.readers import read_lamost, read_miles, read_muse_spectra, read_spectra, read_stelib
+from musepayne.io.spectra import SpectrumSet
 from musepayne.prepare.masks import TELLURIC_STANDARD
 from musepayne.prepare.preparer import PrepareConfig, Preparer
-from musepayne.io.readers import read_lamost, read_miles, read_muse_spectra, read_spectra, read_stelib
 from musepayne.prepare.resample import broadening_matrix, build_operator
-from musepayne.io.spectra import SpectrumSet
 from musepayne.simulate.toyspec import muse_grid
 
 #: vacuum windows with few strong lines in FGK spectra at R ~ 1800 (used to check normalisation)

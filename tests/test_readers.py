@@ -8,10 +8,18 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from musepayne.prepare.preparer import Preparer
-from musepayne.io.readers import (detect_kind, open_cube, read_lamost, read_miles, read_miles_params,
-                               read_muse_spectra, read_spectra, read_stelib)
+from musepayne.io.readers import (
+    detect_kind,
+    open_cube,
+    read_lamost,
+    read_miles,
+    read_miles_params,
+    read_muse_spectra,
+    read_spectra,
+    read_stelib,
+)
 from musepayne.io.spectra import ReaderError, SpectrumSet
+from musepayne.prepare.preparer import Preparer
 from musepayne.simulate.toyspec import muse_grid, toy_spectrum
 
 

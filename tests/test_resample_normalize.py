@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from musepayne.instrument.lsf import FWHM_TO_SIGMA, ConstantFWHM, LAMOST_LSF, MUSE_LSF
+from musepayne.instrument.lsf import FWHM_TO_SIGMA, LAMOST_LSF, MUSE_LSF, ConstantFWHM
+from musepayne.instrument.wavelength import air_to_vacuum, bin_edges, lamost_wavelength, linear_grid
 from musepayne.prepare.normalize import ContinuumNormalizer
 from musepayne.prepare.resample import build_operator, convolution_matrix, rebin_matrix
-from musepayne.instrument.wavelength import air_to_vacuum, bin_edges, lamost_wavelength, linear_grid
 
 
 def test_rebin_conserves_flux_integral():
@@ -158,11 +158,12 @@ def test_recorded_muse_excess_matches_the_broadening_measured_on_lines():
     """MUSE and LAMOST observations of the same lines, both prepared to the LAMOST grid: broadening
     the LAMOST version by the MUSE LSF_EXCESS reproduces the MUSE version (the forward model of
     the fit); the LAMOST version itself records no excess."""
+    from astropy.table import Table
+
+    from musepayne.instrument.wavelength import vacuum_to_air
+    from musepayne.io.spectra import SpectrumSet
     from musepayne.prepare.preparer import PrepareConfig, Preparer
     from musepayne.prepare.resample import broadening_matrix
-    from musepayne.io.spectra import SpectrumSet
-    from musepayne.instrument.wavelength import vacuum_to_air
-    from astropy.table import Table
 
     rng = np.random.default_rng(0)
     centres = np.arange(4780.0, 7000.0, 16.0) + rng.uniform(-3, 3, np.arange(4780.0, 7000.0, 16.0).size)

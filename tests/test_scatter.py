@@ -6,10 +6,10 @@ import pytest
 
 from fit_helpers import as_prepared
 from musepayne.fit.fitter import FitConfig, Fitter
+from musepayne.instrument.wavelength import lamost_wavelength
 from musepayne.models.model import load_model
 from musepayne.testing import toy_mlp_model
 from musepayne.train.trainer import estimate_scatter
-from musepayne.instrument.wavelength import lamost_wavelength
 
 SIG = 0.01  # photon noise
 S_TRUE = 0.02  # extra, star-to-star scatter the model cannot predict, on every third pixel

@@ -9,8 +9,8 @@ import pytest
 from astropy.table import MaskedColumn, Table
 from click.testing import CliRunner
 
-from musepayne.science import selection as sel
 from musepayne.cli import main
+from musepayne.science import selection as sel
 
 
 def _cat():

@@ -14,8 +14,8 @@ import pytest
 from astropy.table import Table
 
 from fit_helpers import toy_stellar_model
-from musepayne.simulate.simulator import SimulateConfig, Simulator
 from musepayne.pipeline.survey import Survey, SurveyConfig, read_store_catalogue, sources_resolver
+from musepayne.simulate.simulator import SimulateConfig, Simulator
 from musepayne.simulate.synthesis import ModelSpectra, globular_cluster_sampler
 
 N_CUBES = 4

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from musepayne.flags import flag_value
-from musepayne.prepare.preparer import Preparer
+from musepayne.instrument.wavelength import air_to_vacuum
 from musepayne.io.readers import read_miles, read_miles_params
+from musepayne.prepare.preparer import Preparer
 from musepayne.train.trainset import (
     TrainingSet,
     TrainsetCuts,
@@ -17,7 +18,6 @@ from musepayne.train.trainset import (
     simulate_muse_observation,
     star_key,
 )
-from musepayne.instrument.wavelength import air_to_vacuum
 
 pytestmark = pytest.mark.shared
 

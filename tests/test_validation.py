@@ -9,8 +9,8 @@ import pytest
 from astropy.table import Table
 from click.testing import CliRunner
 
-from musepayne.science import validation as val
 from musepayne.cli import main
+from musepayne.science import validation as val
 
 
 def test_bias_dispersion_hand_computed():

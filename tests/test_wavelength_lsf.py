@@ -1,9 +1,15 @@
 import numpy as np
 import pytest
 
-from musepayne.instrument.lsf import (LAMOST_LSF, MUSE_LSF, ConstantFWHM, ConstantResolvingPower, TabulatedLSF,
-                           lsf_from_spec)
-from musepayne.instrument.wavelength import (C_KMS, air_to_vacuum, bin_edges, lamost_wavelength, vacuum_to_air)
+from musepayne.instrument.lsf import (
+    LAMOST_LSF,
+    MUSE_LSF,
+    ConstantFWHM,
+    ConstantResolvingPower,
+    TabulatedLSF,
+    lsf_from_spec,
+)
+from musepayne.instrument.wavelength import C_KMS, air_to_vacuum, bin_edges, lamost_wavelength, vacuum_to_air
 
 
 def test_air_vacuum_known_lines():

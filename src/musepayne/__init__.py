@@ -38,15 +38,18 @@ __version__ = "0.1.0"
 
 from ._lazy import attach  # noqa: E402
 
-__getattr__, __dir__, _public = attach(__name__, {
-    "flags": ["PIXEL_FLAGS", "FIT_FLAGS", "SPECTRUM_STATUS"],
-    "io": ["read_spectra", "open_cube", "MuseCube", "SpectrumSet", "PreparedSpectra"],
-    "prepare": ["Preparer", "PrepareConfig", "prepare_spectra"],
-    "extract": ["Extractor", "ExtractConfig", "ExtractionResult", "read_source_catalogue", "MoffatPSF"],
-    "models": ["load_model", "SpectralModel"],
-    "fit": ["Fitter", "FitConfig", "read_catalogue", "write_catalogue"],
-    "pipeline": ["Pipeline", "RunConfig", "Survey", "SurveyConfig"],
-    "science": ["select", "compare"],
-    "simulate": ["Simulator", "SimulateConfig"],
-})
+__getattr__, __dir__, _public = attach(
+    __name__,
+    {
+        "flags": ["PIXEL_FLAGS", "FIT_FLAGS", "SPECTRUM_STATUS"],
+        "io": ["read_spectra", "open_cube", "MuseCube", "SpectrumSet", "PreparedSpectra"],
+        "prepare": ["Preparer", "PrepareConfig", "prepare_spectra"],
+        "extract": ["Extractor", "ExtractConfig", "ExtractionResult", "read_source_catalogue", "MoffatPSF"],
+        "models": ["load_model", "SpectralModel"],
+        "fit": ["Fitter", "FitConfig", "read_catalogue", "write_catalogue"],
+        "pipeline": ["Pipeline", "RunConfig", "Survey", "SurveyConfig"],
+        "science": ["select", "compare"],
+        "simulate": ["Simulator", "SimulateConfig"],
+    },
+)
 __all__ = ["__version__", *_public]

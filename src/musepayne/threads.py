@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from threadpoolctl import threadpool_limits
+
 __all__ = ["blas_threads"]
 
 
 @contextmanager
 def blas_threads(limit: int):
     """Hold numpy's and scipy's BLAS/LAPACK (and OpenMP) to ``limit`` threads inside the block."""
-    import scipy.linalg  # noqa: F401 - load scipy's own BLAS/LAPACK first: limits only reach loaded libraries
-    import scipy.sparse.linalg  # noqa: F401
-    from threadpoolctl import threadpool_limits
+    import scipy.linalg  # noqa: F401, PLC0415 - load scipy's own BLAS/LAPACK first: limits only reach loaded libraries
+    import scipy.sparse.linalg  # noqa: F401, PLC0415
 
     with threadpool_limits(limits=int(limit)):
         yield

@@ -80,4 +80,3 @@ def main():
     fit (labels, RV, errors, flags), and tools to validate, select and plan.
     Run 'musepayne COMMAND --help' for each.
     """
-

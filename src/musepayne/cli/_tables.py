@@ -5,6 +5,11 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from astropy.io.fits.verify import VerifyWarning
+from astropy.table import Table
+
+from ..io.fits import atomic_path
+
 __all__ = ["table_format", "read_table", "write_table"]
 
 _FORMATS = {".fits": "fits", ".fit": "fits", ".fits.gz": "fits", ".ecsv": "ascii.ecsv", ".csv": "ascii.csv",
@@ -22,7 +27,6 @@ def table_format(path) -> str:
 
 def read_table(path):
     """Read a catalogue (FITS, ECSV, CSV, Parquet, ...); a clear error if it cannot."""
-    from astropy.table import Table
 
     p = Path(path)
     if not p.is_file():
@@ -39,9 +43,7 @@ def read_table(path):
 
 def write_table(table, path):
     """Write ``table`` atomically; the format comes from the suffix of ``path``."""
-    from astropy.io.fits.verify import VerifyWarning
 
-    from ..io.fits import atomic_path
 
     fmt = table_format(path)
     with atomic_path(path) as tmp, warnings.catch_warnings():

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
+from ..science import calibration as cal
+from ..science.selection import SelectionError
 from ._common import Timer, emit, fail, json_option
+from ._tables import read_table, write_table
 
 
 def _parse_offset(text):
@@ -32,9 +37,6 @@ def _parse_offset(text):
 @json_option
 def calibrate(catalogue, output, trend, source, teff_ref, giant_logg, outside, offsets, paper_offsets, as_json):
     """Calibrate [Mg/Fe] of CATALOGUE (paper App. A); the steps go to the output's metadata."""
-    from ..science import calibration as cal
-    from ..science.selection import SelectionError
-    from ._tables import read_table, write_table
 
     timer = Timer()
     try:
@@ -59,7 +61,6 @@ def calibrate(catalogue, output, trend, source, teff_ref, giant_logg, outside, o
     except (SelectionError, KeyError, ValueError, FileNotFoundError) as exc:
         fail(str(exc.args[0]) if exc.args else str(exc), as_json)
         return
-    import json
 
     info = {"input": catalogue, "output": output, "n_rows": len(out), "n_trend_corrected": n_trend,
             "calibration": json.loads(out.meta["calibration"]), "timings": timer.timings}

@@ -6,8 +6,13 @@ import time
 from pathlib import Path
 
 import click
+from astropy.table import Table
 
+from ..models.model import ModelError, load_model
+from ..pipeline.runner import Pipeline, RunConfig
+from ..simulate.simulator import SimulateConfig, Simulator
 from ._common import emit, fail, json_option
+from .run import progress_display, setup_log
 
 
 @click.command(name="demo")
@@ -34,11 +39,7 @@ def demo(outdir, cube, sources, model, nstars, size, seed, progress, as_json):
     recovered labels are compared with the truth.  Writes everything to
     OUTDIR and prints where.  With --cube/--sources it runs on your cube.
     """
-    from astropy.table import Table
 
-    from ..models.model import ModelError, load_model
-    from ..pipeline.runner import Pipeline, RunConfig
-    from .run import progress_display, setup_log
 
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -53,7 +54,6 @@ def demo(outdir, cube, sources, model, nstars, size, seed, progress, as_json):
             fail("--cube needs --sources (a catalogue with ra/dec or x/y and mag)", as_json)
         cubes, cube_lsf = [cube], "muse"
     else:
-        from ..simulate.simulator import SimulateConfig, Simulator
         from ..simulate.synthesis import ModelSpectra, globular_cluster_sampler
 
         cfg = SimulateConfig(nx=size, ny=size, nlayers=3681, nstars=nstars, king_rc=size / 4.0,

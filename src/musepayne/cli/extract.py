@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from ..extract.extractor import ExtractConfig, Extractor
+from ..io.spectra import ReaderError
 from ._common import Timer, emit, fail, json_option
 
 
@@ -35,8 +37,6 @@ def extract(cube, catalogue, output, method, block, sky_order, no_transform, per
     streaming through the cube.  Stars off the field are reported with status
     'off_field'.
     """
-    from ..extract.extractor import ExtractConfig, Extractor
-    from ..io.spectra import ReaderError
 
     timer = Timer()
     cfg = ExtractConfig(method=method, block=block, sky_order=sky_order, fit_transform=not no_transform)

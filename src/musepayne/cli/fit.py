@@ -8,6 +8,11 @@ from pathlib import Path
 
 import click
 
+from ..fit.catalogue import combine_metal_poor, write_catalogue
+from ..fit.fitter import FitConfig, Fitter
+from ..io.prepared import PreparedSpectra
+from ..io.spectra import ReaderError
+from ..models.model import ModelError, load_model
 from ._common import Timer, emit, fail, json_option
 
 
@@ -46,11 +51,6 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
     red_chi2, corr_flux and a status per spectrum.  Failed spectra are rows
     with status 'failed:<reason>'.
     """
-    from ..fit.catalogue import combine_metal_poor, write_catalogue
-    from ..fit.fitter import FitConfig, Fitter
-    from ..models.model import ModelError, load_model
-    from ..io.prepared import PreparedSpectra
-    from ..io.spectra import ReaderError
 
     timer = Timer()
     try:

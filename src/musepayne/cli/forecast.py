@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from ..science import forecast as fc
+from ..science.validation import repeat_error_factors
 from ._common import emit, fail, json_option
 
 
@@ -62,7 +64,6 @@ def forecast(labels, sigma, sigma_teff, snr, vmag, exptime, plot_snr, plot_vmag,
         return
 
 
-    from ..science import forecast as fc
 
     try:
         labs = [fc.canonical_label(x) for x in labels]
@@ -187,7 +188,6 @@ def _crlb_mode(model_path, at, snr, vmag, exptime, mask_mode, ao_notch, correcti
                as_json, fit_rv=True):
     import numpy as np
 
-    from ..science import forecast as fc
 
     try:
         model = _load_model(model_path)
@@ -208,7 +208,6 @@ def _crlb_mode(model_path, at, snr, vmag, exptime, mask_mode, ao_notch, correcti
         mask = fc.fit_mask(model.wave, mask_mode, ao_notch)
         corr = {}
         if repeats_from:
-            from ..science.validation import repeat_error_factors
             from ._tables import read_table
 
             cat = read_table(repeats_from)

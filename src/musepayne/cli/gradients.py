@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
+from ..models.gradients import CannonEmulator, build_templates, default_emulator_path, reference_grid
 from ._common import Timer, emit, fail, json_option
 
 
@@ -32,7 +36,6 @@ def build(emulator, output, teff_grid, logg_grid, feh_grid, target_lsf, as_json)
     with the same 50 A pseudo-continuum as data; the gradients are central
     differences of the normalised spectra.
     """
-    from ..models.gradients import CannonEmulator, build_templates, default_emulator_path, reference_grid
 
     timer = Timer()
     path = Path(emulator) if emulator else default_emulator_path()
@@ -50,9 +53,6 @@ def build(emulator, output, teff_grid, logg_grid, feh_grid, target_lsf, as_json)
     ref = reference_grid(emu, *grids)
     if len(ref) == 0:
         fail("the reference grid has no star inside the emulator's training range", as_json)
-    import shlex
-    import sys
-    from dataclasses import replace
 
     with timer("build"):
         tpl = build_templates(emu, ref, target_lsf=target_lsf)

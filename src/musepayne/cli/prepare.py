@@ -8,6 +8,12 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..instrument.lsf import lsf_from_spec
+from ..io.batching import group_sets
+from ..io.prepared import PreparedSpectra
+from ..io.readers import read_spectra
+from ..io.spectra import ReaderError
+from ..prepare.preparer import PrepareConfig, Preparer
 from ._common import Timer, emit, json_option
 
 
@@ -41,12 +47,6 @@ def prepare(inputs, output, mode, ao_notch, instrument, lsf_spec, target_lsf, sk
     masked for the chosen mode and normalised by the 50 A pseudo-continuum.
     Files that cannot be read become rows with status 'read_error'.
     """
-    from ..instrument.lsf import lsf_from_spec
-    from ..prepare.preparer import PrepareConfig, Preparer
-    from ..io.prepared import PreparedSpectra
-    from ..io.readers import read_spectra
-    from ..io.spectra import ReaderError
-    from ..io.batching import group_sets
 
     timer = Timer()
     cfg = PrepareConfig(mode=mode, ao_notch=ao_notch, target_lsf=target_lsf, sky_clean=sky_clean)

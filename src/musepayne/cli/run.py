@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ..pipeline.runner import Pipeline, RunConfig, load_config_file
 from ._common import emit, fail, json_option
 
 
@@ -16,12 +19,10 @@ def progress_display(enabled: bool):
         from contextlib import nullcontext
 
         return nullcontext(), None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     prog = Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
     tasks = {}
-    import time
 
     starts = {}
 
@@ -76,7 +77,6 @@ def run(cubes, sources, outdir, config_file, model, model_mp, mode, ao_notch, ex
     the highest corr_flux (paper Eq. 6).  Interrupt at any moment and run the
     same command again: finished stages and fitted chunks are not redone.
     """
-    from ..pipeline.runner import Pipeline, RunConfig, load_config_file
 
     opts = load_config_file(config_file) if config_file else {}
     try:

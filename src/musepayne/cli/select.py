@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from ..science import selection as sel
 from ._common import Timer, emit, fail, json_option
+from ._tables import read_table, write_table
 
 
 @click.command(name="select")
@@ -27,7 +29,6 @@ def select_cmd(catalogue, output, preset, where, best, by, id_col, list_presets,
     and/or/not, & | ~, + - * / ** %, and abs, isfinite, isnan, sqrt, log10,
     exp, minimum, maximum, bit(col, k).  Nothing else is evaluated.
     """
-    from ..science import selection as sel
 
     if list_presets:
         seen = {}
@@ -46,7 +47,6 @@ def select_cmd(catalogue, output, preset, where, best, by, id_col, list_presets,
         fail("give a CATALOGUE (or --list-presets)", as_json)
     if not preset and not where and not best:
         fail("give --preset and/or --where (or --best-per-star)", as_json)
-    from ._tables import read_table, write_table
 
     timer = Timer()
     try:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-
 import click
 
+from ..simulate.simulator import SimulateConfig, Simulator
 from ._common import Timer, emit, fail, json_option
 
 
@@ -25,7 +25,6 @@ def simulate(output, nstars, size, nlayers, seed, mag_range, as_json):
     musepayne.simulate.simulator.Simulator with CallableSpectra or LibrarySpectra from
     Python to plug in a model or real library spectra.
     """
-    from ..simulate.simulator import SimulateConfig, Simulator
 
     timer = Timer()
     try:

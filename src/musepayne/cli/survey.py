@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ..pipeline.runner import load_config_file
+from ..pipeline.survey import Survey, SurveyConfig, sources_resolver
 from ._common import emit, fail, json_option
 
 
@@ -36,8 +38,6 @@ def survey(cubes, cube_list, store, sources_dir, sources_from, scheduler, worker
     redoes changed ones and retries failures (up to --retries).  A worker that
     dies mid-cube leaves nothing half-written in STORE.
     """
-    from ..pipeline.runner import load_config_file
-    from ..pipeline.survey import Survey, SurveyConfig, sources_resolver
 
     paths = list(cubes)
     if cube_list:

@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from ..io.fits import sha256_file
+from ..train.trainset import TrainingSet
 from ._common import Timer, emit, fail, json_option
 
 
@@ -26,7 +28,8 @@ from ._common import Timer, emit, fail, json_option
 @click.option("--epochs", default=3000, show_default=True, help="Maximum number of (full-batch) epochs.")
 @click.option("--learning-rate", default=3e-3, show_default=True, help="Adam step size.")
 @click.option("--batch-size", default=None, type=int, help="Spectra per step (default: full batch).")
-@click.option("--patience", default=30, show_default=True, help="Evaluations (every 20 epochs) without improvement before stopping.")
+@click.option("--patience", default=30, show_default=True,
+              help="Evaluations (every 20 epochs) without improvement before stopping.")
 @click.option("--val-fraction", default=0.1, show_default=True, help="Fraction of stars held out for early stopping.")
 @click.option("--seed", default=0, show_default=True, help="Random seed (split, initialisation).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
@@ -54,12 +57,11 @@ def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradi
     validation loss; the model file records the training set hash, labels and
     ranges, this command, versions, regularisation and losses.
     """
-    from ..io.fits import sha256_file
-    from ..train.trainset import TrainingSet
 
     try:
-        from ..train.trainer import TrainConfig, parse_gradient_weights, train_model
         import torch
+
+        from ..train.trainer import TrainConfig, parse_gradient_weights, train_model
     except ImportError:
         fail("training needs PyTorch: pip install 'musepayne[train]'", as_json)
     timer = Timer()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
+from ..train.trainset import TrainsetCuts, build_trainset
 from ._common import Timer, emit, fail, json_option
 
 _DEFAULT_LIB = Path("..") / "shared" / "data" / "libraries"
@@ -51,7 +55,6 @@ def build(miles_dir, stelib_dir, no_miles, no_stelib, teff_range, logg_range, fe
     not cover keep IVAR = 0.  Stars need finite Teff, logg, [Fe/H] inside the
     ranges and a usable prepared spectrum.
     """
-    from ..train.trainset import TrainsetCuts, build_trainset
 
     timer = Timer()
     if not no_miles and miles_dir is None and (_DEFAULT_LIB / "miles").is_dir():
@@ -71,10 +74,7 @@ def build(miles_dir, stelib_dir, no_miles, no_stelib, teff_range, logg_range, fe
             ts = build_trainset(miles_dir, stelib_dir, cuts=cuts, unmask=("DICHROIC",) if train_dichroic else ())
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc), as_json)
-    import shlex
-    import sys
 
-    from dataclasses import replace
 
     ts = replace(ts, meta={**ts.meta, "tscmd": "musepayne trainset " + " ".join(shlex.quote(a) for a in sys.argv[2:])})
     with timer("write"):

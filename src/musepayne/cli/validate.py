@@ -10,10 +10,14 @@ a clear message.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import click
 
+from ..science import validation as val
+from ..science.selection import SelectionError, select
 from ._common import Timer, emit, fail, json_option
+from ._tables import read_table, write_table
 
 #: "module:function" run by ``validate --cv`` (provided by the training/cross-validation stage).
 CV_HOOK = "musepayne.train.crossval:run_cv"
@@ -86,11 +90,7 @@ def validate(catalogue, reference, match, id_col, ref_id_col, tolerance, labels,
         fail("give a REFERENCE catalogue to compare with, or --repeats", as_json)
     if apply_out and not repeats:
         fail("--apply-errors needs --repeats", as_json)
-    from pathlib import Path
 
-    from ..science import validation as val
-    from ..science.selection import SelectionError, select
-    from ._tables import read_table, write_table
 
     timer = Timer()
     info = {"catalogue": catalogue, "reference": reference}

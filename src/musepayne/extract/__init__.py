@@ -8,9 +8,22 @@
 
 May import: :mod:`musepayne.flags`, :mod:`musepayne.instrument`, :mod:`musepayne.io`.
 """
+
 from .._lazy import attach
 
-__getattr__, __dir__, __all__ = attach(__name__, {
-    "extractor": ["CoordinateTransform", "ExtractConfig", "ExtractionResult", "Extractor", "aperture_matrix", "circle_overlap", "factorise", "read_source_catalogue"],
-    "psf": ["MoffatPSF", "moffat_alpha", "moffat_profile", "psf_design_matrix"],
-})
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "extractor": [
+            "CoordinateTransform",
+            "ExtractConfig",
+            "ExtractionResult",
+            "Extractor",
+            "aperture_matrix",
+            "circle_overlap",
+            "factorise",
+            "read_source_catalogue",
+        ],
+        "psf": ["MoffatPSF", "moffat_alpha", "moffat_profile", "psf_design_matrix"],
+    },
+)

@@ -63,9 +63,9 @@ from astropy.io import fits
 from astropy.table import Table
 
 from ..io.fits import atomic_write_fits
-from .psf import MoffatPSF, _integrate, psf_design_matrix
 from ..io.readers import MuseCube, open_cube
 from ..io.spectra import ReaderError
+from .psf import MoffatPSF, _integrate, psf_design_matrix
 
 __all__ = [
     "ExtractConfig",
@@ -306,7 +306,7 @@ class ExtractionResult:
     def write(self, path, overwrite: bool = True):
         """Write WAVE, FLUX, ERR, SOURCES (+ LAYER_FLAG) atomically; PSF and transform in the primary header."""
         h = fits.Header()
-        h["ORIGIN"] = "musepayne.extract.extractor"
+        h["ORIGIN"] = "musepayne.extract"
         h["METHOD"] = (self.config.method, "extraction method")
         h["CUBE"] = Path(self.cube_path).name[:60]
         self.psf.to_header(h)

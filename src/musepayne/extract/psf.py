@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+from astropy.io import fits
 
 __all__ = ["MoffatPSF", "moffat_alpha", "moffat_profile", "psf_design_matrix"]
 
@@ -127,10 +128,9 @@ class MoffatPSF:
 
     def to_header(self, header=None):
         """Write the PSF as ``PSFMODEL``, ``PSFWREF``, ``PSFWSCL`` and ``PSFFW0..`` keywords."""
-        from astropy.io import fits
 
         h = fits.Header() if header is None else header
-        h["PSFMODEL"] = ("MOFFAT", "elliptical Moffat, musepayne.extract.psf.MoffatPSF")
+        h["PSFMODEL"] = ("MOFFAT", "elliptical Moffat, musepayne.MoffatPSF")
         h["PSFWREF"] = (self.wave_ref, "PSF polynomial reference wavelength [Angstrom]")
         h["PSFWSCL"] = (self.wave_scale, "PSF polynomial wavelength scale [Angstrom]")
         for name, key in self._KEYS:
@@ -139,7 +139,7 @@ class MoffatPSF:
         return h
 
     @classmethod
-    def from_header(cls, header) -> "MoffatPSF":
+    def from_header(cls, header) -> MoffatPSF:
         if str(header.get("PSFMODEL", "")).upper() != "MOFFAT":
             raise KeyError("header has no PSFMODEL = MOFFAT")
         kw = {}
@@ -153,7 +153,8 @@ class MoffatPSF:
 
     def describe(self) -> str:
         f, b, e, a = self.params(self.wave_ref)
-        return f"Moffat FWHM={float(f):.2f} px beta={float(b):.2f} e={float(e):.3f} PA={float(a):.1f} deg at {self.wave_ref:.0f} A"
+        return (f"Moffat FWHM={float(f):.2f} px beta={float(b):.2f} e={float(e):.3f} PA={float(a):.1f} deg "
+                f"at {self.wave_ref:.0f} A")
 
 
 def _integrate(dx, dy, fwhm, beta, ellip, angle, oversample):

@@ -8,9 +8,23 @@
 May import: :mod:`musepayne.flags`, :mod:`musepayne.instrument`, :mod:`musepayne.io`,
 :mod:`musepayne.prepare`, :mod:`musepayne.models`.
 """
+
 from .._lazy import attach
 
-__getattr__, __dir__, __all__ = attach(__name__, {
-    "catalogue": ["apply_gradcorr", "build_catalogue", "catalogue_labels", "combine_metal_poor", "fit_flags", "label_columns", "merge_by_gradcorr", "read_catalogue", "write_catalogue"],
-    "fitter": ["FitArrays", "FitConfig", "Fitter", "doppler_factor"],
-})
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "catalogue": [
+            "apply_gradcorr",
+            "build_catalogue",
+            "catalogue_labels",
+            "combine_metal_poor",
+            "fit_flags",
+            "label_columns",
+            "merge_by_gradcorr",
+            "read_catalogue",
+            "write_catalogue",
+        ],
+        "fitter": ["FitArrays", "FitConfig", "Fitter", "doppler_factor"],
+    },
+)

@@ -94,8 +94,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..flags import EXCLUDING_BITS, SPECTRUM_STATUS
-from ..models.model import SpectralModel
 from ..instrument.wavelength import C_KMS, air_to_vacuum
+from ..models.model import SpectralModel
 
 __all__ = ["FitConfig", "Fitter", "FitArrays", "doppler_factor", "shift_weights", "grid_segments"]
 
@@ -933,6 +933,6 @@ class Fitter:
             if out.model_flux is not None:
                 out.model_flux[g] = f[i]
 
-    def with_config(self, **changes) -> "Fitter":
+    def with_config(self, **changes) -> Fitter:
         """A new fitter with some configuration fields changed."""
         return Fitter(self.model, replace(self.config, **changes))

@@ -32,6 +32,7 @@ STELIB
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -149,7 +150,7 @@ class TabulatedLSF(LSF):
         object.__setattr__(self, "fwhm_values", tuple(f.tolist()))
 
     @classmethod
-    def from_file(cls, path) -> "TabulatedLSF":
+    def from_file(cls, path) -> TabulatedLSF:
         """Read a two-column text file: wavelength (A), FWHM (A)."""
         data = np.loadtxt(path, ndmin=2)
         if data.shape[1] < 2:
@@ -190,7 +191,6 @@ def lsf_from_spec(spec) -> LSF:
             return ConstantResolvingPower(float(s.split("=", 1)[1]))
     except ValueError as exc:
         raise ValueError(f"cannot read LSF specification {s!r}: {exc}") from None
-    import os
 
     if os.path.exists(s):
         return TabulatedLSF.from_file(s)

@@ -11,12 +11,27 @@
 
 May import: :mod:`musepayne.flags`, :mod:`musepayne.instrument`.
 """
+
 from .._lazy import attach
 
-__getattr__, __dir__, __all__ = attach(__name__, {
-    "batching": ["group_sets"],
-    "fits": ["atomic_path", "atomic_write_fits", "atomic_write_json", "atomic_write_text", "check_format", "sha256_file"],
-    "prepared": ["PreparedSpectra"],
-    "readers": ["MuseCube", "detect_kind", "library_variance", "open_cube", "read_lamost", "read_miles", "read_miles_params", "read_muse_spectra", "read_spectra", "read_stelib"],
-    "spectra": ["ReaderError", "SpectrumSet"],
-})
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "batching": ["group_sets"],
+        "fits": ["atomic_path", "atomic_write_fits", "atomic_write_json", "atomic_write_text", "check_format", "sha256_file"],
+        "prepared": ["PreparedSpectra"],
+        "readers": [
+            "MuseCube",
+            "detect_kind",
+            "library_variance",
+            "open_cube",
+            "read_lamost",
+            "read_miles",
+            "read_miles_params",
+            "read_muse_spectra",
+            "read_spectra",
+            "read_stelib",
+        ],
+        "spectra": ["ReaderError", "SpectrumSet"],
+    },
+)

@@ -8,11 +8,15 @@ guarantees.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from astropy.io import fits
 
 __all__ = ["atomic_path", "atomic_write_fits", "atomic_write_text", "atomic_write_json", "sha256_file"]
 
@@ -50,9 +54,7 @@ def table_hdu(table, name: str):
     """A FITS binary-table HDU of ``table`` that keeps what ``Table.write`` keeps -- column
     units, descriptions and table meta (astropy's serialized-metadata comment cards) --
     unlike a bare ``fits.table_to_hdu``; ``Table.read(hdu)`` restores them."""
-    import io
 
-    from astropy.io import fits
 
     buf = io.BytesIO()
     table.write(buf, format="fits")
@@ -95,7 +97,6 @@ def check_format(header, path, name: str, max_version: int, what: str, error=Val
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
-    import hashlib
 
     h = hashlib.sha256()
     with open(path, "rb") as fh:

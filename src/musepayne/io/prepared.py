@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table
+from astropy.table import Table, vstack
 
 from .. import __version__
+from ..flags import PIXEL_FLAGS
 from .fits import atomic_write_fits, check_format
+from .spectra import ReaderError
 
 __all__ = ["PreparedSpectra", "FORMAT_NAME", "FORMAT_VERSION", "SPECTRA_COLUMNS"]
 
@@ -91,7 +93,6 @@ class PreparedSpectra:
         hf.header["BUNIT"] = ("", "continuum-normalised flux")
         hi = fits.ImageHDU(np.asarray(self.ivar, np.float32), name="IVAR")
         hm = fits.ImageHDU(np.asarray(self.mask, np.int32), name="MASK")
-        from ..flags import PIXEL_FLAGS
 
         for f in PIXEL_FLAGS.values():
             hm.header[f"MASKB{f.bit}"] = (f.name, f.description[:47])
@@ -113,8 +114,7 @@ class PreparedSpectra:
         atomic_write_fits(self.to_hdulist(), path, overwrite=overwrite)
 
     @classmethod
-    def read(cls, path) -> "PreparedSpectra":
-        from .spectra import ReaderError
+    def read(cls, path) -> PreparedSpectra:
 
         try:
             with fits.open(path, memmap=False) as h:
@@ -139,15 +139,14 @@ class PreparedSpectra:
             raise ReaderError(f"{path}: SPECTRA has {len(spectra)} rows for {flux.shape[0]} spectra")
         return cls(wave, flux, ivar, mask, exc, cont, spectra, meta)
 
-    def take(self, index) -> "PreparedSpectra":
+    def take(self, index) -> PreparedSpectra:
         """A new object with the rows at ``index`` (in that order)."""
         idx = np.asarray(index)
         return PreparedSpectra(self.wave.copy(), self.flux[idx], self.ivar[idx], self.mask[idx],
                                self.lsf_excess[idx], self.cont[idx], self.spectra[idx], dict(self.meta))
 
     @staticmethod
-    def concatenate(parts) -> "PreparedSpectra":
-        from astropy.table import vstack
+    def concatenate(parts) -> PreparedSpectra:
 
         parts = list(parts)
         if not parts:

@@ -37,10 +37,11 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
+from astropy.wcs import WCS, FITSFixedWarning
 
-from ..instrument.lsf import LAMOST_LSF, MILES_LSF, MUSE_LSF, STELIB_LSF, LSF
-from .spectra import ReaderError, SpectrumSet
+from ..instrument.lsf import LAMOST_LSF, LSF, MILES_LSF, MUSE_LSF, STELIB_LSF
 from ..instrument.wavelength import linear_grid, log_linear_grid
+from .spectra import ReaderError, SpectrumSet
 
 __all__ = [
     "read_spectra",
@@ -500,8 +501,6 @@ class MuseCube:
     _hdul: fits.HDUList = field(init=False, repr=False)
 
     def __post_init__(self):
-        from astropy.wcs import WCS, FITSFixedWarning
-        import warnings
 
         self._hdul = _open(self.path, memmap=True, do_not_scale_image_data=False, lazy_load_hdus=False)
         names = [x.name.upper() for x in self._hdul]

@@ -78,7 +78,7 @@ class SpectrumSet:
     def n_pix(self) -> int:
         return self.wave.size
 
-    def select(self, index) -> "SpectrumSet":
+    def select(self, index) -> SpectrumSet:
         """A new set with the spectra at ``index`` (copies, never views into self)."""
         idx = np.atleast_1d(np.asarray(index))
         return SpectrumSet(

@@ -13,10 +13,14 @@ The shipped default model (``default.fits``) lives in this folder.
 May import: :mod:`musepayne.flags`, :mod:`musepayne.instrument`, :mod:`musepayne.io`,
 :mod:`musepayne.prepare` (templates are prepared like data).
 """
+
 from .._lazy import attach
 
-__getattr__, __dir__, __all__ = attach(__name__, {
-    "cannon": ["CannonConfig", "CannonModel", "train_cannon"],
-    "gradients": ["CannonEmulator", "GradientTemplates", "build_templates", "default_emulator_path"],
-    "model": ["MLPPayne", "ModelError", "PerPixelPayne", "SpectralModel", "import_payne_npz", "load_model"],
-})
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "cannon": ["CannonConfig", "CannonModel", "train_cannon"],
+        "gradients": ["CannonEmulator", "GradientTemplates", "build_templates", "default_emulator_path"],
+        "model": ["MLPPayne", "ModelError", "PerPixelPayne", "SpectralModel", "import_payne_npz", "load_model"],
+    },
+)

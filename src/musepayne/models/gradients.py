@@ -67,14 +67,14 @@ from astropy.table import Table
 
 from .. import __version__
 from ..flags import EXCLUDING_BITS
-from ..io.fits import atomic_write_fits, check_format, sha256_file
 from ..instrument.lsf import LAMOST_LSF, LSF, ConstantFWHM, lsf_from_spec
+from ..instrument.wavelength import lamost_wavelength
+from ..io.fits import atomic_write_fits, check_format, sha256_file
+from ..io.readers import library_variance
+from ..io.spectra import ReaderError
 from ..prepare.masks import mode_mask
 from ..prepare.normalize import DEFAULT_WIDTH, ContinuumNormalizer
-from ..io.readers import library_variance
 from ..prepare.resample import build_operator
-from ..io.spectra import ReaderError
-from ..instrument.wavelength import lamost_wavelength
 
 __all__ = [
     "FORMAT_NAME",
@@ -136,7 +136,7 @@ class CannonEmulator:
     sha256: str = ""
 
     @classmethod
-    def load(cls, path) -> "CannonEmulator":
+    def load(cls, path) -> CannonEmulator:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(
@@ -380,7 +380,7 @@ class GradientTemplates:
         atomic_write_fits(self.to_hdulist(), path, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path) -> "GradientTemplates":
+    def load(cls, path) -> GradientTemplates:
         try:
             with fits.open(path, memmap=False) as h:
                 ph = h[0].header

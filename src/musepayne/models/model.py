@@ -136,7 +136,7 @@ class SpectralModel:
         #: model cannot predict from the labels; fits add ``s_p^2`` to each pixel's variance
         self.scatter = np.zeros(self.wave.size)
 
-    def with_pixel_mask(self, mask) -> "SpectralModel":
+    def with_pixel_mask(self, mask) -> SpectralModel:
         """Set the model's pixel mask (True = unusable) and return the model."""
         m = np.asarray(mask, dtype=bool).ravel()
         if m.shape != self.wave.shape:
@@ -144,7 +144,7 @@ class SpectralModel:
         self.pixel_mask = m.copy()
         return self
 
-    def with_scatter(self, scatter) -> "SpectralModel":
+    def with_scatter(self, scatter) -> SpectralModel:
         """Set the model's intrinsic per-pixel scatter ``s_p`` (>= 0, one per pixel; NaN -> 0)
         and return the model."""
         s = np.nan_to_num(np.array(scatter, dtype=np.float64).ravel(), nan=0.0, posinf=0.0)

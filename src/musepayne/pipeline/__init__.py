@@ -7,10 +7,14 @@
 
 May import: every stage and :mod:`musepayne.science`; Dask only inside the survey.
 """
+
 from .._lazy import attach
 
-__getattr__, __dir__, __all__ = attach(__name__, {
-    "report": ["make_report"],
-    "runner": ["Pipeline", "RunConfig", "load_config_file"],
-    "survey": ["Survey", "SurveyConfig", "read_store_catalogue"],
-})
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "report": ["make_report"],
+        "runner": ["Pipeline", "RunConfig", "load_config_file"],
+        "survey": ["Survey", "SurveyConfig", "read_store_catalogue"],
+    },
+)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..flags import FIT_FLAGS
+from ..io.fits import atomic_write_text
 from ..science.validation import bias_dispersion
 
 __all__ = ["make_report"]
@@ -32,10 +34,10 @@ _LABEL_TEX = {"teff": r"$T_{\rm eff}$ [K]", "logg": r"$\log g$", "fe_h": "[Fe/H]
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - heavy optional dependency, loaded when used
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - heavy optional dependency, loaded when used
 
     return plt
 
@@ -233,7 +235,6 @@ def make_report(outdir, catalogue, *, white_light=None, sources=None, wave=None,
     if "status" in catalogue.colnames:
         summary["status_counts"] = dict(Counter(str(s).split(":")[0] for s in catalogue["status"]))
     if "fit_flags" in catalogue.colnames:  # rows with each quality flag (musepayne.flags.FIT_FLAGS)
-        from ..flags import FIT_FLAGS
 
         ff = np.asarray(catalogue["fit_flags"], np.int64)
         summary["fit_flag_counts"] = {k: int(np.count_nonzero(ff & f.value)) for k, f in FIT_FLAGS.items()}
@@ -285,7 +286,6 @@ def make_report(outdir, catalogue, *, white_light=None, sources=None, wave=None,
             "img{max-width:100%}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
             "padding:3px 8px}figure{margin:1.5em 0}.note{color:#666}</style></head><body>"
             + "\n".join(body) + "</body></html>")
-    from ..io.fits import atomic_write_text
 
     atomic_write_text(page, out / "index.html")
     summary["figures"] = [f for f, _ in figs]

@@ -34,11 +34,22 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
+import tomllib
 from astropy.io import fits
 from astropy.table import Column, Table, vstack
 
 from .. import __version__
+from ..extract.extractor import ExtractConfig, Extractor
+from ..fit.catalogue import combine_metal_poor, write_catalogue
+from ..fit.fitter import FitConfig, Fitter
+from ..instrument.lsf import lsf_from_spec
 from ..io.fits import atomic_write_fits, atomic_write_json, sha256_file, table_hdu
+from ..io.prepared import PreparedSpectra
+from ..io.readers import open_cube, read_muse_spectra
+from ..models.model import _default_model_path, load_model
+from ..prepare.preparer import PrepareConfig, Preparer
+from ..threads import blas_threads
+from .report import make_report
 
 __all__ = ["RunConfig", "Pipeline", "load_config_file", "cube_id_for"]
 
@@ -97,7 +108,7 @@ class RunConfig:
             d = {k: d[k] for k in names}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def updated(self, **overrides) -> "RunConfig":
+    def updated(self, **overrides) -> RunConfig:
         known = {f.name for f in fields(self)}
         bad = set(overrides) - known
         if bad:
@@ -112,7 +123,6 @@ def load_config_file(path) -> dict:
     if p.suffix.lower() == ".json":
         d = json.loads(text)
     else:
-        import tomllib
 
         d = tomllib.loads(text.decode())
     return d.get("run", d)
@@ -183,9 +193,6 @@ class Pipeline:
         return out
 
     def prepare(self, extracted: Path, cdir: Path) -> Path:
-        from ..instrument.lsf import lsf_from_spec
-        from ..prepare.preparer import PrepareConfig, Preparer
-        from ..io.readers import read_muse_spectra
 
         out = cdir / "prepared.fits"
         inputs = {"extracted": sha256_file(extracted)}
@@ -203,7 +210,6 @@ class Pipeline:
         return out
 
     def fit(self, prepared_path: Path, cdir: Path, model, model_mp=None, stop_after=None) -> tuple[Table, np.ndarray]:
-        from ..io.prepared import PreparedSpectra
 
         prep = PreparedSpectra.read(prepared_path)
         fdir = cdir / "fit"
@@ -254,13 +260,11 @@ class Pipeline:
         """Process ``cubes`` (with one source catalogue, or one per cube); returns the run record."""
         if self.config.blas_threads is None:
             return self._run(cubes, sources, truth, stop_after)
-        from ..threads import blas_threads
 
         with blas_threads(self.config.blas_threads):
             return self._run(cubes, sources, truth, stop_after)
 
     def _run(self, cubes, sources, truth=None, stop_after=None) -> dict:
-        from ..models.model import load_model
 
         self.outdir.mkdir(parents=True, exist_ok=True)
         # temporary files of a killed run are never valid: remove them (one run per OUTDIR at a time)
@@ -293,7 +297,8 @@ class Pipeline:
             extracted = self.extract(cube, src, cdir, {"cube": csum, "sources": ssum})
             prepared = self.prepare(extracted, cdir)
             cat, models = self.fit(prepared, cdir, model, model_mp, stop_after=stop_after)
-            cat["cube_id"] = Column([cid] * len(cat), description="cube identifier: file name stem and the first 8 hex digits of its sha256")
+            cat["cube_id"] = Column([cid] * len(cat),
+                                    description="cube identifier: file name stem and the first 8 hex digits of its sha256")
             cat["obs_id"] = Column([f"{cid}:{s}" for s in cat["stellar_id"]],
                                    description="observation identifier, cube_id:stellar_id (unique per row)")
             all_cats.append(cat)
@@ -324,9 +329,6 @@ class Pipeline:
         return record
 
     def write_report(self, cube, catalogue, models, truth=None):
-        from ..io.prepared import PreparedSpectra
-        from ..io.readers import open_cube
-        from .report import make_report
 
         first = catalogue["cube_id"][0]
         cdir = self.outdir / "cubes" / first
@@ -344,14 +346,12 @@ class Pipeline:
 # ---------------------------------------------------------------------- adapters
 def _model_id(spec) -> str:
     """sha256 of the model file a run uses ('default' resolves to the shipped file)."""
-    from ..models.model import _default_model_path
 
     path = _default_model_path() if str(spec) == "default" else spec
     return sha256_file(path) if path is not None and Path(path).is_file() else str(spec)
 
 
 def _run_extract(cube_path, sources_path, out_path, config: RunConfig) -> dict:
-    from ..extract.extractor import ExtractConfig, Extractor
 
     cfg = ExtractConfig(method=config.extract_method, **config.extract_options)
     res = Extractor(cfg)(str(cube_path), str(sources_path))
@@ -363,12 +363,10 @@ def _run_extract(cube_path, sources_path, out_path, config: RunConfig) -> dict:
 
 def _run_fit_chunk(prep, model, model_mp, config: RunConfig):
     """Fit one chunk; returns (catalogue without the model column, best-fit models)."""
-    from ..fit.fitter import FitConfig, Fitter
 
     opts = {"rv_range": config.rv_range, "keep_model": True, **config.fit_options}
     cat = Fitter(model, FitConfig(**opts))(prep)
     if model_mp is not None:
-        from ..fit.catalogue import combine_metal_poor
 
         cat_mp = Fitter(model_mp, FitConfig(**opts))(prep)
         cat = combine_metal_poor(cat, cat_mp)
@@ -411,7 +409,6 @@ def _best_per_star(cat: Table) -> Table:
 
 def _write_catalogue(cat: Table, stem: Path):
     """``stem``.fits and .csv, and .parquet when pyarrow is installed (all atomic)."""
-    from ..fit.catalogue import write_catalogue
 
     write_catalogue(cat, stem.with_suffix(".fits"))
     write_catalogue(cat, stem.with_suffix(".csv"))

@@ -34,6 +34,7 @@ memory='64GB').scale(jobs=10)``) and pass its ``scheduler_address`` to
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -45,8 +46,9 @@ from pathlib import Path
 from astropy.table import Table, vstack
 
 from .. import __version__
-from ..fit.catalogue import write_catalogue
+from ..fit.catalogue import read_catalogue, write_catalogue
 from ..io.fits import atomic_write_json, sha256_file
+from .runner import Pipeline, RunConfig, cube_id_for
 
 __all__ = ["SurveyConfig", "Survey", "process_cube", "read_store_catalogue", "sources_resolver"]
 
@@ -69,7 +71,6 @@ class SurveyConfig:
     merged_fits: bool = False
 
     def run_config(self):
-        from .runner import RunConfig
 
         opts = dict(self.run_options or {})
         opts.setdefault("report", False)
@@ -87,7 +88,6 @@ def _relax_malloc_trim():
     if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
         return
     try:
-        import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -103,7 +103,6 @@ def process_cube(cube: str, sources: str, store: str, run_options: dict, cube_id
     Runs anywhere (a Dask worker or this process).  Returns a summary dict;
     raises on failure (the driver records the reason and may retry).
     """
-    from .runner import Pipeline, RunConfig
 
     _relax_malloc_trim()
     store = Path(store)
@@ -152,7 +151,6 @@ class Survey:
     # ------------------------------------------------------------------ driver
     def plan(self, cubes, sources_for):
         """(todo, skipped) lists of task dicts for the given cubes."""
-        from .runner import cube_id_for
 
         manifest = self.load_manifest()
         cfg_hash = self.config.run_config().digest()
@@ -224,7 +222,7 @@ class Survey:
                 if self.progress:
                     self.progress(i + 1, len(args))
             return out
-        from dask.distributed import Client, LocalCluster, as_completed
+        from dask.distributed import Client, LocalCluster, as_completed  # noqa: PLC0415 - heavy optional dependency, loaded when used
 
         if sched == "local":
             cluster = LocalCluster(n_workers=self.config.workers or os.cpu_count() or 1, threads_per_worker=1,
@@ -284,7 +282,7 @@ class Survey:
 
 def _have_dask() -> bool:
     try:
-        import dask.distributed  # noqa: F401
+        import dask.distributed  # noqa: F401, PLC0415
     except ImportError:
         return False
     return True
@@ -311,7 +309,6 @@ def sources_resolver(sources_dir=None, sources_from=None, workdir=None):
 
 def read_store_catalogue(store) -> Table:
     """The merged catalogue of a store, read from its Parquet partitions (pyarrow, no pandas)."""
-    from ..fit.catalogue import read_catalogue
 
     parts = sorted(Path(store, "catalogue").glob("cube_id=*/part-0.parquet"))
     tables = []

@@ -8,11 +8,23 @@
 
 May import: :mod:`musepayne.flags`, :mod:`musepayne.instrument`, :mod:`musepayne.io`.
 """
+
 from .._lazy import attach
 
-__getattr__, __dir__, __all__ = attach(__name__, {
-    "masks": ["clean_sky_residuals", "mode_mask"],
-    "normalize": ["ContinuumNormalizer", "normalize"],
-    "preparer": ["PrepareConfig", "Preparer", "prepare_spectra"],
-    "resample": ["SpectralOperator", "broadening_matrix", "build_operator", "convolution_matrix", "kernel_sigma", "rebin_matrix", "rebin_variance"],
-})
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "masks": ["clean_sky_residuals", "mode_mask"],
+        "normalize": ["ContinuumNormalizer", "normalize"],
+        "preparer": ["PrepareConfig", "Preparer", "prepare_spectra"],
+        "resample": [
+            "SpectralOperator",
+            "broadening_matrix",
+            "build_operator",
+            "convolution_matrix",
+            "kernel_sigma",
+            "rebin_matrix",
+            "rebin_variance",
+        ],
+    },
+)

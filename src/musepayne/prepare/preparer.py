@@ -30,12 +30,12 @@ from astropy.table import Table
 
 from ..flags import EXCLUDING_BITS, SPECTRUM_STATUS, flag_value
 from ..instrument.lsf import LAMOST_LSF, LSF, lsf_from_spec
+from ..instrument.wavelength import LAMOST_COEFF0, LAMOST_COEFF1, LAMOST_NPIX, air_to_vacuum, log_linear_grid
+from ..io.prepared import PreparedSpectra
+from ..io.spectra import SpectrumSet
 from .masks import BLUE_CUTOFF_BULGE, MODES, clean_sky_residuals, mode_mask
 from .normalize import DEFAULT_WIDTH, ContinuumNormalizer
-from ..io.prepared import PreparedSpectra
 from .resample import SpectralOperator, build_operator
-from ..io.spectra import SpectrumSet
-from ..instrument.wavelength import LAMOST_COEFF0, LAMOST_COEFF1, LAMOST_NPIX, air_to_vacuum, log_linear_grid
 
 __all__ = ["PrepareConfig", "Preparer", "prepare_spectra", "CONTINUUM_EXCLUDING"]
 

@@ -51,7 +51,7 @@ import scipy.sparse as sp
 from scipy.special import ndtr
 
 from ..instrument.lsf import FWHM_TO_SIGMA, LSF
-from ..instrument.wavelength import air_to_vacuum, bin_edges
+from ..instrument.wavelength import air_to_vacuum, bin_edges, vacuum_to_air
 
 __all__ = [
     "rebin_matrix",
@@ -234,7 +234,6 @@ def build_operator(wave_in, frame_in: str, lsf_in: LSF, wave_out, lsf_target: LS
     elif frame_in == "air":
         w_in_out = air_to_vacuum(w_in)
     else:
-        from ..instrument.wavelength import vacuum_to_air
 
         w_in_out = vacuum_to_air(w_in)
     e_in = bin_edges(w_in)

@@ -12,11 +12,15 @@ May import: :mod:`musepayne.flags`, :mod:`musepayne.instrument`, :mod:`musepayne
 :mod:`musepayne.prepare`, :mod:`musepayne.models`, :mod:`musepayne.fit`; matplotlib only
 inside plotting functions.
 """
+
 from .._lazy import attach
 
-__getattr__, __dir__, __all__ = attach(__name__, {
-    "calibration": ["MgFeTeffCalibration", "apply_region_offsets"],
-    "forecast": ["cramer_rao", "limiting_vmag", "required_exptime", "sigma_from_snr", "snr_for_sigma"],
-    "selection": ["Preset", "SelectionError", "best_per_star", "select"],
-    "validation": ["Comparison", "compare", "repeat_error_factors"],
-})
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "calibration": ["MgFeTeffCalibration", "apply_region_offsets"],
+        "forecast": ["cramer_rao", "limiting_vmag", "required_exptime", "sigma_from_snr", "snr_for_sigma"],
+        "selection": ["Preset", "SelectionError", "best_per_star", "select"],
+        "validation": ["Comparison", "compare", "repeat_error_factors"],
+    },
+)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..io.fits import atomic_path
+
 __all__ = ["new_figure", "save_figure"]
 
 
 def new_figure(figsize=(6.0, 4.5)):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - heavy optional dependency, loaded when used
+    from matplotlib.figure import Figure  # noqa: PLC0415 - heavy optional dependency, loaded when used
 
     fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
@@ -22,7 +24,6 @@ def new_figure(figsize=(6.0, 4.5)):
 
 def save_figure(fig, path, dpi=120):
     """Write ``fig`` atomically; the format comes from the file suffix (default png)."""
-    from ..io.fits import atomic_path
 
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"

@@ -37,6 +37,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 import numpy as np
+from astropy.table import Column
+
+from .selection import evaluate
 
 __all__ = ["TABLE_A1", "FEH_BINS", "PAPER_REGION_OFFSETS", "slope_for", "MgFeTeffCalibration",
            "apply_region_offsets"]
@@ -95,7 +98,6 @@ def _append_record(meta, record):
 
 def _set_values(table, name, values):
     """Replace a column's values, keeping its unit, description and format."""
-    from astropy.table import Column
 
     old = table[name]
     table[name] = Column(np.asarray(values, dtype=float), name=name, unit=getattr(old, "unit", None),
@@ -163,7 +165,6 @@ def apply_region_offsets(table, offsets, label: str = "mg_fe"):
     (if absent) and ``<label>_region`` (name, '' where none matched), and
     records the step in ``meta['calibration']``.
     """
-    from .selection import evaluate
 
     out = table.copy()
     x = _col(out, label)

@@ -36,6 +36,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
+from astropy.table import Table
+from scipy.interpolate import CubicSpline
+
+from ..flags import EXCLUDING_BITS
+from ..instrument.wavelength import C_KMS, air_to_vacuum
+from ..prepare.masks import mode_mask
+from ._plotting import new_figure, save_figure
 
 __all__ = [
     "TABLE3",
@@ -189,7 +196,6 @@ class CramerRaoResult:
 
     def to_table(self):
         """Astropy Table: the input labels and ``<label>_crlb`` per label."""
-        from astropy.table import Table
 
         t = Table()
         for j, name in enumerate(self.label_names):
@@ -216,9 +222,6 @@ def fit_mask(wave, mode: str = "standard", ao_notch: str | None = None, coverage
     pixels outside the instrument's coverage (``coverage_air``, converted to
     vacuum; ``None`` for no coverage limit, e.g. a LAMOST forecast).
     """
-    from ..flags import EXCLUDING_BITS
-    from ..prepare.masks import mode_mask
-    from ..instrument.wavelength import air_to_vacuum
 
     w = np.asarray(wave, dtype=float)
     excl = (mode_mask(w, mode, ao_notch).astype(np.int64) & EXCLUDING_BITS) != 0
@@ -242,7 +245,6 @@ def _pixel_weights(n_pix, snr, ivar, mask):
         if m.dtype == bool:
             excl = m
         else:
-            from ..flags import EXCLUDING_BITS
 
             excl = (m.astype(np.int64) & EXCLUDING_BITS) != 0
         w = np.where(np.broadcast_to(excl, w.shape), 0.0, w)
@@ -288,12 +290,10 @@ def cramer_rao(model, labels, snr=None, *, ivar=None, mask=None, correction=None
     flux, jac = model.predict_with_jacobian(lab)
     jac = np.asarray(jac, dtype=float)
     if fit_rv:
-        from ..instrument.wavelength import C_KMS
 
         wave = getattr(model, "wave", None)
         if wave is None:
             raise ValueError("fit_rv needs a model with a wavelength grid (model.wave)")
-        from scipy.interpolate import CubicSpline
 
         lnw = np.log(np.asarray(wave, dtype=float))
         fl = np.asarray(flux, dtype=float)
@@ -367,7 +367,6 @@ def plot_sigma_vs_snr(path, labels=None, snr=(10.0, 300.0), crlb: CramerRaoResul
     Fisher bound) and drawn dashed.  Teff is plotted in units of 100 K, as in
     the paper.  Returns the list of plotted curve names.
     """
-    from ._plotting import new_figure, save_figure
 
     labels = [canonical_label(x) for x in (labels or TABLE3)]
     grid = np.geomspace(snr[0], snr[1], 200)
@@ -406,7 +405,6 @@ def plot_snr_vs_vmag(path, labels=None, sigma=0.1, exptime=3600.0, vrange=(14.0,
     ``{label: limiting V}`` of the drawn thresholds.
     """
     sigma_teff = 100.0 * sigma if sigma_teff is None else sigma_teff
-    from ._plotting import new_figure, save_figure
 
     labels = [canonical_label(x) for x in (labels or TABLE3)]
     v = np.linspace(vrange[0], vrange[1], 300)
@@ -414,7 +412,7 @@ def plot_snr_vs_vmag(path, labels=None, sigma=0.1, exptime=3600.0, vrange=(14.0,
     ax = fig.subplots()
     ax.plot(v, snr_from_vmag(v, exptime), color="purple", lw=2, label=f"S/N ({exptime:g} s)")
     lims = {}
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # noqa: PLC0415 - heavy optional dependency, loaded when used
 
     cmap = colormaps["tab10"]
     for k, lab in enumerate(labels):

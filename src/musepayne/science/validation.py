@@ -27,7 +27,12 @@ import json
 import re
 from dataclasses import dataclass
 
+import astropy.units as u
 import numpy as np
+from astropy.coordinates import SkyCoord
+from astropy.table import Table
+
+from ._plotting import new_figure, save_figure
 
 __all__ = [
     "LABEL_PATTERN",
@@ -104,8 +109,6 @@ def crossmatch(cat, ref, by: str = "id", *, id_col: str = "stellar_id", ref_id_c
         i_ref = np.array([p[1] for p in pairs], dtype=int)
         return i_cat, i_ref, np.full(i_cat.size, np.nan)
     if by == "sky":
-        import astropy.units as u
-        from astropy.coordinates import SkyCoord
 
         rra, rdec = ref_ra_col or ra_col, ref_dec_col or dec_col
         for t, cs, what in ((cat, (ra_col, dec_col), "catalogue"), (ref, (rra, rdec), "reference")):
@@ -164,7 +167,6 @@ def compare(cat, ref, labels=None, *, by: str = "id", sort_by_dispersion: bool =
     ``labels``: columns to compare (default: :func:`label_columns` common to
     both).  Extra keyword arguments go to :func:`crossmatch`.
     """
-    from astropy.table import Table
 
     labels = list(labels) if labels else label_columns(cat, ref)
     missing = [c for c in labels if c not in cat.colnames or c not in ref.colnames]
@@ -246,7 +248,6 @@ def repeat_error_factor(table, label: str, *, err_col: str | None = None, id_col
 
 def repeat_error_factors(table, labels=None, *, id_col: str = "stellar_id", rows=None, robust: bool = False):
     """Table of Eq. 10 factors for every label with an ``_err`` column."""
-    from astropy.table import Table
 
     labels = list(labels) if labels else [c for c in label_columns(table) if f"{c}_err" in table.colnames]
     out = []
@@ -291,7 +292,6 @@ def plot_differences(path, comparison: Comparison, labels=None, x: str = "fe_h",
     Each panel carries the median and dispersion as text, as in the paper.
     Returns ``{label: number of points drawn}``.
     """
-    from ._plotting import new_figure, save_figure
 
     m = comparison.matched
     labels = list(labels) if labels else [str(r) for r in comparison.stats["label"]]
@@ -341,7 +341,6 @@ def plot_bias_precision(path, stats: dict) -> list[str]:
     drawn in units of 100 K so that it shares the dex axis.  Returns the
     label order drawn.
     """
-    from ._plotting import new_figure, save_figure
 
     names = list(stats)
     if not names:

@@ -8,10 +8,14 @@
 
 May import: every stage below :mod:`musepayne.fit` (instrument, io, prepare, extract, models).
 """
+
 from .._lazy import attach
 
-__getattr__, __dir__, __all__ = attach(__name__, {
-    "simulator": ["CallableSpectra", "LibrarySpectra", "SimulateConfig", "Simulator", "ToySpectra", "default_psf"],
-    "synthesis": ["ModelSpectra", "globular_cluster_sampler"],
-    "toyspec": ["muse_grid", "toy_spectrum"],
-})
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "simulator": ["CallableSpectra", "LibrarySpectra", "SimulateConfig", "Simulator", "ToySpectra", "default_psf"],
+        "synthesis": ["ModelSpectra", "globular_cluster_sampler"],
+        "toyspec": ["muse_grid", "toy_spectrum"],
+    },
+)

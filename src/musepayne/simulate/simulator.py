@@ -31,20 +31,21 @@ units per Angstrom) and a source catalogue usable by ``musepayne extract``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
+from astropy.wcs import WCS
 
-from ..io.fits import atomic_path, atomic_write_fits
-from ..instrument.lsf import FWHM_TO_SIGMA, MUSE_LSF
 from ..extract.psf import MoffatPSF, psf_design_matrix
-from ..prepare.resample import rebin_matrix
-from .toyspec import toy_spectrum
+from ..instrument.lsf import FWHM_TO_SIGMA, MUSE_LSF
 from ..instrument.wavelength import C_KMS, bin_edges, linear_grid
+from ..io.fits import atomic_path, atomic_write_fits
+from ..prepare.resample import build_operator, rebin_matrix
+from .toyspec import toy_spectrum
 
 __all__ = [
     "SimulateConfig",
@@ -118,7 +119,6 @@ class LibrarySpectra:
     """
 
     def __init__(self, spectra, wave):
-        from ..prepare.resample import build_operator
 
         sets = [spectra] if hasattr(spectra, "flux") else list(spectra)
         wave = np.asarray(wave, dtype=np.float64)
@@ -250,7 +250,6 @@ class Simulator:
         return h
 
     def celestial_wcs(self):
-        from astropy.wcs import WCS
 
         return WCS(self.wcs_header()).celestial
 
@@ -369,7 +368,7 @@ class Simulator:
         p["EXPTIME"] = 600.0 * c.n_exp
         p["HIERARCH ESO INS MODE"] = "WFM-NOAO-N"
         p["HIERARCH ESO DRS MUSE PIXSCALE"] = c.pixscale
-        p["ORIGIN"] = "musepayne.simulate.simulator"
+        p["ORIGIN"] = "musepayne.simulate"
         p["SIMSEED"] = c.seed
         p["SIMNSTAR"] = c.nstars
         p["SIMGAIN"] = (c.gain, "electrons per flux unit per layer")

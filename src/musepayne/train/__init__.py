@@ -8,10 +8,14 @@
 
 May import: every stage up to :mod:`musepayne.fit`.
 """
+
 from .._lazy import attach
 
-__getattr__, __dir__, __all__ = attach(__name__, {
-    "crossval": ["CVConfig", "cross_validate", "cv_summary", "run_cv"],
-    "trainer": ["TrainConfig", "TrainResult", "estimate_scatter", "train_model"],
-    "trainset": ["TrainingSet", "TrainsetCuts", "build_trainset", "simulate_lamost_observation", "simulate_muse_observation"],
-})
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "crossval": ["CVConfig", "cross_validate", "cv_summary", "run_cv"],
+        "trainer": ["TrainConfig", "TrainResult", "estimate_scatter", "train_model"],
+        "trainset": ["TrainingSet", "TrainsetCuts", "build_trainset", "simulate_lamost_observation", "simulate_muse_observation"],
+    },
+)

@@ -28,19 +28,24 @@ per-star results are the ``*_cannon`` columns and its statistics
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import numpy as np
 from astropy.table import Table
 
-from ..models.cannon import CannonConfig, train_cannon
-from ..prepare.preparer import PrepareConfig, Preparer
+from ..fit.fitter import FitConfig, Fitter
 from ..io.prepared import PreparedSpectra
 from ..io.readers import read_miles, read_stelib
 from ..io.spectra import ReaderError
+from ..models.cannon import CannonConfig, train_cannon
+from ..models.gradients import CannonEmulator, GradientTemplates, build_templates
+from ..models.model import load_model
+from ..prepare.preparer import PrepareConfig, Preparer
 from .trainer import TrainConfig, train_model
-from .trainset import TrainingSet, simulate_lamost_observation, simulate_muse_observation
+from .trainset import TrainingSet, build_trainset, simulate_lamost_observation, simulate_muse_observation
 
 __all__ = ["CVConfig", "cross_validate", "dispersion", "bias", "assign_folds", "cv_summary"]
 
@@ -98,7 +103,6 @@ def cross_validate(trainset: TrainingSet, templates=None, config: CVConfig | Non
     ``summary``: dict of dispersions, biases and median gradcorr.
     ``progress``: optional callable ``progress(message)``.
     """
-    from ..fit.fitter import FitConfig, Fitter
 
     cfg = config or CVConfig()
     fcfg = fit_config or FitConfig()
@@ -247,7 +251,6 @@ def default_recipe(label_names=("teff", "logg", "fe_h")) -> TrainConfig:
     when no default model is installed or it does not record them."""
     fallback = TrainConfig(gradient_weight={n: 3e-4 for n in label_names})
     try:
-        from ..models.model import load_model
 
         tc = dict(load_model("default").meta.get("train_config") or {})
     except Exception:  # noqa: BLE001 - no (readable) default model: the documented recipe
@@ -273,18 +276,13 @@ def run_cv(options: dict):
     baseline beside the regularised run (``info['baseline']``; its per-star results are the
     ``*_cannon`` columns of ``cv_regularised.fits``).  Takes ~10 min on one core (10 trainings).
     """
-    import os
-    import time
-    from pathlib import Path
 
-    from ..models.gradients import CannonEmulator, GradientTemplates, build_templates
 
     t0 = time.perf_counter()
     shared = Path(os.environ.get("MUSEPAYNE_SHARED", Path("..") / "shared" / "data"))
     if options.get("trainset"):
         ts = TrainingSet.read(options["trainset"])
     else:
-        from .trainset import build_trainset
 
         ts = build_trainset(shared / "libraries" / "miles", shared / "libraries" / "stelib")
     if options.get("templates"):

@@ -50,10 +50,17 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as _replace
 
 import numpy as np
+from astropy.table import Table
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import __version__
+from ..fit.fitter import FitConfig, Fitter
+from ..io.prepared import PreparedSpectra
+from ..models.cannon import ml_scatter
+from ..models.model import MLPPayne, PerPixelPayne
 
 __all__ = ["TrainConfig", "TrainResult", "train_model", "parse_gradient_weights", "split_indices"]
 
@@ -232,7 +239,6 @@ class TrainResult:
 
     def to_model(self):
         """The trained network as a :mod:`musepayne.models.model` spectral model."""
-        from ..models.model import MLPPayne, PerPixelPayne
 
         common = dict(label_names=self.label_names, x_min=self.x_min, x_max=self.x_max, wave=self.wave,
                       frame=self.frame, label_units=self.label_units or None, meta=dict(self.meta))
@@ -253,7 +259,7 @@ class TrainResult:
 # --------------------------------------------------------------------------- torch parts
 def _torch():
     try:
-        import torch
+        import torch  # noqa: PLC0415 - heavy optional dependency, loaded when used
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("training needs PyTorch: pip install 'musepayne[train]'") from exc
     return torch
@@ -423,13 +429,8 @@ def estimate_scatter(model, flux, ivar, fit_config=None):
     the model cannot predict from any labels.  Returns ``(s_p (n_pix,), n_spectra_used)``;
     ``s_p = 0`` on the model's masked pixels.  Pure numpy; the inputs are not modified.
     """
-    from dataclasses import replace as _replace
 
-    from astropy.table import Table
 
-    from ..models.cannon import ml_scatter
-    from ..fit.fitter import FitConfig, Fitter
-    from ..io.prepared import PreparedSpectra
 
     f = np.asarray(flux, np.float64)
     iv = np.asarray(ivar, np.float64)
@@ -675,7 +676,6 @@ class _progress:
         return super().__new__(cls)
 
     def __init__(self, enabled, total):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.p = Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                           TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False)

@@ -48,15 +48,16 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from ..io.batching import group_sets
 from ..flags import EXCLUDING_BITS, flag_value
-from ..instrument.lsf import LAMOST_LSF, MUSE_LSF, LSF
-from ..prepare.preparer import PrepareConfig, Preparer, _bridge
+from ..instrument.lsf import LAMOST_LSF, LSF, MUSE_LSF
+from ..instrument.wavelength import lamost_wavelength, linear_grid
+from ..io.batching import group_sets
+from ..io.fits import atomic_write_fits
 from ..io.prepared import PreparedSpectra
 from ..io.readers import read_miles, read_miles_params, read_stelib
-from ..prepare.resample import build_operator
 from ..io.spectra import ReaderError, SpectrumSet
-from ..instrument.wavelength import lamost_wavelength, linear_grid
+from ..prepare.preparer import PrepareConfig, Preparer, _bridge
+from ..prepare.resample import build_operator
 
 __all__ = [
     "TRAINSET_FORMAT",
@@ -147,7 +148,7 @@ class TrainingSet:
     def table(self) -> Table:
         return self.prepared.spectra
 
-    def select(self, index) -> "TrainingSet":
+    def select(self, index) -> TrainingSet:
         p = self.prepared
         idx = np.atleast_1d(np.asarray(index))
         sub = PreparedSpectra(p.wave.copy(), p.flux[idx], p.ivar[idx], p.mask[idx], p.lsf_excess[idx],
@@ -162,12 +163,11 @@ class TrainingSet:
         for k, v in self.meta.items():
             key = k.upper()[:8]
             ph[key] = v if isinstance(v, (int, float, bool)) else str(v)  # long strings: CONTINUE cards
-        from ..io.fits import atomic_write_fits
 
         atomic_write_fits(hl, path)
 
     @classmethod
-    def read(cls, path) -> "TrainingSet":
+    def read(cls, path) -> TrainingSet:
         p = PreparedSpectra.read(path)
         with fits.open(path, memmap=False) as h:
             ph = h[0].header
