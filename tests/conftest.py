@@ -29,3 +29,13 @@ def shared() -> Path:
             pytest.fail(msg + " -- required in CI")
         pytest.skip(msg)
     return d
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the real data (the ``shared`` fixture, directly or through another
+    fixture) carries the ``shared`` marker, so ``-m "not shared"`` selects exactly the tests that
+    need nothing but the package."""
+    for item in items:
+        if "shared" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared)

@@ -116,18 +116,22 @@ def test_resume_after_interrupt_in_fit(field, reference_run):
 
 @pytest.mark.slow
 def test_kill_and_resume_cli(field, reference_run):
-    """SIGKILL the CLI at a random moment, run the same command again: same catalogue."""
+    """SIGKILL the CLI at two fixed points (once extraction is committed, then once the first fitted
+    chunk is), run the same command again: same catalogue.  The kill points are events, not clock
+    times, so the test exercises the same resume paths on every machine and load."""
     out = field["dir"] / "killed"
     cmd = [sys.executable, "-m", "musepayne.cli", "run", field["cube"], "--sources", field["sources"],
            "-o", str(out), "--model", field["model"], "--cube-lsf", "lamost", "--fit-chunk", "8", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    rng = np.random.default_rng(int(time.time()))
-    for delay in (rng.uniform(1.0, 3.0), rng.uniform(2.0, 5.0)):
+    for pattern in ("cubes/*/extracted.fits", "cubes/*/fit/part-*.fits"):
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        deadline = time.monotonic() + 300
+        while p.poll() is None and not list(out.glob(pattern)) and time.monotonic() < deadline:
+            time.sleep(0.02)
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
         p.wait()
+        assert list(out.glob(pattern)), f"the run never reached {pattern}"
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert not list(out.rglob("*.part"))  # no temporary files left behind by the final run

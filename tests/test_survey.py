@@ -141,11 +141,15 @@ def test_kill_whole_run_and_restart(cubes, reference):
 
     (cubes["dir"] / "run.json").write_text(json.dumps({"cube_lsf": "lamost", "fit_chunk": 10}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # kill at a fixed point (one cube committed, the others not yet), not at a clock time
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(7.0)
+    deadline = time.monotonic() + 300
+    while p.poll() is None and not list((store / "cubes").glob("*")) and time.monotonic() < deadline:
+        time.sleep(0.02)
     if p.poll() is None:
         p.send_signal(signal.SIGKILL)
     p.wait()
+    assert len(list((store / "cubes").glob("*"))) < len(cubes["paths"]), "the kill came after the whole survey"
     r = subprocess.run([*cmd, "--json"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert not list((store / "cubes").glob("*/*.part"))

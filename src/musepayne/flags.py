@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 __all__ = [
     "PixelFlag",
     "PIXEL_FLAGS",
@@ -104,12 +102,6 @@ def flag_value(*names: str) -> int:
 def decode_mask(value: int) -> list[str]:
     """Names of the flags set in one mask value."""
     return _decode(PIXEL_FLAGS, value)
-
-
-def mask_summary(mask) -> dict:
-    """Count of pixels per flag name in a mask array."""
-    m = np.asarray(mask)
-    return {f.name: int(np.count_nonzero(m & f.value)) for f in _PIXEL_FLAG_LIST}
 
 
 @dataclass(frozen=True)

@@ -78,9 +78,9 @@ def run(cubes, sources, outdir, config_file, model, model_mp, mode, ao_notch, ex
     same command again: finished stages and fitted chunks are not redone.
     """
 
-    opts = load_config_file(config_file) if config_file else {}
     try:
-        cfg = RunConfig(**opts).updated(model=model, model_mp=model_mp, mode=mode, ao_notch=ao_notch,
+        base = load_config_file(config_file) if config_file else RunConfig()
+        cfg = base.updated(model=model, model_mp=model_mp, mode=mode, ao_notch=ao_notch,
                                         extract_method=extract_method, cube_lsf=cube_lsf, rv_range=rv_range,
                                         fit_chunk=fit_chunk, report=False if no_report else None)
     except (TypeError, ValueError) as exc:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..pipeline.runner import load_config_file
+from ..pipeline.runner import read_config_file
 from ..pipeline.survey import Survey, SurveyConfig, sources_resolver
 from ._common import emit, fail, json_option
 
@@ -48,7 +48,10 @@ def survey(cubes, cube_list, store, sources_dir, sources_from, scheduler, worker
         resolve = sources_resolver(sources_dir, sources_from)
     except ValueError as exc:
         fail(str(exc), as_json)
-    opts = load_config_file(config_file) if config_file else {}
+    try:
+        opts = read_config_file(config_file) if config_file else {}
+    except ValueError as exc:
+        fail(f"bad configuration: {exc}", as_json)
     if model:
         opts["model"] = model
     cfg = SurveyConfig(run_options=opts, retries=retries, scheduler=scheduler, workers=workers,

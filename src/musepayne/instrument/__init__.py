@@ -13,7 +13,7 @@ from .._lazy import attach
 __getattr__, __dir__, __all__ = attach(
     __name__,
     {
-        "lsf": ["LSF", "ConstantFWHM", "ConstantResolvingPower", "MuseLSF", "TabulatedLSF", "lsf_from_spec"],
+        "lsf": ["LSF", "ConstantFWHM", "ConstantResolvingPower", "MuseLSF", "TabulatedLSF", "lsf_from_spec", "lsf_to_spec"],
         "wavelength": [
             "C_KMS",
             "air_to_vacuum",

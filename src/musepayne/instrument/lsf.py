@@ -48,6 +48,7 @@ __all__ = [
     "MILES_LSF",
     "STELIB_LSF",
     "lsf_from_spec",
+    "lsf_to_spec",
     "FWHM_TO_SIGMA",
 ]
 
@@ -197,3 +198,26 @@ def lsf_from_spec(spec) -> LSF:
     raise ValueError(
         f"unknown LSF {s!r}: use muse, lamost, miles, stelib, fwhm=<A>, R=<value> or a table file"
     )
+
+
+def lsf_to_spec(lsf: LSF) -> str:
+    """The :func:`lsf_from_spec` string of an LSF (for configuration files and run records).
+
+    Named LSFs give their name (``muse``, ``lamost``, ``miles``, ``stelib``), constant ones
+    ``fwhm=<A>`` or ``R=<value>``, a table read from a file its path.
+
+    Raises
+    ------
+    ValueError
+        For an LSF that no specification string reproduces (a table made in memory).
+    """
+    for name, ref in (("muse", MUSE_LSF), ("lamost", LAMOST_LSF), ("miles", MILES_LSF), ("stelib", STELIB_LSF)):
+        if lsf == ref and type(lsf) is type(ref):
+            return name
+    if isinstance(lsf, ConstantFWHM):
+        return f"fwhm={lsf.value!r}"
+    if isinstance(lsf, ConstantResolvingPower):
+        return f"R={lsf.R!r}"
+    if isinstance(lsf, TabulatedLSF) and str(lsf.name).startswith("table:"):
+        return str(lsf.name)[len("table:"):]
+    raise ValueError(f"the LSF {lsf.describe()} has no specification string (use a table file)")

@@ -97,7 +97,6 @@ def check_format(header, path, name: str, max_version: int, what: str, error=Val
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
-
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while True:

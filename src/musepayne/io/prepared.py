@@ -115,7 +115,6 @@ class PreparedSpectra:
 
     @classmethod
     def read(cls, path) -> PreparedSpectra:
-
         try:
             with fits.open(path, memmap=False) as h:
                 ph = h[0].header
@@ -147,7 +146,6 @@ class PreparedSpectra:
 
     @staticmethod
     def concatenate(parts) -> PreparedSpectra:
-
         parts = list(parts)
         if not parts:
             raise ValueError("nothing to concatenate")

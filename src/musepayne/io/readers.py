@@ -501,7 +501,6 @@ class MuseCube:
     _hdul: fits.HDUList = field(init=False, repr=False)
 
     def __post_init__(self):
-
         self._hdul = _open(self.path, memmap=True, do_not_scale_image_data=False, lazy_load_hdus=False)
         names = [x.name.upper() for x in self._hdul]
         try:

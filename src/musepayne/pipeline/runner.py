@@ -30,7 +30,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ from astropy.io import fits
 from astropy.table import Column, Table, vstack
 
 from .. import __version__
+from ..config import ConfigError, from_mapping, to_mapping
 from ..extract.extractor import ExtractConfig, Extractor
 from ..fit.catalogue import combine_metal_poor, write_catalogue
 from ..fit.fitter import FitConfig, Fitter
@@ -51,81 +52,168 @@ from ..prepare.preparer import PrepareConfig, Preparer
 from ..threads import blas_threads
 from .report import make_report
 
-__all__ = ["RunConfig", "Pipeline", "load_config_file", "cube_id_for"]
+__all__ = ["RunConfig", "Pipeline", "load_config_file", "read_config_file", "cube_id_for"]
+
+
+#: flat option names of earlier versions -> (section, option); accepted by from_dict/updated
+_LEGACY = {"mode": ("prepare", "mode"), "ao_notch": ("prepare", "ao_notch"),
+           "extract_method": ("extract", "method"), "rv_range": ("fit", "rv_range")}
+_SECTIONS = {"extract": ExtractConfig, "prepare": PrepareConfig, "fit": FitConfig}
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Every option of ``musepayne run``; a TOML/JSON file can hold any subset.
+    """Every option of ``musepayne run``: run-level options plus each stage's own configuration.
+
+    A TOML/JSON file can hold any subset (see :meth:`from_dict`); it is validated completely
+    (keys, types, ranges) when loaded, before any stage runs.
 
     Attributes
     ----------
-    model, model_mp : model file paths or 'default'
-    mode : 'standard' | 'bulge' (prepare masks, paper S4.2.1)
-    ao_notch : None | 'WFM-AO-N' | 'WFM-AO-E' | 'NFM'
-    extract_method : 'psf' | 'aperture'
-    cube_lsf : LSF of the cube spectra ('muse' or any ``lsf_from_spec`` string)
-    rv_range : half-width (km/s) of the RV search
-    fit_chunk : stars per fit checkpoint
-    min_snr : spectra below this native S/N are not fitted (status row kept)
-    report : write the HTML report
-    blas_threads : BLAS threads used by the run (default 1).  Floating-point sums
-        depend on the thread count, so fixing it makes a run's numbers identical
-        wherever it runs (a resumed run, another worker, another machine);
-        parallelism comes from running cubes side by side (``musepayne survey``).
-        None: leave the BLAS library's own setting.
+    model, model_mp : str
+        Model file paths or ``'default'``; ``model_mp`` (optional) is the metal-poor model
+        combined with ``model`` (paper Sect. 4.2.2).
+    cube_lsf : str
+        LSF of the cube spectra (``'muse'`` or any :func:`~musepayne.instrument.lsf_from_spec` string).
+    fit_chunk : int
+        Stars per fit checkpoint (> 0).
+    min_snr : float
+        Spectra below this native S/N are not fitted (status row kept).
+    report : bool
+        Write the HTML report.
+    blas_threads : int or None
+        BLAS threads used by the run (default 1).  Floating-point sums depend on the thread
+        count, so fixing it makes a run's numbers identical wherever it runs (a resumed run,
+        another worker, another machine); parallelism comes from running cubes side by side
+        (``musepayne survey``).  None: leave the BLAS library's own setting.
+    extract : ExtractConfig
+        The extract stage (``[extract]`` table in a file).
+    prepare : PrepareConfig
+        The prepare stage (``[prepare]``).
+    fit : FitConfig
+        The fit stage (``[fit]``); a run always keeps the best-fit models (``models.fits``).
+
+    Each stage's completion marker hashes that stage's own configuration (:meth:`stage_digest`),
+    so changing a fit option refits without extracting again.
     """
 
     model: str = "default"
     model_mp: str | None = None
-    mode: str = "standard"
-    ao_notch: str | None = None
-    extract_method: str = "psf"
     cube_lsf: str = "muse"
-    rv_range: float = 600.0
     fit_chunk: int = 200
     min_snr: float = 3.0
     report: bool = True
     blas_threads: int | None = 1
-    extract_options: dict = field(default_factory=dict)
-    fit_options: dict = field(default_factory=dict)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
 
     def __post_init__(self):
-        if self.mode not in ("standard", "bulge"):
-            raise ValueError(f"mode must be standard or bulge, got {self.mode!r}")
-        if self.extract_method not in ("psf", "aperture"):
-            raise ValueError(f"extract_method must be psf or aperture, got {self.extract_method!r}")
-        if not self.fit_chunk > 0:
-            raise ValueError("fit_chunk must be positive")
+        for name, cls in _SECTIONS.items():  # tables (from files, or to_dict) become configs
+            object.__setattr__(self, name, from_mapping(cls, getattr(self, name), name))
+        if not (isinstance(self.fit_chunk, int) and not isinstance(self.fit_chunk, bool) and self.fit_chunk > 0):
+            raise ConfigError(f"fit_chunk must be a positive integer, got {self.fit_chunk!r}")
+        if self.blas_threads is not None and not (isinstance(self.blas_threads, int) and self.blas_threads >= 1):
+            raise ConfigError(f"blas_threads must be a positive integer or null, got {self.blas_threads!r}")
+        if not (isinstance(self.min_snr, (int, float)) and not isinstance(self.min_snr, bool)
+                and np.isfinite(self.min_snr) and self.min_snr >= 0):
+            raise ConfigError(f"min_snr must be a number >= 0, got {self.min_snr!r}")
+        try:
+            lsf_from_spec(self.cube_lsf)
+        except ValueError as exc:
+            raise ConfigError(f"cube_lsf: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, options: dict) -> RunConfig:
+        """Validated configuration from a mapping (a file's content or CLI options).
+
+        Accepts nested tables ``extract``, ``prepare``, ``fit`` and the flat names of earlier
+        versions (``mode``, ``ao_notch``, ``extract_method``, ``rv_range``, ``extract_options``,
+        ``fit_options``).  Raises :class:`~musepayne.config.ConfigError` on any unknown key,
+        wrong type or out-of-range value.
+        """
+        if not isinstance(options, dict):
+            raise ConfigError(f"expected a table of options, got {type(options).__name__}")
+        d = {k: v for k, v in options.items() if k not in _LEGACY and k not in ("extract_options", "fit_options")}
+        for sec in _SECTIONS:
+            cur = d.get(sec, {})
+            if isinstance(cur, _SECTIONS[sec]):
+                cur = to_mapping(cur)
+            if not isinstance(cur, dict):
+                raise ConfigError(f"{sec}: expected a table of options, got {cur!r}")
+            d[sec] = dict(cur)
+        for old, sec in (("extract_options", "extract"), ("fit_options", "fit")):
+            extra = options.get(old)
+            if extra is not None:
+                if not isinstance(extra, dict):
+                    raise ConfigError(f"{old}: expected a table of options, got {extra!r}")
+                d[sec].update(extra)
+        for old, (sec, key) in _LEGACY.items():
+            if old in options and options[old] is not None:
+                d[sec][key] = options[old]
+        return from_mapping(cls, d)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready nested mapping; ``RunConfig.from_dict(c.to_dict()) == c``."""
+        return to_mapping(self)
 
-    def digest(self, *names) -> str:
-        """Hash of the named options (all when none): what a stage's output depends on."""
-        d = self.to_dict()
-        if names:
-            d = {k: d[k] for k in names}
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def stage_digest(self, stage: str) -> str:
+        """Hash of what one stage's output depends on: its own configuration (plus, for
+        prepare, the cube LSF; for fit, the chunking and the S/N threshold)."""
+        d = {"extract": {"extract": self.to_dict()["extract"]},
+             "prepare": {"prepare": self.to_dict()["prepare"], "cube_lsf": self.cube_lsf},
+             "fit": {"fit": self.to_dict()["fit"], "fit_chunk": self.fit_chunk, "min_snr": self.min_snr}}[stage]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def digest(self) -> str:
+        """Hash of the whole configuration."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def updated(self, **overrides) -> RunConfig:
-        known = {f.name for f in fields(self)}
-        bad = set(overrides) - known
-        if bad:
-            raise ValueError(f"unknown configuration option(s): {sorted(bad)}")
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        """A copy with options changed; None values are ignored (unset CLI flags)."""
+        d = self.to_dict()
+        for k, v in overrides.items():
+            if v is None:
+                continue
+            if k in _LEGACY:
+                sec, key = _LEGACY[k]
+                d[sec][key] = v
+            elif k in _SECTIONS and isinstance(v, dict):
+                d[k].update(v)
+            else:
+                d[k] = v
+        return RunConfig.from_dict(d)
 
 
-def load_config_file(path) -> dict:
-    """Read options from a TOML (``[run]`` table or top level) or JSON file."""
+def read_config_file(path) -> dict:
+    """The options of a TOML (``[run]`` table or top level) or JSON run-configuration file,
+    validated (:meth:`RunConfig.from_dict` accepts them) but kept as the file gives them.
+
+    Raises
+    ------
+    ConfigError
+        Unreadable or malformed file, unknown keys, wrong types or out-of-range values.
+    """
     p = Path(path)
-    text = p.read_bytes()
-    if p.suffix.lower() == ".json":
-        d = json.loads(text)
-    else:
+    try:
+        text = p.read_bytes()
+        d = json.loads(text) if p.suffix.lower() == ".json" else tomllib.loads(text.decode())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, TOMLDecodeError
+        raise ConfigError(f"{p}: cannot read the configuration ({exc})") from None
+    if isinstance(d, dict):
+        d = d.get("run", d)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: a configuration file holds a table of options")
+    try:
+        RunConfig.from_dict(d)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    return d
 
-        d = tomllib.loads(text.decode())
-    return d.get("run", d)
+
+def load_config_file(path) -> RunConfig:
+    """The validated :class:`RunConfig` of a TOML or JSON file (see :func:`read_config_file`)."""
+    return RunConfig.from_dict(read_config_file(path))
 
 
 def cube_id_for(path, checksum: str) -> str:
@@ -181,7 +269,7 @@ class Pipeline:
     # ------------------------------------------------------------------ stages
     def extract(self, cube_path, sources_path, cdir: Path, checks: dict) -> Path:
         out = cdir / "extracted.fits"
-        cfg_hash = self.config.digest("extract_method", "extract_options")
+        cfg_hash = self.config.stage_digest("extract")
         if self._is_done(cdir, "extract", checks, cfg_hash, out):
             self.log.info("extract: %s already done, skipped", cube_path)
             return out
@@ -193,16 +281,15 @@ class Pipeline:
         return out
 
     def prepare(self, extracted: Path, cdir: Path) -> Path:
-
         out = cdir / "prepared.fits"
         inputs = {"extracted": sha256_file(extracted)}
-        cfg_hash = self.config.digest("mode", "ao_notch", "cube_lsf")
+        cfg_hash = self.config.stage_digest("prepare")
         if self._is_done(cdir, "prepare", inputs, cfg_hash, out):
             self.log.info("prepare: %s already done, skipped", extracted)
             return out
         t0 = time.perf_counter()
         spectra = read_muse_spectra(extracted, lsf=lsf_from_spec(self.config.cube_lsf))
-        prep = Preparer(PrepareConfig(mode=self.config.mode, ao_notch=self.config.ao_notch))(spectra)
+        prep = Preparer(self.config.prepare)(spectra)
         prep.write(out)
         self.times.add("prepare", time.perf_counter() - t0)
         self._mark(cdir, "prepare", inputs, cfg_hash, {"counts": dict(Counter(prep.spectra["status"].tolist()))})
@@ -210,13 +297,12 @@ class Pipeline:
         return out
 
     def fit(self, prepared_path: Path, cdir: Path, model, model_mp=None, stop_after=None) -> tuple[Table, np.ndarray]:
-
         prep = PreparedSpectra.read(prepared_path)
         fdir = cdir / "fit"
         fdir.mkdir(parents=True, exist_ok=True)
         inputs = {"prepared": sha256_file(prepared_path), "model": _model_id(self.config.model),
                   "model_mp": _model_id(self.config.model_mp) if model_mp is not None else None}
-        cfg_hash = self.config.digest("rv_range", "fit_chunk", "min_snr", "fit_options")
+        cfg_hash = self.config.stage_digest("fit")
         manifest = fdir / "manifest.json"
         want = {"inputs": inputs, "config": cfg_hash}
         if manifest.exists():
@@ -265,7 +351,6 @@ class Pipeline:
             return self._run(cubes, sources, truth, stop_after)
 
     def _run(self, cubes, sources, truth=None, stop_after=None) -> dict:
-
         self.outdir.mkdir(parents=True, exist_ok=True)
         # temporary files of a killed run are never valid: remove them (one run per OUTDIR at a time)
         for stale in self.outdir.rglob(".*.part"):
@@ -329,7 +414,6 @@ class Pipeline:
         return record
 
     def write_report(self, cube, catalogue, models, truth=None):
-
         first = catalogue["cube_id"][0]
         cdir = self.outdir / "cubes" / first
         prep = PreparedSpectra.read(cdir / "prepared.fits")
@@ -352,9 +436,7 @@ def _model_id(spec) -> str:
 
 
 def _run_extract(cube_path, sources_path, out_path, config: RunConfig) -> dict:
-
-    cfg = ExtractConfig(method=config.extract_method, **config.extract_options)
-    res = Extractor(cfg)(str(cube_path), str(sources_path))
+    res = Extractor(config.extract)(str(cube_path), str(sources_path))
     res.write(out_path)
     status = Counter(str(s) for s in res.sources["status"]) if "status" in res.sources.colnames else {}
     return {"n_sources": len(res.sources), "status": dict(status),
@@ -364,11 +446,10 @@ def _run_extract(cube_path, sources_path, out_path, config: RunConfig) -> dict:
 def _run_fit_chunk(prep, model, model_mp, config: RunConfig):
     """Fit one chunk; returns (catalogue without the model column, best-fit models)."""
 
-    opts = {"rv_range": config.rv_range, "keep_model": True, **config.fit_options}
-    cat = Fitter(model, FitConfig(**opts))(prep)
+    fit_cfg = replace(config.fit, keep_model=True)
+    cat = Fitter(model, fit_cfg)(prep)
     if model_mp is not None:
-
-        cat_mp = Fitter(model_mp, FitConfig(**opts))(prep)
+        cat_mp = Fitter(model_mp, fit_cfg)(prep)
         cat = combine_metal_poor(cat, cat_mp)
     if "model_flux" in cat.colnames:
         models = np.asarray(cat["model_flux"], dtype=np.float64)

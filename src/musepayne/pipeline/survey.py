@@ -71,10 +71,9 @@ class SurveyConfig:
     merged_fits: bool = False
 
     def run_config(self):
-
         opts = dict(self.run_options or {})
         opts.setdefault("report", False)
-        return RunConfig(**opts)
+        return RunConfig.from_dict(opts)
 
 
 def _relax_malloc_trim():
@@ -88,7 +87,6 @@ def _relax_malloc_trim():
     if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
         return
     try:
-
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
@@ -110,7 +108,7 @@ def process_cube(cube: str, sources: str, store: str, run_options: dict, cube_id
     work.mkdir(parents=True)
     t0 = time.perf_counter()
     try:
-        record = Pipeline(work, RunConfig(**run_options)).run([cube], sources)
+        record = Pipeline(work, RunConfig.from_dict(run_options)).run([cube], sources)
         final = store / "cubes" / cube_id
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # an older result for changed inputs/config: move aside, then replace

@@ -234,7 +234,6 @@ def build_operator(wave_in, frame_in: str, lsf_in: LSF, wave_out, lsf_target: LS
     elif frame_in == "air":
         w_in_out = air_to_vacuum(w_in)
     else:
-
         w_in_out = vacuum_to_air(w_in)
     e_in = bin_edges(w_in)
     e_out = bin_edges(w_out)

@@ -245,7 +245,6 @@ def _pixel_weights(n_pix, snr, ivar, mask):
         if m.dtype == bool:
             excl = m
         else:
-
             excl = (m.astype(np.int64) & EXCLUDING_BITS) != 0
         w = np.where(np.broadcast_to(excl, w.shape), 0.0, w)
     w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
@@ -290,7 +289,6 @@ def cramer_rao(model, labels, snr=None, *, ivar=None, mask=None, correction=None
     flux, jac = model.predict_with_jacobian(lab)
     jac = np.asarray(jac, dtype=float)
     if fit_rv:
-
         wave = getattr(model, "wave", None)
         if wave is None:
             raise ValueError("fit_rv needs a model with a wavelength grid (model.wave)")

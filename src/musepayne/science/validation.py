@@ -109,7 +109,6 @@ def crossmatch(cat, ref, by: str = "id", *, id_col: str = "stellar_id", ref_id_c
         i_ref = np.array([p[1] for p in pairs], dtype=int)
         return i_cat, i_ref, np.full(i_cat.size, np.nan)
     if by == "sky":
-
         rra, rdec = ref_ra_col or ra_col, ref_dec_col or dec_col
         for t, cs, what in ((cat, (ra_col, dec_col), "catalogue"), (ref, (rra, rdec), "reference")):
             for c in cs:

@@ -119,7 +119,6 @@ class LibrarySpectra:
     """
 
     def __init__(self, spectra, wave):
-
         sets = [spectra] if hasattr(spectra, "flux") else list(spectra)
         wave = np.asarray(wave, dtype=np.float64)
         flux, labels = [], {"teff": [], "logg": [], "fe_h": []}
@@ -250,7 +249,6 @@ class Simulator:
         return h
 
     def celestial_wcs(self):
-
         return WCS(self.wcs_header()).celestial
 
     def sky_spectrum(self) -> np.ndarray:

@@ -1,7 +1,8 @@
 """A small analytic stellar-like spectrum the package can make by itself.
 
-Used by ``musepayne demo`` (until the end-to-end demo exists) and by tests that
-need a spectrum with known, sharp features: a smooth continuum times Gaussian
+The simulator's default spectrum source (:class:`~musepayne.simulate.ToySpectra`,
+for cubes that need no physical labels) and the tests' spectrum with known, sharp
+features: a smooth continuum times Gaussian
 absorption lines at the positions of strong optical lines (air wavelengths),
 observed at the MUSE LSF on the MUSE nominal grid.  It is **not** a stellar
 atmosphere model and carries no labels.

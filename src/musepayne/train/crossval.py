@@ -251,7 +251,6 @@ def default_recipe(label_names=("teff", "logg", "fe_h")) -> TrainConfig:
     when no default model is installed or it does not record them."""
     fallback = TrainConfig(gradient_weight={n: 3e-4 for n in label_names})
     try:
-
         tc = dict(load_model("default").meta.get("train_config") or {})
     except Exception:  # noqa: BLE001 - no (readable) default model: the documented recipe
         return fallback
@@ -283,7 +282,6 @@ def run_cv(options: dict):
     if options.get("trainset"):
         ts = TrainingSet.read(options["trainset"])
     else:
-
         ts = build_trainset(shared / "libraries" / "miles", shared / "libraries" / "stelib")
     if options.get("templates"):
         tpl = GradientTemplates.load(options["templates"])

@@ -676,7 +676,6 @@ class _progress:
         return super().__new__(cls)
 
     def __init__(self, enabled, total):
-
         self.p = Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                           TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False)
         self.p.start()
