@@ -21,17 +21,20 @@ subpackage             owns
 ``cli``                the ``musepayne`` command (a thin layer over the above)
 =====================  ============================================================
 
-Entry points re-exported here (the common path from files to a catalogue)::
+Entry points re-exported here (the README's two examples)::
 
     import musepayne as mp
-    spectra = mp.read_spectra(["star1.fits", "star2.fits"])        # MUSE/LAMOST/library files
-    prepared = mp.Preparer(mp.PrepareConfig())(spectra)            # onto the model's grid
-    catalogue = mp.Fitter(mp.load_model("default"))(prepared)      # astropy Table with units
+    spectra = mp.read_spectra("star.fits")                     # MUSE/LAMOST/library file
+    prepared = mp.Preparer(mp.PrepareConfig())(spectra)        # onto the model's grid
+    catalogue = mp.Fitter(mp.load_model("default"))(prepared)  # astropy Table with units
     mp.write_catalogue(catalogue, "labels.fits")
 
-From a cube: ``mp.Pipeline(mp.RunConfig(...)).run([cube], sources, outdir)``; one stage
-at a time: ``mp.Extractor(mp.ExtractConfig())(cube, sources)``.  The bit-flag
-registries are in :mod:`musepayne.flags`.
+    record = mp.Pipeline("out", mp.RunConfig()).run(["cube.fits"], "sources.csv")
+
+One stage at a time: ``mp.Extractor(mp.ExtractConfig())(cube, sources)`` gives an
+:class:`~musepayne.extract.ExtractionResult`.  The bit-flag registries (pixel mask,
+spectrum status, fit flags) are in :mod:`musepayne.flags`; configuration files are read
+by :mod:`musepayne.config`.
 """
 
 __version__ = "0.1.0"
