@@ -41,10 +41,10 @@ __version__ = "0.1.0"
 
 from ._lazy import attach  # noqa: E402
 
-__getattr__, __dir__, _public = attach(
+__getattr__, _dir, _public = attach(
     __name__,
     {
-        "flags": ["PIXEL_FLAGS", "FIT_FLAGS", "SPECTRUM_STATUS"],
+        "flags": ["PIXEL_FLAGS", "FIT_FLAGS", "FIT_STATUS", "SPECTRUM_STATUS"],
         "io": ["read_spectra", "open_cube", "MuseCube", "SpectrumSet", "PreparedSpectra"],
         "prepare": ["Preparer", "PrepareConfig", "prepare_spectra"],
         "extract": ["Extractor", "ExtractConfig", "ExtractionResult", "read_source_catalogue", "MoffatPSF"],
@@ -56,3 +56,7 @@ __getattr__, __dir__, _public = attach(
     },
 )
 __all__ = ["__version__", *_public]
+
+
+def __dir__():
+    return list(__all__)

@@ -24,6 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "FitStatus",
+    "FIT_STATUS",
+    "fit_status_name",
+    "fit_status_counts",
     "PixelFlag",
     "PIXEL_FLAGS",
     "EXCLUDING_BITS",
@@ -126,6 +130,41 @@ _STATUS_LIST = (
 SPECTRUM_STATUS = {s.name: s for s in _STATUS_LIST}
 
 OK = "ok"
+
+
+@dataclass(frozen=True)
+class FitStatus:
+    name: str
+    usable: bool
+    description: str
+
+
+_FIT_STATUS_LIST = (
+    FitStatus("converged", True, "the fit converged inside the label and RV bounds"),
+    FitStatus("edge", True, "converged with a label or the RV at its bound (fit flag LABEL_EDGE)"),
+    FitStatus("not_converged", True, "stopped at max_iter before converging (fit flag NOT_CONVERGED)"),
+    FitStatus("failed", False, "no fit; the value reads 'failed:<cause>' (a spectrum status such as "
+                               "no_valid_pixels, or numerical) and the reason column says more"),
+)
+
+#: Registry of fit status names (the catalogue's ``status`` column; ``failed`` values carry
+#: their cause after a colon, e.g. ``failed:no_valid_pixels``).
+FIT_STATUS = {s.name: s for s in _FIT_STATUS_LIST}
+
+
+def fit_status_name(status: str) -> str:
+    """The :data:`FIT_STATUS` entry of a catalogue ``status`` value (``failed:<cause>`` -> ``failed``)."""
+    s = str(status)
+    return "failed" if s.startswith("failed") else s
+
+
+def fit_status_counts(statuses) -> dict:
+    """Count of catalogue rows per :data:`FIT_STATUS` name (``failed:<cause>`` counted as ``failed``)."""
+    counts: dict = {}
+    for s in statuses:
+        k = fit_status_name(s)
+        counts[k] = counts.get(k, 0) + 1
+    return counts
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,11 @@ Figures (paper figure in brackets):
 from __future__ import annotations
 
 import html
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from ..flags import FIT_FLAGS
+from ..flags import FIT_FLAGS, fit_status_counts
 from ..io.fits import atomic_write_text
 from ..science.validation import bias_dispersion
 
@@ -233,7 +232,7 @@ def make_report(outdir, catalogue, *, white_light=None, sources=None, wave=None,
     figs, notes = [], []
     summary = {"n_rows": len(catalogue)}
     if "status" in catalogue.colnames:
-        summary["status_counts"] = dict(Counter(str(s).split(":")[0] for s in catalogue["status"]))
+        summary["status_counts"] = fit_status_counts(catalogue["status"])
     if "fit_flags" in catalogue.colnames:  # rows with each quality flag (musepayne.flags.FIT_FLAGS)
 
         ff = np.asarray(catalogue["fit_flags"], np.int64)

@@ -43,6 +43,7 @@ from ..config import ConfigError, from_mapping, to_mapping
 from ..extract.extractor import ExtractConfig, Extractor
 from ..fit.catalogue import combine_metal_poor, write_catalogue
 from ..fit.fitter import FitConfig, Fitter
+from ..flags import fit_status_counts
 from ..instrument.lsf import lsf_from_spec
 from ..io.fits import atomic_write_fits, atomic_write_json, sha256_file, table_hdu
 from ..io.prepared import PreparedSpectra
@@ -391,7 +392,7 @@ class Pipeline:
             if prep_wave is None:
                 prep_wave = fits.getdata(prepared, "WAVE")
             record["cubes"].append({"cube": str(cube), "cube_id": cid, "n_rows": len(cat),
-                                    "status": dict(Counter(str(s).split(":")[0] for s in cat["status"]))})
+                                    "status": fit_status_counts(cat["status"])})
             self._tick("cubes", ci + 1, len(cubes))
         catalogue = vstack(all_cats, metadata_conflicts="silent")
         models = np.vstack(all_models)
@@ -401,7 +402,7 @@ class Pipeline:
         hm = fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(prep_wave, name="WAVE"),
                            fits.ImageHDU(models.astype(np.float32), name="MODEL")])
         atomic_write_fits(hm, self.outdir / "models.fits")
-        record["counts"] = dict(Counter(str(s).split(":")[0] for s in catalogue["status"]))
+        record["counts"] = fit_status_counts(catalogue["status"])
         record["n_observations"] = len(catalogue)
         record["n_stars"] = len(stars)
         if self.config.report:
