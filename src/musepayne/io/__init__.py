@@ -33,5 +33,6 @@ __getattr__, __dir__, __all__ = attach(
             "read_stelib",
         ],
         "spectra": ["ReaderError", "SpectrumSet"],
+        "specutils": ["from_specutils", "read_specutils", "prepared_to_specutils"],
     },
 )
