@@ -261,7 +261,7 @@ def test_cli_cramer_rao_mode(tmp_path, monkeypatch):
     from musepayne.cli import forecast as cmd
 
     model = GridLineModel()
-    monkeypatch.setattr(cmd, "_load_model", lambda path: model)
+    monkeypatch.setattr(cmd, "load_model", lambda path: model)
     args = ["forecast", "--model", "stand-in", "--at", "teff=4800,logg=2.5", "--snr", "50",
             "--correction", "fe_h=1.5", "--plot-snr", str(tmp_path / "fig13.png"), "--json"]
     r = CliRunner().invoke(main, args)
@@ -303,7 +303,7 @@ def test_cli_cramer_rao_correction_from_repeats(tmp_path, monkeypatch):
     from musepayne.cli import forecast as cmd
 
     model = GridLineModel()
-    monkeypatch.setattr(cmd, "_load_model", lambda path: model)
+    monkeypatch.setattr(cmd, "load_model", lambda path: model)
     rng = np.random.default_rng(4)
     ids = np.repeat([f"s{k}" for k in range(300)], 3)
     err = rng.uniform(0.02, 0.1, ids.size)
@@ -416,3 +416,18 @@ def test_crlb_marginalised_over_rv_matches_explicit_rv_label():
     fixed_rv = fc.cramer_rao(LnLineModel(False), [4800.0, -0.2], snr=50.0)
     assert np.all(implicit.sigma[0, :2] >= fixed_rv.sigma[0, :2] * (1 - 1e-12))  # marginalising never helps
     assert implicit.to_table()["rv_crlb"][0] == pytest.approx(implicit.sigma[0, 2])
+
+
+def test_forecast_modes_are_library_functions():
+    """The CLI's forecast modes are callable from Python with the same numbers."""
+    mode, rows, labs = fc.forecast_table3(["[Fe/H]"], snr=50.0)
+    assert mode == "sigma_at_snr" and labs == ["fe_h"] and rows[0]["sigma"] == pytest.approx(fc.sigma_from_snr("fe_h", 50))
+    mode, rows, _ = fc.forecast_table3(["fe_h"], sigma=0.1, vmag=17.0)
+    need = fc.snr_for_sigma("fe_h", 0.1)
+    assert mode == "required_exptime" and rows[0]["exptime_s"] == pytest.approx(fc.exptime_for_snr(need, 17.0))
+    with pytest.raises(ValueError, match="exclusive"):
+        fc.forecast_table3(["fe_h"], sigma=0.1, snr=30)
+    res, snr = fc.crlb_forecast(GridLineModel(), {"teff": 4800, "logg": 2.5}, snr=50.0)
+    direct = fc.cramer_rao(GridLineModel(), np.array([4800.0, 2.5, -0.5]), snr=50.0,
+                           mask=fc.fit_mask(GridLineModel().wave, "standard"), fit_rv=True)
+    assert snr == 50.0 and np.allclose(res.sigma, direct.sigma)

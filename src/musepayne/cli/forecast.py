@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import click
+import numpy as np
 
+from ..models.model import ModelError, load_model
 from ..science import forecast as fc
 from ..science.validation import repeat_error_factors
 from ._common import emit, fail, json_option
+from ._tables import read_table
 
 
 @click.command(name="forecast")
@@ -63,65 +66,13 @@ def forecast(labels, sigma, sigma_teff, snr, vmag, exptime, plot_snr, plot_vmag,
                    as_json, fit_rv)
         return
 
-
-
     try:
-        labs = [fc.canonical_label(x) for x in labels]
-        for lab in labs:
-            if lab not in fc.TABLE3:
-                raise KeyError(f"no Table 3 relation for {lab!r}; known: {', '.join(fc.TABLE3)}")
-        if sigma is None and sigma_teff is not None and not labs:
-            labs = ["teff"]
-        if not labs:  # all; Teff in a --sigma run only with its own target in K
-            labs = [k for k in fc.TABLE3 if k != "teff" or sigma is None or sigma_teff is not None]
-        if sigma is None and sigma_teff is not None and labs == ["teff"]:
-            sigma = sigma_teff
-        if sigma is not None and "teff" in labs and labs != ["teff"] and sigma_teff is None:
-            raise ValueError("Teff with dex labels: give its target in K with --sigma-teff")
-
-        def target(lab):
-            return sigma_teff if (lab == "teff" and sigma_teff is not None) else sigma
-
-        for name, v in (("sigma", sigma), ("snr", snr), ("exptime", exptime)):
-            if v is not None and not v > 0:
-                raise ValueError(f"--{name} must be positive")
-        rows = []
-        if sigma is not None and vmag is not None and exptime is not None:
-            raise ValueError("give at most two of --sigma, --vmag, --exptime")
-        if sigma is not None and snr is not None:
-            raise ValueError("--sigma and --snr are exclusive")
-        if sigma is not None and vmag is not None:
-            mode = "required_exptime"
-            for lab in labs:
-                need = float(fc.snr_for_sigma(lab, target(lab)))
-                rows.append({"label": lab, "sigma": target(lab), "vmag": vmag, "required_snr": need,
-                             "exptime_s": float(fc.exptime_for_snr(need, vmag))})
-        elif sigma is not None and exptime is not None:
-            mode = "limiting_vmag"
-            for lab in labs:
-                need = float(fc.snr_for_sigma(lab, target(lab)))
-                rows.append({"label": lab, "sigma": target(lab), "exptime_s": exptime, "required_snr": need,
-                             "limiting_vmag": float(fc.vmag_for_snr(need, exptime))})
-        elif sigma is not None:
-            mode = "required_snr"
-            for lab in labs:
-                rows.append({"label": lab, "sigma": target(lab),
-                             "required_snr": float(fc.snr_for_sigma(lab, target(lab)))})
-        elif snr is not None:
-            mode = "sigma_at_snr"
-            for lab in labs:
-                rows.append({"label": lab, "snr": snr, "sigma": float(fc.sigma_from_snr(lab, snr))})
-        elif vmag is not None:
-            mode = "sigma_at_vmag"
-            t = exptime if exptime is not None else 3600.0
-            s = float(fc.snr_from_vmag(vmag, t))
-            for lab in labs:
-                rows.append({"label": lab, "vmag": vmag, "exptime_s": t, "snr": s,
-                             "sigma": float(fc.sigma_from_snr(lab, s))})
-        elif plot_snr or plot_vmag:
+        mode, rows, labs = fc.forecast_table3(labels, sigma=sigma, sigma_teff=sigma_teff, snr=snr, vmag=vmag,
+                                              exptime=exptime)
+        if mode == "none":
+            if not (plot_snr or plot_vmag):
+                raise ValueError("give --sigma, --snr or --vmag (see --help)")
             mode = "plots"
-        else:
-            raise ValueError("give --sigma, --snr or --vmag (see --help)")
         plots = {}
         if plot_snr:
             fc.plot_sigma_vs_snr(plot_snr, labs)
@@ -162,15 +113,6 @@ def forecast(labels, sigma, sigma_teff, snr, vmag, exptime, plot_snr, plot_vmag,
 
 
 
-def _load_model(path):
-    """The model loader of the fitting stage (imported lazily)."""
-    try:
-        from ..models.model import load_model
-    except ImportError as exc:  # pragma: no cover - depends on the fitting stage being installed
-        raise ValueError(f"model loading is not available in this build: {exc}") from None
-    return load_model(path)
-
-
 def _parse_pairs(text_items, what):
     out = {}
     for item in text_items:
@@ -186,43 +128,27 @@ def _parse_pairs(text_items, what):
 
 def _crlb_mode(model_path, at, snr, vmag, exptime, mask_mode, ao_notch, corrections, repeats_from, plot_snr,
                as_json, fit_rv=True):
-    import numpy as np
-
-
     try:
-        model = _load_model(model_path)
+        model = load_model(model_path)
         names = [fc.canonical_label(n) for n in model.label_names]
-        given = {fc.canonical_label(k): v for k, v in _parse_pairs([at] if at else [], "--at").items()}
-        unknown = set(given) - set(names)
-        if unknown:
-            raise ValueError(f"--at labels not in the model: {sorted(unknown)}; model labels: {names}")
-        mid = 0.5 * (np.asarray(model.x_min, float) + np.asarray(model.x_max, float)) \
-            if hasattr(model, "x_min") else np.full(len(names), np.nan)
-        labels = np.array([given.get(n, mid[i]) for i, n in enumerate(names)], float)
-        if not np.all(np.isfinite(labels)):
-            raise ValueError(f"give every label with --at (model labels: {names})")
-        if snr is None:
-            if vmag is None:
-                raise ValueError("CRLB mode needs --snr or --vmag [--exptime]")
-            snr = float(fc.snr_from_vmag(vmag, exptime or 3600.0))
-        mask = fc.fit_mask(model.wave, mask_mode, ao_notch)
         corr = {}
         if repeats_from:
-            from ._tables import read_table
-
             cat = read_table(repeats_from)
             have = [n for n in names if n in cat.colnames and f"{n}_err" in cat.colnames]
             for r in repeat_error_factors(cat, have):
                 if r["n_pairs"] > 0 and np.isfinite(r["factor"]):
                     corr[str(r["label"])] = float(r["factor"])
-        corr.update({fc.canonical_label(k): v for k, v in _parse_pairs(corrections, "--correction").items()})
-        res = fc.cramer_rao(model, labels, snr=snr, mask=mask, correction=corr, fit_rv=fit_rv)
+        corr.update(_parse_pairs(corrections, "--correction"))
+        at_values = _parse_pairs([at] if at else [], "--at")
+        res, snr = fc.crlb_forecast(model, at_values, snr=snr, vmag=vmag, exptime=exptime, mask_mode=mask_mode,
+                                    ao_notch=ao_notch, correction=corr, fit_rv=fit_rv)
+        corr = {fc.canonical_label(k): v for k, v in corr.items()}
         plots = {}
         if plot_snr:
             fc.plot_sigma_vs_snr(plot_snr, [n for n in names if n in fc.TABLE3] or None, crlb=res, crlb_snr=snr)
 
             plots["sigma_vs_snr"] = plot_snr
-    except (KeyError, ValueError, FileNotFoundError) as exc:
+    except (KeyError, ValueError, FileNotFoundError, ModelError) as exc:
         fail(str(exc.args[0]) if exc.args else str(exc), as_json)
         return
     rows = [{"label": n, "value": float(res.labels[0, i]), "crlb": float(res.sigma[0, i]),

@@ -45,6 +45,8 @@ from ..prepare.masks import mode_mask
 from ._plotting import new_figure, save_figure
 
 __all__ = [
+    "forecast_table3",
+    "crlb_forecast",
     "TABLE3",
     "TABLE3_UNIT_SCALE",
     "SNR1HR_ZP",
@@ -355,6 +357,154 @@ def scatter_check(model, labels, snr: float, fit, *, n_spec: int = 200, mask=Non
 
 
 # --------------------------------------------------------------------------- plots
+
+
+def forecast_table3(labels=(), *, sigma=None, sigma_teff=None, snr=None, vmag=None, exptime=None):
+    """The paper's precision forecast (Eq. 11-13, Table 3) in the mode the given quantities ask for.
+
+    ==========================  ==================  =========================
+    given                       mode                each row adds
+    ==========================  ==================  =========================
+    ``sigma``                   ``required_snr``    ``required_snr``
+    ``sigma``, ``exptime``      ``limiting_vmag``   ``required_snr``, ``limiting_vmag``
+    ``sigma``, ``vmag``         ``required_exptime`` ``required_snr``, ``exptime_s``
+    ``snr``                     ``sigma_at_snr``    ``sigma``
+    ``vmag`` [, ``exptime``]    ``sigma_at_vmag``   ``snr``, ``sigma`` (default 3600 s)
+    ==========================  ==================  =========================
+
+    Parameters
+    ----------
+    labels : sequence of str
+        Table 3 labels (any spelling :func:`canonical_label` knows); empty: all (Teff in a
+        ``sigma`` forecast only with its own target ``sigma_teff``).
+    sigma : float, optional
+        Target uncertainty, dex (K when Teff is the only label).
+    sigma_teff : float, optional
+        Target Teff uncertainty in K when Teff is forecast with other labels.
+    snr : float, optional
+        S/N per pixel.
+    vmag : float, optional
+        V magnitude.
+    exptime : float, optional
+        Exposure time, s.
+
+    Returns
+    -------
+    mode : str
+        One of the modes above (``'none'`` when no quantity is given: plots only).
+    rows : list of dict
+        One per label: ``label``, ``sigma`` (K for Teff, else dex) and the mode's quantities.
+    labels : list of str
+        The canonical labels used.
+
+    Raises
+    ------
+    KeyError
+        A label without a Table 3 relation.
+    ValueError
+        Contradictory or non-positive quantities.
+    """
+    labs = [canonical_label(x) for x in labels]
+    for lab in labs:
+        if lab not in TABLE3:
+            raise KeyError(f"no Table 3 relation for {lab!r}; known: {', '.join(TABLE3)}")
+    if sigma is None and sigma_teff is not None and not labs:
+        labs = ["teff"]
+    if not labs:  # all; Teff in a sigma forecast only with its own target in K
+        labs = [k for k in TABLE3 if k != "teff" or sigma is None or sigma_teff is not None]
+    if sigma is None and sigma_teff is not None and labs == ["teff"]:
+        sigma = sigma_teff
+    if sigma is not None and "teff" in labs and labs != ["teff"] and sigma_teff is None:
+        raise ValueError("Teff with dex labels: give its target in K with --sigma-teff")
+    for name, v in (("sigma", sigma), ("snr", snr), ("exptime", exptime)):
+        if v is not None and not v > 0:
+            raise ValueError(f"--{name} must be positive")
+    if sigma is not None and vmag is not None and exptime is not None:
+        raise ValueError("give at most two of --sigma, --vmag, --exptime")
+    if sigma is not None and snr is not None:
+        raise ValueError("--sigma and --snr are exclusive")
+
+    def target(lab):
+        return sigma_teff if (lab == "teff" and sigma_teff is not None) else sigma
+
+    rows = []
+    if sigma is not None and vmag is not None:
+        mode = "required_exptime"
+        for lab in labs:
+            need = float(snr_for_sigma(lab, target(lab)))
+            rows.append({"label": lab, "sigma": target(lab), "vmag": vmag, "required_snr": need,
+                         "exptime_s": float(exptime_for_snr(need, vmag))})
+    elif sigma is not None and exptime is not None:
+        mode = "limiting_vmag"
+        for lab in labs:
+            need = float(snr_for_sigma(lab, target(lab)))
+            rows.append({"label": lab, "sigma": target(lab), "exptime_s": exptime, "required_snr": need,
+                         "limiting_vmag": float(vmag_for_snr(need, exptime))})
+    elif sigma is not None:
+        mode = "required_snr"
+        rows = [{"label": lab, "sigma": target(lab), "required_snr": float(snr_for_sigma(lab, target(lab)))}
+                for lab in labs]
+    elif snr is not None:
+        mode = "sigma_at_snr"
+        rows = [{"label": lab, "snr": snr, "sigma": float(sigma_from_snr(lab, snr))} for lab in labs]
+    elif vmag is not None:
+        mode = "sigma_at_vmag"
+        t = exptime if exptime is not None else 3600.0
+        s = float(snr_from_vmag(vmag, t))
+        rows = [{"label": lab, "vmag": vmag, "exptime_s": t, "snr": s, "sigma": float(sigma_from_snr(lab, s))}
+                for lab in labs]
+    else:
+        mode = "none"
+    return mode, rows, labs
+
+
+def crlb_forecast(model, at=None, *, snr=None, vmag=None, exptime=None, mask_mode="standard", ao_notch=None,
+                  correction=None, fit_rv=True):
+    """Cramer-Rao precision of a model's labels for one star observed as MUSE.
+
+    Parameters
+    ----------
+    model : SpectralModel
+        The model (its Jacobian gives the Fisher matrix).
+    at : dict, optional
+        Label values of the star (any spelling :func:`canonical_label` knows); missing labels
+        take the middle of the model's training range.
+    snr : float, optional
+        S/N per pixel; or give ``vmag`` (and ``exptime``, default 3600 s) for Eq. 12-13.
+    mask_mode, ao_notch : str
+        The fit's wavelength mask (:func:`fit_mask`).
+    correction : dict, optional
+        Eq. 9 factors per label (from repeats, Eq. 10).
+    fit_rv : bool
+        Marginalise over a fitted radial velocity, as the fitter does.
+
+    Returns
+    -------
+    result : CramerRaoResult
+    snr : float
+        The S/N used.
+
+    Raises
+    ------
+    ValueError
+        Labels unknown to the model, or neither ``snr`` nor ``vmag``.
+    """
+    names = [canonical_label(n) for n in model.label_names]
+    given = {canonical_label(k): float(v) for k, v in (at or {}).items()}
+    unknown = set(given) - set(names)
+    if unknown:
+        raise ValueError(f"--at labels not in the model: {sorted(unknown)}; model labels: {names}")
+    mid = 0.5 * (np.asarray(model.x_min, float) + np.asarray(model.x_max, float))
+    labels = np.array([given.get(n, mid[i]) for i, n in enumerate(names)], float)
+    if not np.all(np.isfinite(labels)):
+        raise ValueError(f"give every label with --at (model labels: {names})")
+    if snr is None:
+        if vmag is None:
+            raise ValueError("CRLB mode needs --snr or --vmag [--exptime]")
+        snr = float(snr_from_vmag(vmag, exptime or 3600.0))
+    mask = fit_mask(model.wave, mask_mode, ao_notch)
+    corr = {canonical_label(k): float(v) for k, v in (correction or {}).items()}
+    return cramer_rao(model, labels, snr=snr, mask=mask, correction=corr, fit_rv=fit_rv), float(snr)
 
 
 def plot_sigma_vs_snr(path, labels=None, snr=(10.0, 300.0), crlb: CramerRaoResult | None = None,
