@@ -66,7 +66,7 @@ def child(args):
     from astropy.table import Table
 
     from musepayne.extract.extractor import ExtractConfig, Extractor, _read_block, factorise
-    from musepayne.io.readers import open_cube
+    from musepayne.io.cube import open_cube
 
     cube, cat, truth = args.cube, args.cube.replace(".fits", "_sources.csv"), args.cube.replace(".fits", "_truth.fits")
     out = os.path.join(os.path.dirname(cube), "spectra.fits")

@@ -10,7 +10,8 @@ from scipy.spatial import cKDTree
 
 from musepayne.extract.extractor import ExtractConfig, Extractor, circle_overlap, read_source_catalogue
 from musepayne.extract.psf import MoffatPSF, psf_design_matrix
-from musepayne.io.readers import open_cube, read_muse_spectra
+from musepayne.io.cube import open_cube
+from musepayne.io.readers import read_muse_spectra
 from musepayne.io.spectra import ReaderError
 from musepayne.simulate.simulator import SimulateConfig, Simulator
 

@@ -8,9 +8,9 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
+from musepayne.io.cube import open_cube
 from musepayne.io.readers import (
     detect_kind,
-    open_cube,
     read_lamost,
     read_miles,
     read_miles_params,

@@ -62,8 +62,8 @@ import scipy.sparse.linalg as spla
 from astropy.io import fits
 from astropy.table import Table
 
+from ..io.cube import MuseCube, open_cube
 from ..io.fits import atomic_write_fits
-from ..io.readers import MuseCube, open_cube
 from ..io.spectra import ReaderError
 from .psf import MoffatPSF, _integrate, psf_design_matrix
 

@@ -19,12 +19,11 @@ __getattr__, __dir__, __all__ = attach(
     {
         "batching": ["group_sets"],
         "fits": ["atomic_path", "atomic_write_fits", "atomic_write_json", "atomic_write_text", "check_format", "sha256_file"],
+        "cube": ["MuseCube", "open_cube"],
         "prepared": ["PreparedSpectra"],
         "readers": [
-            "MuseCube",
             "detect_kind",
             "library_variance",
-            "open_cube",
             "read_lamost",
             "read_miles",
             "read_miles_params",

@@ -1,7 +1,6 @@
-"""Readers for MUSE, LAMOST and stellar-library spectra, and lazy MUSE cubes.
+"""Readers for MUSE, LAMOST and stellar-library spectra.
 
-Every reader returns a :class:`~musepayne.io.spectra.SpectrumSet` (or, for cubes,
-a :class:`MuseCube`) and raises :class:`~musepayne.io.spectra.ReaderError` with a
+Every reader returns a :class:`~musepayne.io.spectra.SpectrumSet` and raises :class:`~musepayne.io.spectra.ReaderError` with a
 specific message for anything it cannot use: truncated or non-FITS files,
 missing error extensions, wavelengths that look like nm, all-NaN flux, zero or
 negative variance everywhere, wrong axis order.
@@ -24,6 +23,9 @@ Kinds (``read_spectra(path, kind=...)``; ``detect_kind`` guesses it):
 ``stelib``
     STELIB v3.2 (~1 A/px, FWHM ~3 A, air); labels from the ``TEFF``,
     ``LOG_G``, ``FE_H`` header keywords.
+
+Cubes are opened by :mod:`musepayne.io.cube`; files that specutils reads by
+:mod:`musepayne.io.specutils`.
 """
 
 from __future__ import annotations
@@ -31,13 +33,11 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
-from astropy.wcs import WCS, FITSFixedWarning
 
 from ..instrument.lsf import LAMOST_LSF, LSF, MILES_LSF, MUSE_LSF, STELIB_LSF
 from ..instrument.wavelength import linear_grid, log_linear_grid
@@ -53,8 +53,6 @@ __all__ = [
     "read_stelib",
     "read_miles_params",
     "library_variance",
-    "MuseCube",
-    "open_cube",
 ]
 
 KINDS = ("muse", "lamost", "miles", "stelib")
@@ -480,137 +478,3 @@ def read_stelib(path, lsf: LSF = STELIB_LSF, snr: float = LIBRARY_SNR) -> Spectr
         labels = (_hdr_float(hdr, "TEFF"), _hdr_float(hdr, "LOG_G"), _hdr_float(hdr, "FE_H"))
         sid = str(hdr.get("OBJECT", hdr.get("STARIDEN", Path(path).stem))).strip()
     return _read_library(path, lsf, "stelib", labels, sid, {"name": sid}, snr)
-
-
-# --------------------------------------------------------------------------- cubes
-@dataclass(eq=False)
-class MuseCube:
-    """Lazy, memory-mapped access to a MUSE cube's ``DATA``/``STAT``/``DQ``.
-
-    Nothing is read until a layer, block or spectrum is asked for; blocks come
-    back as native-endian float32 (never the whole extension as float64).
-    ``wave`` is the air wavelength of each layer (Angstrom); ``wcs`` the
-    celestial WCS.  Use as a context manager or call ``close()``.
-
-    Layers that are entirely NaN in DATA are listed in ``nan_layers()``;
-    readers of blocks get NaN there and should treat them as flagged.
-    """
-
-    path: str
-    allow_missing_stat: bool = False
-    _hdul: fits.HDUList = field(init=False, repr=False)
-
-    def __post_init__(self):
-        self._hdul = _open(self.path, memmap=True, do_not_scale_image_data=False, lazy_load_hdus=False)
-        names = [x.name.upper() for x in self._hdul]
-        try:
-            if "DATA" not in names:
-                raise ReaderError(f"{self.path}: no DATA extension; not a MUSE cube")
-            hd = self._hdul["DATA"].header
-            if hd.get("NAXIS", 0) != 3:
-                raise ReaderError(f"{self.path}: DATA has {hd.get('NAXIS', 0)} axes; a cube needs 3")
-            spec_axes = [i for i in (1, 2, 3) if str(hd.get(f"CTYPE{i}", "")).upper()[:4] in ("AWAV", "WAVE", "LINE")]
-            if 3 not in spec_axes:
-                if spec_axes:
-                    raise ReaderError(
-                        f"{self.path}: wavelength is on FITS axis {spec_axes[0]} (CTYPE{spec_axes[0]}); "
-                        "MUSE cubes have it on axis 3 (wrong axis order)"
-                    )
-                raise ReaderError(f"{self.path}: no wavelength axis (CTYPE3 should be AWAV or WAVE)")
-            self.has_stat = "STAT" in names
-            if not self.has_stat and not self.allow_missing_stat:
-                raise ReaderError(f"{self.path}: no STAT (variance) extension; PSF-fit weights need it")
-            if self.has_stat and self._hdul["STAT"].header.get("NAXIS3") != hd.get("NAXIS3"):
-                raise ReaderError(f"{self.path}: STAT and DATA shapes differ")
-            self.has_dq = "DQ" in names
-            nz = int(hd["NAXIS3"])
-            cd = _hdr_float(hd, "CD3_3", "CDELT3")
-            if not np.isfinite(cd) or cd <= 0:
-                raise ReaderError(f"{self.path}: no usable wavelength step (CD3_3/CDELT3)")
-            factor = _wave_unit_factor(hd, 3, self.path)
-            self.wave = linear_grid(float(hd["CRVAL3"]), cd, nz, float(hd.get("CRPIX3", 1.0))) * factor
-            _check_angstrom(self.wave, self.path)
-            self.frame = _frame_from_ctype(hd.get("CTYPE3", "AWAV"), "air")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FITSFixedWarning)
-                self.wcs = WCS(hd).celestial
-            self.shape = (nz, int(hd["NAXIS2"]), int(hd["NAXIS1"]))
-            self.header = hd
-            self.primary_header = self._hdul[0].header
-        except Exception:
-            self._hdul.close()
-            raise
-
-    # ------------------------------------------------------------------ access
-    def _block(self, name, i0, i1):
-        if name != "DATA" and name == "STAT" and not self.has_stat:
-            return None
-        try:
-            arr = self._hdul[name].section[i0:i1]
-        except Exception as exc:
-            raise ReaderError(f"{self.path}: could not read {name} layers {i0}-{i1} ({exc}); truncated file?") from None
-        return np.asarray(arr, dtype=np.float32)
-
-    def data_block(self, i0: int, i1: int) -> np.ndarray:
-        """DATA layers ``i0:i1`` as float32 ``(n_layers, ny, nx)``."""
-        return self._block("DATA", i0, i1)
-
-    def stat_block(self, i0: int, i1: int) -> np.ndarray | None:
-        """STAT (variance) layers ``i0:i1`` as float32, or None without STAT."""
-        return self._block("STAT", i0, i1) if self.has_stat else None
-
-    def dq_block(self, i0: int, i1: int) -> np.ndarray | None:
-        if not self.has_dq:
-            return None
-        return np.asarray(self._hdul["DQ"].section[i0:i1])
-
-    def spectrum(self, x: int, y: int):
-        """DATA and STAT spectrum of one spaxel (0-based x, y), float32."""
-        d = np.asarray(self._hdul["DATA"].section[:, y, x], dtype=np.float32)
-        s = np.asarray(self._hdul["STAT"].section[:, y, x], dtype=np.float32) if self.has_stat else None
-        return d, s
-
-    def iter_blocks(self, block: int = 64):
-        """Yield ``(i0, i1, data, stat)`` over the cube in blocks of layers."""
-        nz = self.shape[0]
-        for i0 in range(0, nz, block):
-            i1 = min(nz, i0 + block)
-            yield i0, i1, self.data_block(i0, i1), self.stat_block(i0, i1)
-
-    def nan_layers(self, block: int = 64) -> np.ndarray:
-        """Boolean per layer: True where DATA is NaN in every spaxel."""
-        out = np.zeros(self.shape[0], bool)
-        for i0, i1, d, _ in self.iter_blocks(block):
-            out[i0:i1] = ~np.isfinite(d).reshape(i1 - i0, -1).any(axis=1)
-        return out
-
-    def white_light(self, block: int = 64) -> np.ndarray:
-        """Mean over layers of finite DATA (a white-light image), streamed."""
-        ny, nx = self.shape[1:]
-        acc = np.zeros((ny, nx))
-        cnt = np.zeros((ny, nx))
-        for _, _, d, _ in self.iter_blocks(block):
-            ok = np.isfinite(d)
-            acc += np.where(ok, d, 0.0).sum(axis=0)
-            cnt += ok.sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(cnt > 0, acc / cnt, np.nan)
-
-    def close(self):
-        self._hdul.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def open_cube(path, allow_missing_stat: bool = False) -> MuseCube:
-    """Open a MUSE cube lazily (see :class:`MuseCube`); malformed files raise ReaderError."""
-    try:
-        return MuseCube(str(path), allow_missing_stat=allow_missing_stat)
-    except ReaderError:
-        raise
-    except Exception as exc:
-        raise ReaderError(f"{path}: cannot open as a MUSE cube ({type(exc).__name__}: {exc})") from None

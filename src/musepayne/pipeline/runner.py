@@ -45,9 +45,10 @@ from ..fit.catalogue import combine_metal_poor, write_catalogue
 from ..fit.fitter import FitConfig, Fitter
 from ..flags import fit_status_counts
 from ..instrument.lsf import lsf_from_spec
+from ..io.cube import open_cube
 from ..io.fits import atomic_write_fits, atomic_write_json, sha256_file, table_hdu
 from ..io.prepared import PreparedSpectra
-from ..io.readers import open_cube, read_muse_spectra
+from ..io.readers import read_muse_spectra
 from ..models.model import _default_model_path, load_model
 from ..prepare.preparer import PrepareConfig, Preparer
 from ..threads import blas_threads
