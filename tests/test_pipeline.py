@@ -93,6 +93,29 @@ def test_run_outputs(field, reference_run):
     assert json.loads((out / "config.json").read_text())["cube_lsf"] == "lamost"
     with fits.open(out / "models.fits") as h:
         assert h["MODEL"].data.shape == (len(cat), lamost_wavelength().size)
+    # what extraction knew reaches the catalogue, row for row, with units
+    src = Table.read(out / "cubes" / rec["cubes"][0]["cube_id"] / "extracted.fits", "SOURCES")
+    smap = {str(s): i for i, s in enumerate(src["stellar_id"])}
+    j = [smap[str(s)] for s in cat["stellar_id"]]
+    for c_cat, c_src in (("x", "x"), ("y", "y"), ("mag", "mag"), ("ext_snr", "snr"), ("blend_frac", "blend_frac"),
+                         ("edge_dist", "edge_dist")):
+        assert np.array_equal(np.asarray(cat[c_cat], float), np.asarray(src[c_src], float)[j], equal_nan=True), c_cat
+    assert list(np.asarray(cat["ext_status"]).astype(str)) == list(np.asarray(src["status"]).astype(str)[j])
+    assert str(cat["x"].unit) == "pix" and cat["ext_status"].description
+    # min_snr: spectra below it keep their row, are not fitted, and say why
+    assert not np.any((np.asarray(cat["snr_muse"], float) < 3.0) & np.char.startswith(
+        np.asarray(cat["status"]).astype(str), "converged"))
+
+
+def test_min_snr_rows_are_kept_unfitted(field):
+    out = field["dir"] / "min_snr"
+    Pipeline(out, _config(field, report=False, min_snr=1e5)).run([field["cube"]], field["sources"])
+    cat = Table.read(out / "catalogue.fits")
+    status = np.asarray(cat["status"]).astype(str)
+    assert len(cat) == len(field["truth"])
+    fitted_before = np.asarray(cat["snr_muse"], float) > 0
+    assert np.all(status[fitted_before] == "failed:low_snr") and np.all(np.isnan(np.asarray(cat["teff"], float)))
+    assert all("below min_snr" in r for r in np.asarray(cat["reason"]).astype(str)[fitted_before])
 
 
 def test_rerun_skips_finished_stages(field, reference_run):

@@ -123,6 +123,7 @@ _STATUS_LIST = (
     SpectrumStatus("bad_wavelength", False,
                    "wavelength axis unusable (not increasing, wrong units or does not overlap the target grid)"),
     SpectrumStatus("read_error", False, "the input file could not be read; see the reason column"),
+    SpectrumStatus("low_snr", False, "not fitted: native S/N below the run's threshold (RunConfig.min_snr)"),
     SpectrumStatus("failed", False, "an unexpected error; see the reason column"),
 )
 

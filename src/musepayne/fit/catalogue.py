@@ -38,6 +38,8 @@ from ..io.fits import atomic_path
 
 __all__ = [
     "build_catalogue",
+    "add_extraction_columns",
+    "EXTRACTION_COLUMNS",
     "label_columns",
     "apply_gradcorr",
     "combine_metal_poor",
@@ -155,6 +157,7 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
     if templates is not None:
         thr = config.gradcorr_threshold if config is not None else 0.5
         apply_gradcorr(tab, model, templates, threshold=thr)
+    add_extraction_columns(tab, spectra)
     return tab
 
 
@@ -358,3 +361,44 @@ def read_catalogue(path) -> Table:
     if path.suffix.lower() == ".csv":
         return Table.read(path, format="ascii.csv")
     return Table.read(path)
+
+
+#: extraction quality columns a catalogue carries when its spectra came from a cube
+#: (``musepayne extract`` SOURCES table, through prepare): name -> (unit, description)
+EXTRACTION_COLUMNS = {
+    "x": ("pix", "extraction: 0-based cube pixel x of the star (after the catalogue->cube transform)"),
+    "y": ("pix", "extraction: 0-based cube pixel y of the star"),
+    "mag": ("mag", "extraction: magnitude of the star in the source catalogue"),
+    "ext_snr": ("", "extraction: median over layers of flux/err of the extracted spectrum"),
+    "blend_frac": ("", "extraction: fraction of the flux within 1 FWHM of the star contributed by neighbours"),
+    "neighbour_frac": ("", "extraction: light of the brightest single neighbour within 1 FWHM relative to the "
+                           "star's own light there"),
+    "edge_dist": ("pix", "extraction: distance to the nearest unusable spaxel or field edge (negative outside)"),
+    "ext_psf_chi2": ("", "extraction: reduced chi^2 of the PSF-fit residuals within 1 FWHM (aperture: NaN)"),
+    "ext_status": ("", "extraction status: ok, edge (< 1 FWHM from the edge), low_snr (S/N below "
+                       "ExtractConfig.snr_min), off_field, failed (musepayne.extract.extractor.EXTRACT_STATUS)"),
+}
+
+
+def add_extraction_columns(cat: Table, spectra: Table) -> Table:
+    """Copy the extraction quality columns of the prepared ``SPECTRA`` table into ``cat`` (in place).
+
+    Parameters
+    ----------
+    cat : Table
+        A catalogue whose rows are the rows of ``spectra``.
+    spectra : Table
+        The prepared spectra's table; columns it lacks (spectra not extracted from a cube)
+        are simply not added.
+
+    Returns
+    -------
+    Table
+        ``cat``, with units and descriptions from :data:`EXTRACTION_COLUMNS`.
+    """
+    for name, (unit, desc) in EXTRACTION_COLUMNS.items():
+        if name in spectra.colnames and name not in cat.colnames:
+            v = np.asarray(spectra[name])
+            v = v.astype(str) if v.dtype.kind in "SUO" else v.astype(np.float64)
+            _set(cat, name, v, unit, desc)
+    return cat

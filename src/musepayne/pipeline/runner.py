@@ -43,7 +43,7 @@ from ..config import ConfigError, from_mapping, to_mapping
 from ..extract.extractor import ExtractConfig, Extractor
 from ..fit.catalogue import combine_metal_poor, write_catalogue
 from ..fit.fitter import FitConfig, Fitter
-from ..flags import fit_status_counts
+from ..flags import SPECTRUM_STATUS, fit_status_counts
 from ..instrument.lsf import lsf_from_spec
 from ..io.cube import open_cube
 from ..io.fits import atomic_write_fits, atomic_write_json, sha256_file, table_hdu
@@ -448,6 +448,7 @@ def _run_extract(cube_path, sources_path, out_path, config: RunConfig) -> dict:
 def _run_fit_chunk(prep, model, model_mp, config: RunConfig):
     """Fit one chunk; returns (catalogue without the model column, best-fit models)."""
 
+    prep = _mark_low_snr(prep, config.min_snr)
     fit_cfg = replace(config.fit, keep_model=True)
     cat = Fitter(model, fit_cfg)(prep)
     if model_mp is not None:
@@ -459,6 +460,25 @@ def _run_fit_chunk(prep, model, model_mp, config: RunConfig):
     else:
         models = np.full((len(cat), prep.wave.size), np.nan)
     return cat, models
+
+
+def _mark_low_snr(prep: PreparedSpectra, min_snr: float) -> PreparedSpectra:
+    """Prepared spectra whose native S/N is below ``min_snr`` get status ``low_snr`` (a copy):
+    the fitter gives them a ``failed:low_snr`` row instead of labels."""
+    if "snr" not in prep.spectra.colnames or not min_snr > 0:
+        return prep
+    snr = np.asarray(prep.spectra["snr"], np.float64)
+    status = np.asarray(prep.spectra["status"]).astype(str)
+    low = ~(snr >= min_snr) & np.isin(status, [s for s, v in SPECTRUM_STATUS.items() if v.usable])
+    if not low.any():
+        return prep
+    spectra = prep.spectra.copy()
+    spectra["status"] = np.where(low, "low_snr", status).astype(object).astype(str)
+    if "reason" in spectra.colnames:
+        reason = np.asarray(spectra["reason"]).astype(object)
+        reason[low] = [f"S/N {s:.2f} below min_snr {min_snr:g}" for s in snr[low]]
+        spectra["reason"] = reason.astype(str)
+    return replace(prep, spectra=spectra)
 
 
 def _write_part(path, cat: Table, models):
