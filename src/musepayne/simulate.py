@@ -115,6 +115,12 @@ class LibrarySpectra:
     coarser than MUSE it is left as it is, not sharpened).  Spectra that do not
     cover the whole cube range are rejected.  Labels are the sets' ``teff``,
     ``logg``, ``fe_h`` meta columns where present plus ``lib_index``.
+
+    ``lsf`` is the LSF the cube's spectra then really have
+    (:func:`musepayne.trainset.effective_lsf`, the broadest over the sets): STELIB's
+    3 A is coarser than MUSE almost everywhere, so a cube of STELIB stars is *not* at
+    the MUSE LSF; pass ``lsf`` (e.g. written with :meth:`write_lsf` and given as
+    ``cube_lsf``) to ``prepare`` instead of 'muse'.
     """
 
     def __init__(self, spectra, wave):
@@ -122,11 +128,15 @@ class LibrarySpectra:
 
         sets = [spectra] if hasattr(spectra, "flux") else list(spectra)
         wave = np.asarray(wave, dtype=np.float64)
+        from .trainset import effective_lsf
+
         flux, labels = [], {"teff": [], "logg": [], "fe_h": []}
+        fwhm = MUSE_LSF.fwhm(wave)
         for s in sets:
             op = build_operator(s.wave, s.frame, s.lsf, wave, MUSE_LSF, frame_out="air")
             if np.min(op.coverage) < 0.999:
                 continue
+            fwhm = np.maximum(fwhm, effective_lsf(op, wave, MUSE_LSF).fwhm(wave))
             f = op.apply(np.nan_to_num(s.flux))
             for k in range(s.n_spectra):
                 if np.all(np.isfinite(f[k])) and np.median(f[k]) > 0:
@@ -139,6 +149,16 @@ class LibrarySpectra:
         self._labels = {k: np.array(v) for k, v in labels.items()}
         self.label_names = tuple(self._labels) + ("lib_index",)
         self._wave = wave
+        from .lsf import TabulatedLSF
+
+        self.lsf = (MUSE_LSF if np.allclose(fwhm, MUSE_LSF.fwhm(wave), rtol=1e-3)
+                    else TabulatedLSF(tuple(wave), tuple(fwhm), name="library-effective"))
+
+    def write_lsf(self, path):
+        """Write :attr:`lsf` as a two-column text table (wavelength, FWHM in A) for ``cube_lsf``."""
+        np.savetxt(path, np.c_[self._wave, self.lsf.fwhm(self._wave)], fmt="%.6f",
+                   header="air wavelength (A), effective FWHM (A) of the simulated library spectra")
+        return str(path)
 
     @property
     def spectra(self) -> np.ndarray:
