@@ -26,6 +26,7 @@ Usage::
     python benchmarks/bias_budget.py                  # every step, ~6 min on one core
     python benchmarks/bias_budget.py --steps 0,1,2 --no-library
     python benchmarks/bias_budget.py --json budget.json --workdir /tmp/budget
+    python benchmarks/bias_budget.py --steps 0 --crowding-seeds 7,8,9,10   # crowding table only
 
 Needs ``../shared/data`` (or ``$MUSEPAYNE_SHARED``) for the library stars only.
 """
@@ -256,11 +257,42 @@ def cube_steps(model, steps, workdir, n_cube, results, lib=None):
 
 def print_blend(b):
     for r in b["by_blend"] + b["by_snr"]:
-        kind = "blend" if r in b["by_blend"] else "S/N"
+        kind = "crowd" if r in b["by_blend"] else "S/N"
         if r["n"]:
             print(f"       {kind:5s} {r['lo']:6.2f}-{r['hi']:<6.2f} N={r['n']:3d}: " + ", ".join(
                 f"{n} {FMT[n].format(r['stats'][n]['bias'])} +- {r['stats'][n]['dispersion']:.3g}"
                 f" ({r['stats'][n]['pull']:+.2f})" for n in LABELS))
+
+
+def crowding_study(model, seeds, workdir, results):
+    """Step 5 repeated for several seeds of the demo-like field; all stars pooled: bias, dispersion and
+    median pull by neighbour_frac bin for S/N > 50 and 20 < S/N <= 50 (issue 15, item 3)."""
+    from astropy.table import vstack
+
+    from musepayne.simulate import SimulateConfig
+
+    cats, truths, srcs = [], [], []
+    for sd in seeds:
+        cfg = SimulateConfig(nx=80, ny=80, nlayers=3681, nstars=400, king_rc=20.0, mag_bright=15.0,
+                             mag_faint=20.0, seed=int(sd))
+        cat, truth, sources = run_cube(workdir, f"crowd{sd}", ModelSpectra(model, globular_cluster_sampler()), cfg,
+                                       "lamost")
+        for t in (cat, truth, sources):
+            t["stellar_id"] = [f"{sd}:{x}" for x in t["stellar_id"]]
+        cats.append(cat)
+        truths.append(truth)
+        srcs.append(sources)
+    cat, truth, sources = vstack(cats), vstack(truths), vstack(srcs)
+    out = {}
+    for lo in (50.0, 20.0):
+        b = injection_budget(cat, truth, sources, snr_min=lo)
+        if lo == 20.0:  # 20 < S/N <= 50 only
+            keep = np.asarray(cat["snr_muse"], float) <= 50.0
+            b = injection_budget(cat[keep], truth, sources, snr_min=lo)
+        out[f"snr>{lo:g}"] = b["by_blend"]
+        print(f"crowding, {len(seeds)} demo-like fields, S/N {'> 50' if lo == 50 else '20-50'}:")
+        print_blend({"by_blend": b["by_blend"], "by_snr": []})
+    results["crowding"] = out
 
 
 def demo_step(demo_dir, workdir, results):
@@ -293,6 +325,8 @@ def main(argv=None):
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--crowding-seeds", default="", help="comma-separated seeds of extra demo-like fields "
+                    "pooled for the crowding table (e.g. 7,8,9,10)")
     a = ap.parse_args(argv)
     steps = {int(s) for s in a.steps.split(",") if s.strip()}
     rng = np.random.default_rng(a.seed)
@@ -315,6 +349,8 @@ def main(argv=None):
             cube_steps(model, steps, work, a.n_cube, results, lib)
         if 6 in steps:
             demo_step(a.demo, work, results)
+        if a.crowding_seeds:
+            crowding_study(model, [int(x) for x in a.crowding_seeds.split(",")], work, results)
     print(f"total {time.perf_counter() - t0:.0f} s")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1, default=float))
