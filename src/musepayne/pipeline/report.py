@@ -14,6 +14,13 @@ Figures (paper figure in brackets):
                      masked pixels [Fig. 3, 9]
 ``truth.png``        recovered minus true labels with bias and dispersion
                      (simulated inputs only) [Fig. 5]
+``truth_snr_blend.png`` recovered minus true against S/N and against the
+                     extraction's ``blend_frac`` (simulated inputs only)
+
+:func:`injection_budget` is the short error budget of a simulation (bias,
+dispersion and median pull per label for isolated stars at S/N > 50, and by
+``blend_frac`` and S/N bin); ``musepayne demo`` prints it and
+``benchmarks/bias_budget.py`` uses it for every step of the full budget.
 """
 
 from __future__ import annotations
@@ -27,7 +34,12 @@ from ..flags import FIT_FLAGS, fit_status_counts
 from ..io.fits import atomic_write_text
 from ..science.validation import bias_dispersion
 
-__all__ = ["make_report"]
+__all__ = ["make_report", "injection_budget", "BLEND_BINS", "SNR_BINS"]
+
+#: ``blend_frac`` bins of :func:`injection_budget` (the first one is "isolated")
+BLEND_BINS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
+#: S/N bins of :func:`injection_budget`
+SNR_BINS = (10.0, 20.0, 50.0, 100.0, 1e9)
 
 _LABEL_TEX = {"teff": r"$T_{\rm eff}$ [K]", "logg": r"$\log g$", "fe_h": "[Fe/H]", "rv": "RV [km/s]"}
 
@@ -224,6 +236,131 @@ def plot_truth(path, cat, truth, labels=("teff", "logg", "fe_h", "rv"), key="ste
     return stats
 
 
+def _truth_join(cat, truth, sources=None, key="stellar_id", column="blend_frac"):
+    """Row indices of ``cat`` rows with a truth row (converged fits), the truth index and the
+    crowding measure ``column`` of each from ``sources`` (NaN when it has none)."""
+    tmap = {str(k): i for i, k in enumerate(truth[key])}
+    idx = np.array([tmap.get(str(k), -1) for k in cat[key]], dtype=np.int64)
+    sel = np.flatnonzero((idx >= 0) & _good(cat))
+    blend = np.full(sel.size, np.nan)
+    if sources is not None and column in sources.colnames:
+        smap = {str(k): i for i, k in enumerate(sources[key])}
+        bf = _col(sources, column)
+        ids = [str(k) for k in cat[key]]  # (iterating the column decodes FITS byte strings)
+        j = np.array([smap.get(ids[i], -1) for i in sel], dtype=np.int64)
+        blend = np.where(j >= 0, bf[np.maximum(j, 0)], np.nan)
+    return sel, idx[sel], blend
+
+
+def crowding_column(sources):
+    """The crowding measure used for 'isolated': ``neighbour_frac`` (largest single neighbour's
+    light within 1 FWHM relative to the star's) when the extraction wrote it, else ``blend_frac``."""
+    if sources is not None and "neighbour_frac" in sources.colnames:
+        return "neighbour_frac"
+    return "blend_frac"
+
+
+def _label_stats(d, err):
+    b, s, n = bias_dispersion(d)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pull = d / err
+    pull = pull[np.isfinite(pull)]
+    return {"bias": b, "dispersion": s, "pull": float(np.median(pull)) if pull.size else float("nan"), "n": n}
+
+
+def injection_budget(cat, truth, sources=None, labels=("teff", "logg", "fe_h"), snr_min=50.0,
+                     blend_max=0.05, blend_bins=BLEND_BINS, snr_bins=SNR_BINS, key="stellar_id", column=None):
+    """Error budget of a simulation: recovered - true for converged fits.
+
+    Returns ``{'isolated': {label: {bias, dispersion, pull, n}}, 'by_blend': [...],
+    'by_snr': [...], 'snr_min', 'blend_max', 'column'}``.  ``isolated``: ``snr_muse > snr_min``
+    and crowding ``<= blend_max``; the crowding measure ``column`` of the extraction's ``sources``
+    is by default :func:`crowding_column` (``neighbour_frac``: no single neighbour brings more than
+    5 % of the star's light within 1 FWHM; else ``blend_frac``); without ``sources`` every star
+    counts as isolated.  ``pull`` is the median of (recovered - true) / error.  ``by_blend``:
+    S/N > ``snr_min`` stars in bins of that measure; ``by_snr``: isolated stars in ``snr_bins``.
+    Bias = median, dispersion = half the 15.87-84.13 percentile range
+    (:func:`musepayne.validation.bias_dispersion`).
+    """
+    labels = [n for n in labels if n in cat.colnames and n in truth.colnames]
+    column = column or crowding_column(sources)
+    sel, ti, blend = _truth_join(cat, truth, sources, key, column)
+    snr = _col(cat, "snr_muse")
+    snr = np.full(sel.size, np.inf) if snr is None else snr[sel]
+    bl = np.where(np.isfinite(blend), blend, 0.0)
+    d = {n: _col(cat, n)[sel] - np.asarray(truth[n], float)[ti] for n in labels}
+    e = {n: (_col(cat, n + "_err")[sel] if n + "_err" in cat.colnames else np.full(sel.size, np.nan))
+         for n in labels}
+
+    def stats(m):
+        return {n: _label_stats(d[n][m], e[n][m]) for n in labels}
+
+    iso = (snr > snr_min) & (bl <= blend_max)
+    out = {"snr_min": float(snr_min), "blend_max": float(blend_max), "column": column, "isolated": stats(iso),
+           "n_isolated": int(iso.sum()), "by_blend": [], "by_snr": []}
+    for lo, hi in zip(blend_bins[:-1], blend_bins[1:]):
+        m = (snr > snr_min) & (bl <= hi) & ((bl > lo) if lo > blend_bins[0] else True)
+        out["by_blend"].append({"lo": float(lo), "hi": float(hi), "n": int(m.sum()), "stats": stats(m)})
+    for lo, hi in zip(snr_bins[:-1], snr_bins[1:]):
+        m = (bl <= blend_max) & (snr > lo) & (snr <= hi)
+        out["by_snr"].append({"lo": float(lo), "hi": float(hi), "n": int(m.sum()), "stats": stats(m)})
+    return out
+
+
+def format_budget(budget, labels=None) -> list[str]:
+    """Short text form of :func:`injection_budget` (what ``musepayne demo`` prints)."""
+    iso = budget["isolated"]
+    labels = labels or list(iso)
+    fmt = {"teff": "{:+.0f} K", "logg": "{:+.3f}", "fe_h": "{:+.3f} dex"}
+    col = budget.get("column", "blend_frac")
+    lines = [f"  isolated ({col} <= {budget['blend_max']:g}, S/N > {budget['snr_min']:g}, "
+             f"N={budget['n_isolated']}): bias / dispersion / median pull"]
+    for n in labels:
+        st = iso[n]
+        f = fmt.get(n, "{:+.3g}")
+        lines.append(f"    {n:5s} {f.format(st['bias'])} / {f.format(st['dispersion']).lstrip('+')} / "
+                     f"{st['pull']:+.2f}")
+    for row in budget["by_blend"]:
+        if row["n"]:
+            parts = [f"{n} {fmt.get(n, '{:+.3g}').format(row['stats'][n]['bias'])} "
+                     f"({row['stats'][n]['pull']:+.1f} sig)" for n in labels]
+            lines.append(f"    {col} {row['lo']:.2f}-{row['hi']:.2f} (N={row['n']}): " + ", ".join(parts))
+    return lines
+
+
+def plot_truth_snr_blend(path, cat, truth, sources=None, labels=("teff", "logg", "fe_h"), key="stellar_id"):
+    """Recovered minus true against S/N (top) and against ``blend_frac`` (bottom). Returns the number
+    of stars drawn."""
+    labels = [n for n in labels if n in cat.colnames and n in truth.colnames]
+    sel, ti, blend = _truth_join(cat, truth, sources, key, "blend_frac")
+    snr = _col(cat, "snr_muse")
+    if not labels or not sel.size or snr is None:
+        return 0
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(labels), figsize=(4 * len(labels), 6.6), squeeze=False)
+    snr = snr[sel]
+    for k, n in enumerate(labels):
+        d = _col(cat, n)[sel] - np.asarray(truth[n], float)[ti]
+        ax = axes[0, k]
+        ax.scatter(snr, d, s=8, c=np.where(np.isfinite(blend), blend, 0.0), cmap="viridis", vmin=0, vmax=0.5)
+        ax.set_xscale("log")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel("S/N per pixel (snr_muse)")
+        ax.set_ylabel(f"recovered - true {_label_tex(n)}")
+        ax = axes[1, k]
+        ax.scatter(np.where(np.isfinite(blend), blend, 0.0), d, s=8, c=np.log10(np.maximum(snr, 1)),
+                   cmap="magma")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel("blend_frac (neighbour flux fraction within 1 FWHM)")
+        ax.set_ylabel(f"recovered - true {_label_tex(n)}")
+    axes[0, 0].set_title("colour: blend_frac", fontsize=9)
+    axes[1, 0].set_title("colour: log10 S/N", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return int(sel.size)
+
+
 def make_report(outdir, catalogue, *, white_light=None, sources=None, wave=None, flux=None, ivar=None,
                 model_flux=None, truth=None, title="musepayne run", extra=None):
     """Write ``outdir/index.html`` with every figure its inputs allow. Returns a summary dict."""
@@ -263,9 +400,13 @@ def make_report(outdir, catalogue, *, white_light=None, sources=None, wave=None,
             summary["truth"] = stats
             figs.append(("truth.png", "Recovered minus true labels for the simulated stars with a converged fit "
                                   "(all magnitudes; labels at the model's range edge excluded)."))
+        summary["truth_budget"] = injection_budget(catalogue, truth, sources)
+        if plot_truth_snr_blend(out / "truth_snr_blend.png", catalogue, truth, sources):
+            figs.append(("truth_snr_blend.png", "Recovered minus true against S/N (top, colour blend_frac) and "
+                                                "against blend_frac (bottom, colour log S/N), converged fits."))
     rows = "".join(
         f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
-        for k, v in {**summary, **(extra or {})}.items() if k != "truth"
+        for k, v in {**summary, **(extra or {})}.items() if k not in ("truth", "truth_budget")
     )
     truth_rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{s['bias']:.4g}</td><td>{s['dispersion']:.4g}</td><td>{s['n']}</td></tr>"
@@ -275,6 +416,9 @@ def make_report(outdir, catalogue, *, white_light=None, sources=None, wave=None,
     if truth_rows:
         body.append("<h2>Recovered vs true</h2><table><tr><th>label</th><th>bias (median)</th>"
                     "<th>dispersion (half 16-84 %)</th><th>N</th></tr>" + truth_rows + "</table>")
+    if summary.get("truth_budget"):
+        body.append("<h2>Error budget</h2><pre>" + html.escape("\n".join(format_budget(summary["truth_budget"])))
+                    + "</pre>")
     for fname, caption in figs:
         body.append(f"<figure><img src='{fname}' alt='{html.escape(caption)}'><figcaption>"
                     f"{html.escape(caption)}</figcaption></figure>")
