@@ -45,16 +45,16 @@ from astropy.io import fits
 from astropy.table import Table
 
 from musepayne.fit import FitConfig, Fitter
-from musepayne.lsf import LAMOST_LSF, MUSE_LSF
-from musepayne.model import load_model
+from musepayne.instrument.lsf import LAMOST_LSF
+from musepayne.instrument.wavelength import linear_grid
+from musepayne.io.prepared import PreparedSpectra
+from musepayne.io.spectra import SpectrumSet
+from musepayne.models.model import load_model
+from musepayne.pipeline.report import injection_budget
 from musepayne.prepare import Preparer
-from musepayne.prepared import PreparedSpectra
-from musepayne.report import injection_budget
-from musepayne.spectra import SpectrumSet
-from musepayne.synthesis import ModelSpectra, globular_cluster_sampler
-from musepayne.trainset import muse_air_grid, simulate_muse_observation
-from musepayne.validation import bias_dispersion
-from musepayne.wavelength import linear_grid
+from musepayne.science.validation import bias_dispersion
+from musepayne.simulate.synthesis import ModelSpectra, globular_cluster_sampler
+from musepayne.train.trainset import muse_air_grid, simulate_muse_observation
 
 LABELS = ("teff", "logg", "fe_h")
 FMT = {"teff": "{:+6.1f}", "logg": "{:+6.3f}", "fe_h": "{:+6.3f}"}
@@ -138,8 +138,8 @@ def shared_dir():
 
 
 def library_stars(n):
-    from musepayne.readers import read_stelib
-    from musepayne.trainset import group_sets
+    from musepayne.io.readers import read_stelib
+    from musepayne.train.trainset import group_sets
 
     files = sorted((shared_dir() / "libraries" / "stelib").glob("STELIB*.fits"))
     sets = []

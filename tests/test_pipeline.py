@@ -245,9 +245,9 @@ def test_recovery_matches_fitter_alone(tmp_path):
 @pytest.fixture(scope="module")
 def injection_budget_field(tmp_path_factory):
     """A sparse field of the default model's own stars (issue 15), run through the whole pipeline with the
-    same model; returns the injection budget (musepayne.report.injection_budget)."""
-    from musepayne.model import load_model
-    from musepayne.report import injection_budget
+    same model; returns the injection budget (musepayne.pipeline.report.injection_budget)."""
+    from musepayne.models.model import load_model
+    from musepayne.pipeline.report import injection_budget
 
     d = tmp_path_factory.mktemp("budget")
     model = load_model("default")

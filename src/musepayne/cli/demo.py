@@ -82,7 +82,7 @@ def demo(outdir, cube, sources, model, nstars, size, seed, progress, as_json):
         lines.append(f"  {name:5s} recovered - true: bias {st['bias']:+.3g}, dispersion {st['dispersion']:.3g} "
                      f"(N={st['n']})")
     if rep.get("truth_budget"):  # the short error budget (benchmarks/bias_budget.py has the full one)
-        from ..report import format_budget
+        from ..pipeline.report import format_budget
 
         info["truth_budget"] = rep["truth_budget"]
         lines += format_budget(rep["truth_budget"])

@@ -280,7 +280,7 @@ def injection_budget(cat, truth, sources=None, labels=("teff", "logg", "fe_h"), 
     counts as isolated.  ``pull`` is the median of (recovered - true) / error.  ``by_blend``:
     S/N > ``snr_min`` stars in bins of that measure; ``by_snr``: isolated stars in ``snr_bins``.
     Bias = median, dispersion = half the 15.87-84.13 percentile range
-    (:func:`musepayne.validation.bias_dispersion`).
+    (:func:`musepayne.science.validation.bias_dispersion`).
     """
     labels = [n for n in labels if n in cat.colnames and n in truth.colnames]
     column = column or crowding_column(sources)

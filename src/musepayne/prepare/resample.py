@@ -48,12 +48,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.special import ndtr
+from scipy.special import ive, ndtr
 
-from ..instrument.lsf import FWHM_TO_SIGMA, LSF
+from ..instrument.lsf import FWHM_TO_SIGMA, LSF, TabulatedLSF
 from ..instrument.wavelength import air_to_vacuum, bin_edges, vacuum_to_air
 
 __all__ = [
+    "effective_lsf",
     "rebin_matrix",
     "convolution_matrix",
     "kernel_sigma",
@@ -116,8 +117,6 @@ def convolution_matrix(wave, sigma):
     ``edge_loss`` the fraction of each row's Gaussian that fell outside the
     input range before renormalisation.
     """
-    from scipy.special import ive
-
     w = np.asarray(wave, dtype=np.float64)
     s = np.asarray(sigma, dtype=np.float64)
     n = w.size
@@ -271,3 +270,16 @@ def broadening_matrix(wave, excess_fwhm):
     sigma = np.asarray(excess_fwhm, dtype=np.float64) * FWHM_TO_SIGMA
     K, _ = convolution_matrix(wave, np.broadcast_to(sigma, np.shape(wave)))
     return K
+
+
+def effective_lsf(op, wave_out, lsf_out: LSF) -> LSF:
+    """The LSF that the output of ``op`` (:func:`build_operator` towards ``lsf_out``)
+    really has: ``lsf_out`` where the input could be degraded to it, and
+    ``sqrt(FWHM_out^2 + excess^2)`` (a :class:`~musepayne.instrument.lsf.TabulatedLSF`) where the input was
+    coarser (``op.excess_fwhm``, which includes the rebinning)."""
+    w = np.asarray(wave_out, np.float64)
+    exc = np.nan_to_num(np.asarray(op.excess_fwhm, np.float64), nan=0.0)
+    base = lsf_out.fwhm(w)
+    if not np.any(exc > 1e-3 * base):
+        return lsf_out
+    return TabulatedLSF(tuple(w), tuple(np.sqrt(base**2 + exc**2)), name=f"effective({lsf_out.describe()})")

@@ -41,10 +41,10 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from ..extract.psf import MoffatPSF, psf_design_matrix
-from ..instrument.lsf import FWHM_TO_SIGMA, MUSE_LSF
+from ..instrument.lsf import FWHM_TO_SIGMA, MUSE_LSF, TabulatedLSF
 from ..instrument.wavelength import C_KMS, bin_edges, linear_grid
 from ..io.fits import atomic_path, atomic_write_fits
-from ..prepare.resample import build_operator, rebin_matrix
+from ..prepare.resample import build_operator, effective_lsf, rebin_matrix
 from .toyspec import toy_spectrum
 
 __all__ = [
@@ -118,7 +118,7 @@ class LibrarySpectra:
     ``logg``, ``fe_h`` meta columns where present plus ``lib_index``.
 
     ``lsf`` is the LSF the cube's spectra then really have
-    (:func:`musepayne.trainset.effective_lsf`, the broadest over the sets): STELIB's
+    (:func:`musepayne.prepare.resample.effective_lsf`, the broadest over the sets): STELIB's
     3 A is coarser than MUSE almost everywhere, so a cube of STELIB stars is *not* at
     the MUSE LSF; pass ``lsf`` (e.g. written with :meth:`write_lsf` and given as
     ``cube_lsf``) to ``prepare`` instead of 'muse'.
@@ -136,8 +136,6 @@ class LibrarySpectra:
     def __init__(self, spectra, wave):
         sets = [spectra] if hasattr(spectra, "flux") else list(spectra)
         wave = np.asarray(wave, dtype=np.float64)
-        from .trainset import effective_lsf
-
         flux, labels = [], {"teff": [], "logg": [], "fe_h": []}
         fwhm = MUSE_LSF.fwhm(wave)
         self._native = []  # (set, row) of every kept spectrum, for Doppler-shifted versions
@@ -159,8 +157,6 @@ class LibrarySpectra:
         self._labels = {k: np.array(v) for k, v in labels.items()}
         self.label_names = tuple(self._labels) + ("lib_index",)
         self._wave = wave
-        from .lsf import TabulatedLSF
-
         self.lsf = (MUSE_LSF if np.allclose(fwhm, MUSE_LSF.fwhm(wave), rtol=1e-3)
                     else TabulatedLSF(tuple(wave), tuple(fwhm), name="library-effective"))
 
@@ -187,8 +183,6 @@ class LibrarySpectra:
         i = int(labels["lib_index"])
         if rv == 0.0:
             return self._flux[i]
-        from .resample import build_operator
-
         s, k = self._native[i]
         beta = float(rv) / C_KMS
         op = build_operator(s.wave * np.sqrt((1.0 + beta) / (1.0 - beta)), s.frame, s.lsf, self._wave, MUSE_LSF,

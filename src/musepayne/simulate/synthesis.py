@@ -15,7 +15,7 @@ so that ``prepare`` and the fit treat their resolution correctly.
 
 Pseudo-continuum consistency.  The model predicts the *normalised* flux
 ``f = F / cont(F)`` of a star, with ``cont`` the 50 A pseudo-continuum of
-:mod:`musepayne.normalize` under the weights of its training spectra.  That
+:mod:`musepayne.prepare.normalize` under the weights of its training spectra.  That
 normalisation is not idempotent: a flux ``B * f`` (a smooth continuum times the
 model) normalises to ``f / cont(f) != f`` (rms 0.36 % for the default model,
 enough to pull its fits by -40 K, -0.08, -0.04 dex; ``benchmarks/bias_budget.py``).
@@ -41,6 +41,7 @@ import numpy as np
 from scipy.interpolate import CubicSpline
 
 from ..instrument.wavelength import C_KMS, air_to_vacuum
+from ..prepare.preparer import Preparer
 
 __all__ = ["ModelSpectra", "planck_lambda", "globular_cluster_sampler"]
 
@@ -71,8 +72,6 @@ class ModelSpectra:
     def __post_init__(self):
         prep = None
         if self.continuum_consistent:
-            from .prepare import Preparer
-
             prep = Preparer()
             wm = np.asarray(self.model.wave, np.float64)
             if getattr(self.model, "frame", "vacuum") != "vacuum" or prep.wave.shape != wm.shape or \

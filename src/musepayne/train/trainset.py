@@ -39,7 +39,7 @@ library does not cover, and add Gaussian noise with photon-like variance
 Where the library is coarser than the requested LSF (STELIB's 3 A against
 MUSE's 2.5-3.0 A almost everywhere; any library against LAMOST below ~5400 A)
 it cannot be sharpened, so the observation carries its *actual* LSF
-(:func:`effective_lsf`: the requested FWHM combined with the operator's excess),
+(:func:`musepayne.prepare.resample.effective_lsf`: the requested FWHM combined with the operator's excess),
 not the requested one; declaring MUSE's made ``prepare`` under-estimate the
 resolution and STELIB stars observed as MUSE fit 0.057 dex metal-poorer than
 the same spectra prepared directly (``benchmarks/bias_budget.py``).
@@ -64,7 +64,7 @@ from ..io.prepared import PreparedSpectra
 from ..io.readers import read_miles, read_miles_params, read_stelib
 from ..io.spectra import ReaderError, SpectrumSet
 from ..prepare.preparer import PrepareConfig, Preparer, _bridge
-from ..prepare.resample import build_operator
+from ..prepare.resample import build_operator, effective_lsf
 
 __all__ = [
     "TRAINSET_FORMAT",
@@ -76,7 +76,6 @@ __all__ = [
     "prepare_for_training",
     "build_trainset",
     "simulate_observation",
-    "effective_lsf",
     "simulate_muse_observation",
     "simulate_lamost_observation",
     "muse_air_grid",
@@ -322,21 +321,6 @@ def simulate_observation(spectra: SpectrumSet, snr: float, rng, wave_out, lsf_ou
     meta["sim_snr"] = np.full(len(meta), float(snr))
     return SpectrumSet(w_out, flux, variance, frame_out, effective_lsf(op, w_out, lsf_out), meta,
                        notes=(f"simulated {instrument} observation at S/N {snr:g} from {spectra.lsf.describe()}",))
-
-
-def effective_lsf(op, wave_out, lsf_out: LSF) -> LSF:
-    """The LSF that the output of ``op`` (:func:`musepayne.resample.build_operator` towards ``lsf_out``)
-    really has: ``lsf_out`` where the input could be degraded to it, and
-    ``sqrt(FWHM_out^2 + excess^2)`` (a :class:`~musepayne.lsf.TabulatedLSF`) where the input was
-    coarser (``op.excess_fwhm``, which includes the rebinning)."""
-    from .lsf import TabulatedLSF
-
-    w = np.asarray(wave_out, np.float64)
-    exc = np.nan_to_num(np.asarray(op.excess_fwhm, np.float64), nan=0.0)
-    base = lsf_out.fwhm(w)
-    if not np.any(exc > 1e-3 * base):
-        return lsf_out
-    return TabulatedLSF(tuple(w), tuple(np.sqrt(base**2 + exc**2)), name=f"effective({lsf_out.describe()})")
 
 
 def simulate_muse_observation(spectra: SpectrumSet, snr: float, rng, lsf: LSF = MUSE_LSF) -> SpectrumSet:
