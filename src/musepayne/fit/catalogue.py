@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Column, Table
 
-from ..flags import FIT_FLAGS, fit_flags_description
+from ..flags import FIT_FLAGS, FlagThresholds, fit_flags_description
 from ..io.fits import atomic_path
 
 __all__ = [
     "build_catalogue",
+    "apply_quality_flags",
     "add_extraction_columns",
     "EXTRACTION_COLUMNS",
     "label_columns",
@@ -158,6 +159,7 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
         thr = config.gradcorr_threshold if config is not None else 0.5
         apply_gradcorr(tab, model, templates, threshold=thr)
     add_extraction_columns(tab, spectra)
+    apply_quality_flags(tab)
     return tab
 
 
@@ -401,4 +403,36 @@ def add_extraction_columns(cat: Table, spectra: Table) -> Table:
             v = np.asarray(spectra[name])
             v = v.astype(str) if v.dtype.kind in "SUO" else v.astype(np.float64)
             _set(cat, name, v, unit, desc)
+    return cat
+
+
+def apply_quality_flags(cat: Table, thresholds: FlagThresholds | None = None) -> Table:
+    """OR the ``LOW_SNR``, ``BLENDED`` and ``LARGE_ERRORS`` bits into ``cat['fit_flags']`` (in place).
+
+    Parameters
+    ----------
+    cat : Table
+        A catalogue with ``fit_flags``; ``snr_muse``, ``neighbour_frac`` and the label errors
+        are used where present (``X_err_stat`` before ``X_err``).
+    thresholds : FlagThresholds, optional
+        Default :class:`musepayne.flags.FlagThresholds`.
+
+    Returns
+    -------
+    Table
+        ``cat``.
+    """
+    th = thresholds or FlagThresholds()
+    flags = np.asarray(cat["fit_flags"], np.int32).copy()
+    with np.errstate(invalid="ignore"):
+        if "snr_muse" in cat.colnames:
+            flags[np.asarray(cat["snr_muse"], np.float64) < th.min_snr] |= FIT_FLAGS["LOW_SNR"].value
+        if "neighbour_frac" in cat.colnames:
+            nf = np.asarray(cat["neighbour_frac"], np.float64)
+            flags[nf > th.max_neighbour_frac] |= FIT_FLAGS["BLENDED"].value
+        for name, limit in th.max_err:
+            col = next((c for c in (f"{name}_err_stat", f"{name}_err") if c in cat.colnames), None)
+            if col is not None:
+                flags[np.asarray(cat[col], np.float64) > limit] |= FIT_FLAGS["LARGE_ERRORS"].value
+    cat["fit_flags"][:] = flags
     return cat
