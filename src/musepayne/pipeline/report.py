@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..flags import FIT_FLAGS, fit_status_counts
+from ..flags import FIT_FLAGS, decode_fit_flags, fit_status_counts
 from ..io.fits import atomic_write_text
+from ..science.selection import SelectionError, select
 from ..science.validation import bias_dispersion
 
 __all__ = ["make_report", "injection_budget", "BLEND_BINS", "SNR_BINS"]
@@ -157,15 +158,55 @@ def plot_quality(path, cat):
     plt.close(fig)
 
 
-def plot_fit_gallery(path, wave, flux, ivar, model, cat, n_show=6):
-    """Observed vs best-fit model, residuals, and masked pixels for example stars."""
-    plt = _plt()
-    good = np.nonzero(_good(cat) & np.isfinite(np.asarray(model)).any(axis=1))[0]
-    if good.size == 0:
-        return 0
+def _gallery_rows(cat, has_model, n_show):
+    """Example rows: spread in S/N over the ``reliable`` preset's rows (converged rows when none
+    pass), plus one row with a fit flag set, to show what a flagged fit looks like."""
+    good = _good(cat) & has_model
+    try:
+        rel = np.isin(np.asarray(cat["stellar_id"]).astype(str),
+                      np.asarray(select(cat, preset="reliable")["stellar_id"]).astype(str))
+    except SelectionError:
+        rel = np.zeros(len(cat), bool)
+    pool = np.nonzero(rel & good)[0]
+    if pool.size == 0:
+        pool = np.nonzero(good)[0]
     snr = _col(cat, "snr_muse")
-    order = good[np.argsort(-np.nan_to_num(snr[good] if snr is not None else np.zeros(good.size), nan=-1))]
-    pick = order[np.linspace(0, order.size - 1, min(n_show, order.size)).astype(int)]
+    order = pool[np.argsort(-np.nan_to_num(snr[pool] if snr is not None else np.zeros(pool.size), nan=-1))]
+    pick = list(order[np.linspace(0, order.size - 1, min(n_show - 1, order.size)).astype(int)]) if order.size else []
+    if "fit_flags" in cat.colnames:
+        flagged = np.nonzero((np.asarray(cat["fit_flags"], np.int64) != 0) & has_model)[0]
+        if flagged.size:
+            pick.append(int(flagged[np.argmax(np.nan_to_num(snr[flagged], nan=-1))] if snr is not None
+                            else flagged[0]))
+    return pick
+
+
+def _fit_title(cat, i):
+    parts = [str(cat["stellar_id"][i])]
+    snr = _col(cat, "snr_muse")
+    if snr is not None:
+        parts.append(f"S/N={snr[i]:.0f}")
+    for n, fmt in (("teff", ".0f"), ("logg", ".2f"), ("fe_h", ".2f")):
+        if n in cat.colnames:
+            err = f" +- {float(cat[n + '_err'][i]):{fmt}}" if n + "_err" in cat.colnames else ""
+            parts.append(f"{'Teff' if n == 'teff' else n}={float(cat[n][i]):{fmt}}{err}")
+    if "rv" in cat.colnames:
+        parts.append(f"RV={float(cat['rv'][i]):.1f} km/s")
+    if "red_chi2" in cat.colnames:
+        parts.append(f"red. chi2={float(cat['red_chi2'][i]):.2f}")
+    if "fit_flags" in cat.colnames and int(cat["fit_flags"][i]):
+        parts.append("FLAGS: " + ",".join(decode_fit_flags(int(cat["fit_flags"][i]))))
+    return "  ".join(parts)
+
+
+def plot_fit_gallery(path, wave, flux, ivar, model, cat, n_show=6, model_mask=None):
+    """Observed vs best-fit model and residuals for example stars: reliable rows spread in S/N and
+    one flagged fit; titles give labels +- errors, RV and reduced chi2; grey bands are pixels the
+    fit did not use, hatched bands pixels the model itself does not cover (``model_mask``)."""
+    plt = _plt()
+    pick = _gallery_rows(cat, np.isfinite(np.asarray(model)).any(axis=1), n_show)
+    if not pick:
+        return 0
     fig, axes = plt.subplots(2 * len(pick), 1, figsize=(11, 2.6 * len(pick)),
                              gridspec_kw={"height_ratios": [3, 1] * len(pick)}, sharex=True)
     axes = np.atleast_1d(axes)
@@ -176,20 +217,21 @@ def plot_fit_gallery(path, wave, flux, ivar, model, cat, n_show=6):
         a.plot(wave, np.where(np.isfinite(flux[i]) & ~used, flux[i], np.nan), "-", color="0.75", lw=0.6,
                label="masked")
         a.plot(wave, model[i], "r-", lw=0.6, label="model")
-        lab = ", ".join(f"{n}={cat[n][i]:.2f}" if n != "teff" else f"Teff={cat[n][i]:.0f}"
-                        for n in ("teff", "logg", "fe_h") if n in cat.colnames)
-        a.set_title(f"{cat['stellar_id'][i]}  S/N={snr[i]:.0f}  {lab}" if snr is not None else str(cat["stellar_id"][i]),
-                    fontsize=8)
+        a.set_title(_fit_title(cat, i), fontsize=7)
         a.set_ylim(0.2, 1.3)
         a.set_ylabel("norm. flux")
         for lo, hi in _runs(~used & np.isfinite(wave)):
             a.axvspan(wave[lo], wave[hi], color="0.9", lw=0)
+        if model_mask is not None:
+            for lo, hi in _runs(np.asarray(model_mask, bool)):
+                a.axvspan(wave[lo], wave[hi], facecolor="none", edgecolor="0.6", hatch="///", lw=0,
+                          label="not in model" if lo == _runs(np.asarray(model_mask, bool))[0][0] else None)
         r.plot(wave, np.where(used, flux[i] - model[i], np.nan), "k-", lw=0.5)
         r.axhline(0, color="r", lw=0.5)
         r.set_ylim(-0.08, 0.08)
         r.set_ylabel("resid.")
         if k == 0:
-            a.legend(loc="lower right", fontsize=7, ncol=3)
+            a.legend(loc="lower right", fontsize=7, ncol=4)
     axes[-1].set_xlabel("vacuum wavelength [A]")
     valid = wave[np.any(ivar > 0, axis=0)]
     if valid.size:
@@ -362,7 +404,7 @@ def plot_truth_snr_blend(path, cat, truth, sources=None, labels=("teff", "logg",
 
 
 def make_report(outdir, catalogue, *, white_light=None, sources=None, wave=None, flux=None, ivar=None,
-                model_flux=None, truth=None, title="musepayne run", extra=None):
+                model_flux=None, truth=None, title="musepayne run", extra=None, model_mask=None):
     """Write ``outdir/index.html`` with every figure its inputs allow. Returns a summary dict."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -390,10 +432,12 @@ def make_report(outdir, catalogue, *, white_light=None, sources=None, wave=None,
     plot_quality(out / "quality.png", catalogue)
     figs.append(("quality.png", "Distributions of S/N per pixel, reduced chi2 (Eq. 3) and corr_flux."))
     if model_flux is not None and flux is not None:
-        n = plot_fit_gallery(out / "fits.png", wave, flux, ivar, model_flux, catalogue)
+        n = plot_fit_gallery(out / "fits.png", wave, flux, ivar, model_flux, catalogue, model_mask=model_mask)
         if n:
-            figs.append(("fits.png", "Example fits: observed (black), masked (grey), best-fit model (red), "
-                                     "residuals below (paper Fig. 3, 9)."))
+            figs.append(("fits.png", "Example fits, drawn from the rows of 'select --preset reliable' (spread in "
+                                     "S/N) plus the brightest flagged fit (its flags in the title): observed "
+                                     "(black), pixels the fit did not use (grey bands), pixels the model does not "
+                                     "cover (hatched), best-fit model (red), residuals below (paper Fig. 3, 9)."))
     if truth is not None:
         stats = plot_truth(out / "truth.png", catalogue, truth)
         if stats:

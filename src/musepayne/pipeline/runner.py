@@ -408,14 +408,14 @@ class Pipeline:
         record["n_stars"] = len(stars)
         if self.config.report:
             t0 = time.perf_counter()
-            record["report"] = self.write_report(cubes[0], catalogue, models, truth)
+            record["report"] = self.write_report(cubes[0], catalogue, models, truth, model.pixel_mask)
             self.times.add("report", time.perf_counter() - t0)
         self.times.add("total", time.perf_counter() - t_start)
         record["timings"] = self.times.timings
         atomic_write_json(record, self.outdir / "run.json")
         return record
 
-    def write_report(self, cube, catalogue, models, truth=None):
+    def write_report(self, cube, catalogue, models, truth=None, model_mask=None):
         first = catalogue["cube_id"][0]
         cdir = self.outdir / "cubes" / first
         prep = PreparedSpectra.read(cdir / "prepared.fits")
@@ -426,7 +426,7 @@ class Pipeline:
             sources = Table(h["SOURCES"].data) if "SOURCES" in h else None
         return make_report(self.outdir / "report", catalogue[sel], white_light=wl, sources=sources,
                            wave=prep.wave, flux=prep.flux, ivar=prep.ivar, model_flux=models[sel], truth=truth,
-                           title=f"musepayne run: {Path(cube).name}")
+                           title=f"musepayne run: {Path(cube).name}", model_mask=model_mask)
 
 
 # ---------------------------------------------------------------------- adapters
