@@ -132,6 +132,9 @@ class FitConfig:
         the paper's estimator.
     precision: 'float32' (fast; network, shift and normal matrix) or 'float64'.
     chunk_size: spectra fitted together (memory ~ chunk * n_starts * n_pix * (n_labels+1) * 4 B * 6).
+    block_size: spectra read from the prepared arrays at a time and returned together by
+        :meth:`Fitter.fit_blocks` (rounded up to whole chunks); memory ~ block * n_pix * 12 B.
+        Results do not depend on it.
     n_threads: chunks fitted in parallel threads (numpy releases the GIL in its kernels).
         BLAS is held to one thread inside the fit, so results are identical for any value
         and any BLAS thread setting of the machine.
@@ -168,6 +171,7 @@ class FitConfig:
     model_scatter: str = "errors"
     precision: str = "float32"
     chunk_size: int = 32
+    block_size: int = 2048
     n_threads: int = 1
     min_pixels: int = 50
     scale_errors: bool = True
@@ -182,8 +186,9 @@ class FitConfig:
             raise ValueError("rv_range must be positive and below the speed of light")
         if self.precision not in ("float32", "float64"):
             raise ValueError("precision must be 'float32' or 'float64'")
-        if self.n_starts < 1 or self.n_grid < 1 or self.max_iter < 1 or self.chunk_size < 1:
-            raise ValueError("n_starts, n_grid, max_iter and chunk_size must be >= 1")
+        if (self.n_starts < 1 or self.n_grid < 1 or self.max_iter < 1 or self.chunk_size < 1
+                or self.block_size < 1):
+            raise ValueError("n_starts, n_grid, max_iter, chunk_size and block_size must be >= 1")
         if self.model_scatter not in SCATTER_MODES:
             raise ValueError(f"model_scatter must be one of {SCATTER_MODES}, got {self.model_scatter!r}")
 
@@ -283,6 +288,112 @@ class FitArrays:
     model_flux: np.ndarray | None = None
     cov: np.ndarray | None = None  # (n, P, P) physical units (labels..., rv)
 
+    @staticmethod
+    def concatenate(parts) -> "FitArrays":
+        """Rows of several results in order (e.g. the blocks of :meth:`Fitter.fit_blocks`)."""
+        parts = list(parts)
+        if len(parts) == 1:
+            return parts[0]
+        vals = {}
+        for name in FitArrays.__dataclass_fields__:
+            xs = [getattr(p, name) for p in parts]
+            vals[name] = None if any(x is None for x in xs) else np.concatenate(xs)
+        return FitArrays(**vals)
+
+
+class _BandedOp:
+    """A sparse LSF-excess operator applied to the last axis of planes, in place.
+
+    Only rows of the matrix that are not the identity are computed (the excess is zero over
+    most of the grid), each as the sum of its taps in the matrix's own (CSR) order: the same
+    float operations, in the same order, as the sparse product ``K @ x``, so the results are
+    bit-identical to it while touching a fraction of the pixels."""
+
+    def __init__(self, K, dtype):
+        K = K.tocsr().astype(dtype)
+        nnz = np.diff(K.indptr)
+        r = np.arange(K.shape[0])
+        ident = nnz == 1
+        if K.nnz:
+            first = np.where(ident, K.indptr[:-1], 0)
+            ident &= (K.indices[first] == r) & (K.data[first] == 1)
+        self.rows = np.flatnonzero(~ident)
+        t = max(int(nnz[self.rows].max()) if self.rows.size else 0, 1)
+        cols = np.empty((t, self.rows.size), np.int64)
+        vals = np.zeros((t, self.rows.size), dtype)
+        for j, i in enumerate(self.rows):
+            a, b = K.indptr[i], K.indptr[i + 1]
+            c = K.indices[a:b]
+            cols[:b - a, j] = c
+            cols[b - a:, j] = c[-1] if c.size else i  # padding: weight 0 on a tap already used
+            vals[:b - a, j] = K.data[a:b]
+        self.cols, self.vals = cols, vals
+        self.empty = nnz[self.rows] == 0  # all-zero rows of K: output 0
+
+    def apply(self, Y, sel):
+        """``Y[sel, :, :] = (K @ Y[sel, q].T).T`` for every plane ``q``."""
+        if self.rows.size == 0:
+            return
+        X = Y[sel]
+        acc = X[:, :, self.cols[0]] * self.vals[0]
+        for k in range(1, self.cols.shape[0]):
+            acc += X[:, :, self.cols[k]] * self.vals[k]
+        if np.any(self.empty):
+            acc[:, :, self.empty] = 0
+        Y[np.ix_(sel, np.arange(Y.shape[1]), self.rows)] = acc
+
+
+class _RowOps:
+    """LSF-excess operators of the rows of one fit call: ``index[i]`` into ``ops`` (-1: none).
+    Indexing selects rows and keeps the operator list."""
+
+    __slots__ = ("index", "ops")
+
+    def __init__(self, index, ops):
+        self.index = np.asarray(index)
+        self.ops = ops
+
+    def __getitem__(self, rows):
+        return _RowOps(self.index[rows], self.ops)
+
+
+class _RowOpsBuilder:
+    """One operator per distinct (rounded to 1e-4 A) non-zero ``LSF_EXCESS`` profile, found
+    block by block by the profile's bytes (consecutive equal rows looked up once), without
+    sorting the rows; local to one fit call."""
+
+    def __init__(self, fitter, wave):
+        self.fitter, self.wave = fitter, wave
+        self.ops, self._key = [], {}
+
+    def rows(self, lsf_excess, a, b, idx) -> _RowOps:
+        index = np.full(b - a, -1)
+        if idx.size == 0:
+            return _RowOps(index, self.ops)
+        exc = np.asarray(lsf_excess[a + idx], np.float64)
+        exc = np.clip(np.nan_to_num(exc, nan=0.0, posinf=0.0, neginf=0.0), 0.0, None)
+        nz = np.flatnonzero(exc.max(1) > 0)
+        if nz.size == 0:
+            return _RowOps(index, self.ops)
+        prof = np.round(exc[nz], 4) + 0.0  # + 0.0: -0.0 -> 0.0, one key per profile
+        new = np.r_[True, np.any(prof[1:] != prof[:-1], axis=1)]
+        run = np.cumsum(new) - 1
+        op_of_run = []
+        for k in np.flatnonzero(new):
+            key = prof[k].tobytes()
+            o = self._key.get(key)
+            if o is None:
+                from .lsf import FWHM_TO_SIGMA
+                from .resample import convolution_matrix
+
+                o = len(self.ops)
+                self.ops.append(_BandedOp(convolution_matrix(self.wave, prof[k] * FWHM_TO_SIGMA)[0],
+                                          self.fitter.dtype))
+                self._key[key] = o
+            op_of_run.append(o)
+        index[idx[nz]] = np.asarray(op_of_run)[run]
+        return _RowOps(index, self.ops)
+
 
 class Fitter:
     """Fit :class:`~musepayne.prepared.PreparedSpectra` with one :class:`SpectralModel`.
@@ -336,110 +447,137 @@ class Fitter:
 
     def fit_arrays(self, prepared) -> FitArrays:
         """Fit every spectrum; failed spectra get NaN values and a ``failed:<reason>`` status."""
+        return FitArrays.concatenate([res for _, _, res in self.fit_blocks(prepared)])
+
+    def fit_blocks(self, prepared, block_size: int | None = None):
+        """Fit in blocks of rows and yield ``(start, stop, FitArrays of rows start..stop-1)``
+        as each block finishes (blocks in row order, together all rows).
+
+        Prepared arrays are only read a block of rows at a time (``flux[a:b]``), so with
+        :meth:`PreparedSpectra.open <musepayne.prepared.PreparedSpectra.open>` memory does not
+        grow with the number of spectra.  Results do not depend on ``block_size``
+        (default ``config.block_size``) or ``config.n_threads``: blocks are cut at multiples
+        of ``chunk_size`` fitted spectra, so every chunk holds the same spectra as in one call.
+
+        All state of a call (validation, LSF-excess operators, thread pool) is local to it:
+        one Fitter may be shared by several threads.
+        """
         cfg = self.config
         n = prepared.n_spectra
-        L = self.model.n_labels
-        P = self.n_par
-        out = FitArrays(
-            labels=np.full((n, L), np.nan), labels_err=np.full((n, L), np.nan),
-            rv=np.full(n, np.nan), rv_err=np.full(n, np.nan), chi2=np.full(n, np.nan),
-            red_chi2=np.full(n, np.nan), red_chi2_model=np.full(n, np.nan), corr_flux=np.full(n, np.nan), n_pix_used=np.zeros(n, np.int64),
-            n_iter=np.zeros(n, np.int64), status=np.full(n, "", dtype=object),
-            reason=np.full(n, "", dtype=object), edge_labels=np.full(n, "", dtype=object),
-            error_scale=np.full(n, np.nan),
-            model_flux=np.full((n, np.size(prepared.wave)), np.nan, np.float32) if cfg.keep_model else None,
-            cov=np.full((n, P, P), np.nan),
-        )
+        B = max(int(block_size or cfg.block_size), 1)
+        B = -(-B // cfg.chunk_size) * cfg.chunk_size  # whole chunks per block
         wave = np.asarray(prepared.wave, np.float64)
         if wave.shape != self.wave_vac.shape or not np.allclose(wave, self.wave_vac, rtol=1e-7, atol=0):
             msg = (f"prepared grid ({wave.size} px, {wave.min():.1f}-{wave.max():.1f} A) differs from the model "
                    f"grid ({self.wave_vac.size} px, {self.wave_vac[0]:.1f}-{self.wave_vac[-1]:.1f} A vacuum); "
                    "prepare the spectra for this model")
-            out.status[:] = "failed:bad_wavelength"
-            out.reason[:] = msg
-            return out
-        flux, ivar, mask = prepared.flux, prepared.ivar, prepared.mask
-        # pixels where the model itself is not trusted (e.g. too few training spectra cover them)
+            for a in range(0, max(n, 1), B):
+                b = min(n, a + B)
+                out = self._empty_arrays(b - a, wave.size)
+                out.status[:] = "failed:bad_wavelength"
+                out.reason[:] = msg
+                yield a, b, out
+            return
+        status, reason, fit_ok = self._validate(prepared)
+        ops = _RowOpsBuilder(self, wave) if cfg.lsf_excess else None
+        todo = np.flatnonzero(fit_ok)
+        # block j: rows starts[j] .. starts[j+1]-1, holding fitted rows todo[j*B:(j+1)*B]
+        starts = [0] + [int(todo[k]) for k in range(B, todo.size, B)]
+        ends = starts[1:] + [n]
+        pool = None
+        if cfg.n_threads > 1 and todo.size > cfg.chunk_size:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(max_workers=cfg.n_threads)
+        try:
+            for a, b in zip(starts, ends):
+                out = self._empty_arrays(b - a, wave.size)
+                out.status[:], out.reason[:] = status[a:b], reason[a:b]
+                idx = np.flatnonzero(fit_ok[a:b])  # block-local rows to fit
+                opi = ops.rows(prepared.lsf_excess, a, b, idx) if ops is not None else _RowOps(np.full(b - a, -1), ())
+                self._fit_rows(prepared, a, idx, opi, out, pool)
+                yield a, b, out
+        finally:
+            if pool is not None:
+                pool.shutdown()
+
+    def _empty_arrays(self, n, n_pix) -> FitArrays:
+        L, P = self.model.n_labels, self.n_par
+        return FitArrays(
+            labels=np.full((n, L), np.nan), labels_err=np.full((n, L), np.nan),
+            rv=np.full(n, np.nan), rv_err=np.full(n, np.nan), chi2=np.full(n, np.nan),
+            red_chi2=np.full(n, np.nan), red_chi2_model=np.full(n, np.nan), corr_flux=np.full(n, np.nan),
+            n_pix_used=np.zeros(n, np.int64),
+            n_iter=np.zeros(n, np.int64), status=np.full(n, "", dtype=object),
+            reason=np.full(n, "", dtype=object), edge_labels=np.full(n, "", dtype=object),
+            error_scale=np.full(n, np.nan),
+            model_flux=np.full((n, n_pix), np.nan, np.float32) if self.config.keep_model else None,
+            cov=np.full((n, P, P), np.nan),
+        )
+
+    def _usable(self, f, iv, mk):
+        """Pixels that count: finite flux and ivar, ivar > 0, no excluding mask bit, and not
+        masked by the model itself (pixels where the model is not trusted)."""
         model_ok = ~np.asarray(getattr(self.model, "pixel_mask", np.zeros(self.model.n_pix, bool)), bool)
+        with np.errstate(invalid="ignore"):
+            good = np.isfinite(f) & np.isfinite(iv) & (iv > 0) & ((np.asarray(mk) & EXCLUDING_BITS) == 0)
+        return good & model_ok[None, :]
 
-        def usable(f, iv, mk):
-            """Pixels that count: finite flux and ivar, ivar > 0, no excluding mask bit, and not
-            masked by the model itself."""
-            with np.errstate(invalid="ignore"):
-                good = np.isfinite(f) & np.isfinite(iv) & (iv > 0) & ((np.asarray(mk) & EXCLUDING_BITS) == 0)
-            return good & model_ok[None, :]
-
-        def data(idx):
-            """(flux, weights) of rows ``idx`` in float64, weight 0 where not :func:`usable`.
-            Built per chunk so memory stays ~ chunk size (the caller's arrays are not modified)."""
-            f = np.asarray(flux[idx], np.float64)
-            iv = np.asarray(ivar[idx], np.float64)
-            good = usable(f, iv, mask[idx])
-            return np.where(good, f, 0.0), np.where(good, iv, 0.0)
-
-        # per-spectrum validation
+    def _validate(self, prepared):
+        """Per-spectrum validation (rows read in blocks): ``(status, reason, fit_ok)``; the
+        status and reason of rows that will not be fitted are set."""
+        cfg = self.config
+        n = prepared.n_spectra
+        P = self.n_par
+        flux, ivar, mask = prepared.flux, prepared.ivar, prepared.mask
         n_good = np.zeros(n, np.int64)
-        for k in range(0, n, 4096):
-            n_good[k:k + 4096] = usable(flux[k:k + 4096], ivar[k:k + 4096], mask[k:k + 4096]).sum(1)
+        for k in range(0, n, 2048):
+            n_good[k:k + 2048] = self._usable(flux[k:k + 2048], ivar[k:k + 2048], mask[k:k + 2048]).sum(1)
         st_in = (np.asarray(prepared.spectra["status"]).astype(str) if "status" in prepared.spectra.colnames
                  else np.full(n, "ok"))
         rs_in = (np.asarray(prepared.spectra["reason"]).astype(str) if "reason" in prepared.spectra.colnames
                  else np.full(n, ""))
+        status, reason = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
         fit_ok = np.ones(n, bool)
+        need = max(cfg.min_pixels, P + 1)
         for i in range(n):
             s = st_in[i].strip()
             known = SPECTRUM_STATUS.get(s)
             if known is not None and not known.usable:
-                out.status[i], out.reason[i] = f"failed:{s}", rs_in[i] or known.description
+                status[i], reason[i] = f"failed:{s}", rs_in[i] or known.description
                 fit_ok[i] = False
-            elif n_good[i] < max(cfg.min_pixels, P + 1):
+            elif n_good[i] < need:
                 why = "no_valid_pixels" if n_good[i] == 0 else "too_few_pixels"
-                out.status[i] = f"failed:{why}"
-                out.reason[i] = (f"{n_good[i]} usable pixels (finite flux, ivar > 0, unmasked); "
-                                 f"need >= {max(cfg.min_pixels, P + 1)}")
+                status[i] = f"failed:{why}"
+                reason[i] = f"{n_good[i]} usable pixels (finite flux, ivar > 0, unmasked); need >= {need}"
                 fit_ok[i] = False
-        # LSF excess operators (one sparse matrix per distinct non-zero profile)
-        op_index = np.full(n, -1)
-        ops = []
-        if cfg.lsf_excess:
-            exc = np.nan_to_num(np.asarray(prepared.lsf_excess, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-            exc = np.clip(exc, 0.0, None)
-            nz = fit_ok & (exc.max(1) > 0)
-            if np.any(nz):
-                from .lsf import FWHM_TO_SIGMA
-                from .resample import convolution_matrix
+        return status, reason, fit_ok
 
-                prof, inv = np.unique(np.round(exc[nz], 4), axis=0, return_inverse=True)
-                for row in prof:
-                    ops.append(convolution_matrix(wave, row * FWHM_TO_SIGMA)[0].astype(self.dtype))
-                op_index[np.flatnonzero(nz)] = np.ravel(inv)
-        self._ops = ops
-        todo = np.flatnonzero(fit_ok)
-        chunks = [todo[k:k + cfg.chunk_size] for k in range(0, todo.size, cfg.chunk_size)]
+    def _fit_rows(self, prepared, a, idx, opi, out, pool=None):
+        """Fit rows ``a + idx`` of ``prepared`` into rows ``idx`` of ``out``, in chunks of
+        ``chunk_size`` (in ``pool``'s threads when given; each chunk writes disjoint rows)."""
+        cfg = self.config
+        flux, ivar, mask = prepared.flux, prepared.ivar, prepared.mask
 
-        def work(idx):
+        def work(loc):
+            g = a + loc
             try:
-                self._fit_chunk(idx, *data(idx), op_index[idx], out)
+                # (flux, weights) in float64, weight 0 where not usable; built per chunk so memory
+                # stays ~ chunk size (the caller's arrays are not modified)
+                f = np.asarray(flux[g], np.float64)
+                iv = np.asarray(ivar[g], np.float64)
+                good = self._usable(f, iv, mask[g])
+                self._fit_chunk(loc, np.where(good, f, 0.0), np.where(good, iv, 0.0), opi[loc], out)
             except (np.linalg.LinAlgError, FloatingPointError, ValueError) as exc:  # pragma: no cover
-                out.status[idx] = "failed:numerical"
-                out.reason[idx] = f"{type(exc).__name__}: {exc}"
+                out.status[loc] = "failed:numerical"
+                out.reason[loc] = f"{type(exc).__name__}: {exc}"
 
-        # BLAS runs single-threaded inside the fit: the products are per chunk (small), the sums
-        # then do not depend on the machine's BLAS thread count, and chunk threads do not
-        # oversubscribe the cores -- the results are the same for any n_threads
-        from .threads import blas_threads
-
-        with blas_threads(1):
-            if cfg.n_threads > 1 and len(chunks) > 1:
-                # numpy releases the GIL in its array kernels; each chunk writes disjoint rows of ``out``
-                from concurrent.futures import ThreadPoolExecutor
-
-                with ThreadPoolExecutor(max_workers=cfg.n_threads) as pool:
-                    list(pool.map(work, chunks))
-            else:
-                for idx in chunks:
-                    work(idx)
-        return out
+        chunks = [idx[k:k + cfg.chunk_size] for k in range(0, idx.size, cfg.chunk_size)]
+        if pool is not None and len(chunks) > 1:
+            list(pool.map(work, chunks))
+        else:
+            for loc in chunks:
+                work(loc)
 
     # ---------------------------------------------------------------- internals
     def _uniform_segments(self):
@@ -543,12 +681,11 @@ class Fitter:
         return Y, valid
 
     def _apply_ops(self, Y, opi):
-        """Convolve the rows that have an LSF-excess operator (every plane: flux and Jacobian)."""
-        for o in np.unique(opi[opi >= 0]):
-            sel = np.flatnonzero(opi == o)
-            K = self._ops[o]
-            m, Q, p = Y[sel].shape
-            Y[sel] = (K @ Y[sel].reshape(m * Q, p).T).T.reshape(m, Q, p)
+        """Convolve the rows that have an LSF-excess operator (every plane: flux and Jacobian), in place."""
+        idx = opi.index
+        for o in np.unique(idx[idx >= 0]):
+            sel = np.flatnonzero(idx == o)
+            opi.ops[o].apply(Y, sel)
         return Y
 
     def _planes(self, theta, opi, want_jac=True, rest=None):
@@ -565,12 +702,15 @@ class Fitter:
         else:
             X = self.model.predict_scaled(s, self.dtype)[:, None, :]
         Y, valid = self._shift(X, v, rv_plane=want_jac and self.config.fit_rv)
-        if np.any(opi >= 0):
+        if np.any(opi.index >= 0):
             Y = self._apply_ops(Y, opi)
         return Y, valid
 
     def _evaluate(self, theta, opi, want_jac=True):
-        """``(f (m, n_pix), J (m, n_pix, n_par) or None, valid)`` (for tests and benchmarks)."""
+        """``(f (m, n_pix), J (m, n_pix, n_par) or None, valid)`` (for tests and benchmarks);
+        ``opi``: :class:`_RowOps`, or an index array of -1 (no LSF-excess operator)."""
+        if not isinstance(opi, _RowOps):
+            opi = _RowOps(np.asarray(opi), ())
         Y, valid = self._planes(theta, opi, want_jac)
         J = np.ascontiguousarray(Y[:, 1:].transpose(0, 2, 1)) if want_jac else None
         return np.ascontiguousarray(Y[:, 0]), J, valid

@@ -45,17 +45,23 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
     the pixel variances, scaled by sqrt(chi2/dof) when > 1),
     red_chi2, corr_flux and a status per spectrum.  Failed spectra are rows
     with status 'failed:<reason>'.
+
+    The prepared file is read a block of spectra at a time and the catalogue is
+    written as blocks finish, so memory does not grow with the number of spectra
+    (with --model-mp both catalogues are combined at the end).  BLAS runs one thread
+    per fitting thread.
     """
-    from ..catalogue import combine_metal_poor, write_catalogue
+    from ..catalogue import CatalogueStream, build_catalogue, combine_metal_poor, write_catalogue
     from ..fit import FitConfig, Fitter
     from ..model import ModelError, load_model
     from ..prepared import PreparedSpectra
     from ..spectra import ReaderError
+    from ..threads import blas_threads
 
     timer = Timer()
     try:
         with timer("read"):
-            data = PreparedSpectra.read(prepared)
+            data = PreparedSpectra.open(prepared)
             model = load_model(model_path)
             model_mp = load_model(model_mp_path) if model_mp_path else None
     except (ReaderError, ModelError) as exc:
@@ -66,21 +72,45 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
     cfg = FitConfig(rv_range=rv_range, n_starts=n_starts, lsf_excess=lsf_excess, model_scatter=model_scatter,
                     precision=precision,
                     keep_model=keep_model, n_threads=n_threads)
-    with timer("fit"):
-        cat = Fitter(model, cfg)(data)
-        if model_mp is not None:
-            cat_mp = Fitter(model_mp, cfg)(data)
-            cat = combine_metal_poor(cat, cat_mp)
+    counts, reasons, n = Counter(), Counter(), 0
     try:
-        with timer("write"):
-            write_catalogue(cat, output)
-            for extra in also:
-                write_catalogue(cat, extra)
+        # one BLAS thread per fitting thread (the chunks' products are small; more threads per
+        # product only oversubscribe the cores); the limit is set here, at the edge, not in the library
+        with blas_threads(1, scipy=False):
+            with timer("fit"):
+                fitter = Fitter(model, cfg)
+            if model_mp is None:
+                outs = [CatalogueStream(p) for p in (output, *also)]
+                try:
+                    for a, b, res in _timed(timer, "fit", fitter.fit_blocks(data)):
+                        with timer("write"):
+                            cat = build_catalogue(data.spectra[a:b], model, res, cfg, model_name=cfg.model_name)
+                            for out in outs:
+                                out.add(cat)
+                        n += b - a
+                        counts.update(s.split(":")[0] if s.startswith("failed") else s for s in res.status)
+                        reasons.update(s for s in res.status if s.startswith("failed"))
+                    with timer("write"):
+                        for out in outs:
+                            out.close()
+                finally:
+                    for out in outs:
+                        out.abort()
+            else:
+                with timer("fit"):
+                    cat = combine_metal_poor(fitter(data), Fitter(model_mp, cfg)(data))
+                with timer("write"):
+                    for path in (output, *also):
+                        write_catalogue(cat, path)
+                n = len(cat)
+                st = [str(s) for s in cat["status"]]
+                counts.update(s.split(":")[0] if s.startswith("failed") else s for s in st)
+                reasons.update(s for s in st if s.startswith("failed"))
     except (RuntimeError, ValueError, OSError) as exc:
         fail(str(exc), as_json)
-    counts = dict(Counter(s.split(":")[0] if s.startswith("failed") else s for s in cat["status"]))
-    reasons = dict(Counter(s for s in cat["status"] if s.startswith("failed")))
-    n = len(cat)
+    finally:
+        data.close()
+    counts, reasons = dict(counts), dict(reasons)
     info = {"output": str(Path(output)), "also": [str(a) for a in also], "n_spectra": n, "threads": n_threads,
             "counts": counts,
             "failed": reasons, "model": str(model_path), "model_mp": model_mp_path, "timings": timer.timings,
@@ -90,3 +120,15 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
     for k, v in sorted(reasons.items()):
         lines.append(f"  {k}: {v}")
     emit(info, as_json, lines)
+
+
+def _timed(timer, name, blocks):
+    """Iterate ``blocks``, adding the time spent producing each item to ``timer[name]``."""
+    it = iter(blocks)
+    while True:
+        with timer(name):
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+        yield item
