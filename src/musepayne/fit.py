@@ -390,20 +390,26 @@ class _BandedOp:
             cols[:b - a, j] = c
             cols[b - a:, j] = c[-1] if c.size else i  # padding: weight 0 on a tap already used
             vals[:b - a, j] = K.data[a:b]
-        self.cols, self.vals = cols, vals
+        self.c0 = int(cols.min()) if cols.size else 0
+        self.c1 = int(cols.max()) + 1 if cols.size else 0
+        self.cols, self.vals = cols - self.c0, vals
         self.empty = nnz[self.rows] == 0  # all-zero rows of K: output 0
 
     def apply(self, Y, sel):
         """``Y[sel, :, :] = (K @ Y[sel, q].T).T`` for every plane ``q``."""
         if self.rows.size == 0:
             return
-        X = Y[sel]
+        X = Y if sel.size == Y.shape[0] else Y[sel]  # sel: sorted distinct rows
+        X = X[:, :, self.c0:self.c1]  # the columns the taps use
         acc = X[:, :, self.cols[0]] * self.vals[0]
         for k in range(1, self.cols.shape[0]):
             acc += X[:, :, self.cols[k]] * self.vals[k]
         if np.any(self.empty):
             acc[:, :, self.empty] = 0
-        Y[np.ix_(sel, np.arange(Y.shape[1]), self.rows)] = acc
+        if sel.size == Y.shape[0]:
+            Y[:, :, self.rows] = acc
+        else:
+            Y[np.ix_(sel, np.arange(Y.shape[1]), self.rows)] = acc
 
 
 class _RowOps:
@@ -699,7 +705,6 @@ class Fitter:
         lnD = 0.5 * (np.log1p(b) - np.log1p(-b))
         Y = np.empty((m, Q + int(rv_plane), p), dt)
         valid = np.zeros((m, p), bool)
-        rows = np.arange(m)
         for a, e, h, o_lo, o_hi in self._uniform:
             n_s = e - a
             delta = -lnD / h  # rest position of obs pixel i: u = i + delta
@@ -709,23 +714,33 @@ class Fitter:
             o = fl.astype(np.int64)  # taps at i + o - 1 ... i + o + 2
             o32 = np.clip(o, -2**30, 2**30).astype(np.int32)[:, None]
             np.logical_and(o32 >= o_lo, o32 <= o_hi, out=valid[:, a:e])
+            # al[r, :, j] = X[r, :, a + j + o_r - 1], zero outside the block: each row is one
+            # slice copy (offsets beyond the block are clipped as a zero padding of
+            # min(|o|, n_s) + 2 pixels would clip them)
             pad = int(min(np.abs(o).max(), n_s)) + 2
-            Xp = np.zeros((m, Q, n_s + 2 * pad), dt)
-            Xp[:, :, pad:pad + n_s] = X[:, :, a:e]
-            win = np.lib.stride_tricks.sliding_window_view(Xp, n_s + 3, axis=2)
-            start = np.clip(pad + o - 1, 0, win.shape[2] - 1)
-            al = win[rows, :, start]  # (m, Q, n_s + 3): al[r, :, j] = X[r, :, a + j + o_r - 1]
+            s0 = np.clip(pad + o - 1, 0, n_s + 2 * pad - (n_s + 3)) - pad  # first tap, block pixels
+            al = np.empty((m, Q, n_s + 3), dt)
+            for r in range(m):
+                lo, hi = max(0, -s0[r]), min(n_s + 3, n_s - s0[r])
+                if hi > lo:
+                    al[r, :, lo:hi] = X[r, :, a + s0[r] + lo:a + s0[r] + hi]
+                else:
+                    lo = hi = 0
+                al[r, :, :lo] = 0
+                al[r, :, hi:] = 0
             seg = Y[:, :Q, a:e]
+            tmp = np.empty_like(seg)
             np.multiply(al[:, :, 0:n_s], c[:, 0, None, None], out=seg)
             for k in range(1, 4):
-                seg += c[:, k, None, None] * al[:, :, k:k + n_s]
+                seg += np.multiply(al[:, :, k:k + n_s], c[:, k, None, None], out=tmp)
             if rv_plane:
                 dudv = -1.0 / (h * C_KMS * (1.0 - b * b))
                 dcv = (dc * dudv[:, None]).astype(dt)
                 rv = Y[:, Q, a:e]
                 np.multiply(al[:, 0, 0:n_s], dcv[:, 0, None], out=rv)
+                tmp = tmp[:, 0]
                 for k in range(1, 4):
-                    rv += dcv[:, k, None] * al[:, 0, k:k + n_s]
+                    rv += np.multiply(al[:, 0, k:k + n_s], dcv[:, k, None], out=tmp)
         return Y, valid
 
     def _shift_general(self, X, v, rv_plane=False):
