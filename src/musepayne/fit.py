@@ -136,8 +136,8 @@ class FitConfig:
         :meth:`Fitter.fit_blocks` (rounded up to whole chunks); memory ~ block * n_pix * 12 B.
         Results do not depend on it.
     n_threads: chunks fitted in parallel threads (numpy releases the GIL in its kernels).
-        BLAS is held to one thread inside the fit, so results are identical for any value
-        and any BLAS thread setting of the machine.
+        Results are identical for any value when BLAS is held to one thread around the fit
+        (the caller's job: see :class:`Fitter`; ``musepayne fit`` does it).
         Measured on the quiet 2-core development machine (``benchmarks/bench_fit.py``, 1000
         spectra): 2 threads give 1.50x (APOGEE per-pixel network) and 1.67x (LAMOST-grid MLP)
         the 1-thread rate.  Default 1 (pipelines and Dask workers parallelise at a higher
@@ -471,6 +471,14 @@ class Fitter:
     (the catalogue of :mod:`musepayne.catalogue`).  ``templates`` (optional) is
     any object with ``.gradcorr(model, labels) -> (n, n_labels)``; it fills the
     ``X_gradcorr`` and ``X_flag`` columns.
+
+    Threads: a Fitter holds no state of a call (everything a fit needs beyond the model and
+    the configuration is local to the call), so one Fitter may be shared by several threads.
+    The library does not change thread-pool limits: hold BLAS to one thread around a fit
+    (``with musepayne.threads.blas_threads(1): ...``), as ``musepayne fit``, the pipeline,
+    training and cross-validation do -- the products are per chunk (small), more BLAS threads
+    only oversubscribe the cores, and floating-point sums may then depend on the machine's
+    thread count.  Results then do not depend on ``n_threads`` or ``block_size``.
     """
 
     def __init__(self, model: SpectralModel, config: FitConfig | None = None):
@@ -506,10 +514,14 @@ class Fitter:
 
     # ---------------------------------------------------------------- public
     def __call__(self, prepared, templates=None):
+        return self.catalogue(prepared.spectra, self.fit_arrays(prepared), templates)
+
+    def catalogue(self, spectra, res: FitArrays, templates=None):
+        """The catalogue Table of results ``res`` for the rows of the prepared ``SPECTRA`` table
+        ``spectra`` (e.g. ``prepared.spectra[a:b]`` for a block of :meth:`fit_blocks`)."""
         from .catalogue import build_catalogue
 
-        res = self.fit_arrays(prepared)
-        return build_catalogue(prepared.spectra, self.model, res, self.config, templates=templates,
+        return build_catalogue(spectra, self.model, res, self.config, templates=templates,
                                model_name=self.config.model_name)
 
     def fit_arrays(self, prepared) -> FitArrays:

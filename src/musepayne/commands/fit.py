@@ -51,7 +51,7 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
     (with --model-mp both catalogues are combined at the end).  BLAS runs one thread
     per fitting thread.
     """
-    from ..catalogue import CatalogueStream, build_catalogue, combine_metal_poor, write_catalogue
+    from ..catalogue import CatalogueStream, combine_metal_poor, write_catalogue
     from ..fit import FitConfig, Fitter
     from ..model import ModelError, load_model
     from ..prepared import PreparedSpectra
@@ -76,15 +76,15 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
     try:
         # one BLAS thread per fitting thread (the chunks' products are small; more threads per
         # product only oversubscribe the cores); the limit is set here, at the edge, not in the library
+        with timer("fit"):
+            fitter = Fitter(model, cfg)
         with blas_threads(1, scipy=False):
-            with timer("fit"):
-                fitter = Fitter(model, cfg)
             if model_mp is None:
                 outs = [CatalogueStream(p) for p in (output, *also)]
                 try:
                     for a, b, res in _timed(timer, "fit", fitter.fit_blocks(data)):
                         with timer("write"):
-                            cat = build_catalogue(data.spectra[a:b], model, res, cfg, model_name=cfg.model_name)
+                            cat = fitter.catalogue(data.spectra[a:b], res)
                             for out in outs:
                                 out.add(cat)
                         n += b - a
@@ -98,7 +98,8 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
                         out.abort()
             else:
                 with timer("fit"):
-                    cat = combine_metal_poor(fitter(data), Fitter(model_mp, cfg)(data))
+                    fitter_mp = Fitter(model_mp, cfg)
+                    cat = combine_metal_poor(fitter(data), fitter_mp(data))
                 with timer("write"):
                     for path in (output, *also):
                         write_catalogue(cat, path)
