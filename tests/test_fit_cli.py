@@ -106,6 +106,14 @@ def test_fit_streams_file_rows_and_catalogue(tmp_path):
     assert json.loads(r.output)["n_spectra"] == n
     assert (tmp_path / "cli.fits").read_bytes() == (tmp_path / "lib.fits").read_bytes()
     assert np.array_equal(Table.read(tmp_path / "cli.csv")["teff"], np.asarray(cat["teff"]), equal_nan=True)
+    # blocks of 8 spectra fitted in two processes: the same file
+    r = CliRunner().invoke(main, ["fit", str(tmp_path / "p.fits"), "--model", str(tmp_path / "m.fits"),
+                                  "-o", str(tmp_path / "proc.fits"), "--processes", "2", "--block-size", "8",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["processes"] == 2
+    assert (tmp_path / "proc.fits").read_bytes() == (tmp_path / "lib.fits").read_bytes()
+    assert not list(tmp_path.glob(".proc.fits*"))  # no part files or spool left
     # the stream re-pads string columns that a later block has wider (reason of the failed row)
     with CatalogueStream(tmp_path / "stream.fits") as out:
         for k in range(0, n, 7):

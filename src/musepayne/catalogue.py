@@ -363,21 +363,26 @@ class CatalogueStream:
             self._tables.append(tab)
             self.n_rows += len(tab)
             return
+        self.add_fits_bytes(fits_bytes(tab))
+
+    def add_fits_bytes(self, raw: bytes):
+        """Add a block given as the FITS file :func:`fits_bytes` makes of it (e.g. in another
+        process); FITS output only."""
         import io
         import tempfile
 
         from astropy.io import fits
 
-        buf = io.BytesIO()
-        tab.write(buf, format="fits")  # what write_catalogue does for the whole table
-        raw = buf.getvalue()
-        buf.seek(0)
+        if self.fmt != "fits":
+            raise ValueError("serialised blocks can only be added to a FITS catalogue")
+        buf = io.BytesIO(raw)
         with fits.open(buf) as h:  # where astropy put this block's table header and data
             info = h[1].fileinfo()
             header = fits.Header.fromstring(raw[info["hdrLoc"]:info["datLoc"]].decode("ascii"))
             dt = np.dtype(h[1].data.dtype)
             names = list(h[1].columns.names)
         nbytes = header["NAXIS1"] * header["NAXIS2"]
+        n_rows = header["NAXIS2"]
         if self._spool is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._spool = tempfile.TemporaryFile(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".spool")
@@ -388,9 +393,9 @@ class CatalogueStream:
             raise ValueError("catalogue blocks must have the same columns")
         if dt.itemsize != header["NAXIS1"]:
             raise ValueError("unexpected FITS record layout")  # pragma: no cover
-        self._blocks.append((self._spool.tell(), len(tab), dt))
+        self._blocks.append((self._spool.tell(), n_rows, dt))
         self._spool.write(raw[info["datLoc"]:info["datLoc"] + nbytes])
-        self.n_rows += len(tab)
+        self.n_rows += n_rows
 
     def abort(self):
         if self._spool is not None:
@@ -441,6 +446,15 @@ class CatalogueStream:
         self._spool.close()
         self._spool = None
         return self.path
+
+
+def fits_bytes(tab: Table) -> bytes:
+    """The FITS file :func:`write_catalogue` writes for ``tab``, as bytes."""
+    import io
+
+    buf = io.BytesIO()
+    tab.write(buf, format="fits")
+    return buf.getvalue()
 
 
 def _catalogue_format(path: Path) -> str:

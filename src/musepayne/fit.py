@@ -364,6 +364,14 @@ def scrambled_sobol(d: int, n: int, seed: int, bits: int = 30) -> np.ndarray:
     return out
 
 
+def _block_bounds(fit_ok, B):
+    """Block j: rows ``a_j .. b_j - 1`` holding the fitted rows ``todo[j*B:(j+1)*B]`` (B: a
+    multiple of the chunk size, so chunks are those of one pass over all rows)."""
+    todo = np.flatnonzero(fit_ok)
+    starts = [0] + [int(todo[k]) for k in range(B, todo.size, B)]
+    return list(zip(starts, starts[1:] + [int(np.size(fit_ok))]))
+
+
 class _BandedOp:
     """A sparse LSF-excess operator applied to the last axis of planes, in place.
 
@@ -560,16 +568,14 @@ class Fitter:
         status, reason, fit_ok = self._validate(prepared)
         ops = _RowOpsBuilder(self, wave) if cfg.lsf_excess else None
         todo = np.flatnonzero(fit_ok)
-        # block j: rows starts[j] .. starts[j+1]-1, holding fitted rows todo[j*B:(j+1)*B]
-        starts = [0] + [int(todo[k]) for k in range(B, todo.size, B)]
-        ends = starts[1:] + [n]
+        bounds = _block_bounds(fit_ok, B)
         pool = None
         if cfg.n_threads > 1 and todo.size > cfg.chunk_size:
             from concurrent.futures import ThreadPoolExecutor
 
             pool = ThreadPoolExecutor(max_workers=cfg.n_threads)
         try:
-            for a, b in zip(starts, ends):
+            for a, b in bounds:
                 out = self._empty_arrays(b - a, wave.size)
                 out.status[:], out.reason[:] = status[a:b], reason[a:b]
                 idx = np.flatnonzero(fit_ok[a:b])  # block-local rows to fit
@@ -579,6 +585,14 @@ class Fitter:
         finally:
             if pool is not None:
                 pool.shutdown()
+
+    def block_bounds(self, prepared, block_size: int | None = None) -> list:
+        """Row ranges ``[(a, b), ...]`` of the blocks :meth:`fit_blocks` yields.  Fitting
+        ``prepared.rows(a, b)`` for each range separately (e.g. in several processes) gives
+        the results of one call: every chunk holds the same spectra."""
+        B = max(int(block_size or self.config.block_size), 1)
+        B = -(-B // self.config.chunk_size) * self.config.chunk_size
+        return _block_bounds(self._validate(prepared)[2], B)
 
     def _empty_arrays(self, n, n_pix) -> FitArrays:
         L, P = self.model.n_labels, self.n_par

@@ -90,6 +90,12 @@ class FitsRows:
     def __len__(self):
         return self.shape[0]
 
+    def rows(self, a: int, b: int) -> "FitsRows":
+        """A reader of rows ``a .. b-1`` only (no data read)."""
+        a, b = max(0, min(int(a), self.shape[0])), max(0, min(int(b), self.shape[0]))
+        return FitsRows(self.path, self._offset + a * self._row_bytes, (max(b - a, 0), self.shape[1]),
+                        self._file_dtype)
+
     def close(self):
         import os
 
@@ -272,6 +278,15 @@ class PreparedSpectra:
         if cont is None:
             cont = np.broadcast_to(np.ones(1, np.float32), shape) if lazy else np.ones_like(flux)
         return cls(wave, flux, ivar, mask, exc, cont, spectra, meta)
+
+    def rows(self, a: int, b: int) -> "PreparedSpectra":
+        """Rows ``a .. b-1`` without reading or copying them (views of in-memory arrays,
+        :meth:`FitsRows.rows` readers of opened files)."""
+        def sub(x):
+            return x.rows(a, b) if isinstance(x, FitsRows) else x[a:b]
+
+        return PreparedSpectra(self.wave, sub(self.flux), sub(self.ivar), sub(self.mask), sub(self.lsf_excess),
+                               sub(self.cont), self.spectra[a:b], dict(self.meta))
 
     def close(self):
         """Release the files of arrays opened by :meth:`open` (nothing for in-memory arrays)."""
