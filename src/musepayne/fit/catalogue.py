@@ -23,7 +23,8 @@ when the fitter keeps best-fit spectra).
 
 Also: :func:`combine_metal_poor` (the A / A-mp rule, paper Eq. 2),
 :func:`merge_by_gradcorr` (per label, take the model with the larger gradient
-correlation) and :func:`write_catalogue` (FITS, CSV or Parquet, atomically).
+correlation), :func:`write_catalogue` (FITS, CSV or Parquet, atomically) and
+:class:`CatalogueStream` (the same files written block by block as fits finish).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
     "combine_metal_poor",
     "merge_by_gradcorr",
     "write_catalogue",
+    "CatalogueStream",
     "read_catalogue",
     "catalogue_labels",
 ]
@@ -324,6 +326,145 @@ def write_catalogue(cat: Table, path, fmt: str | None = None, overwrite: bool = 
         else:
             raise ValueError(f"unknown catalogue format {fmt!r} (fits, csv, ecsv, parquet)")
     return path
+
+
+class CatalogueStream:
+    """Write a catalogue block by block: the same file :func:`write_catalogue` writes for the
+    whole table, without holding the whole table.
+
+    ``with CatalogueStream(path) as out: out.add(block_table); ...`` -- blocks are catalogue
+    tables with the same columns, in row order.  FITS: each block is serialised by astropy
+    as it comes (its bytes go to a spool file next to ``path``, so memory stays ~ one block);
+    on close the header is the one astropy writes for the whole table (string columns as wide
+    as their longest value in any block: blocks written narrower are re-padded), and the
+    file is renamed into place atomically -- byte-identical to
+    ``write_catalogue(vstack(blocks), path)``.  CSV / ECSV / Parquet (needs the whole table
+    for astropy's writers): blocks are kept and written on close.  Nothing is written if the
+    block raises inside the ``with``.
+    """
+
+    def __init__(self, path, fmt: str | None = None, overwrite: bool = True):
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} exists (use overwrite)")
+        self.fmt = fmt or _catalogue_format(self.path)
+        self.n_rows = 0
+        self._tables = []  # non-FITS formats
+        self._spool = None
+        self._blocks = []  # FITS: (offset, n_rows, raw record dtype)
+        self._names = self._primary = self._header0 = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def add(self, tab: Table):
+        if self.fmt != "fits":
+            self._tables.append(tab)
+            self.n_rows += len(tab)
+            return
+        self.add_fits_bytes(fits_bytes(tab))
+
+    def add_fits_bytes(self, raw: bytes):
+        """Add a block given as the FITS file :func:`fits_bytes` makes of it (e.g. in another
+        process); FITS output only."""
+        import io
+        import tempfile
+
+        from astropy.io import fits
+
+        if self.fmt != "fits":
+            raise ValueError("serialised blocks can only be added to a FITS catalogue")
+        buf = io.BytesIO(raw)
+        with fits.open(buf) as h:  # where astropy put this block's table header and data
+            info = h[1].fileinfo()
+            header = fits.Header.fromstring(raw[info["hdrLoc"]:info["datLoc"]].decode("ascii"))
+            dt = np.dtype(h[1].data.dtype)
+            names = list(h[1].columns.names)
+        nbytes = header["NAXIS1"] * header["NAXIS2"]
+        n_rows = header["NAXIS2"]
+        if self._spool is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._spool = tempfile.TemporaryFile(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".spool")
+            self._names = names
+            self._primary = raw[:info["hdrLoc"]]
+            self._header0 = header
+        elif names != self._names:
+            raise ValueError("catalogue blocks must have the same columns")
+        if dt.itemsize != header["NAXIS1"]:
+            raise ValueError("unexpected FITS record layout")  # pragma: no cover
+        self._blocks.append((self._spool.tell(), n_rows, dt))
+        self._spool.write(raw[info["datLoc"]:info["datLoc"] + nbytes])
+        self.n_rows += n_rows
+
+    def abort(self):
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        self._tables = []
+
+    def close(self) -> Path:
+        if self.fmt != "fits":
+            from astropy.table import vstack
+
+            tabs, self._tables = self._tables, []
+            if tabs:
+                write_catalogue(tabs[0] if len(tabs) == 1 else vstack(tabs, metadata_conflicts="silent"),
+                                self.path, self.fmt)
+            return self.path
+        if self._spool is None:
+            raise ValueError("no catalogue block was added")
+
+        dtypes = [b[2] for b in self._blocks]
+        # the widest string of each column over all blocks (others keep their width)
+        final = []
+        for name in dtypes[0].names:
+            kinds = [dt[name] for dt in dtypes]
+            final.append((name, max(kinds, key=lambda d: d.itemsize) if kinds[0].kind == "S" else kinds[0]))
+        final = np.dtype(final)
+        hdr = self._header0.copy()
+        hdr["NAXIS1"] = final.itemsize
+        hdr["NAXIS2"] = self.n_rows
+        for k, name in enumerate(final.names, start=1):
+            if final[name].kind == "S" and final[name].itemsize != dtypes[0][name].itemsize:
+                hdr[f"TFORM{k}"] = f"{final[name].itemsize}A"
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+            f.write(self._primary)
+            f.write(hdr.tostring().encode("ascii"))
+            for off, n, dt in self._blocks:
+                self._spool.seek(off)
+                rec = np.frombuffer(self._spool.read(n * dt.itemsize), dt)
+                if dt != final:
+                    wide = np.zeros(n, final)
+                    for name in final.names:
+                        wide[name] = rec[name]
+                    rec = wide
+                f.write(rec.tobytes())
+            size = final.itemsize * self.n_rows
+            f.write(b"\0" * (-size % 2880))
+        self._spool.close()
+        self._spool = None
+        return self.path
+
+
+def fits_bytes(tab: Table) -> bytes:
+    """The FITS file :func:`write_catalogue` writes for ``tab``, as bytes."""
+    import io
+
+    buf = io.BytesIO()
+    tab.write(buf, format="fits")
+    return buf.getvalue()
+
+
+def _catalogue_format(path: Path) -> str:
+    suf = "".join(path.suffixes[-2:]).lower()
+    return ("parquet" if suf.endswith(".parquet") else "csv" if suf.endswith(".csv")
+            else "ecsv" if suf.endswith(".ecsv") else "fits")
 
 
 def _restore_parquet_meta(tab: Table, yaml_bytes) -> None:
