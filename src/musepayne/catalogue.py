@@ -17,6 +17,9 @@ when the fitter keeps best-fit spectra).
   ``not_converged``; ``failed:<reason>`` (row kept, values NaN).
 * ``fit_flags``: OR of the :data:`musepayne.flags.FIT_FLAGS` bits (``FAILED``,
   ``NOT_CONVERGED``, ``LABEL_EDGE``, ``HIGH_CHI2``); 0 for a clean fit.
+* When the model carries a benchmark-scale calibration (``BENCHCAL``, :mod:`musepayne.benchcal`)
+  and the fit config does not turn it off, ``X`` is on the Gaia FGK benchmark scale and
+  ``X_uncal`` keeps the model's value; ``X_err = sqrt(X_err_stat^2 + X_err_sys^2)``.
 * When the model has an intrinsic scatter ``s_p`` (``SCATTER`` in the model file),
   the errors and ``red_chi2_model`` use the pixel variance ``1/ivar + s_p^2``;
   ``red_chi2`` is always the paper's (observed errors).
@@ -155,6 +158,11 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
     if templates is not None:
         thr = config.gradcorr_threshold if config is not None else 0.5
         apply_gradcorr(tab, model, templates, threshold=thr)
+    cal = getattr(model, "benchmark_calibration", None)
+    if cal is not None and (config is None or getattr(config, "benchmark_calibration", True)):
+        from .benchcal import apply_to_catalogue
+
+        apply_to_catalogue(tab, cal)  # after gradcorr: the gradients are the model's, at its own labels
     return tab
 
 
