@@ -84,9 +84,34 @@ def snr_check(tab, snr, holdout_paths, cfg=BenchCalConfig()):
                     f"pulls {fg['all'][n]['pull_dispersion']:.2f}" for n in BENCH_LABELS))
 
 
+def ensemble(tab):
+    """Rows of the seed-averaged labels (one pseudo-seed, 99): what an ensemble of the hold-out
+    models would give (each seed's fit averaged; stat error: mean of the seeds')."""
+    from astropy.table import vstack
+
+    tab = tab[_usable(tab)]
+    key = np.char.add(np.asarray(tab["instrument"]).astype(str), np.asarray(tab["stellar_id"]).astype(str))
+    out = []
+    for k in np.unique(key):
+        r = tab[key == k]
+        row = r[:1].copy()
+        for n in BENCH_LABELS:
+            row[n] = np.mean(r[n])
+            row[f"{n}_err"] = np.mean(r[f"{n}_err"])
+        row["seed"] = 99
+        out.append(row)
+    return vstack(out)
+
+
 def main(argv):
     tab = Table.read(argv[0])
     variants(tab)
+    if len(set(tab["seed"])) > 1:
+        ens = ensemble(tab)
+        print("ensemble of the seeds (mean labels), default calibration settings:")
+        from musepayne.benchcal import figures_lines
+
+        print("\n".join(figures_lines(evaluate(ens, BenchCalConfig()))))
     if "--snr-check" in argv:
         snr = float(argv[argv.index("--snr-check") + 1])
         paths = [argv[i + 1] for i, a in enumerate(argv) if a == "--holdout-model"]

@@ -11,17 +11,18 @@ Calibration (:class:`BenchmarkCalibration`)
 -------------------------------------------
 * A **post-fit map** per label: ``x_bench = x_fit + c . phi(x_fit)`` with
   ``phi`` the low-order polynomial features of the three fitted labels
-  (scaled to ~unit range), fitted by ridge-regularised least squares to
+  (scaled to ~unit range; clamped to the fitted-label box of the calibrating stars, so
+  the polynomial never extrapolates), fitted by ridge-regularised least squares to
   ``bench - fit`` over benchmark stars fitted by a model that never saw them
   (the model is trained without the benchmark stars; every spectrum is
   simulated as a MUSE and a LAMOST observation at S/N 100, prepared and
   fitted: both instruments enter the map, so it is instrument-independent by
   construction and its CV figures are quoted per instrument).
 * A **systematic error** per label (``sys``), a constant per star type bin
-  or overall (see :attr:`BenchmarkCalibration.sys_err`): the extra variance
+  (dwarf / giant) or overall (see :attr:`BenchmarkCalibration.sys_err`): the extra variance
   that makes ``(fit_cal - bench) / sqrt(stat^2 + sys^2 + e_bench^2)`` have a
-  dispersion of 1 (half the 15.87-84.13 percentile range), estimated after
-  the map.  The benchmark table has no [Fe/H] error: :data:`FEH_BENCH_ERR`
+  dispersion of 1 (half the 15.87-84.13 percentile range), solved on the
+  residuals of inner-CV maps (each star calibrated by a map that did not see it).  The benchmark table has no [Fe/H] error: :data:`FEH_BENCH_ERR`
   (0.05 dex) is used.
 * Both are cross-validated over the benchmark stars (:func:`cross_validate_calibration`,
   K folds grouped by star: neither map nor sys error of a fold saw its stars).
@@ -75,6 +76,8 @@ FEH_BENCH_ERR = 0.05
 BENCH_LABELS = ("teff", "logg", "fe_h")
 DEFAULT_BENCHMARK_FILE = Path("benchmarks") / "gbs_v3_gdr3_tmass.csv"  # relative to the shared data folder
 HDU_NAME = "BENCHCAL"
+#: a star-type bin of the systematic errors needs this many distinct stars
+MIN_BIN_STARS = 10
 FORMAT_VERSION = 1
 #: feature scales: labels enter the polynomial as (x - centre) / scale
 _CENTRE = {"teff": 5000.0, "logg": 3.0, "fe_h": -0.5}
@@ -153,14 +156,18 @@ class BenchmarkCalibration:
     """Post-fit map to the benchmark scale plus systematic errors (see the module docstring).
 
     ``coef``: {label: coefficients of :func:`_features` (degree ``degree``)} of ``bench - fit``;
-    ``sys_err``: {label: {bin: sys error}} with bins 'all' or star types (:func:`star_type` of
-    the calibrated labels); ``meta``: provenance and cross-validated figures (JSON-able).
+    ``sys_err``: {label: {bin: sys error}} with bins 'all' and, optionally, star types
+    (:func:`star_type` of the calibrated labels; 'mp_giant' falls back to 'giant', any type to
+    'all'); ``meta``: provenance and cross-validated figures (JSON-able).
     """
 
     degree: int
     coef: dict
     sys_err: dict
     meta: dict = field(default_factory=dict)
+    #: {label: [lo, hi]} fitted-label range of the calibrating stars; outside it the correction
+    #: is that at the nearest point of the box (no polynomial extrapolation); None: no clamp
+    domain: dict | None = None
 
     # ---- applying
     def correction(self, labels) -> np.ndarray:
@@ -168,7 +175,10 @@ class BenchmarkCalibration:
         ok = np.all(np.isfinite(x), axis=1)
         out = np.full(x.shape, np.nan)
         if ok.any():
-            phi = _features(x[ok], self.degree)
+            xo = x[ok]
+            if self.domain:
+                xo = np.column_stack([np.clip(xo[:, k], *self.domain[n]) for k, n in enumerate(BENCH_LABELS)])
+            phi = _features(xo, self.degree)
             for k, n in enumerate(BENCH_LABELS):
                 out[ok, k] = phi @ np.asarray(self.coef[n], float)
         return out
@@ -184,7 +194,8 @@ class BenchmarkCalibration:
         out = np.empty(x.shape)
         for k, n in enumerate(BENCH_LABELS):
             s = self.sys_err[n]
-            out[:, k] = [s.get(t, s.get("all", np.nan)) if "all" not in s else s["all"] for t in types]
+            fallback = {"dwarf": ("dwarf", "all"), "giant": ("giant", "all"), "mp_giant": ("mp_giant", "giant", "all")}
+            out[:, k] = [next((s[b] for b in fallback[t] if b in s), np.nan) for t in types]
         return out
 
     # ---- storage
@@ -196,12 +207,16 @@ class BenchmarkCalibration:
         bins = sorted({b for n in BENCH_LABELS for b in self.sys_err[n]})
         for b in bins:
             t[f"sys_{b}"] = [float(self.sys_err[n].get(b, np.nan)) for n in BENCH_LABELS]
+        if self.domain:
+            t["dom_lo"] = [float(self.domain[n][0]) for n in BENCH_LABELS]
+            t["dom_hi"] = [float(self.domain[n][1]) for n in BENCH_LABELS]
         h = fits.table_to_hdu(t)
         h.name = HDU_NAME
         h.header["BCVERS"] = (FORMAT_VERSION, "benchmark calibration format version")
         h.header["BCDEGREE"] = (int(self.degree), "polynomial degree of the post-fit map")
         h.header["COMMENT"] = ("x_bench = x_fit + coef . phi((teff-5000)/1000, (logg-3)/1.5, fe_h+0.5); "
-                               "phi = 1, z, z_i z_j (i<=j); sys_<bin>: systematic error per label")
+                               "phi = 1, z, z_i z_j (i<=j), x_fit clipped to [dom_lo, dom_hi]; "
+                               "sys_<bin>: systematic error per label")
         prov = json.dumps(self.meta, sort_keys=True, default=str)
         h.header["BCMETA"] = prov  # long string: CONTINUE cards
         return h
@@ -217,10 +232,12 @@ class BenchmarkCalibration:
         sys_err = {n: {c[4:]: float(t[c][labels.index(n)]) for c in t.colnames if c.startswith("sys_")
                        and np.isfinite(t[c][labels.index(n)])} for n in BENCH_LABELS}
         meta = json.loads(str(hdr.get("BCMETA", "{}")))
-        return cls(int(hdr["BCDEGREE"]), coef, sys_err, meta)
+        domain = ({n: [float(t["dom_lo"][labels.index(n)]), float(t["dom_hi"][labels.index(n)])] for n in BENCH_LABELS}
+                  if "dom_lo" in t.colnames else None)
+        return cls(int(hdr["BCDEGREE"]), coef, sys_err, meta, domain)
 
     def describe(self) -> dict:
-        return {"degree": self.degree, "sys_err": self.sys_err, **self.meta}
+        return {"degree": self.degree, "sys_err": self.sys_err, "domain": self.domain, **self.meta}
 
 
 def fit_calibration(fit_labels, bench_labels, stat_err, bench_err, degree: int = 2, ridge: float = 1.0,
@@ -242,7 +259,8 @@ def fit_calibration(fit_labels, bench_labels, stat_err, bench_err, degree: int =
     ok = np.all(np.isfinite(x) & np.isfinite(y) & np.isfinite(se) & np.isfinite(be), axis=1)
     x, y, se, be = x[ok], y[ok], se[ok], be[ok]
     coef = _fit_map(x, y, degree, ridge)
-    cal = BenchmarkCalibration(degree, coef, {n: {"all": 0.0} for n in BENCH_LABELS}, dict(meta or {}))
+    domain = {n: [float(np.min(x[:, k])), float(np.max(x[:, k]))] for k, n in enumerate(BENCH_LABELS)}
+    cal = BenchmarkCalibration(degree, coef, {n: {"all": 0.0} for n in BENCH_LABELS}, dict(meta or {}), domain)
     xc = cal.apply(x)
     if groups is not None:
         from .crossval import assign_folds
@@ -252,21 +270,24 @@ def fit_calibration(fit_labels, bench_labels, stat_err, bench_err, degree: int =
         for f in range(inner_k):
             te = folds == f
             if te.any() and (~te).any():
-                c = BenchmarkCalibration(degree, _fit_map(x[~te], y[~te], degree, ridge), cal.sys_err)
+                c = BenchmarkCalibration(degree, _fit_map(x[~te], y[~te], degree, ridge), cal.sys_err,
+                                         domain={n: [float(np.min(x[~te, k])), float(np.max(x[~te, k]))]
+                                                 for k, n in enumerate(BENCH_LABELS)})
                 xc[te] = c.apply(x[te])
     sys_err = {}
     types = star_type(xc)
+    keys = np.asarray(groups)[ok] if groups is not None else np.arange(len(x))
+    # bins by star type (of the calibrated labels): giants include the metal-poor giants unless
+    # those alone have MIN_BIN_STARS stars; a bin with fewer stars falls back to 'all'
+    bins = {"dwarf": types == "dwarf", "giant": types != "dwarf", "mp_giant": types == "mp_giant"}
     for k, n in enumerate(BENCH_LABELS):
         r = xc[:, k] - y[:, k]
+        sys_err[n] = {"all": _solve_sys(r, se[:, k], be[:, k])}
         if sys_bins == "type":
-            sys_err[n] = {t: _solve_sys(r[types == t], se[types == t, k], be[types == t, k])
-                          for t in ("dwarf", "giant", "mp_giant") if np.count_nonzero(types == t) >= 8}
-            sys_err[n]["all"] = _solve_sys(r, se[:, k], be[:, k])
-            if len(sys_err[n]) == 4:
-                sys_err[n].pop("all")
-        else:
-            sys_err[n] = {"all": _solve_sys(r, se[:, k], be[:, k])}
-    return BenchmarkCalibration(degree, coef, sys_err, dict(meta or {}))
+            for t, sel in bins.items():
+                if np.unique(keys[sel]).size >= MIN_BIN_STARS:
+                    sys_err[n][t] = _solve_sys(r[sel], se[sel, k], be[sel, k])
+    return BenchmarkCalibration(degree, coef, sys_err, dict(meta or {}), domain)
 
 
 def _fit_map(x, y, degree, ridge) -> dict:
@@ -423,7 +444,7 @@ class BenchCalConfig:
     map_instruments: tuple | None = None
     degree: int = 2
     ridge: float = 1.0
-    sys_bins: str = "all"
+    sys_bins: str = "type"
     seed: int = 0
 
 

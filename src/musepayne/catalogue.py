@@ -245,6 +245,10 @@ def combine_metal_poor(cat_mr: Table, cat_mp: Table, feh: str = "fe_h", lo: floa
         ea, eb = np.asarray(cat_mr[f"{n}_err"], np.float64), np.asarray(cat_mp[f"{n}_err"], np.float64)
         out[n][:] = np.where(w_mp == 0, a, np.where(w_mr == 0, b, w_mr * a + w_mp * b))
         out[f"{n}_err"][:] = np.where(w_mp == 0, ea, np.where(w_mr == 0, eb, w_mr * ea + w_mp * eb))
+        for sfx in ("_uncal", "_err_stat", "_err_sys"):  # benchmark-calibrated catalogues (musepayne.benchcal)
+            if n + sfx in out.colnames and n + sfx in cat_mp.colnames:
+                a, b = np.asarray(cat_mr[n + sfx], np.float64), np.asarray(cat_mp[n + sfx], np.float64)
+                out[n + sfx][:] = np.where(w_mp == 0, a, np.where(w_mr == 0, b, w_mr * a + w_mp * b))
         for sfx in ("_gradcorr", "_flag"):
             col = np.array(out[n + sfx])
             col[take_mp] = np.asarray(cat_mp[n + sfx])[take_mp]

@@ -96,7 +96,7 @@ def info(path, as_json):
 @click.option("--k", default=5, show_default=True, help="Folds over the benchmark stars for the CV figures.")
 @click.option("--degree", default=2, show_default=True, type=click.IntRange(0, 2), help="Degree of the post-fit map.")
 @click.option("--ridge", default=1.0, show_default=True, help="Ridge penalty of the map's non-constant terms.")
-@click.option("--sys-bins", type=click.Choice(["all", "type"]), default="all", show_default=True,
+@click.option("--sys-bins", type=click.Choice(["all", "type"]), default="type", show_default=True,
               help="Systematic errors: one per label, or per star type (dwarf / giant / metal-poor giant).")
 @click.option("--threads", default=1, show_default=True, help="torch threads when training hold-out models.")
 @click.option("--table", "table_out", default=None, type=click.Path(dir_okay=False),
