@@ -129,12 +129,10 @@ def test_error_calibration_cross_validated():
             assert 0.85 <= pull <= 1.2, (key, n, pull)
             # without the systematic term the errors are far too small
             assert per["uncal"]["all"][n]["pull_dispersion"] > 1.3, (key, n)
+    # the limits on the seed-mean MUSE figures (log g is at the limit: 0.169 dex vs 0.17)
     chk = checks(fig, "muse")
-    # the limits on the seed-mean MUSE figures; log g reaches 0.171 dex against 0.17, so
-    # it is held to what was measured (0.175) and to a real gain over the uncalibrated 0.237
-    assert all(v for k, v in chk.items() if k != "logg_dispersion"), chk
+    assert all(chk.values()), chk
     s = fig["summary"]["muse"]
-    assert s["cal"]["all"]["logg"]["dispersion"]["mean"] <= 0.175
     assert s["cal"]["all"]["logg"]["dispersion"]["mean"] < 0.8 * s["uncal"]["all"]["logg"]["dispersion"]["mean"]
     # instrument independence: one map for both; LAMOST meets the bias limits too
     lam = fig["summary"]["lamost"]["cal"]["all"]
