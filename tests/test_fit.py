@@ -6,7 +6,6 @@ from scipy.optimize import curve_fit
 
 from fit_helpers import as_prepared, load_apogee, reference_shift
 from musepayne.fit import FitConfig, Fitter
-from musepayne.fit.fitter import FitConfig, Fitter
 from musepayne.instrument.wavelength import lamost_wavelength
 from musepayne.testing import toy_mlp_model
 from musepayne.threads import blas_threads

@@ -36,6 +36,10 @@ from ._common import Timer, emit, fail, json_option
               help="The model's intrinsic per-pixel scatter (SCATTER in the model file): in the errors and "
                    "red_chi2_model only (labels from the observed errors, paper Eq. 3), also in the fit "
                    "weights (Cannon test step), or not at all.")
+@click.option("--benchmark-calibration/--no-benchmark-calibration", "benchmark_calibration", default=True,
+              show_default=True,
+              help="Apply the model's Gaia FGK benchmark-scale calibration (BENCHCAL in the model file): labels on "
+                   "the benchmark scale (model values in X_uncal), X_err = sqrt(X_err_stat^2 + X_err_sys^2).")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--threads", "n_threads", default=0, show_default=True, type=int,
               help="Fit chunks of spectra in this many threads; 0: one per CPU core. Results do not depend on it.")
@@ -50,8 +54,8 @@ from ._common import Timer, emit, fail, json_option
 @click.option("--also", "also", multiple=True, type=click.Path(dir_okay=False),
               help="Also export the catalogue to this file (.csv or .parquet); repeatable.")
 @json_option
-def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_excess, model_scatter, precision, n_threads,
-        n_processes, block_size, keep_model, also, as_json):
+def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_excess, model_scatter, benchmark_calibration,
+        precision, n_threads, n_processes, block_size, keep_model, also, as_json):
     """Fit PREPARED spectra (the file 'musepayne prepare' writes) and write the catalogue.
 
     Labels, RV (relativistic Doppler shift, coarse search over +-RV_RANGE then
@@ -81,7 +85,7 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
         fail("--threads and --processes must be >= 0, --block-size >= 1", as_json)
     n_threads = n_threads or os.cpu_count() or 1
     cfg = FitConfig(rv_range=rv_range, n_starts=n_starts, lsf_excess=lsf_excess, model_scatter=model_scatter,
-                    precision=precision,
+                    precision=precision, benchmark_calibration=benchmark_calibration,
                     keep_model=keep_model, n_threads=n_threads, block_size=block_size)
     n_processes = _n_processes(n_processes, data.n_spectra, cfg, (output, *also), model_mp is not None)
     if n_processes > 1:

@@ -17,6 +17,9 @@ when the fitter keeps best-fit spectra).
   ``not_converged``; ``failed:<reason>`` (row kept, values NaN).
 * ``fit_flags``: OR of the :data:`musepayne.flags.FIT_FLAGS` bits (``FAILED``,
   ``NOT_CONVERGED``, ``LABEL_EDGE``, ``HIGH_CHI2``); 0 for a clean fit.
+* When the model carries a benchmark-scale calibration (``BENCHCAL``, :mod:`musepayne.models.benchcal`)
+  and the fit config does not turn it off, ``X`` is on the Gaia FGK benchmark scale and
+  ``X_uncal`` keeps the model's value; ``X_err = sqrt(X_err_stat^2 + X_err_sys^2)``.
 * When the model has an intrinsic scatter ``s_p`` (``SCATTER`` in the model file),
   the errors and ``red_chi2_model`` use the pixel variance ``1/ivar + s_p^2``;
   ``red_chi2`` is always the paper's (observed errors).
@@ -36,6 +39,7 @@ from astropy.table import Column, Table
 
 from ..flags import FIT_FLAGS, FlagThresholds, fit_flags_description
 from ..io.fits import atomic_path
+from ..models.benchcal import BENCH_LABELS, BenchmarkCalibration
 
 __all__ = [
     "build_catalogue",
@@ -160,6 +164,9 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
     if templates is not None:
         thr = config.gradcorr_threshold if config is not None else 0.5
         apply_gradcorr(tab, model, templates, threshold=thr)
+    cal = getattr(model, "benchmark_calibration", None)
+    if cal is not None and (config is None or getattr(config, "benchmark_calibration", True)):
+        apply_to_catalogue(tab, cal)  # after gradcorr: the gradients are the model's, at its own labels
     add_extraction_columns(tab, spectra)
     apply_quality_flags(tab)
     return tab
@@ -244,6 +251,10 @@ def combine_metal_poor(cat_mr: Table, cat_mp: Table, feh: str = "fe_h", lo: floa
         ea, eb = np.asarray(cat_mr[f"{n}_err"], np.float64), np.asarray(cat_mp[f"{n}_err"], np.float64)
         out[n][:] = np.where(w_mp == 0, a, np.where(w_mr == 0, b, w_mr * a + w_mp * b))
         out[f"{n}_err"][:] = np.where(w_mp == 0, ea, np.where(w_mr == 0, eb, w_mr * ea + w_mp * eb))
+        for sfx in ("_uncal", "_err_stat", "_err_sys"):  # benchmark-calibrated catalogues (musepayne.models.benchcal)
+            if n + sfx in out.colnames and n + sfx in cat_mp.colnames:
+                a, b = np.asarray(cat_mr[n + sfx], np.float64), np.asarray(cat_mp[n + sfx], np.float64)
+                out[n + sfx][:] = np.where(w_mp == 0, a, np.where(w_mr == 0, b, w_mr * a + w_mp * b))
         for sfx in ("_gradcorr", "_flag"):
             col = np.array(out[n + sfx])
             col[take_mp] = np.asarray(cat_mp[n + sfx])[take_mp]
@@ -577,3 +588,46 @@ def apply_quality_flags(cat: Table, thresholds: FlagThresholds | None = None) ->
                 flags[np.asarray(cat[col], np.float64) > limit] |= FIT_FLAGS["LARGE_ERRORS"].value
     cat["fit_flags"][:] = flags
     return cat
+
+
+# --------------------------------------------------------------------------- catalogue
+_DESC = {
+    "uncal": "{p} as fitted by the model, before the benchmark-scale calibration",
+    "err": "total uncertainty of {p}: sqrt({n}_err_stat^2 + {n}_err_sys^2)",
+    "err_stat": ("statistical uncertainty of {p} (covariance, with the model's intrinsic scatter in the pixel "
+                 "variances when it has one, scaled by sqrt(chi2/(n-n_par)) when > 1)"),
+    "err_sys": ("systematic (model) uncertainty of {p} on the Gaia FGK benchmark scale, cross-validated "
+                "against the benchmark stars (model file HDU BENCHCAL)"),
+}
+
+
+def apply_to_catalogue(tab: Table, calibration: BenchmarkCalibration) -> Table:
+    """Calibrate a catalogue in place (and return it): ``X`` -> benchmark scale, ``X_uncal``,
+    ``X_err_stat``, ``X_err_sys`` added, ``X_err`` total.  Needs teff, logg, fe_h columns."""
+    if not all(n in tab.colnames and f"{n}_err" in tab.colnames for n in BENCH_LABELS):
+        return tab
+    if "teff_uncal" in tab.colnames:  # already calibrated
+        return tab
+    x = np.stack([np.asarray(tab[n], float) for n in BENCH_LABELS], 1)
+    stat = np.stack([np.asarray(tab[f"{n}_err"], float) for n in BENCH_LABELS], 1)
+    xc = calibration.apply(x)
+    sys = calibration.sys(xc)
+    sys = np.where(np.isfinite(xc), sys, np.nan)
+    for k, n in enumerate(BENCH_LABELS):
+        unit = tab[n].unit
+        p = _pretty(n)
+        pos = tab.colnames.index(f"{n}_err")
+        cols = {
+            f"{n}_uncal": (x[:, k], _DESC["uncal"].format(p=p, n=n)),
+            f"{n}_err_stat": (stat[:, k], _DESC["err_stat"].format(p=p, n=n)),
+            f"{n}_err_sys": (sys[:, k], _DESC["err_sys"].format(p=p, n=n)),
+        }
+        tab[n] = Column(xc[:, k], name=n, unit=unit, description=f"{p} on the Gaia FGK benchmark scale "
+                        "(benchmark calibration of the model applied; the model's value is in "
+                        f"{n}_uncal)")
+        tab[f"{n}_err"] = Column(np.sqrt(stat[:, k] ** 2 + sys[:, k] ** 2), name=f"{n}_err", unit=unit,
+                                 description=_DESC["err"].format(p=p, n=n))
+        for j, (c, (v, d)) in enumerate(cols.items()):
+            tab.add_column(Column(v, name=c, unit=unit, description=d), index=pos + 1 + j)
+    tab.meta["BENCHCAL"] = str(calibration.meta.get("id", "gaia-fgk-benchmark-v3"))
+    return tab

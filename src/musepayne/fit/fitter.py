@@ -154,6 +154,10 @@ class FitConfig:
     gradcorr_threshold: X_flag = 1 when X_gradcorr exceeds this (paper: 0.5).
     model_name: value of the catalogue's ``model`` column (default: model meta 'name' or file name).
     seed: seed of the scrambled Sobol start grid (results are deterministic).
+    benchmark_calibration: apply the model's benchmark-scale calibration when it has one
+        (``BENCHCAL`` in the model file, :mod:`musepayne.benchcal`): labels on the Gaia FGK
+        benchmark scale, the model's values in ``X_uncal``, ``X_err`` = sqrt(``X_err_stat``^2 +
+        ``X_err_sys``^2).  False: the model's labels and statistical errors only.
     """
 
     rv_range: float = 600.0
@@ -180,6 +184,7 @@ class FitConfig:
     gradcorr_threshold: float = 0.5
     model_name: str | None = None
     seed: int = 0
+    benchmark_calibration: bool = True
 
     def __post_init__(self):
         if not 0 < self.rv_range < C_KMS:
