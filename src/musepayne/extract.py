@@ -118,7 +118,8 @@ class ExtractConfig:
     psf: MoffatPSF | None = None        #: fixed PSF: skip the PSF fit
     psf_bins: int = 6                   #: binned layer ranges for the PSF fit
     psf_bin_layers: int = 30            #: layers per bin
-    psf_stars: int = 40                 #: max. stars for transform and PSF fit
+    psf_stars: int = 40                 #: max. bright isolated stars for the single-star fits and transform residuals
+    image_fit_stars: int = 2000         #: the crowded-field image fits (transform, PSF) model the brightest this many
     psf_deg: tuple = (2, 1, 0, 0)       #: polynomial degrees of FWHM, beta, ellipticity, angle
     isolation: float = 1.5              #: PSF/transform stars: < 5 % neighbour light within this many FWHM
     fit_transform: bool = True          #: fit offset/rotation/scale catalogue -> cube
@@ -138,6 +139,8 @@ class ExtractConfig:
             raise ValueError("block must be >= 1")
         if self.sky_order not in (-1, 0, 1, 2):
             raise ValueError("sky_order must be -1 (no sky), 0, 1 or 2")
+        if self.image_fit_stars < 1:
+            raise ValueError("image_fit_stars must be >= 1")
 
 
 # --------------------------------------------------------------------------- catalogue
@@ -446,8 +449,10 @@ class Extractor:
             rad0 = min(cfg.psf_radius * shape0[0], cfg.psf_radius_max_px)
             near = (xc > -rad0) & (xc < nx - 1 + rad0) & (yc > -rad0) & (yc < ny - 1 + rad0)
             nidx = np.nonzero(near)[0]
+            if nidx.size > cfg.image_fit_stars:  # bounded cost: the brightest stars only
+                nidx = np.sort(nidx[np.argsort(mag[nidx], kind="stable")[: cfg.image_fit_stars]])
             theta, shape_w, fl_w, ok_w = _image_fit(
-                white, white_var, xc[near], yc[near], centre, theta, shape0, cfg.fit_transform,
+                white, white_var, xc[nidx], yc[nidx], centre, theta, shape0, cfg.fit_transform,
                 cfg.psf is None, rad0, cfg.image_oversample, cfg.sky_order, ridge=cfg.ridge, dense_max=cfg.dense_max)
             if not ok_w:
                 raise ReaderError(f"{c.path}: the broad-band image fit failed")
@@ -458,9 +463,10 @@ class Extractor:
             x, y = np.asarray(x, float), np.asarray(y, float)
             # transform residuals: free position offsets of the bright isolated stars
             cand = _psf_candidates(x, y, mag, valid, shape_w[0], cfg)
+            cand = cand[np.isin(cand, nidx)]
             if cfg.fit_transform and cand.size:
                 sub = np.searchsorted(nidx, cand)
-                ddx, ddy = _star_offsets(white, white_var, x[near], y[near], shape_w, sub, fl_w, rad0,
+                ddx, ddy = _star_offsets(white, white_var, x[nidx], y[nidx], shape_w, sub, fl_w, rad0,
                                          cfg.image_oversample, cfg.sky_order, ridge=cfg.ridge,
                                          dense_max=cfg.dense_max)
                 res = np.hypot(ddx, ddy)
@@ -473,7 +479,7 @@ class Extractor:
             if cfg.psf is not None:
                 psf = cfg.psf
             else:
-                psf = self._fit_psf(bins, x[near], y[near], shape_w, rad0, c.wave)
+                psf = self._fit_psf(bins, x[nidx], y[nidx], shape_w, rad0, c.wave)
             lap("psf_fit")
             # ---- per-star geometry and status before fluxes
             wref = float(np.median(c.wave))
