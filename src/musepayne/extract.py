@@ -13,20 +13,23 @@ PSF method (paper Sect. 2.1.3; the PampelMUSE approach of Kamann et al. 2013):
    A starting similarity transformation (offset, rotation, scale) comes from
    single-star Moffat fits of the brightest isolated stars (3-sigma clipped);
    it is then refined by a crowded-field Gauss-Newton fit of the whole image
-   (every star's flux, the sky, the 4 transform parameters and the Moffat
-   shape at once, :func:`_image_fit`).  The reported residual is the rms of
+   (the fluxes of all stars -- the brightest ``image_fit_stars`` in denser
+   fields, so the cost is bounded -- the sky, the 4 transform parameters and
+   the Moffat shape at once, :func:`_image_fit`).  The reported residual is the rms of
    free per-star position offsets of the bright isolated stars fitted with
    everything else held in the model.
 2. *PSF.*  On each binned layer range the Moffat FWHM, beta and ellipticity
-   (``e1 = e cos 2PA``, ``e2 = e sin 2PA``) are fitted the same way with all
-   stars modelled; low-order polynomials in wavelength
+   (``e1 = e cos 2PA``, ``e2 = e sin 2PA``) are fitted the same way with the
+   same stars modelled; low-order polynomials in wavelength
    (:class:`musepayne.psf.MoffatPSF`) are fitted to the per-bin values.
 3. *Fluxes.*  The cube is streamed in blocks of ``block`` layers.  Each block
    gets one sparse design matrix ``A`` (every star's pixel-integrated PSF at
    the block's central wavelength plus a polynomial sky of order
    ``sky_order``) and one weight per spaxel ``w = 1 / median_block(STAT)``.
-   The normal matrix ``N = A^T W A`` is factorised once (sparse LU) and
-   serves all layers of the block as right-hand sides:
+   The normal matrix ``N = A^T W A`` is factorised once (:func:`factorise`:
+   groups of stars whose stamps overlap, i.e. connected components of the
+   overlap graph, by dense Cholesky each, the sky by its Schur complement)
+   and serves all layers of the block as right-hand sides:
    ``x_l = N^-1 A^T W d_l`` (weighted linear least squares, unbiased for any
    fixed weights).  Errors: ``var(x_l,s) = [N^-1]_ss * r_sl`` with
    ``r_sl = sum_p A_ps^2 w_p^2 V_lp / sum_p A_ps^2 w_p`` (exact when the
@@ -449,11 +452,16 @@ class Extractor:
             rad0 = min(cfg.psf_radius * shape0[0], cfg.psf_radius_max_px)
             near = (xc > -rad0) & (xc < nx - 1 + rad0) & (yc > -rad0) & (yc < ny - 1 + rad0)
             nidx = np.nonzero(near)[0]
-            if nidx.size > cfg.image_fit_stars:  # bounded cost: the brightest stars only
-                nidx = np.sort(nidx[np.argsort(mag[nidx], kind="stable")[: cfg.image_fit_stars]])
+            # bounded cost: beyond image_fit_stars only the brightest have free fluxes in the image fits,
+            # the others keep their catalogue flux ratios (one common scale)
+            free, relf = None, 10.0 ** (-0.4 * (mag[nidx] - np.min(mag[nidx]))) if nidx.size else None
+            if nidx.size > cfg.image_fit_stars:
+                free = np.zeros(nidx.size, bool)
+                free[np.argsort(mag[nidx], kind="stable")[: cfg.image_fit_stars]] = True
             theta, shape_w, fl_w, ok_w = _image_fit(
                 white, white_var, xc[nidx], yc[nidx], centre, theta, shape0, cfg.fit_transform,
-                cfg.psf is None, rad0, cfg.image_oversample, cfg.sky_order, ridge=cfg.ridge, dense_max=cfg.dense_max)
+                cfg.psf is None, rad0, cfg.image_oversample, cfg.sky_order, ridge=cfg.ridge, dense_max=cfg.dense_max,
+                free=free, rel_flux=relf)
             if not ok_w:
                 raise ReaderError(f"{c.path}: the broad-band image fit failed")
             transform = CoordinateTransform(offset=(float(theta[2]), float(theta[3])),
@@ -463,12 +471,12 @@ class Extractor:
             x, y = np.asarray(x, float), np.asarray(y, float)
             # transform residuals: free position offsets of the bright isolated stars
             cand = _psf_candidates(x, y, mag, valid, shape_w[0], cfg)
-            cand = cand[np.isin(cand, nidx)]
+            cand = cand[np.isin(cand, nidx if free is None else nidx[free])]
             if cfg.fit_transform and cand.size:
                 sub = np.searchsorted(nidx, cand)
                 ddx, ddy = _star_offsets(white, white_var, x[nidx], y[nidx], shape_w, sub, fl_w, rad0,
                                          cfg.image_oversample, cfg.sky_order, ridge=cfg.ridge,
-                                         dense_max=cfg.dense_max)
+                                         dense_max=cfg.dense_max, free=free)
                 res = np.hypot(ddx, ddy)
                 keep = res < max(cfg.clip * 1.4826 * np.median(res), 0.05)
                 transform = CoordinateTransform(transform.offset, transform.rotation, transform.scale, centre,
@@ -479,7 +487,7 @@ class Extractor:
             if cfg.psf is not None:
                 psf = cfg.psf
             else:
-                psf = self._fit_psf(bins, x[nidx], y[nidx], shape_w, rad0, c.wave)
+                psf = self._fit_psf(bins, x[nidx], y[nidx], shape_w, rad0, c.wave, free, relf)
             lap("psf_fit")
             # ---- per-star geometry and status before fluxes
             wref = float(np.median(c.wave))
@@ -563,7 +571,7 @@ class Extractor:
             raise ReaderError(f"{c.path}: every layer is NaN or has no usable STAT")
         return out
 
-    def _fit_psf(self, bins, xs, ys, shape0, radius, cube_wave) -> MoffatPSF:
+    def _fit_psf(self, bins, xs, ys, shape0, radius, cube_wave, free=None, rel_flux=None) -> MoffatPSF:
         """Moffat shape per binned layer range (all stars modelled), then polynomials in wavelength."""
         cfg = self.config
         waves, pars = [], []
@@ -572,7 +580,7 @@ class Extractor:
         for w, img, var in bins:
             _, p, _, ok = _image_fit(img, var, xs, ys, centre, (1.0, 0.0, 0.0, 0.0), p0, False, True, radius,
                                      cfg.oversample, cfg.sky_order, n_iter=3, ridge=cfg.ridge,
-                                     dense_max=cfg.dense_max)
+                                     dense_max=cfg.dense_max, free=free, rel_flux=rel_flux)
             if ok:
                 waves.append(w)
                 pars.append(p)
@@ -1011,6 +1019,37 @@ def _annulus_median(ann, D, V, chunk=128):
 
 
 # --------------------------------------------------------------------------- crowded-field image fit
+def _flux_unknowns(n, free):
+    """(star columns with their own flux, all flux unknowns) of an image fit."""
+    if free is None:
+        return n, n
+    k = int(np.count_nonzero(free))
+    return k, k + int(k < n)
+
+
+def _flux_columns(A, free, rel_flux):
+    """Flux columns of an image fit: every free star's column, then (if any star is not free) one
+    column with the summed light of the others at their relative fluxes ``rel_flux``."""
+    if free is None:
+        return A
+    cols = [A[:, np.nonzero(free)[0]]]
+    if not np.all(free):
+        fixed = np.nonzero(~free)[0]
+        cols.append(sp.csc_matrix((A[:, fixed] @ rel_flux[fixed])[:, None]))
+    return sp.hstack(cols, format="csc")
+
+
+def _expand_fluxes(sol, free, rel_flux):
+    """Per-star fluxes from the flux unknowns of an image fit (inverse of :func:`_flux_columns`)."""
+    if free is None:
+        return sol
+    f = np.empty(free.size)
+    f[free] = sol[: int(np.count_nonzero(free))]
+    if not np.all(free):
+        f[~free] = sol[-1] * rel_flux[~free]
+    return f
+
+
 def _shape_psf(p):
     """MoffatPSF from (fwhm, beta, e1, e2) at one wavelength."""
     e = float(np.hypot(p[2], p[3]))
@@ -1034,7 +1073,7 @@ def _sky_columns(shape, order, mask):
 
 
 def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, radius, oversample, sky_order,
-               n_iter=4, ridge=1e-9, dense_max=10000):
+               n_iter=4, ridge=1e-9, dense_max=10000, free=None, rel_flux=None):
     """Gauss-Newton fit of an image with ALL stars modelled at once.
 
     Nonlinear parameters: the similarity transform ``theta = (a, b, ox, oy)``
@@ -1043,8 +1082,11 @@ def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, r
     shape ``(fwhm, beta, e1, e2)``; linear: every star's flux and the sky
     polynomial.  Each iteration linearises the model (finite differences of
     the sparse design matrix) and solves one sparse weighted least-squares
-    problem for fluxes, sky and parameter steps together.  Returns
-    ``(theta, shape_p, fluxes, ok)``.
+    problem for fluxes, sky and parameter steps together.  With ``free``
+    (bool per star) only those stars have free fluxes; the others keep the
+    relative fluxes ``rel_flux`` under one common fitted scale (their light
+    stays in the model at a bounded cost).  Returns ``(theta, shape_p,
+    fluxes of all stars, ok)``.
     """
     ny, nx = img.shape
     mask = np.isfinite(img) & np.isfinite(var) & (var > 0)
@@ -1056,6 +1098,7 @@ def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, r
     S = sp.csc_matrix(_sky_columns((ny, nx), sky_order, mask))
     n = len(xc)
     f = None
+    nstar, nf = _flux_unknowns(n, free)
 
     def positions(th):
         return centre[0] + th[0] * dx - th[1] * dy + th[2], centre[1] + th[1] * dx + th[0] * dy + th[3]
@@ -1068,7 +1111,7 @@ def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, r
         x, y = positions(theta)
         cen = (np.rint(x), np.rint(y))
         A = design(theta, shape_p, cen)
-        cols = [A, S]
+        cols = [_flux_columns(A, free, rel_flux), S]
         jac, names = [], []
         if f is not None and it < n_iter:
             model0 = A @ f
@@ -1100,16 +1143,16 @@ def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, r
         dg = N.diagonal()
         N = N + sp.diags(np.where(dg > 0, ridge * dg, 1.0))
         try:
-            solve, _ = factorise(N, dense_max, border=np.arange(n, N.shape[0]), need_diag=False)
+            solve, _ = factorise(N, dense_max, border=np.arange(nstar, N.shape[0]), need_diag=False)
             sol = solve(np.asarray(MW.T @ d).ravel())
         except (RuntimeError, np.linalg.LinAlgError):
             return theta, shape_p, f, False
-        f = sol[:n]
+        f = _expand_fluxes(sol[:nf], free, rel_flux)
         if not jac:
             if it > 0:
                 break
             continue
-        step = sol[n + S.shape[1]:]
+        step = sol[nf + S.shape[1]:]
         for nm, st in zip(names, step):
             if nm == "a":
                 theta[0] += np.clip(st, -0.01, 0.01)
@@ -1131,8 +1174,10 @@ def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, r
     return theta, shape_p, f, ok
 
 
-def _star_offsets(img, var, x, y, shape_p, idx, f, radius, oversample, sky_order, ridge=1e-9, dense_max=10000):
-    """Per-star position offsets of stars ``idx`` (all other stars and the sky fitted at once)."""
+def _star_offsets(img, var, x, y, shape_p, idx, f, radius, oversample, sky_order, ridge=1e-9, dense_max=10000,
+                  free=None):
+    """Per-star position offsets of stars ``idx`` (all other stars and the sky fitted at once; with
+    ``free``, the stars not free keep their relative fluxes ``f`` under one common scale)."""
     ny, nx = img.shape
     mask = np.isfinite(img) & np.isfinite(var) & (var > 0)
     w = np.where(mask, 1.0 / np.where(mask, var, 1.0), 0.0).ravel()
@@ -1146,12 +1191,13 @@ def _star_offsets(img, var, x, y, shape_p, idx, f, radius, oversample, sky_order
     gx = gx[:, idx] @ sp.diags(f[idx])
     gy = gy[:, idx] @ sp.diags(f[idx])
     S = sp.csc_matrix(_sky_columns((ny, nx), sky_order, mask))
-    M = sp.hstack([A, S, gx, gy], format="csc")
+    nstar, nf = _flux_unknowns(len(x), free)
+    M = sp.hstack([_flux_columns(A, free, f), S, gx, gy], format="csc")
     MW = M.multiply(w[:, None]).tocsc()
     N = (M.T @ MW).tocsc()
     dg = N.diagonal()
     N = N + sp.diags(np.where(dg > 0, ridge * dg, 1.0))
-    k = len(x) + S.shape[1]
-    solve, _ = factorise(N, dense_max, border=np.arange(len(x), k), need_diag=False)
+    k = nf + S.shape[1]
+    solve, _ = factorise(N, dense_max, border=np.arange(nstar, k), need_diag=False)
     sol = solve(np.asarray(MW.T @ d).ravel())
     return sol[k:k + idx.size], sol[k + idx.size:k + 2 * idx.size]
