@@ -800,12 +800,21 @@ def factorise(N, dense_max: int = 10000, border=(), need_diag: bool = True):
     Z = solve_s(Nsb)  # Nss^-1 Nsb
     S = Nbb - Nsb.T @ Z
     S = 0.5 * (S + S.T)
-    Sc = sl.cho_factor(S, lower=False, check_finite=False)
+    try:
+        Sc = sl.cho_factor(S, lower=False, check_finite=False)
+
+        def solve_b(R):
+            return sl.cho_solve(Sc, R, check_finite=False)
+    except sl.LinAlgError:  # rounding made the small Schur complement indefinite: LU
+        Sl = sl.lu_factor(S, check_finite=False)
+
+        def solve_b(R):
+            return sl.lu_solve(Sl, R, check_finite=False)
 
     def solve(B):
         B = np.asarray(B, dtype=np.float64)
         Ys = solve_s(B[sidx])
-        Xb = sl.cho_solve(Sc, B[bidx] - Nsb.T @ Ys, check_finite=False)
+        Xb = solve_b(B[bidx] - Nsb.T @ Ys)
         X = np.empty_like(B)
         X[sidx] = Ys - Z @ Xb
         X[bidx] = Xb
@@ -813,7 +822,7 @@ def factorise(N, dense_max: int = 10000, border=(), need_diag: bool = True):
 
     if not need_diag:
         return solve, None
-    Sinv = sl.cho_solve(Sc, np.eye(bidx.size), check_finite=False)
+    Sinv = solve_b(np.eye(bidx.size))
     d = np.empty(n)
     d[sidx] = diag_s() + np.einsum("ij,ij->i", Z @ Sinv, Z)
     d[bidx] = np.diag(Sinv)
