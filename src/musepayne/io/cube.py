@@ -169,7 +169,7 @@ class MuseCube:
         Returns
         -------
         numpy.ndarray or None
-            Shape (i1 - i0, ny, nx), in the DQ extension's integer dtype; 0 = good.
+            Shape (i1 - i0, ny, nx), in the DQ extension's integer dtype.
         """
         if not self.has_dq:
             return None

@@ -43,7 +43,7 @@ class SpectrumSet:
     synthetic_errors : bool
         True when the input had no errors and the reader assigned nominal ones (libraries).
     notes : tuple of str
-        Free-text notes from the reader (e.g. about repairs it made).
+        Free-text provenance notes (e.g. that the errors are nominal, or how a spectrum was simulated).
     n_spectra : int
         Number of spectra (n_spec).
     n_pix : int

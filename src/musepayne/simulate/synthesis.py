@@ -76,9 +76,10 @@ class ModelSpectra:
     ``shifts_rv = True`` tells the simulator to pass the RV here (the model is
     evaluated at Doppler-shifted wavelengths) instead of re-binning.
 
-    Calling the instance, ``src(labels, wave, rv=0.0)``, returns the flux (arbitrary unit, Planck
-    continuum times the normalised model) at air wavelengths ``wave`` (Angstrom) for a dict of labels
-    Doppler-shifted by ``rv`` km/s; outside the model grid the model flux is taken as 1.
+    Calling the instance, ``src(labels, wave, rv=0.0)``, returns the flux (arbitrary unit: Planck
+    continuum times :meth:`continuum_shape` times the normalised model) at air wavelengths ``wave``
+    (Angstrom) for a dict of labels, Doppler-shifted by ``rv`` km/s; outside the model grid the
+    continuum-shaped model flux is taken as 1.
 
     Attributes
     ----------
