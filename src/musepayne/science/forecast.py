@@ -730,6 +730,10 @@ def crlb_forecast(model, at=None, *, snr=None, vmag=None, exptime=None, mask_mod
         take the middle of the model's training range.
     snr : float, optional
         S/N per pixel; or give ``vmag`` (and ``exptime``, default 3600 s) for Eq. 12-13.
+    vmag : float, optional
+        V magnitude (mag), used when ``snr`` is None.
+    exptime : float, optional
+        Exposure time in s with ``vmag`` (default 3600).
     mask_mode, ao_notch : str
         The fit's wavelength mask (:func:`fit_mask`).
     correction : dict, optional
