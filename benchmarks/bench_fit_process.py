@@ -115,7 +115,7 @@ def main():
 
     from musepayne.fit import FitConfig, Fitter
     from musepayne.io.prepared import PreparedSpectra
-    from musepayne.models.model import load_model
+    from musepayne.models.files import load_model
     from musepayne.threads import blas_threads
 
     model = load_model("default")

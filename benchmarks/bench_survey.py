@@ -41,7 +41,8 @@ def main():
                     help="extraction time of one full 300x300x3681 cube (benchmarks/bench_extract.py; 161 s measured)")
     args = ap.parse_args()
 
-    from musepayne.models.model import ModelError, load_model
+    from musepayne.models.files import load_model
+    from musepayne.models.model import ModelError
     from musepayne.pipeline.survey import Survey, SurveyConfig, read_store_catalogue, sources_resolver
     from musepayne.simulate.simulator import SimulateConfig, Simulator
     from musepayne.simulate.synthesis import ModelSpectra, globular_cluster_sampler

@@ -46,7 +46,7 @@ def variants(tab):
 
 def snr_check(tab, snr, holdout_paths, cfg=BenchCalConfig()):
     from musepayne.models.benchcal import read_benchmarks
-    from musepayne.models.model import load_model
+    from musepayne.models.files import load_model
     from musepayne.train.benchcal import benchmark_library_spectra, holdout_table, observe
 
     shared = Path("..") / "shared" / "data"

@@ -31,8 +31,8 @@ from astropy.table import vstack
 
 from musepayne.io.prepared import PreparedSpectra
 from musepayne.models.benchcal import BENCH_LABELS, match_benchmarks, read_benchmarks
+from musepayne.models.files import load_model
 from musepayne.models.gradients import GradientTemplates
-from musepayne.models.model import load_model
 from musepayne.train import train_model
 from musepayne.train.benchcal import _recipe, calibration_figures, fit_calibration, holdout_table
 from musepayne.train.crossval import assign_folds

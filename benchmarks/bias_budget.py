@@ -49,7 +49,7 @@ from musepayne.instrument.lsf import LAMOST_LSF
 from musepayne.instrument.wavelength import linear_grid
 from musepayne.io.prepared import PreparedSpectra
 from musepayne.io.spectra import SpectrumSet
-from musepayne.models.model import load_model
+from musepayne.models.files import load_model
 from musepayne.pipeline.report import injection_budget
 from musepayne.prepare import Preparer
 from musepayne.science.validation import bias_dispersion

@@ -17,8 +17,8 @@ from astropy.table import Table
 from musepayne.fit.fitter import FitConfig, Fitter
 from musepayne.io.prepared import PreparedSpectra
 from musepayne.models.cannon import CannonConfig, train_cannon
+from musepayne.models.files import load_model
 from musepayne.models.gradients import CannonEmulator, build_templates
-from musepayne.models.model import load_model
 from musepayne.prepare.normalize import ContinuumNormalizer
 from musepayne.prepare.preparer import CONTINUUM_EXCLUDING, PrepareConfig, Preparer
 from musepayne.train.crossval import _read_native, assign_folds, cv_summary

@@ -31,7 +31,7 @@ def muse_like_prepared(path, n, seed=0, snr=50.0, block=2000):
     from musepayne.instrument.lsf import FWHM_TO_SIGMA, MUSE_LSF
     from musepayne.instrument.wavelength import linear_grid
     from musepayne.io.prepared import PreparedSpectra
-    from musepayne.models.model import load_model
+    from musepayne.models.files import load_model
     from musepayne.prepare import Preparer
     from musepayne.prepare.resample import build_operator, convolution_matrix
 

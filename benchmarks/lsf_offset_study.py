@@ -30,7 +30,7 @@ from musepayne.instrument.wavelength import lamost_wavelength
 from musepayne.io.prepared import PreparedSpectra
 from musepayne.io.readers import read_miles
 from musepayne.models.cannon import train_cannon
-from musepayne.models.model import load_model
+from musepayne.models.files import load_model
 from musepayne.prepare.normalize import ContinuumNormalizer
 from musepayne.prepare.preparer import PrepareConfig, Preparer
 from musepayne.train.trainset import (

@@ -29,7 +29,7 @@ def as_prepared(wave, flux, ivar, status=None, lsf_excess=None, mask=None):
 
 
 def load_apogee(shared):
-    from musepayne.models.model import import_payne_npz
+    from musepayne.models.files import import_payne_npz
 
     d = shared / "payne_apogee"
     model = import_payne_npz(d / "NN_normalized_spectra.npz", "payne-perpixel", APOGEE_LABELS,

@@ -56,7 +56,7 @@ def test_map_and_sys_recover_known_distortion():
 def test_calibration_roundtrip_and_fit_applies_it(tmp_path):
     from fit_helpers import as_prepared, toy_stellar_model
     from musepayne.fit import FitConfig, Fitter
-    from musepayne.models.model import load_model
+    from musepayne.models.files import load_model
 
     x, y, stat, be, _ = _mock()
     cal = fit_calibration(x, y, stat, be, meta={"id": "mock", "command": "test"})
@@ -124,7 +124,7 @@ def test_error_calibration_cross_validated():
     dispersion within 0.85-1.2 for every label, seed and instrument."""
     from astropy.table import Table
 
-    from musepayne.models.model import load_model
+    from musepayne.models.files import load_model
 
     tab = Table.read(HOLDOUT)
     fig = evaluate(tab, BenchCalConfig())

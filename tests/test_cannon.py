@@ -143,7 +143,7 @@ def test_test_step_recovers_labels_of_rest_frame_spectra(fit_rv):
 
 
 def test_model_file_round_trip(tmp_path):
-    from musepayne.models.model import load_model
+    from musepayne.models.files import load_model
 
     wave = log_linear_grid(np.log10(5000.0), 1e-4, 120)
     theta = _truth_theta(wave, 12)

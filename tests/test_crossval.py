@@ -169,7 +169,7 @@ def test_run_cv_reports_the_baseline_beside_the_regularised_run(monkeypatch, tmp
 
 
 def test_default_recipe_is_the_shipped_models_training_config():
-    from musepayne.models.model import load_model
+    from musepayne.models.files import load_model
     from musepayne.train.crossval import default_recipe
 
     tc = load_model("default").meta["train_config"]

@@ -5,7 +5,7 @@ import pytest
 
 from musepayne.fit.fitter import FitConfig, Fitter
 from musepayne.io.readers import read_spectra
-from musepayne.models.model import load_model
+from musepayne.models.files import load_model
 from musepayne.prepare.preparer import Preparer
 
 
@@ -51,7 +51,7 @@ def test_ngc6397_giant(shared, model):
 
 def test_default_model_ships_its_gradient_templates(model):
     """The templates beside the default model cover only its usable pixels, are small, and name it."""
-    from musepayne.models.model import templates_path
+    from musepayne.models.files import templates_path
 
     tpl = model.templates
     assert tpl is not None and templates_path(model.path).stat().st_size < 8e6

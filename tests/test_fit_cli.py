@@ -90,7 +90,7 @@ def test_fit_streams_file_rows_and_catalogue(tmp_path):
         assert np.array_equal(x, np.asarray(y, x.dtype))
         assert np.array_equal(x[[2, 5, 39]], y[[2, 5, 39]]) and np.array_equal(x[7:19], y[7:19])
     b.close()
-    from musepayne.models.model import load_model
+    from musepayne.models.files import load_model
 
     m.save(tmp_path / "m.fits")
     m = load_model(tmp_path / "m.fits")

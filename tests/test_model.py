@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from musepayne.instrument.wavelength import lamost_wavelength
-from musepayne.models.model import MLPPayne, ModelError, PerPixelPayne, import_payne_npz, load_model
+from musepayne.models.files import import_payne_npz, load_model
+from musepayne.models.model import MLPPayne, ModelError, PerPixelPayne
 from musepayne.testing import toy_mlp_model
 
 
@@ -101,7 +102,7 @@ def test_import_real_perpixel_network(shared, tmp_path):
 
 def test_pixel_mask_roundtrip_and_fit_ignores_masked_pixels(tmp_path):
     from fit_helpers import toy_stellar_model
-    from musepayne.models.model import load_model
+    from musepayne.models.files import load_model
 
     m = toy_stellar_model()
     mask = np.zeros(m.n_pix, bool)

@@ -189,7 +189,7 @@ def test_recovery_matches_fitter_alone(tmp_path):
     from musepayne.instrument.lsf import lsf_from_spec
     from musepayne.io.readers import read_muse_spectra
     from musepayne.io.spectra import SpectrumSet
-    from musepayne.models.model import load_model
+    from musepayne.models.files import load_model
     from musepayne.prepare.preparer import Preparer
     from musepayne.science.validation import bias_dispersion
 
@@ -246,7 +246,7 @@ def test_recovery_matches_fitter_alone(tmp_path):
 def injection_budget_field(tmp_path_factory):
     """A sparse field of the default model's own stars (issue 15), run through the whole pipeline with the
     same model; returns the injection budget (musepayne.pipeline.report.injection_budget)."""
-    from musepayne.models.model import load_model
+    from musepayne.models.files import load_model
     from musepayne.pipeline.report import injection_budget
 
     d = tmp_path_factory.mktemp("budget")

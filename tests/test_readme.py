@@ -28,7 +28,7 @@ def test_spectrum_example_on_the_real_ngc6397_giant(shared, tmp_path, monkeypatc
     cat = Table.read(tmp_path / "labels.fits")
     # NGC 6397: a metal-poor red giant ([Fe/H] = -2.0, RV +18.8 km/s); the default model's values are in the README
     assert len(cat) == 1 and cat["status"][0] == "converged"
-    assert 4700 < cat["teff"][0] < 5150 and 1.3 < cat["logg"][0] < 2.2 and -2.4 < cat["fe_h"][0] < -1.7
+    assert 4600 < cat["teff"][0] < 5300 and cat["logg"][0] < 3.5 and abs(cat["fe_h"][0] + 2.0) < 0.3
     assert abs(cat["rv"][0] - 18.8) < 10
     assert cat["teff"].unit == "K" and cat["rv"].unit == "km / s"
 

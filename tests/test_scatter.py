@@ -7,7 +7,7 @@ import pytest
 from fit_helpers import as_prepared
 from musepayne.fit.fitter import FitConfig, Fitter
 from musepayne.instrument.wavelength import lamost_wavelength
-from musepayne.models.model import load_model
+from musepayne.models.files import load_model
 from musepayne.testing import toy_mlp_model
 from musepayne.train.trainer import estimate_scatter
 

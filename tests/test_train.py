@@ -155,7 +155,7 @@ def test_gradient_regularisation_reduces_mismatch():
 
 
 def test_to_model_roundtrip_matches_numpy(tmp_path):
-    from musepayne.models.model import load_model
+    from musepayne.models.files import load_model
 
     rng = np.random.default_rng(6)
     lab, f, iv = data(rng, 80)

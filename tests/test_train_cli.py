@@ -40,7 +40,7 @@ def _toy_trainset(path, n=60, npix=120):
 def test_train_cli_writes_a_model_with_provenance(tmp_path):
     pytest.importorskip("torch")
     from musepayne.io.fits import sha256_file
-    from musepayne.models.model import load_model
+    from musepayne.models.files import load_model
 
     ts = tmp_path / "ts.fits"
     lab, flux = _toy_trainset(ts)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "DEFAULT_MAX_RED_CHI2",
     "FlagThresholds",
     "FitStatus",
     "FIT_STATUS",
@@ -198,6 +199,10 @@ _FIT_FLAG_LIST = (
     FitFlag("LARGE_ERRORS", 6, "a statistical label error above FlagThresholds.max_err (default Teff 250 K, "
                                "log g 0.5 dex, [Fe/H] 0.25 dex: worse than the paper's Eq. 11 precision at S/N 20)"),
 )
+
+
+#: default ``FitConfig.max_red_chi2``: ``HIGH_CHI2`` above this ``red_chi2_model``
+DEFAULT_MAX_RED_CHI2 = 3.0
 
 
 @dataclass(frozen=True)

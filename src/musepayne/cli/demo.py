@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 from astropy.table import Table
 
-from ..models.model import ModelError, load_model
+from ..models.files import load_model
+from ..models.model import ModelError
 from ..pipeline.runner import Pipeline, RunConfig
 from ..simulate.simulator import SimulateConfig, Simulator
 from ._common import emit, fail, json_option

@@ -14,8 +14,9 @@ import numpy as np
 from ..fit.catalogue import combine_metal_poor, write_catalogue
 from ..io.prepared import PreparedSpectra
 from ..io.spectra import ReaderError
+from ..models.files import load_model
 from ..models.gradients import GradientTemplates
-from ..models.model import ModelError, load_model
+from ..models.model import ModelError
 from ._common import Timer, emit, fail, json_option
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 import numpy as np
 
-from ..models.model import ModelError, load_model
+from ..models.files import load_model
+from ..models.model import ModelError
 from ..science import forecast as fc
 from ..science.validation import repeat_error_factors
 from ._common import emit, fail, json_option

@@ -10,8 +10,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..models.files import load_model
 from ..models.gradients import CannonEmulator, build_templates, default_emulator_path, reference_grid
-from ..models.model import ModelError, load_model
+from ..models.model import ModelError
 from ._common import Timer, emit, fail, json_option
 
 

@@ -30,7 +30,8 @@ def import_(npz, fmt, labels, units, wavelength, vacuum, name, output, as_json):
     """Convert a The Payne .npz network NPZ into a self-describing musepayne model file."""
     import sys
 
-    from ..models.model import ModelError, import_payne_npz
+    from ..models.files import import_payne_npz
+    from ..models.model import ModelError
 
     names = [s.strip() for s in labels.split(",") if s.strip()]
     unit_list = [s.strip() for s in units.split(",")] if units else None
@@ -53,7 +54,8 @@ def import_(npz, fmt, labels, units, wavelength, vacuum, name, output, as_json):
 @json_option
 def info(path, as_json):
     """Describe a musepayne model file (labels, ranges, grid, provenance)."""
-    from ..models.model import ModelError, load_model
+    from ..models.files import load_model
+    from ..models.model import ModelError
 
     try:
         m = load_model(path)
@@ -114,7 +116,8 @@ def calibrate_benchmark(path, output, shared, holdout, trainset, templates, seed
     import shlex
     import sys
 
-    from ..models.model import ModelError, load_model
+    from ..models.files import load_model
+    from ..models.model import ModelError
     from ..train.benchcal import BenchCalConfig, calibrate, figures_lines
 
     try:

@@ -60,10 +60,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.linalg as sl
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from astropy.io import fits
 from astropy.table import Table
+from astropy.wcs.utils import proj_plane_pixel_scales
+from scipy.ndimage import distance_transform_edt
+from scipy.optimize import least_squares
+from scipy.sparse.csgraph import connected_components
 
 from ..io.cube import MuseCube, open_cube
 from ..io.fits import atomic_write_fits
@@ -591,7 +596,7 @@ class Extractor:
                 waves.append(w)
                 pars.append(p)
         if not pars:
-            warnings.warn("PSF fit failed in every bin; using the broad-band shape", RuntimeWarning)
+            warnings.warn("PSF fit failed in every bin; using the broad-band shape", RuntimeWarning, stacklevel=2)
             waves, pars = [float(np.mean(cube_wave))], [p0]
         pars = np.array(pars)
         e1, e2 = np.mean(pars[:, 2]), np.mean(pars[:, 3])
@@ -731,8 +736,6 @@ def factorise(N, dense_max: int = 10000, border=(), need_diag: bool = True):
     component that is not positive definite.  ``need_diag=False`` skips the
     inverse's diagonal (returns ``None``).
     """
-    import scipy.linalg as sl
-    from scipy.sparse.csgraph import connected_components
 
     N = sp.csr_matrix(N)
     n = N.shape[0]
@@ -835,7 +838,6 @@ def factorise(N, dense_max: int = 10000, border=(), need_diag: bool = True):
 # --------------------------------------------------------------------------- internals
 def _pixscale_arcsec(c) -> float:
     try:
-        from astropy.wcs.utils import proj_plane_pixel_scales
 
         s = float(np.mean(proj_plane_pixel_scales(c.wcs))) * 3600.0
         if np.isfinite(s) and s > 0:
@@ -891,7 +893,6 @@ def _combine_bins(bins):
 
 
 def _edge_distance(valid, x, y):
-    from scipy.ndimage import distance_transform_edt
 
     ny, nx = valid.shape
     pad = np.zeros((ny + 2, nx + 2), bool)
@@ -957,7 +958,6 @@ def _fit_single(img, var, x0, y0, fwhm0, beta0, oversample):
 
     NaNs when the stamp has too few pixels, the fit does not converge or ends at a bound.
     """
-    from scipy.optimize import least_squares
 
     h = int(np.ceil(2.0 * fwhm0))
     xx, yy, d, v = _stamp(img, var, x0, y0, h)

@@ -32,12 +32,17 @@ correlation), :func:`write_catalogue` (FITS, CSV or Parquet, atomically) and
 
 from __future__ import annotations
 
+import io
+import tempfile
 from pathlib import Path
 
 import numpy as np
-from astropy.table import Column, Table
+from astropy import units as u
+from astropy.io import fits
+from astropy.table import Column, Table, vstack
+from astropy.table.meta import YamlParseError, get_header_from_yaml
 
-from ..flags import FIT_FLAGS, FlagThresholds, fit_flags_description
+from ..flags import DEFAULT_MAX_RED_CHI2, FIT_FLAGS, FlagThresholds, fit_flags_description
 from ..io.fits import atomic_path
 from ..models.benchcal import BENCH_LABELS, BenchmarkCalibration
 
@@ -174,11 +179,10 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
 
 def fit_flags(status, red_chi2, max_red_chi2: float | None = None) -> np.ndarray:
     """``fit_flags`` values (int32) from the fit ``status`` strings and ``red_chi2``;
-    ``max_red_chi2`` defaults to :attr:`musepayne.fit.fitter.FitConfig.max_red_chi2`."""
+    ``max_red_chi2`` defaults to :data:`musepayne.flags.DEFAULT_MAX_RED_CHI2` (the default of
+    :attr:`musepayne.fit.fitter.FitConfig.max_red_chi2`)."""
     if max_red_chi2 is None:
-        from .fitter import FitConfig  # lazily: fit imports this module
-
-        max_red_chi2 = FitConfig.max_red_chi2
+        max_red_chi2 = DEFAULT_MAX_RED_CHI2
     st = np.asarray(status).astype(str)
     rc = np.asarray(red_chi2, np.float64)
     out = np.zeros(st.shape, np.int32)
@@ -322,7 +326,7 @@ def write_catalogue(cat: Table, path, fmt: str | None = None, overwrite: bool = 
                 tab[c] = tab[c].astype(str)
     if fmt == "parquet":
         try:
-            import pyarrow  # noqa: F401
+            import pyarrow  # noqa: F401, PLC0415 - optional dependency (the parquet extra)
         except ImportError:
             raise RuntimeError("Parquet export needs pyarrow: pip install 'musepayne[parquet]'") from None
     with atomic_path(path, overwrite=overwrite) as tmp:
@@ -384,11 +388,6 @@ class CatalogueStream:
     def add_fits_bytes(self, raw: bytes):
         """Add a block given as the FITS file :func:`fits_bytes` makes of it (e.g. in another
         process); FITS output only."""
-        import io
-        import tempfile
-
-        from astropy.io import fits
-
         if self.fmt != "fits":
             raise ValueError("serialised blocks can only be added to a FITS catalogue")
         buf = io.BytesIO(raw)
@@ -421,8 +420,6 @@ class CatalogueStream:
 
     def close(self) -> Path:
         if self.fmt != "fits":
-            from astropy.table import vstack
-
             tabs, self._tables = self._tables, []
             if tabs:
                 write_catalogue(tabs[0] if len(tabs) == 1 else vstack(tabs, metadata_conflicts="silent"),
@@ -465,8 +462,6 @@ class CatalogueStream:
 
 def fits_bytes(tab: Table) -> bytes:
     """The FITS file :func:`write_catalogue` writes for ``tab``, as bytes."""
-    import io
-
     buf = io.BytesIO()
     tab.write(buf, format="fits")
     return buf.getvalue()
@@ -483,9 +478,6 @@ def _restore_parquet_meta(tab: Table, yaml_bytes) -> None:
     (written by ``Table.write(format='parquet')``), in place; nothing when absent or unreadable."""
     if not yaml_bytes:
         return
-    from astropy import units as u
-    from astropy.table.meta import YamlParseError, get_header_from_yaml
-
     try:
         hdr = get_header_from_yaml(yaml_bytes.decode("utf-8").splitlines())
     except (YamlParseError, UnicodeDecodeError, ValueError):
@@ -505,7 +497,7 @@ def read_catalogue(path) -> Table:
     path = Path(path)
     if path.suffix.lower() == ".parquet":
         try:
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # noqa: PLC0415 - optional dependency (the parquet extra)
         except ImportError:
             raise RuntimeError("reading Parquet needs pyarrow: pip install 'musepayne[parquet]'") from None
         t = pq.read_table(path)

@@ -89,13 +89,19 @@ is ~1 and the errors are the Cramér-Rao bound of the model.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..flags import EXCLUDING_BITS, SPECTRUM_STATUS
+from ..flags import DEFAULT_MAX_RED_CHI2, EXCLUDING_BITS, SPECTRUM_STATUS
+from ..instrument.lsf import FWHM_TO_SIGMA
 from ..instrument.wavelength import C_KMS, air_to_vacuum
 from ..models.model import SpectralModel
+from ..prepare.resample import convolution_matrix
+from .catalogue import build_catalogue
 
 __all__ = ["FitConfig", "Fitter", "FitArrays", "doppler_factor", "shift_weights", "grid_segments", "scrambled_sobol"]
 
@@ -180,7 +186,7 @@ class FitConfig:
     min_pixels: int = 50
     scale_errors: bool = True
     keep_model: bool = False
-    max_red_chi2: float = 3.0
+    max_red_chi2: float = DEFAULT_MAX_RED_CHI2
     gradcorr_threshold: float = 0.5
     model_name: str | None = None
     seed: int = 0
@@ -314,14 +320,11 @@ def scrambled_sobol(d: int, n: int, seed: int, bits: int = 30) -> np.ndarray:
     scramble and digital shift drawn from ``numpy.random.default_rng(seed)`` in scipy's order,
     Gray-code order of points.  Falls back to scipy when its table file is not found; the
     tests compare both."""
-    import importlib.util
-    import os
-
     spec = importlib.util.find_spec("scipy")
     table = (os.path.join(os.path.dirname(spec.origin), "stats", "_sobol_direction_numbers.npz")
              if spec is not None and spec.origin else "")
     if not (d >= 1 and os.path.isfile(table)):
-        from scipy.stats import qmc
+        from scipy.stats import qmc  # noqa: PLC0415 - fallback only; scipy.stats costs 0.5 s of a fit's start-up
 
         return qmc.Sobol(d=d, scramble=True, seed=seed).random(n)
     with np.load(table) as dns:
@@ -465,9 +468,6 @@ class _RowOpsBuilder:
             key = prof[k].tobytes()
             o = self._key.get(key)
             if o is None:
-                from ..instrument.lsf import FWHM_TO_SIGMA
-                from ..prepare.resample import convolution_matrix
-
                 o = len(self.ops)
                 self.ops.append(_BandedOp(convolution_matrix(self.wave, prof[k] * FWHM_TO_SIGMA)[0],
                                           self.fitter.dtype))
@@ -536,8 +536,6 @@ class Fitter:
     def catalogue(self, spectra, res: FitArrays, templates=None):
         """The catalogue Table of results ``res`` for the rows of the prepared ``SPECTRA`` table
         ``spectra`` (e.g. ``prepared.spectra[a:b]`` for a block of :meth:`fit_blocks`)."""
-        from .catalogue import build_catalogue
-
         return build_catalogue(spectra, self.model, res, self.config,
                                templates=templates if templates is not None else self.templates,
                                model_name=self.config.model_name)
@@ -581,8 +579,6 @@ class Fitter:
         bounds = _block_bounds(fit_ok, B)
         pool = None
         if cfg.n_threads > 1 and todo.size > cfg.chunk_size:
-            from concurrent.futures import ThreadPoolExecutor
-
             pool = ThreadPoolExecutor(max_workers=cfg.n_threads)
         try:
             for a, b in bounds:

@@ -32,6 +32,7 @@ chunks (the fitter) holds one chunk in memory, whatever the number of spectra.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,7 +79,6 @@ class FitsRows:
     """
 
     def __init__(self, path, offset: int, shape: tuple, dtype):
-        import os
 
         self.path = str(path)
         self.shape = (int(shape[0]), int(shape[1]))
@@ -99,7 +99,6 @@ class FitsRows:
                         self._file_dtype)
 
     def close(self):
-        import os
 
         if self._fd is not None:
             os.close(self._fd)
@@ -113,7 +112,6 @@ class FitsRows:
 
     def _read(self, a: int, b: int) -> np.ndarray:
         """Rows ``a .. b-1`` (native byte order)."""
-        import os
 
         if self._fd is None:
             raise ValueError(f"{self.path}: rows read after close()")

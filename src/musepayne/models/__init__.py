@@ -1,8 +1,8 @@
 """Spectral models: Payne emulators, the Cannon, gradient templates; the model file format.
 
-* :mod:`~musepayne.models.model` -- :class:`SpectralModel` (per-pixel and MLP Payne),
-  :func:`load_model` (``"default"`` is the model shipped in this folder), imports of
-  external Payne networks;
+* :mod:`~musepayne.models.model` -- :class:`SpectralModel` (per-pixel and MLP Payne);
+* :mod:`~musepayne.models.files` -- :func:`load_model` (``"default"`` is the model shipped in this
+  folder, with its templates ``default.templates.fits``), imports of external Payne networks;
 * :mod:`~musepayne.models.cannon` -- a quadratic Cannon in the same interface (the
   cross-validation baseline);
 * :mod:`~musepayne.models.benchcal` -- the Gaia FGK benchmark-scale calibration a model file carries
@@ -24,6 +24,7 @@ __getattr__, __dir__, __all__ = attach(
         "benchcal": ["BenchmarkCalibration", "read_benchmarks", "match_benchmarks"],
         "cannon": ["CannonConfig", "CannonModel", "train_cannon"],
         "gradients": ["CannonEmulator", "GradientTemplates", "build_templates", "default_emulator_path"],
-        "model": ["MLPPayne", "ModelError", "PerPixelPayne", "SpectralModel", "import_payne_npz", "load_model"],
+        "model": ["MLPPayne", "ModelError", "PerPixelPayne", "SpectralModel"],
+        "files": ["load_model", "import_payne_npz", "templates_path"],
     },
 )

@@ -27,8 +27,8 @@ Calibration (:class:`BenchmarkCalibration`)
   (dwarf / giant) or overall (see :attr:`BenchmarkCalibration.sys_err`): the extra variance
   that makes ``(fit_cal - bench) / sqrt(stat^2 + sys^2 + e_bench^2)`` have a
   dispersion of 1 (half the 15.87-84.13 percentile range), solved on the
-  residuals of inner-CV maps (each star calibrated by a map that did not see it).  The benchmark table has no [Fe/H] error: :data:`FEH_BENCH_ERR`
-  (0.05 dex) is used.
+  residuals of inner-CV maps (each star calibrated by a map that did not see it).  The
+  benchmark table has no [Fe/H] error: :data:`FEH_BENCH_ERR` (0.05 dex) is used.
 * Both are cross-validated over the benchmark stars (:func:`cross_validate_calibration`,
   K folds grouped by star: neither map nor sys error of a fold saw its stars).
 

@@ -36,7 +36,7 @@ Pure array functions: :func:`design_matrix`, :func:`design_jacobian`,
 :func:`fit_coefficients`, :func:`ml_scatter`; class: :class:`CannonModel`
 (built by :func:`train_cannon`).  numpy only; nothing is pickled: ``model.save(path)``
 writes the package's model file (``ARCH = 'cannon'``, HDUs ``THETA`` (n_pix, K) and
-``SCATTER`` (n_pix,)), which :func:`musepayne.models.model.load_model` (and so ``musepayne fit
+``SCATTER`` (n_pix,)), which :func:`musepayne.models.files.load_model` (and so ``musepayne fit
 --model``) reads back, scatter included.
 """
 

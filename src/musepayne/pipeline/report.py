@@ -69,6 +69,13 @@ def _col(t, name):
     return np.asarray(c.filled(np.nan) if hasattr(c, "filled") else c, dtype=np.float64)
 
 
+def _model_scale(cat, label, what=""):
+    """Column of ``label`` on the model's own scale: ``X_uncal`` (``X_err_stat`` for ``what='_err'``)
+    when the catalogue is benchmark-calibrated, else ``X`` (``X_err``)."""
+    alt = f"{label}_uncal" if not what else f"{label}{what}_stat"
+    return alt if alt in cat.colnames else f"{label}{what}"
+
+
 def _good(cat):
     """Rows with a converged fit inside the model's label range (not 'edge', not failed)."""
     if "status" not in cat.colnames:
@@ -266,7 +273,7 @@ def plot_truth(path, cat, truth, labels=("teff", "logg", "fe_h", "rv"), key="ste
         t = np.asarray(truth[n], float)[idx[sel]]
         # simulated truth is on the model's own label scale: compare the model's labels, not the
         # benchmark-calibrated ones (musepayne.models.benchcal), when the catalogue has both
-        d = _col(cat, f"{n}_uncal" if f"{n}_uncal" in cat.colnames else n)[sel] - t
+        d = _col(cat, _model_scale(cat, n))[sel] - t
         b, s, _ = bias_dispersion(d)
         stats[n] = {"bias": b, "dispersion": s, "n": int(np.isfinite(d).sum())}
         ax.scatter(t, d, s=8)
@@ -332,8 +339,10 @@ def injection_budget(cat, truth, sources=None, labels=("teff", "logg", "fe_h"), 
     snr = _col(cat, "snr_muse")
     snr = np.full(sel.size, np.inf) if snr is None else snr[sel]
     bl = np.where(np.isfinite(blend), blend, 0.0)
-    d = {n: _col(cat, n)[sel] - np.asarray(truth[n], float)[ti] for n in labels}
-    e = {n: (_col(cat, n + "_err")[sel] if n + "_err" in cat.colnames else np.full(sel.size, np.nan))
+    # simulated truth is on the model's own label scale: compare the model's labels and their
+    # statistical errors (X_uncal, X_err_stat), not the benchmark-calibrated ones, when both exist
+    d = {n: _col(cat, _model_scale(cat, n))[sel] - np.asarray(truth[n], float)[ti] for n in labels}
+    e = {n: (_col(cat, _model_scale(cat, n, "_err"))[sel] if n + "_err" in cat.colnames else np.full(sel.size, np.nan))
          for n in labels}
 
     def stats(m):
@@ -384,7 +393,7 @@ def plot_truth_snr_blend(path, cat, truth, sources=None, labels=("teff", "logg",
     fig, axes = plt.subplots(2, len(labels), figsize=(4 * len(labels), 6.6), squeeze=False)
     snr = snr[sel]
     for k, n in enumerate(labels):
-        d = _col(cat, n)[sel] - np.asarray(truth[n], float)[ti]
+        d = _col(cat, _model_scale(cat, n))[sel] - np.asarray(truth[n], float)[ti]
         ax = axes[0, k]
         ax.scatter(snr, d, s=8, c=np.where(np.isfinite(blend), blend, 0.0), cmap="viridis", vmin=0, vmax=0.5)
         ax.set_xscale("log")

@@ -49,7 +49,7 @@ from ..io.cube import open_cube
 from ..io.fits import atomic_write_fits, atomic_write_json, sha256_file, table_hdu
 from ..io.prepared import PreparedSpectra
 from ..io.readers import read_muse_spectra
-from ..models.model import _default_model_path, load_model
+from ..models.files import _default_model_path, load_model
 from ..prepare.preparer import PrepareConfig, Preparer
 from ..threads import blas_threads
 from .report import make_report

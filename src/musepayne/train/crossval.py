@@ -41,9 +41,10 @@ from ..io.prepared import PreparedSpectra
 from ..io.readers import read_miles, read_stelib
 from ..io.spectra import ReaderError
 from ..models.cannon import CannonConfig, train_cannon
+from ..models.files import load_model
 from ..models.gradients import CannonEmulator, GradientTemplates, build_templates
-from ..models.model import load_model
 from ..prepare.preparer import PrepareConfig, Preparer
+from ..threads import blas_threads
 from .trainer import TrainConfig, train_model
 from .trainset import TrainingSet, build_trainset, simulate_lamost_observation, simulate_muse_observation
 
@@ -184,7 +185,6 @@ def cross_validate(trainset: TrainingSet, templates=None, config: CVConfig | Non
     summary : dict
         See :func:`cv_summary`, plus ``seconds`` (wall time per step) and, with a baseline, ``baseline``.
     """
-    from ..threads import blas_threads
 
     cfg = config or CVConfig()
     fcfg = fit_config or FitConfig()

@@ -61,6 +61,7 @@ from ..fit.fitter import FitConfig, Fitter
 from ..io.prepared import PreparedSpectra
 from ..models.cannon import ml_scatter
 from ..models.model import MLPPayne, PerPixelPayne
+from ..threads import blas_threads
 
 __all__ = ["TrainConfig", "TrainResult", "train_model", "parse_gradient_weights", "split_indices"]
 
@@ -443,7 +444,6 @@ def estimate_scatter(model, flux, ivar, fit_config=None):
     cfg = _replace(fit_config or FitConfig(precision="float64"), keep_model=True, model_scatter="off",
                    lsf_excess=False)
     fitter = Fitter(model, cfg)
-    from ..threads import blas_threads
 
     with blas_threads(1):  # the fit's products are per chunk (small): one BLAS thread, as musepayne fit
         res = fitter.fit_arrays(prep)
