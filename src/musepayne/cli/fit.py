@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from ..fit.fitter import FitConfig, Fitter
 from ..io.prepared import PreparedSpectra
 from ..io.spectra import ReaderError
 from ..models.model import ModelError, load_model
-from ._common import Timer, emit, fail, json_option
+from ._common import Timer, check_output_not_input, emit, fail, json_option
 
 
 @click.command(name="fit")
@@ -26,7 +27,8 @@ from ._common import Timer, emit, fail, json_option
               help="Catalogue file: .fits (default), .csv or .parquet by suffix.")
 @click.option("--rv-range", default=600.0, show_default=True, type=float,
               help="Half-width (km/s) of the RV search and bound of the fitted RV.")
-@click.option("--starts", "n_starts", default=2, show_default=True, type=int, help="Starting points per spectrum.")
+@click.option("--starts", "n_starts", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Starting points per spectrum.")
 @click.option("--lsf-excess/--no-lsf-excess", default=True, show_default=True,
               help="Convolve the model by the prepared LSF_EXCESS where the data are broader than the model.")
 @click.option("--model-scatter", type=click.Choice(["errors", "weights", "off"]), default="errors",
@@ -35,7 +37,7 @@ from ._common import Timer, emit, fail, json_option
                    "red_chi2_model only (labels from the observed errors, paper Eq. 3), also in the fit "
                    "weights (Cannon test step), or not at all.")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--threads", "n_threads", default=0, show_default=True, type=int,
+@click.option("--threads", "n_threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="Fit chunks of spectra in this many threads; 0: one per CPU core. Results do not depend on it.")
 @click.option("--keep-model", is_flag=True, help="Store the best-fit model spectra (FITS output only).")
 @click.option("--also", "also", multiple=True, type=click.Path(dir_okay=False),
@@ -52,20 +54,24 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
     with status 'failed:<reason>'.
     """
 
+    models = [m for m in (model_path, model_mp_path) if m and m != "default"]
+    for out_path in (output, *also):
+        check_output_not_input(out_path, [prepared, *models], as_json)
+    n_threads = n_threads or os.cpu_count() or 1
+    try:  # options are checked before anything is read
+        cfg = FitConfig(rv_range=rv_range, n_starts=n_starts, lsf_excess=lsf_excess, model_scatter=model_scatter,
+                        precision=precision,
+                        keep_model=keep_model, n_threads=n_threads)
+    except ValueError as exc:
+        fail(f"bad option: {exc}", as_json)
     timer = Timer()
     try:
         with timer("read"):
             data = PreparedSpectra.read(prepared)
             model = load_model(model_path)
             model_mp = load_model(model_mp_path) if model_mp_path else None
-    except (ReaderError, ModelError) as exc:
+    except (ReaderError, ModelError, OSError) as exc:
         fail(str(exc), as_json)
-    if n_threads < 0:
-        fail("--threads must be >= 0", as_json)
-    n_threads = n_threads or os.cpu_count() or 1
-    cfg = FitConfig(rv_range=rv_range, n_starts=n_starts, lsf_excess=lsf_excess, model_scatter=model_scatter,
-                    precision=precision,
-                    keep_model=keep_model, n_threads=n_threads)
     with timer("fit"):
         cat = Fitter(model, cfg)(data)
         if model_mp is not None:
@@ -90,3 +96,5 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
     for k, v in sorted(reasons.items()):
         lines.append(f"  {k}: {v}")
     emit(info, as_json, lines)
+    if n and all(str(s).startswith("failed") for s in cat["status"]):
+        sys.exit(1)  # the catalogue is written, but no spectrum could be fitted

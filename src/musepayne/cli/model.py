@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import emit, fail, json_option
+from ._common import check_output_not_input, emit, fail, json_option
 
 
 @click.group(name="model")
@@ -32,6 +32,7 @@ def import_(npz, fmt, labels, units, wavelength, vacuum, name, output, as_json):
 
     from ..models.model import ModelError, import_payne_npz
 
+    check_output_not_input(output, [npz, wavelength], as_json)
     names = [s.strip() for s in labels.split(",") if s.strip()]
     unit_list = [s.strip() for s in units.split(",")] if units else None
     meta = {"command": " ".join(["musepayne"] + sys.argv[1:]) if sys.argv else "musepayne model import"}

@@ -182,8 +182,8 @@ class FitConfig:
             raise ValueError("rv_range must be positive and below the speed of light")
         if self.precision not in ("float32", "float64"):
             raise ValueError("precision must be 'float32' or 'float64'")
-        if self.n_starts < 1 or self.n_grid < 1 or self.max_iter < 1 or self.chunk_size < 1:
-            raise ValueError("n_starts, n_grid, max_iter and chunk_size must be >= 1")
+        if self.n_starts < 1 or self.n_grid < 1 or self.max_iter < 1 or self.chunk_size < 1 or self.n_threads < 1:
+            raise ValueError("n_starts, n_grid, max_iter, chunk_size and n_threads must be >= 1")
         if self.model_scatter not in SCATTER_MODES:
             raise ValueError(f"model_scatter must be one of {SCATTER_MODES}, got {self.model_scatter!r}")
 

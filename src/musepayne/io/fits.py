@@ -8,6 +8,8 @@ guarantees.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -18,7 +20,8 @@ from pathlib import Path
 
 from astropy.io import fits
 
-__all__ = ["atomic_path", "atomic_write_fits", "atomic_write_text", "atomic_write_json", "sha256_file"]
+__all__ = ["atomic_path", "atomic_write_fits", "atomic_write_text", "atomic_write_json", "sha256_file",
+           "folder_lock", "FolderBusy", "preallocate"]
 
 
 @contextmanager
@@ -105,3 +108,56 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+class FolderBusy(RuntimeError):
+    """Another process holds the lock of an output folder."""
+
+
+LOCK_NAME = ".musepayne.lock"
+
+
+@contextmanager
+def folder_lock(folder):
+    """Hold an exclusive lock on ``folder`` (``folder/.musepayne.lock``, ``fcntl.flock``).
+
+    The lock belongs to the open file, so the kernel releases it when the
+    process dies however it dies (SIGKILL included); the lock file itself is
+    left in place (removing it would race with a waiting process).  A second
+    holder is refused at once with :class:`FolderBusy` naming the folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise FolderBusy(f"{folder} is in use by another musepayne process "
+                                 f"(lock {folder / LOCK_NAME}); wait for it to finish") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def preallocate(fh, nbytes: int, path=None):
+    """Reserve ``nbytes`` of disk for the open file ``fh`` (``os.posix_fallocate``).
+
+    A sparse file that is later filled through a memory map dies with SIGBUS
+    when the disk runs full; reserving the blocks first turns that into an
+    ``OSError(ENOSPC)`` here, before anything is written.
+    """
+    if nbytes <= 0:
+        return
+    fh.flush()
+    try:
+        os.posix_fallocate(fh.fileno(), 0, int(nbytes))
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+            return  # the file system cannot preallocate: keep the sparse file
+        raise OSError(exc.errno, f"cannot reserve {nbytes / 1e6:.1f} MB on disk ({exc.strerror})",
+                      str(path) if path is not None else None) from None

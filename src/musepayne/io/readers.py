@@ -241,6 +241,7 @@ def _read_muse_image(h, path, lsf, frame, data_ext=0):
     if err.shape != flux.shape:
         raise ReaderError(f"{path}: {err_name} shape {err.shape} differs from flux shape {flux.shape}")
     var = err**2 if err_name in ("SIGMA", "ERR", "ERROR") else err
+    var = np.where(err < 0, np.nan, var)  # a negative error or variance is no measurement: pixel unusable
     npix = flux.shape[-1]
     if "CRVAL1" not in hdr or not ("CDELT1" in hdr or "CD1_1" in hdr):
         raise ReaderError(f"{path}: no wavelength solution (CRVAL1 and CDELT1/CD1_1 missing)")

@@ -43,7 +43,7 @@ from astropy.wcs import WCS
 from ..extract.psf import MoffatPSF, psf_design_matrix
 from ..instrument.lsf import FWHM_TO_SIGMA, MUSE_LSF
 from ..instrument.wavelength import C_KMS, bin_edges, linear_grid
-from ..io.fits import atomic_path, atomic_write_fits
+from ..io.fits import atomic_path, atomic_write_fits, preallocate
 from ..prepare.resample import build_operator, rebin_matrix
 from .toyspec import toy_spectrum
 
@@ -408,6 +408,8 @@ class Simulator:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
                 fh.truncate(total)
+                # reserve the blocks: a full disk is an OSError here, not a SIGBUS in the memory map
+                preallocate(fh, total, path)
                 fh.seek(0)
                 fh.write(blocks[0])
                 fh.write(blocks[1])
