@@ -69,6 +69,10 @@ class LazyGroup(click.Group):
         mod, attr = target.split(":")
         return getattr(importlib.import_module(mod), attr)
 
+    def parse_args(self, ctx, args):
+        ctx.meta["musepayne.argv"] = list(args)  # the error handler answers in JSON under --json
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         """Run the subcommand; any unexpected exception becomes one line and exit code 2.
 
@@ -76,8 +80,7 @@ class LazyGroup(click.Group):
         ``MUSEPAYNE_DEBUG=1``); click's own usage errors, ``sys.exit`` and
         Ctrl-C keep their behaviour.
         """
-        args = [*getattr(ctx, "protected_args", []), *ctx.args]
-        as_json = "--json" in args
+        as_json = "--json" in ctx.meta.get("musepayne.argv", ())
         debug = bool((ctx.params or {}).get("debug")) or os.environ.get("MUSEPAYNE_DEBUG", "") not in ("", "0")
         try:
             return super().invoke(ctx)
