@@ -113,19 +113,42 @@ def _mutate(data: bytes, kind: str, a: int, b: int) -> bytes:
     raise AssertionError(kind)
 
 
-MUTATION = st.tuples(st.sampled_from(["same", "same", "truncate", "flip", "empty", "random", "text",
-                                      "lying_header"]),
+MUTATION = st.tuples(st.sampled_from(["same"] * 5 + ["truncate", "flip", "empty", "random", "text",
+                                                      "lying_header"]),
                      st.integers(0, 10**6), st.integers(0, 10**6))
 IDS = st.one_of(st.text(min_size=0, max_size=40), st.sampled_from(["a/b", "a_b", "a?b", ".", "..", "x" * 300,
                                                                      "", " ", "--", "\u00e9", "a\nb"]))
 NUM = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([-1e30, 1e30, 0.0]))
+COLUMNS = ["teff", "logg", "fe_h", "mg_fe", "fit_flags", "corr_flux", "snr_muse", "red_chi2", "rv", "stellar_id",
+           "nope"]
+
+
+@st.composite
+def expression(draw, depth=0):
+    """A selection expression from the documented grammar (valid most of the time)."""
+    kind = draw(st.sampled_from(["cmp", "cmp", "bool", "not", "func", "arith", "bit"] if depth < 3 else ["cmp"]))
+    col = draw(st.sampled_from(COLUMNS))
+    num = draw(st.one_of(st.integers(-10**6, 10**6).map(str), NUM.map(repr), st.sampled_from(["nan", "inf"])))
+    if kind == "cmp":
+        return f"{col} {draw(st.sampled_from(['<', '<=', '>', '>=', '==', '!=']))} {num}"
+    if kind == "bool":
+        return f"({draw(expression(depth + 1))}) {draw(st.sampled_from(['and', 'or', '&', '|']))} " \
+               f"({draw(expression(depth + 1))})"
+    if kind == "not":
+        return f"{draw(st.sampled_from(['not ', '~']))}({draw(expression(depth + 1))})"
+    if kind == "func":
+        f = draw(st.sampled_from(["abs", "isfinite", "isnan", "sqrt", "log10", "exp"]))
+        return f"{f}({col}) > {num}"
+    if kind == "arith":
+        return f"{col} {draw(st.sampled_from(['+', '-', '*', '/', '**', '%']))} {num} > {col}"
+    return f"bit(fit_flags, {draw(st.one_of(st.integers(-3, 70).map(str), NUM.map(repr)))})"
 
 
 @st.composite
 def catalogue(draw, kind="sources"):
     """A source or label catalogue: valid, mutated, or generated with odd ids/values/columns."""
     a = assets()
-    mode = draw(st.sampled_from(["asset", "generated"]))
+    mode = draw(st.sampled_from(["asset", "asset", "generated"]))
     if mode == "asset":
         return ("bytes", a["sources" if kind == "sources" else "cat"].name,
                 _mutate(a["sources" if kind == "sources" else "cat"].read_bytes(), *draw(MUTATION)))
@@ -187,6 +210,7 @@ def case(draw, command=None):
     if cmd in ("select", "calibrate"):
         spec["catalogue"] = draw(catalogue("labels"))
         expr = draw(st.one_of(
+            expression(), expression(),
             st.text(max_size=60),
             st.sampled_from(["teff > 4000", "bit(fit_flags, 1e30)", "bit(fit_flags, -1)", "bit(fit_flags, 3)",
                              "-" * 1990 + "teff", "(" * 300 + "teff" + ")" * 300, "__import__('os')",
@@ -203,9 +227,10 @@ def case(draw, command=None):
                 ["--no-trend"], ["--paper-offsets"], ["--teff-ref", str(draw(NUM))],
                 ["--outside", "clip"], ["--giant-logg", str(draw(NUM))]]), max_size=2))
     if cmd == "simulate":
-        spec["opts"] = ["--nstars", str(draw(st.integers(-2, 8))), "--size", str(draw(st.integers(-1, 12))),
-                        "--nlayers", str(draw(st.integers(-1, 40))), "--seed", str(draw(st.integers(-1, 3))),
-                        "--mag-range", str(draw(NUM)), str(draw(NUM))]
+        spec["opts"] = [["--nstars", str(draw(st.integers(0, 8)))], ["--size", str(draw(st.integers(6, 14)))],
+                        ["--nlayers", str(draw(st.integers(0, 40)))], ["--seed", str(draw(st.integers(-1, 3)))]]
+        spec["opts"] += draw(st.one_of(st.just([]), st.just([]), st.just([["--mag-range", "15", "19"]]),
+                                       st.tuples(NUM, NUM).map(lambda m: [["--mag-range", str(m[0]), str(m[1])]])))
     if cmd in ("run", "survey"):
         spec["config"] = draw(CONFIG)
         spec["opts"] = draw(st.lists(st.sampled_from([

@@ -335,6 +335,16 @@ def test_header_claiming_huge_cube_is_rejected_before_allocating(small, tmp_path
     assert peak < 50e6  # a 10^8-layer wavelength grid alone would be 800 MB
     r = _cli(["extract", bad, "--sources", small["sources"], "-o", tmp_path / "o.fits"])
     assert "claims" in _one_line_error(r)
+    # the same check guards every FITS reader (here: prepared spectra read without a memory map)
+    as_prepared(np.linspace(5000, 6000, 200), np.ones((5, 200)), np.ones(200)).write(tmp_path / "p.fits")
+    raw = bytearray((tmp_path / "p.fits").read_bytes())
+    i = raw.index(b"NAXIS2  =", raw.index(b"'FLUX"))
+    raw[i:i + 30] = b"NAXIS2  = %20d" % 10**7
+    (tmp_path / "lying.fits").write_bytes(bytes(raw))
+    from musepayne.io.prepared import PreparedSpectra
+
+    with pytest.raises(ReaderError, match="claims"):
+        PreparedSpectra.read(tmp_path / "lying.fits")
 
 
 # ---------------------------------------------------------------- 9. no tracebacks

@@ -11,7 +11,7 @@ from astropy.table import Table
 from ..models.model import ModelError, load_model
 from ..pipeline.runner import Pipeline, RunConfig
 from ..simulate.simulator import SimulateConfig, Simulator
-from ._common import emit, fail, json_option
+from ._common import emit, exc_text, fail, json_option
 from .run import progress_display, setup_log
 
 
@@ -47,7 +47,7 @@ def demo(outdir, cube, sources, model, nstars, size, seed, progress, as_json):
     try:
         mdl = load_model(model)
     except ModelError as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
     truth = None
     if cube is not None:
         if sources is None:

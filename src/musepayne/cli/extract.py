@@ -9,7 +9,7 @@ import click
 
 from ..extract.extractor import ExtractConfig, Extractor
 from ..io.spectra import ReaderError
-from ._common import Timer, check_output_not_input, emit, fail, json_option
+from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_option
 
 
 @click.command(name="extract")
@@ -49,7 +49,7 @@ def extract(cube, catalogue, output, method, block, sky_order, no_transform, per
             result.write(output)
             n_per_star = len(result.write_per_star(per_star)) if per_star else 0
     except (ReaderError, OSError, ValueError) as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
     counts = dict(Counter(result.sources["status"].tolist()))
     t = result.transform
     info = {

@@ -14,7 +14,7 @@ from ..fit.fitter import FitConfig, Fitter
 from ..io.prepared import PreparedSpectra
 from ..io.spectra import ReaderError
 from ..models.model import ModelError, load_model
-from ._common import Timer, check_output_not_input, emit, fail, json_option
+from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_option
 
 
 @click.command(name="fit")
@@ -71,7 +71,7 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
             model = load_model(model_path)
             model_mp = load_model(model_mp_path) if model_mp_path else None
     except (ReaderError, ModelError, OSError) as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
     with timer("fit"):
         cat = Fitter(model, cfg)(data)
         if model_mp is not None:
@@ -83,7 +83,7 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
             for extra in also:
                 write_catalogue(cat, extra)
     except (RuntimeError, ValueError, OSError) as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
     counts = dict(Counter(s.split(":")[0] if s.startswith("failed") else s for s in cat["status"]))
     reasons = dict(Counter(s for s in cat["status"] if s.startswith("failed")))
     n = len(cat)

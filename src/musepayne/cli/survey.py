@@ -9,7 +9,7 @@ import click
 
 from ..pipeline.runner import read_config_file
 from ..pipeline.survey import Survey, SurveyConfig, sources_resolver
-from ._common import check_output_not_input, emit, fail, json_option
+from ._common import check_output_not_input, emit, exc_text, fail, json_option
 
 
 @click.command(name="survey")
@@ -49,7 +49,7 @@ def survey(cubes, cube_list, store, sources_dir, sources_from, scheduler, worker
     try:
         resolve = sources_resolver(sources_dir, sources_from)
     except ValueError as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
     try:
         opts = read_config_file(config_file) if config_file else {}
     except ValueError as exc:

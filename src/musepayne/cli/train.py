@@ -9,7 +9,7 @@ import click
 
 from ..io.fits import sha256_file
 from ..train.trainset import TrainingSet
-from ._common import Timer, check_output_not_input, emit, fail, json_option
+from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_option
 
 
 @click.command(name="train")
@@ -83,7 +83,7 @@ def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradi
                           gradient_loss=gradient_loss, batch_size=batch_size, outlier_clip=outlier_clip,
                           min_pixel_coverage=min_pixel_coverage, model_scatter=model_scatter)
     except ValueError as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
     if threads:
         torch.set_num_threads(threads)
     groups = ts.table["star_key"] if "star_key" in ts.table.colnames else None
@@ -111,7 +111,7 @@ def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradi
                               groups=groups, provenance=prov, progress=progress and not as_json,
                               label_units=tuple("K" if n == "teff" else "dex" for n in ts.label_names))
     except (ValueError, RuntimeError) as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
     if res.meta.get("clipped"):
         res.meta["clipped_stars"] = [str(ts.table["stellar_id"][i]) for i in res.meta["clipped"]]
     with timer("write"):

@@ -8,7 +8,6 @@ spectra on demand; malformed files raise :class:`~musepayne.io.spectra.ReaderErr
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -25,25 +24,6 @@ __all__ = ["MuseCube", "open_cube"]
 #: |value| above this in DATA or STAT is a blank sentinel, not a flux (MUSE fluxes are
 #: ~1e-20 erg/s/cm2/A units, so real values stay many orders of magnitude below it)
 _SENTINEL = 1e25
-
-
-def _check_claimed_size(hdu, path, name):
-    """Refuse a header that claims more data than the file holds (before anything is allocated)."""
-    if str(path).lower().endswith((".gz", ".bz2", ".xz", ".zip")) or isinstance(hdu, fits.CompImageHDU):
-        return
-    h = hdu.header
-    try:
-        naxis = int(h.get("NAXIS", 0))
-        nbytes = abs(int(h.get("BITPIX", 8))) // 8
-        for i in range(1, naxis + 1):
-            nbytes *= int(h.get(f"NAXIS{i}", 0))
-        start = int(hdu.fileinfo()["datLoc"]) if hdu.fileinfo() else 0
-        size = os.path.getsize(path)
-    except (TypeError, ValueError, OSError, KeyError):
-        return
-    if nbytes and start + nbytes > size:
-        raise ReaderError(f"{path}: {name} header claims {nbytes / 1e6:.1f} MB of data but the file holds "
-                          f"{max(0, size - start) / 1e6:.1f} MB (truncated file or corrupt header)")
 
 
 @dataclass(eq=False)
@@ -72,9 +52,6 @@ class MuseCube:
             hd = self._hdul["DATA"].header
             if hd.get("NAXIS", 0) != 3:
                 raise ReaderError(f"{self.path}: DATA has {hd.get('NAXIS', 0)} axes; a cube needs 3")
-            for name in ("DATA", "STAT", "DQ"):
-                if name in names:
-                    _check_claimed_size(self._hdul[name], self.path, name)
             spec_axes = [i for i in (1, 2, 3) if str(hd.get(f"CTYPE{i}", "")).upper()[:4] in ("AWAV", "WAVE", "LINE")]
             if 3 not in spec_axes:
                 if spec_axes:

@@ -21,7 +21,7 @@ from pathlib import Path
 from astropy.io import fits
 
 __all__ = ["atomic_path", "atomic_write_fits", "atomic_write_text", "atomic_write_json", "sha256_file",
-           "folder_lock", "FolderBusy", "preallocate"]
+           "folder_lock", "FolderBusy", "preallocate", "check_claimed_sizes"]
 
 
 @contextmanager
@@ -161,3 +161,38 @@ def preallocate(fh, nbytes: int, path=None):
             return  # the file system cannot preallocate: keep the sparse file
         raise OSError(exc.errno, f"cannot reserve {nbytes / 1e6:.1f} MB on disk ({exc.strerror})",
                       str(path) if path is not None else None) from None
+
+
+
+def check_claimed_sizes(hdul, path, error=ValueError):
+    """Raise ``error`` when a header of ``hdul`` claims more data than the file ``path`` holds.
+
+    Readers call this right after opening, before any data is read: a 16 KB file whose
+    header claims 10^8 layers is refused here instead of allocating gigabytes first.
+    Compressed files (gzip etc., tile-compressed HDUs) are not checked.
+    """
+    p = str(path)
+    if p.lower().endswith((".gz", ".bz2", ".xz", ".zip")):
+        return
+    try:
+        size = os.path.getsize(p)
+    except (OSError, TypeError):
+        return
+    for k, hdu in enumerate(hdul):
+        if isinstance(hdu, fits.CompImageHDU):
+            continue
+        h = hdu.header
+        try:
+            naxis = int(h.get("NAXIS", 0))
+            n = 1 if naxis > 0 else 0
+            for i in range(1, naxis + 1):
+                n *= int(h.get(f"NAXIS{i}", 0))
+            nbytes = abs(int(h.get("BITPIX", 8))) // 8 * int(h.get("GCOUNT", 1)) * (int(h.get("PCOUNT", 0)) + n)
+            info = hdu.fileinfo()
+            start = int(info["datLoc"]) if info else None
+        except (TypeError, ValueError, KeyError, AttributeError):
+            continue
+        if start is not None and nbytes > 0 and start + nbytes > size:
+            name = hdu.name or f"HDU {k}"
+            raise error(f"{path}: {name} header claims {nbytes / 1e6:.1f} MB of data but the file holds "
+                        f"{max(0, size - start) / 1e6:.1f} MB (truncated file or corrupt header)")

@@ -35,7 +35,7 @@ from astropy.table import Table, vstack
 
 from .. import __version__
 from ..flags import PIXEL_FLAGS
-from .fits import atomic_write_fits, check_format
+from .fits import atomic_write_fits, check_claimed_sizes, check_format
 from .spectra import ReaderError
 
 __all__ = ["PreparedSpectra", "FORMAT_NAME", "FORMAT_VERSION", "SPECTRA_COLUMNS"]
@@ -119,6 +119,7 @@ class PreparedSpectra:
             with fits.open(path, memmap=False) as h:
                 ph = h[0].header
                 check_format(ph, path, FORMAT_NAME, FORMAT_VERSION, "prepared-spectra", ReaderError)
+                check_claimed_sizes(h, path, ReaderError)
                 wave = np.array(h["WAVE"].data, np.float64)
                 flux = np.array(h["FLUX"].data, np.float64, ndmin=2)
                 ivar = np.array(h["IVAR"].data, np.float64, ndmin=2)
@@ -130,7 +131,7 @@ class PreparedSpectra:
                 meta = {k.lower(): ph[k] for k in ("MODE", "TGTLSF", "CONTWID", "AONOTCH", "MPSOFT") if k in ph}
         except ReaderError:
             raise
-        except (OSError, KeyError, TypeError, ValueError) as exc:
+        except (OSError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ReaderError(f"{path}: cannot read prepared spectra ({type(exc).__name__}: {exc})") from None
         if not (flux.shape == ivar.shape == mask.shape) or flux.shape[1] != wave.size:
             raise ReaderError(f"{path}: FLUX/IVAR/MASK/WAVE shapes disagree")

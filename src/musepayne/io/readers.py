@@ -41,6 +41,7 @@ from astropy.table import Table
 
 from ..instrument.lsf import LAMOST_LSF, LSF, MILES_LSF, MUSE_LSF, STELIB_LSF
 from ..instrument.wavelength import linear_grid, log_linear_grid
+from .fits import check_claimed_sizes
 from .spectra import ReaderError, SpectrumSet
 
 __all__ = [
@@ -81,6 +82,7 @@ def _open_checked(path, **kw):
         # touch every header so truncated files fail here, not later
         for h in hdul:
             _ = h.header
+        check_claimed_sizes(hdul, p, ReaderError)  # before any data is allocated
         return hdul
     except ReaderError:
         raise

@@ -201,6 +201,8 @@ class SimulateConfig:
     def __post_init__(self):
         if self.nx < 8 or self.ny < 8 or self.nlayers < 1 or self.nstars < 1:
             raise ValueError("SimulateConfig: need nx, ny >= 8 and nlayers, nstars >= 1")
+        if not (np.isfinite(self.mag_bright) and np.isfinite(self.mag_faint) and self.mag_bright <= self.mag_faint):
+            raise ValueError("SimulateConfig: the magnitude range needs finite mag_bright <= mag_faint")
 
 
 def king_radii(rng, n, rc, rt):
