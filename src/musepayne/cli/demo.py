@@ -81,6 +81,11 @@ def demo(outdir, cube, sources, model, nstars, size, seed, progress, as_json):
     for name, st in (rep.get("truth") or {}).items():
         lines.append(f"  {name:5s} recovered - true: bias {st['bias']:+.3g}, dispersion {st['dispersion']:.3g} "
                      f"(N={st['n']})")
+    if rep.get("truth_budget"):  # the short error budget (benchmarks/bias_budget.py has the full one)
+        from ..pipeline.report import format_budget
+
+        info["truth_budget"] = rep["truth_budget"]
+        lines += format_budget(rep["truth_budget"])
     lines += [f"catalogue: {out / 'catalogue.fits'}", f"report:    {out / 'report' / 'index.html'}",
               f"total {time.perf_counter() - t0:.0f} s; everything is in {out.resolve()}"]
     emit(info, as_json, lines)
