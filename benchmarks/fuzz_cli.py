@@ -31,13 +31,14 @@ COMMANDS = ["extract", "prepare", "fit", "select", "calibrate", "simulate", "run
 
 
 def fuzz(command: str, n: int):
-    stats = {"cases": 0, "failures": 0, "exit_codes": collections.Counter(), "examples": []}
+    stats = {"cases": 0, "failures": 0, "exit_codes": collections.Counter(), "examples": [], "slowest": (0.0, "")}
 
     @settings(max_examples=n, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(case(command))
     def run(spec):
         stats["cases"] += 1
+        t0 = time.perf_counter()
         try:
             r = check_case(spec)
             stats["exit_codes"][r.exit_code] += 1
@@ -46,6 +47,9 @@ def fuzz(command: str, n: int):
             if len(stats["examples"]) < 5:
                 stats["examples"].append(f"{type(exc).__name__}: {str(exc)[:400]}"
                                          if isinstance(exc, AssertionError) else traceback.format_exc(limit=3))
+        dt = time.perf_counter() - t0
+        if dt > stats["slowest"][0]:
+            stats["slowest"] = (round(dt, 1), json.dumps(spec, default=str)[:300])
 
     run()
     return stats
@@ -66,11 +70,11 @@ def main():
         s = fuzz(cmd, n)
         dt = time.perf_counter() - t0
         rows[cmd] = {"cases": s["cases"], "failures": s["failures"], "exit_codes": dict(s["exit_codes"]),
-                     "seconds": round(dt, 1), "examples": s["examples"]}
+                     "seconds": round(dt, 1), "examples": s["examples"], "slowest": s["slowest"]}
         total["cases"] += s["cases"]
         total["failures"] += s["failures"]
         print(f"{cmd:10s} cases={s['cases']:4d} failures={s['failures']:3d} exit codes={dict(s['exit_codes'])} "
-              f"({dt:.0f} s)", flush=True)
+              f"({dt:.0f} s; slowest case {s['slowest'][0]} s)", flush=True)
         for e in s["examples"]:
             print("    " + e.replace("\n", "\n    "), flush=True)
     print(f"TOTAL cases={total['cases']} failures={total['failures']}")

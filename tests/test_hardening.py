@@ -335,6 +335,20 @@ def test_header_claiming_huge_cube_is_rejected_before_allocating(small, tmp_path
     assert peak < 50e6  # a 10^8-layer wavelength grid alone would be 800 MB
     r = _cli(["extract", bad, "--sources", small["sources"], "-o", tmp_path / "o.fits"])
     assert "claims" in _one_line_error(r)
+    # a negative axis length: astropy alone grew to gigabytes inside fits.open (found by the fuzz suite)
+    for key in (b"NAXIS1  =", b"NAXIS2  =", b"NAXIS3  ="):
+        raw = bytearray(Path(small["cube"]).read_bytes())
+        i = raw.index(key, raw.index(b"'DATA"[:5]) - 800)
+        raw[i:i + 30] = key + b" %20d" % -1
+        (tmp_path / "neg.fits").write_bytes(bytes(raw))
+        tracemalloc.start()
+        try:
+            with pytest.raises(ReaderError, match="negative size"):
+                open_cube(tmp_path / "neg.fits")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 50e6
     # the same check guards every FITS reader (here: prepared spectra read without a memory map)
     as_prepared(np.linspace(5000, 6000, 200), np.ones((5, 200)), np.ones(200)).write(tmp_path / "p.fits")
     raw = bytearray((tmp_path / "p.fits").read_bytes())
@@ -469,6 +483,22 @@ def test_fit_and_prepare_exit_1_when_nothing_succeeds(tmp_path):
     (tmp_path / "junk.fits").write_bytes(b"not a fits file")
     r = _cli(["prepare", tmp_path / "junk.fits", "-o", tmp_path / "pp.fits", "--json"])
     assert r.exit_code == 1 and json.loads(r.output)["counts"] == {"read_error": 1}, r.output
+
+
+def test_non_ascii_strings_do_not_break_fits_writes(tmp_path):
+    """A run into 'rés/' failed: the prepared file's path column is not ASCII (FITS is)."""
+    from musepayne.fit.catalogue import write_catalogue
+    from musepayne.io.fits import fits_ascii
+
+    t = Table({"stellar_id": ["a", "b"], "file": ["/data/r\u00e9s/c.fits", "/data/c.fits"], "teff": [1.0, 2.0]})
+    write_catalogue(t, tmp_path / "c.fits")
+    back = Table.read(tmp_path / "c.fits")
+    assert list(back["file"]) == ["/data/r\\xe9s/c.fits", "/data/c.fits"] and list(back["teff"]) == [1.0, 2.0]
+    plain = Table({"stellar_id": ["a"], "file": ["/data/c.fits"]})
+    assert fits_ascii(plain) is plain  # ASCII tables are written exactly as before
+    prep = as_prepared(np.linspace(5000, 6000, 50), np.ones((2, 50)), np.ones(50))
+    prep.spectra["file"] = ["r\u00e9s/x.fits", "y.fits"]
+    prep.write(tmp_path / "p.fits")
 
 
 def test_json_output_is_strict(small):

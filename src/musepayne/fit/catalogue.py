@@ -34,7 +34,7 @@ import numpy as np
 from astropy.table import Column, Table
 
 from ..flags import FIT_FLAGS, FlagThresholds, fit_flags_description
-from ..io.fits import atomic_path
+from ..io.fits import atomic_path, fits_ascii
 
 __all__ = [
     "build_catalogue",
@@ -314,7 +314,7 @@ def write_catalogue(cat: Table, path, fmt: str | None = None, overwrite: bool = 
             raise RuntimeError("Parquet export needs pyarrow: pip install 'musepayne[parquet]'") from None
     with atomic_path(path, overwrite=overwrite) as tmp:
         if fmt == "fits":
-            tab.write(tmp, format="fits", overwrite=True)
+            fits_ascii(tab).write(tmp, format="fits", overwrite=True)
         elif fmt == "csv":
             tab.write(tmp, format="ascii.csv", overwrite=True)
         elif fmt == "ecsv":

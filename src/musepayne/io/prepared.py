@@ -35,7 +35,7 @@ from astropy.table import Table, vstack
 
 from .. import __version__
 from ..flags import PIXEL_FLAGS
-from .fits import atomic_write_fits, check_claimed_sizes, check_format
+from .fits import atomic_write_fits, check_claimed_sizes, check_format, fits_ascii, scan_fits_headers
 from .spectra import ReaderError
 
 __all__ = ["PreparedSpectra", "FORMAT_NAME", "FORMAT_VERSION", "SPECTRA_COLUMNS"]
@@ -105,7 +105,7 @@ class PreparedSpectra:
                 tab[name].description = desc
                 if unit:
                     tab[name].unit = unit
-        ht = fits.table_to_hdu(tab)
+        ht = fits.table_to_hdu(fits_ascii(tab))
         ht.name = "SPECTRA"
         return fits.HDUList([fits.PrimaryHDU(header=ph), hw, hf, hi, hm, he, hc, ht])
 
@@ -116,6 +116,7 @@ class PreparedSpectra:
     @classmethod
     def read(cls, path) -> PreparedSpectra:
         try:
+            scan_fits_headers(path, ReaderError)
             with fits.open(path, memmap=False) as h:
                 ph = h[0].header
                 check_format(ph, path, FORMAT_NAME, FORMAT_VERSION, "prepared-spectra", ReaderError)

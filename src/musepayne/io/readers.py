@@ -41,7 +41,7 @@ from astropy.table import Table
 
 from ..instrument.lsf import LAMOST_LSF, LSF, MILES_LSF, MUSE_LSF, STELIB_LSF
 from ..instrument.wavelength import linear_grid, log_linear_grid
-from .fits import check_claimed_sizes
+from .fits import check_claimed_sizes, scan_fits_headers
 from .spectra import ReaderError, SpectrumSet
 
 __all__ = [
@@ -77,6 +77,7 @@ def _open_checked(path, **kw):
         raise ReaderError(f"{path}: no such file")
     if p.is_dir():
         raise ReaderError(f"{path}: is a directory, not a FITS file")
+    scan_fits_headers(p, ReaderError)  # lying headers are refused before astropy reads them
     try:
         hdul = fits.open(p, **kw)
         hdul.verify("silentfix")
