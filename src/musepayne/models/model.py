@@ -32,6 +32,8 @@ primary    ``MPFORMAT='musepayne-model'``, ``MPMVERS`` (format version),
            (e.g. pixels covered by too few training spectra); fits ignore them
 ``SCATTER`` optional (n_pix,) float64, the model's intrinsic scatter ``s_p`` per pixel
            (normalised flux; fits add ``s_p^2`` to the variance)
+``BENCHCAL`` optional table: benchmark-scale calibration of the labels and their systematic
+           errors (:class:`musepayne.models.benchcal.BenchmarkCalibration`; fits apply it)
 ``PROVENANCE`` one-row table with a ``json`` column: the ``meta`` dict
            (training-set hash, command, versions, normalisation recipe, ...)
 ========== =================================================================
@@ -41,6 +43,7 @@ Reading and writing round-trips exactly (arrays bit for bit, meta as JSON).
 
 from __future__ import annotations
 
+import copy
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,6 +54,9 @@ from astropy.table import Table
 
 from .. import __version__
 from ..io.fits import atomic_write_fits, check_format
+from ..io.spectra import ReaderError
+from .benchcal import BenchmarkCalibration
+from .gradients import GradientTemplates
 
 __all__ = [
     "SpectralModel",
@@ -135,25 +141,71 @@ class SpectralModel:
         #: intrinsic per-pixel scatter ``s_p`` of the model (normalised-flux units; 0 = none): what the
         #: model cannot predict from the labels; fits add ``s_p^2`` to each pixel's variance
         self.scatter = np.zeros(self.wave.size)
+        #: :class:`musepayne.models.benchcal.BenchmarkCalibration` or None (fits then give the model's labels)
+        self.benchmark_calibration = None
+        #: :class:`musepayne.models.gradients.GradientTemplates` or None: the theoretical gradient
+        #: spectra fits compare the model's Jacobian with for the per-label flags (paper Eq. 4);
+        #: :func:`load_model` reads them from ``<model>.templates.fits`` beside the model file
+        self.templates = None
 
-    def with_pixel_mask(self, mask) -> SpectralModel:
-        """Set the model's pixel mask (True = unusable) and return the model."""
+    def _checked_mask(self, mask) -> np.ndarray:
         m = np.asarray(mask, dtype=bool).ravel()
         if m.shape != self.wave.shape:
             raise ModelError(f"pixel mask has {m.size} entries for {self.wave.size} model pixels")
-        self.pixel_mask = m.copy()
-        return self
+        return m.copy()
 
-    def with_scatter(self, scatter) -> SpectralModel:
-        """Set the model's intrinsic per-pixel scatter ``s_p`` (>= 0, one per pixel; NaN -> 0)
-        and return the model."""
+    def _checked_scatter(self, scatter) -> np.ndarray:
         s = np.nan_to_num(np.array(scatter, dtype=np.float64).ravel(), nan=0.0, posinf=0.0)
         if s.shape != self.wave.shape:
             raise ModelError(f"scatter has {s.size} entries for {self.wave.size} model pixels")
         if np.any(s < 0):
             raise ModelError("scatter must be >= 0")
-        self.scatter = s
-        return self
+        return s
+
+    def with_pixel_mask(self, mask) -> SpectralModel:
+        """A copy of the model with another pixel mask (the model itself is not changed).
+
+        Parameters
+        ----------
+        mask : array_like of bool, shape (n_pix,)
+            True where the model is not to be used.
+
+        Returns
+        -------
+        SpectralModel
+            A shallow copy sharing the network weights, with the new ``pixel_mask``.
+
+        Raises
+        ------
+        ModelError
+            If the mask does not have one entry per model pixel.
+        """
+        new = copy.copy(self)
+        new.pixel_mask = self._checked_mask(mask)
+        return new
+
+    def with_scatter(self, scatter) -> SpectralModel:
+        """A copy of the model with another intrinsic per-pixel scatter ``s_p`` (the model itself is
+        not changed).
+
+        Parameters
+        ----------
+        scatter : array_like of float, shape (n_pix,)
+            ``s_p`` in normalised-flux units, >= 0; NaN becomes 0.
+
+        Returns
+        -------
+        SpectralModel
+            A shallow copy sharing the network weights, with the new ``scatter``.
+
+        Raises
+        ------
+        ModelError
+            Wrong length or negative values.
+        """
+        new = copy.copy(self)
+        new.scatter = self._checked_scatter(scatter)
+        return new
 
     def inflate_ivar(self, ivar):
         """Fit weights ``1 / (1/ivar + s_p^2)`` for observed ``ivar`` ``(..., n_pix)`` (0 stays 0).
@@ -274,6 +326,8 @@ class SpectralModel:
             hs = fits.ImageHDU(self.scatter, name="SCATTER")
             hs.header["COMMENT"] = "intrinsic model scatter s_p per pixel (normalised flux); fits add s_p^2 to the variance"
             hdus.append(hs)
+        if self.benchmark_calibration is not None:
+            hdus.append(self.benchmark_calibration.to_hdu())
         prov = Table({"json": [json.dumps(self.meta, sort_keys=True, default=str)]})
         hp = fits.table_to_hdu(prov)
         hp.name = "PROVENANCE"
@@ -492,15 +546,35 @@ def load_model(path) -> SpectralModel:
             )
             model = archs[arch]._from_hdus(h, common)
             if "PIXMASK" in h:
-                model.with_pixel_mask(np.asarray(h["PIXMASK"].data) != 0)
+                model = model.with_pixel_mask(np.asarray(h["PIXMASK"].data) != 0)
             if "SCATTER" in h:
-                model.with_scatter(np.asarray(h["SCATTER"].data, np.float64))
+                model = model.with_scatter(np.asarray(h["SCATTER"].data, np.float64))
+            if "BENCHCAL" in h:
+                model.benchmark_calibration = BenchmarkCalibration.from_hdu(h["BENCHCAL"])
     except ModelError:
         raise
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{path}: cannot read model ({type(exc).__name__}: {exc})") from None
     model.path = str(path)
+    model.templates = _sibling_templates(path)
     return model
+
+
+def templates_path(model_path) -> Path:
+    """Where a model's own gradient templates live: ``<stem>.templates.fits`` beside the model file."""
+    p = Path(model_path)
+    return p.with_name(p.name[: -len(".fits")] + ".templates.fits" if p.name.endswith(".fits") else p.name + ".templates.fits")
+
+
+def _sibling_templates(path):
+    """The gradient templates shipped beside a model file, or None."""
+    tp = templates_path(path)
+    if not tp.is_file():
+        return None
+    try:
+        return GradientTemplates.load(tp)
+    except ReaderError as exc:
+        raise ModelError(f"{tp}: the model's gradient templates are unreadable ({exc})") from None
 
 
 def _read_wavelength(path) -> np.ndarray:

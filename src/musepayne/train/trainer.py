@@ -250,9 +250,9 @@ class TrainResult:
             model = PerPixelPayne(np.asarray(self.weights[0], f32), np.asarray(self.biases[0], f32),
                                   np.asarray(self.weights[1], f32), np.asarray(self.biases[1], f32), **common)
         if self.pixel_mask is not None:
-            model.with_pixel_mask(self.pixel_mask)
+            model = model.with_pixel_mask(self.pixel_mask)
         if self.scatter is not None:
-            model.with_scatter(self.scatter)
+            model = model.with_scatter(self.scatter)
         return model
 
 
@@ -442,7 +442,11 @@ def estimate_scatter(model, flux, ivar, fit_config=None):
                            Table({"stellar_id": [f"val{i}" for i in range(n)]}))
     cfg = _replace(fit_config or FitConfig(precision="float64"), keep_model=True, model_scatter="off",
                    lsf_excess=False)
-    res = Fitter(model, cfg).fit_arrays(prep)
+    fitter = Fitter(model, cfg)
+    from ..threads import blas_threads
+
+    with blas_threads(1):  # the fit's products are per chunk (small): one BLAS thread, as musepayne fit
+        res = fitter.fit_arrays(prep)
     ok = np.all(np.isfinite(res.model_flux), axis=1) & (res.status.astype(str) == "converged")
     used = good[ok] & ~model.pixel_mask[None, :]
     if not ok.any():
