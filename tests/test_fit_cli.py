@@ -13,7 +13,8 @@ from musepayne.fit.catalogue import read_catalogue
 
 def test_fit_default_model_on_a_wrong_grid_is_a_failed_row(tmp_path):
     """Without --model the shipped default (LAMOST grid) is used; spectra on another grid
-    become failed rows with a reason, not a crash."""
+    become failed rows with a reason, not a crash; the catalogue is written and the exit code
+    is 1 (no spectrum could be fitted)."""
     from astropy.table import Table
 
     from musepayne.testing import toy_mlp_model
@@ -22,7 +23,7 @@ def test_fit_default_model_on_a_wrong_grid_is_a_failed_row(tmp_path):
     prep = tmp_path / "p.fits"
     as_prepared(m.wave, np.ones((1, 200)), np.ones(200)).write(prep)
     r = CliRunner().invoke(main, ["fit", str(prep), "-o", str(tmp_path / "o.fits"), "--json"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 1, r.output
     assert json.loads(r.output)["counts"] == {"failed": 1}
     t = Table.read(tmp_path / "o.fits")
     assert t["status"][0] == "failed:bad_wavelength" and t["model"][0] == "musepayne-default-miles-stelib"

@@ -11,10 +11,14 @@ instead exactly one JSON object (output paths, counts by status, timings).
 from __future__ import annotations
 
 import importlib
+import os
+import traceback
 
 import click
 
 from .. import __version__
+from ..config import ConfigError
+from ._common import FolderBusy, error_message, fail
 
 #: subcommand name -> "module:attribute" (one module per subcommand)
 COMMANDS = {
@@ -65,6 +69,35 @@ class LazyGroup(click.Group):
         mod, attr = target.split(":")
         return getattr(importlib.import_module(mod), attr)
 
+    def parse_args(self, ctx, args):
+        ctx.meta["musepayne.argv"] = list(args)  # the error handler answers in JSON under --json
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        """Run the subcommand; any unexpected exception becomes one line and exit code 2.
+
+        The traceback is printed only with ``musepayne --debug`` (or
+        ``MUSEPAYNE_DEBUG=1``); click's own usage errors, ``sys.exit`` and
+        Ctrl-C keep their behaviour.
+        """
+        as_json = "--json" in ctx.meta.get("musepayne.argv", ())
+        debug = bool((ctx.params or {}).get("debug")) or os.environ.get("MUSEPAYNE_DEBUG", "") not in ("", "0")
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit,
+                KeyboardInterrupt):
+            raise
+        except ConfigError as exc:
+            if debug:
+                traceback.print_exc()
+            fail(f"bad configuration: {exc}", as_json)
+        except FolderBusy as exc:
+            fail(str(exc), as_json, code=3)
+        except Exception as exc:  # noqa: BLE001 - the command line never shows a traceback
+            if debug:
+                traceback.print_exc()
+            fail(error_message(exc), as_json)
+
     def format_commands(self, ctx, formatter):
         rows = [(n, _HELP.get(n, "")) for n in self.list_commands(ctx)]
         with formatter.section("Commands"):
@@ -73,7 +106,8 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="musepayne")
-def main():
+@click.option("--debug", is_flag=True, help="Show the Python traceback of an unexpected error.")
+def main(debug):
     """musepayne: stellar labels for every resolved star in VLT/MUSE cubes.
 
     Stages: extract (cube -> spectra), prepare (spectra -> model grid),

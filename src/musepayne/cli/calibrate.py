@@ -8,7 +8,7 @@ import click
 
 from ..science import calibration as cal
 from ..science.selection import SelectionError
-from ._common import Timer, emit, fail, json_option
+from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_option
 from ._tables import read_table, write_table
 
 
@@ -38,6 +38,7 @@ def _parse_offset(text):
 def calibrate(catalogue, output, trend, source, teff_ref, giant_logg, outside, offsets, paper_offsets, as_json):
     """Calibrate [Mg/Fe] of CATALOGUE (paper App. A); the steps go to the output's metadata."""
 
+    check_output_not_input(output, [catalogue], as_json)
     timer = Timer()
     try:
         regions = [_parse_offset(o) for o in offsets]
@@ -59,7 +60,7 @@ def calibrate(catalogue, output, trend, source, teff_ref, giant_logg, outside, o
         with timer("write"):
             write_table(out, output)
     except (SelectionError, KeyError, ValueError, FileNotFoundError) as exc:
-        fail(str(exc.args[0]) if exc.args else str(exc), as_json)
+        fail(exc_text(exc), as_json)
         return
 
     info = {"input": catalogue, "output": output, "n_rows": len(out), "n_trend_corrected": n_trend,

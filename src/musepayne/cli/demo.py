@@ -12,7 +12,7 @@ from ..models.files import load_model
 from ..models.model import ModelError
 from ..pipeline.runner import Pipeline, RunConfig
 from ..simulate.simulator import SimulateConfig, Simulator
-from ._common import emit, fail, json_option
+from ._common import emit, exc_text, fail, json_option
 from .run import progress_display, setup_log
 
 
@@ -48,7 +48,7 @@ def demo(outdir, cube, sources, model, nstars, size, seed, progress, as_json):
     try:
         mdl = load_model(model)
     except ModelError as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
     truth = None
     if cube is not None:
         if sources is None:

@@ -9,7 +9,7 @@ import click
 
 from ..extract.extractor import ExtractConfig, Extractor
 from ..io.spectra import ReaderError
-from ._common import Timer, emit, fail, json_option
+from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_option
 
 
 @click.command(name="extract")
@@ -38,6 +38,8 @@ def extract(cube, catalogue, output, method, block, sky_order, no_transform, per
     'off_field'.
     """
 
+    check_output_not_input(output, [cube, catalogue], as_json)
+    check_output_not_input(per_star, [cube, catalogue, output], as_json, what="--per-star folder")
     timer = Timer()
     cfg = ExtractConfig(method=method, block=block, sky_order=sky_order, fit_transform=not no_transform)
     try:
@@ -47,7 +49,7 @@ def extract(cube, catalogue, output, method, block, sky_order, no_transform, per
             result.write(output)
             n_per_star = len(result.write_per_star(per_star)) if per_star else 0
     except (ReaderError, OSError, ValueError) as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
     counts = dict(Counter(result.sources["status"].tolist()))
     t = result.transform
     info = {

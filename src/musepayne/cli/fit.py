@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from ..io.spectra import ReaderError
 from ..models.files import load_model
 from ..models.gradients import GradientTemplates
 from ..models.model import ModelError
-from ._common import Timer, emit, fail, json_option
+from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_option
 
 
 @click.command(name="fit")
@@ -30,7 +31,8 @@ from ._common import Timer, emit, fail, json_option
               help="Catalogue file: .fits (default), .csv or .parquet by suffix.")
 @click.option("--rv-range", default=600.0, show_default=True, type=float,
               help="Half-width (km/s) of the RV search and bound of the fitted RV.")
-@click.option("--starts", "n_starts", default=2, show_default=True, type=int, help="Starting points per spectrum.")
+@click.option("--starts", "n_starts", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Starting points per spectrum.")
 @click.option("--lsf-excess/--no-lsf-excess", default=True, show_default=True,
               help="Convolve the model by the prepared LSF_EXCESS where the data are broader than the model.")
 @click.option("--model-scatter", type=click.Choice(["errors", "weights", "off"]), default="errors",
@@ -47,7 +49,7 @@ from ._common import Timer, emit, fail, json_option
                    "(paper Eq. 4); default: the model's own, <model>.templates.fits beside the model file (the "
                    "default model has them); without any, X_flag is -1.")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--threads", "n_threads", default=0, show_default=True, type=int,
+@click.option("--threads", "n_threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="Fit chunks of spectra in this many threads; 0: one per CPU core. Results do not depend on it.")
 @click.option("--processes", "n_processes", default=0, show_default=True, type=int,
               help="Fit blocks of spectra in this many processes (the threads shared among them); 0: one per "
@@ -79,6 +81,16 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
     from ..fit.catalogue import CatalogueStream
     from ..threads import blas_threads
 
+    models = [m for m in (model_path, model_mp_path, templates_path) if m and m != "default"]
+    for out_path in (output, *also):
+        check_output_not_input(out_path, [prepared, *models], as_json)
+    if n_threads < 0 or n_processes < 0 or block_size < 1:
+        fail("--threads and --processes must be >= 0, --block-size >= 1", as_json)
+    try:  # options are checked before anything is read
+        FitConfig(rv_range=rv_range, n_starts=n_starts, model_scatter=model_scatter, precision=precision,
+                  block_size=block_size)
+    except ValueError as exc:
+        fail(f"bad option: {exc}", as_json)
     timer = Timer()
     try:
         with timer("read"):
@@ -86,10 +98,8 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
             model = load_model(model_path)
             model_mp = load_model(model_mp_path) if model_mp_path else None
             templates = GradientTemplates.load(templates_path) if templates_path else None
-    except (ReaderError, ModelError) as exc:
-        fail(str(exc), as_json)
-    if n_threads < 0 or n_processes < 0 or block_size < 1:
-        fail("--threads and --processes must be >= 0, --block-size >= 1", as_json)
+    except (ReaderError, ModelError, OSError) as exc:
+        fail(exc_text(exc), as_json)
     n_threads = n_threads or os.cpu_count() or 1
     cfg = FitConfig(rv_range=rv_range, n_starts=n_starts, lsf_excess=lsf_excess, model_scatter=model_scatter,
                     precision=precision, benchmark_calibration=benchmark_calibration,
@@ -141,7 +151,7 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
                 counts.update(s.split(":")[0] if s.startswith("failed") else s for s in st)
                 reasons.update(s for s in st if s.startswith("failed"))
     except (RuntimeError, ValueError, OSError) as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
     finally:
         data.close()
     counts, reasons = dict(counts), dict(reasons)
@@ -155,6 +165,8 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
     for k, v in sorted(reasons.items()):
         lines.append(f"  {k}: {v}")
     emit(info, as_json, lines)
+    if n and sum(reasons.values()) == n:
+        sys.exit(1)  # the catalogue is written, but no spectrum could be fitted
 
 
 def _timed(timer, name, blocks):

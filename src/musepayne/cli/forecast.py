@@ -9,7 +9,7 @@ from ..models.files import load_model
 from ..models.model import ModelError
 from ..science import forecast as fc
 from ..science.validation import repeat_error_factors
-from ._common import emit, fail, json_option
+from ._common import emit, exc_text, fail, json_option
 from ._tables import read_table
 
 
@@ -83,7 +83,7 @@ def forecast(labels, sigma, sigma_teff, snr, vmag, exptime, plot_snr, plot_vmag,
             fc.plot_snr_vs_vmag(plot_vmag, labs, sigma=s01, exptime=exptime or 3600.0, sigma_teff=sigma_teff)
             plots["snr_vs_vmag"] = plot_vmag
     except (KeyError, ValueError) as exc:
-        fail(str(exc.args[0]) if exc.args else str(exc), as_json)
+        fail(exc_text(exc), as_json)
         return
 
     def unit(lab):
@@ -150,7 +150,7 @@ def _crlb_mode(model_path, at, snr, vmag, exptime, mask_mode, ao_notch, correcti
 
             plots["sigma_vs_snr"] = plot_snr
     except (KeyError, ValueError, FileNotFoundError, ModelError) as exc:
-        fail(str(exc.args[0]) if exc.args else str(exc), as_json)
+        fail(exc_text(exc), as_json)
         return
     rows = [{"label": n, "value": float(res.labels[0, i]), "crlb": float(res.sigma[0, i]),
              "crlb_theory": float(res.sigma_theory[0, i]), "correction": corr.get(n, 1.0),

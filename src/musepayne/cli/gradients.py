@@ -13,7 +13,7 @@ import numpy as np
 from ..models.files import load_model
 from ..models.gradients import CannonEmulator, build_templates, default_emulator_path, reference_grid
 from ..models.model import ModelError
-from ._common import Timer, emit, fail, json_option
+from ._common import Timer, emit, exc_text, fail, json_option
 
 
 @click.group(name="gradients")
@@ -55,7 +55,7 @@ def build(emulator, output, teff_grid, logg_grid, feh_grid, target_lsf, for_mode
         with timer("load"):
             emu = CannonEmulator.load(path)
     except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
     ref = reference_grid(emu, *grids)
     if len(ref) == 0:
         fail("the reference grid has no star inside the emulator's training range", as_json)

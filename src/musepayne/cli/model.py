@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import emit, fail, json_option
+from ._common import check_output_not_input, emit, exc_text, fail, json_option
 
 
 @click.group(name="model")
@@ -33,6 +33,7 @@ def import_(npz, fmt, labels, units, wavelength, vacuum, name, output, as_json):
     from ..models.files import import_payne_npz
     from ..models.model import ModelError
 
+    check_output_not_input(output, [npz, wavelength], as_json)
     names = [s.strip() for s in labels.split(",") if s.strip()]
     unit_list = [s.strip() for s in units.split(",")] if units else None
     meta = {"command": " ".join(["musepayne"] + sys.argv[1:]) if sys.argv else "musepayne model import"}
@@ -43,7 +44,7 @@ def import_(npz, fmt, labels, units, wavelength, vacuum, name, output, as_json):
                              label_units=unit_list, meta=meta)
         m.save(output)
     except (ModelError, ValueError, OSError) as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
     d = m.describe()
     info = {"output": str(Path(output)), **{k: d[k] for k in ("arch", "n_pix", "frame", "labels")}}
     emit(info, as_json, [f"imported {fmt} network ({m.n_labels} labels, {m.n_pix} px, {m.frame}) -> {output}"])
@@ -60,7 +61,7 @@ def info(path, as_json):
     try:
         m = load_model(path)
     except ModelError as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
     d = m.describe()
     d["path"] = m.path
     lines = [f"{m.path}: {m.arch} model, {m.n_pix} px {m.wave[0]:.2f}-{m.wave[-1]:.2f} A ({m.frame})"]

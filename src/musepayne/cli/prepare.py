@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from pathlib import Path
 
 import click
 import numpy as np
 
+from ..flags import SPECTRUM_STATUS
 from ..instrument.lsf import lsf_from_spec
 from ..io.batching import group_sets
 from ..io.prepared import PreparedSpectra
 from ..io.readers import read_spectra
 from ..io.spectra import ReaderError
 from ..prepare.preparer import PrepareConfig, Preparer
-from ._common import Timer, emit, json_option
+from ._common import Timer, check_output_not_input, emit, json_option
 
 
 @click.command(name="prepare")
@@ -48,6 +50,7 @@ def prepare(inputs, output, mode, ao_notch, instrument, lsf_spec, target_lsf, sk
     Files that cannot be read become rows with status 'read_error'.
     """
 
+    check_output_not_input(output, inputs, as_json)
     timer = Timer()
     cfg = PrepareConfig(mode=mode, ao_notch=ao_notch, target_lsf=target_lsf, sky_clean=sky_clean)
     prep = Preparer(cfg)
@@ -89,3 +92,5 @@ def prepare(inputs, output, mode, ao_notch, instrument, lsf_spec, target_lsf, sk
     if np.isfinite(snr).any():
         lines.append(f"median S/N per pixel: {np.nanmedian(snr):.1f}")
     emit(info, as_json, lines)
+    if result.n_spectra and not any(SPECTRUM_STATUS[k].usable for k in counts if k in SPECTRUM_STATUS):
+        sys.exit(1)  # the file is written, but no input could be prepared

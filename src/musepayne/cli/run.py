@@ -10,7 +10,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..pipeline.runner import Pipeline, RunConfig, load_config_file
-from ._common import emit, fail, json_option
+from ._common import check_output_not_input, emit, fail, json_option
 
 
 def progress_display(enabled: bool):
@@ -86,6 +86,11 @@ def run(cubes, sources, outdir, config_file, model, model_mp, mode, ao_notch, ex
     except (TypeError, ValueError) as exc:
         fail(f"bad configuration: {exc}", as_json)
     out = Path(outdir)
+    inputs = [*cubes, sources, config_file]
+    check_output_not_input(out, inputs, as_json, what="output folder")
+    for name in ("config.json", "run.json", "models.fits", "musepayne.log", "catalogue.fits", "catalogue.csv",
+                 "catalogue.parquet", "catalogue_stars.fits", "catalogue_stars.csv", "catalogue_stars.parquet"):
+        check_output_not_input(out / name, inputs, as_json, what="run output")
     log, handler = setup_log(out)
     ctx, cb = progress_display(progress and not as_json)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..science import selection as sel
-from ._common import Timer, emit, fail, json_option
+from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_option
 from ._tables import read_table, write_table
 
 
@@ -49,6 +49,7 @@ def select_cmd(catalogue, output, preset, where, best, by, id_col, list_presets,
         fail("give a CATALOGUE (or --list-presets)", as_json)
     if not preset and not where and not best:
         fail("give --preset and/or --where (or --best-per-star)", as_json)
+    check_output_not_input(output, [catalogue], as_json)
 
     timer = Timer()
     try:
@@ -60,7 +61,7 @@ def select_cmd(catalogue, output, preset, where, best, by, id_col, list_presets,
             with timer("write"):
                 write_table(out, output)
     except (sel.SelectionError, KeyError, ValueError, FileNotFoundError) as exc:
-        fail(str(exc.args[0]) if exc.args else str(exc), as_json)
+        fail(exc_text(exc), as_json)
         return
     info = {"input": catalogue, "output": output, "n_in": len(table), "n_selected": len(out),
             "selection": out.meta["selection"], "timings": timer.timings}

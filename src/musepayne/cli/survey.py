@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
 from ..pipeline.runner import read_config_file
 from ..pipeline.survey import Survey, SurveyConfig, sources_resolver
-from ._common import emit, fail, json_option
+from ._common import check_output_not_input, emit, exc_text, fail, json_option
 
 
 @click.command(name="survey")
@@ -22,11 +23,11 @@ from ._common import emit, fail, json_option
               help="One source catalogue for all cubes (each cube reports stars off its field).")
 @click.option("--scheduler", default="local", show_default=True,
               help="'local' (a Dask LocalCluster), 'process' (no Dask), or a scheduler address tcp://...")
-@click.option("--workers", type=int, default=None, help="Local workers (default: number of cores).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Local workers (default: number of cores).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="TOML/JSON file with run options applied to every cube (see 'musepayne run').")
 @click.option("--model", default=None, help="Model file or 'default'.")
-@click.option("--retries", type=int, default=2, show_default=True, help="Retries of a failing cube.")
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True, help="Retries of a failing cube.")
 @click.option("--merged-fits", is_flag=True, help="Also write STORE/catalogue.fits.")
 @click.option("--progress/--no-progress", default=True)
 @json_option
@@ -44,18 +45,24 @@ def survey(cubes, cube_list, store, sources_dir, sources_from, scheduler, worker
         paths += [ln.strip() for ln in Path(cube_list).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     if not paths:
         fail("no cubes given (CUBE arguments or --manifest FILE)", as_json)
+    check_output_not_input(store, [*paths, cube_list, sources_from, config_file], as_json, what="store")
     try:
         resolve = sources_resolver(sources_dir, sources_from)
     except ValueError as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
     try:
         opts = read_config_file(config_file) if config_file else {}
     except ValueError as exc:
         fail(f"bad configuration: {exc}", as_json)
     if model:
         opts["model"] = model
-    cfg = SurveyConfig(run_options=opts, retries=retries, scheduler=scheduler, workers=workers,
-                       merged_fits=merged_fits)
+    try:
+        cfg = SurveyConfig(run_options=opts, retries=retries, scheduler=scheduler, workers=workers,
+                           merged_fits=merged_fits)
+        cfg.run_config()  # a bad run option is refused before any cube is touched
+    except ValueError as exc:
+        fail(f"bad configuration: {exc}", as_json)
+    Path(store).mkdir(parents=True, exist_ok=True)  # an unwritable store fails here, before any work
     prog, bar = None, None
     if progress and not as_json:
         from rich.progress import Progress
@@ -78,3 +85,5 @@ def survey(cubes, cube_list, store, sources_dir, sources_from, scheduler, worker
         f"{len(summary['failed'])} failed; {summary['n_observations']} observations in {store}/catalogue/",
         *(f"  failed: {c}" for c in summary["failed"]),
     ])
+    if summary["failed"]:
+        sys.exit(1)  # finished, but not every cube

@@ -9,7 +9,7 @@ import click
 
 from ..io.fits import sha256_file
 from ..train.trainset import TrainingSet
-from ._common import Timer, emit, fail, json_option
+from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_option
 
 
 @click.command(name="train")
@@ -33,7 +33,7 @@ from ._common import Timer, emit, fail, json_option
 @click.option("--val-fraction", default=0.1, show_default=True, help="Fraction of stars held out for early stopping.")
 @click.option("--seed", default=0, show_default=True, help="Random seed (split, initialisation).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
-@click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
 @click.option("--outlier-clip", default=None, type=float,
               help="Retrain without training stars whose loss exceeds this many times the median (e.g. 5).")
 @click.option("--min-pixel-coverage", default=0.5, show_default=True,
@@ -64,6 +64,7 @@ def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradi
         from ..train.trainer import TrainConfig, parse_gradient_weights, train_model
     except ImportError:
         fail("training needs PyTorch: pip install 'musepayne[train]'", as_json)
+    check_output_not_input(output, [trainset, templates_path], as_json)
     timer = Timer()
     with timer("read"):
         ts = TrainingSet.read(trainset)
@@ -82,7 +83,7 @@ def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradi
                           gradient_loss=gradient_loss, batch_size=batch_size, outlier_clip=outlier_clip,
                           min_pixel_coverage=min_pixel_coverage, model_scatter=model_scatter)
     except ValueError as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
     if threads:
         torch.set_num_threads(threads)
     groups = ts.table["star_key"] if "star_key" in ts.table.colnames else None
@@ -110,7 +111,7 @@ def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradi
                               groups=groups, provenance=prov, progress=progress and not as_json,
                               label_units=tuple("K" if n == "teff" else "dex" for n in ts.label_names))
     except (ValueError, RuntimeError) as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
     if res.meta.get("clipped"):
         res.meta["clipped_stars"] = [str(ts.table["stellar_id"][i]) for i in res.meta["clipped"]]
     with timer("write"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from ..train.trainset import TrainsetCuts, build_trainset
-from ._common import Timer, emit, fail, json_option
+from ._common import Timer, emit, exc_text, fail, json_option
 
 _DEFAULT_LIB = Path("..") / "shared" / "data" / "libraries"
 
@@ -73,7 +73,7 @@ def build(miles_dir, stelib_dir, no_miles, no_stelib, teff_range, logg_range, fe
         with timer("build"):
             ts = build_trainset(miles_dir, stelib_dir, cuts=cuts, unmask=("DICHROIC",) if train_dichroic else ())
     except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc), as_json)
+        fail(exc_text(exc), as_json)
 
 
     ts = replace(ts, meta={**ts.meta, "tscmd": "musepayne trainset " + " ".join(shlex.quote(a) for a in sys.argv[2:])})

@@ -16,7 +16,7 @@ import click
 
 from ..science import validation as val
 from ..science.selection import SelectionError, select
-from ._common import Timer, emit, fail, json_option
+from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_option
 from ._tables import read_table, write_table
 
 #: "module:function" run by ``validate --cv`` (provided by the training/cross-validation stage).
@@ -90,7 +90,8 @@ def validate(catalogue, reference, match, id_col, ref_id_col, tolerance, labels,
         fail("give a REFERENCE catalogue to compare with, or --repeats", as_json)
     if apply_out and not repeats:
         fail("--apply-errors needs --repeats", as_json)
-
+    for out_path in (stats_path, apply_out):
+        check_output_not_input(out_path, [catalogue, reference], as_json)
 
     timer = Timer()
     info = {"catalogue": catalogue, "reference": reference}
@@ -150,7 +151,7 @@ def validate(catalogue, reference, match, id_col, ref_id_col, tolerance, labels,
                 info["scaled_catalogue"] = apply_out
                 lines.append(f"errors scaled -> {apply_out}")
     except (SelectionError, KeyError, ValueError, FileNotFoundError) as exc:
-        fail(str(exc.args[0]) if exc.args else str(exc), as_json)
+        fail(exc_text(exc), as_json)
         return
     info["timings"] = timer.timings
     emit(info, as_json, lines)

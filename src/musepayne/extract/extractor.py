@@ -54,6 +54,7 @@ Layers that are NaN everywhere are flagged (``LAYER_FLAG`` bit 1) and get NaN.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -163,6 +164,39 @@ def _find_col(t, names):
     return None
 
 
+def _stellar_ids(col) -> list:
+    """The catalogue's ids as strings; refuses missing/blank ids and ids FITS cannot store."""
+    mask = np.asarray(np.ma.getmaskarray(col)) if hasattr(col, "mask") else np.zeros(len(col), bool)
+    ids = []
+    for i, (v, m) in enumerate(zip(col, mask)):
+        s = v.decode("ascii", "replace") if isinstance(v, bytes) else str(v)
+        if m or not s.strip():
+            raise ReaderError(f"source catalogue row {i + 1}: empty stellar id; every star needs an id")
+        if not (s.isascii() and s.isprintable()):
+            raise ReaderError(f"source catalogue row {i + 1}: stellar id {s!r} has non-ASCII or control "
+                              "characters (FITS stores ASCII only)")
+        ids.append(s)
+    return ids
+
+
+def per_star_file_name(stellar_id: str, max_stem: int = 80) -> str:
+    """File name of a star's 1-D spectrum: injective in the id, safe on any file system.
+
+    An id made only of ASCII letters, digits and ``-_+.`` (not starting with ``.``) of at
+    most ``max_stem`` characters is used as it is; any other id becomes its sanitised,
+    shortened stem plus ``~`` and 16 hex digits of its sha256 -- ``~`` never occurs in an
+    unchanged id, so two different ids never share a file name (``a/b``, ``a_b``, ``a?b``).
+    """
+    sid = str(stellar_id)
+    safe = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "-_+." else "_" for ch in sid)
+    if safe.startswith("."):
+        safe = "_" + safe[1:]
+    if safe == sid and 0 < len(sid) <= max_stem:
+        return f"{sid}.fits"
+    digest = hashlib.sha256(sid.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{safe[:max_stem]}~{digest}.fits"
+
+
 def read_source_catalogue(src) -> Table:
     """Source catalogue (CSV, FITS or VOTable, or a Table) -> Table(stellar_id, ra, dec | x, y, mag).
 
@@ -192,7 +226,9 @@ def read_source_catalogue(src) -> Table:
         raise ReaderError("source catalogue needs ra/dec or x/y columns")
     out = Table()
     n = len(t)
-    out["stellar_id"] = [str(v) for v in t[sid]] if sid else [f"star{i:06d}" for i in range(n)]
+    if n == 0:
+        raise ReaderError("source catalogue has no rows")
+    out["stellar_id"] = _stellar_ids(t[sid]) if sid else [f"star{i:06d}" for i in range(n)]
     if ra and dec:
         out["ra"] = np.asarray(t[ra], float)
         out["dec"] = np.asarray(t[dec], float)
@@ -385,8 +421,7 @@ class ExtractionResult:
                             "flux fraction from neighbours within 1 FWHM")
             h["STATUS"] = str(row["status"])
             self.psf.to_header(h)
-            safe = "".join(ch if ch.isalnum() or ch in "-_.+" else "_" for ch in str(row["stellar_id"]))
-            path = folder / f"{safe}.fits"
+            path = folder / per_star_file_name(row["stellar_id"])
             hdul = fits.HDUList([fits.PrimaryHDU(self.flux[k].astype(np.float32), header=h),
                                  fits.ImageHDU(self.err[k].astype(np.float32), name="SIGMA")])
             atomic_write_fits(hdul, path)

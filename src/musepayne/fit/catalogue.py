@@ -43,7 +43,7 @@ from astropy.table import Column, Table, vstack
 from astropy.table.meta import YamlParseError, get_header_from_yaml
 
 from ..flags import DEFAULT_MAX_RED_CHI2, FIT_FLAGS, FlagThresholds, fit_flags_description
-from ..io.fits import atomic_path
+from ..io.fits import atomic_path, fits_ascii
 from ..models.benchcal import BENCH_LABELS, BenchmarkCalibration
 
 __all__ = [
@@ -331,7 +331,7 @@ def write_catalogue(cat: Table, path, fmt: str | None = None, overwrite: bool = 
             raise RuntimeError("Parquet export needs pyarrow: pip install 'musepayne[parquet]'") from None
     with atomic_path(path, overwrite=overwrite) as tmp:
         if fmt == "fits":
-            tab.write(tmp, format="fits", overwrite=True)
+            fits_ascii(tab).write(tmp, format="fits", overwrite=True)
         elif fmt == "csv":
             tab.write(tmp, format="ascii.csv", overwrite=True)
         elif fmt == "ecsv":

@@ -161,7 +161,7 @@ class FitConfig:
     model_name: value of the catalogue's ``model`` column (default: model meta 'name' or file name).
     seed: seed of the scrambled Sobol start grid (results are deterministic).
     benchmark_calibration: apply the model's benchmark-scale calibration when it has one
-        (``BENCHCAL`` in the model file, :mod:`musepayne.benchcal`): labels on the Gaia FGK
+        (``BENCHCAL`` in the model file, :mod:`musepayne.models.benchcal`): labels on the Gaia FGK
         benchmark scale, the model's values in ``X_uncal``, ``X_err`` = sqrt(``X_err_stat``^2 +
         ``X_err_sys``^2).  False: the model's labels and statistical errors only.
     """
@@ -198,8 +198,8 @@ class FitConfig:
         if self.precision not in ("float32", "float64"):
             raise ValueError("precision must be 'float32' or 'float64'")
         if (self.n_starts < 1 or self.n_grid < 1 or self.max_iter < 1 or self.chunk_size < 1
-                or self.block_size < 1):
-            raise ValueError("n_starts, n_grid, max_iter, chunk_size and block_size must be >= 1")
+                or self.block_size < 1 or self.n_threads < 1):
+            raise ValueError("n_starts, n_grid, max_iter, chunk_size, block_size and n_threads must be >= 1")
         if self.model_scatter not in SCATTER_MODES:
             raise ValueError(f"model_scatter must be one of {SCATTER_MODES}, got {self.model_scatter!r}")
 

@@ -21,6 +21,11 @@ from .spectra import ReaderError
 
 __all__ = ["MuseCube", "open_cube"]
 
+#: |value| above this in DATA or STAT is a blank sentinel, not a flux (MUSE fluxes are
+#: ~1e-20 erg/s/cm2/A units, so real values stay many orders of magnitude below it)
+_SENTINEL = 1e25
+
+
 @dataclass(eq=False)
 class MuseCube:
     """Lazy, memory-mapped access to a MUSE cube's ``DATA``/``STAT``/``DQ``.
@@ -116,7 +121,12 @@ class MuseCube:
             arr = self._hdul[name].section[i0:i1]
         except Exception as exc:
             raise ReaderError(f"{self.path}: could not read {name} layers {i0}-{i1} ({exc}); truncated file?") from None
-        return np.asarray(arr, dtype=np.float32)
+        arr = np.asarray(arr, dtype=np.float32)
+        # blank sentinels (-1e30, 1e38, ...) are no measurements: NaN, so the layer is flagged
+        bad = np.abs(arr) > _SENTINEL
+        if bad.any():
+            arr = np.where(bad, np.float32(np.nan), arr)
+        return arr
 
     def data_block(self, i0: int, i1: int) -> np.ndarray:
         """DATA layers ``i0:i1`` as float32 ``(n_layers, ny, nx)``.

@@ -8,6 +8,8 @@ guarantees.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -16,9 +18,11 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from astropy.io import fits
 
-__all__ = ["atomic_path", "atomic_write_fits", "atomic_write_text", "atomic_write_json", "sha256_file"]
+__all__ = ["atomic_path", "atomic_write_fits", "atomic_write_text", "atomic_write_json", "sha256_file",
+           "folder_lock", "FolderBusy", "preallocate", "check_claimed_sizes", "scan_fits_headers", "fits_ascii"]
 
 
 @contextmanager
@@ -87,6 +91,29 @@ def atomic_write_fits(hdulist, path, overwrite: bool = True):
         hdulist.writeto(tmp, overwrite=True, output_verify="silentfix")
 
 
+def fits_ascii(table):
+    """``table`` with every non-ASCII string escaped (``\\xe9``): FITS stores ASCII only.
+
+    Returns ``table`` itself when nothing needs escaping (the common case), so
+    ASCII data are written exactly as before; a path such as ``rés/x.fits`` in a
+    ``file`` column no longer makes the whole write fail.
+    """
+    out = table
+    for c in table.colnames:
+        col = table[c]
+        if getattr(col, "dtype", None) is None or col.dtype.kind not in "UO":
+            continue
+        vals = np.asarray(col).astype(str) if col.dtype.kind == "O" else np.asarray(col)
+        if all(str(v).isascii() for v in vals.ravel()):
+            continue
+        if out is table:
+            out = table.copy(copy_data=False)
+        fixed = np.array([str(v).encode("ascii", "backslashreplace").decode("ascii") for v in vals.ravel()])
+        out[c] = type(col)(fixed.reshape(vals.shape), name=c, unit=getattr(col, "unit", None),
+                           description=getattr(col, "description", None))
+    return out
+
+
 def table_hdu(table, name: str):
     """A FITS binary-table HDU of ``table`` that keeps what ``Table.write`` keeps.
 
@@ -108,7 +135,7 @@ def table_hdu(table, name: str):
 
 
     buf = io.BytesIO()
-    table.write(buf, format="fits")
+    fits_ascii(table).write(buf, format="fits")
     buf.seek(0)
     with fits.open(buf) as hl:
         hdu = hl[1].copy()
@@ -227,3 +254,153 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+class FolderBusy(RuntimeError):
+    """Another process holds the lock of an output folder."""
+
+
+LOCK_NAME = ".musepayne.lock"
+
+
+@contextmanager
+def folder_lock(folder):
+    """Hold an exclusive lock on ``folder`` (``folder/.musepayne.lock``, ``fcntl.flock``).
+
+    The lock belongs to the open file, so the kernel releases it when the
+    process dies however it dies (SIGKILL included); the lock file itself is
+    left in place (removing it would race with a waiting process).  A second
+    holder is refused at once with :class:`FolderBusy` naming the folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise FolderBusy(f"{folder} is in use by another musepayne process "
+                                 f"(lock {folder / LOCK_NAME}); wait for it to finish") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def preallocate(fh, nbytes: int, path=None):
+    """Reserve ``nbytes`` of disk for the open file ``fh`` (``os.posix_fallocate``).
+
+    A sparse file that is later filled through a memory map dies with SIGBUS
+    when the disk runs full; reserving the blocks first turns that into an
+    ``OSError(ENOSPC)`` here, before anything is written.
+    """
+    if nbytes <= 0:
+        return
+    fh.flush()
+    try:
+        os.posix_fallocate(fh.fileno(), 0, int(nbytes))
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+            return  # the file system cannot preallocate: keep the sparse file
+        raise OSError(exc.errno, f"cannot reserve {nbytes / 1e6:.1f} MB on disk ({exc.strerror})",
+                      str(path) if path is not None else None) from None
+
+
+
+def check_claimed_sizes(hdul, path, error=ValueError):
+    """Raise ``error`` when a header of ``hdul`` claims more data than the file ``path`` holds.
+
+    Readers call this right after opening, before any data is read: a 16 KB file whose
+    header claims 10^8 layers is refused here instead of allocating gigabytes first.
+    Compressed files (gzip etc., tile-compressed HDUs) are not checked.
+    """
+    p = str(path)
+    if p.lower().endswith((".gz", ".bz2", ".xz", ".zip")):
+        return
+    try:
+        size = os.path.getsize(p)
+    except (OSError, TypeError):
+        return
+    for k, hdu in enumerate(hdul):
+        if isinstance(hdu, fits.CompImageHDU):
+            continue
+        h = hdu.header
+        try:
+            naxis = int(h.get("NAXIS", 0))
+            n = 1 if naxis > 0 else 0
+            for i in range(1, naxis + 1):
+                n *= int(h.get(f"NAXIS{i}", 0))
+            nbytes = abs(int(h.get("BITPIX", 8))) // 8 * int(h.get("GCOUNT", 1)) * (int(h.get("PCOUNT", 0)) + n)
+            info = hdu.fileinfo()
+            start = int(info["datLoc"]) if info else None
+        except (TypeError, ValueError, KeyError, AttributeError):
+            continue
+        if start is not None and nbytes > 0 and start + nbytes > size:
+            name = hdu.name or f"HDU {k}"
+            raise error(f"{path}: {name} header claims {nbytes / 1e6:.1f} MB of data but the file holds "
+                        f"{max(0, size - start) / 1e6:.1f} MB (truncated file or corrupt header)")
+
+
+def scan_fits_headers(path, error=ValueError, max_hdus: int = 1000):
+    """Walk the raw headers of the FITS file ``path`` before astropy opens it.
+
+    Raises ``error`` for a negative axis length or a header whose data run past
+    the end of the file: astropy would otherwise compute HDU offsets from them
+    (a 200 KB cube with ``NAXIS2 = -1`` grew to gigabytes inside ``fits.open``).
+    Anything it cannot parse is left to astropy; compressed files are skipped.
+    """
+    p = str(path)
+    if p.lower().endswith((".gz", ".bz2", ".xz", ".zip")):
+        return
+    try:
+        size = os.path.getsize(p)
+        fh = open(p, "rb")
+    except (OSError, TypeError):
+        return
+    with fh:
+        pos = 0
+        for k in range(max_hdus):
+            cards, end = {}, False
+            for _ in range(1000):  # header blocks of this HDU
+                fh.seek(pos)
+                block = fh.read(2880)
+                if len(block) < 2880:
+                    return
+                pos += 2880
+                for i in range(0, 2880, 80):
+                    card = block[i:i + 80]
+                    key = card[:8].strip()
+                    if key == b"END":
+                        end = True
+                        break
+                    if card[8:10] == b"= ":
+                        cards[key] = card[10:].split(b"/")[0].strip()
+                if end:
+                    break
+            if not end:
+                return
+            try:
+                naxis = int(cards.get(b"NAXIS", b"0"))
+                axes = [int(cards.get(b"NAXIS%d" % i, b"0")) for i in range(1, naxis + 1)]
+                bitpix = abs(int(cards.get(b"BITPIX", b"8")))
+                pcount, gcount = int(cards.get(b"PCOUNT", b"0")), int(cards.get(b"GCOUNT", b"1"))
+            except ValueError:
+                return
+            name = cards.get(b"EXTNAME", b"").strip(b"' ").decode("ascii", "replace") or f"HDU {k}"
+            bad = [i + 1 for i, n in enumerate(axes) if n < 0]
+            if bad or naxis < 0 or pcount < 0 or gcount < 0:
+                raise error(f"{path}: {name} has a negative size in its header (NAXIS{bad[0] if bad else ''}, "
+                            "PCOUNT or GCOUNT); corrupt file")
+            if cards.get(b"GROUPS", b"") == b"T" and axes:
+                axes = axes[1:]
+            n = int(np.prod(axes, dtype=object)) if axes else 0
+            nbytes = bitpix // 8 * gcount * (pcount + n) if naxis else 0
+            if pos + nbytes > size:
+                raise error(f"{path}: {name} header claims {nbytes / 1e6:.1f} MB of data but the file holds "
+                            f"{max(0, size - pos) / 1e6:.1f} MB (truncated file or corrupt header)")
+            pos += -(-nbytes // 2880) * 2880
+            if pos >= size:
+                return

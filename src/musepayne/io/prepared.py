@@ -41,7 +41,7 @@ from astropy.table import Table, vstack
 
 from .. import __version__
 from ..flags import PIXEL_FLAGS
-from .fits import atomic_write_fits, check_format
+from .fits import atomic_write_fits, check_claimed_sizes, check_format, fits_ascii, scan_fits_headers
 from .spectra import ReaderError
 
 __all__ = ["PreparedSpectra", "FitsRows", "FORMAT_NAME", "FORMAT_VERSION", "SPECTRA_COLUMNS"]
@@ -216,7 +216,7 @@ class PreparedSpectra:
                 tab[name].description = desc
                 if unit:
                     tab[name].unit = unit
-        ht = fits.table_to_hdu(tab)
+        ht = fits.table_to_hdu(fits_ascii(tab))
         ht.name = "SPECTRA"
         return fits.HDUList([fits.PrimaryHDU(header=ph), hw, hf, hi, hm, he, hc, ht])
 
@@ -243,9 +243,11 @@ class PreparedSpectra:
     def _load(cls, path, lazy: bool) -> PreparedSpectra:
 
         try:
+            scan_fits_headers(path, ReaderError)
             with fits.open(path, memmap=False) as h:
                 ph = h[0].header
                 check_format(ph, path, FORMAT_NAME, FORMAT_VERSION, "prepared-spectra", ReaderError)
+                check_claimed_sizes(h, path, ReaderError)
                 wave = np.array(h["WAVE"].data, np.float64)
                 arrays = {}
                 for name in ("FLUX", "IVAR", "MASK", "LSF_EXCESS", "CONT"):
@@ -261,7 +263,7 @@ class PreparedSpectra:
                 meta = {k.lower(): ph[k] for k in ("MODE", "TGTLSF", "CONTWID", "AONOTCH", "MPSOFT") if k in ph}
         except ReaderError:
             raise
-        except (OSError, KeyError, TypeError, ValueError) as exc:
+        except (OSError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ReaderError(f"{path}: cannot read prepared spectra ({type(exc).__name__}: {exc})") from None
         if not (shape == tuple(ivar.shape) == tuple(mask.shape)) or shape[1] != wave.size:
             raise ReaderError(f"{path}: FLUX/IVAR/MASK/WAVE shapes disagree")

@@ -41,6 +41,7 @@ from astropy.table import Table
 
 from ..instrument.lsf import LAMOST_LSF, LSF, MILES_LSF, MUSE_LSF, STELIB_LSF
 from ..instrument.wavelength import linear_grid, log_linear_grid
+from .fits import check_claimed_sizes, scan_fits_headers
 from .spectra import ReaderError, SpectrumSet
 
 __all__ = [
@@ -76,12 +77,14 @@ def _open_checked(path, **kw):
         raise ReaderError(f"{path}: no such file")
     if p.is_dir():
         raise ReaderError(f"{path}: is a directory, not a FITS file")
+    scan_fits_headers(p, ReaderError)  # lying headers are refused before astropy reads them
     try:
         hdul = fits.open(p, **kw)
         hdul.verify("silentfix")
         # touch every header so truncated files fail here, not later
         for h in hdul:
             _ = h.header
+        check_claimed_sizes(hdul, p, ReaderError)  # before any data is allocated
         return hdul
     except ReaderError:
         raise
@@ -307,6 +310,7 @@ def _read_muse_image(h, path, lsf, frame, data_ext=0):
     if err.shape != flux.shape:
         raise ReaderError(f"{path}: {err_name} shape {err.shape} differs from flux shape {flux.shape}")
     var = err**2 if err_name in ("SIGMA", "ERR", "ERROR") else err
+    var = np.where(err < 0, np.nan, var)  # a negative error or variance is no measurement: pixel unusable
     npix = flux.shape[-1]
     if "CRVAL1" not in hdr or not ("CDELT1" in hdr or "CD1_1" in hdr):
         raise ReaderError(f"{path}: no wavelength solution (CRVAL1 and CDELT1/CD1_1 missing)")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -46,7 +47,7 @@ from ..fit.fitter import FitConfig, Fitter
 from ..flags import SPECTRUM_STATUS, fit_status_counts
 from ..instrument.lsf import lsf_from_spec
 from ..io.cube import open_cube
-from ..io.fits import atomic_write_fits, atomic_write_json, sha256_file, table_hdu
+from ..io.fits import atomic_write_fits, atomic_write_json, folder_lock, sha256_file, table_hdu
 from ..io.prepared import PreparedSpectra
 from ..io.readers import read_muse_spectra
 from ..models.files import _default_model_path, load_model
@@ -257,12 +258,20 @@ class Pipeline:
             rec = json.loads(m.read_text())
         except (OSError, ValueError):
             return False
-        return rec.get("inputs") == inputs and rec.get("config") == cfg_hash
+        if not isinstance(rec, dict) or rec.get("inputs") != inputs or rec.get("config") != cfg_hash:
+            return False
+        # a damaged (truncated, edited) stage output is redone, not read again on every resume
+        if "output_sha256" in rec and rec["output_sha256"] != sha256_file(output):
+            self.log.warning("%s: %s changed since its stage finished; redoing it", stage, output)
+            return False
+        return True
 
-    def _mark(self, cdir, stage, inputs, cfg_hash, extra=None):
-        atomic_write_json({"stage": stage, "inputs": inputs, "config": cfg_hash, "version": __version__,
-                           "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})},
-                          self._marker(cdir, stage))
+    def _mark(self, cdir, stage, inputs, cfg_hash, extra=None, output=None):
+        rec = {"stage": stage, "inputs": inputs, "config": cfg_hash, "version": __version__,
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
+        if output is not None:
+            rec["output_sha256"] = sha256_file(output)
+        atomic_write_json(rec, self._marker(cdir, stage))
 
     def _tick(self, stage, done, total):
         if self.progress is not None:
@@ -278,7 +287,7 @@ class Pipeline:
         t0 = time.perf_counter()
         info = _run_extract(cube_path, sources_path, out, self.config)
         self.times.add("extract", time.perf_counter() - t0)
-        self._mark(cdir, "extract", checks, cfg_hash, {"summary": info})
+        self._mark(cdir, "extract", checks, cfg_hash, {"summary": info}, output=out)
         self.log.info("extract: %s -> %s (%s)", cube_path, out, info)
         return out
 
@@ -294,7 +303,8 @@ class Pipeline:
         prep = Preparer(self.config.prepare)(spectra)
         prep.write(out)
         self.times.add("prepare", time.perf_counter() - t0)
-        self._mark(cdir, "prepare", inputs, cfg_hash, {"counts": dict(Counter(prep.spectra["status"].tolist()))})
+        self._mark(cdir, "prepare", inputs, cfg_hash, {"counts": dict(Counter(prep.spectra["status"].tolist()))},
+                   output=out)
         self.log.info("prepare: %d spectra -> %s", prep.n_spectra, out)
         return out
 
@@ -320,23 +330,26 @@ class Pipeline:
         chunk = self.config.fit_chunk
         starts = list(range(0, n, chunk))
         done_chunks = 0
+        cats, models = [], []
         for k, i0 in enumerate(starts):
             part = fdir / f"part-{k:05d}.fits"
-            if not part.exists():
+            idx = np.arange(i0, min(n, i0 + chunk))
+            got = _read_part_checked(part, prep.spectra["stellar_id"][idx]) if part.exists() else None
+            if got is None:
+                if part.exists():  # damaged or foreign checkpoint: refit the chunk
+                    self.log.warning("fit: %s unreadable or not this chunk; refitting it", part)
+                    part.unlink()
                 t0 = time.perf_counter()
-                idx = np.arange(i0, min(n, i0 + chunk))
-                cat, models = _run_fit_chunk(prep.take(idx), model, model_mp, self.config)
-                _write_part(part, cat, models)
+                cat, mod = _run_fit_chunk(prep.take(idx), model, model_mp, self.config)
+                _write_part(part, cat, mod)
                 self.times.add("fit", time.perf_counter() - t0)
                 done_chunks += 1
                 if stop_after is not None and done_chunks >= stop_after:
                     raise KeyboardInterrupt(f"stopped after {done_chunks} chunks (test hook)")
+                got = _read_part(part)
+            cats.append(got[0])
+            models.append(got[1])
             self._tick("fit", min(n, i0 + chunk), n)
-        cats, models = [], []
-        for k in range(len(starts)):
-            c, m = _read_part(fdir / f"part-{k:05d}.fits")
-            cats.append(c)
-            models.append(m)
         cat = vstack(cats, metadata_conflicts="silent") if cats else Table()
         mod = np.vstack(models) if models else np.zeros((0, prep.wave.size))
         if len(cat) != n or len(set(cat["stellar_id"])) != len(cat):
@@ -345,17 +358,22 @@ class Pipeline:
 
     # ------------------------------------------------------------------ driver
     def run(self, cubes, sources, truth=None, stop_after=None) -> dict:
-        """Process ``cubes`` (with one source catalogue, or one per cube); returns the run record."""
-        if self.config.blas_threads is None:
-            return self._run(cubes, sources, truth, stop_after)
+        """Process ``cubes`` (with one source catalogue, or one per cube); returns the run record.
 
-        with blas_threads(self.config.blas_threads):
-            return self._run(cubes, sources, truth, stop_after)
+        The output folder is locked for the run (:func:`~musepayne.io.fits.folder_lock`): a
+        second run on the same folder raises :class:`~musepayne.io.fits.FolderBusy` at once.
+        """
+        with folder_lock(self.outdir):
+            if self.config.blas_threads is None:
+                return self._run(cubes, sources, truth, stop_after)
+            with blas_threads(self.config.blas_threads):
+                return self._run(cubes, sources, truth, stop_after)
 
     def _run(self, cubes, sources, truth=None, stop_after=None) -> dict:
         self.outdir.mkdir(parents=True, exist_ok=True)
-        # temporary files of a killed run are never valid: remove them (one run per OUTDIR at a time)
-        for stale in self.outdir.rglob(".*.part"):
+        # temporary files of a killed run are never valid: remove them -- only the run's own (the
+        # folder is locked, so none belongs to a live run; files the run does not write are kept)
+        for stale in _own_part_files(self.outdir):
             stale.unlink(missing_ok=True)
         atomic_write_json(self.config.to_dict(), self.outdir / "config.json")
         t_start = time.perf_counter()
@@ -493,6 +511,38 @@ def _read_part(path):
         # mask_invalid=False: NaN stays NaN (no MaskedColumns, which Parquet would split into value + ".mask")
         return (Table.read(h["CATALOGUE"], mask_invalid=False),
                 np.array(h["MODEL"].data, dtype=np.float64, ndmin=2))
+
+
+def _read_part_checked(path, ids):
+    """A fit checkpoint if it is readable and holds exactly the rows ``ids``; else None."""
+    try:
+        cat, mod = _read_part(path)
+    except Exception:  # noqa: BLE001 - any damage means: fit the chunk again
+        return None
+    if len(cat) != len(ids) or mod.shape[0] != len(ids) or "stellar_id" not in cat.colnames:
+        return None
+    if [str(s) for s in cat["stellar_id"]] != [str(s) for s in ids]:
+        return None
+    return cat, mod
+
+
+#: temporary files (io.fits.atomic_path: ``.<name>.<random>.part``) of the files a run writes
+_TOP_OUTPUTS = ("config.json", "run.json", "models.fits", "catalogue.fits", "catalogue.csv", "catalogue.parquet",
+                "catalogue_stars.fits", "catalogue_stars.csv", "catalogue_stars.parquet")
+_PART_RE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.part$")
+
+
+def _own_part_files(outdir: Path):
+    """The stale temporary files of the run's own outputs under ``outdir`` (never foreign files)."""
+    own = []
+    for p in outdir.glob(".*.part"):
+        m = _PART_RE.match(p.name)
+        if m and m.group("name") in _TOP_OUTPUTS:
+            own.append(p)
+    for sub in ("cubes", "report"):
+        if (outdir / sub).is_dir():
+            own += [p for p in (outdir / sub).rglob(".*.part") if _PART_RE.match(p.name) and p.is_file()]
+    return own
 
 
 def _best_per_star(cat: Table) -> Table:

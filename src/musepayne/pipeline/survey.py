@@ -47,7 +47,7 @@ from astropy.table import Table, vstack
 
 from .. import __version__
 from ..fit.catalogue import read_catalogue, write_catalogue
-from ..io.fits import atomic_write_json, sha256_file
+from ..io.fits import atomic_write_json, folder_lock, sha256_file
 from .runner import Pipeline, RunConfig, cube_id_for
 
 __all__ = ["SurveyConfig", "Survey", "process_cube", "read_store_catalogue", "sources_resolver"]
@@ -69,6 +69,17 @@ class SurveyConfig:
     scheduler: str = "local"
     workers: int | None = None
     merged_fits: bool = False
+
+    def __post_init__(self):
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise ValueError(f"workers must be a positive integer, got {self.workers!r}")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {self.retries!r}")
+        if not isinstance(self.scheduler, str) or not (self.scheduler in ("local", "process")
+                                                       or "://" in self.scheduler):
+            raise ValueError(f"scheduler must be 'local', 'process' or an address like tcp://host:8786, "
+                             f"got {self.scheduler!r}")
 
     def run_config(self):
         opts = dict(self.run_options or {})
@@ -139,9 +150,31 @@ class Survey:
         return self.store / "manifest.json"
 
     def load_manifest(self) -> dict:
-        if self.manifest_path.exists():
-            return json.loads(self.manifest_path.read_text())
-        return {}
+        """The manifest; a damaged one is moved aside (``manifest.json.damaged-<time>``) and
+        the store starts afresh -- every cube is then redone, none is merged twice."""
+        if not self.manifest_path.exists():
+            return {}
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+            if not isinstance(manifest, dict) or not all(isinstance(v, dict) and "status" in v
+                                                         for v in manifest.values()):
+                raise ValueError("not a mapping cube_id -> record")
+            return manifest
+        except (ValueError, UnicodeDecodeError) as exc:
+            aside = self.manifest_path.with_name(f"manifest.json.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.replace(self.manifest_path, aside)
+            self.log(f"survey: {self.manifest_path} was damaged ({exc}); moved to {aside.name}, "
+                     "every cube will be redone")
+            return {}
+
+    def _committed_ok(self, cid) -> bool:
+        """Whether the committed result of ``cid`` is there and readable."""
+        path = self.store / "cubes" / cid / "catalogue.fits"
+        try:
+            Table.read(path, mask_invalid=False)
+        except Exception:  # noqa: BLE001 - any damage means: redo the cube
+            return False
+        return True
 
     def _save(self, manifest):
         atomic_write_json(manifest, self.manifest_path)
@@ -150,32 +183,68 @@ class Survey:
     def plan(self, cubes, sources_for):
         """(todo, skipped) lists of task dicts for the given cubes."""
 
-        manifest = self.load_manifest()
+        todo, skipped, _ = self._plan(self.load_manifest(), cubes, sources_for)
+        return todo, skipped
+
+    def _plan(self, manifest, cubes, sources_for):
+        """(todo, skipped, bad): ``bad`` are ``(task, reason)`` of cubes that cannot even start
+        (unreadable cube, no source catalogue); ``manifest`` loses the records of earlier
+        versions of the given cubes (same path, other content), so a changed cube is never
+        merged under both its old and its new id."""
         cfg_hash = self.config.run_config().digest()
-        todo, skipped = [], []
+        todo, skipped, bad = [], [], []
         for cube in cubes:
-            csum = sha256_file(cube)
-            src = sources_for(cube)
-            ssum = sha256_file(src)
-            cid = cube_id_for(cube, csum)
+            task = {"cube": str(cube), "sources": "", "cube_id": Path(str(cube)).name, "checksum": "",
+                    "sources_checksum": "", "config": cfg_hash}
+            try:
+                csum = sha256_file(cube)
+                cid = cube_id_for(cube, csum)
+                task.update(cube_id=cid, checksum=csum)
+                src = sources_for(cube)
+                ssum = sha256_file(src)
+                task.update(sources=str(src), sources_checksum=ssum)
+            except (OSError, ValueError) as exc:
+                bad.append((task, f"{type(exc).__name__}: {exc}"))
+                continue
+            self._forget_old_versions(manifest, cube, cid)
             rec = manifest.get(cid, {})
             same = rec.get("checksum") == csum and rec.get("sources_checksum") == ssum and rec.get("config") == cfg_hash
-            task = {"cube": str(cube), "sources": str(src), "cube_id": cid, "checksum": csum,
-                    "sources_checksum": ssum, "config": cfg_hash}
-            if same and rec.get("status") == "done" and (self.store / "cubes" / cid).exists():
+            if same and rec.get("status") == "done" and self._committed_ok(cid):
                 skipped.append(task)
             elif same and rec.get("status") == "failed" and rec.get("attempts", 0) > self.config.retries:
                 skipped.append(task)
             else:
-                task["attempts"] = rec.get("attempts", 0) if same else 0
+                task["attempts"] = rec.get("attempts", 0) if same and rec.get("status") == "failed" else 0
                 todo.append(task)
-        return todo, skipped
+        return todo, skipped, bad
 
+    def _forget_old_versions(self, manifest, cube, cid):
+        """Drop manifest records (and committed results) of ``cube``'s path under another id."""
+        here = Path(str(cube)).resolve()
+        for old, rec in list(manifest.items()):
+            if old == cid or not rec.get("cube"):
+                continue
+            if Path(rec["cube"]).resolve() == here:
+                self.log(f"survey: {cube} changed since it was recorded as {old}; replacing that result")
+                del manifest[old]
+                shutil.rmtree(self.store / "cubes" / old, ignore_errors=True)
     def run(self, cubes, sources_for) -> dict:
-        self.store.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.store / "tmp", ignore_errors=True)  # leftovers of dead tasks
-        todo, skipped = self.plan(cubes, sources_for)
+        """Process ``cubes`` into the store; the store is locked for the run
+        (:func:`~musepayne.io.fits.folder_lock`, a second survey on it is refused)."""
+        with folder_lock(self.store):
+            return self._run(cubes, sources_for)
+
+    def _run(self, cubes, sources_for) -> dict:
+        shutil.rmtree(self.store / "tmp", ignore_errors=True)  # leftovers of dead tasks (the store is locked)
         manifest = self.load_manifest()
+        todo, skipped, bad = self._plan(manifest, cubes, sources_for)
+        for task, reason in bad:
+            manifest[task["cube_id"]] = {k: task[k] for k in ("cube", "sources", "checksum", "sources_checksum",
+                                                              "config")}
+            manifest[task["cube_id"]].update(status="failed", reason=reason[:500], attempts=1,
+                                             software=__version__, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            self.log(f"survey: {task['cube']}: {reason}")
+        self._save(manifest)
         run_opts = self.config.run_config().to_dict()
         self.log(f"survey: {len(todo)} cube(s) to process, {len(skipped)} already done or given up")
         t0 = time.perf_counter()
@@ -199,9 +268,10 @@ class Survey:
                 self._save(manifest)
             pending = retry
         merged = self.merge(manifest)
+        this_run = {t["cube_id"] for t in todo + skipped} | {t["cube_id"] for t, _ in bad}
         summary = {
             "store": str(self.store), "n_cubes": len(cubes), "processed": len(todo), "skipped": len(skipped),
-            "failed": sorted(k for k, v in manifest.items() if v["status"] == "failed"),
+            "failed": sorted(k for k, v in manifest.items() if v["status"] == "failed" and k in this_run),
             "n_observations": merged, "wall_s": round(time.perf_counter() - t0, 2),
         }
         return summary
@@ -251,14 +321,21 @@ class Survey:
     def merge(self, manifest) -> int:
         """Rebuild the partitioned Parquet dataset (and FITS on request) from committed cubes."""
         done = sorted(k for k, v in manifest.items() if v["status"] == "done")
-        tables = []
+        tables, merged_ids = [], []
         pdir = self.store / "catalogue"
         for cid in done:
             path = self.store / "cubes" / cid / "catalogue.fits"
             if not path.exists():
                 continue
-            t = Table.read(path, mask_invalid=False)  # NaN stays NaN (no ".mask" columns in Parquet)
+            try:
+                t = Table.read(path, mask_invalid=False)  # NaN stays NaN (no ".mask" columns in Parquet)
+            except Exception as exc:  # noqa: BLE001 - a damaged result is redone by the next run
+                manifest[cid].update(status="failed", reason=f"committed catalogue unreadable: {exc}"[:500],
+                                     attempts=0)
+                self._save(manifest)
+                continue
             tables.append(t)
+            merged_ids.append(cid)
             # the partition key lives in the folder name (hive layout), not in the file
             part = t.copy(copy_data=False)
             if "cube_id" in part.colnames:
@@ -269,7 +346,7 @@ class Survey:
                 pass
         if pdir.exists():  # partitions of cubes no longer done
             for p in pdir.glob("cube_id=*"):
-                if p.name.split("=", 1)[1] not in done:
+                if p.name.split("=", 1)[1] not in merged_ids:
                     shutil.rmtree(p, ignore_errors=True)
         n = sum(len(t) for t in tables)
         if self.config.merged_fits and tables:

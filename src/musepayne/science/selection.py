@@ -143,7 +143,10 @@ def _bit(col, k):
     arr = np.asarray(col)
     if not np.issubdtype(arr.dtype, np.integer) and not np.issubdtype(arr.dtype, np.bool_):
         raise SelectionError("bit(column, k) needs an integer column")
-    return (arr.astype(np.int64) >> int(k)) & 1 == 1
+    kk = np.asarray(k)
+    if kk.ndim != 0 or not np.isfinite(kk) or float(kk) != int(kk) or not 0 <= int(kk) < 63:
+        raise SelectionError(f"bit(column, k) needs a whole number k from 0 to 62, got {kk.tolist()!r}")
+    return (arr.astype(np.int64) >> int(kk)) & 1 == 1
 
 
 #: Functions callable in expressions (read-only).
@@ -171,6 +174,17 @@ _CMPOPS = {
     ast.Eq: operator.eq, ast.NotEq: operator.ne,
 }
 _MAX_LEN = 2000
+_MAX_DEPTH = 200  # nesting of an expression (the evaluator recurses once per level)
+
+
+def _depth(tree) -> int:
+    """Nesting depth of an AST, computed without recursion."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, d = stack.pop()
+        deepest = max(deepest, d)
+        stack.extend((child, d + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 def parse_expression(expr: str) -> ast.Expression:
@@ -199,6 +213,10 @@ def parse_expression(expr: str) -> ast.Expression:
         tree = ast.parse(expr.strip(), mode="eval")
     except SyntaxError as exc:
         raise SelectionError(f"cannot parse {expr!r}: {exc.msg}") from None
+    except (RecursionError, MemoryError):
+        raise SelectionError(f"selection expression nested too deeply (at most {_MAX_DEPTH} levels)") from None
+    if _depth(tree) > _MAX_DEPTH:
+        raise SelectionError(f"selection expression nested too deeply (at most {_MAX_DEPTH} levels)")
     for node in ast.walk(tree):
         ok = isinstance(node, (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub,
                                ast.UAdd, ast.Invert, ast.BinOp, ast.Compare, ast.Name, ast.Load, ast.Call,

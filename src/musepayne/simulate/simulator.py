@@ -43,7 +43,7 @@ from astropy.wcs import WCS
 from ..extract.psf import MoffatPSF, psf_design_matrix
 from ..instrument.lsf import FWHM_TO_SIGMA, MUSE_LSF, TabulatedLSF
 from ..instrument.wavelength import C_KMS, bin_edges, linear_grid
-from ..io.fits import atomic_path, atomic_write_fits
+from ..io.fits import atomic_path, atomic_write_fits, preallocate
 from ..prepare.resample import build_operator, effective_lsf, rebin_matrix
 from .toyspec import toy_spectrum
 
@@ -411,6 +411,8 @@ class SimulateConfig:
     def __post_init__(self):
         if self.nx < 8 or self.ny < 8 or self.nlayers < 1 or self.nstars < 1:
             raise ValueError("SimulateConfig: need nx, ny >= 8 and nlayers, nstars >= 1")
+        if not (np.isfinite(self.mag_bright) and np.isfinite(self.mag_faint) and self.mag_bright <= self.mag_faint):
+            raise ValueError("SimulateConfig: the magnitude range needs finite mag_bright <= mag_faint")
 
 
 def king_radii(rng, n, rc, rt):
@@ -716,6 +718,8 @@ class Simulator:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
                 fh.truncate(total)
+                # reserve the blocks: a full disk is an OSError here, not a SIGBUS in the memory map
+                preallocate(fh, total, path)
                 fh.seek(0)
                 fh.write(blocks[0])
                 fh.write(blocks[1])
