@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-from musepayne.extract.detect import Detector, DetectConfig, _kernel, matched_filter_snr
+from musepayne.extract.detect import DetectConfig, Detector, _kernel, matched_filter_snr
 from musepayne.io.cube import open_cube
 from musepayne.simulate.simulator import SimulateConfig, Simulator
 

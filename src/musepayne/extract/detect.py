@@ -52,7 +52,7 @@ from astropy.table import Column, Table
 
 from ..io.cube import MuseCube, open_cube
 from ..io.spectra import ReaderError
-from .extractor import _fit_single, _image_fit, _pixscale_arcsec, _shape_psf, _sky_columns
+from .extractor import _fit_single, _pixscale_arcsec, _shape_psf, _sky_columns
 from .psf import _integrate, psf_design_matrix
 
 __all__ = ["DetectConfig", "Detector", "matched_filter_snr"]

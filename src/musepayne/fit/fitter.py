@@ -95,7 +95,7 @@ import numpy as np
 
 from ..flags import EXCLUDING_BITS, SPECTRUM_STATUS
 from ..instrument.wavelength import C_KMS, air_to_vacuum
-from ..models.model import SpectralModel
+from ..models.model import SpectralModel, coverage_note
 
 __all__ = ["FitConfig", "Fitter", "FitArrays", "doppler_factor", "shift_weights", "grid_segments"]
 
@@ -395,8 +395,10 @@ class Fitter:
             elif n_good[i] < max(cfg.min_pixels, P + 1):
                 why = "no_valid_pixels" if n_good[i] == 0 else "too_few_pixels"
                 out.status[i] = f"failed:{why}"
+                with np.errstate(invalid="ignore"):
+                    d_ok = np.isfinite(flux[i]) & np.isfinite(ivar[i]) & (ivar[i] > 0)
                 out.reason[i] = (f"{n_good[i]} usable pixels (finite flux, ivar > 0, unmasked); "
-                                 f"need >= {max(cfg.min_pixels, P + 1)}")
+                                 f"need >= {max(cfg.min_pixels, P + 1)}: " + coverage_note(wave, d_ok, model_ok))
                 fit_ok[i] = False
         # LSF excess operators (one sparse matrix per distinct non-zero profile)
         op_index = np.full(n, -1)
