@@ -48,7 +48,11 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+from astropy.stats import SigmaClip
 from astropy.table import Column, Table
+from photutils.background import Background2D, MedianBackground
+from photutils.detection import find_peaks
+from scipy.ndimage import correlate
 
 from ..io.cube import MuseCube, open_cube
 from ..io.spectra import ReaderError
@@ -98,8 +102,6 @@ def matched_filter_snr(img, var, kernel):
 
     ``snr = sum(P d / V) / sqrt(sum(P^2 / V))``; unusable pixels (NaN, var <= 0) carry no weight.
     """
-    from scipy.ndimage import correlate
-
     ok = np.isfinite(img) & np.isfinite(var) & (var > 0)
     iv = np.where(ok, 1.0 / np.where(ok, var, 1.0), 0.0)
     num = correlate(np.where(ok, img, 0.0) * iv, kernel, mode="constant")
@@ -113,9 +115,6 @@ def matched_filter_snr(img, var, kernel):
 
 
 def _background(img, ok, box):
-    from astropy.stats import SigmaClip
-    from photutils.background import Background2D, MedianBackground
-
     ny, nx = img.shape
     est = MedianBackground()
     clip = SigmaClip(sigma=3.0, maxiters=5)
@@ -132,8 +131,6 @@ def _background(img, ok, box):
 
 
 def _peaks(snr, threshold, box):
-    from photutils.detection import find_peaks
-
     s = np.where(np.isfinite(snr), snr, -np.inf)
     if not np.isfinite(s).any() or np.nanmax(snr) < threshold:
         return np.zeros(0), np.zeros(0), np.zeros(0)
@@ -226,6 +223,7 @@ class Detector:
         psf = _shape_psf(shape_p)
         S = sp.csc_matrix(_sky_columns((ny, nx), cfg.sky_order, mask))
         n = len(x)
+        f = np.zeros(n)
         for it in range(4 if refine else 1):
             cen = (np.rint(x), np.rint(y))
             A = psf_design_matrix(psf, x, y, 0.0, (ny, nx), radius, 2, valid=mask, centres=cen)

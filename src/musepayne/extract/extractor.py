@@ -51,6 +51,7 @@ Layers that are NaN everywhere are flagged (``LAYER_FLAG`` bit 1) and get NaN.
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -59,6 +60,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+from astropy import units as u
+from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.table import Table
 
@@ -163,8 +166,6 @@ def _mag_column(t, mag_column=None):
     c = _find_col(t, MAG_COLUMNS)
     if c:
         return c
-    import re
-
     def not_err(n):
         n = n.lower()
         return not (n.startswith(("e_", "err", "sig", "sigma")) or "err" in n or n.endswith(("_e", "_sig", "_unc")))
@@ -178,9 +179,6 @@ def _mag_column(t, mag_column=None):
 
 def _coordinate_columns(t, ra, dec):
     """RA/Dec in degrees from degree numbers or sexagesimal strings (RA in hours, Dec in degrees)."""
-    from astropy import units as u
-    from astropy.coordinates import SkyCoord
-
     a, d = t[ra], t[dec]
     if a.dtype.kind in "USO" or d.dtype.kind in "USO":
         sa = [str(v).strip() for v in np.ma.filled(a, "")]
@@ -511,6 +509,7 @@ class Extractor:
                 fwhm0 = pf
             notes = []
             fit_theta = cfg.fit_transform
+            n_in = int((_edge_distance(valid, xc, yc) >= 0).sum())  # catalogue stars on the usable field
             if cfg.fit_transform and cand.size:
                 # robust start: single-star Moffat fits of isolated stars, similarity transform with clipping
                 fits_ = [_fit_single(white, white_var, xc[i], yc[i], fwhm0, cfg.beta_guess) for i in cand]
@@ -518,14 +517,14 @@ class Extractor:
                 ym = np.array([f[1] for f in fits_])
                 t1 = CoordinateTransform.fit(xc[cand], yc[cand], xm, ym, centre, clip=cfg.clip)
                 n_sup = int(np.isfinite(xm).sum())
-                if n_sup == 0:
-                    fit_theta = False
-                    notes.append("catalogue->cube transformation refused: no isolated star measured; "
-                                 "catalogue positions used as they are")
-                elif n_sup < CoordinateTransform.MIN_STARS_FULL:
-                    fit_theta = False  # offset only, from the single-star fits
-                    notes.append(f"catalogue->cube transformation reduced to an offset: only {n_sup} isolated "
-                                 f"star(s) measured (rotation and scale need >= {CoordinateTransform.MIN_STARS_FULL})")
+                if n_in < CoordinateTransform.MIN_STARS_FULL:
+                    fit_theta = False  # offset only (median of the single-star fits) or nothing
+                    t1 = CoordinateTransform.fit(xc[cand], yc[cand], xm, ym, centre, clip=cfg.clip, min_full=10**9)
+                    notes.append(
+                        f"catalogue->cube transformation reduced to an offset: only {n_in} catalogue star(s) in "
+                        f"the field (rotation and scale need >= {CoordinateTransform.MIN_STARS_FULL})" if n_sup else
+                        "catalogue->cube transformation refused: no star in the field could be measured; "
+                        "catalogue positions used as they are")
                 th = np.deg2rad(t1.rotation)
                 theta = np.array([t1.scale * np.cos(th), t1.scale * np.sin(th), *t1.offset])
                 fw = np.array([f[2] for f in fits_])
@@ -535,10 +534,10 @@ class Extractor:
             rad0 = min(cfg.psf_radius * shape0[0], cfg.psf_radius_max_px)
             near = (xc > -rad0) & (xc < nx - 1 + rad0) & (yc > -rad0) & (yc < ny - 1 + rad0)
             nidx = np.nonzero(near)[0]
-            if cfg.fit_transform and not cand.size:
+            if cfg.fit_transform and not cand.size and n_in < CoordinateTransform.MIN_STARS_FULL:
                 fit_theta = False
-                notes.append("catalogue->cube transformation refused: no bright isolated star in the field; "
-                             "catalogue positions used as they are")
+                notes.append(f"catalogue->cube transformation refused: {n_in} catalogue star(s) in the field and "
+                             "none bright and isolated; catalogue positions used as they are")
             theta, shape_w, fl_w, ok_w = _image_fit(
                 white, white_var, xc[near], yc[near], centre, theta, shape0, fit_theta,
                 cfg.psf is None, rad0, 2, cfg.sky_order)
