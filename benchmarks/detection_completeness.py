@@ -65,12 +65,15 @@ def main(argv=None):
     ap.add_argument("--nlayers", type=int, default=600)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--threshold", type=float, default=5.0)
+    ap.add_argument("--mag-range", type=float, nargs=2, default=(16.0, 21.0))
+    ap.add_argument("--lf-slope", type=float, default=0.3, help="dN/dm ~ 10^(slope m); 0: flat")
+    ap.add_argument("--king-rc", type=float, default=None, help="King core radius (px; default size/4)")
     a = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in a.seeds:
             cfg = SimulateConfig(nx=a.size, ny=a.size, nlayers=a.nlayers, nstars=a.nstars, seed=seed,
-                                 king_rc=max(5.0, a.size / 4.0))
+                                 king_rc=a.king_rc or max(5.0, a.size / 4.0), lf_slope=a.lf_slope, mag_bright=a.mag_range[0], mag_faint=a.mag_range[1])
             info = Simulator(cfg).write(Path(tmp) / f"sim{seed}.fits")
             truth = Table.read(info["truth"], "TRUTH")
             t0 = time.perf_counter()

@@ -10,7 +10,7 @@ from astropy.table import Table
 from click.testing import CliRunner
 
 from musepayne.cli import main as cli
-from musepayne.extract.detect import Detector, DetectConfig
+from musepayne.extract.detect import DetectConfig, Detector
 from musepayne.extract.extractor import CoordinateTransform, ExtractConfig, Extractor, read_source_catalogue
 from musepayne.io.spectra import ReaderError
 from musepayne.models.model import coverage_note, load_model

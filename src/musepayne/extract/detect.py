@@ -301,36 +301,71 @@ class Detector:
                     cand.append(_peaks(s_b, cfg.threshold + cfg.band_penalty, box))
             x, y, pk = self._merge(cand, fwhm)
             passno = np.ones(x.size, int)
-            f = ferr = np.zeros(0)
-            model = sky_model = np.zeros_like(white)
-            for it in range(cfg.n_iter):
-                if it > 0:  # search the residual of all fitted stars
-                    res = np.where(ok, white - model, np.nan)
-                    # PSF-model errors near bright stars are not noise: inflate the variance by them
-                    rvar = wvar + (cfg.model_error * np.maximum(model - sky_model, 0.0)) ** 2
-                    s_r, _, _ = matched_filter_snr(res, rvar, _kernel(shape_w, fwhm))
-                    xn, yn, pn = _peaks(s_r, cfg.threshold, box)
-                    if xn.size and x.size:
-                        dmin = np.min(np.hypot(xn[:, None] - x[None, :], yn[:, None] - y[None, :]), axis=1)
-                        new = dmin > cfg.min_separation * fwhm
-                        xn, yn, pn = xn[new], yn[new], pn[new]
-                    if not xn.size:
-                        break
-                    x, y = np.concatenate([x, xn]), np.concatenate([y, yn])
-                    passno = np.concatenate([passno, np.full(xn.size, it + 1)])
-                if not x.size:
-                    break
-                if x.size > cfg.max_sources:
-                    raise ReaderError(f"{c.path}: more than {cfg.max_sources} detections; raise the threshold")
-                x, y, f, ferr, model, sky_model = self._joint_fit(white, wvar, x, y, shape_w)
-                keep = self._prune(x, y, f, ferr, ok, fwhm)
-                x, y, f, ferr, passno = x[keep], y[keep], f[keep], ferr[keep], passno[keep]
-                if x.size:
-                    x, y, f, ferr, model, sky_model = self._joint_fit(white, wvar, x, y, shape_w, refine=False)
+            x, y, f, ferr, passno = self._passes(c, white, wvar, ok, x, y, passno, shape_w, 0)
+            # the PSF again, now on neighbour-subtracted bright stars, and the passes with it
+            new_shape = self._refine_psf(white, wvar, ok, x, y, f, ferr, shape_w)
+            if abs(new_shape[0] - shape_w[0]) > 0.02 * shape_w[0]:
+                shape_w = new_shape
+                x, y, f, ferr, passno = self._passes(c, white, wvar, ok, x, y, passno, shape_w, int(passno.max(initial=1)))
             return self._table(c, x, y, f, ferr, passno, shape_w, waves)
         finally:
             if own:
                 c.close()
+
+    def _passes(self, c, white, wvar, ok, x, y, passno, shape_w, first):
+        """Joint fit of all stars, then search the residual for more; until nothing new or ``n_iter`` passes."""
+        cfg = self.config
+        fwhm = float(shape_w[0])
+        f = ferr = np.zeros(0)
+        model = sky_model = np.zeros_like(white)
+        for it in range(cfg.n_iter):
+            if it > 0:  # search the residual of all fitted stars
+                res = np.where(ok, white - model, np.nan)
+                # PSF-model errors near bright stars are not noise: inflate the variance by them
+                rvar = wvar + (cfg.model_error * np.maximum(model - sky_model, 0.0)) ** 2
+                s_r, _, _ = matched_filter_snr(res, rvar, _kernel(shape_w, fwhm))
+                xn, yn, pn = _peaks(s_r, cfg.threshold, 3)
+                if xn.size and x.size:
+                    dmin = np.min(np.hypot(xn[:, None] - x[None, :], yn[:, None] - y[None, :]), axis=1)
+                    new = dmin > cfg.min_separation * fwhm
+                    xn, yn, pn = xn[new], yn[new], pn[new]
+                if not xn.size:
+                    break
+                x, y = np.concatenate([x, xn]), np.concatenate([y, yn])
+                passno = np.concatenate([passno, np.full(xn.size, first + it + 1)])
+            if not x.size:
+                break
+            if x.size > cfg.max_sources:
+                raise ReaderError(f"{c.path}: more than {cfg.max_sources} detections; raise the threshold")
+            x, y, f, ferr, model, sky_model = self._joint_fit(white, wvar, x, y, shape_w)
+            keep = self._prune(x, y, f, ferr, ok, fwhm)
+            x, y, f, ferr, passno = x[keep], y[keep], f[keep], ferr[keep], passno[keep]
+            if x.size:
+                x, y, f, ferr, model, sky_model = self._joint_fit(white, wvar, x, y, shape_w, refine=False)
+        return x, y, f, ferr, passno
+
+    def _refine_psf(self, white, wvar, ok, x, y, f, ferr, shape_w):
+        """Moffat FWHM from single-star fits of the brightest stars with all their neighbours subtracted."""
+        cfg = self.config
+        if x.size < 3:
+            return shape_w
+        ny, nx = white.shape
+        radius = min(4.0 * shape_w[0], 20.0)
+        A = psf_design_matrix(_shape_psf(shape_w), x, y, 0.0, (ny, nx), radius, 2, valid=ok)
+        stars = (A @ f).reshape(ny, nx)
+        fw = []
+        for i in np.argsort(-f)[:cfg.psf_stars]:
+            if not f[i] > 20 * ferr[i]:
+                continue
+            own = (A[:, i].toarray().ravel() * f[i]).reshape(ny, nx)
+            r = _fit_single(np.where(ok, white - stars + own, np.nan), wvar, x[i], y[i], shape_w[0], shape_w[1])
+            if np.isfinite(r[2]):
+                fw.append(r[2])
+        if len(fw) < 3:
+            return shape_w
+        out = np.array(shape_w, float)
+        out[0] = float(np.median(fw))
+        return out
 
     # ------------------------------------------------------------------ bookkeeping
     def _merge(self, cand, fwhm):
