@@ -56,7 +56,7 @@ from scipy.ndimage import correlate
 
 from ..io.cube import MuseCube, open_cube
 from ..io.spectra import ReaderError
-from .extractor import _fit_single, _pixscale_arcsec, _shape_psf, _sky_columns
+from .extractor import _fit_shape, _fit_single, _pixscale_arcsec, _shape_psf, _sky_columns
 from .psf import _integrate, psf_design_matrix
 
 __all__ = ["DetectConfig", "Detector", "matched_filter_snr"]
@@ -303,10 +303,13 @@ class Detector:
             passno = np.ones(x.size, int)
             x, y, f, ferr, passno = self._passes(c, white, wvar, ok, x, y, passno, shape_w, 0)
             # the PSF again, now on neighbour-subtracted bright stars, and the passes with it
-            new_shape = self._refine_psf(white, wvar, ok, x, y, f, ferr, shape_w)
-            if abs(new_shape[0] - shape_w[0]) > 0.02 * shape_w[0]:
+            for _ in range(2):
+                new_shape = self._refine_psf(white, wvar, ok, x, y, f, ferr, shape_w)
+                if abs(new_shape[0] - shape_w[0]) <= 0.02 * shape_w[0] and abs(new_shape[1] - shape_w[1]) <= 0.1:
+                    break
                 shape_w = new_shape
-                x, y, f, ferr, passno = self._passes(c, white, wvar, ok, x, y, passno, shape_w, int(passno.max(initial=1)))
+                x, y, f, ferr, passno = self._passes(c, white, wvar, ok, x, y, passno, shape_w,
+                                                     int(passno.max(initial=1)))
             return self._table(c, x, y, f, ferr, passno, shape_w, waves)
         finally:
             if own:
@@ -322,7 +325,8 @@ class Detector:
             if it > 0:  # search the residual of all fitted stars
                 res = np.where(ok, white - model, np.nan)
                 # PSF-model errors near bright stars are not noise: inflate the variance by them
-                rvar = wvar + (cfg.model_error * np.maximum(model - sky_model, 0.0)) ** 2
+                eps = self._model_error(res, wvar, model - sky_model, x, y, f, ferr, fwhm)
+                rvar = wvar + (eps * np.maximum(model - sky_model, 0.0)) ** 2
                 s_r, _, _ = matched_filter_snr(res, rvar, _kernel(shape_w, fwhm))
                 xn, yn, pn = _peaks(s_r, cfg.threshold, 3)
                 if xn.size and x.size:
@@ -344,28 +348,50 @@ class Detector:
                 x, y, f, ferr, model, sky_model = self._joint_fit(white, wvar, x, y, shape_w, refine=False)
         return x, y, f, ferr, passno
 
+    def _model_error(self, res, var, stars, x, y, f, ferr, fwhm):
+        """Fractional PSF-model error: excess residual variance over the noise within 1 FWHM of bright stars.
+
+        ``eps^2 = median((res^2 - var) / stars^2)`` over those pixels, at least ``model_error``.
+        """
+        floor = self.config.model_error
+        bright = f > 50 * ferr
+        if bright.sum() < 2:
+            return floor
+        ny, nx = res.shape
+        yy, xx = np.mgrid[:ny, :nx]
+        near = np.zeros((ny, nx), bool)
+        for i in np.nonzero(bright)[0]:
+            near |= (xx - x[i]) ** 2 + (yy - y[i]) ** 2 < fwhm**2
+        use = near & np.isfinite(res) & (stars > 0)
+        if use.sum() < 10:
+            return floor
+        e2 = np.median((res[use] ** 2 - var[use]) / stars[use] ** 2)
+        return float(max(floor, np.sqrt(max(e2, 0.0)))) if np.isfinite(e2) else floor
+
     def _refine_psf(self, white, wvar, ok, x, y, f, ferr, shape_w):
-        """Moffat FWHM from single-star fits of the brightest stars with all their neighbours subtracted."""
+        """Moffat (FWHM, beta, ellipticity) fitted jointly to the brightest stars, all other stars subtracted."""
         cfg = self.config
         if x.size < 3:
             return shape_w
         ny, nx = white.shape
-        radius = min(4.0 * shape_w[0], 20.0)
+        fw0 = float(shape_w[0])
+        radius = min(4.0 * fw0, 20.0)
         A = psf_design_matrix(_shape_psf(shape_w), x, y, 0.0, (ny, nx), radius, 2, valid=ok)
-        stars = (A @ f).reshape(ny, nx)
-        fw = []
-        for i in np.argsort(-f)[:cfg.psf_stars]:
-            if not f[i] > 20 * ferr[i]:
-                continue
-            own = (A[:, i].toarray().ravel() * f[i]).reshape(ny, nx)
-            r = _fit_single(np.where(ok, white - stars + own, np.nan), wvar, x[i], y[i], shape_w[0], shape_w[1])
-            if np.isfinite(r[2]):
-                fw.append(r[2])
-        if len(fw) < 3:
+        sel = []
+        for i in np.argsort(-f):  # bright, well measured, stamps (2 FWHM) not overlapping
+            if len(sel) >= cfg.psf_stars or not f[i] > 20 * ferr[i]:
+                break
+            if all(np.hypot(x[i] - x[j], y[i] - y[j]) > 4.0 * fw0 for j in sel):
+                sel.append(i)
+        if len(sel) < 3:
             return shape_w
-        out = np.array(shape_w, float)
-        out[0] = float(np.median(fw))
-        return out
+        others = np.ones(x.size, bool)
+        others[sel] = False
+        img = np.where(ok, white - (A[:, others] @ f[others]).reshape(ny, nx), np.nan)
+        p = _fit_shape(img, wvar, x[sel], y[sel], np.asarray(shape_w, float), 2)
+        if p is None or not 0.5 * fw0 < p[0] < 2.0 * fw0:
+            return shape_w
+        return np.asarray(p, float)
 
     # ------------------------------------------------------------------ bookkeeping
     def _merge(self, cand, fwhm):
