@@ -57,7 +57,7 @@ def test_detector_finds_isolated_stars_without_false_detections(sim, detected):
     bright = det_ok & (np.asarray(det["snr"]) > 200)
     assert np.median(d[np.arange(len(det)), j][bright]) < 0.4
     assert abs(np.median(np.asarray(det["mag"])[bright] - np.asarray(t["mag"])[j[bright]])) < 0.4
-    assert set(det["detected"]) <= set(range(1, DetectConfig().n_iter + 1))
+    assert det["detected"].min() == 1 and det["detected"].max() <= 3 * DetectConfig().n_iter
     assert str(det["ra"].unit) == "deg" and det["x"].description
 
 
