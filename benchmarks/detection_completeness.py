@@ -73,7 +73,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for seed in a.seeds:
             cfg = SimulateConfig(nx=a.size, ny=a.size, nlayers=a.nlayers, nstars=a.nstars, seed=seed,
-                                 king_rc=a.king_rc or max(5.0, a.size / 4.0), lf_slope=a.lf_slope, mag_bright=a.mag_range[0], mag_faint=a.mag_range[1])
+                                 king_rc=a.king_rc or max(5.0, a.size / 4.0), lf_slope=a.lf_slope,
+                                 mag_bright=a.mag_range[0], mag_faint=a.mag_range[1])
             info = Simulator(cfg).write(Path(tmp) / f"sim{seed}.fits")
             truth = Table.read(info["truth"], "TRUTH")
             t0 = time.perf_counter()

@@ -109,3 +109,19 @@ def test_merge_by_gradcorr():
     assert np.allclose(m["mg_fe"], [0.1, 0.3, 0.3])
     assert list(m["mg_fe_source"]) == ["A", "G", "G"]
     assert np.allclose(m["fe_h"], 0.0)  # both NaN gradcorr: keep the first catalogue
+
+
+def test_quality_flags_low_snr_blended_large_errors():
+    from musepayne.fit.catalogue import apply_quality_flags
+    from musepayne.flags import FIT_FLAGS, FlagThresholds, decode_fit_flags
+
+    cat = Table({"snr_muse": [100.0, 10.0, 100.0, 100.0, np.nan], "neighbour_frac": [0.1, 0.1, 0.8, 0.1, 0.1],
+                 "teff_err": [50.0, 50.0, 50.0, 400.0, 50.0], "logg_err": [0.1] * 5,
+                 "fit_flags": np.array([0, 0, 0, 0, FIT_FLAGS["FAILED"].value], np.int32)})
+    apply_quality_flags(cat)
+    got = [decode_fit_flags(int(v)) for v in cat["fit_flags"]]
+    assert got == [[], ["LOW_SNR"], ["BLENDED"], ["LARGE_ERRORS"], ["FAILED"]]
+    # thresholds are configurable; a catalogue without extraction columns gets no BLENDED bit
+    strict = Table({"snr_muse": [30.0], "teff_err": [50.0], "fit_flags": np.zeros(1, np.int32)})
+    apply_quality_flags(strict, FlagThresholds(min_snr=50.0))
+    assert decode_fit_flags(int(strict["fit_flags"][0])) == ["LOW_SNR"]

@@ -93,6 +93,29 @@ def test_run_outputs(field, reference_run):
     assert json.loads((out / "config.json").read_text())["cube_lsf"] == "lamost"
     with fits.open(out / "models.fits") as h:
         assert h["MODEL"].data.shape == (len(cat), lamost_wavelength().size)
+    # what extraction knew reaches the catalogue, row for row, with units
+    src = Table.read(out / "cubes" / rec["cubes"][0]["cube_id"] / "extracted.fits", "SOURCES")
+    smap = {str(s): i for i, s in enumerate(src["stellar_id"])}
+    j = [smap[str(s)] for s in cat["stellar_id"]]
+    for c_cat, c_src in (("x", "x"), ("y", "y"), ("mag", "mag"), ("ext_snr", "snr"), ("blend_frac", "blend_frac"),
+                         ("edge_dist", "edge_dist")):
+        assert np.array_equal(np.asarray(cat[c_cat], float), np.asarray(src[c_src], float)[j], equal_nan=True), c_cat
+    assert list(np.asarray(cat["ext_status"]).astype(str)) == list(np.asarray(src["status"]).astype(str)[j])
+    assert str(cat["x"].unit) == "pix" and cat["ext_status"].description
+    # min_snr: spectra below it keep their row, are not fitted, and say why
+    assert not np.any((np.asarray(cat["snr_muse"], float) < 3.0) & np.char.startswith(
+        np.asarray(cat["status"]).astype(str), "converged"))
+
+
+def test_min_snr_rows_are_kept_unfitted(field):
+    out = field["dir"] / "min_snr"
+    Pipeline(out, _config(field, report=False, min_snr=1e5)).run([field["cube"]], field["sources"])
+    cat = Table.read(out / "catalogue.fits")
+    status = np.asarray(cat["status"]).astype(str)
+    assert len(cat) == len(field["truth"])
+    fitted_before = np.asarray(cat["snr_muse"], float) > 0
+    assert np.all(status[fitted_before] == "failed:low_snr") and np.all(np.isnan(np.asarray(cat["teff"], float)))
+    assert all("below min_snr" in r for r in np.asarray(cat["reason"]).astype(str)[fitted_before])
 
 
 def test_rerun_skips_finished_stages(field, reference_run):
@@ -217,3 +240,49 @@ def test_recovery_matches_fitter_alone(tmp_path):
     drv = np.asarray(cat["rv"])[ci] - np.asarray(truth["rv"])[ti[sel]]
     print(f"rv: bias {np.median(drv):.3f} km/s, dispersion {bias_dispersion(drv)[1]:.3f} km/s")
     assert bias_dispersion(drv)[1] <= 2.0 and abs(np.median(drv)) <= 2.0
+
+
+@pytest.fixture(scope="module")
+def injection_budget_field(tmp_path_factory):
+    """A sparse field of the default model's own stars (issue 15), run through the whole pipeline with the
+    same model; returns the injection budget (musepayne.pipeline.report.injection_budget)."""
+    from musepayne.models.model import load_model
+    from musepayne.pipeline.report import injection_budget
+
+    d = tmp_path_factory.mktemp("budget")
+    model = load_model("default")
+    cfg = SimulateConfig(nx=90, ny=90, nlayers=3681, nstars=45, cluster_fraction=0.0, mag_bright=15.0,
+                         mag_faint=18.0, seed=15)
+    info = Simulator(cfg, ModelSpectra(model, globular_cluster_sampler())).write(d / "cube.fits")
+    out = d / "run"
+    Pipeline(out, RunConfig(model="default", cube_lsf="lamost", report=False)).run([info["cube"]], info["sources"])
+    cat = Table.read(out / "catalogue.fits")
+    with fits.open(next((out / "cubes").iterdir()) / "extracted.fits") as h:
+        sources = Table(h["SOURCES"].data)
+    return injection_budget(cat, Table.read(info["truth"], "TRUTH"), sources)
+
+
+@pytest.mark.slow
+def test_injection_recovery_unbiased_for_isolated_stars(injection_budget_field):
+    """Issue 15: the default model's own stars, simulated into a cube, extracted, prepared and fitted
+    with the same model, come back unbiased: isolated stars (no single neighbour brings more than 5 %
+    of the star's light within 1 FWHM) at S/N > 50 have |bias| < 20 K / 0.03 / 0.02 dex and
+    |median pull| < 0.3 for Teff and log g.  Before the fixes of issue 15 (pseudo-continuum-consistent
+    model stars, discrete-Gaussian kernels): about -50 K / -0.11 / -0.07 dex, pulls -1.1 / -1.1 / -1.7.
+    [Fe/H] keeps -0.012 dex (pull ~ -0.33 at these S/N): see the strict xfail below."""
+    b = injection_budget_field
+    assert b["column"] == "neighbour_frac"
+    assert b["n_isolated"] >= 12, b["n_isolated"]
+    limits = {"teff": 20.0, "logg": 0.03, "fe_h": 0.02}
+    for name, st in b["isolated"].items():
+        print(name, st)
+        assert abs(st["bias"]) < limits[name], (name, st)
+        assert abs(st["pull"]) < (0.3 if name != "fe_h" else 0.5), (name, st)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 15 residual: MUSE 1.25 A samples rebinned onto the finer LAMOST "
+                   "grid below ~5430 A distort line cores beyond what the Gaussian LSF_EXCESS forward-models "
+                   "([Fe/H] -0.012 dex, pull ~ -0.33); remedy: forward-model the exact prepare operator in the fit")
+def test_injection_recovery_fe_h_pull_below_0_3(injection_budget_field):
+    assert abs(injection_budget_field["isolated"]["fe_h"]["pull"]) < 0.3

@@ -111,4 +111,19 @@ def test_select_cli(tmp_path):
     r = CliRunner().invoke(main, ["select", str(tmp_path / "cat.ecsv"), "--where", "exec('1')", "--json"])
     assert r.exit_code == 2 and "not allowed" in json.loads(r.output)["error"]
     r = CliRunner().invoke(main, ["select", "--list-presets", "--json"])
-    assert set(json.loads(r.output)["presets"]) == {"eq5", "eq6", "eq8"}
+    assert set(json.loads(r.output)["presets"]) == {"eq5", "eq6", "eq8", "reliable"}
+
+
+def test_reliable_preset_uses_flags_and_extraction_where_present():
+    from astropy.table import Table
+
+    cat = Table({"stellar_id": ["a", "b", "c", "d", "e"], "snr_muse": [120.0, 120.0, 120.0, 50.0, 120.0],
+                 "red_chi2": [1.0, 1.0, 1.0, 1.0, 1.0], "teff": [5000.0] * 5,
+                 "fit_flags": np.array([0, 0, 32, 0, 0]), "teff_flag": np.array([1, 1, 1, 1, 0]),
+                 "ext_status": ["ok", "edge", "ok", "ok", "ok"]})
+    out = sel.select(cat, preset="reliable")
+    assert list(out["stellar_id"]) == ["a"]
+    assert "ext_status == 'ok'" in out.meta["selection"] and "teff_flag == 1" in out.meta["selection"]
+    # a catalogue of 1-D spectra (no extraction, no flags computed) is judged on what it has
+    bare = cat["stellar_id", "snr_muse", "red_chi2", "teff", "fit_flags"]
+    assert list(sel.select(bare, preset="reliable")["stellar_id"]) == ["a", "b", "e"]

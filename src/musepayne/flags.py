@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "FlagThresholds",
     "FitStatus",
     "FIT_STATUS",
     "fit_status_name",
@@ -123,6 +124,7 @@ _STATUS_LIST = (
     SpectrumStatus("bad_wavelength", False,
                    "wavelength axis unusable (not increasing, wrong units or does not overlap the target grid)"),
     SpectrumStatus("read_error", False, "the input file could not be read; see the reason column"),
+    SpectrumStatus("low_snr", False, "not fitted: native S/N below the run's threshold (RunConfig.min_snr)"),
     SpectrumStatus("failed", False, "an unexpected error; see the reason column"),
 )
 
@@ -188,7 +190,35 @@ _FIT_FLAG_LIST = (
             "than the model's validation stars are -- a star "
             "unlike the training set (e.g. an M giant below the 3800 K training edge), a peculiar or "
             "composite spectrum, or a bad extraction; treat its labels and errors with suspicion"),
+    FitFlag("LOW_SNR", 4, "snr_muse below FlagThresholds.min_snr (default 20, where the paper's Eq. 11 "
+                          "precision is ~230 K / 0.58 / 0.21 dex)"),
+    FitFlag("BLENDED", 5, "the brightest neighbour contributes more than FlagThresholds.max_neighbour_frac "
+                          "(default 0.5) of the star's light within 1 FWHM (neighbour_frac): in injection-"
+                          "recovery the labels' bias exceeds 0.3 sigma above it"),
+    FitFlag("LARGE_ERRORS", 6, "a statistical label error above FlagThresholds.max_err (default Teff 250 K, "
+                               "log g 0.5 dex, [Fe/H] 0.25 dex: worse than the paper's Eq. 11 precision at S/N 20)"),
 )
+
+
+@dataclass(frozen=True)
+class FlagThresholds:
+    """Thresholds of the catalogue quality flags ``LOW_SNR``, ``BLENDED`` and ``LARGE_ERRORS``.
+
+    Attributes
+    ----------
+    min_snr : float
+        ``LOW_SNR`` below this ``snr_muse`` (per pixel).
+    max_neighbour_frac : float
+        ``BLENDED`` above this ``neighbour_frac`` (light of the brightest neighbour within 1 FWHM
+        relative to the star's own); 0.5 from the injection-recovery budget
+        (``benchmarks/bias_budget.py``): below it crowding adds < 0.3 sigma of bias.
+    max_err : tuple of (label, error) pairs
+        ``LARGE_ERRORS`` when a label's statistical error exceeds its value (unit of the label).
+    """
+
+    min_snr: float = 20.0
+    max_neighbour_frac: float = 0.5
+    max_err: tuple = (("teff", 250.0), ("logg", 0.5), ("fe_h", 0.25))
 
 #: Registry of fit quality flags (the ``fit_flags`` catalogue column).
 FIT_FLAGS = {f.name: f for f in _FIT_FLAG_LIST}

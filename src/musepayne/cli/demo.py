@@ -83,6 +83,11 @@ def demo(outdir, cube, sources, model, nstars, size, seed, progress, as_json):
         lines.append(f"  {name:5s} recovered - true: bias {st['bias']:+.3g}, dispersion {st['dispersion']:.3g} "
                      f"(N={st['n']})")
     lines += [f"warning: {w}" for w in record.get("warnings", [])]
+    if rep.get("truth_budget"):  # the short error budget (benchmarks/bias_budget.py has the full one)
+        from ..pipeline.report import format_budget
+
+        info["truth_budget"] = rep["truth_budget"]
+        lines += format_budget(rep["truth_budget"])
     lines += [f"catalogue: {out / 'catalogue.fits'}", f"report:    {out / 'report' / 'index.html'}",
               f"total {time.perf_counter() - t0:.0f} s; everything is in {out.resolve()}"]
     emit(info, as_json, lines)

@@ -8,8 +8,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
+import numpy as np
 
 from ..models.gradients import CannonEmulator, build_templates, default_emulator_path, reference_grid
+from ..models.model import ModelError, load_model
 from ._common import Timer, emit, fail, json_option
 
 
@@ -27,8 +29,11 @@ def gradients():
 @click.option("--logg", "logg_grid", default="1,5,0.5", show_default=True, help="Reference logg grid lo,hi,step.")
 @click.option("--feh", "feh_grid", default="-2.5,0.5,0.5", show_default=True, help="Reference [Fe/H] grid lo,hi,step.")
 @click.option("--target-lsf", default="lamost", show_default=True, help="Resolution of the model grid (LSF spec).")
+@click.option("--for-model", "for_model", default=None,
+              help="Keep only the pixels this model uses (its pixel mask) and write compressed: the form "
+                   "shipped beside a model as <model>.templates.fits, which fits then use for the per-label flags.")
 @json_option
-def build(emulator, output, teff_grid, logg_grid, feh_grid, target_lsf, as_json):
+def build(emulator, output, teff_grid, logg_grid, feh_grid, target_lsf, for_model, as_json):
     """Build gradient templates d f/d label on the LAMOST grid from the emulator.
 
     Emulator spectra at label +- delta are convolved to the target LSF,
@@ -57,8 +62,17 @@ def build(emulator, output, teff_grid, logg_grid, feh_grid, target_lsf, as_json)
     with timer("build"):
         tpl = build_templates(emu, ref, target_lsf=target_lsf)
     tpl = replace(tpl, meta={**tpl.meta, "command": "musepayne gradients " + " ".join(shlex.quote(a) for a in sys.argv[2:])})
+    if for_model is not None:
+        try:
+            model = load_model(for_model)
+        except ModelError as exc:
+            fail(str(exc), as_json)
+        if model.wave.shape != tpl.wave.shape or not np.allclose(model.wave, tpl.wave, rtol=1e-9, atol=0):
+            fail(f"{for_model}: the model's grid differs from the templates' grid", as_json)
+        tpl = tpl.restricted(~np.asarray(model.pixel_mask, bool))
+        tpl = replace(tpl, meta={**tpl.meta, "formodel": str(model.meta.get("name", for_model))})
     with timer("write"):
-        tpl.save(output)
+        tpl.save(output, compress=for_model is not None)
     info = {"output": str(output), "n_ref": int(tpl.n_ref), "labels": list(tpl.label_names),
             "n_pix": int(tpl.wave.size), "n_usable": int(tpl.usable.sum()), "emulator": str(path),
             "timings": timer.timings}

@@ -13,8 +13,10 @@ from ._tables import read_table, write_table
 @click.argument("catalogue", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the selected rows here (format from the suffix: .fits, .ecsv, .csv, .parquet).")
-@click.option("--preset", help="eq5 (cross-validation, Eq. 5), eq6 (bulge, Eq. 6, best corr_flux per star), "
-                               "eq8 (abundance analysis, Eq. 8).")
+@click.option("--preset", help="reliable (labels to trust: S/N > 80, red_chi2 < 20, Teff > 4300 K, fit_flags == 0, "
+                               "every X_flag == 1, extraction status ok), eq5 (cross-validation, Eq. 5), eq6 "
+                               "(bulge, Eq. 6, best corr_flux per star), eq8 (abundance analysis, Eq. 8). "
+                               "--list-presets shows each in full.")
 @click.option("--where", "where", help="Custom cut, e.g. \"teff > 4300 and abs(rv) < 300 and fe_h_flag == 1\".")
 @click.option("--best-per-star/--all-repeats", "best", default=None,
               help="Keep only the highest --by row per --id-col (default: the preset's own rule).")

@@ -583,7 +583,7 @@ class Extractor:
             fwhm_ref = psf.fwhm_at(wref)
             edge = _edge_distance(valid, x, y)
             on = edge >= 0
-            blend = _blend_fraction(psf, x, y, mag, valid, wref, fwhm_ref, cfg)
+            blend, neigh = _blend_fraction(psf, x, y, mag, valid, wref, fwhm_ref, cfg, neighbours=True)
             lap("geometry")
             # ---- fluxes, streamed in blocks
             if cfg.method == "psf":
@@ -620,6 +620,9 @@ class Extractor:
             src["edge_dist"].description = "distance to the nearest unusable spaxel or field edge (negative outside)"
             src["blend_frac"] = blend
             src["blend_frac"].description = "fraction of the flux within 1 FWHM contributed by neighbours"
+            src["neighbour_frac"] = neigh
+            src["neighbour_frac"].description = ("flux within 1 FWHM of the star from its brightest-there single "
+                                                 "neighbour, relative to the star's own flux there")
             src["psf_chi2"] = chi2
             src["psf_chi2"].description = "reduced chi^2 of the fit residuals within 1 FWHM (aperture: NaN)"
             src["status"] = status
@@ -1010,13 +1013,15 @@ def _fit_shape(img, var, xs, ys, p0, oversample):
     return r.x if r.success else None
 
 
-def _blend_fraction(psf, x, y, mag, valid, wave, fwhm, cfg):
-    """Fraction of the light within 1 FWHM of each star that comes from its neighbours."""
+def _blend_fraction(psf, x, y, mag, valid, wave, fwhm, cfg, neighbours=False):
+    """Fraction of the light within 1 FWHM of each star that comes from its neighbours; with
+    ``neighbours`` also the largest single neighbour's light there relative to the star's own."""
     ny, nx = valid.shape
     out = np.full(len(x), np.nan)
+    neigh = np.full(len(x), np.nan)
     fin = np.isfinite(x) & np.isfinite(y) & np.isfinite(mag)
     if not fin.any():
-        return out
+        return (out, neigh) if neighbours else out
     x, y, mag = x[fin], y[fin], mag[fin]
     f = 10.0 ** (-0.4 * (mag - np.min(mag)))
     rad = min(cfg.psf_radius * fwhm, cfg.psf_radius_max_px)
@@ -1026,7 +1031,15 @@ def _blend_fraction(psf, x, y, mag, valid, wave, fwhm, cfg):
     own = np.asarray(C.multiply(A).sum(axis=0)).ravel() * f
     with np.errstate(invalid="ignore", divide="ignore"):
         out[fin] = np.where(total > 0, 1.0 - own / total, np.nan)
-    return out
+    if not neighbours:
+        return out
+    M = (C.T @ A).tocsr() @ sp.diags(f)  # M[i, k]: light of star k inside star i's aperture
+    M = M.tolil()
+    M.setdiag(0.0)
+    best = np.asarray(M.tocsr().max(axis=1).todense()).ravel()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        neigh[fin] = np.where(own > 0, best / own, np.nan)
+    return out, neigh
 
 
 def _annulus_median(ann, D, V, chunk=128):

@@ -33,11 +33,14 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Column, Table
 
-from ..flags import FIT_FLAGS, fit_flags_description
+from ..flags import FIT_FLAGS, FlagThresholds, fit_flags_description
 from ..io.fits import atomic_path
 
 __all__ = [
     "build_catalogue",
+    "apply_quality_flags",
+    "add_extraction_columns",
+    "EXTRACTION_COLUMNS",
     "label_columns",
     "apply_gradcorr",
     "combine_metal_poor",
@@ -155,6 +158,8 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
     if templates is not None:
         thr = config.gradcorr_threshold if config is not None else 0.5
         apply_gradcorr(tab, model, templates, threshold=thr)
+    add_extraction_columns(tab, spectra)
+    apply_quality_flags(tab)
     return tab
 
 
@@ -358,3 +363,76 @@ def read_catalogue(path) -> Table:
     if path.suffix.lower() == ".csv":
         return Table.read(path, format="ascii.csv")
     return Table.read(path)
+
+
+#: extraction quality columns a catalogue carries when its spectra came from a cube
+#: (``musepayne extract`` SOURCES table, through prepare): name -> (unit, description)
+EXTRACTION_COLUMNS = {
+    "x": ("pix", "extraction: 0-based cube pixel x of the star (after the catalogue->cube transform)"),
+    "y": ("pix", "extraction: 0-based cube pixel y of the star"),
+    "mag": ("mag", "extraction: magnitude of the star in the source catalogue"),
+    "ext_snr": ("", "extraction: median over layers of flux/err of the extracted spectrum"),
+    "blend_frac": ("", "extraction: fraction of the flux within 1 FWHM of the star contributed by neighbours"),
+    "neighbour_frac": ("", "extraction: light of the brightest single neighbour within 1 FWHM relative to the "
+                           "star's own light there"),
+    "edge_dist": ("pix", "extraction: distance to the nearest unusable spaxel or field edge (negative outside)"),
+    "ext_psf_chi2": ("", "extraction: reduced chi^2 of the PSF-fit residuals within 1 FWHM (aperture: NaN)"),
+    "ext_status": ("", "extraction status: ok, edge (< 1 FWHM from the edge), low_snr (S/N below "
+                       "ExtractConfig.snr_min), off_field, failed (musepayne.extract.extractor.EXTRACT_STATUS)"),
+}
+
+
+def add_extraction_columns(cat: Table, spectra: Table) -> Table:
+    """Copy the extraction quality columns of the prepared ``SPECTRA`` table into ``cat`` (in place).
+
+    Parameters
+    ----------
+    cat : Table
+        A catalogue whose rows are the rows of ``spectra``.
+    spectra : Table
+        The prepared spectra's table; columns it lacks (spectra not extracted from a cube)
+        are simply not added.
+
+    Returns
+    -------
+    Table
+        ``cat``, with units and descriptions from :data:`EXTRACTION_COLUMNS`.
+    """
+    for name, (unit, desc) in EXTRACTION_COLUMNS.items():
+        if name in spectra.colnames and name not in cat.colnames:
+            v = np.asarray(spectra[name])
+            v = v.astype(str) if v.dtype.kind in "SUO" else v.astype(np.float64)
+            _set(cat, name, v, unit, desc)
+    return cat
+
+
+def apply_quality_flags(cat: Table, thresholds: FlagThresholds | None = None) -> Table:
+    """OR the ``LOW_SNR``, ``BLENDED`` and ``LARGE_ERRORS`` bits into ``cat['fit_flags']`` (in place).
+
+    Parameters
+    ----------
+    cat : Table
+        A catalogue with ``fit_flags``; ``snr_muse``, ``neighbour_frac`` and the label errors
+        are used where present (``X_err_stat`` before ``X_err``).
+    thresholds : FlagThresholds, optional
+        Default :class:`musepayne.flags.FlagThresholds`.
+
+    Returns
+    -------
+    Table
+        ``cat``.
+    """
+    th = thresholds or FlagThresholds()
+    flags = np.asarray(cat["fit_flags"], np.int32).copy()
+    with np.errstate(invalid="ignore"):
+        if "snr_muse" in cat.colnames:
+            flags[np.asarray(cat["snr_muse"], np.float64) < th.min_snr] |= FIT_FLAGS["LOW_SNR"].value
+        if "neighbour_frac" in cat.colnames:
+            nf = np.asarray(cat["neighbour_frac"], np.float64)
+            flags[nf > th.max_neighbour_frac] |= FIT_FLAGS["BLENDED"].value
+        for name, limit in th.max_err:
+            col = next((c for c in (f"{name}_err_stat", f"{name}_err") if c in cat.colnames), None)
+            if col is not None:
+                flags[np.asarray(cat[col], np.float64) > limit] |= FIT_FLAGS["LARGE_ERRORS"].value
+    cat["fit_flags"][:] = flags
+    return cat

@@ -32,6 +32,7 @@ STELIB
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -162,7 +163,10 @@ class TabulatedLSF(LSF):
         return np.interp(np.asarray(wave, dtype=np.float64), self.wave, self.fwhm_values)
 
     def describe(self):
-        return f"table({len(self.wave)} rows, {self.wave[0]:.0f}-{self.wave[-1]:.0f} A)"
+        # the digest of the values makes the string identify the LSF (prepare caches its
+        # operators by it: two tables over the same range must not share one)
+        h = hashlib.sha1(np.asarray(self.wave + self.fwhm_values, np.float64).tobytes()).hexdigest()[:10]
+        return f"table({len(self.wave)} rows, {self.wave[0]:.0f}-{self.wave[-1]:.0f} A, {h})"
 
 
 MUSE_LSF = MuseLSF()

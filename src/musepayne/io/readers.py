@@ -53,6 +53,7 @@ __all__ = [
     "read_stelib",
     "read_miles_params",
     "library_variance",
+    "EXTRACTION_QUALITY",
 ]
 
 KINDS = ("muse", "lamost", "miles", "stelib")
@@ -328,10 +329,32 @@ def _read_extract_file(h, path, lsf, frame):
         ids = [str(x) for x in src["stellar_id"]] if "stellar_id" in src.colnames else list(map(str, range(n)))
         ra = np.asarray(src["ra"], float) if "ra" in src.colnames else np.full(n, np.nan)
         dec = np.asarray(src["dec"], float) if "dec" in src.colnames else np.full(n, np.nan)
+        quality = _extraction_quality(src)
     else:
         ids, ra, dec = [f"{Path(path).stem}_{i}" for i in range(n)], np.full(n, np.nan), np.full(n, np.nan)
+        quality = {}
     fr = frame or _frame_from_ctype(h["WAVE"].header.get("CTYPE1", "AWAV"), "air")
-    return SpectrumSet(wave, flux, err**2, fr, lsf, _meta(n, ids, ra, dec, path, "muse"))
+    meta = _meta(n, ids, ra, dec, path, "muse")
+    for k, v in quality.items():
+        meta[k] = v
+    return SpectrumSet(wave, flux, err**2, fr, lsf, meta)
+
+
+#: SOURCES columns of an extraction that travel with each spectrum (prepare keeps them and
+#: the catalogue reports them): SOURCES name -> metadata name
+EXTRACTION_QUALITY = {"x": "x", "y": "y", "mag": "mag", "snr": "ext_snr", "blend_frac": "blend_frac",
+                      "neighbour_frac": "neighbour_frac", "edge_dist": "edge_dist", "psf_chi2": "ext_psf_chi2",
+                      "status": "ext_status"}
+
+
+def _extraction_quality(src: Table) -> dict:
+    """The per-source quality columns of an extraction's SOURCES table, renamed for the metadata."""
+    out = {}
+    for name, meta_name in EXTRACTION_QUALITY.items():
+        if name in src.colnames:
+            col = np.asarray(src[name])
+            out[meta_name] = col.astype(str) if col.dtype.kind in "SUO" else col.astype(np.float64)
+    return out
 
 
 # --------------------------------------------------------------------------- LAMOST

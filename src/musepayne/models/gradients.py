@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -350,8 +350,23 @@ class GradientTemplates:
             use = ~np.asarray(m, bool)
         return self.gradcorr_from_jacobian(jac, lab, tuple(model.label_names), use)
 
+    def restricted(self, use) -> GradientTemplates:
+        """A copy whose correlations use only the pixels where ``use`` (and ``usable``) is True.
+
+        Gradients outside are set to 0 (they never enter a correlation), which makes a
+        compressed file small; correlations over the kept pixels are unchanged.
+        """
+        use = np.asarray(use, bool) & self.usable
+        if use.shape != self.wave.shape:
+            raise ValueError(f"pixel selection has {use.size} pixels, templates {self.wave.size}")
+        grad = np.where(use[None, None, :], np.asarray(self.grad, np.float32), np.float32(0.0))
+        return replace(self, grad=grad, usable=use, meta=dict(self.meta))
+
     # ------------------------------------------------------------------ I/O
-    def to_hdulist(self) -> fits.HDUList:
+    def to_hdulist(self, compress: bool = False) -> fits.HDUList:
+        """FITS form; ``compress`` stores GRAD as int16 (per reference star and label scaled to
+        +-32767 of its largest |gradient|, relative precision 3e-5; -32768 marks NaN) in a
+        Rice-compressed image, with the scales in ``GRADSCL``."""
         ph = fits.Header()
         ph["MPFORMAT"] = (FORMAT_NAME, "musepayne gradient templates")
         ph["MPVERS"] = (FORMAT_VERSION, "format version")
@@ -366,18 +381,30 @@ class GradientTemplates:
         hw = fits.ImageHDU(self.wave, name="WAVE")
         hw.header["BUNIT"] = "Angstrom"
         hu = fits.ImageHDU(self.usable.astype(np.uint8), name="USABLE")
-        hg = fits.ImageHDU(np.asarray(self.grad, np.float32), name="GRAD")
+        extra = []
+        if compress:
+            g = np.asarray(self.grad, np.float64)
+            scale = np.nanmax(np.abs(g), axis=2) / 32767.0
+            scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+            q = np.rint(np.nan_to_num(g / scale[:, :, None], nan=0.0)).astype(np.int16)
+            q[~np.isfinite(g)] = -32768
+            hg = fits.CompImageHDU(q, name="GRAD", compression_type="RICE_1")
+            hs = fits.ImageHDU(scale, name="GRADSCL")
+            hs.header["COMMENT"] = "GRAD (int16) x GRADSCL[ref, label] = d flux / d label; -32768 = NaN"
+            extra.append(hs)
+        else:
+            hg = fits.ImageHDU(np.asarray(self.grad, np.float32), name="GRAD")
         hg.header["BUNIT"] = ("1/label", "d normalised flux / d label (physical units)")
         rt = fits.table_to_hdu(Table(self.ref_labels, copy=True))
         rt.name = "REFSTARS"
         lt = fits.table_to_hdu(Table({"name": list(self.label_names), "unit": list(self.label_units),
                                       "delta": np.asarray(self.delta, float)}))
         lt.name = "LABELS"
-        return fits.HDUList([fits.PrimaryHDU(header=ph), hw, hu, hg, rt, lt])
+        return fits.HDUList([fits.PrimaryHDU(header=ph), hw, hu, hg, *extra, rt, lt])
 
-    def save(self, path, overwrite: bool = True):
-        """Write atomically."""
-        atomic_write_fits(self.to_hdulist(), path, overwrite=overwrite)
+    def save(self, path, overwrite: bool = True, compress: bool = False):
+        """Write atomically (``compress``: see :meth:`to_hdulist`)."""
+        atomic_write_fits(self.to_hdulist(compress), path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path) -> GradientTemplates:
@@ -388,6 +415,10 @@ class GradientTemplates:
                 wave = np.array(h["WAVE"].data, np.float64)
                 usable = np.array(h["USABLE"].data, bool)
                 grad = np.array(h["GRAD"].data, np.float32)
+                if "GRADSCL" in h:  # compressed int16 form
+                    q = np.asarray(h["GRAD"].data)
+                    grad = (q * np.asarray(h["GRADSCL"].data, np.float64)[:, :, None]).astype(np.float32)
+                    grad[q == -32768] = np.nan
                 ref = Table.read(h["REFSTARS"])
                 lt = Table.read(h["LABELS"])
                 skip = {"SIMPLE", "BITPIX", "NAXIS", "EXTEND", "MPFORMAT", "MPVERS", "FRAME"}

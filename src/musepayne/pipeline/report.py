@@ -14,6 +14,13 @@ Figures (paper figure in brackets):
                      masked pixels [Fig. 3, 9]
 ``truth.png``        recovered minus true labels with bias and dispersion
                      (simulated inputs only) [Fig. 5]
+``truth_snr_blend.png`` recovered minus true against S/N and against the
+                     extraction's ``blend_frac`` (simulated inputs only)
+
+:func:`injection_budget` is the short error budget of a simulation (bias,
+dispersion and median pull per label for isolated stars at S/N > 50, and by
+``blend_frac`` and S/N bin); ``musepayne demo`` prints it and
+``benchmarks/bias_budget.py`` uses it for every step of the full budget.
 """
 
 from __future__ import annotations
@@ -23,11 +30,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..flags import FIT_FLAGS, fit_status_counts
+from ..flags import FIT_FLAGS, decode_fit_flags, fit_status_counts
 from ..io.fits import atomic_write_text
+from ..science.selection import SelectionError, select
 from ..science.validation import bias_dispersion
 
-__all__ = ["make_report"]
+__all__ = ["make_report", "injection_budget", "BLEND_BINS", "SNR_BINS"]
+
+#: ``blend_frac`` bins of :func:`injection_budget` (the first one is "isolated")
+BLEND_BINS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
+#: S/N bins of :func:`injection_budget`
+SNR_BINS = (10.0, 20.0, 50.0, 100.0, 1e9)
 
 _LABEL_TEX = {"teff": r"$T_{\rm eff}$ [K]", "logg": r"$\log g$", "fe_h": "[Fe/H]", "rv": "RV [km/s]"}
 
@@ -145,15 +158,55 @@ def plot_quality(path, cat):
     plt.close(fig)
 
 
-def plot_fit_gallery(path, wave, flux, ivar, model, cat, n_show=6):
-    """Observed vs best-fit model, residuals, and masked pixels for example stars."""
-    plt = _plt()
-    good = np.nonzero(_good(cat) & np.isfinite(np.asarray(model)).any(axis=1))[0]
-    if good.size == 0:
-        return 0
+def _gallery_rows(cat, has_model, n_show):
+    """Example rows: spread in S/N over the ``reliable`` preset's rows (converged rows when none
+    pass), plus one row with a fit flag set, to show what a flagged fit looks like."""
+    good = _good(cat) & has_model
+    try:
+        rel = np.isin(np.asarray(cat["stellar_id"]).astype(str),
+                      np.asarray(select(cat, preset="reliable")["stellar_id"]).astype(str))
+    except SelectionError:
+        rel = np.zeros(len(cat), bool)
+    pool = np.nonzero(rel & good)[0]
+    if pool.size == 0:
+        pool = np.nonzero(good)[0]
     snr = _col(cat, "snr_muse")
-    order = good[np.argsort(-np.nan_to_num(snr[good] if snr is not None else np.zeros(good.size), nan=-1))]
-    pick = order[np.linspace(0, order.size - 1, min(n_show, order.size)).astype(int)]
+    order = pool[np.argsort(-np.nan_to_num(snr[pool] if snr is not None else np.zeros(pool.size), nan=-1))]
+    pick = list(order[np.linspace(0, order.size - 1, min(n_show - 1, order.size)).astype(int)]) if order.size else []
+    if "fit_flags" in cat.colnames:
+        flagged = np.nonzero((np.asarray(cat["fit_flags"], np.int64) != 0) & has_model)[0]
+        if flagged.size:
+            pick.append(int(flagged[np.argmax(np.nan_to_num(snr[flagged], nan=-1))] if snr is not None
+                            else flagged[0]))
+    return pick
+
+
+def _fit_title(cat, i):
+    parts = [str(cat["stellar_id"][i])]
+    snr = _col(cat, "snr_muse")
+    if snr is not None:
+        parts.append(f"S/N={snr[i]:.0f}")
+    for n, fmt in (("teff", ".0f"), ("logg", ".2f"), ("fe_h", ".2f")):
+        if n in cat.colnames:
+            err = f" +- {float(cat[n + '_err'][i]):{fmt}}" if n + "_err" in cat.colnames else ""
+            parts.append(f"{'Teff' if n == 'teff' else n}={float(cat[n][i]):{fmt}}{err}")
+    if "rv" in cat.colnames:
+        parts.append(f"RV={float(cat['rv'][i]):.1f} km/s")
+    if "red_chi2" in cat.colnames:
+        parts.append(f"red. chi2={float(cat['red_chi2'][i]):.2f}")
+    if "fit_flags" in cat.colnames and int(cat["fit_flags"][i]):
+        parts.append("FLAGS: " + ",".join(decode_fit_flags(int(cat["fit_flags"][i]))))
+    return "  ".join(parts)
+
+
+def plot_fit_gallery(path, wave, flux, ivar, model, cat, n_show=6, model_mask=None):
+    """Observed vs best-fit model and residuals for example stars: reliable rows spread in S/N and
+    one flagged fit; titles give labels +- errors, RV and reduced chi2; grey bands are pixels the
+    fit did not use, hatched bands pixels the model itself does not cover (``model_mask``)."""
+    plt = _plt()
+    pick = _gallery_rows(cat, np.isfinite(np.asarray(model)).any(axis=1), n_show)
+    if not pick:
+        return 0
     fig, axes = plt.subplots(2 * len(pick), 1, figsize=(11, 2.6 * len(pick)),
                              gridspec_kw={"height_ratios": [3, 1] * len(pick)}, sharex=True)
     axes = np.atleast_1d(axes)
@@ -164,20 +217,21 @@ def plot_fit_gallery(path, wave, flux, ivar, model, cat, n_show=6):
         a.plot(wave, np.where(np.isfinite(flux[i]) & ~used, flux[i], np.nan), "-", color="0.75", lw=0.6,
                label="masked")
         a.plot(wave, model[i], "r-", lw=0.6, label="model")
-        lab = ", ".join(f"{n}={cat[n][i]:.2f}" if n != "teff" else f"Teff={cat[n][i]:.0f}"
-                        for n in ("teff", "logg", "fe_h") if n in cat.colnames)
-        a.set_title(f"{cat['stellar_id'][i]}  S/N={snr[i]:.0f}  {lab}" if snr is not None else str(cat["stellar_id"][i]),
-                    fontsize=8)
+        a.set_title(_fit_title(cat, i), fontsize=7)
         a.set_ylim(0.2, 1.3)
         a.set_ylabel("norm. flux")
         for lo, hi in _runs(~used & np.isfinite(wave)):
             a.axvspan(wave[lo], wave[hi], color="0.9", lw=0)
+        if model_mask is not None:
+            for lo, hi in _runs(np.asarray(model_mask, bool)):
+                a.axvspan(wave[lo], wave[hi], facecolor="none", edgecolor="0.6", hatch="///", lw=0,
+                          label="not in model" if lo == _runs(np.asarray(model_mask, bool))[0][0] else None)
         r.plot(wave, np.where(used, flux[i] - model[i], np.nan), "k-", lw=0.5)
         r.axhline(0, color="r", lw=0.5)
         r.set_ylim(-0.08, 0.08)
         r.set_ylabel("resid.")
         if k == 0:
-            a.legend(loc="lower right", fontsize=7, ncol=3)
+            a.legend(loc="lower right", fontsize=7, ncol=4)
     axes[-1].set_xlabel("vacuum wavelength [A]")
     valid = wave[np.any(ivar > 0, axis=0)]
     if valid.size:
@@ -224,8 +278,133 @@ def plot_truth(path, cat, truth, labels=("teff", "logg", "fe_h", "rv"), key="ste
     return stats
 
 
+def _truth_join(cat, truth, sources=None, key="stellar_id", column="blend_frac"):
+    """Row indices of ``cat`` rows with a truth row (converged fits), the truth index and the
+    crowding measure ``column`` of each from ``sources`` (NaN when it has none)."""
+    tmap = {str(k): i for i, k in enumerate(truth[key])}
+    idx = np.array([tmap.get(str(k), -1) for k in cat[key]], dtype=np.int64)
+    sel = np.flatnonzero((idx >= 0) & _good(cat))
+    blend = np.full(sel.size, np.nan)
+    if sources is not None and column in sources.colnames:
+        smap = {str(k): i for i, k in enumerate(sources[key])}
+        bf = _col(sources, column)
+        ids = [str(k) for k in cat[key]]  # (iterating the column decodes FITS byte strings)
+        j = np.array([smap.get(ids[i], -1) for i in sel], dtype=np.int64)
+        blend = np.where(j >= 0, bf[np.maximum(j, 0)], np.nan)
+    return sel, idx[sel], blend
+
+
+def crowding_column(sources):
+    """The crowding measure used for 'isolated': ``neighbour_frac`` (largest single neighbour's
+    light within 1 FWHM relative to the star's) when the extraction wrote it, else ``blend_frac``."""
+    if sources is not None and "neighbour_frac" in sources.colnames:
+        return "neighbour_frac"
+    return "blend_frac"
+
+
+def _label_stats(d, err):
+    b, s, n = bias_dispersion(d)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pull = d / err
+    pull = pull[np.isfinite(pull)]
+    return {"bias": b, "dispersion": s, "pull": float(np.median(pull)) if pull.size else float("nan"), "n": n}
+
+
+def injection_budget(cat, truth, sources=None, labels=("teff", "logg", "fe_h"), snr_min=50.0,
+                     blend_max=0.05, blend_bins=BLEND_BINS, snr_bins=SNR_BINS, key="stellar_id", column=None):
+    """Error budget of a simulation: recovered - true for converged fits.
+
+    Returns ``{'isolated': {label: {bias, dispersion, pull, n}}, 'by_blend': [...],
+    'by_snr': [...], 'snr_min', 'blend_max', 'column'}``.  ``isolated``: ``snr_muse > snr_min``
+    and crowding ``<= blend_max``; the crowding measure ``column`` of the extraction's ``sources``
+    is by default :func:`crowding_column` (``neighbour_frac``: no single neighbour brings more than
+    5 % of the star's light within 1 FWHM; else ``blend_frac``); without ``sources`` every star
+    counts as isolated.  ``pull`` is the median of (recovered - true) / error.  ``by_blend``:
+    S/N > ``snr_min`` stars in bins of that measure; ``by_snr``: isolated stars in ``snr_bins``.
+    Bias = median, dispersion = half the 15.87-84.13 percentile range
+    (:func:`musepayne.science.validation.bias_dispersion`).
+    """
+    labels = [n for n in labels if n in cat.colnames and n in truth.colnames]
+    column = column or crowding_column(sources)
+    sel, ti, blend = _truth_join(cat, truth, sources, key, column)
+    snr = _col(cat, "snr_muse")
+    snr = np.full(sel.size, np.inf) if snr is None else snr[sel]
+    bl = np.where(np.isfinite(blend), blend, 0.0)
+    d = {n: _col(cat, n)[sel] - np.asarray(truth[n], float)[ti] for n in labels}
+    e = {n: (_col(cat, n + "_err")[sel] if n + "_err" in cat.colnames else np.full(sel.size, np.nan))
+         for n in labels}
+
+    def stats(m):
+        return {n: _label_stats(d[n][m], e[n][m]) for n in labels}
+
+    iso = (snr > snr_min) & (bl <= blend_max)
+    out = {"snr_min": float(snr_min), "blend_max": float(blend_max), "column": column, "isolated": stats(iso),
+           "n_isolated": int(iso.sum()), "by_blend": [], "by_snr": []}
+    for lo, hi in zip(blend_bins[:-1], blend_bins[1:]):
+        m = (snr > snr_min) & (bl <= hi) & ((bl > lo) if lo > blend_bins[0] else True)
+        out["by_blend"].append({"lo": float(lo), "hi": float(hi), "n": int(m.sum()), "stats": stats(m)})
+    for lo, hi in zip(snr_bins[:-1], snr_bins[1:]):
+        m = (bl <= blend_max) & (snr > lo) & (snr <= hi)
+        out["by_snr"].append({"lo": float(lo), "hi": float(hi), "n": int(m.sum()), "stats": stats(m)})
+    return out
+
+
+def format_budget(budget, labels=None) -> list[str]:
+    """Short text form of :func:`injection_budget` (what ``musepayne demo`` prints)."""
+    iso = budget["isolated"]
+    labels = labels or list(iso)
+    fmt = {"teff": "{:+.0f} K", "logg": "{:+.3f}", "fe_h": "{:+.3f} dex"}
+    col = budget.get("column", "blend_frac")
+    lines = [f"  isolated ({col} <= {budget['blend_max']:g}, S/N > {budget['snr_min']:g}, "
+             f"N={budget['n_isolated']}): bias / dispersion / median pull"]
+    for n in labels:
+        st = iso[n]
+        f = fmt.get(n, "{:+.3g}")
+        lines.append(f"    {n:5s} {f.format(st['bias'])} / {f.format(st['dispersion']).lstrip('+')} / "
+                     f"{st['pull']:+.2f}")
+    for row in budget["by_blend"]:
+        if row["n"]:
+            parts = [f"{n} {fmt.get(n, '{:+.3g}').format(row['stats'][n]['bias'])} "
+                     f"({row['stats'][n]['pull']:+.1f} sig)" for n in labels]
+            lines.append(f"    {col} {row['lo']:.2f}-{row['hi']:.2f} (N={row['n']}): " + ", ".join(parts))
+    return lines
+
+
+def plot_truth_snr_blend(path, cat, truth, sources=None, labels=("teff", "logg", "fe_h"), key="stellar_id"):
+    """Recovered minus true against S/N (top) and against ``blend_frac`` (bottom). Returns the number
+    of stars drawn."""
+    labels = [n for n in labels if n in cat.colnames and n in truth.colnames]
+    sel, ti, blend = _truth_join(cat, truth, sources, key, "blend_frac")
+    snr = _col(cat, "snr_muse")
+    if not labels or not sel.size or snr is None:
+        return 0
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(labels), figsize=(4 * len(labels), 6.6), squeeze=False)
+    snr = snr[sel]
+    for k, n in enumerate(labels):
+        d = _col(cat, n)[sel] - np.asarray(truth[n], float)[ti]
+        ax = axes[0, k]
+        ax.scatter(snr, d, s=8, c=np.where(np.isfinite(blend), blend, 0.0), cmap="viridis", vmin=0, vmax=0.5)
+        ax.set_xscale("log")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel("S/N per pixel (snr_muse)")
+        ax.set_ylabel(f"recovered - true {_label_tex(n)}")
+        ax = axes[1, k]
+        ax.scatter(np.where(np.isfinite(blend), blend, 0.0), d, s=8, c=np.log10(np.maximum(snr, 1)),
+                   cmap="magma")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel("blend_frac (neighbour flux fraction within 1 FWHM)")
+        ax.set_ylabel(f"recovered - true {_label_tex(n)}")
+    axes[0, 0].set_title("colour: blend_frac", fontsize=9)
+    axes[1, 0].set_title("colour: log10 S/N", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return int(sel.size)
+
+
 def make_report(outdir, catalogue, *, white_light=None, sources=None, wave=None, flux=None, ivar=None,
-                model_flux=None, truth=None, title="musepayne run", extra=None):
+                model_flux=None, truth=None, title="musepayne run", extra=None, model_mask=None):
     """Write ``outdir/index.html`` with every figure its inputs allow. Returns a summary dict."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,19 +432,25 @@ def make_report(outdir, catalogue, *, white_light=None, sources=None, wave=None,
     plot_quality(out / "quality.png", catalogue)
     figs.append(("quality.png", "Distributions of S/N per pixel, reduced chi2 (Eq. 3) and corr_flux."))
     if model_flux is not None and flux is not None:
-        n = plot_fit_gallery(out / "fits.png", wave, flux, ivar, model_flux, catalogue)
+        n = plot_fit_gallery(out / "fits.png", wave, flux, ivar, model_flux, catalogue, model_mask=model_mask)
         if n:
-            figs.append(("fits.png", "Example fits: observed (black), masked (grey), best-fit model (red), "
-                                     "residuals below (paper Fig. 3, 9)."))
+            figs.append(("fits.png", "Example fits, drawn from the rows of 'select --preset reliable' (spread in "
+                                     "S/N) plus the brightest flagged fit (its flags in the title): observed "
+                                     "(black), pixels the fit did not use (grey bands), pixels the model does not "
+                                     "cover (hatched), best-fit model (red), residuals below (paper Fig. 3, 9)."))
     if truth is not None:
         stats = plot_truth(out / "truth.png", catalogue, truth)
         if stats:
             summary["truth"] = stats
             figs.append(("truth.png", "Recovered minus true labels for the simulated stars with a converged fit "
                                   "(all magnitudes; labels at the model's range edge excluded)."))
+        summary["truth_budget"] = injection_budget(catalogue, truth, sources)
+        if plot_truth_snr_blend(out / "truth_snr_blend.png", catalogue, truth, sources):
+            figs.append(("truth_snr_blend.png", "Recovered minus true against S/N (top, colour blend_frac) and "
+                                                "against blend_frac (bottom, colour log S/N), converged fits."))
     rows = "".join(
         f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
-        for k, v in {**summary, **(extra or {})}.items() if k != "truth"
+        for k, v in {**summary, **(extra or {})}.items() if k not in ("truth", "truth_budget")
     )
     truth_rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{s['bias']:.4g}</td><td>{s['dispersion']:.4g}</td><td>{s['n']}</td></tr>"
@@ -275,6 +460,9 @@ def make_report(outdir, catalogue, *, white_light=None, sources=None, wave=None,
     if truth_rows:
         body.append("<h2>Recovered vs true</h2><table><tr><th>label</th><th>bias (median)</th>"
                     "<th>dispersion (half 16-84 %)</th><th>N</th></tr>" + truth_rows + "</table>")
+    if summary.get("truth_budget"):
+        body.append("<h2>Error budget</h2><pre>" + html.escape("\n".join(format_budget(summary["truth_budget"])))
+                    + "</pre>")
     for fname, caption in figs:
         body.append(f"<figure><img src='{fname}' alt='{html.escape(caption)}'><figcaption>"
                     f"{html.escape(caption)}</figcaption></figure>")

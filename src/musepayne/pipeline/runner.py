@@ -44,7 +44,7 @@ from ..extract.detect import Detector
 from ..extract.extractor import ExtractConfig, Extractor
 from ..fit.catalogue import combine_metal_poor, write_catalogue
 from ..fit.fitter import FitConfig, Fitter
-from ..flags import fit_status_counts
+from ..flags import SPECTRUM_STATUS, fit_status_counts
 from ..instrument.lsf import lsf_from_spec
 from ..io.cube import open_cube
 from ..io.fits import atomic_write_fits, atomic_write_json, sha256_file, table_hdu
@@ -439,14 +439,14 @@ class Pipeline:
         record["n_stars"] = len(stars)
         if self.config.report:
             t0 = time.perf_counter()
-            record["report"] = self.write_report(cubes[0], catalogue, models, truth)
+            record["report"] = self.write_report(cubes[0], catalogue, models, truth, model.pixel_mask)
             self.times.add("report", time.perf_counter() - t0)
         self.times.add("total", time.perf_counter() - t_start)
         record["timings"] = self.times.timings
         atomic_write_json(record, self.outdir / "run.json")
         return record
 
-    def write_report(self, cube, catalogue, models, truth=None):
+    def write_report(self, cube, catalogue, models, truth=None, model_mask=None):
         first = catalogue["cube_id"][0]
         cdir = self.outdir / "cubes" / first
         prep = PreparedSpectra.read(cdir / "prepared.fits")
@@ -457,7 +457,7 @@ class Pipeline:
             sources = Table(h["SOURCES"].data) if "SOURCES" in h else None
         return make_report(self.outdir / "report", catalogue[sel], white_light=wl, sources=sources,
                            wave=prep.wave, flux=prep.flux, ivar=prep.ivar, model_flux=models[sel], truth=truth,
-                           title=f"musepayne run: {Path(cube).name}")
+                           title=f"musepayne run: {Path(cube).name}", model_mask=model_mask)
 
 
 # ---------------------------------------------------------------------- adapters
@@ -499,6 +499,7 @@ def _run_extract(cube_path, sources_path, out_path, config: RunConfig, detected:
 def _run_fit_chunk(prep, model, model_mp, config: RunConfig):
     """Fit one chunk; returns (catalogue without the model column, best-fit models)."""
 
+    prep = _mark_low_snr(prep, config.min_snr)
     fit_cfg = replace(config.fit, keep_model=True)
     cat = Fitter(model, fit_cfg)(prep)
     if model_mp is not None:
@@ -510,6 +511,25 @@ def _run_fit_chunk(prep, model, model_mp, config: RunConfig):
     else:
         models = np.full((len(cat), prep.wave.size), np.nan)
     return cat, models
+
+
+def _mark_low_snr(prep: PreparedSpectra, min_snr: float) -> PreparedSpectra:
+    """Prepared spectra whose native S/N is below ``min_snr`` get status ``low_snr`` (a copy):
+    the fitter gives them a ``failed:low_snr`` row instead of labels."""
+    if "snr" not in prep.spectra.colnames or not min_snr > 0:
+        return prep
+    snr = np.asarray(prep.spectra["snr"], np.float64)
+    status = np.asarray(prep.spectra["status"]).astype(str)
+    low = ~(snr >= min_snr) & np.isin(status, [s for s, v in SPECTRUM_STATUS.items() if v.usable])
+    if not low.any():
+        return prep
+    spectra = prep.spectra.copy()
+    spectra["status"] = np.where(low, "low_snr", status).astype(object).astype(str)
+    if "reason" in spectra.colnames:
+        reason = np.asarray(spectra["reason"]).astype(object)
+        reason[low] = [f"S/N {s:.2f} below min_snr {min_snr:g}" for s in snr[low]]
+        spectra["reason"] = reason.astype(str)
+    return replace(prep, spectra=spectra)
 
 
 def _write_part(path, cat: Table, models):

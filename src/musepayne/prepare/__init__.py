@@ -25,6 +25,7 @@ __getattr__, __dir__, __all__ = attach(
             "kernel_sigma",
             "rebin_matrix",
             "rebin_variance",
+            "effective_lsf",
         ],
     },
 )

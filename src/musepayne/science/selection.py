@@ -13,6 +13,9 @@ Presets (:data:`PRESETS`, paper Wang et al. 2022)
     (``prepare --mode bulge``), whose ``snr_muse`` is over those pixels.
 ``eq8`` (abundance analysis, Eq. 8)
     ``fe_h > -1.5 and teff > 4300 and mg_fe_gradcorr > 0.65 and red_chi2 < 20``.
+``reliable`` (labels to trust: Eq. 5 + Eq. 8 + clean flags and extraction)
+    ``snr_muse > 80 and red_chi2 < 20 and teff > 4300 and fit_flags == 0``, and, where the
+    columns exist, ``X_flag == 1`` for every label (Eq. 4) and ``ext_status == 'ok'``.
 
 Expression language
 -------------------
@@ -63,11 +66,25 @@ class SelectionError(ValueError):
 
 @dataclass(frozen=True)
 class Preset:
+    """A named selection.
+
+    ``optional`` holds ``(column, clause)`` pairs ANDed to ``expression`` when the table has
+    that column (extraction columns exist only for spectra from cubes; ``X_flag`` only for the
+    model's labels), so one preset serves every catalogue without passing rows it cannot check.
+    """
+
     name: str
     equation: str
     expression: str
     best_per_star: bool
     description: str
+    optional: tuple = ()
+
+    def expression_for(self, table) -> str:
+        """The expression applied to ``table``: the fixed part plus the optional clauses it can check."""
+        cols = set(table.colnames)
+        extra = [clause for col, clause in self.optional if col in cols]
+        return " and ".join([self.expression, *extra])
 
 
 _PRESETS: dict[str, Preset] = {
@@ -79,6 +96,16 @@ _PRESETS: dict[str, Preset] = {
     "eq8": Preset("eq8", "Eq. 8", "fe_h > -1.5 and teff > 4300 and mg_fe_gradcorr > 0.65 and red_chi2 < 20",
                   False, "abundance analysis: [Fe/H] > -1.5, Teff > 4300 K, [Mg/Fe] gradcorr > 0.65, chi2 < 20"),
 }
+_PRESETS["reliable"] = Preset(
+    "reliable", "Eq. 5 + Eq. 8 + flags",
+    "snr_muse > 80 and red_chi2 < 20 and teff > 4300 and fit_flags == 0", False,
+    "labels to trust: SNR_MUSE > 80 /pix (the MUSE part of Eq. 5), red_chi2 < 20 and Teff > 4300 K (Eq. 8), "
+    "no fit flag (fit_flags == 0: converged inside the bounds, red_chi2_model < 3, S/N >= 20, not blended, "
+    "errors below 250 K / 0.5 / 0.25 dex), every computed per-label gradient flag X_flag == 1 (Eq. 4) and, "
+    "for spectra from cubes, extraction status ok. Eq. 8's [Fe/H] > -1.5 and [Mg/Fe] gradcorr cuts select "
+    "the paper's abundance sample, not reliable rows, and are left out",
+    optional=(("ext_status", "ext_status == 'ok'"), ("teff_flag", "teff_flag == 1"),
+              ("logg_flag", "logg_flag == 1"), ("fe_h_flag", "fe_h_flag == 1"), ("mg_fe_flag", "mg_fe_flag == 1")))
 _PRESETS["crossval"] = _PRESETS["eq5"]
 _PRESETS["bulge"] = _PRESETS["eq6"]
 _PRESETS["abundance"] = _PRESETS["eq8"]
@@ -265,8 +292,9 @@ def select(table, expr: str | None = None, preset: str | None = None, *, best: b
         if key not in PRESETS:
             raise SelectionError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
         p = PRESETS[key]
-        mask &= evaluate(table, p.expression)
-        applied.append(f"{p.name} ({p.equation}): {p.expression}")
+        pexpr = p.expression_for(table)
+        mask &= evaluate(table, pexpr)
+        applied.append(f"{p.name} ({p.equation}): {pexpr}")
         use_best = p.best_per_star
     if expr:
         mask &= evaluate(table, expr)

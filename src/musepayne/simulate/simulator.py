@@ -41,10 +41,10 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from ..extract.psf import MoffatPSF, psf_design_matrix
-from ..instrument.lsf import FWHM_TO_SIGMA, MUSE_LSF
+from ..instrument.lsf import FWHM_TO_SIGMA, MUSE_LSF, TabulatedLSF
 from ..instrument.wavelength import C_KMS, bin_edges, linear_grid
 from ..io.fits import atomic_path, atomic_write_fits
-from ..prepare.resample import build_operator, rebin_matrix
+from ..prepare.resample import build_operator, effective_lsf, rebin_matrix
 from .toyspec import toy_spectrum
 
 __all__ = [
@@ -116,20 +116,39 @@ class LibrarySpectra:
     coarser than MUSE it is left as it is, not sharpened).  Spectra that do not
     cover the whole cube range are rejected.  Labels are the sets' ``teff``,
     ``logg``, ``fe_h`` meta columns where present plus ``lib_index``.
+
+    ``lsf`` is the LSF the cube's spectra then really have
+    (:func:`musepayne.prepare.resample.effective_lsf`, the broadest over the sets): STELIB's
+    3 A is coarser than MUSE almost everywhere, so a cube of STELIB stars is *not* at
+    the MUSE LSF; pass ``lsf`` (e.g. written with :meth:`write_lsf` and given as
+    ``cube_lsf``) to ``prepare`` instead of 'muse'.
+
+    Radial velocities (``shifts_rv``): the library's own wavelengths are Doppler-shifted
+    and the spectrum then goes through the same degradation + rebinning operator, whose
+    kernel accounts for the rebinning.  (Shifting the already-rebinned cube-grid spectrum
+    by a second flux-conserving rebinning, the simulator's generic path, smooths it by an
+    undeclared ``t (1 - t) * 1.25^2`` A^2 -- up to 0.6 A FWHM in quadrature -- and pulled
+    STELIB stars' [Fe/H] by -0.025 dex in cubes.)
     """
+
+    shifts_rv = True
 
     def __init__(self, spectra, wave):
         sets = [spectra] if hasattr(spectra, "flux") else list(spectra)
         wave = np.asarray(wave, dtype=np.float64)
         flux, labels = [], {"teff": [], "logg": [], "fe_h": []}
+        fwhm = MUSE_LSF.fwhm(wave)
+        self._native = []  # (set, row) of every kept spectrum, for Doppler-shifted versions
         for s in sets:
             op = build_operator(s.wave, s.frame, s.lsf, wave, MUSE_LSF, frame_out="air")
             if np.min(op.coverage) < 0.999:
                 continue
+            fwhm = np.maximum(fwhm, effective_lsf(op, wave, MUSE_LSF).fwhm(wave))
             f = op.apply(np.nan_to_num(s.flux))
             for k in range(s.n_spectra):
                 if np.all(np.isfinite(f[k])) and np.median(f[k]) > 0:
                     flux.append(f[k])
+                    self._native.append((s, k))
                     for lab in labels:
                         labels[lab].append(float(s.meta[lab][k]) if lab in s.meta.colnames else np.nan)
         if not flux:
@@ -138,6 +157,14 @@ class LibrarySpectra:
         self._labels = {k: np.array(v) for k, v in labels.items()}
         self.label_names = tuple(self._labels) + ("lib_index",)
         self._wave = wave
+        self.lsf = (MUSE_LSF if np.allclose(fwhm, MUSE_LSF.fwhm(wave), rtol=1e-3)
+                    else TabulatedLSF(tuple(wave), tuple(fwhm), name="library-effective"))
+
+    def write_lsf(self, path):
+        """Write :attr:`lsf` as a two-column text table (wavelength, FWHM in A) for ``cube_lsf``."""
+        np.savetxt(path, np.c_[self._wave, self.lsf.fwhm(self._wave)], fmt="%.6f",
+                   header="air wavelength (A), effective FWHM (A) of the simulated library spectra")
+        return str(path)
 
     @property
     def spectra(self) -> np.ndarray:
@@ -150,10 +177,17 @@ class LibrarySpectra:
         out["lib_index"] = idx.astype(float)
         return out
 
-    def __call__(self, labels, wave):
+    def __call__(self, labels, wave, rv: float = 0.0):
         if len(wave) != len(self._wave):
             raise ValueError("LibrarySpectra was built for another wavelength grid")
-        return self._flux[int(labels["lib_index"])]
+        i = int(labels["lib_index"])
+        if rv == 0.0:
+            return self._flux[i]
+        s, k = self._native[i]
+        beta = float(rv) / C_KMS
+        op = build_operator(s.wave * np.sqrt((1.0 + beta) / (1.0 - beta)), s.frame, s.lsf, self._wave, MUSE_LSF,
+                            frame_out="air")
+        return op.apply(np.nan_to_num(s.flux[k]))[0]
 
 
 # --------------------------------------------------------------------------- configuration

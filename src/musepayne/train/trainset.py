@@ -36,6 +36,13 @@ LSF on the MUSE air grid (``4749.75 + 1.25 i`` A) or to the LAMOST LSF on the
 LAMOST vacuum grid with the same flux-conserving operator, mask what the
 library does not cover, and add Gaussian noise with photon-like variance
 ``var = |f| median(f) / snr^2`` (S/N = ``snr`` at the median flux).
+Where the library is coarser than the requested LSF (STELIB's 3 A against
+MUSE's 2.5-3.0 A almost everywhere; any library against LAMOST below ~5400 A)
+it cannot be sharpened, so the observation carries its *actual* LSF
+(:func:`musepayne.prepare.resample.effective_lsf`: the requested FWHM combined with the operator's excess),
+not the requested one; declaring MUSE's made ``prepare`` under-estimate the
+resolution and STELIB stars observed as MUSE fit 0.057 dex metal-poorer than
+the same spectra prepared directly (``benchmarks/bias_budget.py``).
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ from ..io.prepared import PreparedSpectra
 from ..io.readers import read_miles, read_miles_params, read_stelib
 from ..io.spectra import ReaderError, SpectrumSet
 from ..prepare.preparer import PrepareConfig, Preparer, _bridge
-from ..prepare.resample import build_operator
+from ..prepare.resample import build_operator, effective_lsf
 
 __all__ = [
     "TRAINSET_FORMAT",
@@ -312,7 +319,7 @@ def simulate_observation(spectra: SpectrumSet, snr: float, rng, wave_out, lsf_ou
     meta = spectra.meta.copy()
     meta["instrument"] = np.array([instrument] * len(meta))
     meta["sim_snr"] = np.full(len(meta), float(snr))
-    return SpectrumSet(w_out, flux, variance, frame_out, lsf_out, meta,
+    return SpectrumSet(w_out, flux, variance, frame_out, effective_lsf(op, w_out, lsf_out), meta,
                        notes=(f"simulated {instrument} observation at S/N {snr:g} from {spectra.lsf.describe()}",))
 
 
