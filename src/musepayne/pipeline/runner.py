@@ -46,6 +46,7 @@ from ..fit.catalogue import combine_metal_poor, write_catalogue
 from ..fit.fitter import FitConfig, Fitter
 from ..flags import SPECTRUM_STATUS, fit_status_counts
 from ..instrument.lsf import lsf_from_spec
+from ..instrument.wavelength import air_to_vacuum
 from ..io.cube import open_cube
 from ..io.fits import atomic_write_fits, atomic_write_json, sha256_file, table_hdu
 from ..io.prepared import PreparedSpectra
@@ -469,20 +470,26 @@ def _model_id(spec) -> str:
 
 
 def _coverage(cube, cat: Table, model, warn_below: float = 0.5) -> dict:
-    """How much of the model's usable pixels the cube's spectra gave the fits (catalogue ``n_pix_used``)."""
-    n_model = int((~np.asarray(getattr(model, "pixel_mask", np.zeros(model.n_pix, bool)), bool)).sum())
-    used = np.asarray(cat["n_pix_used"], float) if "n_pix_used" in cat.colnames else np.zeros(len(cat))
-    med = float(np.median(used[used > 0])) if (used > 0).any() else 0.0
+    """How much of the model's usable pixels the cube's wavelength range covers (and the fits used)."""
+    mok = ~np.asarray(getattr(model, "pixel_mask", np.zeros(model.n_pix, bool)), bool)
+    n_model = int(mok.sum())
     with open_cube(cube, allow_missing_stat=True) as c:
         w0, w1 = float(np.min(c.wave)), float(np.max(c.wave))
+    mw = model.wave if getattr(model, "frame", "vacuum") == "vacuum" else air_to_vacuum(model.wave)
+    v0, v1 = (float(v) for v in air_to_vacuum(np.array([w0, w1])))
+    n_in = int((mok & (mw >= v0) & (mw <= v1)).sum())
+    used = np.asarray(cat["n_pix_used"], float) if "n_pix_used" in cat.colnames else np.zeros(len(cat))
+    med = float(np.median(used[used > 0])) if (used > 0).any() else 0.0
     out = {"cube_range_air": [round(w0, 1), round(w1, 1)], "model_usable_ranges": model.usable_ranges()
-           if hasattr(model, "usable_ranges") else [], "model_usable_px": n_model, "median_px_used": med,
-           "fraction": round(med / max(n_model, 1), 3)}
+           if hasattr(model, "usable_ranges") else [], "model_usable_px": n_model, "model_px_in_cube": n_in,
+           "fraction": round(n_in / max(n_model, 1), 3), "median_px_used": med}
     if out["fraction"] < warn_below:
         out["warning"] = (f"{Path(cube).name}: the cube covers {w0:.0f}-{w1:.0f} A (air); the model's usable pixels "
-                          f"are {format_ranges(out['model_usable_ranges'])} (vacuum, {n_model} px); the fits used a "
-                          f"median of {med:.0f} px ({100 * out['fraction']:.0f}% of the model's)"
-                          + (": no star could be fitted" if med == 0 else "; labels rest on this part of the model"))
+                          f"are {format_ranges(out['model_usable_ranges'])} (vacuum, {n_model} px); overlap "
+                          f"{n_in} px ({100 * out['fraction']:.0f}% of the model's)"
+                          + (": no star can be fitted" if n_in == 0 else
+                             "; labels rest on this part of the model"
+                             + (f" (fits used a median of {med:.0f} px)" if med > 0 else "")))
     return out
 
 
