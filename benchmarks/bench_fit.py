@@ -84,7 +84,8 @@ def payne_style_predict(model):
     return predict
 
 
-def curve_fit_one(fitter, flux, ivar, v0, predict):
+def curve_fit_one(fitter, flux, ivar, v0, predict, K=None):
+    """One spectrum with scipy's curve_fit; ``K``: LSF-excess operator applied after the shift."""
     from scipy.optimize import curve_fit
 
     model = fitter.model
@@ -99,6 +100,8 @@ def curve_fit_one(fitter, flux, ivar, v0, predict):
         f_rest = predict(np.array(p[:-1]))
         j0, c, _, _ = shift_weights(lnw, lnw, p[-1], fitter.segments)
         fo = sum(c[0, :, k] * f_rest[j0[0] + k] for k in range(4))
+        if K is not None:
+            fo = K @ fo
         return fo[pix]
 
     p0 = np.r_[(model.x_min + model.x_max) / 2, v0]

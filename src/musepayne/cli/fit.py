@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import click
+import numpy as np
 
 from ..fit.catalogue import combine_metal_poor, write_catalogue
-from ..fit.fitter import FitConfig, Fitter
 from ..io.prepared import PreparedSpectra
 from ..io.spectra import ReaderError
 from ..models.model import ModelError, load_model
@@ -34,15 +36,26 @@ from ._common import Timer, emit, fail, json_option
               help="The model's intrinsic per-pixel scatter (SCATTER in the model file): in the errors and "
                    "red_chi2_model only (labels from the observed errors, paper Eq. 3), also in the fit "
                    "weights (Cannon test step), or not at all.")
+@click.option("--benchmark-calibration/--no-benchmark-calibration", "benchmark_calibration", default=True,
+              show_default=True,
+              help="Apply the model's Gaia FGK benchmark-scale calibration (BENCHCAL in the model file): labels on "
+                   "the benchmark scale (model values in X_uncal), X_err = sqrt(X_err_stat^2 + X_err_sys^2).")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--threads", "n_threads", default=0, show_default=True, type=int,
               help="Fit chunks of spectra in this many threads; 0: one per CPU core. Results do not depend on it.")
+@click.option("--processes", "n_processes", default=0, show_default=True, type=int,
+              help="Fit blocks of spectra in this many processes (the threads shared among them); 0: one per "
+                   "CPU core for inputs of two blocks (4096 spectra) or more with FITS output only, else 1. "
+                   "Results do not depend on it.")
+@click.option("--block-size", default=2048, show_default=True, type=int,
+              help="Spectra read, fitted and written per block (memory ~ block x pixels x 12 B per process). "
+                   "Results do not depend on it.")
 @click.option("--keep-model", is_flag=True, help="Store the best-fit model spectra (FITS output only).")
 @click.option("--also", "also", multiple=True, type=click.Path(dir_okay=False),
               help="Also export the catalogue to this file (.csv or .parquet); repeatable.")
 @json_option
-def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_excess, model_scatter, precision, n_threads,
-        keep_model, also, as_json):
+def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_excess, model_scatter, benchmark_calibration,
+        precision, n_threads, n_processes, block_size, keep_model, also, as_json):
     """Fit PREPARED spectra (the file 'musepayne prepare' writes) and write the catalogue.
 
     Labels, RV (relativistic Doppler shift, coarse search over +-RV_RANGE then
@@ -50,38 +63,83 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
     the pixel variances, scaled by sqrt(chi2/dof) when > 1),
     red_chi2, corr_flux and a status per spectrum.  Failed spectra are rows
     with status 'failed:<reason>'.
+
+    The prepared file is read a block of spectra at a time and the catalogue is
+    written as blocks finish, so memory does not grow with the number of spectra
+    (with --model-mp both catalogues are combined at the end).  BLAS runs one thread
+    per fitting thread.
     """
+    from ..fit import FitConfig, Fitter
+    from ..fit.catalogue import CatalogueStream
+    from ..threads import blas_threads
 
     timer = Timer()
     try:
         with timer("read"):
-            data = PreparedSpectra.read(prepared)
+            data = PreparedSpectra.open(prepared)
             model = load_model(model_path)
             model_mp = load_model(model_mp_path) if model_mp_path else None
     except (ReaderError, ModelError) as exc:
         fail(str(exc), as_json)
-    if n_threads < 0:
-        fail("--threads must be >= 0", as_json)
+    if n_threads < 0 or n_processes < 0 or block_size < 1:
+        fail("--threads and --processes must be >= 0, --block-size >= 1", as_json)
     n_threads = n_threads or os.cpu_count() or 1
     cfg = FitConfig(rv_range=rv_range, n_starts=n_starts, lsf_excess=lsf_excess, model_scatter=model_scatter,
-                    precision=precision,
-                    keep_model=keep_model, n_threads=n_threads)
-    with timer("fit"):
-        cat = Fitter(model, cfg)(data)
-        if model_mp is not None:
-            cat_mp = Fitter(model_mp, cfg)(data)
-            cat = combine_metal_poor(cat, cat_mp)
+                    precision=precision, benchmark_calibration=benchmark_calibration,
+                    keep_model=keep_model, n_threads=n_threads, block_size=block_size)
+    n_processes = _n_processes(n_processes, data.n_spectra, cfg, (output, *also), model_mp is not None)
+    if n_processes > 1:
+        cfg = replace(cfg, n_threads=max(1, n_threads // n_processes))
+    counts, reasons, n = Counter(), Counter(), 0
     try:
-        with timer("write"):
-            write_catalogue(cat, output)
-            for extra in also:
-                write_catalogue(cat, extra)
+        # one BLAS thread per fitting thread (the chunks' products are small; more threads per
+        # product only oversubscribe the cores); the limit is set here, at the edge, not in the library
+        with timer("fit"):
+            fitter = Fitter(model, cfg)
+        with blas_threads(1, scipy=False):
+            if model_mp is None:
+                outs = [CatalogueStream(p) for p in (output, *also)]
+                try:
+                    blocks = (fitter.fit_blocks(data) if n_processes == 1
+                              else _fit_in_processes(fitter, data, n_processes, Path(output)))
+                    for a, b, res in _timed(timer, "fit", blocks):
+                        with timer("write"):
+                            if isinstance(res, bytes):  # a block fitted in another process
+                                status, raw = _decode_part(res)
+                                for out in outs:
+                                    out.add_fits_bytes(raw)
+                            else:
+                                status = res.status
+                                cat = fitter.catalogue(data.spectra[a:b], res)
+                                for out in outs:
+                                    out.add(cat)
+                        n += b - a
+                        counts.update(s.split(":")[0] if s.startswith("failed") else s for s in status)
+                        reasons.update(s for s in status if s.startswith("failed"))
+                    with timer("write"):
+                        for out in outs:
+                            out.close()
+                finally:
+                    for out in outs:
+                        out.abort()
+            else:
+                with timer("fit"):
+                    fitter_mp = Fitter(model_mp, cfg)
+                    cat = combine_metal_poor(fitter(data), fitter_mp(data))
+                with timer("write"):
+                    for path in (output, *also):
+                        write_catalogue(cat, path)
+                n = len(cat)
+                st = [str(s) for s in cat["status"]]
+                counts.update(s.split(":")[0] if s.startswith("failed") else s for s in st)
+                reasons.update(s for s in st if s.startswith("failed"))
     except (RuntimeError, ValueError, OSError) as exc:
         fail(str(exc), as_json)
-    counts = dict(Counter(s.split(":")[0] if s.startswith("failed") else s for s in cat["status"]))
-    reasons = dict(Counter(s for s in cat["status"] if s.startswith("failed")))
-    n = len(cat)
+    finally:
+        data.close()
+    counts, reasons = dict(counts), dict(reasons)
     info = {"output": str(Path(output)), "also": [str(a) for a in also], "n_spectra": n, "threads": n_threads,
+            "processes": n_processes,
             "counts": counts,
             "failed": reasons, "model": str(model_path), "model_mp": model_mp_path, "timings": timer.timings,
             "spectra_per_second": round(n / timer.timings["fit"], 2) if timer.timings.get("fit") else None}
@@ -90,3 +148,104 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
     for k, v in sorted(reasons.items()):
         lines.append(f"  {k}: {v}")
     emit(info, as_json, lines)
+
+
+def _timed(timer, name, blocks):
+    """Iterate ``blocks``, adding the time spent producing each item to ``timer[name]``."""
+    it = iter(blocks)
+    while True:
+        with timer(name):
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+        yield item
+
+
+def _n_processes(requested, n_spectra, cfg, outputs, metal_poor) -> int:
+    """Processes for the fit: as requested, or (0) one per core for two blocks or more.  Blocks
+    fitted elsewhere come back as FITS bytes, so only FITS outputs, one model, and where
+    processes can be forked (the fitter and the opened file are inherited, nothing pickled)."""
+    import multiprocessing
+
+    from ..fit.catalogue import _catalogue_format
+
+    if metal_poor or any(_catalogue_format(Path(p)) != "fits" for p in outputs):
+        return 1
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    if requested:
+        return max(1, requested)
+    if n_spectra < 2 * cfg.block_size:
+        return 1
+    return max(1, min(os.cpu_count() or 1, n_spectra // cfg.block_size))
+
+
+def _part_path(folder: Path, a: int) -> Path:
+    return folder / f"part-{a:012d}.fits"
+
+
+def _encode_part(status, raw: bytes) -> bytes:
+    head = json.dumps(list(status)).encode()
+    return len(head).to_bytes(8, "little") + head + raw
+
+
+def _decode_part(data: bytes):
+    k = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + k]), data[8 + k:]
+
+
+def _fit_group(fitter, data, bounds, folder):
+    """Worker process: fit the blocks ``bounds`` of ``data`` and leave each as a part file
+    (status list + the block's catalogue as FITS bytes), renamed into place when complete."""
+    from ..fit.catalogue import fits_bytes
+
+    for a, b in bounds:
+        sub = data.rows(a, b)
+        for _, _, res in fitter.fit_blocks(sub):  # one block: the rows of one block of the whole
+            part = _part_path(folder, a)
+            tmp = part.with_suffix(".tmp")
+            tmp.write_bytes(_encode_part([str(s) for s in res.status],
+                                         fits_bytes(fitter.catalogue(sub.spectra, res))))
+            os.replace(tmp, part)
+
+
+def _fit_in_processes(fitter, data, n_proc, output: Path):
+    """Yield ``(a, b, FitArrays | part bytes)`` for every block in row order: the first share of
+    blocks fitted here, the others in forked processes (each a contiguous share of blocks).
+    Blocks are cut as in one pass over all rows, so the results are those of one process."""
+    import multiprocessing
+    import shutil
+    import tempfile
+    import time
+
+    bounds = fitter.block_bounds(data)
+    n_proc = max(1, min(n_proc, len(bounds)))
+    edges = np.linspace(0, len(bounds), n_proc + 1).round().astype(int)
+    groups = [bounds[edges[k]:edges[k + 1]] for k in range(n_proc)]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.parts-", dir=output.parent))
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_fit_group, args=(fitter, data, g, folder), daemon=True) for g in groups[1:]]
+    try:
+        for p in procs:
+            p.start()
+        for a, b in groups[0]:
+            for _, _, res in fitter.fit_blocks(data.rows(a, b)):
+                yield a, b, res
+        for p, g in zip(procs, groups[1:]):
+            for a, b in g:
+                part = _part_path(folder, a)
+                while not part.exists():
+                    if not p.is_alive() and not part.exists():
+                        raise RuntimeError(f"a fitting process failed (exit code {p.exitcode})")
+                    time.sleep(0.02)
+                raw = part.read_bytes()
+                part.unlink()
+                yield a, b, raw
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+        shutil.rmtree(folder, ignore_errors=True)

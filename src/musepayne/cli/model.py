@@ -11,7 +11,7 @@ from ._common import emit, fail, json_option
 
 @click.group(name="model")
 def model():
-    """Model files: import Payne networks, describe models."""
+    """Model files: import Payne networks, describe models, attach a benchmark calibration."""
 
 
 @model.command(name="import")
@@ -72,4 +72,90 @@ def info(path, as_json):
         lines.append(f"  {lab['name']:>10s} [{lab['unit']}]  {lab['x_min']:.4g} .. {lab['x_max']:.4g}")
     for k, v in sorted(m.meta.items()):
         lines.append(f"  {k}: {v}")
+    if m.benchmark_calibration is not None:
+        from ..models.benchcal import info_lines
+
+        d["benchmark_calibration"] = m.benchmark_calibration.describe()
+        lines += info_lines(m.benchmark_calibration)
     emit(d, as_json, lines)
+
+
+@model.command(name="calibrate-benchmark")
+@click.argument("path")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Model file to write: MODEL with the benchmark calibration (HDU BENCHCAL) attached.")
+@click.option("--shared", "shared", default=None, type=click.Path(file_okay=False),
+              help="Shared data folder (libraries/, benchmarks/, synthetic/); default $MUSEPAYNE_SHARED or ../shared/data.")
+@click.option("--holdout-model", "holdout", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              help="Model(s) of MODEL's recipe trained WITHOUT the benchmark stars (one per seed; repeatable). "
+                   "Default: train them here (--seeds), a few minutes each.")
+@click.option("--trainset", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="Training set to train the hold-out models on (benchmark stars are removed); default: build it.")
+@click.option("--templates", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="Gradient templates for the hold-out models; default: build them.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of the hold-out models trained here.")
+@click.option("--snr", default=100.0, show_default=True, help="S/N of the simulated MUSE / LAMOST observations.")
+@click.option("--k", default=5, show_default=True, help="Folds over the benchmark stars for the CV figures.")
+@click.option("--degree", default=2, show_default=True, type=click.IntRange(0, 2), help="Degree of the post-fit map.")
+@click.option("--ridge", default=1.0, show_default=True, help="Ridge penalty of the map's non-constant terms.")
+@click.option("--sys-bins", type=click.Choice(["all", "type"]), default="type", show_default=True,
+              help="Systematic errors: one per label, or per star type (dwarf / giant / metal-poor giant).")
+@click.option("--threads", default=1, show_default=True, help="torch threads when training hold-out models.")
+@click.option("--table", "table_out", default=None, type=click.Path(dir_okay=False),
+              help="Also write the per-spectrum hold-out fits (FITS table).")
+@json_option
+def calibrate_benchmark(path, output, shared, holdout, trainset, templates, seeds, snr, k, degree, ridge, sys_bins,
+                        threads, table_out, as_json):
+    """Attach a Gaia FGK benchmark-scale calibration (label map + systematic errors) to MODEL.
+
+    Benchmark-star spectra of MILES/STELIB (matched by HD number) are observed as MUSE and LAMOST,
+    prepared and fitted by hold-out models (MODEL's recipe trained without them); the map and
+    the sys errors are fitted to them, and cross-validated over the stars (musepayne.models.benchcal).
+    """
+    import os
+    import shlex
+    import sys
+
+    from ..models.model import ModelError, load_model
+    from ..train.benchcal import BenchCalConfig, calibrate, figures_lines
+
+    try:
+        m = load_model(path)
+        hold = [load_model(h) for h in holdout] or None
+    except ModelError as exc:
+        fail(str(exc), as_json)
+    shared = Path(shared or os.environ.get("MUSEPAYNE_SHARED", Path("..") / "shared" / "data"))
+    ts = tpl = None
+    if hold is None:
+        try:
+            import torch
+        except ImportError:
+            fail("training hold-out models needs PyTorch: pip install 'musepayne[train]' (or pass --holdout-model)",
+                 as_json)
+        torch.set_num_threads(max(1, threads))
+        if trainset:
+            from ..train.trainset import TrainingSet
+
+            ts = TrainingSet.read(trainset)
+        if templates:
+            from ..models.gradients import GradientTemplates
+
+            tpl = GradientTemplates.load(templates)
+    cfg = BenchCalConfig(seeds=tuple(int(x) for x in seeds.split(",") if x.strip()), k=k, snr=snr, degree=degree,
+                         ridge=ridge, sys_bins=sys_bins)
+    command = "musepayne model " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
+    say = None if as_json else (lambda msg: click.echo(msg, err=True))
+    try:
+        cal, figures, tab = calibrate(m, shared, cfg, holdout_models=hold, trainset=ts, templates=tpl, progress=say,
+                                      command=command)
+    except (ValueError, OSError) as exc:
+        fail(str(exc), as_json)
+    m.benchmark_calibration = cal
+    m.meta["benchmark_calibration_command"] = command
+    m.save(output)
+    if table_out:
+        tab.write(table_out, overwrite=True)
+    info = {"output": str(output), "sys_err": cal.sys_err, "checks_muse": cal.meta["checks_muse"],
+            "cv": cal.meta["cv"], "n_stars": cal.meta["n_stars"]}
+    emit(info, as_json, figures_lines(figures) + [f"checks (MUSE, seed mean): {cal.meta['checks_muse']}",
+                                                  f"-> {output}"])

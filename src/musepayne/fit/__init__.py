@@ -15,6 +15,7 @@ __getattr__, __dir__, __all__ = attach(
     __name__,
     {
         "catalogue": [
+            "CatalogueStream",
             "apply_gradcorr",
             "build_catalogue",
             "catalogue_labels",

@@ -17,13 +17,17 @@ when the fitter keeps best-fit spectra).
   ``not_converged``; ``failed:<reason>`` (row kept, values NaN).
 * ``fit_flags``: OR of the :data:`musepayne.flags.FIT_FLAGS` bits (``FAILED``,
   ``NOT_CONVERGED``, ``LABEL_EDGE``, ``HIGH_CHI2``); 0 for a clean fit.
+* When the model carries a benchmark-scale calibration (``BENCHCAL``, :mod:`musepayne.models.benchcal`)
+  and the fit config does not turn it off, ``X`` is on the Gaia FGK benchmark scale and
+  ``X_uncal`` keeps the model's value; ``X_err = sqrt(X_err_stat^2 + X_err_sys^2)``.
 * When the model has an intrinsic scatter ``s_p`` (``SCATTER`` in the model file),
   the errors and ``red_chi2_model`` use the pixel variance ``1/ivar + s_p^2``;
   ``red_chi2`` is always the paper's (observed errors).
 
 Also: :func:`combine_metal_poor` (the A / A-mp rule, paper Eq. 2),
 :func:`merge_by_gradcorr` (per label, take the model with the larger gradient
-correlation) and :func:`write_catalogue` (FITS, CSV or Parquet, atomically).
+correlation), :func:`write_catalogue` (FITS, CSV or Parquet, atomically) and
+:class:`CatalogueStream` (the same files written block by block as fits finish).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from astropy.table import Column, Table
 
 from ..flags import FIT_FLAGS, FlagThresholds, fit_flags_description
 from ..io.fits import atomic_path
+from ..models.benchcal import BENCH_LABELS, BenchmarkCalibration
 
 __all__ = [
     "build_catalogue",
@@ -46,6 +51,7 @@ __all__ = [
     "combine_metal_poor",
     "merge_by_gradcorr",
     "write_catalogue",
+    "CatalogueStream",
     "read_catalogue",
     "catalogue_labels",
 ]
@@ -158,6 +164,9 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
     if templates is not None:
         thr = config.gradcorr_threshold if config is not None else 0.5
         apply_gradcorr(tab, model, templates, threshold=thr)
+    cal = getattr(model, "benchmark_calibration", None)
+    if cal is not None and (config is None or getattr(config, "benchmark_calibration", True)):
+        apply_to_catalogue(tab, cal)  # after gradcorr: the gradients are the model's, at its own labels
     add_extraction_columns(tab, spectra)
     apply_quality_flags(tab)
     return tab
@@ -242,6 +251,10 @@ def combine_metal_poor(cat_mr: Table, cat_mp: Table, feh: str = "fe_h", lo: floa
         ea, eb = np.asarray(cat_mr[f"{n}_err"], np.float64), np.asarray(cat_mp[f"{n}_err"], np.float64)
         out[n][:] = np.where(w_mp == 0, a, np.where(w_mr == 0, b, w_mr * a + w_mp * b))
         out[f"{n}_err"][:] = np.where(w_mp == 0, ea, np.where(w_mr == 0, eb, w_mr * ea + w_mp * eb))
+        for sfx in ("_uncal", "_err_stat", "_err_sys"):  # benchmark-calibrated catalogues (musepayne.models.benchcal)
+            if n + sfx in out.colnames and n + sfx in cat_mp.colnames:
+                a, b = np.asarray(cat_mr[n + sfx], np.float64), np.asarray(cat_mp[n + sfx], np.float64)
+                out[n + sfx][:] = np.where(w_mp == 0, a, np.where(w_mr == 0, b, w_mr * a + w_mp * b))
         for sfx in ("_gradcorr", "_flag"):
             col = np.array(out[n + sfx])
             col[take_mp] = np.asarray(cat_mp[n + sfx])[take_mp]
@@ -324,6 +337,145 @@ def write_catalogue(cat: Table, path, fmt: str | None = None, overwrite: bool = 
         else:
             raise ValueError(f"unknown catalogue format {fmt!r} (fits, csv, ecsv, parquet)")
     return path
+
+
+class CatalogueStream:
+    """Write a catalogue block by block: the same file :func:`write_catalogue` writes for the
+    whole table, without holding the whole table.
+
+    ``with CatalogueStream(path) as out: out.add(block_table); ...`` -- blocks are catalogue
+    tables with the same columns, in row order.  FITS: each block is serialised by astropy
+    as it comes (its bytes go to a spool file next to ``path``, so memory stays ~ one block);
+    on close the header is the one astropy writes for the whole table (string columns as wide
+    as their longest value in any block: blocks written narrower are re-padded), and the
+    file is renamed into place atomically -- byte-identical to
+    ``write_catalogue(vstack(blocks), path)``.  CSV / ECSV / Parquet (needs the whole table
+    for astropy's writers): blocks are kept and written on close.  Nothing is written if the
+    block raises inside the ``with``.
+    """
+
+    def __init__(self, path, fmt: str | None = None, overwrite: bool = True):
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} exists (use overwrite)")
+        self.fmt = fmt or _catalogue_format(self.path)
+        self.n_rows = 0
+        self._tables = []  # non-FITS formats
+        self._spool = None
+        self._blocks = []  # FITS: (offset, n_rows, raw record dtype)
+        self._names = self._primary = self._header0 = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def add(self, tab: Table):
+        if self.fmt != "fits":
+            self._tables.append(tab)
+            self.n_rows += len(tab)
+            return
+        self.add_fits_bytes(fits_bytes(tab))
+
+    def add_fits_bytes(self, raw: bytes):
+        """Add a block given as the FITS file :func:`fits_bytes` makes of it (e.g. in another
+        process); FITS output only."""
+        import io
+        import tempfile
+
+        from astropy.io import fits
+
+        if self.fmt != "fits":
+            raise ValueError("serialised blocks can only be added to a FITS catalogue")
+        buf = io.BytesIO(raw)
+        with fits.open(buf) as h:  # where astropy put this block's table header and data
+            info = h[1].fileinfo()
+            header = fits.Header.fromstring(raw[info["hdrLoc"]:info["datLoc"]].decode("ascii"))
+            dt = np.dtype(h[1].data.dtype)
+            names = list(h[1].columns.names)
+        nbytes = header["NAXIS1"] * header["NAXIS2"]
+        n_rows = header["NAXIS2"]
+        if self._spool is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._spool = tempfile.TemporaryFile(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".spool")
+            self._names = names
+            self._primary = raw[:info["hdrLoc"]]
+            self._header0 = header
+        elif names != self._names:
+            raise ValueError("catalogue blocks must have the same columns")
+        if dt.itemsize != header["NAXIS1"]:
+            raise ValueError("unexpected FITS record layout")  # pragma: no cover
+        self._blocks.append((self._spool.tell(), n_rows, dt))
+        self._spool.write(raw[info["datLoc"]:info["datLoc"] + nbytes])
+        self.n_rows += n_rows
+
+    def abort(self):
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        self._tables = []
+
+    def close(self) -> Path:
+        if self.fmt != "fits":
+            from astropy.table import vstack
+
+            tabs, self._tables = self._tables, []
+            if tabs:
+                write_catalogue(tabs[0] if len(tabs) == 1 else vstack(tabs, metadata_conflicts="silent"),
+                                self.path, self.fmt)
+            return self.path
+        if self._spool is None:
+            raise ValueError("no catalogue block was added")
+
+        dtypes = [b[2] for b in self._blocks]
+        # the widest string of each column over all blocks (others keep their width)
+        final = []
+        for name in dtypes[0].names:
+            kinds = [dt[name] for dt in dtypes]
+            final.append((name, max(kinds, key=lambda d: d.itemsize) if kinds[0].kind == "S" else kinds[0]))
+        final = np.dtype(final)
+        hdr = self._header0.copy()
+        hdr["NAXIS1"] = final.itemsize
+        hdr["NAXIS2"] = self.n_rows
+        for k, name in enumerate(final.names, start=1):
+            if final[name].kind == "S" and final[name].itemsize != dtypes[0][name].itemsize:
+                hdr[f"TFORM{k}"] = f"{final[name].itemsize}A"
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+            f.write(self._primary)
+            f.write(hdr.tostring().encode("ascii"))
+            for off, n, dt in self._blocks:
+                self._spool.seek(off)
+                rec = np.frombuffer(self._spool.read(n * dt.itemsize), dt)
+                if dt != final:
+                    wide = np.zeros(n, final)
+                    for name in final.names:
+                        wide[name] = rec[name]
+                    rec = wide
+                f.write(rec.tobytes())
+            size = final.itemsize * self.n_rows
+            f.write(b"\0" * (-size % 2880))
+        self._spool.close()
+        self._spool = None
+        return self.path
+
+
+def fits_bytes(tab: Table) -> bytes:
+    """The FITS file :func:`write_catalogue` writes for ``tab``, as bytes."""
+    import io
+
+    buf = io.BytesIO()
+    tab.write(buf, format="fits")
+    return buf.getvalue()
+
+
+def _catalogue_format(path: Path) -> str:
+    suf = "".join(path.suffixes[-2:]).lower()
+    return ("parquet" if suf.endswith(".parquet") else "csv" if suf.endswith(".csv")
+            else "ecsv" if suf.endswith(".ecsv") else "fits")
 
 
 def _restore_parquet_meta(tab: Table, yaml_bytes) -> None:
@@ -436,3 +588,46 @@ def apply_quality_flags(cat: Table, thresholds: FlagThresholds | None = None) ->
                 flags[np.asarray(cat[col], np.float64) > limit] |= FIT_FLAGS["LARGE_ERRORS"].value
     cat["fit_flags"][:] = flags
     return cat
+
+
+# --------------------------------------------------------------------------- catalogue
+_DESC = {
+    "uncal": "{p} as fitted by the model, before the benchmark-scale calibration",
+    "err": "total uncertainty of {p}: sqrt({n}_err_stat^2 + {n}_err_sys^2)",
+    "err_stat": ("statistical uncertainty of {p} (covariance, with the model's intrinsic scatter in the pixel "
+                 "variances when it has one, scaled by sqrt(chi2/(n-n_par)) when > 1)"),
+    "err_sys": ("systematic (model) uncertainty of {p} on the Gaia FGK benchmark scale, cross-validated "
+                "against the benchmark stars (model file HDU BENCHCAL)"),
+}
+
+
+def apply_to_catalogue(tab: Table, calibration: BenchmarkCalibration) -> Table:
+    """Calibrate a catalogue in place (and return it): ``X`` -> benchmark scale, ``X_uncal``,
+    ``X_err_stat``, ``X_err_sys`` added, ``X_err`` total.  Needs teff, logg, fe_h columns."""
+    if not all(n in tab.colnames and f"{n}_err" in tab.colnames for n in BENCH_LABELS):
+        return tab
+    if "teff_uncal" in tab.colnames:  # already calibrated
+        return tab
+    x = np.stack([np.asarray(tab[n], float) for n in BENCH_LABELS], 1)
+    stat = np.stack([np.asarray(tab[f"{n}_err"], float) for n in BENCH_LABELS], 1)
+    xc = calibration.apply(x)
+    sys = calibration.sys(xc)
+    sys = np.where(np.isfinite(xc), sys, np.nan)
+    for k, n in enumerate(BENCH_LABELS):
+        unit = tab[n].unit
+        p = _pretty(n)
+        pos = tab.colnames.index(f"{n}_err")
+        cols = {
+            f"{n}_uncal": (x[:, k], _DESC["uncal"].format(p=p, n=n)),
+            f"{n}_err_stat": (stat[:, k], _DESC["err_stat"].format(p=p, n=n)),
+            f"{n}_err_sys": (sys[:, k], _DESC["err_sys"].format(p=p, n=n)),
+        }
+        tab[n] = Column(xc[:, k], name=n, unit=unit, description=f"{p} on the Gaia FGK benchmark scale "
+                        "(benchmark calibration of the model applied; the model's value is in "
+                        f"{n}_uncal)")
+        tab[f"{n}_err"] = Column(np.sqrt(stat[:, k] ** 2 + sys[:, k] ** 2), name=f"{n}_err", unit=unit,
+                                 description=_DESC["err"].format(p=p, n=n))
+        for j, (c, (v, d)) in enumerate(cols.items()):
+            tab.add_column(Column(v, name=c, unit=unit, description=d), index=pos + 1 + j)
+    tab.meta["BENCHCAL"] = str(calibration.meta.get("id", "gaia-fgk-benchmark-v3"))
+    return tab

@@ -97,7 +97,7 @@ from ..flags import EXCLUDING_BITS, SPECTRUM_STATUS
 from ..instrument.wavelength import C_KMS, air_to_vacuum
 from ..models.model import SpectralModel, coverage_note
 
-__all__ = ["FitConfig", "Fitter", "FitArrays", "doppler_factor", "shift_weights", "grid_segments"]
+__all__ = ["FitConfig", "Fitter", "FitArrays", "doppler_factor", "shift_weights", "grid_segments", "scrambled_sobol"]
 
 
 @dataclass(frozen=True)
@@ -132,9 +132,12 @@ class FitConfig:
         the paper's estimator.
     precision: 'float32' (fast; network, shift and normal matrix) or 'float64'.
     chunk_size: spectra fitted together (memory ~ chunk * n_starts * n_pix * (n_labels+1) * 4 B * 6).
+    block_size: spectra read from the prepared arrays at a time and returned together by
+        :meth:`Fitter.fit_blocks` (rounded up to whole chunks); memory ~ block * n_pix * 12 B.
+        Results do not depend on it.
     n_threads: chunks fitted in parallel threads (numpy releases the GIL in its kernels).
-        BLAS is held to one thread inside the fit, so results are identical for any value
-        and any BLAS thread setting of the machine.
+        Results are identical for any value when BLAS is held to one thread around the fit
+        (the caller's job: see :class:`Fitter`; ``musepayne fit`` does it).
         Measured on the quiet 2-core development machine (``benchmarks/bench_fit.py``, 1000
         spectra): 2 threads give 1.50x (APOGEE per-pixel network) and 1.67x (LAMOST-grid MLP)
         the 1-thread rate.  Default 1 (pipelines and Dask workers parallelise at a higher
@@ -151,6 +154,10 @@ class FitConfig:
     gradcorr_threshold: X_flag = 1 when X_gradcorr exceeds this (paper: 0.5).
     model_name: value of the catalogue's ``model`` column (default: model meta 'name' or file name).
     seed: seed of the scrambled Sobol start grid (results are deterministic).
+    benchmark_calibration: apply the model's benchmark-scale calibration when it has one
+        (``BENCHCAL`` in the model file, :mod:`musepayne.benchcal`): labels on the Gaia FGK
+        benchmark scale, the model's values in ``X_uncal``, ``X_err`` = sqrt(``X_err_stat``^2 +
+        ``X_err_sys``^2).  False: the model's labels and statistical errors only.
     """
 
     rv_range: float = 600.0
@@ -168,6 +175,7 @@ class FitConfig:
     model_scatter: str = "errors"
     precision: str = "float32"
     chunk_size: int = 32
+    block_size: int = 2048
     n_threads: int = 1
     min_pixels: int = 50
     scale_errors: bool = True
@@ -176,14 +184,16 @@ class FitConfig:
     gradcorr_threshold: float = 0.5
     model_name: str | None = None
     seed: int = 0
+    benchmark_calibration: bool = True
 
     def __post_init__(self):
         if not 0 < self.rv_range < C_KMS:
             raise ValueError("rv_range must be positive and below the speed of light")
         if self.precision not in ("float32", "float64"):
             raise ValueError("precision must be 'float32' or 'float64'")
-        if self.n_starts < 1 or self.n_grid < 1 or self.max_iter < 1 or self.chunk_size < 1:
-            raise ValueError("n_starts, n_grid, max_iter and chunk_size must be >= 1")
+        if (self.n_starts < 1 or self.n_grid < 1 or self.max_iter < 1 or self.chunk_size < 1
+                or self.block_size < 1):
+            raise ValueError("n_starts, n_grid, max_iter, chunk_size and block_size must be >= 1")
         if self.model_scatter not in SCATTER_MODES:
             raise ValueError(f"model_scatter must be one of {SCATTER_MODES}, got {self.model_scatter!r}")
 
@@ -283,6 +293,189 @@ class FitArrays:
     model_flux: np.ndarray | None = None
     cov: np.ndarray | None = None  # (n, P, P) physical units (labels..., rv)
 
+    @staticmethod
+    def concatenate(parts) -> FitArrays:
+        """Rows of several results in order (e.g. the blocks of :meth:`Fitter.fit_blocks`)."""
+        parts = list(parts)
+        if len(parts) == 1:
+            return parts[0]
+        vals = {}
+        for name in FitArrays.__dataclass_fields__:
+            xs = [getattr(p, name) for p in parts]
+            vals[name] = None if any(x is None for x in xs) else np.concatenate(xs)
+        return FitArrays(**vals)
+
+
+def scrambled_sobol(d: int, n: int, seed: int, bits: int = 30) -> np.ndarray:
+    """``scipy.stats.qmc.Sobol(d, scramble=True, seed=seed).random(n)``, bit for bit, without
+    importing ``scipy.stats`` (half a second of a small fit's start-up).
+
+    The same algorithm: Joe & Kuo direction numbers (scipy's own table file), linear matrix
+    scramble and digital shift drawn from ``numpy.random.default_rng(seed)`` in scipy's order,
+    Gray-code order of points.  Falls back to scipy when its table file is not found; the
+    tests compare both."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("scipy")
+    table = (os.path.join(os.path.dirname(spec.origin), "stats", "_sobol_direction_numbers.npz")
+             if spec is not None and spec.origin else "")
+    if not (d >= 1 and os.path.isfile(table)):
+        from scipy.stats import qmc
+
+        return qmc.Sobol(d=d, scramble=True, seed=seed).random(n)
+    with np.load(table) as dns:
+        poly = [int(p) for p in dns["poly"][:d]]
+        vinit = dns["vinit"][:d].astype(np.uint64)
+    # direction numbers (Bratley & Fox 1988), then scaled to ``bits`` bits
+    v = np.zeros((d, bits), np.uint64)
+    v[0, :] = 1
+    for k in range(1, d):
+        p = poly[k]
+        m = p.bit_length() - 1
+        row = [int(x) for x in vinit[k, :m]] + [0] * (bits - m)
+        for j in range(m, bits):
+            new, pow2 = row[j - m], 1
+            for q in range(m):
+                pow2 <<= 1
+                if (p >> (m - 1 - q)) & 1:
+                    new ^= pow2 * row[j - q - 1]
+            row[j] = new
+        v[k] = row
+    v = v * (np.uint64(1) << np.arange(bits - 1, -1, -1, dtype=np.uint64))[None, :]
+    # scramble: digital shift, then lower-triangular (unit diagonal) linear matrix scramble
+    rng = np.random.default_rng(seed)
+    shift = (rng.integers(2, size=(d, bits), dtype=np.uint32).astype(np.uint64)
+             @ (np.uint64(1) << np.arange(bits, dtype=np.uint64)))
+    ltm = np.tril(rng.integers(2, size=(d, bits, bits), dtype=np.uint32))
+    ltm[:, np.arange(bits), np.arange(bits)] = 1
+    sv = np.zeros_like(v)
+    for k in range(d):
+        rows = [sum(int(ltm[k, p, bits - 1 - i]) << i for i in range(bits)) for p in range(bits)]
+        for j in range(bits):
+            vdj, t2 = int(v[k, j]), 0
+            for p in range(bits):  # row p of the scramble gives bit bits-1-p
+                t2 = 2 * t2 + (bin(rows[p] & vdj).count("1") & 1)
+            sv[k, j] = t2
+    # points in Gray-code order: x_0 = shift, x_{i+1} = x_i XOR sv[:, lowest zero bit of i]
+    out = np.empty((n, d))
+    quasi = shift.copy()
+    if n:
+        out[0] = quasi * (1.0 / 2 ** bits)
+    for i in range(n - 1):
+        low = ((~i) & (i + 1)).bit_length() - 1
+        quasi = quasi ^ sv[:, low]
+        out[i + 1] = quasi * (1.0 / 2 ** bits)
+    return out
+
+
+def _block_bounds(fit_ok, B):
+    """Block j: rows ``a_j .. b_j - 1`` holding the fitted rows ``todo[j*B:(j+1)*B]`` (B: a
+    multiple of the chunk size, so chunks are those of one pass over all rows)."""
+    todo = np.flatnonzero(fit_ok)
+    starts = [0] + [int(todo[k]) for k in range(B, todo.size, B)]
+    return list(zip(starts, starts[1:] + [int(np.size(fit_ok))]))
+
+
+class _BandedOp:
+    """A sparse LSF-excess operator applied to the last axis of planes, in place.
+
+    Only rows of the matrix that are not the identity are computed (the excess is zero over
+    most of the grid), each as the sum of its taps in the matrix's own (CSR) order: the same
+    float operations, in the same order, as the sparse product ``K @ x``, so the results are
+    bit-identical to it while touching a fraction of the pixels."""
+
+    def __init__(self, K, dtype):
+        K = K.tocsr().astype(dtype)
+        nnz = np.diff(K.indptr)
+        r = np.arange(K.shape[0])
+        ident = nnz == 1
+        if K.nnz:
+            first = np.where(ident, K.indptr[:-1], 0)
+            ident &= (K.indices[first] == r) & (K.data[first] == 1)
+        self.rows = np.flatnonzero(~ident)
+        t = max(int(nnz[self.rows].max()) if self.rows.size else 0, 1)
+        cols = np.empty((t, self.rows.size), np.int64)
+        vals = np.zeros((t, self.rows.size), dtype)
+        for j, i in enumerate(self.rows):
+            a, b = K.indptr[i], K.indptr[i + 1]
+            c = K.indices[a:b]
+            cols[:b - a, j] = c
+            cols[b - a:, j] = c[-1] if c.size else i  # padding: weight 0 on a tap already used
+            vals[:b - a, j] = K.data[a:b]
+        self.c0 = int(cols.min()) if cols.size else 0
+        self.c1 = int(cols.max()) + 1 if cols.size else 0
+        self.cols, self.vals = cols - self.c0, vals
+        self.empty = nnz[self.rows] == 0  # all-zero rows of K: output 0
+
+    def apply(self, Y, sel):
+        """``Y[sel, :, :] = (K @ Y[sel, q].T).T`` for every plane ``q``."""
+        if self.rows.size == 0:
+            return
+        X = Y if sel.size == Y.shape[0] else Y[sel]  # sel: sorted distinct rows
+        X = X[:, :, self.c0:self.c1]  # the columns the taps use
+        acc = X[:, :, self.cols[0]] * self.vals[0]
+        for k in range(1, self.cols.shape[0]):
+            acc += X[:, :, self.cols[k]] * self.vals[k]
+        if np.any(self.empty):
+            acc[:, :, self.empty] = 0
+        if sel.size == Y.shape[0]:
+            Y[:, :, self.rows] = acc
+        else:
+            Y[np.ix_(sel, np.arange(Y.shape[1]), self.rows)] = acc
+
+
+class _RowOps:
+    """LSF-excess operators of the rows of one fit call: ``index[i]`` into ``ops`` (-1: none).
+    Indexing selects rows and keeps the operator list."""
+
+    __slots__ = ("index", "ops")
+
+    def __init__(self, index, ops):
+        self.index = np.asarray(index)
+        self.ops = ops
+
+    def __getitem__(self, rows):
+        return _RowOps(self.index[rows], self.ops)
+
+
+class _RowOpsBuilder:
+    """One operator per distinct (rounded to 1e-4 A) non-zero ``LSF_EXCESS`` profile, found
+    block by block by the profile's bytes (consecutive equal rows looked up once), without
+    sorting the rows; local to one fit call."""
+
+    def __init__(self, fitter, wave):
+        self.fitter, self.wave = fitter, wave
+        self.ops, self._key = [], {}
+
+    def rows(self, lsf_excess, a, b, idx) -> _RowOps:
+        index = np.full(b - a, -1)
+        if idx.size == 0:
+            return _RowOps(index, self.ops)
+        exc = np.asarray(lsf_excess[a + idx], np.float64)
+        exc = np.clip(np.nan_to_num(exc, nan=0.0, posinf=0.0, neginf=0.0), 0.0, None)
+        nz = np.flatnonzero(exc.max(1) > 0)
+        if nz.size == 0:
+            return _RowOps(index, self.ops)
+        prof = np.round(exc[nz], 4) + 0.0  # + 0.0: -0.0 -> 0.0, one key per profile
+        new = np.r_[True, np.any(prof[1:] != prof[:-1], axis=1)]
+        run = np.cumsum(new) - 1
+        op_of_run = []
+        for k in np.flatnonzero(new):
+            key = prof[k].tobytes()
+            o = self._key.get(key)
+            if o is None:
+                from ..instrument.lsf import FWHM_TO_SIGMA
+                from ..prepare.resample import convolution_matrix
+
+                o = len(self.ops)
+                self.ops.append(_BandedOp(convolution_matrix(self.wave, prof[k] * FWHM_TO_SIGMA)[0],
+                                          self.fitter.dtype))
+                self._key[key] = o
+            op_of_run.append(o)
+        index[idx[nz]] = np.asarray(op_of_run)[run]
+        return _RowOps(index, self.ops)
+
 
 class Fitter:
     """Fit :class:`~musepayne.io.prepared.PreparedSpectra` with one :class:`SpectralModel`.
@@ -291,6 +484,14 @@ class Fitter:
     (the catalogue of :mod:`musepayne.fit.catalogue`).  ``templates`` (optional) is
     any object with ``.gradcorr(model, labels) -> (n, n_labels)``; it fills the
     ``X_gradcorr`` and ``X_flag`` columns.
+
+    Threads: a Fitter holds no state of a call (everything a fit needs beyond the model and
+    the configuration is local to the call), so one Fitter may be shared by several threads.
+    The library does not change thread-pool limits: hold BLAS to one thread around a fit
+    (``with musepayne.threads.blas_threads(1): ...``), as ``musepayne fit``, the pipeline,
+    training and cross-validation do -- the products are per chunk (small), more BLAS threads
+    only oversubscribe the cores, and floating-point sums may then depend on the machine's
+    thread count.  Results then do not depend on ``n_threads`` or ``block_size``.
     """
 
     def __init__(self, model: SpectralModel, config: FitConfig | None = None):
@@ -309,10 +510,8 @@ class Fitter:
         self.segments = grid_segments(self.lnw)
         self._uniform = self._uniform_segments()
         # start grid: centre + scrambled Sobol points in the inner 90 % of the box
-        from scipy.stats import qmc
-
         n_grid = max(int(cfg.n_grid), cfg.n_starts)
-        pts = qmc.Sobol(d=L, scramble=True, seed=cfg.seed).random(n_grid)
+        pts = scrambled_sobol(L, n_grid, cfg.seed)
         self.grid_s = np.vstack([np.zeros((1, L)), 0.9 * (pts - 0.5)])
         # flux and Jacobian planes at every grid point (the fits start there; ~n_grid * 6 * n_pix * 4 B)
         self.grid_planes = model.planar_kernel(self.grid_s, dtype=self.dtype)
@@ -328,120 +527,159 @@ class Fitter:
 
     # ---------------------------------------------------------------- public
     def __call__(self, prepared, templates=None):
+        return self.catalogue(prepared.spectra, self.fit_arrays(prepared), templates)
+
+    def catalogue(self, spectra, res: FitArrays, templates=None):
+        """The catalogue Table of results ``res`` for the rows of the prepared ``SPECTRA`` table
+        ``spectra`` (e.g. ``prepared.spectra[a:b]`` for a block of :meth:`fit_blocks`)."""
         from .catalogue import build_catalogue
 
-        res = self.fit_arrays(prepared)
-        return build_catalogue(prepared.spectra, self.model, res, self.config, templates=templates,
+        return build_catalogue(spectra, self.model, res, self.config, templates=templates,
                                model_name=self.config.model_name)
 
     def fit_arrays(self, prepared) -> FitArrays:
         """Fit every spectrum; failed spectra get NaN values and a ``failed:<reason>`` status."""
+        return FitArrays.concatenate([res for _, _, res in self.fit_blocks(prepared)])
+
+    def fit_blocks(self, prepared, block_size: int | None = None):
+        """Fit in blocks of rows and yield ``(start, stop, FitArrays of rows start..stop-1)``
+        as each block finishes (blocks in row order, together all rows).
+
+        Prepared arrays are only read a block of rows at a time (``flux[a:b]``), so with
+        :meth:`PreparedSpectra.open <musepayne.io.prepared.PreparedSpectra.open>` memory does not
+        grow with the number of spectra.  Results do not depend on ``block_size``
+        (default ``config.block_size``) or ``config.n_threads``: blocks are cut at multiples
+        of ``chunk_size`` fitted spectra, so every chunk holds the same spectra as in one call.
+
+        All state of a call (validation, LSF-excess operators, thread pool) is local to it:
+        one Fitter may be shared by several threads.
+        """
         cfg = self.config
         n = prepared.n_spectra
-        L = self.model.n_labels
-        P = self.n_par
-        out = FitArrays(
-            labels=np.full((n, L), np.nan), labels_err=np.full((n, L), np.nan),
-            rv=np.full(n, np.nan), rv_err=np.full(n, np.nan), chi2=np.full(n, np.nan),
-            red_chi2=np.full(n, np.nan), red_chi2_model=np.full(n, np.nan), corr_flux=np.full(n, np.nan), n_pix_used=np.zeros(n, np.int64),
-            n_iter=np.zeros(n, np.int64), status=np.full(n, "", dtype=object),
-            reason=np.full(n, "", dtype=object), edge_labels=np.full(n, "", dtype=object),
-            error_scale=np.full(n, np.nan),
-            model_flux=np.full((n, np.size(prepared.wave)), np.nan, np.float32) if cfg.keep_model else None,
-            cov=np.full((n, P, P), np.nan),
-        )
+        B = max(int(block_size or cfg.block_size), 1)
+        B = -(-B // cfg.chunk_size) * cfg.chunk_size  # whole chunks per block
         wave = np.asarray(prepared.wave, np.float64)
         if wave.shape != self.wave_vac.shape or not np.allclose(wave, self.wave_vac, rtol=1e-7, atol=0):
             msg = (f"prepared grid ({wave.size} px, {wave.min():.1f}-{wave.max():.1f} A) differs from the model "
                    f"grid ({self.wave_vac.size} px, {self.wave_vac[0]:.1f}-{self.wave_vac[-1]:.1f} A vacuum); "
                    "prepare the spectra for this model")
-            out.status[:] = "failed:bad_wavelength"
-            out.reason[:] = msg
-            return out
-        flux, ivar, mask = prepared.flux, prepared.ivar, prepared.mask
-        # pixels where the model itself is not trusted (e.g. too few training spectra cover them)
+            for a in range(0, max(n, 1), B):
+                b = min(n, a + B)
+                out = self._empty_arrays(b - a, wave.size)
+                out.status[:] = "failed:bad_wavelength"
+                out.reason[:] = msg
+                yield a, b, out
+            return
+        status, reason, fit_ok = self._validate(prepared)
+        ops = _RowOpsBuilder(self, wave) if cfg.lsf_excess else None
+        todo = np.flatnonzero(fit_ok)
+        bounds = _block_bounds(fit_ok, B)
+        pool = None
+        if cfg.n_threads > 1 and todo.size > cfg.chunk_size:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(max_workers=cfg.n_threads)
+        try:
+            for a, b in bounds:
+                out = self._empty_arrays(b - a, wave.size)
+                out.status[:], out.reason[:] = status[a:b], reason[a:b]
+                idx = np.flatnonzero(fit_ok[a:b])  # block-local rows to fit
+                opi = ops.rows(prepared.lsf_excess, a, b, idx) if ops is not None else _RowOps(np.full(b - a, -1), ())
+                self._fit_rows(prepared, a, idx, opi, out, pool)
+                yield a, b, out
+        finally:
+            if pool is not None:
+                pool.shutdown()
+
+    def block_bounds(self, prepared, block_size: int | None = None) -> list:
+        """Row ranges ``[(a, b), ...]`` of the blocks :meth:`fit_blocks` yields.  Fitting
+        ``prepared.rows(a, b)`` for each range separately (e.g. in several processes) gives
+        the results of one call: every chunk holds the same spectra."""
+        B = max(int(block_size or self.config.block_size), 1)
+        B = -(-B // self.config.chunk_size) * self.config.chunk_size
+        return _block_bounds(self._validate(prepared)[2], B)
+
+    def _empty_arrays(self, n, n_pix) -> FitArrays:
+        L, P = self.model.n_labels, self.n_par
+        return FitArrays(
+            labels=np.full((n, L), np.nan), labels_err=np.full((n, L), np.nan),
+            rv=np.full(n, np.nan), rv_err=np.full(n, np.nan), chi2=np.full(n, np.nan),
+            red_chi2=np.full(n, np.nan), red_chi2_model=np.full(n, np.nan), corr_flux=np.full(n, np.nan),
+            n_pix_used=np.zeros(n, np.int64),
+            n_iter=np.zeros(n, np.int64), status=np.full(n, "", dtype=object),
+            reason=np.full(n, "", dtype=object), edge_labels=np.full(n, "", dtype=object),
+            error_scale=np.full(n, np.nan),
+            model_flux=np.full((n, n_pix), np.nan, np.float32) if self.config.keep_model else None,
+            cov=np.full((n, P, P), np.nan),
+        )
+
+    def _usable(self, f, iv, mk):
+        """Pixels that count: finite flux and ivar, ivar > 0, no excluding mask bit, and not
+        masked by the model itself (pixels where the model is not trusted)."""
         model_ok = ~np.asarray(getattr(self.model, "pixel_mask", np.zeros(self.model.n_pix, bool)), bool)
+        with np.errstate(invalid="ignore"):
+            good = np.isfinite(f) & np.isfinite(iv) & (iv > 0) & ((np.asarray(mk) & EXCLUDING_BITS) == 0)
+        return good & model_ok[None, :]
 
-        def usable(f, iv, mk):
-            """Pixels that count: finite flux and ivar, ivar > 0, no excluding mask bit, and not
-            masked by the model itself."""
-            with np.errstate(invalid="ignore"):
-                good = np.isfinite(f) & np.isfinite(iv) & (iv > 0) & ((np.asarray(mk) & EXCLUDING_BITS) == 0)
-            return good & model_ok[None, :]
-
-        def data(idx):
-            """(flux, weights) of rows ``idx`` in float64, weight 0 where not :func:`usable`.
-            Built per chunk so memory stays ~ chunk size (the caller's arrays are not modified)."""
-            f = np.asarray(flux[idx], np.float64)
-            iv = np.asarray(ivar[idx], np.float64)
-            good = usable(f, iv, mask[idx])
-            return np.where(good, f, 0.0), np.where(good, iv, 0.0)
-
-        # per-spectrum validation
+    def _validate(self, prepared):
+        """Per-spectrum validation (rows read in blocks): ``(status, reason, fit_ok)``; the
+        status and reason of rows that will not be fitted are set."""
+        cfg = self.config
+        n = prepared.n_spectra
+        P = self.n_par
+        flux, ivar, mask = prepared.flux, prepared.ivar, prepared.mask
         n_good = np.zeros(n, np.int64)
-        for k in range(0, n, 4096):
-            n_good[k:k + 4096] = usable(flux[k:k + 4096], ivar[k:k + 4096], mask[k:k + 4096]).sum(1)
+        for k in range(0, n, 2048):
+            n_good[k:k + 2048] = self._usable(flux[k:k + 2048], ivar[k:k + 2048], mask[k:k + 2048]).sum(1)
         st_in = (np.asarray(prepared.spectra["status"]).astype(str) if "status" in prepared.spectra.colnames
                  else np.full(n, "ok"))
         rs_in = (np.asarray(prepared.spectra["reason"]).astype(str) if "reason" in prepared.spectra.colnames
                  else np.full(n, ""))
+        status, reason = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
         fit_ok = np.ones(n, bool)
+        need = max(cfg.min_pixels, P + 1)
         for i in range(n):
             s = st_in[i].strip()
             known = SPECTRUM_STATUS.get(s)
             if known is not None and not known.usable:
-                out.status[i], out.reason[i] = f"failed:{s}", rs_in[i] or known.description
+                status[i], reason[i] = f"failed:{s}", rs_in[i] or known.description
                 fit_ok[i] = False
-            elif n_good[i] < max(cfg.min_pixels, P + 1):
+            elif n_good[i] < need:
                 why = "no_valid_pixels" if n_good[i] == 0 else "too_few_pixels"
-                out.status[i] = f"failed:{why}"
+                status[i] = f"failed:{why}"
                 with np.errstate(invalid="ignore"):
                     d_ok = np.isfinite(flux[i]) & np.isfinite(ivar[i]) & (ivar[i] > 0)
-                out.reason[i] = (f"{n_good[i]} usable pixels (finite flux, ivar > 0, unmasked); "
-                                 f"need >= {max(cfg.min_pixels, P + 1)}: " + coverage_note(wave, d_ok, model_ok))
+                m_ok = ~np.asarray(getattr(self.model, "pixel_mask", np.zeros(self.model.n_pix, bool)), bool)
+                reason[i] = (f"{n_good[i]} usable pixels (finite flux, ivar > 0, unmasked); need >= {need}: "
+                             + coverage_note(np.asarray(prepared.wave, np.float64), d_ok, m_ok))
                 fit_ok[i] = False
-        # LSF excess operators (one sparse matrix per distinct non-zero profile)
-        op_index = np.full(n, -1)
-        ops = []
-        if cfg.lsf_excess:
-            exc = np.nan_to_num(np.asarray(prepared.lsf_excess, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-            exc = np.clip(exc, 0.0, None)
-            nz = fit_ok & (exc.max(1) > 0)
-            if np.any(nz):
-                from ..instrument.lsf import FWHM_TO_SIGMA
-                from ..prepare.resample import convolution_matrix
+        return status, reason, fit_ok
 
-                prof, inv = np.unique(np.round(exc[nz], 4), axis=0, return_inverse=True)
-                for row in prof:
-                    ops.append(convolution_matrix(wave, row * FWHM_TO_SIGMA)[0].astype(self.dtype))
-                op_index[np.flatnonzero(nz)] = np.ravel(inv)
-        self._ops = ops
-        todo = np.flatnonzero(fit_ok)
-        chunks = [todo[k:k + cfg.chunk_size] for k in range(0, todo.size, cfg.chunk_size)]
+    def _fit_rows(self, prepared, a, idx, opi, out, pool=None):
+        """Fit rows ``a + idx`` of ``prepared`` into rows ``idx`` of ``out``, in chunks of
+        ``chunk_size`` (in ``pool``'s threads when given; each chunk writes disjoint rows)."""
+        cfg = self.config
+        flux, ivar, mask = prepared.flux, prepared.ivar, prepared.mask
 
-        def work(idx):
+        def work(loc):
+            g = a + loc
             try:
-                self._fit_chunk(idx, *data(idx), op_index[idx], out)
+                # (flux, weights) in float64, weight 0 where not usable; built per chunk so memory
+                # stays ~ chunk size (the caller's arrays are not modified)
+                f = np.asarray(flux[g], np.float64)
+                iv = np.asarray(ivar[g], np.float64)
+                good = self._usable(f, iv, mask[g])
+                self._fit_chunk(loc, np.where(good, f, 0.0), np.where(good, iv, 0.0), opi[loc], out)
             except (np.linalg.LinAlgError, FloatingPointError, ValueError) as exc:  # pragma: no cover
-                out.status[idx] = "failed:numerical"
-                out.reason[idx] = f"{type(exc).__name__}: {exc}"
+                out.status[loc] = "failed:numerical"
+                out.reason[loc] = f"{type(exc).__name__}: {exc}"
 
-        # BLAS runs single-threaded inside the fit: the products are per chunk (small), the sums
-        # then do not depend on the machine's BLAS thread count, and chunk threads do not
-        # oversubscribe the cores -- the results are the same for any n_threads
-        from ..threads import blas_threads
-
-        with blas_threads(1):
-            if cfg.n_threads > 1 and len(chunks) > 1:
-                # numpy releases the GIL in its array kernels; each chunk writes disjoint rows of ``out``
-                from concurrent.futures import ThreadPoolExecutor
-
-                with ThreadPoolExecutor(max_workers=cfg.n_threads) as pool:
-                    list(pool.map(work, chunks))
-            else:
-                for idx in chunks:
-                    work(idx)
-        return out
+        chunks = [idx[k:k + cfg.chunk_size] for k in range(0, idx.size, cfg.chunk_size)]
+        if pool is not None and len(chunks) > 1:
+            list(pool.map(work, chunks))
+        else:
+            for loc in chunks:
+                work(loc)
 
     # ---------------------------------------------------------------- internals
     def _uniform_segments(self):
@@ -502,7 +740,6 @@ class Fitter:
         lnD = 0.5 * (np.log1p(b) - np.log1p(-b))
         Y = np.empty((m, Q + int(rv_plane), p), dt)
         valid = np.zeros((m, p), bool)
-        rows = np.arange(m)
         for a, e, h, o_lo, o_hi in self._uniform:
             n_s = e - a
             delta = -lnD / h  # rest position of obs pixel i: u = i + delta
@@ -512,23 +749,33 @@ class Fitter:
             o = fl.astype(np.int64)  # taps at i + o - 1 ... i + o + 2
             o32 = np.clip(o, -2**30, 2**30).astype(np.int32)[:, None]
             np.logical_and(o32 >= o_lo, o32 <= o_hi, out=valid[:, a:e])
+            # al[r, :, j] = X[r, :, a + j + o_r - 1], zero outside the block: each row is one
+            # slice copy (offsets beyond the block are clipped as a zero padding of
+            # min(|o|, n_s) + 2 pixels would clip them)
             pad = int(min(np.abs(o).max(), n_s)) + 2
-            Xp = np.zeros((m, Q, n_s + 2 * pad), dt)
-            Xp[:, :, pad:pad + n_s] = X[:, :, a:e]
-            win = np.lib.stride_tricks.sliding_window_view(Xp, n_s + 3, axis=2)
-            start = np.clip(pad + o - 1, 0, win.shape[2] - 1)
-            al = win[rows, :, start]  # (m, Q, n_s + 3): al[r, :, j] = X[r, :, a + j + o_r - 1]
+            s0 = np.clip(pad + o - 1, 0, n_s + 2 * pad - (n_s + 3)) - pad  # first tap, block pixels
+            al = np.empty((m, Q, n_s + 3), dt)
+            for r in range(m):
+                lo, hi = max(0, -s0[r]), min(n_s + 3, n_s - s0[r])
+                if hi > lo:
+                    al[r, :, lo:hi] = X[r, :, a + s0[r] + lo:a + s0[r] + hi]
+                else:
+                    lo = hi = 0
+                al[r, :, :lo] = 0
+                al[r, :, hi:] = 0
             seg = Y[:, :Q, a:e]
+            tmp = np.empty_like(seg)
             np.multiply(al[:, :, 0:n_s], c[:, 0, None, None], out=seg)
             for k in range(1, 4):
-                seg += c[:, k, None, None] * al[:, :, k:k + n_s]
+                seg += np.multiply(al[:, :, k:k + n_s], c[:, k, None, None], out=tmp)
             if rv_plane:
                 dudv = -1.0 / (h * C_KMS * (1.0 - b * b))
                 dcv = (dc * dudv[:, None]).astype(dt)
                 rv = Y[:, Q, a:e]
                 np.multiply(al[:, 0, 0:n_s], dcv[:, 0, None], out=rv)
+                tmp = tmp[:, 0]
                 for k in range(1, 4):
-                    rv += dcv[:, k, None] * al[:, 0, k:k + n_s]
+                    rv += np.multiply(al[:, 0, k:k + n_s], dcv[:, k, None], out=tmp)
         return Y, valid
 
     def _shift_general(self, X, v, rv_plane=False):
@@ -545,12 +792,11 @@ class Fitter:
         return Y, valid
 
     def _apply_ops(self, Y, opi):
-        """Convolve the rows that have an LSF-excess operator (every plane: flux and Jacobian)."""
-        for o in np.unique(opi[opi >= 0]):
-            sel = np.flatnonzero(opi == o)
-            K = self._ops[o]
-            m, Q, p = Y[sel].shape
-            Y[sel] = (K @ Y[sel].reshape(m * Q, p).T).T.reshape(m, Q, p)
+        """Convolve the rows that have an LSF-excess operator (every plane: flux and Jacobian), in place."""
+        idx = opi.index
+        for o in np.unique(idx[idx >= 0]):
+            sel = np.flatnonzero(idx == o)
+            opi.ops[o].apply(Y, sel)
         return Y
 
     def _planes(self, theta, opi, want_jac=True, rest=None):
@@ -567,12 +813,15 @@ class Fitter:
         else:
             X = self.model.predict_scaled(s, self.dtype)[:, None, :]
         Y, valid = self._shift(X, v, rv_plane=want_jac and self.config.fit_rv)
-        if np.any(opi >= 0):
+        if np.any(opi.index >= 0):
             Y = self._apply_ops(Y, opi)
         return Y, valid
 
     def _evaluate(self, theta, opi, want_jac=True):
-        """``(f (m, n_pix), J (m, n_pix, n_par) or None, valid)`` (for tests and benchmarks)."""
+        """``(f (m, n_pix), J (m, n_pix, n_par) or None, valid)`` (for tests and benchmarks);
+        ``opi``: :class:`_RowOps`, or an index array of -1 (no LSF-excess operator)."""
+        if not isinstance(opi, _RowOps):
+            opi = _RowOps(np.asarray(opi), ())
         Y, valid = self._planes(theta, opi, want_jac)
         J = np.ascontiguousarray(Y[:, 1:].transpose(0, 2, 1)) if want_jac else None
         return np.ascontiguousarray(Y[:, 0]), J, valid

@@ -23,6 +23,11 @@ primary    header only: ``MPFORMAT='musepayne-prepared'``, ``MPVERS`` (format
 ========== ===================================================================
 
 Rows of failed spectra are kept (flux NaN, ivar 0, status says why).
+
+:meth:`PreparedSpectra.read` loads every array (float64); :meth:`PreparedSpectra.open` reads
+only the headers and the ``SPECTRA`` table and gives row-readers (:class:`FitsRows`) for the
+arrays, which read the requested rows from the file when indexed, so a consumer that works in
+chunks (the fitter) holds one chunk in memory, whatever the number of spectra.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from ..flags import PIXEL_FLAGS
 from .fits import atomic_write_fits, check_format
 from .spectra import ReaderError
 
-__all__ = ["PreparedSpectra", "FORMAT_NAME", "FORMAT_VERSION", "SPECTRA_COLUMNS"]
+__all__ = ["PreparedSpectra", "FitsRows", "FORMAT_NAME", "FORMAT_VERSION", "SPECTRA_COLUMNS"]
 
 FORMAT_NAME = "musepayne-prepared"
 FORMAT_VERSION = 1
@@ -59,6 +64,114 @@ SPECTRA_COLUMNS = {
     "logg": ("", "literature surface gravity log10(g / cm s^-2), dex"),
     "fe_h": ("", "literature [Fe/H], dex"),
 }
+
+
+class FitsRows:
+    """Rows of a 2-D FITS image read from the file on demand (read-only, thread-safe).
+
+    ``rows[i]``, ``rows[a:b]`` and ``rows[index_array]`` return new ndarrays in the native
+    byte order of the file's type (``float32`` / ``int32``), exactly the values
+    :meth:`PreparedSpectra.read` would give before its float64 conversion.  Each access
+    reads only the rows' bytes (``os.pread``), so memory does not grow with the image;
+    ``np.asarray(rows)`` reads the whole image.  ``close()`` (or :meth:`PreparedSpectra.close`)
+    releases the file.
+    """
+
+    def __init__(self, path, offset: int, shape: tuple, dtype):
+        import os
+
+        self.path = str(path)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.ndim = 2
+        self._file_dtype = np.dtype(dtype)
+        self.dtype = self._file_dtype.newbyteorder("=")
+        self._offset = int(offset)
+        self._row_bytes = self.shape[1] * self._file_dtype.itemsize
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def rows(self, a: int, b: int) -> FitsRows:
+        """A reader of rows ``a .. b-1`` only (no data read)."""
+        a, b = max(0, min(int(a), self.shape[0])), max(0, min(int(b), self.shape[0]))
+        return FitsRows(self.path, self._offset + a * self._row_bytes, (max(b - a, 0), self.shape[1]),
+                        self._file_dtype)
+
+    def close(self):
+        import os
+
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def _read(self, a: int, b: int) -> np.ndarray:
+        """Rows ``a .. b-1`` (native byte order)."""
+        import os
+
+        if self._fd is None:
+            raise ValueError(f"{self.path}: rows read after close()")
+        n = max(b - a, 0)
+        buf = bytearray(n * self._row_bytes)
+        view, pos, off = memoryview(buf), 0, self._offset + a * self._row_bytes
+        while pos < len(buf):  # pread may return fewer bytes than asked
+            got = os.preadv(self._fd, [view[pos:]], off + pos)
+            if got <= 0:
+                raise OSError(f"{self.path}: file ends inside the data")
+            pos += got
+        return np.frombuffer(buf, self._file_dtype).reshape(n, self.shape[1]).astype(self.dtype, copy=False)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            rows, rest = key[0], key[1:]
+            return self[rows][(slice(None),) + rest] if not np.isscalar(rows) else self[rows][rest]
+        if isinstance(key, (int, np.integer)):
+            k = int(key) + (self.shape[0] if key < 0 else 0)
+            if not 0 <= k < self.shape[0]:
+                raise IndexError(f"row {key} out of range for {self.shape[0]} rows")
+            return self._read(k, k + 1)[0]
+        if isinstance(key, slice):
+            a, b, step = key.indices(self.shape[0])
+            if step == 1:
+                return self._read(a, max(a, b))
+            idx = np.arange(a, b, step)
+        else:
+            idx = np.asarray(key)
+            if idx.dtype == bool:
+                idx = np.flatnonzero(idx)
+            idx = np.where(idx < 0, idx + self.shape[0], idx).astype(np.int64)
+        if idx.size == 0:
+            return np.empty((0, self.shape[1]), self.dtype)
+        if idx.min() < 0 or idx.max() >= self.shape[0]:
+            raise IndexError(f"row index out of range for {self.shape[0]} rows")
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        if hi - lo <= 4 * idx.size:  # one read of the span (chunks of consecutive rows)
+            return self._read(lo, hi)[idx - lo]
+        out = np.empty((idx.size, self.shape[1]), self.dtype)
+        for j, i in enumerate(idx):
+            out[j] = self._read(int(i), int(i) + 1)[0]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        a = self._read(0, self.shape[0])
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+
+def _rows_of(path, hdu):
+    """A :class:`FitsRows` for image ``hdu`` when its data are plain (no BSCALE/BZERO), else None."""
+    hd = hdu.header
+    if hd.get("NAXIS") != 2 or hd.get("BSCALE", 1) != 1 or hd.get("BZERO", 0) != 0:
+        return None
+    dt = {-32: ">f4", -64: ">f8", 32: ">i4", 16: ">i2"}.get(hd.get("BITPIX"))
+    if dt is None:
+        return None
+    return FitsRows(path, hdu.fileinfo()["datLoc"], (hd["NAXIS2"], hd["NAXIS1"]), dt)
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,28 +228,71 @@ class PreparedSpectra:
 
     @classmethod
     def read(cls, path) -> PreparedSpectra:
+        """Read the whole file: every array in memory (float64; ``MASK`` int32)."""
+        return cls._load(path, lazy=False)
+
+    @classmethod
+    def open(cls, path) -> PreparedSpectra:
+        """Like :meth:`read`, but ``flux``, ``ivar``, ``mask``, ``lsf_excess`` and ``cont`` are
+        :class:`FitsRows`: rows are read from the file when indexed (in the file's float32 /
+        int32, values identical to :meth:`read`'s), so memory stays ~ the rows in use.
+        Arrays stored with scaling keywords are read whole, as :meth:`read` does.  Meant for
+        consumers that work in row chunks (:class:`musepayne.fit.Fitter`); call
+        :meth:`close` (or let the object go) to release the file."""
+        return cls._load(path, lazy=True)
+
+    @classmethod
+    def _load(cls, path, lazy: bool) -> PreparedSpectra:
+
         try:
             with fits.open(path, memmap=False) as h:
                 ph = h[0].header
                 check_format(ph, path, FORMAT_NAME, FORMAT_VERSION, "prepared-spectra", ReaderError)
                 wave = np.array(h["WAVE"].data, np.float64)
-                flux = np.array(h["FLUX"].data, np.float64, ndmin=2)
-                ivar = np.array(h["IVAR"].data, np.float64, ndmin=2)
-                mask = np.array(h["MASK"].data, np.int32, ndmin=2)
-                exc = (np.array(h["LSF_EXCESS"].data, np.float64, ndmin=2) if "LSF_EXCESS" in h
-                       else np.zeros_like(flux))
-                cont = np.array(h["CONT"].data, np.float64, ndmin=2) if "CONT" in h else np.ones_like(flux)
+                arrays = {}
+                for name in ("FLUX", "IVAR", "MASK", "LSF_EXCESS", "CONT"):
+                    if name not in h:
+                        continue
+                    rows = _rows_of(path, h[name]) if lazy else None
+                    if rows is None:
+                        rows = np.array(h[name].data, np.int32 if name == "MASK" else np.float64, ndmin=2)
+                    arrays[name] = rows
+                flux, ivar, mask = arrays["FLUX"], arrays["IVAR"], arrays["MASK"]
+                shape = tuple(flux.shape)
                 spectra = Table.read(h["SPECTRA"])
                 meta = {k.lower(): ph[k] for k in ("MODE", "TGTLSF", "CONTWID", "AONOTCH", "MPSOFT") if k in ph}
         except ReaderError:
             raise
         except (OSError, KeyError, TypeError, ValueError) as exc:
             raise ReaderError(f"{path}: cannot read prepared spectra ({type(exc).__name__}: {exc})") from None
-        if not (flux.shape == ivar.shape == mask.shape) or flux.shape[1] != wave.size:
+        if not (shape == tuple(ivar.shape) == tuple(mask.shape)) or shape[1] != wave.size:
             raise ReaderError(f"{path}: FLUX/IVAR/MASK/WAVE shapes disagree")
-        if len(spectra) != flux.shape[0]:
-            raise ReaderError(f"{path}: SPECTRA has {len(spectra)} rows for {flux.shape[0]} spectra")
+        if len(spectra) != shape[0]:
+            raise ReaderError(f"{path}: SPECTRA has {len(spectra)} rows for {shape[0]} spectra")
+        exc, cont = arrays.get("LSF_EXCESS"), arrays.get("CONT")
+        for a in (exc, cont):
+            if a is not None and tuple(a.shape) != shape:
+                raise ReaderError(f"{path}: LSF_EXCESS/CONT shapes disagree with FLUX")
+        if exc is None:
+            exc = np.broadcast_to(np.zeros(1, np.float32), shape) if lazy else np.zeros_like(flux)
+        if cont is None:
+            cont = np.broadcast_to(np.ones(1, np.float32), shape) if lazy else np.ones_like(flux)
         return cls(wave, flux, ivar, mask, exc, cont, spectra, meta)
+
+    def rows(self, a: int, b: int) -> PreparedSpectra:
+        """Rows ``a .. b-1`` without reading or copying them (views of in-memory arrays,
+        :meth:`FitsRows.rows` readers of opened files)."""
+        def sub(x):
+            return x.rows(a, b) if isinstance(x, FitsRows) else x[a:b]
+
+        return PreparedSpectra(self.wave, sub(self.flux), sub(self.ivar), sub(self.mask), sub(self.lsf_excess),
+                               sub(self.cont), self.spectra[a:b], dict(self.meta))
+
+    def close(self):
+        """Release the files of arrays opened by :meth:`open` (nothing for in-memory arrays)."""
+        for a in (self.flux, self.ivar, self.mask, self.lsf_excess, self.cont):
+            if isinstance(a, FitsRows):
+                a.close()
 
     def take(self, index) -> PreparedSpectra:
         """A new object with the rows at ``index`` (in that order)."""

@@ -5,6 +5,8 @@
   external Payne networks;
 * :mod:`~musepayne.models.cannon` -- a quadratic Cannon in the same interface (the
   cross-validation baseline);
+* :mod:`~musepayne.models.benchcal` -- the Gaia FGK benchmark-scale calibration a model file carries
+  (post-fit label map and systematic errors, HDU ``BENCHCAL``);
 * :mod:`~musepayne.models.gradients` -- theoretical gradient templates d f / d label
   (paper Eq. 4) for regularisation and the per-label flags.
 
@@ -19,6 +21,7 @@ from .._lazy import attach
 __getattr__, __dir__, __all__ = attach(
     __name__,
     {
+        "benchcal": ["BenchmarkCalibration", "read_benchmarks", "match_benchmarks"],
         "cannon": ["CannonConfig", "CannonModel", "train_cannon"],
         "gradients": ["CannonEmulator", "GradientTemplates", "build_templates", "default_emulator_path"],
         "model": ["MLPPayne", "ModelError", "PerPixelPayne", "SpectralModel", "import_payne_npz", "load_model"],

@@ -32,6 +32,8 @@ primary    ``MPFORMAT='musepayne-model'``, ``MPMVERS`` (format version),
            (e.g. pixels covered by too few training spectra); fits ignore them
 ``SCATTER`` optional (n_pix,) float64, the model's intrinsic scatter ``s_p`` per pixel
            (normalised flux; fits add ``s_p^2`` to the variance)
+``BENCHCAL`` optional table: benchmark-scale calibration of the labels and their systematic
+           errors (:class:`musepayne.models.benchcal.BenchmarkCalibration`; fits apply it)
 ``PROVENANCE`` one-row table with a ``json`` column: the ``meta`` dict
            (training-set hash, command, versions, normalisation recipe, ...)
 ========== =================================================================
@@ -51,6 +53,7 @@ from astropy.table import Table
 
 from .. import __version__
 from ..io.fits import atomic_write_fits, check_format
+from .benchcal import BenchmarkCalibration
 
 __all__ = [
     "SpectralModel",
@@ -159,6 +162,8 @@ class SpectralModel:
         #: intrinsic per-pixel scatter ``s_p`` of the model (normalised-flux units; 0 = none): what the
         #: model cannot predict from the labels; fits add ``s_p^2`` to each pixel's variance
         self.scatter = np.zeros(self.wave.size)
+        #: :class:`musepayne.models.benchcal.BenchmarkCalibration` or None (fits then give the model's labels)
+        self.benchmark_calibration = None
 
     def with_pixel_mask(self, mask) -> SpectralModel:
         """Set the model's pixel mask (True = unusable) and return the model."""
@@ -304,6 +309,8 @@ class SpectralModel:
             hs = fits.ImageHDU(self.scatter, name="SCATTER")
             hs.header["COMMENT"] = "intrinsic model scatter s_p per pixel (normalised flux); fits add s_p^2 to the variance"
             hdus.append(hs)
+        if self.benchmark_calibration is not None:
+            hdus.append(self.benchmark_calibration.to_hdu())
         prov = Table({"json": [json.dumps(self.meta, sort_keys=True, default=str)]})
         hp = fits.table_to_hdu(prov)
         hp.name = "PROVENANCE"
@@ -525,6 +532,8 @@ def load_model(path) -> SpectralModel:
                 model.with_pixel_mask(np.asarray(h["PIXMASK"].data) != 0)
             if "SCATTER" in h:
                 model.with_scatter(np.asarray(h["SCATTER"].data, np.float64))
+            if "BENCHCAL" in h:
+                model.benchmark_calibration = BenchmarkCalibration.from_hdu(h["BENCHCAL"])
     except ModelError:
         raise
     except (OSError, KeyError, TypeError, ValueError) as exc:

@@ -264,7 +264,9 @@ def plot_truth(path, cat, truth, labels=("teff", "logg", "fe_h", "rv"), key="ste
     fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3.6), squeeze=False)
     for ax, n in zip(axes[0], labels):
         t = np.asarray(truth[n], float)[idx[sel]]
-        d = _col(cat, n)[sel] - t
+        # simulated truth is on the model's own label scale: compare the model's labels, not the
+        # benchmark-calibrated ones (musepayne.models.benchcal), when the catalogue has both
+        d = _col(cat, f"{n}_uncal" if f"{n}_uncal" in cat.colnames else n)[sel] - t
         b, s, _ = bias_dispersion(d)
         stats[n] = {"bias": b, "dispersion": s, "n": int(np.isfinite(d).sum())}
         ax.scatter(t, d, s=8)

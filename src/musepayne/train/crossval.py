@@ -103,6 +103,7 @@ def cross_validate(trainset: TrainingSet, templates=None, config: CVConfig | Non
     ``summary``: dict of dispersions, biases and median gradcorr.
     ``progress``: optional callable ``progress(message)``.
     """
+    from ..threads import blas_threads
 
     cfg = config or CVConfig()
     fcfg = fit_config or FitConfig()
@@ -151,11 +152,16 @@ def cross_validate(trainset: TrainingSet, templates=None, config: CVConfig | Non
         for inst in cfg.instruments:
             prepped = PreparedSpectra.concatenate([prep(sims[inst](s, cfg.snr, rng)) for s in natives])
             t0 = time.perf_counter()
-            cats[inst] = fitter(prepped, templates=templates)
+            with blas_threads(1):  # products per chunk (small): one BLAS thread, as musepayne fit
+                res = fitter.fit_arrays(prepped)
+            cats[inst] = fitter.catalogue(prepped.spectra, res, templates=templates)
             seconds["fit"] += time.perf_counter() - t0
             if cannon is not None:  # the same prepared spectra (same noise) for the baseline
                 t0 = time.perf_counter()
-                bcats[inst] = cfitter(prepped, templates=templates)  # the Fitter adds the Cannon's scatter
+                with blas_threads(1):
+                    res = cfitter.fit_arrays(prepped)
+                # the Fitter adds the Cannon's scatter
+                bcats[inst] = cfitter.catalogue(prepped.spectra, res, templates=templates)
                 seconds["baseline_fit"] += time.perf_counter() - t0
         for j, i in enumerate(keep):
             r = {"stellar_id": str(t["stellar_id"][i]), "star_key": str(groups[i]), "fold": f,

@@ -442,7 +442,11 @@ def estimate_scatter(model, flux, ivar, fit_config=None):
                            Table({"stellar_id": [f"val{i}" for i in range(n)]}))
     cfg = _replace(fit_config or FitConfig(precision="float64"), keep_model=True, model_scatter="off",
                    lsf_excess=False)
-    res = Fitter(model, cfg).fit_arrays(prep)
+    fitter = Fitter(model, cfg)
+    from ..threads import blas_threads
+
+    with blas_threads(1):  # the fit's products are per chunk (small): one BLAS thread, as musepayne fit
+        res = fitter.fit_arrays(prep)
     ok = np.all(np.isfinite(res.model_flux), axis=1) & (res.status.astype(str) == "converged")
     used = good[ok] & ~model.pixel_mask[None, :]
     if not ok.any():

@@ -1,0 +1,156 @@
+"""Benchmark-scale calibration (musepayne.models.benchcal): map, systematic errors, storage, application."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from musepayne.models.benchcal import (
+    BENCH_LABELS,
+    BenchmarkCalibration,
+    _robust_disp,
+    hd_number,
+    match_benchmarks,
+    read_benchmarks,
+)
+from musepayne.train.benchcal import BenchCalConfig, checks, cross_validate_calibration, evaluate, fit_calibration
+
+HOLDOUT = Path(__file__).parent / "data" / "benchcal_holdout.fits"
+
+
+def _mock(n=300, seed=1):
+    """Mock 'fitted' labels with a known quadratic distortion of the benchmark scale, known
+    statistical errors, benchmark errors and a known extra (systematic) scatter."""
+    rng = np.random.default_rng(seed)
+    y = np.column_stack([rng.uniform(4200, 6600, n), rng.uniform(1.0, 4.7, n), rng.uniform(-2.0, 0.4, n)])
+    x = y.copy()
+    x[:, 0] += -40 + 30 * (y[:, 1] - 3) / 1.5                       # fit - bench: Teff offset depends on log g
+    x[:, 1] += 0.15 * ((y[:, 2] + 0.5) ** 2) - 0.1                  # log g biased for metal-poor stars
+    x[:, 2] += -0.08 + 0.03 * (y[:, 0] - 5000) / 1000
+    sys_true = np.array([80.0, 0.12, 0.06])
+    stat = np.column_stack([np.full(n, 30.0), np.full(n, 0.05), np.full(n, 0.02)]) * rng.uniform(0.5, 1.5, (n, 3))
+    be = np.column_stack([np.full(n, 60.0), np.full(n, 0.08), np.full(n, 0.05)])
+    x += rng.standard_normal((n, 3)) * np.sqrt(stat**2 + sys_true**2 + be**2)
+    return x, y, stat, be, sys_true
+
+
+def test_map_and_sys_recover_known_distortion():
+    x, y, stat, be, sys_true = _mock()
+    groups = np.arange(len(x))
+    xc, err, sys = cross_validate_calibration(x, y, stat, be, groups, k=5, degree=2, ridge=1.0)
+    for k, n in enumerate(BENCH_LABELS):
+        d_before = x[:, k] - y[:, k]
+        d_after = xc[:, k] - y[:, k]
+        total = np.sqrt(sys_true[k] ** 2 + be[:, k] ** 2 + stat[:, k] ** 2).mean()
+        # the distortion is removed: no bias, and the dispersion is back to the injected noise
+        assert abs(np.median(d_after)) < 0.15 * total, n
+        assert _robust_disp(d_after) < 1.12 * total, n
+        assert _robust_disp(d_after) < _robust_disp(d_before) or abs(np.median(d_before)) > abs(np.median(d_after))
+        # the systematic error is recovered and the pulls are calibrated out of fold
+        assert np.median(sys[:, k]) == pytest.approx(sys_true[k], rel=0.3), n
+        assert 0.85 <= _robust_disp(d_after / np.sqrt(err[:, k] ** 2 + be[:, k] ** 2)) <= 1.15, n
+
+
+def test_calibration_roundtrip_and_fit_applies_it(tmp_path):
+    from fit_helpers import as_prepared, toy_stellar_model
+    from musepayne.fit import FitConfig, Fitter
+    from musepayne.models.model import load_model
+
+    x, y, stat, be, _ = _mock()
+    cal = fit_calibration(x, y, stat, be, meta={"id": "mock", "command": "test"})
+    model = toy_stellar_model()
+    assert load_model  # model files without BENCHCAL load (the toy model has none)
+    model.benchmark_calibration = cal
+    p = tmp_path / "m.fits"
+    model.save(p)
+    back = load_model(p)
+    c2 = back.benchmark_calibration
+    assert c2.degree == cal.degree and c2.meta == cal.meta and c2.sys_err == cal.sys_err
+    assert np.array_equal(c2.apply(x), cal.apply(x))
+
+    truth = np.array([[5200.0, 3.9, -0.4], [4700.0, 2.2, -1.5]])
+    flux = back.predict(truth)
+    ivar = np.full(flux.shape, 1e4)
+    prep = as_prepared(back.wave, flux, ivar)
+    cat = Fitter(back, FitConfig(fit_rv=False))(prep)
+    raw = Fitter(back, FitConfig(fit_rv=False, benchmark_calibration=False))(prep)
+    assert "teff_uncal" not in raw.colnames and "teff_err_sys" not in raw.colnames
+    lab = np.column_stack([raw[n] for n in BENCH_LABELS])
+    expect = cal.apply(lab)
+    sys = cal.sys(expect)
+    for k, n in enumerate(BENCH_LABELS):
+        assert np.allclose(cat[f"{n}_uncal"], raw[n])
+        assert np.allclose(cat[n], expect[:, k])
+        assert np.allclose(cat[f"{n}_err_stat"], raw[f"{n}_err"])
+        assert np.allclose(cat[f"{n}_err_sys"], sys[:, k])
+        assert np.allclose(cat[f"{n}_err"], np.hypot(raw[f"{n}_err"], sys[:, k]))
+        for c in (n, f"{n}_uncal", f"{n}_err", f"{n}_err_stat", f"{n}_err_sys"):
+            assert cat[c].description, c
+        assert str(cat[f"{n}_err_sys"].unit or "") == str(cat[n].unit or "")
+    # the calibration changes the labels (the mock distortion is tens of K / ~0.1 dex)
+    assert np.all(np.abs(cat["teff"] - cat["teff_uncal"]) > 5)
+
+
+def test_bad_calibration_hdu_version_is_a_clear_error():
+    x, y, stat, be, _ = _mock(60)
+    h = fit_calibration(x, y, stat, be).to_hdu()
+    h.header["BCVERS"] = 99
+    with pytest.raises(ValueError, match="newer"):
+        BenchmarkCalibration.from_hdu(h)
+
+
+def test_hd_numbers():
+    assert hd_number("HD 16765A") == "16765"
+    assert hd_number("hde 000123") == "123"
+    assert hd_number("BD+13 13") is None
+
+
+@pytest.mark.shared
+def test_benchmark_match(shared):
+    b = read_benchmarks(shared / "benchmarks" / "gbs_v3_gdr3_tmass.csv")
+    assert len(b) > 150 and np.all(b["e_fe_h"] == 0.05)
+    m = match_benchmarks(["HD 195564", "HD13468", "HD 1", "Sun"], b)
+    assert m[0] >= 0 and m[1] >= 0 and m[2] == -1 and m[3] == -1
+    assert b["teff"][m[0]] == 5514
+
+
+@pytest.mark.skipif(not HOLDOUT.is_file(), reason="hold-out fits table not present")
+def test_error_calibration_cross_validated():
+    """The shipped hold-out fits (benchmark stars observed as MUSE and LAMOST at S/N 100, fitted by
+    the default recipe trained without them, three seeds): cross-validated over the stars, the
+    calibrated labels meet the issue's limits and (fit - bench) / sqrt(err^2 + e_bench^2) has a
+    dispersion within 0.85-1.2 for every label, seed and instrument."""
+    from astropy.table import Table
+
+    from musepayne.models.model import load_model
+
+    tab = Table.read(HOLDOUT)
+    fig = evaluate(tab, BenchCalConfig())
+    for key, per in fig["per_seed"].items():
+        for n in BENCH_LABELS:
+            pull = per["cal"]["all"][n]["pull_dispersion"]
+            assert 0.85 <= pull <= 1.2, (key, n, pull)
+            # without the systematic term the errors are far too small
+            assert per["uncal"]["all"][n]["pull_dispersion"] > 1.3, (key, n)
+    # the issue's limits on the seed-mean MUSE figures (log g is at the limit: 0.169 dex vs 0.17)
+    chk = checks(fig, "muse")
+    assert all(chk.values()), chk
+    s = fig["summary"]["muse"]
+    assert s["cal"]["all"]["logg"]["dispersion"]["mean"] < 0.8 * s["uncal"]["all"]["logg"]["dispersion"]["mean"]
+    # instrument independence: one map for both; LAMOST meets the bias limits too
+    lam = fig["summary"]["lamost"]["cal"]["all"]
+    assert abs(lam["teff"]["bias"]["mean"]) <= 30 and abs(lam["logg"]["bias"]["mean"]) <= 0.03
+    assert abs(lam["fe_h"]["bias"]["mean"]) <= 0.02
+    # the shipped default model carries the calibration fitted on these rows
+    cal = load_model("default").benchmark_calibration
+    assert cal is not None
+    from musepayne.train.benchcal import fit_final
+
+    c = cal.meta["config"]
+    ref = fit_final(tab, BenchCalConfig(k=c["k"], degree=c["degree"], ridge=c["ridge"], sys_bins=c["sys_bins"],
+                                        seed=c["seed"], map_instruments=tuple(c["map_instruments"])))
+    for n in BENCH_LABELS:
+        assert np.allclose(ref.coef[n], cal.coef[n], rtol=1e-6, atol=1e-9)
+        assert ref.sys_err[n] == pytest.approx(cal.sys_err[n], rel=1e-6)
