@@ -1,7 +1,18 @@
-"""Benchmark: PSF extraction of a full-size simulated MUSE WFM cube.
+"""Benchmark: PSF extraction of simulated MUSE WFM cubes, one cube or a scaling series.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/bench_extract.py            # 300x300x3681, 2000 stars
     PYTHONPATH=src python benchmarks/bench_extract.py --size 150 --nlayers 1000 --nstars 500   # quicker
+    # scaling: time and peak memory against star count and layers, ratios and growth exponents
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/bench_extract.py --size 150 \
+        --nstars 500,1000,2000,4000,8000 --nlayers 250,500,1000
+
+With several star counts and/or layer counts (comma-separated), every star
+count is run at the largest layer count and every layer count at the star
+count nearest 2000; each extraction runs in its own child process (its own
+peak memory) and the summary gives each run's time, steps, peak RSS, the
+ratio to the 2000-star (or largest-layer) run of the same series and the
+local growth exponent d ln t / d ln n.  All in one invocation, so the ratios
+come from one machine state (the load is printed before and after).
 
 Simulates the cube in streamed blocks into a temporary folder (deleted at the
 end unless --keep), then runs the extraction in a child process (so its peak
@@ -98,6 +109,26 @@ def child(args):
     snr_emp = np.nanmedian(tf, 1) / np.nanstd(resid, 1)
     pull = np.nanstd(resid / res.err, 1)
 
+    summary = {
+        "n_layers": int(res.wave.size),
+        "n_stars": int(len(s)),
+        "t_extract_s": round(t_extract, 2),
+        "t_write_s": round(t_write, 2),
+        "steps_s": {k: round(v, 2) for k, v in res.timings.items()},
+        "peak_rss_extract_MiB": round(peak_extract, 1),
+        "memory_extract": mem_peaks,
+        "transform": {"offset": res.transform.offset, "rotation": res.transform.rotation,
+                      "scale": res.transform.scale, "rms_px": res.transform.rms},
+        "psf": res.psf.describe(),
+        "status_counts": {k: int(v) for k, v in zip(*np.unique(np.asarray(s["status"]), return_counts=True))},
+        "n_isolated_bright": int(iso.sum()),
+        "isolated_median_abs_flux_err": round(float(np.median(np.abs(rel[iso]))), 5),
+        "isolated_median_pull_std": round(float(np.median(pull[iso])), 3),
+        "isolated_median_snr_reported_over_empirical": round(float(np.median(np.asarray(s["snr"])[iso] / snr_emp[iso])), 3),
+        "blended_median_abs_flux_err": round(float(np.median(np.abs(rel[ok & (nn < fw)]))), 5),
+    }
+    if args.baseline_layers <= 0:
+        return summary
     # baseline: per-layer solve without reuse, on a subset of layers of a middle block
     c = open_cube(cube)
     nz, ny, nx = c.shape
@@ -116,7 +147,8 @@ def child(args):
         AW = A.multiply(w[:, None]).tocsc()
         N = (A.T @ AW).tocsc()
         N = N + sp.diags(1e-9 * N.diagonal() + (N.diagonal() <= 0))
-        solve, ninv_diag = factorise(N, ex.config.dense_max)  # same factorisation + error diagonal
+        # same factorisation + error diagonal as the extraction
+        solve, ninv_diag = factorise(N, ex.config.dense_max, border=np.arange(cols.size, N.shape[0]))
         xs = solve(np.asarray(AW.T @ np.where(mask.ravel(), d[j].ravel(), 0.0)).ravel())
         base_flux.append(xs[: cols.size])
     t_base = (time.perf_counter() - tb) / (i1 - i0)
@@ -124,37 +156,63 @@ def child(args):
     base_flux = np.array(base_flux).T
     diff = np.nanmedian(np.abs(base_flux - res.flux[cols, i0:i1]) / np.maximum(res.err[cols, i0:i1], 1e-30))
     flux_steps = sum(res.timings.get(k, 0.0) for k in ("read", "design", "factorise", "solve"))
-    return {
+    summary.update({
         "shape": [nz, ny, nx],
-        "n_stars": int(len(s)),
         "n_fitted_columns": int(cols.size),
-        "t_extract_s": round(t_extract, 2),
-        "t_write_s": round(t_write, 2),
-        "steps_s": {k: round(v, 2) for k, v in res.timings.items()},
-        "peak_rss_extract_MiB": round(peak_extract, 1),
-        "memory_extract": mem_peaks,
         "per_layer_blocked_s": round(flux_steps / nz, 5),
         "per_layer_baseline_s": round(t_base, 5),
         "baseline_ratio": round(t_base / (flux_steps / nz), 1),
         "baseline_extrapolated_full_cube_s": round(t_base * nz, 1),
         "baseline_vs_blocked_median_abs_diff_in_sigma": round(float(diff), 4),
-        "transform": {"offset": res.transform.offset, "rotation": res.transform.rotation,
-                      "scale": res.transform.scale, "rms_px": res.transform.rms},
-        "psf": res.psf.describe(),
-        "status_counts": {k: int(v) for k, v in zip(*np.unique(np.asarray(s["status"]), return_counts=True))},
-        "n_isolated_bright": int(iso.sum()),
-        "isolated_median_abs_flux_err": round(float(np.median(np.abs(rel[iso]))), 5),
-        "isolated_median_pull_std": round(float(np.median(pull[iso])), 3),
-        "isolated_median_snr_reported_over_empirical": round(float(np.median(np.asarray(s["snr"])[iso] / snr_emp[iso])), 3),
-        "blended_median_abs_flux_err": round(float(np.median(np.abs(rel[ok & (nn < fw)]))), 5),
-    }
+    })
+    return summary
+
+
+def _simulate(size, nlayers, nstars, seed, folder):
+    from musepayne.simulate import SimulateConfig, Simulator
+
+    cube = os.path.join(folder, f"cube_{size}_{nlayers}_{nstars}.fits")
+    cfg = SimulateConfig(nx=size, ny=size, nlayers=nlayers, nstars=nstars, seed=seed, king_rc=size / 4.0,
+                         psf_step=100)
+    t0 = time.perf_counter()
+    Simulator(cfg).write(cube)
+    t_sim = time.perf_counter() - t0
+    print(f"simulated {size}x{size}x{nlayers}, {nstars} stars: {t_sim:.1f} s, {os.path.getsize(cube) / 1e9:.2f} GB",
+          flush=True)
+    return cube, t_sim
+
+
+def _run_child(cube, args, baseline_layers):
+    r = subprocess.run([sys.executable, __file__, "--child", cube, "--block", str(args.block),
+                        "--baseline-layers", str(baseline_layers)], capture_output=True, text=True)
+    if r.returncode:
+        print(r.stderr)
+        sys.exit(r.returncode)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _series(name, runs, ref):
+    """Print one scaling series: time, steps, peak memory, ratio to ``ref`` and local exponents."""
+    import math
+
+    print(f"\n{name}: time and peak RSS (ratio: to the {ref} run of this series; exponent: d ln t / d ln {name})")
+    keys = [k for k in ("transform", "psf_fit", "design", "factorise", "solve", "read") if k in runs[0][1]["steps_s"]]
+    print(f"{name:>8} {'t [s]':>8} {'ratio':>6} {'exp':>5} {'RSS MiB':>8}  " + " ".join(f"{k:>9}" for k in keys))
+    t_ref = dict(runs)[ref]["t_extract_s"]
+    prev = None
+    for v, r in runs:
+        t = r["t_extract_s"]
+        ex = f"{math.log(t / prev[1]) / math.log(v / prev[0]):5.2f}" if prev else "    -"
+        print(f"{v:>8} {t:8.1f} {t / t_ref:6.2f} {ex} {r['peak_rss_extract_MiB']:8.0f}  "
+              + " ".join(f"{r['steps_s'].get(k, 0.0):9.1f}" for k in keys))
+        prev = (v, t)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=300)
-    ap.add_argument("--nlayers", type=int, default=3681)
-    ap.add_argument("--nstars", type=int, default=2000)
+    ap.add_argument("--nlayers", default="3681", help="layers, or a comma-separated list (scaling series)")
+    ap.add_argument("--nstars", default="2000", help="stars, or a comma-separated list (scaling series)")
     ap.add_argument("--block", type=int, default=50)
     ap.add_argument("--baseline-layers", type=int, default=10)
     ap.add_argument("--seed", type=int, default=3)
@@ -166,35 +224,52 @@ def main():
         args.cube = args.child
         print(json.dumps(child(args)))
         return
-    from musepayne.simulate.simulator import SimulateConfig, Simulator
-
+    stars = [int(v) for v in str(args.nstars).split(",")]
+    layers = [int(v) for v in str(args.nlayers).split(",")]
     tmp = tempfile.mkdtemp(prefix="bench_extract_", dir=args.tmpdir)
     try:
         load0 = os.getloadavg()
-        cube = os.path.join(tmp, "cube.fits")
-        cfg = SimulateConfig(nx=args.size, ny=args.size, nlayers=args.nlayers, nstars=args.nstars, seed=args.seed,
-                             king_rc=args.size / 4.0, psf_step=100)
-        t0 = time.perf_counter()
-        Simulator(cfg).write(cube)
-        t_sim = time.perf_counter() - t0
-        size_gb = os.path.getsize(cube) / 1e9
-        print(f"simulated {args.size}x{args.size}x{args.nlayers}, {args.nstars} stars: {t_sim:.1f} s, {size_gb:.2f} GB",
-              flush=True)
-        r = subprocess.run([sys.executable, __file__, "--child", cube, "--block", str(args.block),
-                            "--baseline-layers", str(args.baseline_layers)], capture_output=True, text=True)
-        if r.returncode:
-            print(r.stderr)
-            sys.exit(r.returncode)
-        res = json.loads(r.stdout.strip().splitlines()[-1])
-        res["t_simulate_s"] = round(t_sim, 1)
-        res["load_before"] = [round(v, 2) for v in load0]
-        res["load_after"] = [round(v, 2) for v in os.getloadavg()]
-        print(json.dumps(res, indent=1))
-        m = res["memory_extract"]
-        print(f"extraction {res['t_extract_s']:.1f} s (+ write {res['t_write_s']:.1f} s), "
-              f"peak RSS {res['peak_rss_extract_MiB']:.0f} MiB (anonymous {m['RssAnon_peak_MiB']:.0f} MiB, "
-              f"file-backed cube pages {m['RssFile_peak_MiB']:.0f} MiB); per layer {res['per_layer_blocked_s']*1e3:.1f} ms "
-              f"vs per-layer baseline {res['per_layer_baseline_s']*1e3:.1f} ms (x{res['baseline_ratio']})")
+        if len(stars) == 1 and len(layers) == 1:
+            cube, t_sim = _simulate(args.size, layers[0], stars[0], args.seed, tmp)
+            res = _run_child(cube, args, args.baseline_layers)
+            res["t_simulate_s"] = round(t_sim, 1)
+            res["load_before"] = [round(v, 2) for v in load0]
+            res["load_after"] = [round(v, 2) for v in os.getloadavg()]
+            print(json.dumps(res, indent=1))
+            m = res["memory_extract"]
+            print(f"extraction {res['t_extract_s']:.1f} s (+ write {res['t_write_s']:.1f} s), "
+                  f"peak RSS {res['peak_rss_extract_MiB']:.0f} MiB (anonymous {m['RssAnon_peak_MiB']:.0f} MiB, "
+                  f"file-backed cube pages {m['RssFile_peak_MiB']:.0f} MiB); per layer "
+                  f"{res['per_layer_blocked_s']*1e3:.1f} ms vs per-layer baseline "
+                  f"{res['per_layer_baseline_s']*1e3:.1f} ms (x{res['baseline_ratio']})")
+            return
+        nl_max = max(layers)
+        n_ref = min(stars, key=lambda v: abs(v - 2000))
+        by_stars, by_layers = [], []
+        for ns in sorted(stars):
+            cube, _ = _simulate(args.size, nl_max, ns, args.seed, tmp)
+            r = _run_child(cube, args, 0)
+            print(f"  {ns} stars, {nl_max} layers: {r['t_extract_s']:.1f} s, peak RSS "
+                  f"{r['peak_rss_extract_MiB']:.0f} MiB, load {os.getloadavg()[0]:.1f}", flush=True)
+            by_stars.append((ns, r))
+            if not args.keep:
+                os.remove(cube)
+        for nl in sorted(layers):
+            if nl == nl_max:
+                by_layers.append((nl, dict(by_stars)[n_ref]))
+                continue
+            cube, _ = _simulate(args.size, nl, n_ref, args.seed, tmp)
+            r = _run_child(cube, args, 0)
+            print(f"  {n_ref} stars, {nl} layers: {r['t_extract_s']:.1f} s", flush=True)
+            by_layers.append((nl, r))
+            if not args.keep:
+                os.remove(cube)
+        print(f"\n{args.size}x{args.size} spaxels, block {args.block}; load (1/5/15 min) before "
+              f"{[round(v, 2) for v in load0]}, after {[round(v, 2) for v in os.getloadavg()]}, "
+              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+        _series("stars", by_stars, n_ref)
+        if len(by_layers) > 1:
+            _series("layers", by_layers, nl_max)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

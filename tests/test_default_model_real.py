@@ -43,3 +43,38 @@ def test_ngc6397_giant(shared, model):
     # with the model's scatter in the variances the giant is fitted about as well as the
     # model's validation stars (red_chi2 ~13 with the PampelMUSE errors alone): no HIGH_CHI2
     assert row["red_chi2"] > 5 and row["red_chi2_model"] < 1.5 and row["fit_flags"] == 0
+    # the per-label flags (paper Eq. 4) come with the default model, no extra file needed
+    for n in ("teff", "logg", "fe_h"):
+        assert np.isfinite(row[f"{n}_gradcorr"]) and row[f"{n}_flag"] in (0, 1)
+        assert row[f"{n}_gradcorr"] > 0.8 and row[f"{n}_flag"] == 1
+
+
+def test_default_model_ships_its_gradient_templates(model):
+    """The templates beside the default model cover only its usable pixels, are small, and name it."""
+    from musepayne.models.model import templates_path
+
+    tpl = model.templates
+    assert tpl is not None and templates_path(model.path).stat().st_size < 8e6
+    assert not np.any(tpl.usable & model.pixel_mask) and tpl.usable.sum() > 1000
+    assert tpl.meta["formodel"] == model.meta["name"]
+    labels = np.array([[5000.0, 2.5, -1.0]])
+    gc = tpl.gradcorr(model, labels)
+    assert gc.shape == (1, 3) and np.all(np.isfinite(gc))
+
+
+def test_cli_gradient_templates_option(shared, tmp_path):
+    from click.testing import CliRunner
+
+    from musepayne.cli import main
+    from musepayne.fit.catalogue import read_catalogue
+
+    r = CliRunner().invoke(main, ["prepare", str(shared / "muse/spectra/ngc6397_id10554_pampelmuse.fits"),
+                                  "-o", str(tmp_path / "p.fits")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["fit", str(tmp_path / "p.fits"), "-o", str(tmp_path / "c.fits")])
+    assert r.exit_code == 0, r.output
+    cat = read_catalogue(tmp_path / "c.fits")
+    assert cat["fe_h_flag"][0] == 1 and np.isfinite(cat["fe_h_gradcorr"][0])
+    r = CliRunner().invoke(main, ["fit", str(tmp_path / "p.fits"), "-o", str(tmp_path / "c2.fits"),
+                                  "--gradient-templates", str(tmp_path / "missing.fits")])
+    assert r.exit_code != 0 and "Traceback" not in r.output

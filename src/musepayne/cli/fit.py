@@ -14,6 +14,7 @@ import numpy as np
 from ..fit.catalogue import combine_metal_poor, write_catalogue
 from ..io.prepared import PreparedSpectra
 from ..io.spectra import ReaderError
+from ..models.gradients import GradientTemplates
 from ..models.model import ModelError, load_model
 from ._common import Timer, emit, fail, json_option
 
@@ -40,6 +41,10 @@ from ._common import Timer, emit, fail, json_option
               show_default=True,
               help="Apply the model's Gaia FGK benchmark-scale calibration (BENCHCAL in the model file): labels on "
                    "the benchmark scale (model values in X_uncal), X_err = sqrt(X_err_stat^2 + X_err_sys^2).")
+@click.option("--gradient-templates", "templates_path", type=click.Path(dir_okay=False), default=None,
+              help="Gradient templates (musepayne gradients build) for the per-label flags X_gradcorr / X_flag "
+                   "(paper Eq. 4); default: the model's own, <model>.templates.fits beside the model file (the "
+                   "default model has them); without any, X_flag is -1.")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--threads", "n_threads", default=0, show_default=True, type=int,
               help="Fit chunks of spectra in this many threads; 0: one per CPU core. Results do not depend on it.")
@@ -55,7 +60,7 @@ from ._common import Timer, emit, fail, json_option
               help="Also export the catalogue to this file (.csv or .parquet); repeatable.")
 @json_option
 def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_excess, model_scatter, benchmark_calibration,
-        precision, n_threads, n_processes, block_size, keep_model, also, as_json):
+        templates_path, precision, n_threads, n_processes, block_size, keep_model, also, as_json):
     """Fit PREPARED spectra (the file 'musepayne prepare' writes) and write the catalogue.
 
     Labels, RV (relativistic Doppler shift, coarse search over +-RV_RANGE then
@@ -79,6 +84,7 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
             data = PreparedSpectra.open(prepared)
             model = load_model(model_path)
             model_mp = load_model(model_mp_path) if model_mp_path else None
+            templates = GradientTemplates.load(templates_path) if templates_path else None
     except (ReaderError, ModelError) as exc:
         fail(str(exc), as_json)
     if n_threads < 0 or n_processes < 0 or block_size < 1:
@@ -95,7 +101,7 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
         # one BLAS thread per fitting thread (the chunks' products are small; more threads per
         # product only oversubscribe the cores); the limit is set here, at the edge, not in the library
         with timer("fit"):
-            fitter = Fitter(model, cfg)
+            fitter = Fitter(model, cfg, templates)
         with blas_threads(1, scipy=False):
             if model_mp is None:
                 outs = [CatalogueStream(p) for p in (output, *also)]
@@ -124,7 +130,7 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
                         out.abort()
             else:
                 with timer("fit"):
-                    fitter_mp = Fitter(model_mp, cfg)
+                    fitter_mp = Fitter(model_mp, cfg, templates)
                     cat = combine_metal_poor(fitter(data), fitter_mp(data))
                 with timer("write"):
                     for path in (output, *also):

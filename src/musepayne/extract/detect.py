@@ -53,10 +53,11 @@ from astropy.table import Column, Table
 from photutils.background import Background2D, MedianBackground
 from photutils.detection import find_peaks
 from scipy.ndimage import correlate
+from scipy.optimize import least_squares
 
 from ..io.cube import MuseCube, open_cube
 from ..io.spectra import ReaderError
-from .extractor import _fit_shape, _fit_single, _pixscale_arcsec, _shape_psf, _sky_columns
+from .extractor import _fit_single, _pixscale_arcsec, _shape_psf, _sky_columns, _stamp
 from .psf import _integrate, psf_design_matrix
 
 __all__ = ["DetectConfig", "Detector", "matched_filter_snr"]
@@ -85,6 +86,35 @@ class DetectConfig:
             raise ValueError("threshold must be > 0")
         if self.n_bands < 1 or self.n_iter < 1:
             raise ValueError("n_bands and n_iter must be >= 1")
+
+
+def _fit_shape(img, var, xs, ys, p0, oversample):
+    """Joint fit of (fwhm, beta, e1, e2) to several stars at fixed positions (flux, sky linear per star)."""
+    h = int(np.ceil(2.0 * p0[0]))
+    stamps = [s for s in (_stamp(img, var, x, y, h) for x, y in zip(xs, ys)) if s[2].size >= 12]
+    if not stamps:
+        return None
+
+    def resid(p):
+        e = np.hypot(p[2], p[3])
+        if e >= 0.9:
+            return np.full(sum(s[2].size for s in stamps), 1e6)
+        ang = 0.5 * np.rad2deg(np.arctan2(p[3], p[2]))
+        out = []
+        for (xx, yy, d, v), x0, y0 in zip(stamps, xs, ys):
+            sw = 1.0 / np.sqrt(v)
+            m = _integrate(xx - x0, yy - y0, p[0], p[1], e, ang, oversample)
+            M = np.column_stack([m, np.ones_like(m)]) * sw[:, None]
+            coef = np.linalg.lstsq(M, d * sw, rcond=None)[0]
+            out.append(d * sw - M @ coef)
+        return np.concatenate(out)
+
+    try:
+        r = least_squares(resid, p0, bounds=([0.5, 1.2, -0.5, -0.5], [4 * p0[0] + 5, 10, 0.5, 0.5]),
+                          x_scale=[0.05, 0.1, 0.01, 0.01], max_nfev=80)
+    except Exception:
+        return None
+    return r.x if r.success else None
 
 
 def _kernel(shape_p, fwhm):
@@ -203,7 +233,7 @@ class Detector:
         order = np.argsort(-flux)
         fw = []
         for i in order[:cfg.psf_stars]:
-            r = _fit_single(img, var, x[i], y[i], shape0[0], shape0[1])
+            r = _fit_single(img, var, x[i], y[i], shape0[0], shape0[1], 2)
             if np.isfinite(r[2]):
                 fw.append(r[2])
         p0 = np.array(shape0, float)

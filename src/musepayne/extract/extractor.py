@@ -13,20 +13,23 @@ PSF method (paper Sect. 2.1.3; the PampelMUSE approach of Kamann et al. 2013):
    A starting similarity transformation (offset, rotation, scale) comes from
    single-star Moffat fits of the brightest isolated stars (3-sigma clipped);
    it is then refined by a crowded-field Gauss-Newton fit of the whole image
-   (every star's flux, the sky, the 4 transform parameters and the Moffat
-   shape at once, :func:`_image_fit`).  The reported residual is the rms of
+   (the fluxes of all stars -- the brightest ``image_fit_stars`` in denser
+   fields, so the cost is bounded -- the sky, the 4 transform parameters and
+   the Moffat shape at once, :func:`_image_fit`).  The reported residual is the rms of
    free per-star position offsets of the bright isolated stars fitted with
    everything else held in the model.
 2. *PSF.*  On each binned layer range the Moffat FWHM, beta and ellipticity
-   (``e1 = e cos 2PA``, ``e2 = e sin 2PA``) are fitted the same way with all
-   stars modelled; low-order polynomials in wavelength
+   (``e1 = e cos 2PA``, ``e2 = e sin 2PA``) are fitted the same way with the
+   same stars modelled; low-order polynomials in wavelength
    (:class:`musepayne.extract.psf.MoffatPSF`) are fitted to the per-bin values.
 3. *Fluxes.*  The cube is streamed in blocks of ``block`` layers.  Each block
    gets one sparse design matrix ``A`` (every star's pixel-integrated PSF at
    the block's central wavelength plus a polynomial sky of order
    ``sky_order``) and one weight per spaxel ``w = 1 / median_block(STAT)``.
-   The normal matrix ``N = A^T W A`` is factorised once (sparse LU) and
-   serves all layers of the block as right-hand sides:
+   The normal matrix ``N = A^T W A`` is factorised once (:func:`factorise`:
+   groups of stars whose stamps overlap, i.e. connected components of the
+   overlap graph, by dense Cholesky each, the sky by its Schur complement)
+   and serves all layers of the block as right-hand sides:
    ``x_l = N^-1 A^T W d_l`` (weighted linear least squares, unbiased for any
    fixed weights).  Errors: ``var(x_l,s) = [N^-1]_ss * r_sl`` with
    ``r_sl = sum_p A_ps^2 w_p^2 V_lp / sum_p A_ps^2 w_p`` (exact when the
@@ -95,6 +98,17 @@ EXTRACT_STATUS = {
 #: bits of the per-layer LAYER_FLAG image
 LAYER_FLAGS = {1: "layer NaN (or unusable) in DATA/STAT: no fluxes", 2: "some spaxels masked in this block"}
 
+#: Moffat beta range of every PSF shape fit (single-star fits and crowded-field image fits)
+BETA_RANGE = (1.2, 10.0)
+#: bound on each ellipticity component ``|e1|, |e2|`` (``e1 = e cos 2PA``, ``e2 = e sin 2PA``) in every
+#: PSF shape fit, so ``e <= sqrt(2) E12_MAX = 0.85``
+E12_MAX = 0.6
+#: the same bound in the single-star fits that start the transform (tighter: one star's stamp
+#: constrains the shape less; 0.6 there moves the 500-star benchmark fluxes by up to 1e-2 sigma)
+E12_MAX_SINGLE = 0.5
+#: FWHM range (pixels) of the crowded-field image fits
+FWHM_RANGE_PX = (0.8, 30.0)
+
 
 # --------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
@@ -106,13 +120,15 @@ class ExtractConfig:
     sky_order: int = 1                  #: polynomial order of the sky (0 constant, 1 plane, 2 quadratic)
     psf_radius: float = 4.0             #: PSF stamp radius (FWHM)
     psf_radius_max_px: float = 20.0
-    oversample: int = 3                 #: sub-pixel sampling per axis for pixel integration
+    oversample: int = 3                 #: sub-pixel sampling per axis for pixel integration (PSF fit, fluxes)
+    image_oversample: int = 2           #: sub-pixel sampling in the broad-band transform fit and its residuals
     fwhm_guess: float = 0.8             #: initial FWHM (arcsec) for star selection
     beta_guess: float = 2.5
     psf: MoffatPSF | None = None        #: fixed PSF: skip the PSF fit
     psf_bins: int = 6                   #: binned layer ranges for the PSF fit
     psf_bin_layers: int = 30            #: layers per bin
-    psf_stars: int = 40                 #: max. stars for transform and PSF fit
+    psf_stars: int = 40                 #: max. bright isolated stars for the single-star fits and transform residuals
+    image_fit_stars: int = 2000         #: the crowded-field image fits (transform, PSF) model the brightest this many
     psf_deg: tuple = (2, 1, 0, 0)       #: polynomial degrees of FWHM, beta, ellipticity, angle
     isolation: float = 1.5              #: PSF/transform stars: < 5 % neighbour light within this many FWHM
     fit_transform: bool = True          #: fit offset/rotation/scale catalogue -> cube
@@ -123,7 +139,7 @@ class ExtractConfig:
     aperture_correction: bool = True    #: scale aperture fluxes to total with the PSF model
     snr_min: float = 3.0
     ridge: float = 1e-9                 #: relative Tikhonov term on the normal-matrix diagonal
-    dense_max: int = 4000               #: dense Cholesky up to this many unknowns, sparse LU beyond
+    dense_max: int = 10000              #: largest group of coupled stars factorised dense (memory: 8 n^2 bytes)
 
     def __post_init__(self):
         if self.method not in ("psf", "aperture"):
@@ -132,6 +148,8 @@ class ExtractConfig:
             raise ValueError("block must be >= 1")
         if self.sky_order not in (-1, 0, 1, 2):
             raise ValueError("sky_order must be -1 (no sky), 0, 1 or 2")
+        if self.image_fit_stars < 1:
+            raise ValueError("image_fit_stars must be >= 1")
 
 
 # --------------------------------------------------------------------------- catalogue
@@ -512,7 +530,8 @@ class Extractor:
             n_in = int((_edge_distance(valid, xc, yc) >= 0).sum())  # catalogue stars on the usable field
             if cfg.fit_transform and cand.size:
                 # robust start: single-star Moffat fits of isolated stars, similarity transform with clipping
-                fits_ = [_fit_single(white, white_var, xc[i], yc[i], fwhm0, cfg.beta_guess) for i in cand]
+                fits_ = [_fit_single(white, white_var, xc[i], yc[i], fwhm0, cfg.beta_guess, cfg.image_oversample)
+                         for i in cand]
                 xm = np.array([f[0] for f in fits_])
                 ym = np.array([f[1] for f in fits_])
                 t1 = CoordinateTransform.fit(xc[cand], yc[cand], xm, ym, centre, clip=cfg.clip)
@@ -538,9 +557,16 @@ class Extractor:
                 fit_theta = False
                 notes.append(f"catalogue->cube transformation refused: {n_in} catalogue star(s) in the field and "
                              "none bright and isolated; catalogue positions used as they are")
+            # bounded cost: beyond image_fit_stars only the brightest have free fluxes in the image fits,
+            # the others keep their catalogue flux ratios (one common scale)
+            free, relf = None, 10.0 ** (-0.4 * (mag[nidx] - np.min(mag[nidx]))) if nidx.size else None
+            if nidx.size > cfg.image_fit_stars:
+                free = np.zeros(nidx.size, bool)
+                free[np.argsort(mag[nidx], kind="stable")[: cfg.image_fit_stars]] = True
             theta, shape_w, fl_w, ok_w = _image_fit(
-                white, white_var, xc[near], yc[near], centre, theta, shape0, fit_theta,
-                cfg.psf is None, rad0, 2, cfg.sky_order)
+                white, white_var, xc[nidx], yc[nidx], centre, theta, shape0, fit_theta,
+                cfg.psf is None, rad0, cfg.image_oversample, cfg.sky_order, ridge=cfg.ridge, dense_max=cfg.dense_max,
+                free=free, rel_flux=relf)
             if not ok_w:
                 raise ReaderError(f"{c.path}: the broad-band image fit failed")
             transform = CoordinateTransform(offset=(float(theta[2]), float(theta[3])),
@@ -550,10 +576,12 @@ class Extractor:
             x, y = np.asarray(x, float), np.asarray(y, float)
             # transform residuals: free position offsets of the bright isolated stars
             cand = _psf_candidates(x, y, mag, valid, shape_w[0], cfg)
+            cand = cand[np.isin(cand, nidx if free is None else nidx[free])]
             if cfg.fit_transform and cand.size:
                 sub = np.searchsorted(nidx, cand)
-                ddx, ddy = _star_offsets(white, white_var, x[near], y[near], shape_w, sub, fl_w, rad0, 2,
-                                         cfg.sky_order)
+                ddx, ddy = _star_offsets(white, white_var, x[nidx], y[nidx], shape_w, sub, fl_w, rad0,
+                                         cfg.image_oversample, cfg.sky_order, ridge=cfg.ridge,
+                                         dense_max=cfg.dense_max, free=free)
                 res = np.hypot(ddx, ddy)
                 keep = res < max(cfg.clip * 1.4826 * np.median(res), 0.05)
                 transform = CoordinateTransform(transform.offset, transform.rotation, transform.scale, centre,
@@ -576,7 +604,7 @@ class Extractor:
             if cfg.psf is not None:
                 psf = cfg.psf
             else:
-                psf = self._fit_psf(bins, x[near], y[near], shape_w, rad0, c.wave)
+                psf = self._fit_psf(bins, x[nidx], y[nidx], shape_w, rad0, c.wave, free, relf)
             lap("psf_fit")
             # ---- per-star geometry and status before fluxes
             wref = float(np.median(c.wave))
@@ -664,7 +692,7 @@ class Extractor:
             raise ReaderError(f"{c.path}: every layer is NaN or has no usable STAT")
         return out
 
-    def _fit_psf(self, bins, xs, ys, shape0, radius, cube_wave) -> MoffatPSF:
+    def _fit_psf(self, bins, xs, ys, shape0, radius, cube_wave, free=None, rel_flux=None) -> MoffatPSF:
         """Moffat shape per binned layer range (all stars modelled), then polynomials in wavelength."""
         cfg = self.config
         waves, pars = [], []
@@ -672,7 +700,8 @@ class Extractor:
         centre = (0.0, 0.0)
         for w, img, var in bins:
             _, p, _, ok = _image_fit(img, var, xs, ys, centre, (1.0, 0.0, 0.0, 0.0), p0, False, True, radius,
-                                     cfg.oversample, cfg.sky_order, n_iter=3)
+                                     cfg.oversample, cfg.sky_order, n_iter=3, ridge=cfg.ridge,
+                                     dense_max=cfg.dense_max, free=free, rel_flux=rel_flux)
             if ok:
                 waves.append(w)
                 pars.append(p)
@@ -728,7 +757,7 @@ class Extractor:
             N = N + sp.diags(np.where(dg_ok, cfg.ridge * dg, 1.0))
             timings["design"] = timings.get("design", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
-            solve, ninv_diag = factorise(N, cfg.dense_max)
+            solve, ninv_diag = factorise(N, cfg.dense_max, border=np.arange(ns, N.shape[0]))
             timings["factorise"] = timings.get("factorise", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
             D = np.where(mask.ravel()[None, :], d[good].reshape(good.sum(), -1), 0.0).T  # (npix, L)
@@ -799,36 +828,123 @@ class Extractor:
         return flux, err, np.full(n, np.nan), layer_flag
 
 
-def factorise(N, dense_max: int = 4000):
-    """Factorise the normal matrix once; return ``(solve, diag(N^-1))``.
+def factorise(N, dense_max: int = 10000, border=(), need_diag: bool = True):
+    """Factorise a symmetric positive-definite normal matrix once; return ``(solve, diag(N^-1))``.
 
-    Up to ``dense_max`` unknowns: dense Cholesky (LAPACK ``potrf``) and the
-    inverse's diagonal from ``potri`` -- in crowded fields the sparse factors
-    fill in almost completely (all stamps of a cluster core overlap, the sky
-    columns are dense), so dense is faster there.  Beyond: sparse LU
-    (SuperLU, COLAMD) and the diagonal from solves on unit vectors.  A matrix
-    that is not positive definite falls back to the sparse LU.
+    The factorisation follows the structure of ``N``.  The ``border`` unknowns
+    (sky polynomial, global nonlinear parameters: columns coupled to every
+    star) are eliminated last through their Schur complement; the remaining
+    (star) unknowns split into the connected components of their coupling
+    graph (stars whose stamps share no pixel are independent), each
+    factorised by a dense Cholesky (LAPACK ``potrf``; ``diag(N_c^-1)`` as the
+    row sums of squares of ``U_c^-1`` from ``trtri``).  This is exact block
+    elimination: the answer is that of one Cholesky of the whole matrix
+    (to rounding), and the cost is the sum over components instead of the
+    cube of the total.  A component larger than ``dense_max`` unknowns (the
+    dense memory limit: ``8 dense_max^2`` bytes per copy) is factorised by
+    sparse LU (SuperLU, symmetric mode, minimum-degree ordering), as is a
+    component that is not positive definite.  ``need_diag=False`` skips the
+    inverse's diagonal (returns ``None``).
     """
     import scipy.linalg as sl
+    from scipy.sparse.csgraph import connected_components
 
+    N = sp.csr_matrix(N)
     n = N.shape[0]
-    if n <= dense_max:
-        Nd = N.toarray()
-        try:
-            c = sl.cholesky(Nd, lower=False, check_finite=False)
-            inv, info = sl.lapack.dpotri(c)
-            if info == 0:
-                return (lambda B: sl.cho_solve((c, False), B, check_finite=False)), np.diag(inv).copy()
-        except sl.LinAlgError:
-            pass
-    lu = spla.splu(sp.csc_matrix(N), permc_spec="COLAMD")
-    diag = np.empty(n)
-    for j0 in range(0, n, 512):
-        j1 = min(n, j0 + 512)
-        E = np.zeros((n, j1 - j0))
-        E[np.arange(j0, j1), np.arange(j1 - j0)] = 1.0
-        diag[j0:j1] = lu.solve(E)[np.arange(j0, j1), np.arange(j1 - j0)]
-    return lu.solve, diag
+    isb = np.zeros(n, bool)
+    isb[np.asarray(border, dtype=np.int64)] = True
+    bidx, sidx = np.nonzero(isb)[0], np.nonzero(~isb)[0]
+    Nss = N[sidx][:, sidx] if bidx.size else N
+    ncomp, lab = connected_components(Nss, directed=False)
+    order = np.argsort(lab, kind="stable")
+    bounds = np.searchsorted(lab[order], np.arange(ncomp + 1))
+    Nss = Nss.tocsc()
+    sizes = np.diff(bounds)
+    single = order[bounds[:-1][sizes == 1]]  # 1x1 components: scalars, vectorised
+    dsingle = Nss.diagonal()[single] if single.size else np.zeros(0)
+    blocks = []  # (indices, kind, factor)
+    for k in np.nonzero(sizes > 1)[0]:
+        I = order[bounds[k]:bounds[k + 1]]
+        sub = Nss[I][:, I]
+        fac = None
+        if I.size <= dense_max:
+            try:
+                fac = ("chol", sl.cholesky(sub.toarray(), lower=False, check_finite=False))
+            except sl.LinAlgError:
+                fac = None
+        if fac is None:  # too large for dense memory, or not positive definite
+            fac = ("lu", spla.splu(sp.csc_matrix(sub), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                                   options={"SymmetricMode": True}))
+        blocks.append((I, *fac))
+    if np.any(dsingle <= 0):
+        bad = single[dsingle <= 0]
+        for i in bad:  # a zero pivot: leave it to the LU path (raises like a singular matrix would)
+            blocks.append((np.array([i]), "lu", spla.splu(sp.csc_matrix(Nss[[i]][:, [i]]))))
+        keep = dsingle > 0
+        single, dsingle = single[keep], dsingle[keep]
+
+    def solve_s(B):
+        """``Nss^-1 B`` for the star unknowns (B: (ns,) or (ns, m))."""
+        X = np.empty_like(B, dtype=np.float64)
+        if single.size:
+            X[single] = B[single] / (dsingle if B.ndim == 1 else dsingle[:, None])
+        for I, kind, f in blocks:
+            X[I] = sl.cho_solve((f, False), B[I], check_finite=False) if kind == "chol" else f.solve(B[I])
+        return X
+
+    def diag_s():
+        d = np.empty(sidx.size)
+        if single.size:
+            d[single] = 1.0 / dsingle
+        for I, kind, f in blocks:
+            if kind == "chol":
+                ui, info = sl.lapack.dtrtri(f, lower=0)
+                if info != 0:
+                    raise np.linalg.LinAlgError("triangular inverse failed")
+                d[I] = np.einsum("ij,ij->i", ui, ui)
+            else:
+                for j0 in range(0, I.size, 512):
+                    j1 = min(I.size, j0 + 512)
+                    E = np.zeros((I.size, j1 - j0))
+                    E[np.arange(j0, j1), np.arange(j1 - j0)] = 1.0
+                    d[I[j0:j1]] = f.solve(E)[np.arange(j0, j1), np.arange(j1 - j0)]
+        return d
+
+    if bidx.size == 0:
+        return solve_s, (diag_s() if need_diag else None)
+    # border unknowns: Schur complement S = Nbb - Nbs Nss^-1 Nsb (small, dense)
+    Nsb = N[sidx][:, bidx].toarray()
+    Nbb = N[bidx][:, bidx].toarray()
+    Z = solve_s(Nsb)  # Nss^-1 Nsb
+    S = Nbb - Nsb.T @ Z
+    S = 0.5 * (S + S.T)
+    try:
+        Sc = sl.cho_factor(S, lower=False, check_finite=False)
+
+        def solve_b(R):
+            return sl.cho_solve(Sc, R, check_finite=False)
+    except sl.LinAlgError:  # rounding made the small Schur complement indefinite: LU
+        Sl = sl.lu_factor(S, check_finite=False)
+
+        def solve_b(R):
+            return sl.lu_solve(Sl, R, check_finite=False)
+
+    def solve(B):
+        B = np.asarray(B, dtype=np.float64)
+        Ys = solve_s(B[sidx])
+        Xb = solve_b(B[bidx] - Nsb.T @ Ys)
+        X = np.empty_like(B)
+        X[sidx] = Ys - Z @ Xb
+        X[bidx] = Xb
+        return X
+
+    if not need_diag:
+        return solve, None
+    Sinv = solve_b(np.eye(bidx.size))
+    d = np.empty(n)
+    d[sidx] = diag_s() + np.einsum("ij,ij->i", Z @ Sinv, Z)
+    d[bidx] = np.diag(Sinv)
+    return solve, d
 
 
 # --------------------------------------------------------------------------- internals
@@ -951,8 +1067,11 @@ def _stamp(img, var, x, y, h):
     return xx[ok].astype(float), yy[ok].astype(float), d[ok], v[ok]
 
 
-def _fit_single(img, var, x0, y0, fwhm0, beta0):
-    """Moffat fit of one star (x, y, fwhm, beta, e1, e2; flux and sky linear) -> (x, y, fwhm)."""
+def _fit_single(img, var, x0, y0, fwhm0, beta0, oversample):
+    """Moffat fit of one star (x, y, fwhm, beta, e1, e2; flux and sky linear) -> (x, y, fwhm).
+
+    NaNs when the stamp has too few pixels, the fit does not converge or ends at a bound.
+    """
     from scipy.optimize import least_squares
 
     h = int(np.ceil(2.0 * fwhm0))
@@ -963,54 +1082,22 @@ def _fit_single(img, var, x0, y0, fwhm0, beta0):
 
     def resid(p):
         e = np.hypot(p[4], p[5])
-        if e >= 0.9:
-            return np.full(d.size, 1e6)
         ang = 0.5 * np.rad2deg(np.arctan2(p[5], p[4]))
-        m = _integrate(xx - p[0], yy - p[1], p[2], p[3], e, ang, 2)
+        m = _integrate(xx - p[0], yy - p[1], p[2], p[3], e, ang, oversample)
         M = np.column_stack([m, np.ones_like(m)]) * sw[:, None]
         coef = np.linalg.lstsq(M, d * sw, rcond=None)[0]
         return d * sw - M @ coef
 
     try:
         r = least_squares(resid, [x0, y0, fwhm0, beta0, 0.0, 0.0],
-                          bounds=([x0 - 2, y0 - 2, 0.4 * fwhm0, 1.2, -0.5, -0.5], [x0 + 2, y0 + 2, 2.5 * fwhm0, 10, 0.5, 0.5]),
+                          bounds=([x0 - 2, y0 - 2, 0.4 * fwhm0, BETA_RANGE[0], -E12_MAX_SINGLE, -E12_MAX_SINGLE],
+                                  [x0 + 2, y0 + 2, 2.5 * fwhm0, BETA_RANGE[1], E12_MAX_SINGLE, E12_MAX_SINGLE]),
                           x_scale=[0.1, 0.1, 0.1, 0.2, 0.02, 0.02], max_nfev=60)
-    except Exception:
+    except (ValueError, np.linalg.LinAlgError):  # non-finite residuals at the start, SVD not converging
         return (np.nan, np.nan, np.nan)
     if not r.success or abs(r.x[0] - x0) > 1.9 or abs(r.x[1] - y0) > 1.9 or not 0.45 * fwhm0 < r.x[2] < 2.4 * fwhm0:
         return (np.nan, np.nan, np.nan)  # at a bound: a neighbour or noise took over
     return (r.x[0], r.x[1], r.x[2])
-
-
-def _fit_shape(img, var, xs, ys, p0, oversample):
-    """Joint fit of (fwhm, beta, e1, e2) to several stars at fixed positions (flux, sky linear per star)."""
-    from scipy.optimize import least_squares
-
-    h = int(np.ceil(2.0 * p0[0]))
-    stamps = [s for s in (_stamp(img, var, x, y, h) for x, y in zip(xs, ys)) if s[2].size >= 12]
-    if not stamps:
-        return None
-
-    def resid(p):
-        e = np.hypot(p[2], p[3])
-        if e >= 0.9:
-            return np.full(sum(s[2].size for s in stamps), 1e6)
-        ang = 0.5 * np.rad2deg(np.arctan2(p[3], p[2]))
-        out = []
-        for (xx, yy, d, v), x0, y0 in zip(stamps, xs, ys):
-            sw = 1.0 / np.sqrt(v)
-            m = _integrate(xx - x0, yy - y0, p[0], p[1], e, ang, oversample)
-            M = np.column_stack([m, np.ones_like(m)]) * sw[:, None]
-            coef = np.linalg.lstsq(M, d * sw, rcond=None)[0]
-            out.append(d * sw - M @ coef)
-        return np.concatenate(out)
-
-    try:
-        r = least_squares(resid, p0, bounds=([0.5, 1.2, -0.5, -0.5], [4 * p0[0] + 5, 10, 0.5, 0.5]),
-                          x_scale=[0.05, 0.1, 0.01, 0.01], max_nfev=80)
-    except Exception:
-        return None
-    return r.x if r.success else None
 
 
 def _blend_fraction(psf, x, y, mag, valid, wave, fwhm, cfg, neighbours=False):
@@ -1072,10 +1159,41 @@ def _annulus_median(ann, D, V, chunk=128):
 
 
 # --------------------------------------------------------------------------- crowded-field image fit
+def _flux_unknowns(n, free):
+    """(star columns with their own flux, all flux unknowns) of an image fit."""
+    if free is None:
+        return n, n
+    k = int(np.count_nonzero(free))
+    return k, k + int(k < n)
+
+
+def _flux_columns(A, free, rel_flux):
+    """Flux columns of an image fit: every free star's column, then (if any star is not free) one
+    column with the summed light of the others at their relative fluxes ``rel_flux``."""
+    if free is None:
+        return A
+    cols = [A[:, np.nonzero(free)[0]]]
+    if not np.all(free):
+        fixed = np.nonzero(~free)[0]
+        cols.append(sp.csc_matrix((A[:, fixed] @ rel_flux[fixed])[:, None]))
+    return sp.hstack(cols, format="csc")
+
+
+def _expand_fluxes(sol, free, rel_flux):
+    """Per-star fluxes from the flux unknowns of an image fit (inverse of :func:`_flux_columns`)."""
+    if free is None:
+        return sol
+    f = np.empty(free.size)
+    f[free] = sol[: int(np.count_nonzero(free))]
+    if not np.all(free):
+        f[~free] = sol[-1] * rel_flux[~free]
+    return f
+
+
 def _shape_psf(p):
     """MoffatPSF from (fwhm, beta, e1, e2) at one wavelength."""
     e = float(np.hypot(p[2], p[3]))
-    return MoffatPSF(fwhm=(float(p[0]),), beta=(float(p[1]),), ellip=(min(e, 0.85),),
+    return MoffatPSF(fwhm=(float(p[0]),), beta=(float(p[1]),), ellip=(e,),
                      angle=(0.5 * float(np.rad2deg(np.arctan2(p[3], p[2]))),))
 
 
@@ -1095,7 +1213,7 @@ def _sky_columns(shape, order, mask):
 
 
 def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, radius, oversample, sky_order,
-               n_iter=4):
+               n_iter=4, ridge=1e-9, dense_max=10000, free=None, rel_flux=None):
     """Gauss-Newton fit of an image with ALL stars modelled at once.
 
     Nonlinear parameters: the similarity transform ``theta = (a, b, ox, oy)``
@@ -1104,8 +1222,11 @@ def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, r
     shape ``(fwhm, beta, e1, e2)``; linear: every star's flux and the sky
     polynomial.  Each iteration linearises the model (finite differences of
     the sparse design matrix) and solves one sparse weighted least-squares
-    problem for fluxes, sky and parameter steps together.  Returns
-    ``(theta, shape_p, fluxes, ok)``.
+    problem for fluxes, sky and parameter steps together.  With ``free``
+    (bool per star) only those stars have free fluxes; the others keep the
+    relative fluxes ``rel_flux`` under one common fitted scale (their light
+    stays in the model at a bounded cost).  Returns ``(theta, shape_p,
+    fluxes of all stars, ok)``.
     """
     ny, nx = img.shape
     mask = np.isfinite(img) & np.isfinite(var) & (var > 0)
@@ -1117,6 +1238,7 @@ def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, r
     S = sp.csc_matrix(_sky_columns((ny, nx), sky_order, mask))
     n = len(xc)
     f = None
+    nstar, nf = _flux_unknowns(n, free)
 
     def positions(th):
         return centre[0] + th[0] * dx - th[1] * dy + th[2], centre[1] + th[1] * dx + th[0] * dy + th[3]
@@ -1129,7 +1251,7 @@ def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, r
         x, y = positions(theta)
         cen = (np.rint(x), np.rint(y))
         A = design(theta, shape_p, cen)
-        cols = [A, S]
+        cols = [_flux_columns(A, free, rel_flux), S]
         jac, names = [], []
         if f is not None and it < n_iter:
             model0 = A @ f
@@ -1159,17 +1281,18 @@ def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, r
         MW = M.multiply(w[:, None]).tocsc()
         N = (M.T @ MW).tocsc()
         dg = N.diagonal()
-        N = N + sp.diags(np.where(dg > 0, 1e-9 * dg, 1.0))
+        N = N + sp.diags(np.where(dg > 0, ridge * dg, 1.0))
         try:
-            sol = spla.splu(N, permc_spec="COLAMD").solve(np.asarray(MW.T @ d).ravel())
-        except RuntimeError:
+            solve, _ = factorise(N, dense_max, border=np.arange(nstar, N.shape[0]), need_diag=False)
+            sol = solve(np.asarray(MW.T @ d).ravel())
+        except (RuntimeError, np.linalg.LinAlgError):
             return theta, shape_p, f, False
-        f = sol[:n]
+        f = _expand_fluxes(sol[:nf], free, rel_flux)
         if not jac:
             if it > 0:
                 break
             continue
-        step = sol[n + S.shape[1]:]
+        step = sol[nf + S.shape[1]:]
         for nm, st in zip(names, step):
             if nm == "a":
                 theta[0] += np.clip(st, -0.01, 0.01)
@@ -1180,19 +1303,21 @@ def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, r
             elif nm == "oy":
                 theta[3] += np.clip(st, -1.0, 1.0)
             elif nm == "fwhm":
-                shape_p[0] = np.clip(shape_p[0] + np.clip(st, -0.2 * shape_p[0], 0.2 * shape_p[0]), 0.8, 30)
+                shape_p[0] = np.clip(shape_p[0] + np.clip(st, -0.2 * shape_p[0], 0.2 * shape_p[0]), *FWHM_RANGE_PX)
             elif nm == "beta":
-                shape_p[1] = np.clip(shape_p[1] + np.clip(st, -0.5, 0.5), 1.2, 10.0)
+                shape_p[1] = np.clip(shape_p[1] + np.clip(st, -0.5, 0.5), *BETA_RANGE)
             elif nm == "e1":
-                shape_p[2] = np.clip(shape_p[2] + np.clip(st, -0.05, 0.05), -0.6, 0.6)
+                shape_p[2] = np.clip(shape_p[2] + np.clip(st, -0.05, 0.05), -E12_MAX, E12_MAX)
             elif nm == "e2":
-                shape_p[3] = np.clip(shape_p[3] + np.clip(st, -0.05, 0.05), -0.6, 0.6)
+                shape_p[3] = np.clip(shape_p[3] + np.clip(st, -0.05, 0.05), -E12_MAX, E12_MAX)
     ok = bool(np.all(np.isfinite(theta)) and np.all(np.isfinite(shape_p)))
     return theta, shape_p, f, ok
 
 
-def _star_offsets(img, var, x, y, shape_p, idx, f, radius, oversample, sky_order):
-    """Per-star position offsets of stars ``idx`` (all other stars and the sky fitted at once)."""
+def _star_offsets(img, var, x, y, shape_p, idx, f, radius, oversample, sky_order, ridge=1e-9, dense_max=10000,
+                  free=None):
+    """Per-star position offsets of stars ``idx`` (all other stars and the sky fitted at once; with
+    ``free``, the stars not free keep their relative fluxes ``f`` under one common scale)."""
     ny, nx = img.shape
     mask = np.isfinite(img) & np.isfinite(var) & (var > 0)
     w = np.where(mask, 1.0 / np.where(mask, var, 1.0), 0.0).ravel()
@@ -1206,11 +1331,13 @@ def _star_offsets(img, var, x, y, shape_p, idx, f, radius, oversample, sky_order
     gx = gx[:, idx] @ sp.diags(f[idx])
     gy = gy[:, idx] @ sp.diags(f[idx])
     S = sp.csc_matrix(_sky_columns((ny, nx), sky_order, mask))
-    M = sp.hstack([A, S, gx, gy], format="csc")
+    nstar, nf = _flux_unknowns(len(x), free)
+    M = sp.hstack([_flux_columns(A, free, f), S, gx, gy], format="csc")
     MW = M.multiply(w[:, None]).tocsc()
     N = (M.T @ MW).tocsc()
     dg = N.diagonal()
-    N = N + sp.diags(np.where(dg > 0, 1e-9 * dg, 1.0))
-    sol = spla.splu(N, permc_spec="COLAMD").solve(np.asarray(MW.T @ d).ravel())
-    k = len(x) + S.shape[1]
+    N = N + sp.diags(np.where(dg > 0, ridge * dg, 1.0))
+    k = nf + S.shape[1]
+    solve, _ = factorise(N, dense_max, border=np.arange(nstar, k), need_diag=False)
+    sol = solve(np.asarray(MW.T @ d).ravel())
     return sol[k:k + idx.size], sol[k + idx.size:k + 2 * idx.size]

@@ -481,9 +481,10 @@ class Fitter:
     """Fit :class:`~musepayne.io.prepared.PreparedSpectra` with one :class:`SpectralModel`.
 
     ``Fitter(model, FitConfig(...))(prepared, templates=None) -> astropy Table``
-    (the catalogue of :mod:`musepayne.fit.catalogue`).  ``templates`` (optional) is
-    any object with ``.gradcorr(model, labels) -> (n, n_labels)``; it fills the
-    ``X_gradcorr`` and ``X_flag`` columns.
+    (the catalogue of :mod:`musepayne.fit.catalogue`).  ``templates`` (optional, here or at
+    construction; default the model's own ``model.templates``) is any object with
+    ``.gradcorr(model, labels) -> (n, n_labels)``; it fills the ``X_gradcorr`` and ``X_flag``
+    columns (paper Eq. 4); without templates they stay NaN / -1.
 
     Threads: a Fitter holds no state of a call (everything a fit needs beyond the model and
     the configuration is local to the call), so one Fitter may be shared by several threads.
@@ -494,9 +495,12 @@ class Fitter:
     thread count.  Results then do not depend on ``n_threads`` or ``block_size``.
     """
 
-    def __init__(self, model: SpectralModel, config: FitConfig | None = None):
+    def __init__(self, model: SpectralModel, config: FitConfig | None = None, templates=None):
         self.model = model
         self.config = config or FitConfig()
+        #: gradient templates for the per-label flags (paper Eq. 4): the given ones, else the
+        #: model's own (``model.templates``, shipped beside the default model), else None (flags -1)
+        self.templates = templates if templates is not None else getattr(model, "templates", None)
         cfg = self.config
         self.dtype = np.dtype(cfg.precision)
         # whether this fit uses the model's intrinsic scatter (model.scatter, model.inflate_ivar)
@@ -534,7 +538,8 @@ class Fitter:
         ``spectra`` (e.g. ``prepared.spectra[a:b]`` for a block of :meth:`fit_blocks`)."""
         from .catalogue import build_catalogue
 
-        return build_catalogue(spectra, self.model, res, self.config, templates=templates,
+        return build_catalogue(spectra, self.model, res, self.config,
+                               templates=templates if templates is not None else self.templates,
                                model_name=self.config.model_name)
 
     def fit_arrays(self, prepared) -> FitArrays:

@@ -63,6 +63,16 @@ def vacuum_to_air(wave_vac):
 
     Wavelengths below 2000 Angstrom are returned unchanged, following the IAU
     convention that air wavelengths are only quoted above 2000 Angstrom.
+
+    Parameters
+    ----------
+    wave_vac : float or array_like
+        Vacuum wavelengths in Angstrom.
+
+    Returns
+    -------
+    numpy.ndarray
+        Air wavelengths in Angstrom (float64), same shape as ``wave_vac``.
     """
     w = np.asarray(wave_vac, dtype=np.float64)
     out = w / _refractive_index_vac(w)
@@ -75,6 +85,18 @@ def air_to_vacuum(wave_air):
     The inverse of :func:`vacuum_to_air`: a first guess from the Piskunov
     (VALD3) inverse formula, refined by one Newton step so that
     ``vacuum_to_air(air_to_vacuum(x)) == x`` to ~1e-12 relative.
+
+    Wavelengths below 2000 Angstrom are returned unchanged.
+
+    Parameters
+    ----------
+    wave_air : float or array_like
+        Air wavelengths in Angstrom.
+
+    Returns
+    -------
+    numpy.ndarray
+        Vacuum wavelengths in Angstrom (float64), same shape as ``wave_air``.
     """
     w = np.asarray(wave_air, dtype=np.float64)
     s2 = (1e4 / w) ** 2
@@ -93,17 +115,60 @@ def air_to_vacuum(wave_air):
 
 
 def log_linear_grid(coeff0: float, coeff1: float, npix: int) -> np.ndarray:
-    """Pixel-centre wavelengths of a grid with ``log10 lambda = coeff0 + coeff1 * i``."""
+    """Pixel-centre wavelengths of a grid with ``log10 lambda = coeff0 + coeff1 * i``.
+
+    Parameters
+    ----------
+    coeff0 : float
+        log10 of the first pixel-centre wavelength (Angstrom).
+    coeff1 : float
+        Step in log10(wavelength) per pixel (dex).
+    npix : int
+        Number of pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        Wavelengths in Angstrom, shape (npix,), in the frame the coefficients describe.
+    """
     return 10.0 ** (coeff0 + coeff1 * np.arange(npix, dtype=np.float64))
 
 
 def linear_grid(crval: float, cdelt: float, npix: int, crpix: float = 1.0) -> np.ndarray:
-    """Pixel-centre wavelengths of a linear FITS axis (1-based ``crpix``)."""
+    """Pixel-centre wavelengths of a linear FITS axis (1-based ``crpix``).
+
+    Parameters
+    ----------
+    crval : float
+        Wavelength at reference pixel ``crpix`` (Angstrom; FITS ``CRVAL``).
+    cdelt : float
+        Step per pixel in Angstrom (FITS ``CDELT``/``CD``).
+    npix : int
+        Number of pixels.
+    crpix : float, optional
+        1-based reference pixel (FITS ``CRPIX``), default 1.
+
+    Returns
+    -------
+    numpy.ndarray
+        Wavelengths in Angstrom, shape (npix,).
+    """
     return crval + cdelt * (np.arange(npix, dtype=np.float64) + 1.0 - crpix)
 
 
 def lamost_wavelength(npix: int = LAMOST_NPIX) -> np.ndarray:
-    """The LAMOST low-resolution vacuum grid (3909 px by default)."""
+    """The LAMOST low-resolution vacuum grid (3909 px by default).
+
+    Parameters
+    ----------
+    npix : int, optional
+        Number of pixels from the start of the grid, default ``LAMOST_NPIX`` (3909).
+
+    Returns
+    -------
+    numpy.ndarray
+        Vacuum wavelengths in Angstrom, shape (npix,), 69.0 km/s per pixel.
+    """
     return log_linear_grid(LAMOST_COEFF0, LAMOST_COEFF1, npix)
 
 
@@ -112,6 +177,21 @@ def bin_edges(centres) -> np.ndarray:
 
     For a log-linear grid the mid-points are arithmetic, which differs from the
     geometric mid-point by < 1e-9 relative for LAMOST's 1e-4 dex steps.
+
+    Parameters
+    ----------
+    centres : array_like
+        Pixel-centre wavelengths in Angstrom, shape (n_pix,), strictly increasing, n_pix >= 2.
+
+    Returns
+    -------
+    numpy.ndarray
+        Edges in Angstrom, shape (n_pix + 1,).
+
+    Raises
+    ------
+    ValueError
+        If ``centres`` is not 1-D with at least two values, or not strictly increasing.
     """
     c = np.asarray(centres, dtype=np.float64)
     if c.ndim != 1 or c.size < 2:

@@ -22,6 +22,20 @@ def group_sets(sets):
 
     Order of spectra is preserved within each group; groups appear in the
     order of their first member.
+
+    Two sets join a group when their wavelength arrays are identical (byte for byte), and they share
+    the frame, the LSF description and ``synthetic_errors``.  Inputs are not modified; a group of
+    one is returned as the same object.
+
+    Parameters
+    ----------
+    sets : iterable of SpectrumSet
+        The sets to merge.
+
+    Returns
+    -------
+    list of SpectrumSet
+        One set per group; ``bad`` is all-False for members that had none, when any member has one.
     """
     groups: dict = {}
     for s in sets:

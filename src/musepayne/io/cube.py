@@ -32,6 +32,35 @@ class MuseCube:
 
     Layers that are entirely NaN in DATA are listed in ``nan_layers()``;
     readers of blocks get NaN there and should treat them as flagged.
+
+    Parameters
+    ----------
+    path : str
+        The cube file (FITS, ESO layout: ``DATA`` and ``STAT`` extensions, optional ``DQ``).
+    allow_missing_stat : bool, optional
+        Accept a cube without ``STAT`` (default False); then ``stat_block`` returns None.
+
+    Attributes
+    ----------
+    wave : numpy.ndarray
+        Shape (n_layers,): wavelength of each layer in Angstrom (FITS unit converted), in ``frame``.
+    frame : str
+        ``'air'`` (CTYPE3 ``AWAV``, MUSE's) or ``'vacuum'`` (``WAVE``).
+    wcs : astropy.wcs.WCS
+        Celestial (2-D) WCS of the DATA extension.
+    shape : tuple of int
+        ``(n_layers, ny, nx)``.
+    has_stat, has_dq : bool
+        Whether the STAT and DQ extensions exist.
+    header, primary_header : astropy.io.fits.Header
+        DATA and primary headers.
+
+    Raises
+    ------
+    ReaderError
+        If there is no 3-D DATA extension with the wavelength on axis 3, no STAT (unless allowed),
+        STAT and DATA shapes differ, the wavelength step is missing/non-positive, or the
+        wavelengths are not in a plausible Angstrom range.
     """
 
     path: str
@@ -90,40 +119,131 @@ class MuseCube:
         return np.asarray(arr, dtype=np.float32)
 
     def data_block(self, i0: int, i1: int) -> np.ndarray:
-        """DATA layers ``i0:i1`` as float32 ``(n_layers, ny, nx)``."""
+        """DATA layers ``i0:i1`` as float32 ``(n_layers, ny, nx)``.
+
+        Parameters
+        ----------
+        i0, i1 : int
+            First and one-past-last layer (0-based, Python slice semantics).
+
+        Returns
+        -------
+        numpy.ndarray
+            float32, shape (i1 - i0, ny, nx), in the cube's flux unit; NaN where DATA is blank.
+
+        Raises
+        ------
+        ReaderError
+            If the layers cannot be read (e.g. a truncated file).
+        """
         return self._block("DATA", i0, i1)
 
     def stat_block(self, i0: int, i1: int) -> np.ndarray | None:
-        """STAT (variance) layers ``i0:i1`` as float32, or None without STAT."""
+        """STAT (variance) layers ``i0:i1`` as float32, or None without STAT.
+
+        Parameters
+        ----------
+        i0, i1 : int
+            First and one-past-last layer (0-based).
+
+        Returns
+        -------
+        numpy.ndarray or None
+            float32, shape (i1 - i0, ny, nx), in flux units squared.
+
+        Raises
+        ------
+        ReaderError
+            If the layers cannot be read (e.g. a truncated file).
+        """
         return self._block("STAT", i0, i1) if self.has_stat else None
 
     def dq_block(self, i0: int, i1: int) -> np.ndarray | None:
+        """DQ (data-quality bit mask) layers ``i0:i1``, or None without DQ.
+
+        Parameters
+        ----------
+        i0, i1 : int
+            First and one-past-last layer (0-based).
+
+        Returns
+        -------
+        numpy.ndarray or None
+            Shape (i1 - i0, ny, nx), in the DQ extension's integer dtype.
+        """
         if not self.has_dq:
             return None
         return np.asarray(self._hdul["DQ"].section[i0:i1])
 
     def spectrum(self, x: int, y: int):
-        """DATA and STAT spectrum of one spaxel (0-based x, y), float32."""
+        """DATA and STAT spectrum of one spaxel (0-based x, y), float32.
+
+        Parameters
+        ----------
+        x, y : int
+            0-based column (FITS axis 1) and row (FITS axis 2) of the spaxel.
+
+        Returns
+        -------
+        data : numpy.ndarray
+            float32, shape (n_layers,).
+        stat : numpy.ndarray or None
+            float32 variance, shape (n_layers,), None without STAT.
+        """
         d = np.asarray(self._hdul["DATA"].section[:, y, x], dtype=np.float32)
         s = np.asarray(self._hdul["STAT"].section[:, y, x], dtype=np.float32) if self.has_stat else None
         return d, s
 
     def iter_blocks(self, block: int = 64):
-        """Yield ``(i0, i1, data, stat)`` over the cube in blocks of layers."""
+        """Yield ``(i0, i1, data, stat)`` over the cube in blocks of layers.
+
+        Parameters
+        ----------
+        block : int, optional
+            Layers per block (default 64); the last block may be shorter.
+
+        Yields
+        ------
+        tuple
+            ``(i0, i1, data, stat)``: layer range, float32 DATA (i1 - i0, ny, nx) and STAT of the same
+            shape or None.
+        """
         nz = self.shape[0]
         for i0 in range(0, nz, block):
             i1 = min(nz, i0 + block)
             yield i0, i1, self.data_block(i0, i1), self.stat_block(i0, i1)
 
     def nan_layers(self, block: int = 64) -> np.ndarray:
-        """Boolean per layer: True where DATA is NaN in every spaxel."""
+        """Boolean per layer: True where DATA is NaN in every spaxel.
+
+        Parameters
+        ----------
+        block : int, optional
+            Layers read at a time (default 64).
+
+        Returns
+        -------
+        numpy.ndarray
+            bool, shape (n_layers,).
+        """
         out = np.zeros(self.shape[0], bool)
         for i0, i1, d, _ in self.iter_blocks(block):
             out[i0:i1] = ~np.isfinite(d).reshape(i1 - i0, -1).any(axis=1)
         return out
 
     def white_light(self, block: int = 64) -> np.ndarray:
-        """Mean over layers of finite DATA (a white-light image), streamed."""
+        """Mean over layers of finite DATA (a white-light image), streamed.
+
+        Parameters
+        ----------
+        block : int, optional
+            Layers read at a time (default 64).
+
+        Returns
+        -------
+        numpy.ndarray
+            float64, shape (ny, nx), in the cube's flux unit; NaN where no layer is finite.
+        """
         ny, nx = self.shape[1:]
         acc = np.zeros((ny, nx))
         cnt = np.zeros((ny, nx))
@@ -135,6 +255,7 @@ class MuseCube:
             return np.where(cnt > 0, acc / cnt, np.nan)
 
     def close(self):
+        """Close the underlying FITS file (the memory maps become invalid)."""
         self._hdul.close()
 
     def __enter__(self):
@@ -145,7 +266,25 @@ class MuseCube:
 
 
 def open_cube(path, allow_missing_stat: bool = False) -> MuseCube:
-    """Open a MUSE cube lazily (see :class:`MuseCube`); malformed files raise ReaderError."""
+    """Open a MUSE cube lazily (see :class:`MuseCube`); malformed files raise ReaderError.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The cube file.
+    allow_missing_stat : bool, optional
+        Accept a cube without a STAT extension (default False).
+
+    Returns
+    -------
+    MuseCube
+        The open cube; close it (or use it as a context manager).
+
+    Raises
+    ------
+    ReaderError
+        If the file is not a readable MUSE cube (any failure to open is turned into one).
+    """
     try:
         return MuseCube(str(path), allow_missing_stat=allow_missing_stat)
     except ReaderError:

@@ -23,7 +23,28 @@ __all__ = ["atomic_path", "atomic_write_fits", "atomic_write_text", "atomic_writ
 
 @contextmanager
 def atomic_path(path, overwrite: bool = True):
-    """Context manager yielding a temporary path; renamed to ``path`` on success."""
+    """Context manager yielding a temporary path; renamed to ``path`` on success.
+
+    The temporary file is a sibling of ``path`` (same folder, so the rename is atomic) and is
+    deleted if the body raises.  Missing parent folders are created.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The final file.
+    overwrite : bool, optional
+        If False and ``path`` exists, raise instead of replacing it (default True).
+
+    Yields
+    ------
+    pathlib.Path
+        The temporary file to write (it exists, empty, with mode 0600 until renamed).
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False.
+    """
     target = Path(path)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists (use overwrite)")
@@ -46,14 +67,44 @@ def atomic_path(path, overwrite: bool = True):
 
 
 def atomic_write_fits(hdulist, path, overwrite: bool = True):
+    """Write an HDU list to ``path`` atomically (``output_verify="silentfix"``).
+
+    Parameters
+    ----------
+    hdulist : astropy.io.fits.HDUList
+        What to write.
+    path : str or os.PathLike
+        Target file.
+    overwrite : bool, optional
+        Replace an existing file (default True).
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False.
+    """
     with atomic_path(path, overwrite) as tmp:
         hdulist.writeto(tmp, overwrite=True, output_verify="silentfix")
 
 
 def table_hdu(table, name: str):
-    """A FITS binary-table HDU of ``table`` that keeps what ``Table.write`` keeps -- column
-    units, descriptions and table meta (astropy's serialized-metadata comment cards) --
-    unlike a bare ``fits.table_to_hdu``; ``Table.read(hdu)`` restores them."""
+    """A FITS binary-table HDU of ``table`` that keeps what ``Table.write`` keeps.
+
+    Column units, descriptions and table meta (astropy's serialized-metadata comment cards) are
+    kept, unlike a bare ``fits.table_to_hdu``; ``Table.read(hdu)`` restores them.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        The table.
+    name : str
+        EXTNAME of the HDU.
+
+    Returns
+    -------
+    astropy.io.fits.BinTableHDU
+        A copy detached from the in-memory file it was written to.
+    """
 
 
     buf = io.BytesIO()
@@ -66,11 +117,43 @@ def table_hdu(table, name: str):
 
 
 def atomic_write_text(text: str, path, overwrite: bool = True):
+    """Write a text file atomically.
+
+    Parameters
+    ----------
+    text : str
+        File contents.
+    path : str or os.PathLike
+        Target file.
+    overwrite : bool, optional
+        Replace an existing file (default True).
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False.
+    """
     with atomic_path(path, overwrite) as tmp:
         Path(tmp).write_text(text)
 
 
 def atomic_write_json(obj, path, overwrite: bool = True):
+    """Write ``obj`` as indented JSON (sorted keys, ``str`` for other types) atomically.
+
+    Parameters
+    ----------
+    obj : object
+        JSON-serialisable object; values json cannot encode are written as ``str(value)``.
+    path : str or os.PathLike
+        Target file.
+    overwrite : bool, optional
+        Replace an existing file (default True).
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False.
+    """
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path, overwrite)
 
 
@@ -78,9 +161,34 @@ def check_format(header, path, name: str, max_version: int, what: str, error=Val
                  version_key: str = "MPVERS", hint: str = "") -> int:
     """Check the primary ``header`` of one of the package's FITS formats and return its version.
 
-    Raises ``error`` (the reader's own exception class) unless ``MPFORMAT == name`` and the
-    format version (``version_key``) is an integer no newer than ``max_version``; ``what``
-    names the file kind in the message, ``hint`` is appended to the not-this-format message.
+    Parameters
+    ----------
+    header : astropy.io.fits.Header
+        Primary header of the file.
+    path : str or os.PathLike
+        The file (for messages only).
+    name : str
+        Expected value of the ``MPFORMAT`` card.
+    max_version : int
+        Newest format version this code reads.
+    what : str
+        Names the file kind in the messages.
+    error : type, optional
+        Exception class to raise (the reader's own), default ValueError.
+    version_key : str, optional
+        Header card holding the version (default ``MPVERS``; missing reads as 0).
+    hint : str, optional
+        Appended to the not-this-format message.
+
+    Returns
+    -------
+    int
+        The format version.
+
+    Raises
+    ------
+    error
+        Unless ``MPFORMAT == name`` and the version is an integer no newer than ``max_version``.
     """
     found = header.get("MPFORMAT")
     if found != name:
@@ -97,6 +205,20 @@ def check_format(header, path, name: str, max_version: int, what: str, error=Val
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file's bytes, read in chunks.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+    chunk : int, optional
+        Read size in bytes (default 1 MiB).
+
+    Returns
+    -------
+    str
+        64-character lower-case hex digest.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while True:

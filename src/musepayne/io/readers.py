@@ -173,7 +173,27 @@ def _check_usable(flux, var, path):
 
 # --------------------------------------------------------------------------- detection
 def detect_kind(path) -> str:
-    """Guess the kind of a spectrum file from its structure and headers."""
+    """Guess the kind of a spectrum file from its structure and headers.
+
+    MILES and STELIB are recognised by their file names (``miles_*``, ``m0001V.fits``, ``stelib*``),
+    LAMOST by a ``COADD`` extension, ``TELESCOP = LAMOST`` or a 2-D image with ``COEFF0``, MUSE by
+    ``FLUX``+``WAVE`` or ``SIGMA`` extensions, an ``AWAV`` axis or a binary table.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The spectrum file.
+
+    Returns
+    -------
+    str
+        One of :data:`KINDS`: ``'muse'``, ``'lamost'``, ``'miles'`` or ``'stelib'``.
+
+    Raises
+    ------
+    ReaderError
+        If the file is missing, not FITS, or matches none of the kinds.
+    """
     name = os.path.basename(str(path)).lower()
     if name.startswith("miles_") or re.search(r"m\d{4}v\.fits", name):
         return "miles"
@@ -199,7 +219,28 @@ def detect_kind(path) -> str:
 
 
 def read_spectra(path, kind: str | None = None, **kw) -> SpectrumSet:
-    """Read any supported spectrum file (see module docstring)."""
+    """Read any supported spectrum file (see module docstring).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The spectrum file.
+    kind : str, optional
+        One of :data:`KINDS`; guessed by :func:`detect_kind` when None.
+    **kw
+        Passed to the reader of that kind (e.g. ``lsf``, ``frame``, ``params``, ``snr``).
+
+    Returns
+    -------
+    SpectrumSet
+        The spectra, in the frame of the file (air for MUSE and the libraries, vacuum for LAMOST).
+
+    Raises
+    ------
+    ReaderError
+        For an unknown ``kind`` and for any failure to read the file (other exceptions are
+        turned into a ReaderError naming the file).
+    """
     readers = {"muse": read_muse_spectra, "lamost": read_lamost, "miles": read_miles, "stelib": read_stelib}
     if kind is not None and kind not in readers:
         raise ReaderError(f"unknown instrument/kind {kind!r}; choose one of {KINDS}")
@@ -214,7 +255,31 @@ def read_spectra(path, kind: str | None = None, **kw) -> SpectrumSet:
 
 # --------------------------------------------------------------------------- MUSE
 def read_muse_spectra(path, lsf: LSF = MUSE_LSF, frame: str | None = None) -> SpectrumSet:
-    """MUSE spectra: PampelMUSE 1-D/2-D images, extract files, or tables."""
+    """MUSE spectra: PampelMUSE 1-D/2-D images, extract files, or tables.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file: a PampelMUSE-style 1-D/2-D image with an error extension (SIGMA, ERR, STAT or
+        VAR), a binary table with wavelength, flux and error columns, or a ``musepayne extract`` file.
+    lsf : LSF, optional
+        Line-spread function to attach (default the MUSE LSF of Bacon et al. 2017).
+    frame : {'air', 'vacuum'}, optional
+        Wavelength frame; by default from CTYPE1 (``AWAV`` air, ``WAVE`` vacuum) or the table's
+        wavelength column name, falling back to air.
+
+    Returns
+    -------
+    SpectrumSet
+        One row per spectrum; wavelengths in Angstrom; variance in flux units squared.  Extract files
+        also carry the :data:`EXTRACTION_QUALITY` columns in ``meta``.
+
+    Raises
+    ------
+    ReaderError
+        If no spectrum is found, the error extension/column is missing or mis-shaped, the
+        wavelength solution is missing or log-linear, or the content is unusable.
+    """
     with _open(path, memmap=False) as h:
         names = [x.name.upper() for x in h]
         if "FLUX" in names and "WAVE" in names:
@@ -359,7 +424,29 @@ def _extraction_quality(src: Table) -> dict:
 
 # --------------------------------------------------------------------------- LAMOST
 def read_lamost(path, lsf: LSF = LAMOST_LSF) -> SpectrumSet:
-    """LAMOST low-resolution spectrum: DR1-DR8 image or DR9+ COADD table (vacuum)."""
+    """LAMOST low-resolution spectrum: DR1-DR8 image or DR9+ COADD table (vacuum).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A LAMOST DR1-DR8 (5, n_pix) image (flux, ivar, wavelength, andmask, ormask) or a DR9+ file
+        with a ``COADD`` table.
+    lsf : LSF, optional
+        Line-spread function to attach (default ``LAMOST_LSF``, R = 1800).
+
+    Returns
+    -------
+    SpectrumSet
+        One spectrum on the vacuum wavelength grid (Angstrom); variance ``1 / ivar`` (inf where
+        ivar <= 0); ``bad`` where andmask != 0 or ivar <= 0; ``meta`` adds ``lamost_z``,
+        ``lamost_snrg`` and ``file_id``.
+
+    Raises
+    ------
+    ReaderError
+        If a COADD table lacks FLUX/IVAR/WAVELENGTH, the image is not (>=3, n_pix), the flux is
+        non-finite everywhere, ivar is zero everywhere, or the wavelengths are not Angstrom.
+    """
     with _open(path, memmap=False) as h:
         names = [x.name.upper() for x in h]
         h0 = h[0].header
@@ -408,6 +495,18 @@ def library_variance(flux, snr: float = LIBRARY_SNR):
     ``var = |f| * max(f) / snr^2``: S/N = ``snr`` at the flux peak and
     proportional to sqrt(flux) elsewhere, so the ivar-weighted continuum
     behaves as for real data.  Non-positive flux gets infinite variance.
+
+    Parameters
+    ----------
+    flux : array_like
+        Flux, shape (n_pix,) or (n_spec, n_pix); the peak is taken per spectrum.
+    snr : float, optional
+        Nominal S/N per pixel at the flux peak (default ``LIBRARY_SNR`` = 1000).
+
+    Returns
+    -------
+    numpy.ndarray
+        Variance in flux units squared, shape (n_spec, n_pix) (1-D input gives one row).
     """
     f = np.atleast_2d(np.asarray(flux, dtype=np.float64))
     peak = np.nanmax(np.where(np.isfinite(f), f, np.nan), axis=1, keepdims=True)
@@ -424,6 +523,22 @@ def read_miles_params(path) -> Table:
     CaT id, spectral type, Teff, log g, [Fe/H], references.  Missing values
     ('--') become NaN.  Rows whose id is not four digits (one row in v9.1
     reads '022.') are skipped: guessing the star would risk a wrong label.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The parameter file (latin-1 text).
+
+    Returns
+    -------
+    astropy.table.Table
+        Columns ``miles_id`` (str, 4 digits), ``name`` (str), ``teff`` (K), ``logg`` (dex, cgs)
+        and ``fe_h`` (dex).
+
+    Raises
+    ------
+    ReaderError
+        If no parameter row is found.
     """
     num_re = re.compile(r"-?\d+\.\d+|--")
     rows = []
@@ -489,13 +604,61 @@ def _read_library(path, lsf, instrument, labels, sid, extra_meta=None, snr=LIBRA
 
 
 def read_miles(path, params=None, lsf: LSF = MILES_LSF, snr: float = LIBRARY_SNR) -> SpectrumSet:
-    """One MILES spectrum with its labels from ``paramsMILES_v9.1.txt``."""
+    """One MILES spectrum with its labels from ``paramsMILES_v9.1.txt``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A MILES v9.1 FITS spectrum (1-D, linear air wavelength axis).
+    params : str, os.PathLike or astropy.table.Table, optional
+        The parameter file or the table :func:`read_miles_params` made of it; by default
+        ``paramsMILES_v9.1.txt`` next to ``path`` if it exists.  Without it (or without a matching
+        row) the labels are NaN.
+    lsf : LSF, optional
+        Line-spread function (default ``MILES_LSF``, 2.5 A FWHM).
+    snr : float, optional
+        Peak S/N of the nominal variance (see :func:`library_variance`).
+
+    Returns
+    -------
+    SpectrumSet
+        One spectrum in air with ``synthetic_errors=True``; ``meta`` has ``teff`` (K), ``logg``
+        (dex), ``fe_h`` (dex) and ``name``; ``stellar_id`` is ``MILES<id>``.
+
+    Raises
+    ------
+    ReaderError
+        If the file is not a 1-D spectrum with a wavelength solution in Angstrom, or its flux is
+        non-positive or NaN everywhere.
+    """
     mid, name, labels = _miles_labels(path, params)
     return _read_library(path, lsf, "miles", labels, f"MILES{mid}", {"name": name or ""}, snr)
 
 
 def read_stelib(path, lsf: LSF = STELIB_LSF, snr: float = LIBRARY_SNR) -> SpectrumSet:
-    """One STELIB spectrum with labels from the TEFF, LOG_G, FE_H header keywords."""
+    """One STELIB spectrum with labels from the TEFF, LOG_G, FE_H header keywords.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A STELIB v3.2 FITS spectrum (1-D, linear air wavelength axis).
+    lsf : LSF, optional
+        Line-spread function (default ``STELIB_LSF``, 3.0 A FWHM).
+    snr : float, optional
+        Peak S/N of the nominal variance (see :func:`library_variance`).
+
+    Returns
+    -------
+    SpectrumSet
+        One spectrum in air with ``synthetic_errors=True``; ``meta`` has ``teff`` (K), ``logg``
+        (dex) and ``fe_h`` (dex) (NaN where the keyword is missing) and ``name``.
+
+    Raises
+    ------
+    ReaderError
+        If the file is not a 1-D spectrum with a wavelength solution in Angstrom, or its flux is
+        non-positive or NaN everywhere.
+    """
     with _open(path) as h:
         hdr = h[0].header
         labels = (_hdr_float(hdr, "TEFF"), _hdr_float(hdr, "LOG_G"), _hdr_float(hdr, "FE_H"))

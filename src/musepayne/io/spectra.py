@@ -25,16 +25,35 @@ class SpectrumSet:
 
     Attributes
     ----------
-    wave : (n_pix,) wavelength of pixel centres, Angstrom, in ``frame``
-    flux : (n_spec, n_pix) flux density (any unit)
-    variance : (n_spec, n_pix) variance of ``flux``; non-finite or <= 0 = unknown/bad
-    frame : 'air' or 'vacuum'
-    lsf : the instrument's line-spread function
-    meta : astropy Table with one row per spectrum: stellar_id, ra, dec,
-        source, instrument, and optionally labels (teff, logg, fe_h, ...)
-    bad : optional (n_spec, n_pix) bool, pixels flagged bad by the input file
-    synthetic_errors : True when the input had no errors and the reader
-        assigned nominal ones (libraries)
+    wave : numpy.ndarray
+        Shape (n_pix,), float64: wavelength of pixel centres in Angstrom, in ``frame``.
+    flux : numpy.ndarray
+        Shape (n_spec, n_pix): flux density (any unit; 1-D input is promoted to one row).
+    variance : numpy.ndarray
+        Shape (n_spec, n_pix): variance of ``flux`` in flux units squared; non-finite or <= 0 = unknown/bad.
+    frame : str
+        ``'air'`` or ``'vacuum'``: the wavelength frame of ``wave``.
+    lsf : musepayne.instrument.lsf.LSF
+        The instrument's line-spread function.
+    meta : astropy.table.Table
+        One row per spectrum: stellar_id, ra, dec (deg), source, instrument, and optionally
+        labels (teff in K, logg in dex (cgs), fe_h in dex, ...).
+    bad : numpy.ndarray or None
+        Optional (n_spec, n_pix) bool, pixels flagged bad by the input file.
+    synthetic_errors : bool
+        True when the input had no errors and the reader assigned nominal ones (libraries).
+    notes : tuple of str
+        Free-text provenance notes (e.g. that the errors are nominal, or how a spectrum was simulated).
+    n_spectra : int
+        Number of spectra (n_spec).
+    n_pix : int
+        Number of pixels (n_pix).
+
+    Raises
+    ------
+    ReaderError
+        If ``wave`` is not 1-D, the shapes of flux, variance, wave and bad disagree, ``frame`` is not
+        'air'/'vacuum', or ``meta`` has a different number of rows than ``flux``.
     """
 
     wave: np.ndarray
@@ -79,7 +98,18 @@ class SpectrumSet:
         return self.wave.size
 
     def select(self, index) -> SpectrumSet:
-        """A new set with the spectra at ``index`` (copies, never views into self)."""
+        """A new set with the spectra at ``index`` (copies, never views into self).
+
+        Parameters
+        ----------
+        index : int, array of int or array of bool
+            Which spectra to keep (any numpy index along the first axis; a scalar gives a one-row set).
+
+        Returns
+        -------
+        SpectrumSet
+            The selected spectra, same grid, frame, LSF and notes.
+        """
         idx = np.atleast_1d(np.asarray(index))
         return SpectrumSet(
             self.wave.copy(), self.flux[idx].copy(), self.variance[idx].copy(), self.frame,

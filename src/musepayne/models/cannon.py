@@ -53,7 +53,18 @@ __all__ = ["CannonConfig", "CannonModel", "design_matrix", "design_jacobian", "f
 
 
 def n_terms(n_labels: int) -> int:
-    """Number of coefficients of the quadratic model: ``1 + L + L(L+1)/2``."""
+    """Number of coefficients of the quadratic model: ``1 + L + L(L+1)/2``.
+
+    Parameters
+    ----------
+    n_labels : int
+        Number of labels L.
+
+    Returns
+    -------
+    int
+        K, the length of the design vector.
+    """
     return 1 + n_labels + n_labels * (n_labels + 1) // 2
 
 
@@ -62,7 +73,18 @@ def _pairs(n_labels):
 
 
 def design_matrix(s):
-    """Quadratic design vectors ``[1, s_i, s_i s_j (i <= j)]`` of scaled labels ``s`` (n, L) -> (n, K)."""
+    """Quadratic design vectors ``[1, s_i, s_i s_j (i <= j)]`` of scaled labels ``s`` (n, L) -> (n, K).
+
+    Parameters
+    ----------
+    s : array_like
+        Scaled (dimensionless) labels, shape (n, L) or (L,).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, shape (n, K) with K = :func:`n_terms` (L).
+    """
     s = np.atleast_2d(np.asarray(s, np.float64))
     n, L = s.shape
     cols = [np.ones(n)] + [s[:, i] for i in range(L)] + [s[:, i] * s[:, j] for i, j in _pairs(L)]
@@ -70,7 +92,18 @@ def design_matrix(s):
 
 
 def design_jacobian(s):
-    """``d X / d s``: (n, K, L) for scaled labels ``s`` (n, L)."""
+    """``d X / d s``: (n, K, L) for scaled labels ``s`` (n, L).
+
+    Parameters
+    ----------
+    s : array_like
+        Scaled labels, shape (n, L) or (L,).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, shape (n, K, L).
+    """
     s = np.atleast_2d(np.asarray(s, np.float64))
     n, L = s.shape
     J = np.zeros((n, n_terms(L), L))
@@ -88,6 +121,22 @@ def fit_coefficients(X, flux, weight, ridge=1e-10):
     ``X`` (n, K); ``flux``, ``weight`` (n, p) (weight 0 = unused).  Returns
     ``theta`` (p, K).  A tiny ridge (relative to the diagonal) keeps pixels with
     nearly degenerate designs solvable; pixels without any weight get NaN.
+
+    Parameters
+    ----------
+    X : array_like
+        Design matrix, shape (n, K).
+    flux : array_like
+        Normalised flux, shape (n, p); ignored where ``weight`` is 0.
+    weight : array_like
+        Weights (inverse variances), shape (n, p).
+    ridge : float, optional
+        Ridge relative to each diagonal element (default 1e-10).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 coefficients, shape (p, K).
     """
     X = np.asarray(X, np.float64)
     w = np.asarray(weight, np.float64)
@@ -111,6 +160,24 @@ def ml_scatter(resid, var, used, n_iter=60, s2_max=1.0):
     Solves ``sum_n [r^2/(v + s^2)^2 - 1/(v + s^2)] = 0`` over the ``used`` entries
     of each column (``resid``, ``var`` (n, p)) by bisection in ``log10 s^2`` on
     ``[1e-12, s2_max]``; 0 where the residuals are consistent with ``var`` alone.
+
+    Parameters
+    ----------
+    resid : array_like
+        Residuals of the normalised flux, shape (n, p).
+    var : array_like
+        Their variances, shape (n, p).
+    used : array_like of bool
+        Entries that enter, shape (n, p).
+    n_iter : int, optional
+        Bisection steps (default 60).
+    s2_max : float, optional
+        Upper end of the search interval for ``s^2`` (default 1, normalised-flux units squared).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``s_p^2`` per pixel, shape (p,), >= 0.
     """
     r2 = np.where(used, np.asarray(resid, np.float64) ** 2, 0.0)
     v = np.where(used, np.asarray(var, np.float64), 1.0)
@@ -137,6 +204,38 @@ class CannonModel(SpectralModel):
     ``theta`` (n_pix, K) coefficients on the scaled labels, ``scatter`` (n_pix,)
     intrinsic scatter ``s_p`` (0 when not fitted).  Masked pixels (``pixel_mask``)
     predict 1 (continuum) with zero gradient.
+
+    Parameters
+    ----------
+    theta : array_like
+        Coefficients, shape (n_pix, K); rows with a non-finite value are untrained (masked).
+    scatter : array_like or None
+        ``s_p`` per pixel (normalised-flux units), shape (n_pix,), or None (none; e.g. set later by ``load_model``).
+    label_names : sequence of str
+        Label names in order (e.g. teff, logg, fe_h).
+    x_min, x_max : array_like
+        Label box used for the scaling, physical units (K, dex), shape (n_labels,).
+    wave : array_like
+        Pixel-centre wavelengths in Angstrom, shape (n_pix,), in ``frame``.
+    frame : {'vacuum', 'air'}, optional
+        Wavelength frame (default vacuum, the LAMOST grid).
+    label_units : sequence of str, optional
+        Unit per label.
+    meta : dict, optional
+        Provenance.
+
+    Attributes
+    ----------
+    theta : numpy.ndarray
+        (n_pix, K) float64; untrained rows are (1, 0, ..., 0).
+    arch : str
+        ``"cannon"``.
+
+    Raises
+    ------
+    ValueError
+        If ``theta`` is not (n_pix, K) or ``scatter`` has the wrong length, or (ModelError) for
+        invalid names, ranges, frame or wavelengths.
     """
 
     arch = "cannon"
@@ -160,7 +259,23 @@ class CannonModel(SpectralModel):
         self.with_pixel_mask(bad)
 
     def with_pixel_mask(self, mask):
-        """Set the pixel mask (True = unusable); pixels without coefficients always stay masked."""
+        """Set the pixel mask (True = unusable); pixels without coefficients always stay masked.
+
+        Parameters
+        ----------
+        mask : array_like of bool
+            Shape (n_pix,).
+
+        Returns
+        -------
+        CannonModel
+            The model itself (modified in place).
+
+        Raises
+        ------
+        ModelError
+            If the mask has the wrong length.
+        """
         return super().with_pixel_mask(np.asarray(mask, bool).ravel() | self._untrained)
 
     def _theta(self, dtype):
@@ -171,10 +286,37 @@ class CannonModel(SpectralModel):
         return t
 
     def predict_scaled(self, s, dtype=np.float64):
+        """Normalised flux at scaled labels: ``X(s) @ theta.T``.
+
+        Parameters
+        ----------
+        s : array_like
+            Scaled labels ``(l - x_min)/(x_max - x_min) - 0.5``, shape (n, n_labels).
+        dtype : numpy dtype, optional
+            Precision of the product (default float64).
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape (n, n_pix), dimensionless.
+        """
         return design_matrix(s).astype(dtype) @ self._theta(dtype)
 
     def planar_kernel(self, s, dtype=np.float64):
-        """Flux and d flux / d s as one planar array ``(n, 1 + n_labels, n_pix)`` (the fitter's layout)."""
+        """Flux and d flux / d s as one planar array ``(n, 1 + n_labels, n_pix)`` (the fitter's layout).
+
+        Parameters
+        ----------
+        s : array_like
+            Scaled labels, shape (n, n_labels).
+        dtype : numpy dtype, optional
+            Precision of the product (default float64).
+
+        Returns
+        -------
+        numpy.ndarray
+            Plane 0 the flux, plane ``1 + l`` d flux / d s_l; shape (n, 1 + n_labels, n_pix).
+        """
         th = self._theta(dtype)  # (K, p)
         s = np.atleast_2d(np.asarray(s, np.float64))
         A = np.concatenate([design_matrix(s)[:, None, :], design_jacobian(s).transpose(0, 2, 1)], axis=1)
@@ -195,10 +337,15 @@ class CannonModel(SpectralModel):
 class CannonConfig:
     """Training settings of the quadratic Cannon.
 
-    fit_scatter: alternate least squares with the ML intrinsic scatter ``s_p``.
-    n_scatter_iter: number of (scatter, coefficients) alternations.
-    min_pixel_coverage: pixels with usable data in fewer than this fraction of the
-        training spectra are masked (the networks' rule, :class:`musepayne.train.trainer.TrainConfig`).
+    Attributes
+    ----------
+    fit_scatter : bool
+        Alternate least squares with the ML intrinsic scatter ``s_p`` (default True).
+    n_scatter_iter : int
+        Number of (scatter, coefficients) alternations (default 3; at least 1 is done).
+    min_pixel_coverage : float
+        Pixels with usable data in fewer than this fraction of the training spectra are masked
+        (default 0.5; the networks' rule, :class:`musepayne.train.trainer.TrainConfig`).
     """
 
     fit_scatter: bool = True
@@ -212,6 +359,37 @@ def train_cannon(flux, ivar, labels, label_names, wave, config: CannonConfig | N
 
     Pixels with ``ivar <= 0`` or non-finite values are ignored.  The inputs are
     not modified.  ``meta`` records the recipe and per-pixel scatter statistics.
+
+    Parameters
+    ----------
+    flux : array_like
+        Normalised training flux, shape (n, n_pix).
+    ivar : array_like
+        Its inverse variance, shape (n, n_pix).
+    labels : array_like
+        Training labels, shape (n, L), physical units (K, dex), finite.
+    label_names : sequence of str
+        Names of the L labels.
+    wave : array_like
+        Pixel-centre wavelengths in Angstrom, shape (n_pix,), in ``frame``.
+    config : CannonConfig, optional
+        Training settings (default ``CannonConfig()``).
+    frame : {'vacuum', 'air'}, optional
+        Wavelength frame of ``wave``.
+    x_min, x_max : array_like, optional
+        Label box for the scaling (default the training labels' range).
+    label_units : sequence of str, optional
+        Unit per label.
+
+    Returns
+    -------
+    CannonModel
+        The trained model, ``scatter`` = ``s_p`` per pixel.
+
+    Raises
+    ------
+    ValueError
+        If the shapes disagree, a label is not finite, or a label has no range.
     """
     cfg = config or CannonConfig()
     f = np.asarray(flux, np.float64)

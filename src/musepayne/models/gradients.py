@@ -110,7 +110,13 @@ DEFAULT_DELTA = {"teff": 25.0, "logg": 0.05, "fe_h": 0.05}
 
 
 def default_emulator_path() -> Path:
-    """``$MUSEPAYNE_EMULATOR`` if set, else ``../shared/data/synthetic/...npz``."""
+    """``$MUSEPAYNE_EMULATOR`` if set, else ``../shared/data/synthetic/...npz``.
+
+    Returns
+    -------
+    pathlib.Path
+        The emulator file (not checked for existence; relative paths are to the current directory).
+    """
     env = os.environ.get(EMULATOR_ENV)
     return Path(env) if env else DEFAULT_EMULATOR
 
@@ -122,6 +128,27 @@ class CannonEmulator:
 
     ``flux = theta @ v``, ``v_i = prod_j x_j ** exponents[i, j]``,
     ``x = (labels - fiducials) / scales``.
+
+    Attributes
+    ----------
+    wave : numpy.ndarray
+        (n_pix,) wavelengths in Angstrom, in ``frame``.
+    theta : numpy.ndarray
+        (n_pix, n_terms) coefficients.
+    exponents : numpy.ndarray
+        (n_terms, n_labels) int exponents.
+    fiducials, scales : numpy.ndarray
+        (n_labels,) label offsets and scales, physical units (K, dex).
+    label_names : tuple of str
+        musepayne label names (teff, logg, fe_h).
+    frame : str
+        'air' or 'vacuum'.
+    training_labels : numpy.ndarray or None
+        (n_train, n_labels) labels of the emulator's training grid.
+    source : str
+        File it was loaded from.
+    sha256 : str
+        sha256 hex digest of that file.
     """
 
     wave: np.ndarray  # (n_pix,), in ``frame``
@@ -137,6 +164,26 @@ class CannonEmulator:
 
     @classmethod
     def load(cls, path) -> CannonEmulator:
+        """Load an emulator from its ``.npz`` file (no pickle).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The file (arrays ``theta``, ``exponents``, ``fiducials``, ``scales``, ``label_names`` and
+            ``wavelength_air`` or ``wavelength``; optional ``training_labels``).
+
+        Returns
+        -------
+        CannonEmulator
+            The emulator.
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` is not a file.
+        ReaderError
+            If an array is missing or the shapes are inconsistent.
+        """
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(
@@ -165,16 +212,64 @@ class CannonEmulator:
         return (lab - self.fiducials) / self.scales
 
     def design(self, labels):
-        """The polynomial terms ``v`` (n, n_terms)."""
+        """The polynomial terms ``v`` (n, n_terms).
+
+        Parameters
+        ----------
+        labels : array_like
+            Shape (n, n_labels) or (n_labels,), in the order of ``label_names``, physical units.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape (n, n_terms).
+
+        Raises
+        ------
+        ValueError
+            If ``labels`` has the wrong number of columns.
+        """
         x = self._x(labels)
         return np.prod(x[:, None, :] ** self.exponents[None, :, :], axis=2)
 
     def flux(self, labels):
-        """Normalised model flux (n, n_pix) on :attr:`wave`."""
+        """Normalised model flux (n, n_pix) on :attr:`wave`.
+
+        Parameters
+        ----------
+        labels : array_like
+            Shape (n, n_labels) or (n_labels,), physical units.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape (n, n_pix), dimensionless.
+
+        Raises
+        ------
+        ValueError
+            If ``labels`` has the wrong number of columns.
+        """
         return self.design(labels) @ self.theta.T
 
     def jacobian(self, labels):
-        """Analytic ``d flux / d label`` (n, n_labels, n_pix), per physical unit."""
+        """Analytic ``d flux / d label`` (n, n_labels, n_pix), per physical unit.
+
+        Parameters
+        ----------
+        labels : array_like
+            Shape (n, n_labels) or (n_labels,), physical units.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape (n, n_labels, n_pix): per K for Teff, per dex for logg and [Fe/H].
+
+        Raises
+        ------
+        ValueError
+            If ``labels`` has the wrong number of columns.
+        """
         x = self._x(labels)
         e = self.exponents
         n, nl = x.shape
@@ -193,6 +288,21 @@ def eq4_distance(labels_a: dict, labels_b: dict):
     """Paper Eq. 4 distance between label sets (dicts of arrays, broadcastable).
 
     Only the labels of :data:`EQ4_SCALES` present in both are used.
+
+    Parameters
+    ----------
+    labels_a, labels_b : dict of str to array_like
+        Labels by name: ``teff`` in K, ``logg`` and ``fe_h`` in dex.
+
+    Returns
+    -------
+    numpy.ndarray
+        Dimensionless distance, broadcast shape of the inputs.
+
+    Raises
+    ------
+    ValueError
+        If no Eq. 4 label is in both.
     """
     d2 = 0.0
     used = 0
@@ -211,6 +321,18 @@ def pearson_rows(a, b, use=None):
     ``a``, ``b``: (n, n_pix); ``use``: (n_pix,) or (n, n_pix) bool.  Pixels
     where either is non-finite are skipped.  Rows with < 3 pixels or zero
     variance give NaN.
+
+    Parameters
+    ----------
+    a, b : array_like
+        Shape (n, n_pix) (or (n_pix,)).
+    use : array_like of bool, optional
+        Pixels to use, (n_pix,) or (n, n_pix).
+
+    Returns
+    -------
+    numpy.ndarray
+        Correlation per row, shape (n,), in [-1, 1] or NaN.
     """
     a = np.atleast_2d(np.asarray(a, np.float64))
     b = np.atleast_2d(np.asarray(b, np.float64))
@@ -237,14 +359,32 @@ class GradientTemplates:
 
     Attributes
     ----------
-    wave : (n_pix,) pixel centres (A) in ``frame``
-    grad : (n_ref, n_labels, n_pix) d f / d label per physical unit (NaN = undefined)
-    ref_labels : Table, one row per reference star (teff, logg, fe_h, ...)
-    label_names : names of the gradient labels (axis 1 of ``grad``)
-    label_units, delta : per gradient label
-    usable : (n_pix,) bool, pixels entering correlations
-    frame : 'vacuum' or 'air'
-    meta : provenance (target LSF, continuum width, source emulator, ...)
+    wave : numpy.ndarray
+        (n_pix,) pixel centres (Angstrom) in ``frame``.
+    grad : numpy.ndarray
+        (n_ref, n_labels, n_pix) d f / d label per physical unit (per K, per dex); NaN = undefined.
+    ref_labels : astropy.table.Table
+        One row per reference star (teff in K, logg, fe_h in dex, ...).
+    label_names : tuple of str
+        Names of the gradient labels (axis 1 of ``grad``).
+    label_units : tuple of str
+        Unit per gradient label (default K for teff, dex otherwise).
+    delta : tuple of float
+        Finite-difference half step per gradient label (NaN when unknown).
+    usable : numpy.ndarray
+        (n_pix,) bool, pixels entering correlations (default: defined for some template).
+    frame : str
+        'vacuum' or 'air'.
+    meta : dict
+        Provenance (target LSF, continuum width, source emulator, ...).
+    n_ref : int
+        Number of reference stars.
+
+    Raises
+    ------
+    ValueError
+        If ``grad`` is not (n_ref, n_labels, n_pix), ``ref_labels`` has another number of rows, or
+        lacks teff, logg or fe_h.
     """
 
     wave: np.ndarray
@@ -287,6 +427,20 @@ class GradientTemplates:
         ``labels`` is (n, k) in the order of ``label_names`` (or a Table /
         dict with those columns); only Teff, logg, [Fe/H] enter the distance.
         Returns ``(index (n,), distance (n,))``.
+
+        Parameters
+        ----------
+        labels : array_like, astropy.table.Table or dict
+            Shape (n, k) in the order of ``label_names``, or columns by name (K, dex).
+        label_names : sequence of str, optional
+            Column order of an array ``labels`` (default teff, logg, fe_h).
+
+        Returns
+        -------
+        index : numpy.ndarray
+            int, shape (n,), rows of ``ref_labels``.
+        distance : numpy.ndarray
+            Eq. 4 distance (dimensionless), shape (n,); inf where the labels are not finite.
         """
         if isinstance(labels, (Table, dict)):
             lab = {k: np.atleast_1d(np.asarray(labels[k], float)) for k in EQ4_SCALES if k in labels}
@@ -300,7 +454,25 @@ class GradientTemplates:
         return idx, d[np.arange(d.shape[0]), idx]
 
     def gradient(self, label: str, index):
-        """Template gradient spectra (len(index), n_pix) of one label."""
+        """Template gradient spectra (len(index), n_pix) of one label.
+
+        Parameters
+        ----------
+        label : str
+            A gradient label name.
+        index : int or array_like of int
+            Reference-star rows.
+
+        Returns
+        -------
+        numpy.ndarray
+            float64, per physical unit of the label.
+
+        Raises
+        ------
+        ValueError
+            If ``label`` has no template.
+        """
         j = self.label_names.index(label)
         return self.grad[np.asarray(index), j, :].astype(np.float64)
 
@@ -310,6 +482,27 @@ class GradientTemplates:
         ``jac``: (n, n_pix, n_labels) on this template grid; ``labels``: (n,
         n_labels) in the order ``label_names``.  Returns (n, n_labels) with
         NaN for labels without a template.
+
+        Parameters
+        ----------
+        jac : array_like
+            d flux / d label per physical unit, shape (n, n_pix, n_labels).
+        labels : array_like
+            Label values, shape (n, n_labels), physical units.
+        label_names : sequence of str
+            Names of the n_labels columns.
+        use : array_like of bool, optional
+            (n_pix,) pixels allowed besides ``usable``.
+
+        Returns
+        -------
+        numpy.ndarray
+            Pearson correlations, shape (n, n_labels).
+
+        Raises
+        ------
+        ValueError
+            If ``jac`` is not on the template grid.
         """
         jac = np.asarray(jac, np.float64)
         lab = np.atleast_2d(np.asarray(labels, float))
@@ -335,6 +528,23 @@ class GradientTemplates:
         in the model's ``pixel_mask``)
         of the model's Jacobian column with the nearest reference star's
         template; NaN where the label has no template.
+
+        Parameters
+        ----------
+        model : SpectralModel
+            The model.
+        labels : array_like
+            Labels, shape (n, n_model_labels), physical units.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape (n, n_model_labels).
+
+        Raises
+        ------
+        ValueError
+            If the model's wavelength grid or frame differs from the templates'.
         """
         mw = np.asarray(model.wave, np.float64)
         if mw.shape != self.wave.shape or not np.allclose(mw, self.wave, rtol=1e-9, atol=0):
@@ -355,6 +565,21 @@ class GradientTemplates:
 
         Gradients outside are set to 0 (they never enter a correlation), which makes a
         compressed file small; correlations over the kept pixels are unchanged.
+
+        Parameters
+        ----------
+        use : array_like of bool
+            Shape (n_pix,).
+
+        Returns
+        -------
+        GradientTemplates
+            The copy (``grad`` float32).
+
+        Raises
+        ------
+        ValueError
+            If ``use`` has the wrong length.
         """
         use = np.asarray(use, bool) & self.usable
         if use.shape != self.wave.shape:
@@ -364,9 +589,22 @@ class GradientTemplates:
 
     # ------------------------------------------------------------------ I/O
     def to_hdulist(self, compress: bool = False) -> fits.HDUList:
-        """FITS form; ``compress`` stores GRAD as int16 (per reference star and label scaled to
+        """FITS form of the templates (the module docstring's format).
+
+        ``compress`` stores GRAD as int16 (per reference star and label scaled to
         +-32767 of its largest |gradient|, relative precision 3e-5; -32768 marks NaN) in a
-        Rice-compressed image, with the scales in ``GRADSCL``."""
+        Rice-compressed image, with the scales in ``GRADSCL``.
+
+        Parameters
+        ----------
+        compress : bool, optional
+            Default False (GRAD as float32).
+
+        Returns
+        -------
+        astropy.io.fits.HDUList
+            PRIMARY, WAVE, USABLE, GRAD, [GRADSCL,] REFSTARS, LABELS.
+        """
         ph = fits.Header()
         ph["MPFORMAT"] = (FORMAT_NAME, "musepayne gradient templates")
         ph["MPVERS"] = (FORMAT_VERSION, "format version")
@@ -403,11 +641,43 @@ class GradientTemplates:
         return fits.HDUList([fits.PrimaryHDU(header=ph), hw, hu, hg, *extra, rt, lt])
 
     def save(self, path, overwrite: bool = True, compress: bool = False):
-        """Write atomically (``compress``: see :meth:`to_hdulist`)."""
+        """Write atomically (``compress``: see :meth:`to_hdulist`).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Output FITS file.
+        overwrite : bool, optional
+            Replace an existing file (default True).
+        compress : bool, optional
+            int16 + Rice compression of GRAD (default False).
+
+        Raises
+        ------
+        FileExistsError
+            If ``path`` exists and ``overwrite`` is False.
+        """
         atomic_write_fits(self.to_hdulist(compress), path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path) -> GradientTemplates:
+        """Read templates written by :meth:`save` (plain or compressed).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The FITS file.
+
+        Returns
+        -------
+        GradientTemplates
+            The templates; header cards other than the format cards become ``meta`` (lower-case keys).
+
+        Raises
+        ------
+        ReaderError
+            If the file is not a musepayne gradient-template file of a supported version, or cannot be read.
+        """
         try:
             with fits.open(path, memmap=False) as h:
                 ph = h[0].header
@@ -442,6 +712,24 @@ def reference_grid(emulator: CannonEmulator | None = None, teff=(4000.0, 7000.0,
     than ``support`` (Teff, logg, [Fe/H], in a max-norm) from every training
     label are dropped, so no template is an extrapolation of the emulator
     (e.g. Teff > 6000 K giants, absent from its synthetic grid).
+
+    Parameters
+    ----------
+    emulator : CannonEmulator, optional
+        Drop grid points outside its training labels' support.
+    teff : tuple of (float, float, float), optional
+        (lo, hi, step) in K (default 4000-7000 by 250).
+    logg : tuple of (float, float, float), optional
+        (lo, hi, step) in dex (default 1-5 by 0.5).
+    fe_h : tuple of (float, float, float), optional
+        (lo, hi, step) in dex (default -2.5-0.5 by 0.5).
+    support : tuple of (float, float, float), optional
+        Max-norm support radius in (K, dex, dex) (default (250, 0.5, 0.5)).
+
+    Returns
+    -------
+    astropy.table.Table
+        Columns ``teff`` (K), ``logg`` and ``fe_h`` (dex).
     """
     axes = [np.arange(lo, hi + 0.5 * st, st) for lo, hi, st in (teff, logg, fe_h)]
     T, G, F = (a.ravel() for a in np.meshgrid(*axes, indexing="ij"))
@@ -466,14 +754,38 @@ def build_templates(emulator, ref_labels: Table | None = None, wave=None, target
 
     Parameters
     ----------
-    emulator : :class:`CannonEmulator` or path to its ``.npz``
-    ref_labels : reference stars (default :func:`reference_grid`)
-    wave : model grid (vacuum; default the 3909-px LAMOST grid)
-    target_lsf : resolution of the model (default LAMOST R = 1800)
-    continuum_width : pseudo-continuum sigma (A), as in ``prepare``
-    delta : finite-difference half steps per label (default 25 K, 0.05, 0.05 dex)
-    input_fwhm : FWHM (A) of the emulator's own LSF (~0: unconvolved)
-    progress : optional callable ``progress(n_done, n_total)``
+    emulator : CannonEmulator or str or os.PathLike
+        The emulator or the path to its ``.npz``.
+    ref_labels : astropy.table.Table, optional
+        Reference stars with the emulator's labels (default :func:`reference_grid`).
+    wave : array_like, optional
+        Model grid, vacuum Angstrom (default the 3909-px LAMOST grid).
+    target_lsf : LSF or str, optional
+        Resolution of the model (default LAMOST R = 1800).
+    continuum_width : float, optional
+        Pseudo-continuum sigma in Angstrom, as in ``prepare`` (default 50).
+    delta : dict of str to float, optional
+        Finite-difference half steps per label (default 25 K, 0.05 dex, 0.05 dex).
+    input_fwhm : float, optional
+        FWHM in Angstrom of the emulator's own LSF (~0: unconvolved).
+    batch : int, optional
+        Reference stars per batch (default 64).
+    progress : callable, optional
+        ``progress(n_done, n_total)``.
+
+    Returns
+    -------
+    GradientTemplates
+        Gradients per physical unit on ``wave`` (vacuum), with provenance in ``meta``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the emulator file does not exist.
+    ReaderError
+        If the emulator file is malformed.
+    ValueError
+        For an invalid LSF spec or grid.
     """
     emu = emulator if isinstance(emulator, CannonEmulator) else CannonEmulator.load(emulator)
     lsf_t = lsf_from_spec(target_lsf)

@@ -53,7 +53,9 @@ from astropy.table import Table
 
 from .. import __version__
 from ..io.fits import atomic_write_fits, check_format
+from ..io.spectra import ReaderError
 from .benchcal import BenchmarkCalibration
+from .gradients import GradientTemplates
 
 __all__ = [
     "SpectralModel",
@@ -164,6 +166,10 @@ class SpectralModel:
         self.scatter = np.zeros(self.wave.size)
         #: :class:`musepayne.models.benchcal.BenchmarkCalibration` or None (fits then give the model's labels)
         self.benchmark_calibration = None
+        #: :class:`musepayne.models.gradients.GradientTemplates` or None: the theoretical gradient
+        #: spectra fits compare the model's Jacobian with for the per-label flags (paper Eq. 4);
+        #: :func:`load_model` reads them from ``<model>.templates.fits`` beside the model file
+        self.templates = None
 
     def with_pixel_mask(self, mask) -> SpectralModel:
         """Set the model's pixel mask (True = unusable) and return the model."""
@@ -539,7 +545,25 @@ def load_model(path) -> SpectralModel:
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{path}: cannot read model ({type(exc).__name__}: {exc})") from None
     model.path = str(path)
+    model.templates = _sibling_templates(path)
     return model
+
+
+def templates_path(model_path) -> Path:
+    """Where a model's own gradient templates live: ``<stem>.templates.fits`` beside the model file."""
+    p = Path(model_path)
+    return p.with_name(p.name[: -len(".fits")] + ".templates.fits" if p.name.endswith(".fits") else p.name + ".templates.fits")
+
+
+def _sibling_templates(path):
+    """The gradient templates shipped beside a model file, or None."""
+    tp = templates_path(path)
+    if not tp.is_file():
+        return None
+    try:
+        return GradientTemplates.load(tp)
+    except ReaderError as exc:
+        raise ModelError(f"{tp}: the model's gradient templates are unreadable ({exc})") from None
 
 
 def _read_wavelength(path) -> np.ndarray:

@@ -57,7 +57,31 @@ def _in_ranges(wave, ranges):
 
 
 def mode_mask(wave, mode: str = "standard", ao_notch: str | None = None, user_ranges=()) -> np.ndarray:
-    """Bit mask (int32) of the fixed wavelength masks of a mode on a vacuum grid."""
+    """Bit mask (int32) of the fixed wavelength masks of a mode on a vacuum grid.
+
+    Parameters
+    ----------
+    wave : array_like
+        Vacuum wavelengths in Angstrom (any shape).
+    mode : {'standard', 'bulge'}, optional
+        Observing mode (default 'standard'): standard sets TELLURIC (:data:`TELLURIC_STANDARD`) and
+        DICHROIC; bulge sets TELLURIC (:data:`TELLURIC_BULGE`) and BLUE_CUTOFF (< 5991 A).  Both set
+        RED_CUTOFF above 8750 A.
+    ao_notch : {'WFM-AO-N', 'WFM-AO-E', 'NFM'}, optional
+        MUSE AO mode whose NaD notch (air ranges converted to vacuum) gets AO_NOTCH; case-insensitive.
+    user_ranges : sequence of (float, float), optional
+        Extra (lo, hi) vacuum ranges in Angstrom, inclusive, flagged USER_MASK.
+
+    Returns
+    -------
+    numpy.ndarray
+        int32 bit mask of the shape of ``wave`` (bits from :mod:`musepayne.flags`).
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``mode`` or ``ao_notch``.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     w = np.asarray(wave, dtype=np.float64)
@@ -91,6 +115,30 @@ def clean_sky_residuals(flux, variance, bad=None, nsigma: float = 5.0, window: i
 
     Works on a batch ``(n_spec, n_pix)`` on the *native* grid; returns new
     arrays ``(flux, variance, replaced)`` and never modifies the inputs.
+
+    Parameters
+    ----------
+    flux : array_like
+        Flux, shape (n_spec, n_pix) or (n_pix,), native grid.
+    variance : array_like
+        Variance of ``flux``, same shape; non-finite or <= 0 marks a pixel invalid.
+    bad : array_like of bool, optional
+        Extra invalid pixels, same shape.
+    nsigma : float, optional
+        Detection threshold in units of the error (default 5).
+    window : int, optional
+        Running-median width in pixels (default 21).
+    grow : int, optional
+        Pixels added on each side of a detection (default 1).
+
+    Returns
+    -------
+    flux : numpy.ndarray
+        float64 (n_spec, n_pix), detected pixels replaced.
+    variance : numpy.ndarray
+        float64 (n_spec, n_pix), detected pixels replaced.
+    replaced : numpy.ndarray
+        bool (n_spec, n_pix), the pixels detected (after growing).
     """
     f = np.array(np.atleast_2d(flux), dtype=np.float64)
     v = np.array(np.atleast_2d(variance), dtype=np.float64)

@@ -36,17 +36,32 @@ MIN_SUPPORT = 0.05
 class ContinuumNormalizer:
     """Pseudo-continuum on a fixed wavelength grid, applied to batches.
 
+    Calling the instance, ``nz(flux, ivar)``, normalises a batch and returns
+    ``(flux_norm, ivar_norm, cont, defined)``.
+
     Parameters
     ----------
-    wave : 1-D array, the grid (A)
-    width : Gaussian sigma in A (50 A, as T17/X19)
-    exact : use the dense ``n_pix x n_pix`` weight matrix instead of nodes
-    node_spacing : node spacing in A for the fast path (default ``width / 5``)
-    support : optional boolean array over ``wave``; only these pixels enter the
-        continuum and only there is it evaluated (NaN elsewhere).  Restricting
-        the work to the pixels that matter is the main speed lever.
-    dtype : float type of the matrix products (float32 by default: the sums
-        carry relative errors ~1e-7, far below the noise of any spectrum)
+    wave : array_like
+        The grid, shape (n_pix,), Angstrom (any frame), at least two pixels.
+    width : float, optional
+        Gaussian sigma of the kernel in Angstrom (50 A, as T17/X19).
+    exact : bool, optional
+        Use the dense ``n_pix x n_pix`` weight matrix instead of nodes (default False).
+    node_spacing : float, optional
+        Node spacing in Angstrom for the fast path (default ``width / 5``).
+    support : array_like of bool, optional
+        Boolean array over ``wave``; only these pixels enter the continuum and only there is
+        it evaluated (NaN elsewhere).  Restricting the work to the pixels that matter is the
+        main speed lever.  Default: every pixel.
+    dtype : type, optional
+        Float type of the matrix products (float32 by default: the sums carry relative
+        errors ~1e-7, far below the noise of any spectrum).
+
+    Raises
+    ------
+    ValueError
+        If ``wave`` is not 1-D with at least two values, ``width`` is not positive, or ``support``
+        does not match ``wave`` or selects no pixel.
     """
 
     wave: np.ndarray
@@ -102,6 +117,25 @@ class ContinuumNormalizer:
         Returns ``(cont, defined)``: ``defined`` is False where the weighted
         support ``D_i / (max(ivar) * sum_j w_ij)`` is below 5 %, i.e. where
         no valid pixel lies within ~2.5 kernel widths.  ``cont`` is NaN there.
+
+        Parameters
+        ----------
+        flux : array_like
+            Flux, shape (n_spec, n_pix) or (n_pix,), any unit.
+        ivar : array_like
+            Inverse variance of ``flux``, same shape; non-finite or <= 0 keeps a pixel out.
+
+        Returns
+        -------
+        cont : numpy.ndarray
+            float64 (n_spec, n_pix), in the unit of ``flux``; NaN where not defined or outside ``support``.
+        defined : numpy.ndarray
+            bool (n_spec, n_pix).
+
+        Raises
+        ------
+        ValueError
+            If ``flux`` and ``ivar`` do not both have shape (n_spec, n_pix).
         """
         f = np.atleast_2d(np.asarray(flux, dtype=np.float64))
         iv = np.atleast_2d(np.asarray(ivar, dtype=np.float64))
@@ -149,6 +183,33 @@ def normalize(wave, flux, ivar, width: float = DEFAULT_WIDTH, exact: bool = Fals
     """Convenience wrapper: normalise one or many spectra on ``wave``.
 
     Returns ``(flux_norm, ivar_norm, cont)`` with the batch shape of the input.
+
+    Parameters
+    ----------
+    wave : array_like
+        Wavelengths in Angstrom, shape (n_pix,).
+    flux : array_like
+        Flux, shape (n_pix,) or (n_spec, n_pix).
+    ivar : array_like
+        Inverse variance of ``flux``, same shape.
+    width : float, optional
+        Kernel sigma in Angstrom (default 50).
+    exact : bool, optional
+        Dense weights instead of nodes (default False).
+
+    Returns
+    -------
+    flux_norm : numpy.ndarray
+        ``flux / cont`` (dimensionless), NaN where the continuum is not defined.
+    ivar_norm : numpy.ndarray
+        ``ivar * cont**2``, 0 where the continuum is not defined.
+    cont : numpy.ndarray
+        Pseudo-continuum in the unit of ``flux``.
+
+    Raises
+    ------
+    ValueError
+        As :class:`ContinuumNormalizer` and :meth:`ContinuumNormalizer.continuum`.
     """
     f = np.asarray(flux, dtype=np.float64)
     nz = ContinuumNormalizer(np.asarray(wave), width=width, exact=exact)

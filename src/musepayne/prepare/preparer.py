@@ -58,20 +58,40 @@ class PrepareConfig:
 
     Attributes
     ----------
-    mode : 'standard' or 'bulge' (paper S4.2.1)
-    ao_notch : None, 'WFM-AO-N', 'WFM-AO-E' or 'NFM'
-    target_lsf : LSF of the model grid (default LAMOST, R = 1800), or a spec string
-    grid : (coeff0, coeff1, npix) of the log-linear vacuum model grid
-    continuum_width : sigma of the pseudo-continuum kernel in A (50)
-    sky_clean : replace sky-emission residuals; None = only in bulge mode
-    sky_nsigma : detection threshold for sky residuals
-    user_mask : extra (lo, hi) vacuum ranges to mask
-    min_coverage : fraction of unmasked model pixels below which status is low_coverage
-    continuum_range : (lo, hi) vacuum A; only pixels inside enter the pseudo-continuum
+    mode : str
+        'standard' or 'bulge' (paper S4.2.1).
+    ao_notch : str or None
+        None, 'WFM-AO-N', 'WFM-AO-E' or 'NFM'.
+    target_lsf : LSF
+        LSF of the model grid (default LAMOST, R = 1800); a spec string is converted with
+        :func:`~musepayne.instrument.lsf.lsf_from_spec`.
+    grid : tuple
+        (coeff0, coeff1, npix) of the log-linear vacuum model grid: log10 of the first wavelength
+        in Angstrom, step in dex, number of pixels (default LAMOST's).
+    continuum_width : float
+        Sigma of the pseudo-continuum kernel in Angstrom (50).
+    sky_clean : bool or None
+        Replace sky-emission residuals; None = only in bulge mode.
+    sky_nsigma : float
+        Detection threshold for sky residuals, in units of the error (5).
+    user_mask : tuple of (float, float)
+        Extra (lo, hi) vacuum ranges in Angstrom to mask.
+    min_coverage : float
+        Fraction of unmasked model pixels below which status is low_coverage (0.3).
+    continuum_range : tuple of (float, float) or None
+        (lo, hi) vacuum Angstrom; only pixels inside enter the pseudo-continuum
         and pixels outside are flagged NO_CONTINUUM.  The default, 4750-9100 A, is
         the overlap of MUSE (nominal) and LAMOST, so a LAMOST or library training
         spectrum and a MUSE spectrum of the same star are normalised from the same
         wavelengths.  None: use every valid pixel.
+    do_sky_clean : bool
+        Whether sky cleaning is on (``sky_clean`` resolved for the mode).
+
+    Raises
+    ------
+    ValueError
+        For an unknown mode or LSF spec, a grid that is not (coeff0, coeff1, npix >= 2), or a
+        continuum range with hi <= lo.
     """
 
     mode: str = "standard"
@@ -103,6 +123,13 @@ class PrepareConfig:
         return self.mode == "bulge" if self.sky_clean is None else bool(self.sky_clean)
 
     def wave(self) -> np.ndarray:
+        """The model grid.
+
+        Returns
+        -------
+        numpy.ndarray
+            Vacuum wavelengths in Angstrom, shape (npix,).
+        """
         c0, c1, n = self.grid
         return log_linear_grid(float(c0), float(c1), int(n))
 
@@ -113,6 +140,27 @@ class Preparer:
 
     Operators are cached per input grid and LSF inside the instance (no global
     state), so repeated batches on the same grid cost only matrix products.
+    ``preparer(spectra)`` prepares a batch (in chunks of ``chunk`` spectra) and returns a
+    :class:`~musepayne.io.prepared.PreparedSpectra`; a chunk that raises becomes rows with
+    status ``failed``.
+
+    Parameters
+    ----------
+    config : PrepareConfig, optional
+        The configuration (default ``PrepareConfig()``).
+    chunk : int, optional
+        Spectra per chunk (default 64).
+
+    Attributes
+    ----------
+    wave : numpy.ndarray
+        The model grid, vacuum Angstrom, shape (n_pix,).
+    normalizer : ContinuumNormalizer
+        The pseudo-continuum on ``wave`` restricted to ``config.continuum_range``.
+    fixed_mask : numpy.ndarray
+        int32 (n_pix,), the mode's fixed wavelength mask bits.
+    telluric_continuum : numpy.ndarray
+        bool (n_pix,), the standard telluric bands (always kept out of the continuum).
     """
 
     config: PrepareConfig = field(default_factory=PrepareConfig)
@@ -129,6 +177,23 @@ class Preparer:
 
     # ------------------------------------------------------------------ helpers
     def operator(self, wave, frame: str, lsf: LSF) -> SpectralOperator:
+        """The (cached) resampling operator from an input grid to the model grid.
+
+        Parameters
+        ----------
+        wave : array_like
+            Input pixel-centre wavelengths in Angstrom, shape (n_in,), in ``frame``.
+        frame : {'air', 'vacuum'}
+            Frame of ``wave``.
+        lsf : LSF
+            LSF of the input spectra.
+
+        Returns
+        -------
+        SpectralOperator
+            Air -> vacuum, resolution matching to ``config.target_lsf`` and rebinning, as built by
+            :func:`~musepayne.prepare.resample.build_operator`.
+        """
         key = hashlib.sha1(np.ascontiguousarray(wave, np.float64).tobytes()).hexdigest() + frame + lsf.describe()
         op = self._ops.get(key)
         if op is None:
@@ -137,6 +202,14 @@ class Preparer:
         return op
 
     def meta(self) -> dict:
+        """Header metadata describing this configuration (stored with prepared spectra).
+
+        Returns
+        -------
+        dict
+            Keys ``mode``, ``tgtlsf``, ``contwid`` (A), ``aonotch``, ``grid0``, ``grid1``, ``gridn``,
+            ``contlo`` and ``conthi`` (vacuum A; 0 without a continuum range).
+        """
         c = self.config
         return {
             "mode": c.mode,
@@ -159,6 +232,28 @@ class Preparer:
         lo, hi of the input's coverage) flags ``CONT_EDGE`` where an input edge
         lies inside the continuum range.  Returns ``(flux_norm, ivar_norm, cont, mask)``;
         ``ivar_norm`` is zero wherever an excluding bit is set.
+
+        Parameters
+        ----------
+        flux : array_like
+            Flux on the model grid, shape (n_spec, n_pix) or (n_pix,).
+        ivar : array_like
+            Inverse variance of ``flux``, same shape.
+        mask : array_like of int, optional
+            Pixel bit mask, broadcastable to ``flux``'s shape (copied, not modified).
+        input_range : tuple of (float, float), optional
+            Vacuum wavelength range in Angstrom the input covers.
+
+        Returns
+        -------
+        flux_norm : numpy.ndarray
+            float64 (n_spec, n_pix), dimensionless; NaN where the continuum is not defined.
+        ivar_norm : numpy.ndarray
+            float64 (n_spec, n_pix).
+        cont : numpy.ndarray
+            float64 (n_spec, n_pix), the continuum in the unit of ``flux``.
+        mask : numpy.ndarray
+            int32 (n_spec, n_pix): the input bits plus CONT_EDGE, NO_CONTINUUM and BAD_INPUT (overflow).
         """
         f = np.atleast_2d(np.asarray(flux, dtype=np.float64))
         iv = np.atleast_2d(np.asarray(ivar, dtype=np.float64))
@@ -192,7 +287,27 @@ class Preparer:
         return fn, ivn, cont, m
 
     def failure(self, meta_rows: Table, status: str, reason: str) -> PreparedSpectra:
-        """Prepared rows for spectra that could not be prepared at all."""
+        """Prepared rows for spectra that could not be prepared at all.
+
+        Parameters
+        ----------
+        meta_rows : astropy.table.Table
+            Metadata of the spectra, one row each.
+        status : str
+            A key of :data:`musepayne.flags.SPECTRUM_STATUS`.
+        reason : str
+            Human-readable reason (truncated to 200 characters).
+
+        Returns
+        -------
+        PreparedSpectra
+            One row per spectrum: NaN flux, zero ivar, every pixel NO_DATA, the status and reason.
+
+        Raises
+        ------
+        ValueError
+            For an unknown ``status``.
+        """
         if status not in SPECTRUM_STATUS:
             raise ValueError(f"unknown status {status!r}")
         n = len(meta_rows)
@@ -210,6 +325,22 @@ class Preparer:
         )
 
     def failure_for_file(self, source, reason: str, status: str = "read_error") -> PreparedSpectra:
+        """One failed row for a file that could not be read.
+
+        Parameters
+        ----------
+        source : str or os.PathLike
+            The file (used as ``stellar_id`` and ``source``).
+        reason : str
+            Human-readable reason.
+        status : str, optional
+            Status of the row (default ``'read_error'``).
+
+        Returns
+        -------
+        PreparedSpectra
+            One row, as :meth:`failure`.
+        """
         t = Table({"stellar_id": [str(source)], "ra": [np.nan], "dec": [np.nan],
                    "source": [str(source)], "instrument": ["unknown"]})
         return self.failure(t, status, reason)
@@ -356,6 +487,21 @@ def _bridge(flux, bad):
 
 
 def prepare_spectra(spectra: SpectrumSet, config: PrepareConfig | None = None, **kw) -> PreparedSpectra:
-    """Functional shortcut: ``Preparer(PrepareConfig(**kw))(spectra)``."""
+    """Functional shortcut: ``Preparer(PrepareConfig(**kw))(spectra)``.
+
+    Parameters
+    ----------
+    spectra : SpectrumSet
+        The spectra to prepare (not modified).
+    config : PrepareConfig, optional
+        The configuration; when None it is built from ``**kw``.
+    **kw
+        :class:`PrepareConfig` fields, used only without ``config``.
+
+    Returns
+    -------
+    PreparedSpectra
+        Normalised spectra on the model grid with masks, continuum and a status per spectrum.
+    """
     cfg = config or PrepareConfig(**kw)
     return Preparer(cfg)(spectra)

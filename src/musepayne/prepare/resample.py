@@ -73,6 +73,20 @@ def rebin_matrix(edges_in, edges_out):
     Returns ``(R, coverage)``: ``R`` is CSR ``(n_out, n_in)``; ``coverage`` is
     the fraction of each output bin covered by input bins (1 inside the input
     range).  Rows of fully covered bins sum to 1.
+
+    Parameters
+    ----------
+    edges_in : array_like
+        Input bin edges in Angstrom, shape (n_in + 1,), increasing.
+    edges_out : array_like
+        Output bin edges in Angstrom, shape (n_out + 1,), increasing, same frame as ``edges_in``.
+
+    Returns
+    -------
+    R : scipy.sparse.csr_matrix
+        Shape (n_out, n_in), non-negative overlap weights.
+    coverage : numpy.ndarray
+        Shape (n_out,), in [0, 1].
     """
     ei = np.asarray(edges_in, dtype=np.float64)
     eo = np.asarray(edges_out, dtype=np.float64)
@@ -116,6 +130,25 @@ def convolution_matrix(wave, sigma):
     Rows with ``sigma = 0`` are the identity.  Returns ``(K, edge_loss)`` with
     ``edge_loss`` the fraction of each row's Gaussian that fell outside the
     input range before renormalisation.
+
+    Parameters
+    ----------
+    wave : array_like
+        Pixel-centre wavelengths in Angstrom, shape (n,), strictly increasing.
+    sigma : array_like
+        Kernel sigma in Angstrom at each pixel, shape (n,); values <= 0 give identity rows.
+
+    Returns
+    -------
+    K : scipy.sparse.csr_matrix
+        Shape (n, n), rows sum to 1.
+    edge_loss : numpy.ndarray
+        Shape (n,), in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        If ``wave`` has fewer than two values or is not strictly increasing (from :func:`bin_edges`).
     """
     w = np.asarray(wave, dtype=np.float64)
     s = np.asarray(sigma, dtype=np.float64)
@@ -162,6 +195,20 @@ def rebin_variance(dpix_in, dpix_out, phase=None):
     identical grids (a LAMOST spectrum onto the LAMOST grid is not smoothed).
     The phase average of ``t (1 - t) dl^2`` is ``dl^2 / 6``, the general formula.
     ``phase`` None: the phase average everywhere.
+
+    Parameters
+    ----------
+    dpix_in : array_like
+        Input pixel widths in Angstrom.
+    dpix_out : array_like
+        Output pixel widths in Angstrom at the same input pixels.
+    phase : array_like, optional
+        Sub-pixel offsets t in output pixels (sign ignored), same shape; None for the phase average.
+
+    Returns
+    -------
+    numpy.ndarray
+        Variance in Angstrom^2, broadcast shape of the inputs.
     """
     di = np.asarray(dpix_in, np.float64)
     do = np.asarray(dpix_out, np.float64)
@@ -180,6 +227,27 @@ def kernel_sigma(wave_in, lsf_in: LSF, lsf_target: LSF, dpix_in, dpix_out, phase
     input pixel, ``phase`` the input centres' offsets from the nearest output
     centres in output pixels (see :func:`rebin_variance`; None = phase average).
     See the module docstring for the formula.
+
+    Parameters
+    ----------
+    wave_in : array_like
+        Input pixel-centre wavelengths in Angstrom, shape (n_in,).
+    lsf_in : LSF
+        LSF of the input spectra.
+    lsf_target : LSF
+        LSF to match.
+    dpix_in, dpix_out : array_like
+        Input and output pixel widths in Angstrom at each input pixel, shape (n_in,).
+    phase : array_like, optional
+        Sub-pixel phase per input pixel (see :func:`rebin_variance`).
+
+    Returns
+    -------
+    sigma_k : numpy.ndarray
+        Kernel sigma in Angstrom, shape (n_in,), 0 where the input is already coarser.
+    excess_fwhm : numpy.ndarray
+        FWHM in Angstrom by which the input (including the rebinning) exceeds the target, shape (n_in,),
+        0 where it does not.
     """
     s_t2 = lsf_target.sigma(wave_in) ** 2
     s_i2 = lsf_in.sigma(wave_in) ** 2
@@ -196,11 +264,16 @@ class SpectralOperator:
 
     Attributes
     ----------
-    matrix : sparse CSR ``(n_out, n_in)``; flux_out = matrix @ flux_in
-    matrix_sq : element-wise square, for variances
-    coverage : fraction of each output pixel covered by input data
-    edge_loss : kernel fraction lost at the input edges, per output pixel
-    excess_fwhm : excess broadening (A) of the input over the target, per output pixel
+    matrix : scipy.sparse.csr_matrix
+        Shape (n_out, n_in); ``flux_out = matrix @ flux_in``.
+    matrix_sq : scipy.sparse.csr_matrix
+        Element-wise square of ``matrix``, for variances.
+    coverage : numpy.ndarray
+        Shape (n_out,): fraction of each output pixel covered by input data.
+    edge_loss : numpy.ndarray
+        Shape (n_out,): kernel fraction lost at the input edges, per output pixel (1 where uncovered).
+    excess_fwhm : numpy.ndarray
+        Shape (n_out,): excess broadening FWHM (Angstrom) of the input over the target, per output pixel.
     """
 
     matrix: sp.csr_matrix
@@ -210,16 +283,50 @@ class SpectralOperator:
     excess_fwhm: np.ndarray
 
     def apply(self, flux):
-        """Apply to a batch ``(n_spec, n_in)``; returns ``(n_spec, n_out)``."""
+        """Apply to a batch ``(n_spec, n_in)``; returns ``(n_spec, n_out)``.
+
+        Parameters
+        ----------
+        flux : array_like
+            Flux, shape (n_spec, n_in) or (n_in,), any unit (no NaN: bridge bad pixels first).
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 (n_spec, n_out), same unit.
+        """
         f = np.atleast_2d(np.asarray(flux, dtype=np.float64))
         return np.ascontiguousarray((self.matrix @ f.T).T)
 
     def apply_variance(self, var):
+        """Propagate variances of independent input pixels: ``(M o M) @ var``.
+
+        Parameters
+        ----------
+        var : array_like
+            Variance, shape (n_spec, n_in) or (n_in,), flux units squared.
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 (n_spec, n_out), flux units squared.
+        """
         v = np.atleast_2d(np.asarray(var, dtype=np.float64))
         return np.ascontiguousarray((self.matrix_sq @ v.T).T)
 
     def bad_fraction(self, bad):
-        """Weight fraction of each output pixel that comes from ``bad`` input pixels."""
+        """Weight fraction of each output pixel that comes from ``bad`` input pixels.
+
+        Parameters
+        ----------
+        bad : array_like of bool
+            Shape (n_spec, n_in) or (n_in,).
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 (n_spec, n_out), in [0, 1] for covered pixels.
+        """
         # all weights are non-negative (Gaussian x overlap), so M itself is |M|
         b = np.atleast_2d(np.asarray(bad, dtype=np.float64))
         return np.ascontiguousarray((self.matrix @ b.T).T)
@@ -231,6 +338,31 @@ def build_operator(wave_in, frame_in: str, lsf_in: LSF, wave_out, lsf_target: LS
 
     ``wave_in`` is in ``frame_in`` ('air' or 'vacuum'); it is converted to
     ``frame_out`` before rebinning.  The kernel is computed on the input grid.
+
+    Parameters
+    ----------
+    wave_in : array_like
+        Input pixel-centre wavelengths in Angstrom, shape (n_in,), strictly increasing.
+    frame_in : {'air', 'vacuum'}
+        Frame of ``wave_in``.
+    lsf_in : LSF
+        LSF of the input spectra.
+    wave_out : array_like
+        Output pixel-centre wavelengths in Angstrom, shape (n_out,), in ``frame_out``.
+    lsf_target : LSF
+        LSF of the output grid.
+    frame_out : {'air', 'vacuum'}, optional
+        Frame of ``wave_out`` (default 'vacuum').
+
+    Returns
+    -------
+    SpectralOperator
+        The combined operator ``M = R @ K`` with its diagnostics.
+
+    Raises
+    ------
+    ValueError
+        If a frame is not 'air'/'vacuum', or a grid is not strictly increasing with >= 2 pixels.
     """
     if frame_in not in ("air", "vacuum") or frame_out not in ("air", "vacuum"):
         raise ValueError("frames must be 'air' or 'vacuum'")
@@ -266,6 +398,18 @@ def broadening_matrix(wave, excess_fwhm):
     This is how a model is forward-modelled to data whose LSF is broader than
     the model's (the ``LSF_EXCESS`` of prepared spectra): ``model_broad =
     B @ model``.  Rows where the excess is zero are the identity.
+
+    Parameters
+    ----------
+    wave : array_like
+        Pixel-centre wavelengths in Angstrom, shape (n,).
+    excess_fwhm : float or array_like
+        Extra FWHM in Angstrom, scalar or shape (n,).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        Shape (n, n), rows sum to 1.
     """
     sigma = np.asarray(excess_fwhm, dtype=np.float64) * FWHM_TO_SIGMA
     K, _ = convolution_matrix(wave, np.broadcast_to(sigma, np.shape(wave)))
@@ -273,10 +417,26 @@ def broadening_matrix(wave, excess_fwhm):
 
 
 def effective_lsf(op, wave_out, lsf_out: LSF) -> LSF:
-    """The LSF that the output of ``op`` (:func:`build_operator` towards ``lsf_out``)
-    really has: ``lsf_out`` where the input could be degraded to it, and
+    """The LSF that the output of ``op`` (:func:`build_operator` towards ``lsf_out``) really has.
+
+    ``lsf_out`` where the input could be degraded to it, and
     ``sqrt(FWHM_out^2 + excess^2)`` (a :class:`~musepayne.instrument.lsf.TabulatedLSF`) where the input was
-    coarser (``op.excess_fwhm``, which includes the rebinning)."""
+    coarser (``op.excess_fwhm``, which includes the rebinning).
+
+    Parameters
+    ----------
+    op : SpectralOperator
+        The operator.
+    wave_out : array_like
+        Output wavelengths in Angstrom, shape (n_out,).
+    lsf_out : LSF
+        The target LSF ``op`` was built for.
+
+    Returns
+    -------
+    LSF
+        ``lsf_out`` itself when the excess is nowhere above 1e-3 of its FWHM, else a TabulatedLSF on ``wave_out``.
+    """
     w = np.asarray(wave_out, np.float64)
     exc = np.nan_to_num(np.asarray(op.excess_fwhm, np.float64), nan=0.0)
     base = lsf_out.fwhm(w)

@@ -69,7 +69,34 @@ PAPER_REGION_OFFSETS = (
 
 
 def slope_for(fe_h, logg, source: str = "lamost_ddpayne_a", giant_logg: float = 3.5, outside: str = "skip"):
-    """Table A1 slope (dex/1000 K) per star; NaN where no correction applies."""
+    """Table A1 slope (dex/1000 K) per star; NaN where no correction applies.
+
+    Parameters
+    ----------
+    fe_h : float or array_like
+        [Fe/H] in dex; bins are half-open ``[lo, hi)`` between -0.8 and 0.6.
+    logg : float or array_like
+        Surface gravity log g in dex (cgs).
+    source : {'lamost_ddpayne_a', 'apogee_payne'}, optional
+        Which Table A1 column set to use.
+    giant_logg : float, optional
+        Giants have ``logg < giant_logg`` (default 3.5 dex).
+    outside : {'skip', 'clip'}, optional
+        NaN outside the [Fe/H] bins (``'skip'``) or the nearest bin's slope (``'clip'``).
+
+    Returns
+    -------
+    numpy.ndarray
+        Slope in dex per 1000 K, broadcast shape of ``fe_h`` and ``logg``; NaN for missing
+        [Fe/H]/logg (and outside the bins with ``'skip'``).
+
+    Raises
+    ------
+    KeyError
+        For an unknown ``source``.
+    ValueError
+        For an ``outside`` other than 'skip'/'clip'.
+    """
     if source not in TABLE_A1:
         raise KeyError(f"unknown Table A1 source {source!r}; known: {sorted(TABLE_A1)}")
     if outside not in ("skip", "clip"):
@@ -115,7 +142,33 @@ def _col(table, name):
 
 @dataclass(frozen=True)
 class MgFeTeffCalibration:
-    """Remove the Table A1 [Mg/Fe]-Teff trend (see the module docstring)."""
+    """Remove the Table A1 [Mg/Fe]-Teff trend (see the module docstring).
+
+    Calling the instance on a catalogue, ``cal(table)``, returns a corrected copy with
+    ``<label>_uncal`` (if absent), ``<label>_cal_flag`` and a record appended to
+    ``meta['calibration']``; it needs ``fe_h``, ``logg``, ``teff`` and ``label`` columns
+    (KeyError otherwise).
+
+    Attributes
+    ----------
+    source : str
+        Table A1 source, 'lamost_ddpayne_a' (default) or 'apogee_payne'.
+    teff_ref : float
+        Pivot temperature in K (default 4500) where the correction is zero.
+    giant_logg : float
+        Giants have ``logg < giant_logg`` dex (default 3.5).
+    outside : str
+        'skip' (default) or 'clip', as for :func:`slope_for`.
+    label : str
+        The column corrected (default ``mg_fe``, dex).
+
+    Raises
+    ------
+    KeyError
+        For an unknown ``source``.
+    ValueError
+        For an ``outside`` other than 'skip'/'clip'.
+    """
 
     source: str = "lamost_ddpayne_a"
     teff_ref: float = 4500.0
@@ -130,7 +183,23 @@ class MgFeTeffCalibration:
             raise ValueError("outside must be 'skip' or 'clip'")
 
     def correction(self, table) -> np.ndarray:
-        """Additive correction per row (0 where none applies)."""
+        """Additive correction per row (0 where none applies).
+
+        Parameters
+        ----------
+        table : astropy.table.Table
+            Catalogue with ``fe_h`` (dex), ``logg`` (dex) and ``teff`` (K) columns.
+
+        Returns
+        -------
+        numpy.ndarray
+            Correction in dex, shape (len(table),).
+
+        Raises
+        ------
+        KeyError
+            If a needed column is missing.
+        """
         s = slope_for(_col(table, "fe_h"), _col(table, "logg"), self.source, self.giant_logg, self.outside)
         d = -s * (_col(table, "teff") - self.teff_ref) / 1000.0
         return np.where(np.isfinite(d), d, 0.0)
@@ -164,6 +233,28 @@ def apply_region_offsets(table, offsets, label: str = "mg_fe"):
     offset, name)``; the first matching region wins.  Adds ``<label>_uncal``
     (if absent) and ``<label>_region`` (name, '' where none matched), and
     records the step in ``meta['calibration']``.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        Catalogue (not modified); the expressions may use any of its columns (e.g. ``r_gc`` in kpc).
+    offsets : sequence of tuple
+        ``(expression, offset)`` or ``(expression, offset, name)``; offset in the unit of
+        ``label`` (dex), e.g. :data:`PAPER_REGION_OFFSETS`.
+    label : str, optional
+        Column to shift (default ``mg_fe``).
+
+    Returns
+    -------
+    astropy.table.Table
+        The shifted copy.
+
+    Raises
+    ------
+    KeyError
+        If ``label`` is missing.
+    SelectionError
+        If an expression is not valid for the table.
     """
 
     out = table.copy()

@@ -93,7 +93,18 @@ _ALIASES = MappingProxyType({"t_eff": "teff", "log_g": "logg", "feh": "fe_h"})
 
 
 def canonical_label(name: str) -> str:
-    """Catalogue column name of a label: ``'[Fe/H]' -> 'fe_h'``, ``'Teff' -> 'teff'``."""
+    """Catalogue column name of a label: ``'[Fe/H]' -> 'fe_h'``, ``'Teff' -> 'teff'``.
+
+    Parameters
+    ----------
+    name : str
+        Label name (brackets, slashes, spaces, dashes and case are normalised).
+
+    Returns
+    -------
+    str
+        The canonical column name.
+    """
     s = str(name).strip().lower().replace("[", "").replace("]", "").replace("/", "_")
     s = s.replace(" ", "").replace("-", "_")
     return _ALIASES.get(s, s)
@@ -108,7 +119,25 @@ def _coeffs(label: str) -> tuple[float, float, float]:
 
 
 def sigma_from_snr(label: str, snr):
-    """Eq. 11: uncertainty of ``label`` at S/N per pixel ``snr`` (Teff in K, else dex)."""
+    """Eq. 11: uncertainty of ``label`` at S/N per pixel ``snr`` (Teff in K, else dex).
+
+    Parameters
+    ----------
+    label : str
+        Table 3 label in any spelling :func:`canonical_label` knows (teff, logg, fe_h, mg_fe, ...).
+    snr : float or array_like
+        S/N per pixel.
+
+    Returns
+    -------
+    numpy.ndarray
+        Uncertainty in K (Teff) or dex, shape of ``snr``.
+
+    Raises
+    ------
+    KeyError
+        If the label has no Table 3 relation.
+    """
     a, b, scale = _coeffs(label)
     snr = np.asarray(snr, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -116,7 +145,27 @@ def sigma_from_snr(label: str, snr):
 
 
 def snr_for_sigma(label: str, sigma):
-    """Inverse of Eq. 11: S/N per pixel at which ``label`` reaches ``sigma`` (Teff in K)."""
+    """Inverse of Eq. 11: S/N per pixel at which ``label`` reaches ``sigma`` (Teff in K).
+
+    Parameters
+    ----------
+    label : str
+        Table 3 label in any spelling :func:`canonical_label` knows (teff, logg, fe_h, mg_fe, ...).
+    sigma : float or array_like
+        Target uncertainty, K for Teff, else dex; positive.
+
+    Returns
+    -------
+    numpy.ndarray
+        S/N per pixel, shape of ``sigma``.
+
+    Raises
+    ------
+    KeyError
+        If the label has no Table 3 relation.
+    ValueError
+        If a ``sigma`` is not positive.
+    """
     a, b, scale = _coeffs(label)
     sigma = np.asarray(sigma, dtype=float)
     if np.any(sigma <= 0):
@@ -125,14 +174,43 @@ def snr_for_sigma(label: str, sigma):
 
 
 def snr_1hr(vmag):
-    """Eq. 13: S/N per pixel of a K giant of magnitude V in a one-hour MUSE exposure."""
+    """Eq. 13: S/N per pixel of a K giant of magnitude V in a one-hour MUSE exposure.
+
+    Parameters
+    ----------
+    vmag : float or array_like
+        V magnitude (mag).
+
+    Returns
+    -------
+    numpy.ndarray
+        S/N per pixel, shape of ``vmag``.
+    """
     amp, v0, bg = SNR1HR_ZP
     x = 10.0 ** (0.4 * (v0 - np.asarray(vmag, dtype=float)))
     return amp * x / np.sqrt(bg + x)
 
 
 def snr_from_vmag(vmag, exptime=3600.0):
-    """Eq. 12: S/N per pixel at magnitude V after ``exptime`` seconds."""
+    """Eq. 12: S/N per pixel at magnitude V after ``exptime`` seconds.
+
+    Parameters
+    ----------
+    vmag : float or array_like
+        V magnitude (mag).
+    exptime : float or array_like, optional
+        Exposure time in s (default 3600), positive.
+
+    Returns
+    -------
+    numpy.ndarray
+        S/N per pixel, broadcast shape of the inputs.
+
+    Raises
+    ------
+    ValueError
+        If an exposure time is not positive.
+    """
     exptime = np.asarray(exptime, dtype=float)
     if np.any(exptime <= 0):
         raise ValueError("exposure time must be positive")
@@ -140,7 +218,25 @@ def snr_from_vmag(vmag, exptime=3600.0):
 
 
 def vmag_for_snr(snr, exptime=3600.0):
-    """Inverse of Eq. 12-13: the faintest V reaching ``snr`` in ``exptime`` seconds."""
+    """Inverse of Eq. 12-13: the faintest V reaching ``snr`` in ``exptime`` seconds.
+
+    Parameters
+    ----------
+    snr : float or array_like
+        S/N per pixel, positive.
+    exptime : float or array_like, optional
+        Exposure time in s (default 3600), positive.
+
+    Returns
+    -------
+    numpy.ndarray
+        V magnitude (mag), broadcast shape of the inputs.
+
+    Raises
+    ------
+    ValueError
+        If an S/N or exposure time is not positive.
+    """
     amp, v0, bg = SNR1HR_ZP
     snr = np.asarray(snr, dtype=float)
     exptime = np.asarray(exptime, dtype=float)
@@ -153,7 +249,25 @@ def vmag_for_snr(snr, exptime=3600.0):
 
 
 def exptime_for_snr(snr, vmag):
-    """Inverse of Eq. 12: seconds needed to reach ``snr`` at magnitude V."""
+    """Inverse of Eq. 12: seconds needed to reach ``snr`` at magnitude V.
+
+    Parameters
+    ----------
+    snr : float or array_like
+        S/N per pixel, positive.
+    vmag : float or array_like
+        V magnitude (mag).
+
+    Returns
+    -------
+    numpy.ndarray
+        Exposure time in s, broadcast shape of the inputs.
+
+    Raises
+    ------
+    ValueError
+        If an S/N is not positive.
+    """
     snr = np.asarray(snr, dtype=float)
     if np.any(snr <= 0):
         raise ValueError("S/N must be positive")
@@ -161,17 +275,83 @@ def exptime_for_snr(snr, vmag):
 
 
 def sigma_at(label: str, vmag, exptime=3600.0):
-    """Eq. 11-13 combined: uncertainty of ``label`` for a star of magnitude V."""
+    """Eq. 11-13 combined: uncertainty of ``label`` for a star of magnitude V.
+
+    Parameters
+    ----------
+    label : str
+        Table 3 label in any spelling :func:`canonical_label` knows (teff, logg, fe_h, mg_fe, ...).
+    vmag : float or array_like
+        V magnitude (mag).
+    exptime : float or array_like, optional
+        Exposure time in s (default 3600).
+
+    Returns
+    -------
+    numpy.ndarray
+        Uncertainty in K (Teff) or dex.
+
+    Raises
+    ------
+    KeyError
+        If the label has no Table 3 relation.
+    ValueError
+        If an exposure time is not positive.
+    """
     return sigma_from_snr(label, snr_from_vmag(vmag, exptime))
 
 
 def limiting_vmag(label: str, sigma, exptime=3600.0):
-    """Faintest V at which ``label`` reaches ``sigma`` in ``exptime`` seconds."""
+    """Faintest V at which ``label`` reaches ``sigma`` in ``exptime`` seconds.
+
+    Parameters
+    ----------
+    label : str
+        Table 3 label in any spelling :func:`canonical_label` knows (teff, logg, fe_h, mg_fe, ...).
+    sigma : float or array_like
+        Target uncertainty, K for Teff, else dex.
+    exptime : float or array_like, optional
+        Exposure time in s (default 3600).
+
+    Returns
+    -------
+    numpy.ndarray
+        V magnitude (mag).
+
+    Raises
+    ------
+    KeyError
+        If the label has no Table 3 relation.
+    ValueError
+        If ``sigma`` or ``exptime`` is not positive.
+    """
     return vmag_for_snr(snr_for_sigma(label, sigma), exptime)
 
 
 def required_exptime(label: str, sigma, vmag):
-    """Exposure time (s) for ``label`` to reach ``sigma`` at magnitude V."""
+    """Exposure time (s) for ``label`` to reach ``sigma`` at magnitude V.
+
+    Parameters
+    ----------
+    label : str
+        Table 3 label in any spelling :func:`canonical_label` knows (teff, logg, fe_h, mg_fe, ...).
+    sigma : float or array_like
+        Target uncertainty, K for Teff, else dex.
+    vmag : float or array_like
+        V magnitude (mag).
+
+    Returns
+    -------
+    numpy.ndarray
+        Exposure time in s.
+
+    Raises
+    ------
+    KeyError
+        If the label has no Table 3 relation.
+    ValueError
+        If ``sigma`` is not positive.
+    """
     return exptime_for_snr(snr_for_sigma(label, sigma), vmag)
 
 
@@ -182,10 +362,24 @@ def required_exptime(label: str, sigma, vmag):
 class CramerRaoResult:
     """Cramér-Rao bounds for a set of label vectors.
 
-    ``sigma`` (n, n_labels): ``sqrt(diag(F^-1))`` times the correction factors;
-    ``sigma_theory`` the same without them; ``covariance`` (n, n_labels,
-    n_labels) is ``F^-1`` (uncorrected); ``n_used`` the number of pixels in F.
     Rows whose Fisher matrix is singular are NaN.
+
+    Attributes
+    ----------
+    label_names : tuple of str
+        Canonical label names (with a last ``rv`` when RV was marginalised over).
+    labels : numpy.ndarray
+        (n, n_labels) label vectors (K for Teff, dex otherwise; the ``rv`` column is 0 km/s).
+    sigma : numpy.ndarray
+        (n, n_labels): ``sqrt(diag(F^-1))`` times the correction factors (K, dex, km/s).
+    sigma_theory : numpy.ndarray
+        (n, n_labels): the same without the correction factors.
+    covariance : numpy.ndarray
+        (n, n_labels, n_labels): ``F^-1`` (uncorrected).
+    n_used : numpy.ndarray
+        (n,) int: the number of pixels in F.
+    correction : dict of str to float
+        Eq. 9 factors applied, by canonical label.
     """
 
     label_names: tuple
@@ -197,7 +391,13 @@ class CramerRaoResult:
     correction: dict = field(default_factory=dict)
 
     def to_table(self):
-        """Astropy Table: the input labels and ``<label>_crlb`` per label."""
+        """Astropy Table: the input labels and ``<label>_crlb`` per label.
+
+        Returns
+        -------
+        astropy.table.Table
+            Columns ``<label>``, ``<label>_crlb`` (with descriptions) and ``n_used``.
+        """
 
         t = Table()
         for j, name in enumerate(self.label_names):
@@ -223,6 +423,27 @@ def fit_mask(wave, mode: str = "standard", ao_notch: str | None = None, coverage
     bands, dichroic, red cut-off, bulge blue cut-off, AO notch) plus the
     pixels outside the instrument's coverage (``coverage_air``, converted to
     vacuum; ``None`` for no coverage limit, e.g. a LAMOST forecast).
+
+    Parameters
+    ----------
+    wave : array_like
+        Vacuum wavelengths of the model grid in Angstrom.
+    mode : {'standard', 'bulge'}, optional
+        Observing mode of the masks.
+    ao_notch : str, optional
+        MUSE AO mode ('WFM-AO-N', 'WFM-AO-E', 'NFM').
+    coverage_air : tuple of (float, float) or None, optional
+        Instrument coverage in air Angstrom (default MUSE nominal, 4750-9350).
+
+    Returns
+    -------
+    numpy.ndarray
+        bool, shape of ``wave``; True = excluded.
+
+    Raises
+    ------
+    ValueError
+        For an unknown mode or AO mode.
     """
 
     w = np.asarray(wave, dtype=float)
@@ -259,30 +480,43 @@ def cramer_rao(model, labels, snr=None, *, ivar=None, mask=None, correction=None
 
     Parameters
     ----------
-    model
+    model : object
         Any object with ``label_names`` and ``predict_with_jacobian(labels)``
         returning ``(flux (n, n_pix), jac (n, n_pix, n_labels))``, the
-        Jacobian in physical label units.
-    labels
+        Jacobian in physical label units (per K for Teff, per dex otherwise).
+    labels : array_like
         One label vector (n_labels,) or several (n, n_labels), in the order of
         ``model.label_names``.
-    snr
+    snr : float or array_like, optional
         S/N per pixel of the normalised spectrum: a scalar, a per-pixel array
         (n_pix,) or (n, n_pix).  ``ivar = snr**2`` (Chem-I-Calc convention).
-    ivar
+    ivar : array_like, optional
         Inverse variance per pixel of the normalised spectrum; overrides ``snr``.
-    mask
+    mask : array_like, optional
         Pixels excluded from the fit: boolean (True = excluded) or an integer
         pixel-flag mask (pixels with any bit of ``flags.EXCLUDING_BITS`` excluded).
-    correction
-        Optional ``{label: factor}`` (paper Eq. 9: sigma = sigma_theory x
+    correction : dict of str to float, optional
+        ``{label: factor}`` (paper Eq. 9: sigma = sigma_theory x
         f_corr, with f_corr from repeats, Eq. 10).
-    fit_rv
+    fit_rv : bool, optional
         Also fit a radial velocity (as the pipeline's fitter does) and
         marginalise over it: an extra Jacobian column
         ``d f / d v = -(d f / d ln lambda) / c`` (cubic-spline derivative on
         the model grid; needs ``model.wave``);
         the result then has a last label ``rv`` in km/s.
+
+    Returns
+    -------
+    CramerRaoResult
+        Bounds per label vector (K for Teff, dex otherwise, km/s for RV).
+
+    Raises
+    ------
+    ValueError
+        If ``labels`` has the wrong number of columns, neither ``snr`` nor ``ivar`` is given, or
+        ``fit_rv`` is set for a model without ``wave``.
+    KeyError
+        If ``correction`` names a label the model does not have.
     """
     names = tuple(canonical_label(n) for n in model.label_names)
     lab = np.atleast_2d(np.asarray(labels, dtype=float))
@@ -340,6 +574,31 @@ def scatter_check(model, labels, snr: float, fit, *, n_spec: int = 200, mask=Non
     1 within ~1/sqrt(2 n_spec) for an efficient, unbiased fitter).
     With ``fit_rv`` the bound is marginalised over RV (the fitter must fit it
     too; its returned columns are compared with the model labels only).
+
+    Parameters
+    ----------
+    model : object
+        As for :func:`cramer_rao`.
+    labels : array_like
+        One label vector (n_labels,), physical units.
+    snr : float
+        S/N per pixel of the normalised spectrum.
+    fit : callable
+        ``fit(flux, ivar) -> labels`` for (n_spec, n_pix) arrays; extra returned columns are ignored.
+    n_spec : int, optional
+        Number of noisy copies (default 200).
+    mask : array_like, optional
+        Excluded pixels, as for :func:`cramer_rao`.
+    seed : int, optional
+        Seed of the noise generator.
+    fit_rv : bool, optional
+        Marginalise the bound over RV.
+
+    Returns
+    -------
+    dict
+        ``label_names`` (tuple), ``scatter``, ``crlb`` and ``ratio`` (arrays of n_labels; K or dex)
+        and ``n_fitted`` (int, fits with finite labels).
     """
     lab = np.asarray(labels, dtype=float).ravel()
     flux0, _ = model.predict_with_jacobian(lab[None, :])
@@ -471,6 +730,10 @@ def crlb_forecast(model, at=None, *, snr=None, vmag=None, exptime=None, mask_mod
         take the middle of the model's training range.
     snr : float, optional
         S/N per pixel; or give ``vmag`` (and ``exptime``, default 3600 s) for Eq. 12-13.
+    vmag : float, optional
+        V magnitude (mag), used when ``snr`` is None.
+    exptime : float, optional
+        Exposure time in s with ``vmag`` (default 3600).
     mask_mode, ao_notch : str
         The fit's wavelength mask (:func:`fit_mask`).
     correction : dict, optional
@@ -514,6 +777,31 @@ def plot_sigma_vs_snr(path, labels=None, snr=(10.0, 300.0), crlb: CramerRaoResul
     ``crlb`` evaluated at S/N ``crlb_snr`` is scaled as 1/SNR (exact for a
     Fisher bound) and drawn dashed.  Teff is plotted in units of 100 K, as in
     the paper.  Returns the list of plotted curve names.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Output image file.
+    labels : sequence of str, optional
+        Table 3 labels (default all).
+    snr : tuple of (float, float), optional
+        S/N range of the x axis (default 10-300).
+    crlb : CramerRaoResult, optional
+        A model's bounds to overlay (the ``rv`` label is skipped).
+    crlb_snr : float, optional
+        The S/N at which ``crlb`` was computed (needed with ``crlb``).
+
+    Returns
+    -------
+    list of str
+        Curve names (labels, and ``<label>_crlb``).
+
+    Raises
+    ------
+    KeyError
+        If a label has no Table 3 relation.
+    ValueError
+        If ``crlb`` is given without ``crlb_snr``.
     """
 
     labels = [canonical_label(x) for x in (labels or TABLE3)]
@@ -551,6 +839,31 @@ def plot_snr_vs_vmag(path, labels=None, sigma=0.1, exptime=3600.0, vrange=(14.0,
     ``sigma`` is in dex; Teff uses ``sigma_teff`` in K, by default
     ``100 K x sigma`` (the paper's "0.1 dex or 10 K").  Returns
     ``{label: limiting V}`` of the drawn thresholds.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Output image file.
+    labels : sequence of str, optional
+        Table 3 labels (default all).
+    sigma : float, optional
+        Target uncertainty in dex (default 0.1).
+    exptime : float, optional
+        Exposure time in s (default 3600).
+    vrange : tuple of (float, float), optional
+        V range of the x axis (mag).
+    sigma_teff : float, optional
+        Teff target in K (default ``100 * sigma``).
+
+    Returns
+    -------
+    dict of str to float
+        Limiting V (mag) per label.
+
+    Raises
+    ------
+    KeyError
+        If a label has no Table 3 relation.
     """
     sigma_teff = 100.0 * sigma if sigma_teff is None else sigma_teff
 

@@ -71,6 +71,21 @@ class Preset:
     ``optional`` holds ``(column, clause)`` pairs ANDed to ``expression`` when the table has
     that column (extraction columns exist only for spectra from cubes; ``X_flag`` only for the
     model's labels), so one preset serves every catalogue without passing rows it cannot check.
+
+    Attributes
+    ----------
+    name : str
+        Registry name (``eq5``, ``eq6``, ``eq8``, ``reliable``).
+    equation : str
+        Where in the paper the cut comes from (e.g. ``"Eq. 5"``).
+    expression : str
+        The fixed cut, in the expression language of this module.
+    best_per_star : bool
+        Keep only the best row per star (highest ``corr_flux``) after the cuts.
+    description : str
+        Human-readable description with units.
+    optional : tuple of (str, str)
+        ``(column, clause)`` pairs used when the table has the column.
     """
 
     name: str
@@ -81,7 +96,18 @@ class Preset:
     optional: tuple = ()
 
     def expression_for(self, table) -> str:
-        """The expression applied to ``table``: the fixed part plus the optional clauses it can check."""
+        """The expression applied to ``table``: the fixed part plus the optional clauses it can check.
+
+        Parameters
+        ----------
+        table : astropy.table.Table
+            The catalogue to be selected from (only its column names are used).
+
+        Returns
+        -------
+        str
+            Clauses joined with ``and``.
+        """
         cols = set(table.colnames)
         extra = [clause for col, clause in self.optional if col in cols]
         return " and ".join([self.expression, *extra])
@@ -148,7 +174,23 @@ _MAX_LEN = 2000
 
 
 def parse_expression(expr: str) -> ast.Expression:
-    """Parse and validate ``expr``; raises :class:`SelectionError` on anything not allowed."""
+    """Parse and validate ``expr``; raises :class:`SelectionError` on anything not allowed.
+
+    Parameters
+    ----------
+    expr : str
+        The expression (at most 2000 characters).
+
+    Returns
+    -------
+    ast.Expression
+        The validated syntax tree.
+
+    Raises
+    ------
+    SelectionError
+        For an empty, too long or unparsable string, or any node, constant or call not allowed.
+    """
     if not isinstance(expr, str) or not expr.strip():
         raise SelectionError("empty selection expression")
     if len(expr) > _MAX_LEN:
@@ -236,7 +278,26 @@ def _eval(node, table):
 
 
 def evaluate(table, expr: str) -> np.ndarray:
-    """Boolean row mask of ``table`` where ``expr`` is true (see the module docstring)."""
+    """Boolean row mask of ``table`` where ``expr`` is true (see the module docstring).
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        The catalogue; masked and non-finite values never pass a comparison.
+    expr : str
+        The expression.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool, shape (len(table),).
+
+    Raises
+    ------
+    SelectionError
+        If the expression is not allowed, names a missing column, fails to evaluate or does not
+        give a boolean per row.
+    """
     tree = parse_expression(expr)
     try:
         with np.errstate(all="ignore"):
@@ -256,6 +317,27 @@ def best_per_star(table, id_col: str = "stellar_id", by: str = "corr_flux", rows
 
     Only rows where ``rows`` is true (default: all) compete; rows whose ``by``
     is not finite never win.  Ties keep the first row.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        The catalogue.
+    id_col : str, optional
+        Star identifier column (compared as strings).
+    by : str, optional
+        Score column (default ``corr_flux``).
+    rows : array_like of bool, optional
+        Rows that compete (default all).
+
+    Returns
+    -------
+    numpy.ndarray
+        bool, shape (len(table),).
+
+    Raises
+    ------
+    SelectionError
+        If ``id_col`` or ``by`` is missing.
     """
     for c in (id_col, by):
         if c not in table.colnames:
@@ -283,6 +365,31 @@ def select(table, expr: str | None = None, preset: str | None = None, *, best: b
     ``best`` (default: the preset's own setting) keeps one row per star, the
     one with the highest ``by``, among the rows that pass the cuts.  Returns a
     new table whose ``meta['selection']`` records what was applied.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        The catalogue (not modified).
+    expr : str, optional
+        A cut in the expression language.
+    preset : str, optional
+        A key of :data:`PRESETS` (case-insensitive).
+    best : bool, optional
+        Override the preset's best-per-star setting.
+    id_col : str, optional
+        Star identifier column for best-per-star.
+    by : str, optional
+        Score column for best-per-star.
+
+    Returns
+    -------
+    astropy.table.Table
+        The selected rows; ``meta['selection']`` says what was applied (``"all rows"`` for nothing).
+
+    Raises
+    ------
+    SelectionError
+        For an unknown preset, or as :func:`evaluate` and :func:`best_per_star`.
     """
     mask = np.ones(len(table), bool)
     applied = []

@@ -57,7 +57,22 @@ _P_LO, _P_HI = 15.87, 84.13
 
 
 def bias_dispersion(values) -> tuple[float, float, int]:
-    """``(median, (P84.13 - P15.87)/2, n_finite)`` of ``values`` (NaN, NaN, 0 if empty)."""
+    """``(median, (P84.13 - P15.87)/2, n_finite)`` of ``values`` (NaN, NaN, 0 if empty).
+
+    Parameters
+    ----------
+    values : array_like
+        Differences (any shape, flattened; any unit, e.g. K or dex); non-finite values are ignored.
+
+    Returns
+    -------
+    bias : float
+        Median, in the unit of ``values``.
+    dispersion : float
+        Robust 1-sigma (half the 15.87-84.13 percentile range), same unit.
+    n : int
+        Number of finite values used.
+    """
     v = np.asarray(values, dtype=float).ravel()
     v = v[np.isfinite(v)]
     if v.size == 0:
@@ -67,7 +82,20 @@ def bias_dispersion(values) -> tuple[float, float, int]:
 
 
 def label_columns(table, other=None) -> list[str]:
-    """Label columns of ``table`` (and also in ``other`` when given), in table order."""
+    """Label columns of ``table`` (and also in ``other`` when given), in table order.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        Catalogue; columns matching :data:`LABEL_PATTERN` (teff, logg, fe_h, X_fe, rv, ...) are labels.
+    other : astropy.table.Table, optional
+        Keep only the labels this table also has.
+
+    Returns
+    -------
+    list of str
+        Column names.
+    """
     cols = [c for c in table.colnames if LABEL_PATTERN.match(c)]
     if other is not None:
         cols = [c for c in cols if c in other.colnames]
@@ -94,6 +122,39 @@ def crossmatch(cat, ref, by: str = "id", *, id_col: str = "stellar_id", ref_id_c
 
     Returns ``(i_cat, i_ref, sep_arcsec)`` integer index arrays and the
     separations (NaN for id matches).
+
+    Parameters
+    ----------
+    cat, ref : astropy.table.Table
+        Catalogue and reference.
+    by : {'id', 'sky'}, optional
+        Match on identifiers (default) or on sky position.
+    id_col : str, optional
+        Identifier column of ``cat`` (default ``stellar_id``).
+    ref_id_col : str, optional
+        Identifier column of ``ref`` (default ``id_col``).
+    tolerance_arcsec : float, optional
+        Maximum separation for ``by='sky'``, arcsec (default 1).
+    ra_col, dec_col : str, optional
+        Position columns of ``cat`` in degrees (ICRS).
+    ref_ra_col, ref_dec_col : str, optional
+        Position columns of ``ref`` (default ``ra_col``, ``dec_col``).
+
+    Returns
+    -------
+    i_cat : numpy.ndarray
+        int indices into ``cat``.
+    i_ref : numpy.ndarray
+        int indices into ``ref``, same length.
+    sep_arcsec : numpy.ndarray
+        Separations in arcsec (NaN for id matches).
+
+    Raises
+    ------
+    KeyError
+        If an id or position column is missing.
+    ValueError
+        If ``by`` is neither 'id' nor 'sky'.
     """
     if by == "id":
         rid = ref_id_col or id_col
@@ -131,6 +192,29 @@ def attach_columns(cat, ref, columns: dict, *, by: str = "id", **match_kw):
     ``columns``: ``{reference column: new name}``; e.g. ``{'snr_g': 'snr_lamost'}``
     brings the LAMOST S/N onto MUSE rows so that the Eq. 5 preset can be
     applied before comparing.
+
+    Parameters
+    ----------
+    cat, ref : astropy.table.Table
+        Catalogue and reference (neither is modified).
+    columns : dict of str to str
+        ``{reference column: new name}``; the values are converted to float.
+    by : {'id', 'sky'}, optional
+        How to match (see :func:`crossmatch`).
+    **match_kw
+        Further :func:`crossmatch` options (``id_col``, ``tolerance_arcsec``, ...).
+
+    Returns
+    -------
+    astropy.table.Table
+        A copy of ``cat`` with the new float columns.
+
+    Raises
+    ------
+    KeyError
+        If a reference column is missing, or as :func:`crossmatch`.
+    ValueError
+        As :func:`crossmatch`.
     """
     out = cat.copy()
     i_cat, i_ref, _ = crossmatch(cat, ref, by=by, **match_kw)
@@ -147,15 +231,27 @@ def attach_columns(cat, ref, columns: dict, *, by: str = "id", **match_kw):
 class Comparison:
     """Result of :func:`compare`.
 
-    ``matched``: one row per matched pair with ``<label>``, ``<label>_ref``
-    and ``d_<label>`` (catalogue minus reference) columns, plus ``sep_arcsec``.
-    ``stats``: one row per label: ``label, n, bias, dispersion``.
+    Attributes
+    ----------
+    matched : astropy.table.Table
+        One row per matched pair with ``i_cat``, ``i_ref``, ``sep_arcsec`` (and the id column when
+        present), and ``<label>``, ``<label>_ref`` and ``d_<label>`` (catalogue minus reference)
+        columns in the catalogue's unit.
+    stats : astropy.table.Table
+        One row per label: ``label, n, bias, dispersion, unit``; ``meta`` has ``n_matched`` and ``match``.
     """
 
     matched: object
     stats: object
 
     def as_dict(self) -> dict:
+        """The statistics as plain Python values.
+
+        Returns
+        -------
+        dict
+            ``{label: {"n": int, "bias": float, "dispersion": float}}`` in the labels' units.
+        """
         return {str(r["label"]): {"n": int(r["n"]), "bias": float(r["bias"]), "dispersion": float(r["dispersion"])}
                 for r in self.stats}
 
@@ -165,6 +261,31 @@ def compare(cat, ref, labels=None, *, by: str = "id", sort_by_dispersion: bool =
 
     ``labels``: columns to compare (default: :func:`label_columns` common to
     both).  Extra keyword arguments go to :func:`crossmatch`.
+
+    Parameters
+    ----------
+    cat, ref : astropy.table.Table
+        Catalogue and reference.
+    labels : sequence of str, optional
+        Columns to compare, present in both tables.
+    by : {'id', 'sky'}, optional
+        How to match (see :func:`crossmatch`).
+    sort_by_dispersion : bool, optional
+        Sort the statistics rows by increasing dispersion (default: label order).
+    **match_kw
+        Further :func:`crossmatch` options.
+
+    Returns
+    -------
+    Comparison
+        Matched pairs and per-label bias (median) and dispersion (robust 1-sigma).
+
+    Raises
+    ------
+    KeyError
+        If a label is missing from either table, or as :func:`crossmatch`.
+    ValueError
+        As :func:`crossmatch`.
     """
 
     labels = list(labels) if labels else label_columns(cat, ref)
@@ -201,7 +322,27 @@ def compare(cat, ref, labels=None, *, by: str = "id", sort_by_dispersion: bool =
 
 
 def repeat_pairs(table, id_col: str = "stellar_id", rows=None) -> tuple[np.ndarray, np.ndarray]:
-    """All unordered pairs ``(m, n)``, m < n, of rows sharing ``id_col`` (among ``rows``)."""
+    """All unordered pairs ``(m, n)``, m < n, of rows sharing ``id_col`` (among ``rows``).
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        Catalogue with repeat observations.
+    id_col : str, optional
+        Star identifier column (compared as stripped strings).
+    rows : array_like of bool, optional
+        Rows that may take part (default all).
+
+    Returns
+    -------
+    m, n : numpy.ndarray
+        int row indices, same length.
+
+    Raises
+    ------
+    KeyError
+        If ``id_col`` is missing.
+    """
     if id_col not in table.colnames:
         raise KeyError(f"no id column {id_col!r}")
     ids = np.asarray(table[id_col]).astype(str)
@@ -227,6 +368,33 @@ def repeat_error_factor(table, label: str, *, err_col: str | None = None, id_col
     half the 15.87-84.13 percentile range of z instead of the std.  Pairs with
     a non-finite value or a non-positive combined error are skipped.
     Returns ``(f, n_pairs)``; ``(nan, 0)`` without usable pairs.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        Catalogue with repeat observations.
+    label : str
+        Label column (e.g. ``teff`` in K, ``fe_h`` in dex).
+    err_col : str, optional
+        Its error column (default ``<label>_err``, same unit).
+    id_col : str, optional
+        Star identifier column.
+    rows : array_like of bool, optional
+        Rows that may take part (default all).
+    robust : bool, optional
+        Use the percentile width instead of the std (default False).
+
+    Returns
+    -------
+    f : float
+        Dimensionless error scale factor.
+    n_pairs : int
+        Number of usable pairs.
+
+    Raises
+    ------
+    KeyError
+        If the label, error or id column is missing.
     """
     err_col = err_col or f"{label}_err"
     for c in (label, err_col):
@@ -246,7 +414,31 @@ def repeat_error_factor(table, label: str, *, err_col: str | None = None, id_col
 
 
 def repeat_error_factors(table, labels=None, *, id_col: str = "stellar_id", rows=None, robust: bool = False):
-    """Table of Eq. 10 factors for every label with an ``_err`` column."""
+    """Table of Eq. 10 factors for every label with an ``_err`` column.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        Catalogue with repeat observations.
+    labels : sequence of str, optional
+        Labels to scale (default: :func:`label_columns` that have ``<label>_err``).
+    id_col : str, optional
+        Star identifier column.
+    rows : array_like of bool, optional
+        Rows that may take part.
+    robust : bool, optional
+        See :func:`repeat_error_factor`.
+
+    Returns
+    -------
+    astropy.table.Table
+        Columns ``label``, ``factor`` (dimensionless) and ``n_pairs``; ``meta`` has ``n_rows``, ``n_ids``, ``robust``.
+
+    Raises
+    ------
+    KeyError
+        As :func:`repeat_error_factor`.
+    """
 
     labels = list(labels) if labels else [c for c in label_columns(table) if f"{c}_err" in table.colnames]
     out = []
@@ -265,6 +457,27 @@ def apply_error_factors(table, factors: dict, *, force: bool = False):
 
     The factors are recorded in ``meta['error_scale']`` (JSON); applying again
     to a label already scaled raises unless ``force``.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        Catalogue (not modified).
+    factors : dict of str to float
+        ``{label: factor}``, positive and finite.
+    force : bool, optional
+        Allow scaling a label again; factors then multiply in ``meta['error_scale']``.
+
+    Returns
+    -------
+    astropy.table.Table
+        A copy with the scaled error columns.
+
+    Raises
+    ------
+    KeyError
+        If ``<label>_err`` is missing.
+    ValueError
+        For a non-positive or non-finite factor, or a label already scaled without ``force``.
     """
     out = table.copy()
     done = json.loads(out.meta.get("error_scale", "{}") or "{}")
@@ -290,6 +503,29 @@ def plot_differences(path, comparison: Comparison, labels=None, x: str = "fe_h",
 
     Each panel carries the median and dispersion as text, as in the paper.
     Returns ``{label: number of points drawn}``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Output image file (format from the suffix).
+    comparison : Comparison
+        Output of :func:`compare`; ``x`` must be one of its compared labels.
+    labels : sequence of str, optional
+        Panels to draw (default every compared label).
+    x : str, optional
+        Column of ``comparison.matched`` on the x axis (default ``fe_h``, dex).
+    ncols : int, optional
+        Panels per row (default 2).
+
+    Returns
+    -------
+    dict of str to int
+        Points drawn per label.
+
+    Raises
+    ------
+    KeyError
+        If ``x`` is not a column of the matched table.
     """
 
     m = comparison.matched
@@ -339,6 +575,23 @@ def plot_bias_precision(path, stats: dict) -> list[str]:
     region; labels are ordered by the first entry's dispersion.  Teff is
     drawn in units of 100 K so that it shares the dex axis.  Returns the
     label order drawn.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Output image file.
+    stats : dict of str to astropy.table.Table
+        Statistics tables (``label, bias, dispersion``) by name; dex, Teff in K.
+
+    Returns
+    -------
+    list of str
+        Labels in the order drawn.
+
+    Raises
+    ------
+    ValueError
+        If ``stats`` is empty.
     """
 
     names = list(stats)

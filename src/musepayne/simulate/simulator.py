@@ -71,17 +71,46 @@ BUNIT = "10**(-20)*erg/s/cm**2/Angstrom"
 
 
 def default_psf() -> MoffatPSF:
-    """Typical MUSE WFM seeing-limited PSF in 0.2" pixels (FWHM ~0.75" at 7000 A, ~lambda^-0.2)."""
+    """Typical MUSE WFM seeing-limited PSF in 0.2" pixels (FWHM ~0.75" at 7000 A, ~lambda^-0.2).
+
+    Returns
+    -------
+    MoffatPSF
+        Moffat PSF whose FWHM (pixels), beta, ellipticity and angle (deg) are polynomials in wavelength.
+    """
     return MoffatPSF(fwhm=(3.6, -0.245, 0.045), beta=(2.6, -0.1), ellip=(0.05,), angle=(30.0,))
 
 
 # --------------------------------------------------------------------------- spectrum sources
 class ToySpectra:
-    """Default source: :func:`~musepayne.simulate.toyspec.toy_spectrum` with a ``teff_like`` label (not physical)."""
+    """Default source: :func:`~musepayne.simulate.toyspec.toy_spectrum` with a ``teff_like`` label (not physical).
+
+    Calling it, ``src(labels, wave)``, returns the rest-frame toy spectrum at the MUSE LSF on air
+    wavelengths ``wave`` (Angstrom).
+
+    Attributes
+    ----------
+    label_names : tuple of str
+        ``("teff_like",)``, a continuum temperature in K (shape parameter only).
+    """
 
     label_names = ("teff_like",)
 
     def sample(self, rng, n):
+        """Draw ``teff_like`` uniformly in 3800-7500 K.
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator
+            Random generator.
+        n : int
+            Number of stars.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            ``{"teff_like": (n,) array in K}``.
+        """
         return {"teff_like": rng.uniform(3800.0, 7500.0, n)}
 
     def __call__(self, labels, wave):
@@ -94,6 +123,17 @@ class CallableSpectra:
 
     ``sampler(rng, n) -> dict of label arrays`` draws the labels; e.g. a
     trained model's label ranges.
+
+    Calling it, ``src(labels, wave)``, returns ``fn(labels, wave)`` as float64.
+
+    Attributes
+    ----------
+    fn : callable
+        ``fn(labels: dict, wave) -> flux``: rest-frame flux on air wavelengths ``wave`` (Angstrom) at the MUSE LSF.
+    sampler : callable
+        ``sampler(rng, n) -> dict`` of label arrays of shape (n,).
+    label_names : tuple of str
+        Names of the labels ``sampler`` draws (columns of the truth table).
     """
 
     fn: Callable
@@ -101,6 +141,20 @@ class CallableSpectra:
     label_names: tuple
 
     def sample(self, rng, n):
+        """Draw labels with ``sampler``.
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator
+            Random generator.
+        n : int
+            Number of stars.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            Label arrays of shape (n,).
+        """
         return self.sampler(rng, n)
 
     def __call__(self, labels, wave):
@@ -129,6 +183,32 @@ class LibrarySpectra:
     by a second flux-conserving rebinning, the simulator's generic path, smooths it by an
     undeclared ``t (1 - t) * 1.25^2`` A^2 -- up to 0.6 A FWHM in quadrature -- and pulled
     STELIB stars' [Fe/H] by -0.025 dex in cubes.)
+
+    Calling it, ``src(labels, wave, rv=0.0)``, returns the spectrum ``labels["lib_index"]`` on the
+    cube grid, Doppler-shifted by ``rv`` km/s (ValueError if ``wave`` is not the grid it was built for).
+
+    Parameters
+    ----------
+    spectra : SpectrumSet or iterable of SpectrumSet
+        Library spectra with wavelengths in Angstrom in their own frame and LSF.
+    wave : array_like
+        Cube air wavelengths in Angstrom, shape (n_layers,).
+
+    Attributes
+    ----------
+    lsf : LSF
+        Effective LSF of the simulated spectra (MUSE where the library could be degraded to it).
+    label_names : tuple of str
+        ``("teff", "logg", "fe_h", "lib_index")`` (K, dex, dex; NaN where a set lacks the column).
+    shifts_rv : bool
+        True: radial velocities are applied here, on the library's own grid.
+    spectra : numpy.ndarray
+        Copy of the kept library spectra on the cube grid, (n, n_layers).
+
+    Raises
+    ------
+    ValueError
+        If no library spectrum covers the cube wavelength range.
     """
 
     shifts_rv = True
@@ -161,7 +241,18 @@ class LibrarySpectra:
                     else TabulatedLSF(tuple(wave), tuple(fwhm), name="library-effective"))
 
     def write_lsf(self, path):
-        """Write :attr:`lsf` as a two-column text table (wavelength, FWHM in A) for ``cube_lsf``."""
+        """Write :attr:`lsf` as a two-column text table (wavelength, FWHM in A) for ``cube_lsf``.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Output text file (overwritten).
+
+        Returns
+        -------
+        str
+            ``str(path)``.
+        """
         np.savetxt(path, np.c_[self._wave, self.lsf.fwhm(self._wave)], fmt="%.6f",
                    header="air wavelength (A), effective FWHM (A) of the simulated library spectra")
         return str(path)
@@ -172,6 +263,20 @@ class LibrarySpectra:
         return self._flux.copy()
 
     def sample(self, rng, n):
+        """Draw one library spectrum per star, uniformly with replacement.
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator
+            Random generator.
+        n : int
+            Number of stars.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            ``teff`` (K), ``logg`` (dex), ``fe_h`` (dex) and ``lib_index`` (float) arrays of shape (n,).
+        """
         idx = rng.integers(0, len(self._flux), n)
         out = {k: v[idx] for k, v in self._labels.items()}
         out["lib_index"] = idx.astype(float)
@@ -193,7 +298,78 @@ class LibrarySpectra:
 # --------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class SimulateConfig:
-    """Everything that defines a mock cube (all lengths in pixels unless stated)."""
+    """Everything that defines a mock cube (all lengths in pixels unless stated).
+
+    Attributes
+    ----------
+    nx, ny : int
+        Spatial size in spaxels (>= 8; default 150).
+    nlayers : int
+        Number of wavelength layers (>= 1; default 1000).
+    crval3 : float
+        First layer, air Angstrom (4749.75).
+    cdelt3 : float
+        Layer step, Angstrom (1.25).
+    nstars : int
+        Number of stars (>= 1; default 500).
+    cluster_fraction : float
+        Fraction of stars in the King cluster (0.8).
+    king_rc, king_rt : float
+        King core and tidal radius, pixels (40, 600).
+    margin : float
+        Stars are placed up to this far outside the field, pixels (8).
+    mag_bright, mag_faint : float
+        Magnitude range of the luminosity function (16, 21).
+    lf_slope : float
+        ``dN/dm ~ 10^(lf_slope m)`` (0.3 per mag).
+    zeropoint : float
+        Magnitude of a star with 1 flux unit/A (mean over the band) (28.9).
+    rv_mean, rv_sigma : float
+        Mean and dispersion of the radial velocities, km/s (0, 15).
+    psf : MoffatPSF
+        The wavelength-dependent PSF (default :func:`default_psf`).
+    psf_radius : float
+        Stamp radius for each star, pixels (16).
+    psf_oversample : int
+        Sub-pixel oversampling of the PSF stamps (4).
+    psf_step : int
+        Layers between PSF nodes, linear interpolation between (50).
+    sky_level : float
+        Sky continuum per spaxel per Angstrom, flux units (5).
+    sky_line_scale : float
+        Sky line amplitude per unit strength, flux units integrated over the line (20).
+    gain : float
+        Electrons per flux unit per layer, the photon-noise scale (2).
+    read_noise : float
+        Read noise per exposure, electrons (3).
+    n_exp : int
+        Number of exposures (4; 600 s each in the header).
+    pixscale : float
+        Spaxel size, arcsec (0.2).
+    ra0, dec0 : float
+        Field centre, degrees.
+    cat_offset : tuple of (float, float)
+        Catalogue -> cube offset, pixels.
+    cat_rotation : float
+        Catalogue -> cube rotation, degrees.
+    cat_scale : float
+        Catalogue -> cube scale (dimensionless).
+    cat_pos_noise : float
+        Catalogue position error per axis, pixels.
+    cat_mag_noise : float
+        Catalogue magnitude error, mag.
+    block : int
+        Layers per streamed block (64).
+    seed : int
+        Random seed (1).
+    bad_layers : tuple of int
+        0-based layers filled with NaN (to test flagging).
+
+    Raises
+    ------
+    ValueError
+        If nx or ny < 8, or nlayers or nstars < 1.
+    """
 
     nx: int = 150
     ny: int = 150
@@ -238,7 +414,22 @@ class SimulateConfig:
 
 
 def king_radii(rng, n, rc, rt):
-    """Radii drawn from the King (1962) surface-density profile (inverse CDF on a grid)."""
+    """Radii drawn from the King (1962) surface-density profile (inverse CDF on a grid).
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Random generator.
+    n : int
+        Number of radii.
+    rc, rt : float
+        Core and tidal radius (same length unit as the result, e.g. pixels).
+
+    Returns
+    -------
+    numpy.ndarray
+        Radii in [0, rt], shape (n,).
+    """
     r = np.linspace(0.0, rt, 20001)
     sig = (1.0 / np.sqrt(1.0 + (r / rc) ** 2) - 1.0 / np.sqrt(1.0 + (rt / rc) ** 2)) ** 2
     cdf = np.concatenate([[0.0], np.cumsum(0.5 * (sig[1:] * r[1:] + sig[:-1] * r[:-1]) * np.diff(r))])
@@ -248,7 +439,25 @@ def king_radii(rng, n, rc, rt):
 
 # --------------------------------------------------------------------------- simulator
 class Simulator:
-    """Configure once, then ``write(path)`` a cube, its truth file and a source catalogue."""
+    """Configure once, then ``write(path)`` a cube, its truth file and a source catalogue.
+
+    Parameters
+    ----------
+    config : SimulateConfig, optional
+        The field (default ``SimulateConfig()``).
+    source : object, optional
+        Spectrum source with ``label_names``, ``sample(rng, n)`` and ``__call__(labels, wave[, rv])``
+        (default :class:`ToySpectra`).
+
+    Attributes
+    ----------
+    config : SimulateConfig
+        The configuration.
+    source : object
+        The spectrum source.
+    wave : numpy.ndarray
+        Layer air wavelengths in Angstrom, shape (nlayers,).
+    """
 
     def __init__(self, config: SimulateConfig = SimulateConfig(), source=None):
         self.config = config
@@ -257,6 +466,13 @@ class Simulator:
 
     # ------------------------------------------------------------ pieces
     def wcs_header(self) -> fits.Header:
+        """The 3-D WCS cards of the cube (TAN projection with a CD matrix, ``CTYPE3 = AWAV``).
+
+        Returns
+        -------
+        astropy.io.fits.Header
+            Celestial axes in degrees centred on (ra0, dec0), wavelength axis in air Angstrom.
+        """
         c = self.config
         h = fits.Header()
         h["CTYPE1"] = "RA---TAN"
@@ -283,10 +499,23 @@ class Simulator:
         return h
 
     def celestial_wcs(self):
+        """The celestial (2-D) part of :meth:`wcs_header`.
+
+        Returns
+        -------
+        astropy.wcs.WCS
+            Pixel (0-based x, y) <-> (RA, Dec) in degrees.
+        """
         return WCS(self.wcs_header()).celestial
 
     def sky_spectrum(self) -> np.ndarray:
-        """Sky per spaxel per A: smooth continuum plus Gaussian emission lines at the MUSE LSF."""
+        """Sky per spaxel per A: smooth continuum plus Gaussian emission lines at the MUSE LSF.
+
+        Returns
+        -------
+        numpy.ndarray
+            Flux units per Angstrom per spaxel, shape (nlayers,).
+        """
         c = self.config
         w = self.wave
         sky = c.sky_level * (1.0 + 0.5 * (w - 4750.0) / 4500.0)
@@ -296,7 +525,16 @@ class Simulator:
         return sky
 
     def stars(self) -> tuple[Table, np.ndarray]:
-        """Truth table and true spectra ``(n_stars, n_layers)`` (flux units per A, observed frame)."""
+        """Truth table and true spectra ``(n_stars, n_layers)`` (flux units per A, observed frame).
+
+        Returns
+        -------
+        table : astropy.table.Table
+            ``stellar_id``, ``ra``/``dec`` (deg), ``x``/``y`` (0-based cube pixels), ``mag``, ``rv`` (km/s),
+            the source's labels, ``ra_cat``/``dec_cat``/``mag_cat`` (the noisy catalogue) and ``in_field``.
+        flux : numpy.ndarray
+            (n_stars, nlayers), flux units per Angstrom, Doppler-shifted.
+        """
         c = self.config
         rng = np.random.default_rng(c.seed)
         n = c.nstars
@@ -354,6 +592,18 @@ class Simulator:
         return t, flux
 
     def catalogue_to_cube(self, xcat, ycat):
+        """Map catalogue pixel positions to cube pixels (offset, rotation, scale about the centre).
+
+        Parameters
+        ----------
+        xcat, ycat : array_like
+            Positions in the catalogue frame, 0-based pixels.
+
+        Returns
+        -------
+        x, y : numpy.ndarray
+            Positions in the cube, 0-based pixels.
+        """
         c = self.config
         x0, y0 = (c.nx - 1) / 2.0, (c.ny - 1) / 2.0
         th = np.deg2rad(c.cat_rotation)
@@ -390,6 +640,15 @@ class Simulator:
 
     # ------------------------------------------------------------ writing
     def headers(self):
+        """Primary and extension headers of the cube.
+
+        Returns
+        -------
+        primary : astropy.io.fits.Header
+            Instrument, simulation parameters and the PSF.
+        extensions : list of astropy.io.fits.Header
+            DATA and STAT headers (float32 images of (nlayers, ny, nx), WCS, BUNIT).
+        """
         c = self.config
         p = fits.Header()
         p["TELESCOP"] = "ESO-VLT-U4"
@@ -424,7 +683,22 @@ class Simulator:
         return p, ext
 
     def write(self, path, truth: bool = True, catalogue: bool = True) -> dict:
-        """Write the cube (and truth file and source catalogue); return the paths."""
+        """Write the cube (and truth file and source catalogue); return the paths.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Cube file; written atomically, an existing file is replaced.
+        truth : bool, optional
+            Also write ``<stem>_truth.fits`` (TRUTH, WAVE, TRUE_FLUX, SKY).
+        catalogue : bool, optional
+            Also write ``<stem>_sources.csv`` (stellar_id, ra, dec, mag with catalogue errors).
+
+        Returns
+        -------
+        dict
+            ``cube``, ``truth``, ``sources`` (paths as str, those written), ``n_stars`` and ``n_in_field`` (int).
+        """
         c = self.config
         path = Path(path)
         table, flux = self.stars()

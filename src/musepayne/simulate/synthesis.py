@@ -47,7 +47,21 @@ __all__ = ["ModelSpectra", "planck_lambda", "globular_cluster_sampler"]
 
 
 def planck_lambda(wave_angstrom, teff):
-    """Planck F_lambda shape (arbitrary normalisation) at wavelengths in Angstrom."""
+    """Planck F_lambda shape (arbitrary normalisation) at wavelengths in Angstrom.
+
+    Parameters
+    ----------
+    wave_angstrom : array_like
+        Wavelengths in Angstrom.
+    teff : float
+        Temperature in K.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``1 / (lambda^5 (exp(hc / lambda k T) - 1))`` with lambda in m (arbitrary unit), shape of
+        ``wave_angstrom``.
+    """
     w = np.asarray(wave_angstrom, dtype=np.float64) * 1e-10
     x = 6.62607015e-34 * 2.99792458e8 / (w * 1.380649e-23 * float(teff))
     return 1.0 / (w**5 * np.expm1(np.minimum(x, 700.0)))
@@ -61,6 +75,27 @@ class ModelSpectra:
     labels are clipped into the model's training box before prediction.
     ``shifts_rv = True`` tells the simulator to pass the RV here (the model is
     evaluated at Doppler-shifted wavelengths) instead of re-binning.
+
+    Calling the instance, ``src(labels, wave, rv=0.0)``, returns the flux (arbitrary unit: Planck
+    continuum times :meth:`continuum_shape` times the normalised model) at air wavelengths ``wave``
+    (Angstrom) for a dict of labels, Doppler-shifted by ``rv`` km/s; outside the model grid the
+    continuum-shaped model flux is taken as 1.
+
+    Attributes
+    ----------
+    model : SpectralModel
+        Trained model with ``label_names``, ``x_min``, ``x_max``, ``wave`` (Angstrom), ``frame``
+        and ``predict``.
+    sampler : callable
+        ``sampler(rng, n) -> dict`` of label arrays (K for teff, dex for logg and abundances).
+    shifts_rv : bool
+        True: the simulator passes the RV here (default True).
+    continuum_consistent : bool
+        Give the star the flux that ``prepare`` normalises back to the model spectrum (default True).
+    continuum_iter : int
+        Fixed-point iterations for that continuum (default 20).
+    label_names : tuple of str
+        ``model.label_names``.
     """
 
     model: object
@@ -84,6 +119,20 @@ class ModelSpectra:
         return tuple(self.model.label_names)
 
     def sample(self, rng, n):
+        """Draw labels with the sampler and clip them into the model's training box.
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator
+            Random generator.
+        n : int
+            Number of stars.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            Label arrays of shape (n,), keys ``label_names``, physical units (K, dex).
+        """
         d = self.sampler(rng, n)
         lo, hi = np.asarray(self.model.x_min), np.asarray(self.model.x_max)
         return {k: np.clip(np.asarray(d[k], float), lo[i], hi[i]) for i, k in enumerate(self.label_names)}
@@ -102,9 +151,23 @@ class ModelSpectra:
         return planck_lambda(wave, teff) * norm
 
     def continuum_shape(self, f, teff):
-        """``C / B`` on the model grid: the factor (relative to the Planck continuum ``B``) that
-        makes ``B * C/B * f`` normalise back to ``f`` in ``prepare`` (module docstring); ones
-        when ``continuum_consistent`` is off or the model is not on the prepare grid."""
+        """``C / B`` on the model grid, the continuum factor relative to the Planck continuum ``B``.
+
+        It makes ``B * C/B * f`` normalise back to ``f`` in ``prepare`` (module docstring); ones
+        when ``continuum_consistent`` is off or the model is not on the prepare grid.
+
+        Parameters
+        ----------
+        f : array_like
+            Normalised model flux on the model grid, shape (n_pix,).
+        teff : float
+            Temperature in K of the Planck continuum.
+
+        Returns
+        -------
+        numpy.ndarray
+            Dimensionless factor, shape (n_pix,).
+        """
         f = np.asarray(f, np.float64)
         prep = self._preparer
         if prep is None:
@@ -127,6 +190,23 @@ def globular_cluster_sampler(feh_cluster=-1.5, feh_spread=0.05, field_fraction=0
     (Teff 4300-5300 K, log g 1.0-3.4), sub-giant branch and turn-off (5300-6300 K,
     log g 3.4-4.1), main sequence (5400-6200 K, log g 4.2-4.6), with 0.1 dex and
     60 K scatter.  Field stars are disc dwarfs and giants with [Fe/H] ~ N(-0.3, 0.3).
+
+    Parameters
+    ----------
+    feh_cluster : float, optional
+        Cluster [Fe/H] in dex (default -1.5).
+    feh_spread : float, optional
+        Gaussian [Fe/H] spread of the cluster in dex (default 0.05).
+    field_fraction : float, optional
+        Fraction of field stars (default 0.2).
+    field_feh : tuple of (float, float), optional
+        Mean and sigma of the field [Fe/H] in dex (default (-0.3, 0.3)).
+
+    Returns
+    -------
+    callable
+        ``sample(rng, n) -> dict`` with arrays ``teff`` (K), ``logg`` (dex) and ``fe_h`` (dex) of shape (n,),
+        in random order.
     """
 
     def sample(rng, n):

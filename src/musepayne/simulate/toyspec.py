@@ -27,7 +27,22 @@ TOY_LINES = (
 
 
 def muse_grid(npix: int = 3681, crval: float = 4749.75, cdelt: float = 1.25) -> np.ndarray:
-    """MUSE nominal-mode air wavelength grid (4749.75 + 1.25 i, 3681 layers)."""
+    """MUSE nominal-mode air wavelength grid (4749.75 + 1.25 i, 3681 layers).
+
+    Parameters
+    ----------
+    npix : int, optional
+        Number of layers (default 3681).
+    crval : float, optional
+        First wavelength, air Angstrom (default 4749.75).
+    cdelt : float, optional
+        Step in Angstrom (default 1.25).
+
+    Returns
+    -------
+    numpy.ndarray
+        Air wavelengths in Angstrom, shape (npix,).
+    """
     return linear_grid(crval, cdelt, npix)
 
 
@@ -36,6 +51,22 @@ def toy_spectrum(wave, lsf=MUSE_LSF, rv_kms: float = 0.0, teff_like: float = 500
 
     The continuum is a Planck-like slope for temperature ``teff_like``; lines
     are Gaussians whose width is the intrinsic width convolved with the LSF.
+
+    Parameters
+    ----------
+    wave : array_like
+        Air wavelengths in Angstrom, shape (n_pix,).
+    lsf : LSF, optional
+        Instrumental LSF (default MUSE).
+    rv_kms : float, optional
+        Radial velocity in km/s applied to the line centres (non-relativistic, ``1 + v/c``).
+    teff_like : float, optional
+        Temperature in K of the Planck-like continuum slope (a shape parameter, not a label).
+
+    Returns
+    -------
+    numpy.ndarray
+        Flux, shape (n_pix,), continuum normalised to median 1 (dimensionless).
     """
     w = np.asarray(wave, dtype=np.float64)
     x = 1.4388e8 / (w * teff_like)  # hc / (lambda k T) with lambda in A

@@ -51,17 +51,57 @@ __all__ = ["CVConfig", "cross_validate", "dispersion", "bias", "assign_folds", "
 
 
 def dispersion(x):
-    """Half the 15.87-84.13 percentile range (NaN-aware), per column."""
+    """Half the 15.87-84.13 percentile range (NaN-aware), per column.
+
+    Parameters
+    ----------
+    x : array_like
+        Differences, shape (n,) or (n, n_labels), in the labels' units (K, dex).
+
+    Returns
+    -------
+    float or numpy.ndarray
+        Robust 1-sigma per column, same unit.
+    """
     lo, hi = np.nanpercentile(np.asarray(x, float), [15.87, 84.13], axis=0)
     return 0.5 * (hi - lo)
 
 
 def bias(x):
+    """Median (NaN-aware), per column.
+
+    Parameters
+    ----------
+    x : array_like
+        Differences, shape (n,) or (n, n_labels), in the labels' units (K, dex).
+
+    Returns
+    -------
+    float or numpy.ndarray
+        Median per column, same unit.
+    """
     return np.nanmedian(np.asarray(x, float), axis=0)
 
 
 def assign_folds(groups, k, seed):
-    """Fold index per item; all members of a group in the same fold, folds balanced by count."""
+    """Fold index per item; all members of a group in the same fold, folds balanced by count.
+
+    Groups are taken in a random order (``seed``) and each goes to the fold with the fewest items so far.
+
+    Parameters
+    ----------
+    groups : array_like
+        Group key per item (e.g. ``star_key``), shape (n,).
+    k : int
+        Number of folds.
+    seed : int
+        Seed of the group order.
+
+    Returns
+    -------
+    numpy.ndarray
+        int fold index in [0, k) per item, shape (n,).
+    """
     groups = np.asarray(groups)
     uniq, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
     order = np.random.default_rng(seed).permutation(uniq.size)
@@ -76,7 +116,27 @@ def assign_folds(groups, k, seed):
 
 @dataclass(frozen=True)
 class CVConfig:
-    """Cross-validation settings (the issue's defaults)."""
+    """Cross-validation settings (the issue's defaults).
+
+    Attributes
+    ----------
+    k : int
+        Number of folds (5).
+    snr : float
+        S/N per pixel of the simulated MUSE and LAMOST observations (100).
+    teff_range : tuple of (float, float)
+        Open Teff range in K of the validation stars (4000, 7000).
+    feh_min : float
+        Validation stars have [Fe/H] > feh_min, dex (-2.0).
+    seed : int
+        Seed of the fold assignment and noise; training seeds are ``train.seed + fold``.
+    train : TrainConfig
+        Training settings of each fold.
+    instruments : tuple of str
+        Observations to simulate, from 'muse' and 'lamost'.
+    baseline : CannonConfig or None
+        Quadratic-Cannon baseline settings, or None (no baseline).
+    """
 
     k: int = 5
     snr: float = 100.0
@@ -102,6 +162,27 @@ def cross_validate(trainset: TrainingSet, templates=None, config: CVConfig | Non
     labels, fitted labels and errors per instrument, status, gradcorr);
     ``summary``: dict of dispersions, biases and median gradcorr.
     ``progress``: optional callable ``progress(message)``.
+
+    Parameters
+    ----------
+    trainset : TrainingSet
+        Training set with ``teff`` (K), ``logg``, ``fe_h`` (dex) labels and ``source``/``instrument``
+        columns pointing at the native library files.
+    templates : GradientTemplates, optional
+        Gradient templates (regularisation and gradcorr).
+    config : CVConfig, optional
+        Settings (default ``CVConfig()``).
+    fit_config : FitConfig, optional
+        Fitter settings (default ``FitConfig()``).
+    progress : callable, optional
+        ``progress(message: str)``.
+
+    Returns
+    -------
+    table : astropy.table.Table
+        One row per validation star; labels in K and dex, RV in km/s.
+    summary : dict
+        See :func:`cv_summary`, plus ``seconds`` (wall time per step) and, with a baseline, ``baseline``.
     """
     from ..threads import blas_threads
 
@@ -197,6 +278,23 @@ def cv_summary(table: Table, names=("teff", "logg", "fe_h"), instruments=("muse"
     """Dispersion / bias of fit - literature per instrument, MUSE - LAMOST, median gradcorr.
 
     ``suffix``: read the columns ``<label>_<instrument><suffix>`` (e.g. ``'_cannon'`` for the baseline).
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        Per-star table of :func:`cross_validate`.
+    names : sequence of str, optional
+        Labels (default teff, logg, fe_h).
+    instruments : sequence of str, optional
+        Instruments present (default muse, lamost).
+    suffix : str, optional
+        Column suffix.
+
+    Returns
+    -------
+    dict
+        ``n_stars``; ``<inst>_minus_lit`` and ``muse_minus_lamost``: ``{label: {"dispersion", "bias"}}``
+        (K, dex); ``<inst>_gradcorr_median``: ``{label: float}`` when the columns exist.
     """
     out = {"n_stars": len(table)}
     if not len(table):
@@ -228,7 +326,21 @@ GRADCORR_MIN = 0.7
 
 
 def cv_checks(reg: dict, plain: dict | None = None) -> dict:
-    """Pass/fail of the issue's criteria for CV summaries (regularised, and weight 0)."""
+    """Pass/fail of the issue's criteria for CV summaries (regularised, and weight 0).
+
+    Parameters
+    ----------
+    reg : dict
+        :func:`cv_summary` of the regularised run.
+    plain : dict, optional
+        :func:`cv_summary` of the run without gradient regularisation.
+
+    Returns
+    -------
+    dict of str to bool
+        One entry per criterion of :data:`CV_LIMITS` (dispersion, and |bias| <= dispersion / 3 for
+        fit - literature) and per label for gradcorr >= :data:`GRADCORR_MIN` and above weight 0.
+    """
     out = {}
     for comp, lim in CV_LIMITS.items():
         for n, dmax in lim.items():
@@ -252,9 +364,21 @@ _NOT_RECIPE = ("seed", "device")
 
 
 def default_recipe(label_names=("teff", "logg", "fe_h")) -> TrainConfig:
-    """The :class:`TrainConfig` the shipped default model was trained with (read from its
-    provenance ``train_config``); the documented defaults (gradient weight 3e-4 per label)
-    when no default model is installed or it does not record them."""
+    """The :class:`TrainConfig` the shipped default model was trained with.
+
+    Read from the default model's provenance ``train_config``; the documented defaults (gradient
+    weight 3e-4 per label) when no default model is installed or it does not record them.
+
+    Parameters
+    ----------
+    label_names : sequence of str, optional
+        Labels for the fallback gradient weights.
+
+    Returns
+    -------
+    TrainConfig
+        The recipe (without seed and device).
+    """
     fallback = TrainConfig(gradient_weight={n: 3e-4 for n in label_names})
     try:
         tc = dict(load_model("default").meta.get("train_config") or {})
@@ -270,9 +394,9 @@ def default_recipe(label_names=("teff", "logg", "fe_h")) -> TrainConfig:
 
 
 def run_cv(options: dict):
-    """``musepayne validate --cv``: K-fold CV of the default model's recipe
-    (:func:`default_recipe`: architecture, regularisation, model scatter, ...), with and
-    without the gradient regularisation.  Returns ``(info, lines)``.
+    """``musepayne validate --cv``: K-fold CV of the default model's recipe, with and without regularisation.
+
+    The recipe is :func:`default_recipe` (architecture, regularisation, model scatter, ...).
 
     Uses ``options['trainset']`` / ``options['templates']`` when given, else builds both in
     memory from ``$MUSEPAYNE_SHARED`` or ``../shared/data``.  ``options['plot_dir']``, when
@@ -280,6 +404,18 @@ def run_cv(options: dict):
     ``options['baseline']`` (default True): also train and test the quadratic-Cannon
     baseline beside the regularised run (``info['baseline']``; its per-star results are the
     ``*_cannon`` columns of ``cv_regularised.fits``).  Takes ~10 min on one core (10 trainings).
+
+    Parameters
+    ----------
+    options : dict
+        ``trainset``, ``templates``, ``k`` (5), ``snr`` (100), ``plot_dir``, ``baseline`` (True).
+
+    Returns
+    -------
+    info : dict
+        Summaries of both runs, ``checks``, ``all_pass`` and ``seconds``.
+    lines : list of str
+        A human-readable report.
     """
 
 

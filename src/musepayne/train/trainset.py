@@ -90,12 +90,34 @@ MUSE_CRVAL, MUSE_CDELT, MUSE_NPIX = 4749.75, 1.25, 3681
 
 
 def muse_air_grid(npix: int = MUSE_NPIX) -> np.ndarray:
-    """The nominal MUSE WFM air grid ``4749.75 + 1.25 i`` A."""
+    """The nominal MUSE WFM air grid ``4749.75 + 1.25 i`` A.
+
+    Parameters
+    ----------
+    npix : int, optional
+        Number of pixels (default 3681).
+
+    Returns
+    -------
+    numpy.ndarray
+        Air wavelengths in Angstrom, shape (npix,).
+    """
     return linear_grid(MUSE_CRVAL, MUSE_CDELT, npix)
 
 
 def star_key(name: str) -> str:
-    """Normalised star name (upper case, no blanks, no leading zeros in catalogue numbers)."""
+    """Normalised star name (upper case, no blanks, no leading zeros in catalogue numbers).
+
+    Parameters
+    ----------
+    name : str
+        Star name, e.g. ``"HD 000123"``.
+
+    Returns
+    -------
+    str
+        The key, e.g. ``"HD123"``.
+    """
     s = re.sub(r"\s+", "", str(name).upper())
     s = re.sub(r"^(HD|HDE|HR|HIP|GL|GJ|SAO|HZ)0*(\d)", r"\1\2", s)
     return s
@@ -103,13 +125,35 @@ def star_key(name: str) -> str:
 
 @dataclass(frozen=True)
 class TrainsetCuts:
-    """Label cuts applied to the library stars (inclusive-exclusive ranges: ``lo < x < hi``)."""
+    """Label cuts applied to the library stars (inclusive-exclusive ranges: ``lo < x < hi``).
+
+    Attributes
+    ----------
+    teff_range : tuple of (float, float)
+        Teff range in K (default 3800-8000).
+    logg_range : tuple of (float, float)
+        log g range in dex (default -0.5-5.5).
+    feh_range : tuple of (float, float)
+        [Fe/H] range in dex (default -3.0-1.0).
+    """
 
     teff_range: tuple = (3800.0, 8000.0)
     logg_range: tuple = (-0.5, 5.5)
     feh_range: tuple = (-3.0, 1.0)
 
     def select(self, table: Table) -> np.ndarray:
+        """Rows with finite ``teff``, ``logg``, ``fe_h`` strictly inside the ranges.
+
+        Parameters
+        ----------
+        table : astropy.table.Table
+            Table with ``teff`` (K), ``logg`` and ``fe_h`` (dex) columns.
+
+        Returns
+        -------
+        numpy.ndarray
+            bool, shape (len(table),).
+        """
         ok = np.ones(len(table), bool)
         for name, (lo, hi) in zip(LABELS, (self.teff_range, self.logg_range, self.feh_range)):
             x = np.asarray(table[name], float)
@@ -117,6 +161,13 @@ class TrainsetCuts:
         return ok
 
     def describe(self) -> str:
+        """The cuts as text (stored in the training-set header ``TSCUTS``).
+
+        Returns
+        -------
+        str
+            E.g. ``"finite labels; 3800<teff<8000; ...; status ok"``.
+        """
         return (f"finite labels; {self.teff_range[0]:g}<teff<{self.teff_range[1]:g}; "
                 f"{self.logg_range[0]:g}<logg<{self.logg_range[1]:g}; "
                 f"{self.feh_range[0]:g}<fe_h<{self.feh_range[1]:g}; status ok")
@@ -124,7 +175,27 @@ class TrainsetCuts:
 
 @dataclass(frozen=True, eq=False)
 class TrainingSet:
-    """Prepared spectra plus labels (the ``musepayne train`` input)."""
+    """Prepared spectra plus labels (the ``musepayne train`` input).
+
+    Attributes
+    ----------
+    prepared : PreparedSpectra
+        Spectra on the model grid (vacuum Angstrom), normalised; the ``spectra`` table carries the labels.
+    label_names : tuple of str
+        Label columns used for training (default teff, logg, fe_h).
+    meta : dict
+        Header metadata (``tscuts``, ``tsunmask``, ``tssource``, ``tsnfile``, ``tsdrop``, ...).
+    n_spectra : int
+        Number of spectra n.
+    wave : numpy.ndarray
+        (n_pix,) vacuum wavelengths in Angstrom.
+    flux, ivar : numpy.ndarray
+        (n, n_pix) normalised flux and its inverse variance.
+    labels : numpy.ndarray
+        (n, n_labels) float64 in the order of ``label_names`` (K, dex).
+    table : astropy.table.Table
+        The per-spectrum table (``prepared.spectra``).
+    """
 
     prepared: PreparedSpectra
     label_names: tuple = LABELS
@@ -156,6 +227,18 @@ class TrainingSet:
         return self.prepared.spectra
 
     def select(self, index) -> TrainingSet:
+        """A new training set with the spectra at ``index`` (copies of the arrays).
+
+        Parameters
+        ----------
+        index : int or array_like of int or bool
+            Spectra to keep.
+
+        Returns
+        -------
+        TrainingSet
+            Same grid, labels and meta.
+        """
         p = self.prepared
         idx = np.atleast_1d(np.asarray(index))
         sub = PreparedSpectra(p.wave.copy(), p.flux[idx], p.ivar[idx], p.mask[idx], p.lsf_excess[idx],
@@ -163,6 +246,13 @@ class TrainingSet:
         return TrainingSet(sub, self.label_names, dict(self.meta))
 
     def write(self, path):
+        """Write as a prepared-spectra FITS file marked ``MPTRAIN`` (atomic; replaces an existing file).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Output file.
+        """
         hl = self.prepared.to_hdulist()
         ph = hl[0].header
         ph["MPTRAIN"] = (TRAINSET_FORMAT, "this prepared file is a training set")
@@ -175,6 +265,23 @@ class TrainingSet:
 
     @classmethod
     def read(cls, path) -> TrainingSet:
+        """Read a training set written by :meth:`write`.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The FITS file.
+
+        Returns
+        -------
+        TrainingSet
+            The set; ``label_names`` from ``TSLABELS`` (default teff, logg, fe_h).
+
+        Raises
+        ------
+        ReaderError
+            If the file is not a readable prepared-spectra file or lacks a label column.
+        """
         p = PreparedSpectra.read(path)
         with fits.open(path, memmap=False) as h:
             ph = h[0].header
@@ -189,14 +296,51 @@ class TrainingSet:
 
 # --------------------------------------------------------------------------- reading
 def library_files(root, kind: str):
-    """Sorted library files below ``root`` (MILES ``*.fits`` with ``_star_m``, STELIB ``STELIB*.fits``)."""
+    """Sorted library files below ``root`` (MILES ``*.fits`` with ``_star_m``, STELIB ``STELIB*.fits``).
+
+    Only the folder itself is searched (no recursion).
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        The folder.
+    kind : {'miles', 'stelib'}
+        Library; anything other than 'miles' means STELIB.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files, sorted.
+    """
     root = Path(root)
     pattern = "MILES*_star_m*.fits" if kind == "miles" else "STELIB*.fits"
     return sorted(root.glob(pattern))
 
 
 def read_library(paths, kind: str, params=None):
-    """Read library files; returns ``(sets, failures)`` with failures as ``(path, reason)``."""
+    """Read library files; returns ``(sets, failures)`` with failures as ``(path, reason)``.
+
+    Parameters
+    ----------
+    paths : iterable of str or os.PathLike
+        Library files.
+    kind : {'miles', 'stelib'}
+        Library.
+    params : str, os.PathLike or astropy.table.Table, optional
+        MILES parameter file or table (:func:`~musepayne.io.readers.read_miles_params`).
+
+    Returns
+    -------
+    sets : list of SpectrumSet
+        One per readable file (air, labels in K and dex).
+    failures : list of tuple of (str, str)
+        Files that could not be read and why.
+
+    Raises
+    ------
+    ReaderError
+        If ``params`` is a file without parameter rows.
+    """
     sets, failures = [], []
     tab = None
     if kind == "miles" and params is not None:
@@ -211,7 +355,27 @@ def read_library(paths, kind: str, params=None):
 
 
 def prepare_for_training(spectra: SpectrumSet, preparer: Preparer, unmask=("DICHROIC",)) -> PreparedSpectra:
-    """Prepare one batch, restoring the inverse variance of pixels excluded only by ``unmask`` bits."""
+    """Prepare one batch, restoring the inverse variance of pixels excluded only by ``unmask`` bits.
+
+    Parameters
+    ----------
+    spectra : SpectrumSet
+        Library spectra on one grid (not modified).
+    preparer : Preparer
+        The preparer (model grid, LSF, continuum).
+    unmask : sequence of str, optional
+        Pixel-flag names whose pixels get their inverse variance back (default ``("DICHROIC",)``).
+
+    Returns
+    -------
+    PreparedSpectra
+        The prepared spectra; ``n_used`` counts the restored pixels.
+
+    Raises
+    ------
+    KeyError
+        For an unknown flag name in ``unmask``.
+    """
     out = preparer(spectra)
     if not unmask:
         return out
@@ -242,6 +406,33 @@ def build_trainset(miles_dir=None, stelib_dir=None, miles_params=None, cuts: Tra
     ``files``: optional explicit list of ``(kind, path)`` instead of folders.
     Spectra failing the cuts or the preparation are dropped (counted in
     ``meta['tsdrop']``).
+
+    Parameters
+    ----------
+    miles_dir, stelib_dir : str or os.PathLike, optional
+        Library folders (see :func:`library_files`).
+    miles_params : str, os.PathLike or astropy.table.Table, optional
+        MILES labels (default ``paramsMILES_v9.1.txt`` next to the first MILES file).
+    cuts : TrainsetCuts, optional
+        Label cuts (default ``TrainsetCuts()``).
+    config : PrepareConfig, optional
+        Prepare settings (default ``PrepareConfig()``, the LAMOST grid).
+    unmask : sequence of str, optional
+        See :func:`prepare_for_training`.
+    files : sequence of (str, path), optional
+        Explicit ``(kind, path)`` pairs instead of folders.
+
+    Returns
+    -------
+    TrainingSet
+        Labels teff (K), logg, fe_h (dex) and a ``star_key`` column.
+
+    Raises
+    ------
+    FileNotFoundError
+        If MILES files are given but no parameter file is found.
+    ValueError
+        If no library spectrum could be read.
     """
     cuts = cuts or TrainsetCuts()
     prep = Preparer(config or PrepareConfig())
@@ -297,6 +488,34 @@ def simulate_observation(spectra: SpectrumSet, snr: float, rng, wave_out, lsf_ou
     Pixels the input does not fully cover (incomplete kernel or rebinning)
     are NaN with infinite variance.  ``rng`` is a :class:`numpy.random.Generator`
     (or a seed).  The input is not modified.
+
+    Parameters
+    ----------
+    spectra : SpectrumSet
+        Library spectra (wavelengths in Angstrom in their frame, their own LSF); not modified.
+    snr : float
+        S/N per pixel at the median flux, positive.
+    rng : numpy.random.Generator or int or None
+        Noise generator (or a seed).
+    wave_out : array_like
+        Output wavelengths in Angstrom, shape (n_pix,), in ``frame_out``.
+    lsf_out : LSF
+        Requested LSF.
+    frame_out : {'air', 'vacuum'}
+        Frame of ``wave_out``.
+    instrument : str
+        Written to ``meta['instrument']``.
+
+    Returns
+    -------
+    SpectrumSet
+        Noisy spectra on ``wave_out`` with the LSF they really have (:func:`~musepayne.prepare.resample.effective_lsf`)
+        and ``meta['sim_snr']``.
+
+    Raises
+    ------
+    ValueError
+        If ``snr`` is not positive and finite, or a frame is invalid.
     """
     if not np.isfinite(snr) or snr <= 0:
         raise ValueError(f"snr must be positive, got {snr!r}")
@@ -324,10 +543,54 @@ def simulate_observation(spectra: SpectrumSet, snr: float, rng, wave_out, lsf_ou
 
 
 def simulate_muse_observation(spectra: SpectrumSet, snr: float, rng, lsf: LSF = MUSE_LSF) -> SpectrumSet:
-    """The same stars observed as MUSE: MUSE LSF (Bacon+17), air grid 4749.75 + 1.25 i A, noise at ``snr``."""
+    """The same stars observed as MUSE: MUSE LSF (Bacon+17), air grid 4749.75 + 1.25 i A, noise at ``snr``.
+
+    Parameters
+    ----------
+    spectra : SpectrumSet
+        Library spectra (wavelengths in Angstrom in their frame, their own LSF); not modified.
+    snr : float
+        S/N per pixel at the median flux, positive.
+    rng : numpy.random.Generator or int or None
+        Noise generator (or a seed).
+    lsf : LSF, optional
+        Requested LSF (default MUSE).
+
+    Returns
+    -------
+    SpectrumSet
+        See :func:`simulate_observation`.
+
+    Raises
+    ------
+    ValueError
+        If ``snr`` is not positive and finite.
+    """
     return simulate_observation(spectra, snr, rng, muse_air_grid(), lsf, "air", "muse")
 
 
 def simulate_lamost_observation(spectra: SpectrumSet, snr: float, rng, lsf: LSF = LAMOST_LSF) -> SpectrumSet:
-    """The same stars observed as LAMOST: R = 1800 on the 3909-px vacuum log-linear grid, noise at ``snr``."""
+    """The same stars observed as LAMOST: R = 1800 on the 3909-px vacuum log-linear grid, noise at ``snr``.
+
+    Parameters
+    ----------
+    spectra : SpectrumSet
+        Library spectra (wavelengths in Angstrom in their frame, their own LSF); not modified.
+    snr : float
+        S/N per pixel at the median flux, positive.
+    rng : numpy.random.Generator or int or None
+        Noise generator (or a seed).
+    lsf : LSF, optional
+        Requested LSF (default LAMOST, R = 1800).
+
+    Returns
+    -------
+    SpectrumSet
+        See :func:`simulate_observation`.
+
+    Raises
+    ------
+    ValueError
+        If ``snr`` is not positive and finite.
+    """
     return simulate_observation(spectra, snr, rng, lamost_wavelength(), lsf, "vacuum", "lamost")
