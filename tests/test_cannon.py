@@ -112,7 +112,7 @@ def test_coverage_mask_and_untrained_pixels():
     m = train_cannon(f, ivar, lab, NAMES, wave, CannonConfig(min_pixel_coverage=0.5), x_min=LO, x_max=HI)
     assert m.pixel_mask[150:].all() and not m.pixel_mask[:150].any()
     np.testing.assert_allclose(m.predict(lab[:2])[:, 150:], 1.0)  # masked pixels: continuum, no gradient
-    m.with_pixel_mask(np.zeros(wave.size, bool))
+    m = m.with_pixel_mask(np.zeros(wave.size, bool))
     assert m.pixel_mask[150:].all()  # untrained pixels cannot be unmasked
 
 
@@ -159,7 +159,7 @@ def test_model_file_round_trip(tmp_path):
     np.testing.assert_array_equal(m2.scatter, m.scatter)
     np.testing.assert_array_equal(m2.pixel_mask, m.pixel_mask)
     assert m2.pixel_mask[100:].all()
-    m2.with_pixel_mask(np.zeros(wave.size, bool))
+    m2 = m2.with_pixel_mask(np.zeros(wave.size, bool))
     assert m2.pixel_mask[100:].all()
 
 

@@ -151,3 +151,19 @@ def test_readers_refuse_foreign_and_newer_files(tmp_path, kind):
     fits.PrimaryHDU(header=h).writeto(newer)
     with pytest.raises(err, match="format version 99 is newer than this musepayne reads"):
         read(newer)
+
+
+def test_model_transforms_return_new_objects():
+    from musepayne.instrument.wavelength import lamost_wavelength
+
+    m = toy_mlp_model(lamost_wavelength(), label_names=("teff", "logg", "fe_h"))
+    mask = np.zeros(m.wave.size, bool)
+    mask[:100] = True
+    m2 = m.with_pixel_mask(mask)
+    m3 = m2.with_scatter(np.full(m.wave.size, 0.01))
+    assert m2 is not m and not m.pixel_mask.any() and m2.pixel_mask[:100].all()
+    assert not np.any(m2.scatter) and np.all(m3.scatter == 0.01) and m3.pixel_mask[:100].all()
+    mask[:] = False  # the caller's array is copied, not kept
+    assert m2.pixel_mask[:100].all()
+    lab = np.array([[5000.0, 3.0, -0.5]])
+    assert np.array_equal(m.predict(lab), m3.predict(lab))  # same network

@@ -59,7 +59,7 @@ def test_fit_errors_include_model_scatter(toy, tmp_path):
     toy.save(path)
     m = load_model(path)  # a copy: the fixture is not modified
     assert not m.scatter.any()
-    m.with_scatter(s)
+    m = m.with_scatter(s)
     m.save(path)
     m2 = load_model(path)
     np.testing.assert_allclose(m2.scatter, s)  # round trip through the SCATTER HDU
@@ -95,7 +95,7 @@ def test_high_chi2_flag_marks_spectra_unlike_the_model(toy):
 
     _, fv, ivv, _ = _stars(toy, 150, 4)
     m = load_model_copy(toy)
-    m.with_scatter(estimate_scatter(m, fv, ivv)[0])
+    m = m.with_scatter(estimate_scatter(m, fv, ivv)[0])
     lab, f, iv, _ = _stars(toy, 200, 5)
     pix = np.arange(toy.n_pix)
     odd = f[:10].copy()

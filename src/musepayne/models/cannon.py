@@ -254,29 +254,13 @@ class CannonModel(SpectralModel):
         if scatter is not None:
             if np.size(scatter) != self.n_pix:
                 raise ValueError("scatter must have one entry per pixel")
-            self.with_scatter(scatter)
+            self.scatter = self._checked_scatter(scatter)
         self._untrained = bad
-        self.with_pixel_mask(bad)
+        self.pixel_mask = self._checked_mask(bad)
 
-    def with_pixel_mask(self, mask):
-        """Set the pixel mask (True = unusable); pixels without coefficients always stay masked.
-
-        Parameters
-        ----------
-        mask : array_like of bool
-            Shape (n_pix,).
-
-        Returns
-        -------
-        CannonModel
-            The model itself (modified in place).
-
-        Raises
-        ------
-        ModelError
-            If the mask has the wrong length.
-        """
-        return super().with_pixel_mask(np.asarray(mask, bool).ravel() | self._untrained)
+    def _checked_mask(self, mask):
+        """Pixels without coefficients always stay masked."""
+        return super()._checked_mask(np.asarray(mask, bool).ravel() | self._untrained)
 
     def _theta(self, dtype):
         dt = np.dtype(dtype)

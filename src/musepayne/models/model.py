@@ -43,6 +43,7 @@ Reading and writing round-trips exactly (arrays bit for bit, meta as JSON).
 
 from __future__ import annotations
 
+import copy
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -171,28 +172,68 @@ class SpectralModel:
         #: :func:`load_model` reads them from ``<model>.templates.fits`` beside the model file
         self.templates = None
 
-    def with_pixel_mask(self, mask) -> SpectralModel:
-        """Set the model's pixel mask (True = unusable) and return the model."""
+    def _checked_mask(self, mask) -> np.ndarray:
         m = np.asarray(mask, dtype=bool).ravel()
         if m.shape != self.wave.shape:
             raise ModelError(f"pixel mask has {m.size} entries for {self.wave.size} model pixels")
-        self.pixel_mask = m.copy()
-        return self
+        return m.copy()
 
     def usable_ranges(self) -> list[tuple[float, float]]:
         """Wavelength ranges (model frame, Angstrom) of contiguous pixels that fits use (not in ``pixel_mask``)."""
         return wave_ranges(self.wave, ~np.asarray(self.pixel_mask, bool))
 
-    def with_scatter(self, scatter) -> SpectralModel:
-        """Set the model's intrinsic per-pixel scatter ``s_p`` (>= 0, one per pixel; NaN -> 0)
-        and return the model."""
+    def _checked_scatter(self, scatter) -> np.ndarray:
         s = np.nan_to_num(np.array(scatter, dtype=np.float64).ravel(), nan=0.0, posinf=0.0)
         if s.shape != self.wave.shape:
             raise ModelError(f"scatter has {s.size} entries for {self.wave.size} model pixels")
         if np.any(s < 0):
             raise ModelError("scatter must be >= 0")
-        self.scatter = s
-        return self
+        return s
+
+    def with_pixel_mask(self, mask) -> SpectralModel:
+        """A copy of the model with another pixel mask (the model itself is not changed).
+
+        Parameters
+        ----------
+        mask : array_like of bool, shape (n_pix,)
+            True where the model is not to be used.
+
+        Returns
+        -------
+        SpectralModel
+            A shallow copy sharing the network weights, with the new ``pixel_mask``.
+
+        Raises
+        ------
+        ModelError
+            If the mask does not have one entry per model pixel.
+        """
+        new = copy.copy(self)
+        new.pixel_mask = self._checked_mask(mask)
+        return new
+
+    def with_scatter(self, scatter) -> SpectralModel:
+        """A copy of the model with another intrinsic per-pixel scatter ``s_p`` (the model itself is
+        not changed).
+
+        Parameters
+        ----------
+        scatter : array_like of float, shape (n_pix,)
+            ``s_p`` in normalised-flux units, >= 0; NaN becomes 0.
+
+        Returns
+        -------
+        SpectralModel
+            A shallow copy sharing the network weights, with the new ``scatter``.
+
+        Raises
+        ------
+        ModelError
+            Wrong length or negative values.
+        """
+        new = copy.copy(self)
+        new.scatter = self._checked_scatter(scatter)
+        return new
 
     def inflate_ivar(self, ivar):
         """Fit weights ``1 / (1/ivar + s_p^2)`` for observed ``ivar`` ``(..., n_pix)`` (0 stays 0).
@@ -535,9 +576,9 @@ def load_model(path) -> SpectralModel:
             )
             model = archs[arch]._from_hdus(h, common)
             if "PIXMASK" in h:
-                model.with_pixel_mask(np.asarray(h["PIXMASK"].data) != 0)
+                model = model.with_pixel_mask(np.asarray(h["PIXMASK"].data) != 0)
             if "SCATTER" in h:
-                model.with_scatter(np.asarray(h["SCATTER"].data, np.float64))
+                model = model.with_scatter(np.asarray(h["SCATTER"].data, np.float64))
             if "BENCHCAL" in h:
                 model.benchmark_calibration = BenchmarkCalibration.from_hdu(h["BENCHCAL"])
     except ModelError:

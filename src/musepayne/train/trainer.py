@@ -250,9 +250,9 @@ class TrainResult:
             model = PerPixelPayne(np.asarray(self.weights[0], f32), np.asarray(self.biases[0], f32),
                                   np.asarray(self.weights[1], f32), np.asarray(self.biases[1], f32), **common)
         if self.pixel_mask is not None:
-            model.with_pixel_mask(self.pixel_mask)
+            model = model.with_pixel_mask(self.pixel_mask)
         if self.scatter is not None:
-            model.with_scatter(self.scatter)
+            model = model.with_scatter(self.scatter)
         return model
 
 
