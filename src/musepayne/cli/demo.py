@@ -12,17 +12,17 @@ from ..models.files import load_model
 from ..models.model import ModelError
 from ..pipeline.runner import Pipeline, RunConfig
 from ..simulate.simulator import SimulateConfig, Simulator
-from ._common import emit, exc_text, fail, json_option
-from .run import progress_display, setup_log
+from ._common import FolderBusy, emit, exc_text, fail, json_option
+from .run import PIPELINE_ERRORS, one_line, progress_display, setup_log
 
 
 @click.command(name="demo")
 @click.option("-o", "--outdir", default="musepayne-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the simulated cube and every output.")
 @click.option("--cube", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Run the pipeline on this cube instead of a simulated one (needs --sources).")
+              help="Run the pipeline on this cube instead of a simulated one.")
 @click.option("--sources", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Source catalogue for --cube.")
+              help="Source catalogue for --cube (default: stars detected in the cube).")
 @click.option("--model", default="default", show_default=True, help="Model file or 'default'.")
 @click.option("--nstars", default=400, show_default=True, help="Stars in the simulated field.")
 @click.option("--size", default=80, show_default=True, help="Simulated field size in spaxels (square).")
@@ -51,8 +51,6 @@ def demo(outdir, cube, sources, model, nstars, size, seed, progress, as_json):
         fail(exc_text(exc), as_json)
     truth = None
     if cube is not None:
-        if sources is None:
-            fail("--cube needs --sources (a catalogue with ra/dec or x/y and mag)", as_json)
         cubes, cube_lsf = [cube], "muse"
     else:
         from ..simulate.synthesis import ModelSpectra, globular_cluster_sampler
@@ -69,6 +67,11 @@ def demo(outdir, cube, sources, model, nstars, size, seed, progress, as_json):
     try:
         with ctx:
             record = Pipeline(out, rc, progress=cb, logger=log).run(cubes, sources, truth=truth)
+    except FolderBusy:
+        raise  # the command group reports it (exit code 3)
+    except PIPELINE_ERRORS as exc:
+        log.error("demo failed: %s", exc)
+        fail(one_line(exc), as_json)
     finally:
         log.removeHandler(handler)
         handler.close()
@@ -76,12 +79,13 @@ def demo(outdir, cube, sources, model, nstars, size, seed, progress, as_json):
     info = {"outdir": str(out.resolve()), "catalogue": str(out / "catalogue.fits"),
             "report": str(out / "report" / "index.html"), "counts": record["counts"],
             "n_observations": record["n_observations"], "simulate_s": round(t_sim, 2),
-            "timings": record["timings"], "truth": rep.get("truth")}
+            "timings": record["timings"], "truth": rep.get("truth"), "warnings": record.get("warnings", [])}
     lines = [f"demo: {'simulated ' + str(nstars) + '-star cluster field' if cube is None else cube}, "
              f"{record['n_observations']} stars -> " + ", ".join(f"{k}={v}" for k, v in sorted(record["counts"].items()))]
     for name, st in (rep.get("truth") or {}).items():
         lines.append(f"  {name:5s} recovered - true: bias {st['bias']:+.3g}, dispersion {st['dispersion']:.3g} "
                      f"(N={st['n']})")
+    lines += [f"warning: {w}" for w in record.get("warnings", [])]
     if rep.get("truth_budget"):  # the short error budget (benchmarks/bias_budget.py has the full one)
         from ..pipeline.report import format_budget
 

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
-from ..extract.extractor import ExtractConfig, Extractor
+from ..extract.detect import Detector
+from ..extract.extractor import ExtractConfig, Extractor, read_source_catalogue
 from ..io.spectra import ReaderError
 from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_option
 
 
 @click.command(name="extract")
 @click.argument("cube", type=click.Path(dir_okay=False))
-@click.option("--sources", "catalogue", required=True, type=click.Path(dir_okay=False),
-              help="Source catalogue (CSV, FITS or VOTable) with ra/dec (deg) or x/y (0-based px) and mag.")
+@click.option("--sources", "catalogue", default=None, type=click.Path(dir_okay=False),
+              help="Source catalogue (CSV, ECSV, FITS or VOTable) with ra/dec (deg or sexagesimal) or x/y "
+                   "(0-based px) and a magnitude.  Without it the stars are detected in the cube "
+                   "(written to <output stem>_sources.ecsv).")
+@click.option("--mag-column", default=None, help="Magnitude column of --sources (default: mag, F606W, Gmag, V, ...).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Output FITS file: WAVE, FLUX, ERR (n_stars x n_layers), SOURCES, LAYER_FLAG.")
 @click.option("--method", type=click.Choice(["psf", "aperture"]), default="psf", show_default=True,
@@ -28,7 +33,7 @@ from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_o
 @click.option("--per-star", "per_star", type=click.Path(file_okay=False), default=None,
               help="Also write PampelMUSE-style 1-D files (flux + SIGMA) of the fitted stars into this folder.")
 @json_option
-def extract(cube, catalogue, output, method, block, sky_order, no_transform, per_star, as_json):
+def extract(cube, catalogue, mag_column, output, method, block, sky_order, no_transform, per_star, as_json):
     """Extract the spectrum of every catalogue star from a MUSE CUBE.
 
     Fits the catalogue->cube transformation and a wavelength-dependent Moffat
@@ -42,9 +47,20 @@ def extract(cube, catalogue, output, method, block, sky_order, no_transform, per
     check_output_not_input(per_star, [cube, catalogue, output], as_json, what="--per-star folder")
     timer = Timer()
     cfg = ExtractConfig(method=method, block=block, sky_order=sky_order, fit_transform=not no_transform)
+    detected_path = None
     try:
+        if catalogue is None:
+            with timer("detect"):
+                sources = Detector()(cube)
+            if len(sources) == 0:
+                raise ValueError(f"{cube}: no star detected above S/N {sources.meta.get('THRESH')}")
+            detected_path = Path(output).with_name(Path(output).stem + "_sources.ecsv")
+            sources.write(detected_path, format="ascii.ecsv", overwrite=True)
+            cfg = replace(cfg, fit_transform=False)  # detected positions are in the cube frame already
+        else:
+            sources = read_source_catalogue(catalogue, mag_column=mag_column)
         with timer("extract"):
-            result = Extractor(cfg)(cube, catalogue)
+            result = Extractor(cfg)(cube, sources)
         with timer("write"):
             result.write(output)
             n_per_star = len(result.write_per_star(per_star)) if per_star else 0
@@ -65,10 +81,14 @@ def extract(cube, catalogue, output, method, block, sky_order, no_transform, per
         "psf": result.psf.describe(),
         "timings": {**timer.timings, **{f"step_{k}": round(v, 3) for k, v in result.timings.items()}},
     }
-    lines = [f"extracted {info['n_stars']} stars x {info['n_layers']} layers ({method}) -> {output}",
+    if detected_path is not None:
+        info["detected_sources"] = str(detected_path)
+    lines = ([f"detected {len(sources)} stars in the cube -> {detected_path}"] if detected_path else []) + [
+             f"extracted {info['n_stars']} stars x {info['n_layers']} layers ({method}) -> {output}",
              "status: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())),
              f"transform: offset=({t.offset[0]:.3f}, {t.offset[1]:.3f}) px rot={t.rotation:.4f} deg "
              f"scale={t.scale:.5f} residual rms={t.rms:.3f} px ({t.n_used} stars)",
              f"PSF: {result.psf.describe()}",
              "time: " + ", ".join(f"{k}={v:.1f}s" for k, v in result.timings.items())]
+    lines += [f"warning: {w}" for w in result.sources.meta.get("warnings", [])]
     emit(info, as_json, lines)

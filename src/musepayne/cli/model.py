@@ -69,6 +69,8 @@ def info(path, as_json):
         lines[0] += f", {m.n_hidden} hidden neurons per pixel"
     else:
         lines[0] += ", layers " + "-".join(str(w.shape[1]) for w in m.weights) + f"-{m.n_pix}"
+    lines.append(f"  usable pixels: {d['n_pix_usable']} of {m.n_pix}, "
+                 + ", ".join(f"{a:.2f}-{b:.2f}" for a, b in d["usable_ranges"]) + f" A ({m.frame})")
     for lab in d["labels"]:
         lines.append(f"  {lab['name']:>10s} [{lab['unit']}]  {lab['x_min']:.4g} .. {lab['x_max']:.4g}")
     for k, v in sorted(m.meta.items()):

@@ -9,8 +9,29 @@ from pathlib import Path
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ..extract.extractor import read_source_catalogue
+from ..io.spectra import ReaderError
+from ..models.model import ModelError
 from ..pipeline.runner import Pipeline, RunConfig, load_config_file
-from ._common import check_output_not_input, emit, fail, json_option
+from ._common import FolderBusy, check_output_not_input, emit, fail, json_option
+
+#: errors of a run on bad input: reported as one line (exit code 2), never a traceback
+PIPELINE_ERRORS = (ReaderError, ModelError, ValueError, OSError, RuntimeError)
+
+
+def one_line(exc) -> str:
+    """The message of ``exc`` on one line (multi-line messages joined)."""
+    msg = " ".join(str(exc).split())
+    return msg or type(exc).__name__
+
+
+def normalised_catalogue(path, mag_column, outdir: Path) -> Path:
+    """Read ``path`` with an explicit magnitude column; write the normalised table to OUTDIR/sources_input.ecsv."""
+    t = read_source_catalogue(path, mag_column=mag_column)
+    outdir.mkdir(parents=True, exist_ok=True)
+    out = outdir / "sources_input.ecsv"
+    t.write(out, format="ascii.ecsv", overwrite=True)
+    return out
 
 
 def progress_display(enabled: bool):
@@ -51,8 +72,11 @@ def setup_log(outdir: Path):
 
 @click.command(name="run")
 @click.argument("cubes", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--sources", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Reference catalogue (CSV, FITS or VOTable) with ra/dec or x/y and a magnitude.")
+@click.option("--sources", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Reference catalogue (CSV, ECSV, FITS or VOTable) with ra/dec (deg or sexagesimal) or x/y and a "
+                   "magnitude.  Without it the stars are detected in the cube itself "
+                   "(OUTDIR/cubes/<cube_id>/sources_detected.ecsv).")
+@click.option("--mag-column", default=None, help="Magnitude column of --sources (default: mag, F606W, Gmag, V, ...).")
 @click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="TOML or JSON file with any run option; command-line flags override it.")
@@ -68,8 +92,8 @@ def setup_log(outdir: Path):
 @click.option("--no-report", is_flag=True, help="Skip the HTML report.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 @json_option
-def run(cubes, sources, outdir, config_file, model, model_mp, mode, ao_notch, extract_method, cube_lsf, rv_range,
-        fit_chunk, no_report, progress, as_json):
+def run(cubes, sources, mag_column, outdir, config_file, model, model_mp, mode, ao_notch, extract_method, cube_lsf,
+        rv_range, fit_chunk, no_report, progress, as_json):
     """Extract, prepare and fit every star of CUBES; write catalogue and report to OUTDIR.
 
     Several cubes of the same field are allowed: the catalogue keeps every
@@ -94,19 +118,26 @@ def run(cubes, sources, outdir, config_file, model, model_mp, mode, ao_notch, ex
     log, handler = setup_log(out)
     ctx, cb = progress_display(progress and not as_json)
     try:
+        if sources is not None and mag_column:
+            sources = normalised_catalogue(sources, mag_column, out)
         with ctx:
             record = Pipeline(out, cfg, progress=cb, logger=log).run(list(cubes), sources)
+    except FolderBusy:
+        raise  # the command group reports it (exit code 3)
+    except PIPELINE_ERRORS as exc:
+        log.error("run failed: %s", exc)
+        fail(one_line(exc), as_json)
     finally:
         log.removeHandler(handler)
         handler.close()
     info = {"outdir": str(out), "catalogue": str(out / "catalogue.fits"),
             "stars": str(out / "catalogue_stars.fits"), "report": str(out / "report" / "index.html"),
             "counts": record["counts"], "n_observations": record["n_observations"], "n_stars": record["n_stars"],
-            "timings": record["timings"]}
+            "timings": record["timings"], "warnings": record.get("warnings", [])}
     emit(info, as_json, [
         f"run: {len(cubes)} cube(s) -> {record['n_observations']} observations of {record['n_stars']} stars",
         "status: " + ", ".join(f"{k}={v}" for k, v in sorted(record["counts"].items())),
         f"catalogue: {out / 'catalogue.fits'} (+ .csv, .parquet); per star: {out / 'catalogue_stars.fits'}",
         f"report: {out / 'report' / 'index.html'}" if cfg.report else "report: skipped",
         "timings [s]: " + ", ".join(f"{k}={v}" for k, v in record["timings"].items()),
-    ])
+    ] + [f"warning: {w}" for w in record.get("warnings", [])])

@@ -55,6 +55,7 @@ Layers that are NaN everywhere are flagged (``LAYER_FLAG`` bit 1) and get NaN.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ import numpy as np
 import scipy.linalg as sl
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+from astropy import units as u
+from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs.utils import proj_plane_pixel_scales
@@ -197,12 +200,75 @@ def per_star_file_name(stellar_id: str, max_stem: int = 80) -> str:
     return f"{safe[:max_stem]}~{digest}.fits"
 
 
-def read_source_catalogue(src) -> Table:
-    """Source catalogue (CSV, FITS or VOTable, or a Table) -> Table(stellar_id, ra, dec | x, y, mag).
+#: magnitude columns recognised without --mag-column, in order of preference (case-insensitive)
+MAG_COLUMNS = (
+    "mag", "magnitude",
+    # HST (ACS/WFC3/WFPC2; also with a _mag/_vega suffix or an m/mag_ prefix, matched below)
+    "f606w", "f814w", "f555w", "f435w", "f475w", "f625w", "f775w", "f850lp", "f438w", "f336w", "f275w",
+    "f110w", "f160w", "m606", "m814",
+    # Gaia
+    "phot_g_mean_mag", "gmag", "g_mag", "phot_rp_mean_mag", "phot_bp_mean_mag", "rpmag", "bpmag",
+    # ground-based
+    "vmag", "v", "imag", "i", "rmag", "r", "bmag", "b", "jmag", "j", "kmag", "ks", "hmag", "zmag",
+    "g", "i_mag", "r_mag", "v_mag",
+)
 
-    Accepted column names (case-insensitive): ra/raj2000/ra_icrs, dec/dej2000/
-    dec_icrs (degrees); x/y (0-based cube pixels); mag/magnitude or the first
-    column whose name contains 'mag'; stellar_id/id/source_id/name.
+
+def _mag_column(t, mag_column=None):
+    if mag_column is not None:
+        c = _find_col(t, (str(mag_column).lower(),))
+        if c is None:
+            raise ReaderError(f"source catalogue has no column {mag_column!r} (columns: {', '.join(t.colnames)})")
+        return c
+    c = _find_col(t, MAG_COLUMNS)
+    if c:
+        return c
+    def not_err(n):
+        n = n.lower()
+        return not (n.startswith(("e_", "err", "sig", "sigma")) or "err" in n or n.endswith(("_e", "_sig", "_unc")))
+
+    filt = re.compile(r"(^|[_-])(m|mag)?[_-]?f\d{3,4}(w|m|n|lp|x)($|[_-])", re.I)
+    for n in t.colnames:  # HST filter names with a prefix or suffix (F606W_VEGA, mag_f814w, m_f606w)
+        if filt.search(n) and not_err(n):
+            return n
+    return next((n for n in t.colnames if "mag" in n.lower() and not_err(n)), None)
+
+
+def _coordinate_columns(t, ra, dec):
+    """RA/Dec in degrees from degree numbers or sexagesimal strings (RA in hours, Dec in degrees)."""
+    a, d = t[ra], t[dec]
+    if a.dtype.kind in "USO" or d.dtype.kind in "USO":
+        sa = [str(v).strip() for v in np.ma.filled(a, "")]
+        sd = [str(v).strip() for v in np.ma.filled(d, "")]
+        try:
+            return np.array(sa, float), np.array(sd, float)
+        except ValueError:
+            pass
+        sexa = any((":" in v or " " in v or "h" in v.lower()) for v in sa)
+        try:
+            sc = SkyCoord(sa, sd, unit=(u.hourangle if sexa else u.deg, u.deg))
+        except Exception as exc:
+            raise ReaderError(f"source catalogue: cannot parse {ra}/{dec} as degrees or sexagesimal "
+                              f"(e.g. '{sa[0]}', '{sd[0]}'): {exc}") from None
+        return sc.ra.deg, sc.dec.deg
+    ua = getattr(a, "unit", None)
+    if ua is not None and str(ua) not in ("", "deg"):
+        try:
+            return ((np.asarray(a, float) * ua).to_value(u.deg), (np.asarray(d, float) * d.unit).to_value(u.deg))
+        except Exception:
+            pass
+    return np.asarray(np.ma.filled(a, np.nan), float), np.asarray(np.ma.filled(d, np.nan), float)
+
+
+def read_source_catalogue(src, mag_column=None) -> Table:
+    """Source catalogue (CSV, ECSV, FITS or VOTable, or a Table) -> Table(stellar_id, ra, dec | x, y, mag).
+
+    Accepted column names (case-insensitive): ra/raj2000/ra_icrs/alpha, dec/dej2000/
+    dec_icrs/delta (degrees, or sexagesimal strings: RA in hours); x/y (0-based cube
+    pixels); the magnitude ``mag_column`` or else the first of :data:`MAG_COLUMNS`
+    (common HST, Gaia and ground-based names), an HST filter name with a prefix or
+    suffix, or a column whose name contains 'mag' (error columns excluded);
+    stellar_id/id/source_id/name.
     """
     if isinstance(src, Table):
         t = src
@@ -211,17 +277,20 @@ def read_source_catalogue(src) -> Table:
         if not p.exists():
             raise ReaderError(f"{p}: source catalogue not found")
         suf = p.suffix.lower()
-        fmt = {".csv": "ascii.csv", ".xml": "votable", ".vot": "votable", ".fits": "fits", ".fit": "fits"}.get(suf)
+        fmt = {".csv": "ascii.csv", ".ecsv": "ascii.ecsv", ".xml": "votable", ".vot": "votable",
+               ".votable": "votable", ".fits": "fits", ".fit": "fits", ".fts": "fits"}.get(suf)
         try:
             t = Table.read(p, format=fmt) if fmt else Table.read(p)
         except Exception as exc:
             raise ReaderError(f"{p}: cannot read source catalogue ({exc})") from None
-    ra, dec = _find_col(t, ("ra", "raj2000", "ra_icrs")), _find_col(t, ("dec", "dej2000", "de", "dec_icrs"))
-    x, y = _find_col(t, ("x",)), _find_col(t, ("y",))
-    mag = _find_col(t, ("mag", "magnitude")) or next((c for c in t.colnames if "mag" in c.lower()), None)
+    ra = _find_col(t, ("ra", "raj2000", "ra_icrs", "ra_deg", "alpha", "ra_j2000"))
+    dec = _find_col(t, ("dec", "dej2000", "de", "dec_icrs", "dec_deg", "delta", "decl", "dec_j2000"))
+    x, y = _find_col(t, ("x", "x_cat")), _find_col(t, ("y", "y_cat"))  # x_cat: a table this function made
+    mag = _mag_column(t, mag_column)
     sid = _find_col(t, ("stellar_id", "id", "source_id", "name"))
     if mag is None:
-        raise ReaderError("source catalogue needs a magnitude column (mag)")
+        raise ReaderError("source catalogue needs a magnitude column: give its name with --mag-column "
+                          f"(columns: {', '.join(t.colnames)})")
     if not ((ra and dec) or (x and y)):
         raise ReaderError("source catalogue needs ra/dec or x/y columns")
     out = Table()
@@ -230,12 +299,15 @@ def read_source_catalogue(src) -> Table:
         raise ReaderError("source catalogue has no rows")
     out["stellar_id"] = _stellar_ids(t[sid]) if sid else [f"star{i:06d}" for i in range(n)]
     if ra and dec:
-        out["ra"] = np.asarray(t[ra], float)
-        out["dec"] = np.asarray(t[dec], float)
+        out["ra"], out["dec"] = _coordinate_columns(t, ra, dec)
     if x and y:
         out["x_cat"] = np.asarray(t[x], float)
         out["y_cat"] = np.asarray(t[y], float)
-    out["mag"] = np.asarray(np.ma.filled(t[mag], np.nan), float)
+    try:
+        out["mag"] = np.asarray(np.ma.filled(t[mag], np.nan), float)
+    except (TypeError, ValueError):
+        raise ReaderError(f"source catalogue: magnitude column {mag!r} is not numeric") from None
+    out.meta["mag_column"] = mag
     ids, counts = np.unique(np.asarray(out["stellar_id"]), return_counts=True)
     if np.any(counts > 1):
         dup = ", ".join(map(str, ids[counts > 1][:5]))
@@ -314,8 +386,22 @@ class CoordinateTransform:
         c, s = self.scale * np.cos(th), self.scale * np.sin(th)
         return self.centre[0] + c * dx - s * dy + self.offset[0], self.centre[1] + s * dx + c * dy + self.offset[1]
 
+    #: fewest stars for rotation and scale; with fewer only the offset is fitted
+    MIN_STARS_FULL = 6
+
+    @property
+    def offset_only(self) -> bool:
+        return self.rotation == 0.0 and self.scale == 1.0
+
     @classmethod
-    def fit(cls, xc, yc, xm, ym, centre, clip=3.0, weights=None):
+    def fit(cls, xc, yc, xm, ym, centre, clip=3.0, weights=None, min_full=None):
+        """Similarity transform from catalogue ``xc, yc`` to measured ``xm, ym`` (NaN: not measured).
+
+        With fewer than ``min_full`` (default :attr:`MIN_STARS_FULL`) measured stars only
+        the offset (median) is fitted: one or two stars cannot constrain rotation and
+        scale against their own position errors.
+        """
+        min_full = cls.MIN_STARS_FULL if min_full is None else min_full
         xc, yc, xm, ym = (np.asarray(v, float) for v in (xc, yc, xm, ym))
         use = np.isfinite(xm) & np.isfinite(ym)
         if use.sum() == 0:
@@ -323,7 +409,7 @@ class CoordinateTransform:
         dx, dy = xc - centre[0], yc - centre[1]
         for _ in range(5):
             n = int(use.sum())
-            if n >= 3:
+            if n >= max(3, min_full):
                 # unknowns a=s cos t, b=s sin t, ox, oy
                 M = np.zeros((2 * n, 4))
                 M[:n, 0], M[:n, 1], M[:n, 2] = dx[use], -dy[use], 1.0
@@ -479,6 +565,9 @@ class Extractor:
                 pf, pb, pe, pa = (float(v) for v in cfg.psf.params(float(np.median(c.wave))))
                 shape0 = np.array([pf, pb, pe * np.cos(np.deg2rad(2 * pa)), pe * np.sin(np.deg2rad(2 * pa))])
                 fwhm0 = pf
+            notes = []
+            fit_theta = cfg.fit_transform
+            n_in = int((_edge_distance(valid, xc, yc) >= 0).sum())  # catalogue stars on the usable field
             if cfg.fit_transform and cand.size:
                 # robust start: single-star Moffat fits of isolated stars, similarity transform with clipping
                 fits_ = [_fit_single(white, white_var, xc[i], yc[i], fwhm0, cfg.beta_guess, cfg.image_oversample)
@@ -486,6 +575,15 @@ class Extractor:
                 xm = np.array([f[0] for f in fits_])
                 ym = np.array([f[1] for f in fits_])
                 t1 = CoordinateTransform.fit(xc[cand], yc[cand], xm, ym, centre, clip=cfg.clip)
+                n_sup = int(np.isfinite(xm).sum())
+                if n_in < CoordinateTransform.MIN_STARS_FULL:
+                    fit_theta = False  # offset only (median of the single-star fits) or nothing
+                    t1 = CoordinateTransform.fit(xc[cand], yc[cand], xm, ym, centre, clip=cfg.clip, min_full=10**9)
+                    notes.append(
+                        f"catalogue->cube transformation reduced to an offset: only {n_in} catalogue star(s) in "
+                        f"the field (rotation and scale need >= {CoordinateTransform.MIN_STARS_FULL})" if n_sup else
+                        "catalogue->cube transformation refused: no star in the field could be measured; "
+                        "catalogue positions used as they are")
                 th = np.deg2rad(t1.rotation)
                 theta = np.array([t1.scale * np.cos(th), t1.scale * np.sin(th), *t1.offset])
                 fw = np.array([f[2] for f in fits_])
@@ -495,6 +593,10 @@ class Extractor:
             rad0 = min(cfg.psf_radius * shape0[0], cfg.psf_radius_max_px)
             near = (xc > -rad0) & (xc < nx - 1 + rad0) & (yc > -rad0) & (yc < ny - 1 + rad0)
             nidx = np.nonzero(near)[0]
+            if cfg.fit_transform and not cand.size and n_in < CoordinateTransform.MIN_STARS_FULL:
+                fit_theta = False
+                notes.append(f"catalogue->cube transformation refused: {n_in} catalogue star(s) in the field and "
+                             "none bright and isolated; catalogue positions used as they are")
             # bounded cost: beyond image_fit_stars only the brightest have free fluxes in the image fits,
             # the others keep their catalogue flux ratios (one common scale)
             free, relf = None, 10.0 ** (-0.4 * (mag[nidx] - np.min(mag[nidx]))) if nidx.size else None
@@ -502,7 +604,7 @@ class Extractor:
                 free = np.zeros(nidx.size, bool)
                 free[np.argsort(mag[nidx], kind="stable")[: cfg.image_fit_stars]] = True
             theta, shape_w, fl_w, ok_w = _image_fit(
-                white, white_var, xc[nidx], yc[nidx], centre, theta, shape0, cfg.fit_transform,
+                white, white_var, xc[nidx], yc[nidx], centre, theta, shape0, fit_theta,
                 cfg.psf is None, rad0, cfg.image_oversample, cfg.sky_order, ridge=cfg.ridge, dense_max=cfg.dense_max,
                 free=free, rel_flux=relf)
             if not ok_w:
@@ -525,6 +627,18 @@ class Extractor:
                 transform = CoordinateTransform(transform.offset, transform.rotation, transform.scale, centre,
                                                 rms=float(np.sqrt(np.mean(res[keep] ** 2))),
                                                 n_used=int(keep.sum()), n_rejected=int((~keep).sum()))
+                if transform.rms > 0.5 * shape_w[0]:
+                    notes.append(f"catalogue->cube transformation residual rms {transform.rms:.2f} px "
+                                 f"(> 0.5 FWHM = {0.5 * shape_w[0]:.2f} px, {transform.n_used} stars): "
+                                 "positions are uncertain")
+            moved = (_edge_distance(valid, xc, yc) >= 0) & (_edge_distance(valid, x, y) < 0)
+            if moved.any() and cfg.fit_transform:
+                notes.append(f"{int(moved.sum())} catalogue star(s) inside the field were moved off it by the "
+                             f"fitted transformation (rotation {transform.rotation:.3f} deg, scale "
+                             f"{transform.scale:.4f}, rms {transform.rms:.2f} px); check the catalogue or use "
+                             "--no-transform")
+            for note in notes:
+                warnings.warn(note, UserWarning, stacklevel=2)
             lap("transform")
             # ---- PSF
             if cfg.psf is not None:
@@ -580,6 +694,7 @@ class Extractor:
             src["psf_chi2"] = chi2
             src["psf_chi2"].description = "reduced chi^2 of the fit residuals within 1 FWHM (aperture: NaN)"
             src["status"] = status
+            src.meta["warnings"] = notes
             lap("quality")
             return ExtractionResult(np.asarray(c.wave, float), flux, err, src, psf, transform, layer_flag,
                                     cfg, str(c.path), str(c.header.get("BUNIT", "")), timings)

@@ -99,7 +99,7 @@ import numpy as np
 from ..flags import DEFAULT_MAX_RED_CHI2, EXCLUDING_BITS, SPECTRUM_STATUS
 from ..instrument.lsf import FWHM_TO_SIGMA
 from ..instrument.wavelength import C_KMS, air_to_vacuum
-from ..models.model import SpectralModel
+from ..models.model import SpectralModel, coverage_note
 from ..prepare.resample import convolution_matrix
 from .catalogue import build_catalogue
 
@@ -648,7 +648,11 @@ class Fitter:
             elif n_good[i] < need:
                 why = "no_valid_pixels" if n_good[i] == 0 else "too_few_pixels"
                 status[i] = f"failed:{why}"
-                reason[i] = f"{n_good[i]} usable pixels (finite flux, ivar > 0, unmasked); need >= {need}"
+                with np.errstate(invalid="ignore"):
+                    d_ok = np.isfinite(flux[i]) & np.isfinite(ivar[i]) & (ivar[i] > 0)
+                m_ok = ~np.asarray(getattr(self.model, "pixel_mask", np.zeros(self.model.n_pix, bool)), bool)
+                reason[i] = (f"{n_good[i]} usable pixels (finite flux, ivar > 0, unmasked); need >= {need}: "
+                             + coverage_note(np.asarray(prepared.wave, np.float64), d_ok, m_ok))
                 fit_ok[i] = False
         return status, reason, fit_ok
 

@@ -99,6 +99,30 @@ class ModelError(ValueError):
 
 
 
+def wave_ranges(wave, ok) -> list[tuple[float, float]]:
+    """``[(w_first, w_last), ...]`` of the runs of ``ok`` pixels along ``wave``."""
+    ok = np.asarray(ok, bool)
+    if not ok.any():
+        return []
+    d = np.diff(np.concatenate([[0], ok.astype(np.int8), [0]]))
+    starts, ends = np.nonzero(d == 1)[0], np.nonzero(d == -1)[0] - 1
+    return [(float(wave[a]), float(wave[b])) for a, b in zip(starts, ends)]
+
+
+def format_ranges(ranges) -> str:
+    return ", ".join(f"{a:.0f}-{b:.0f}" for a, b in ranges) + " A" if ranges else "none"
+
+
+def coverage_note(wave, data_ok, model_ok) -> str:
+    """One sentence: the data's usable range, the model's usable range and their overlap in pixels."""
+    data_ok, model_ok = np.asarray(data_ok, bool), np.asarray(model_ok, bool)
+    both = data_ok & model_ok
+    return (f"the spectrum covers {format_ranges(wave_ranges(wave, data_ok))}, the model's usable pixels are "
+            f"{format_ranges(wave_ranges(wave, model_ok))} ({int(model_ok.sum())} px); overlap "
+            f"{format_ranges(wave_ranges(wave, both))} = {int(both.sum())} px "
+            f"({100.0 * both.sum() / max(int(model_ok.sum()), 1):.0f}% of the model's)")
+
+
 class SpectralModel:
     """Common interface of all emulators (see module docstring)."""
 
@@ -147,6 +171,10 @@ class SpectralModel:
         if m.shape != self.wave.shape:
             raise ModelError(f"pixel mask has {m.size} entries for {self.wave.size} model pixels")
         return m.copy()
+
+    def usable_ranges(self) -> list[tuple[float, float]]:
+        """Wavelength ranges (model frame, Angstrom) of contiguous pixels that fits use (not in ``pixel_mask``)."""
+        return wave_ranges(self.wave, ~np.asarray(self.pixel_mask, bool))
 
     def _checked_scatter(self, scatter) -> np.ndarray:
         s = np.nan_to_num(np.array(scatter, dtype=np.float64).ravel(), nan=0.0, posinf=0.0)
@@ -272,6 +300,8 @@ class SpectralModel:
                 for n, u, a, b in zip(self.label_names, self.label_units, self.x_min, self.x_max)
             ],
             "n_pix": int(self.n_pix),
+            "n_pix_usable": int((~np.asarray(self.pixel_mask, bool)).sum()),
+            "usable_ranges": [[round(a, 2), round(b, 2)] for a, b in self.usable_ranges()],
             "wave_min": float(self.wave[0]),
             "wave_max": float(self.wave[-1]),
             "frame": self.frame,

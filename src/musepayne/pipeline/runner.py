@@ -41,16 +41,19 @@ from astropy.table import Column, Table, vstack
 
 from .. import __version__
 from ..config import ConfigError, from_mapping, to_mapping
+from ..extract.detect import Detector
 from ..extract.extractor import ExtractConfig, Extractor
 from ..fit.catalogue import combine_metal_poor, write_catalogue
 from ..fit.fitter import FitConfig, Fitter
 from ..flags import SPECTRUM_STATUS, fit_status_counts
 from ..instrument.lsf import lsf_from_spec
+from ..instrument.wavelength import air_to_vacuum
 from ..io.cube import open_cube
 from ..io.fits import atomic_write_fits, atomic_write_json, folder_lock, sha256_file, table_hdu
 from ..io.prepared import PreparedSpectra
 from ..io.readers import read_muse_spectra
 from ..models.files import _default_model_path, load_model
+from ..models.model import format_ranges
 from ..prepare.preparer import PrepareConfig, Preparer
 from ..threads import blas_threads
 from .report import make_report
@@ -278,14 +281,32 @@ class Pipeline:
             self.progress(stage, done, total)
 
     # ------------------------------------------------------------------ stages
-    def extract(self, cube_path, sources_path, cdir: Path, checks: dict) -> Path:
+    def detect(self, cube_path, cdir: Path, checks: dict) -> Path:
+        """No catalogue given: find the stars in the cube itself -> ``cdir/sources_detected.ecsv``."""
+        out = cdir / "sources_detected.ecsv"
+        if self._is_done(cdir, "detect", checks, "default", out):
+            self.log.info("detect: %s already done, skipped", cube_path)
+            return out
+        t0 = time.perf_counter()
+        det = Detector()(str(cube_path))
+        if len(det) == 0:
+            raise ValueError(f"{cube_path}: no star detected above S/N {det.meta.get('THRESH')}")
+        tmp = out.with_name(f".{out.name}.part")
+        det.write(tmp, format="ascii.ecsv", overwrite=True)
+        tmp.replace(out)
+        self.times.add("detect", time.perf_counter() - t0)
+        self._mark(cdir, "detect", checks, "default", {"n_detected": len(det)})
+        self.log.info("detect: %d stars in %s -> %s", len(det), cube_path, out)
+        return out
+
+    def extract(self, cube_path, sources_path, cdir: Path, checks: dict, detected: bool = False) -> Path:
         out = cdir / "extracted.fits"
         cfg_hash = self.config.stage_digest("extract")
         if self._is_done(cdir, "extract", checks, cfg_hash, out):
             self.log.info("extract: %s already done, skipped", cube_path)
             return out
         t0 = time.perf_counter()
-        info = _run_extract(cube_path, sources_path, out, self.config)
+        info = _run_extract(cube_path, sources_path, out, self.config, detected=detected)
         self.times.add("extract", time.perf_counter() - t0)
         self._mark(cdir, "extract", checks, cfg_hash, {"summary": info}, output=out)
         self.log.info("extract: %s -> %s (%s)", cube_path, out, info)
@@ -357,8 +378,12 @@ class Pipeline:
         return cat, mod
 
     # ------------------------------------------------------------------ driver
-    def run(self, cubes, sources, truth=None, stop_after=None) -> dict:
+    def run(self, cubes, sources=None, truth=None, stop_after=None) -> dict:
         """Process ``cubes`` (with one source catalogue, or one per cube); returns the run record.
+
+        ``sources=None`` (or None for a cube): the stars are detected in the cube itself
+        (:class:`~musepayne.extract.detect.Detector`), written to ``cubes/<cube_id>/sources_detected.ecsv``
+        and extracted at the detected positions (no catalogue->cube transformation).
 
         The output folder is locked for the run (:func:`~musepayne.io.fits.folder_lock`): a
         second run on the same folder raises :class:`~musepayne.io.fits.FolderBusy` at once.
@@ -391,15 +416,18 @@ class Pipeline:
         for ci, (cube, src) in enumerate(zip(cubes, sources)):
             t0 = time.perf_counter()
             csum = sha256_file(cube)
-            ssum = sha256_file(src)
-            self.times.add("checksums", time.perf_counter() - t0)
             cid = cube_id_for(cube, csum)
-            record["inputs"][str(cube)] = csum
-            record["inputs"][str(src)] = ssum
             cdir = self.outdir / "cubes" / cid
             cdir.mkdir(parents=True, exist_ok=True)
+            detected = src is None
+            self.times.add("checksums", time.perf_counter() - t0)
+            if detected:
+                src = self.detect(cube, cdir, {"cube": csum})
+            ssum = sha256_file(src)
+            record["inputs"][str(cube)] = csum
+            record["inputs"][str(src)] = ssum
             self._tick("cubes", ci, len(cubes))
-            extracted = self.extract(cube, src, cdir, {"cube": csum, "sources": ssum})
+            extracted = self.extract(cube, src, cdir, {"cube": csum, "sources": ssum}, detected=detected)
             prepared = self.prepare(extracted, cdir)
             cat, models = self.fit(prepared, cdir, model, model_mp, stop_after=stop_after)
             cat["cube_id"] = Column([cid] * len(cat),
@@ -410,8 +438,12 @@ class Pipeline:
             all_models.append(models)
             if prep_wave is None:
                 prep_wave = fits.getdata(prepared, "WAVE")
+            cov = _coverage(cube, cat, model)
             record["cubes"].append({"cube": str(cube), "cube_id": cid, "n_rows": len(cat),
-                                    "status": fit_status_counts(cat["status"])})
+                                    "status": fit_status_counts(cat["status"]), "coverage": cov})
+            if cov.get("warning"):
+                record.setdefault("warnings", []).append(cov["warning"])
+                self.log.warning(cov["warning"])
             self._tick("cubes", ci + 1, len(cubes))
         catalogue = vstack(all_cats, metadata_conflicts="silent")
         models = np.vstack(all_models)
@@ -455,8 +487,34 @@ def _model_id(spec) -> str:
     return sha256_file(path) if path is not None and Path(path).is_file() else str(spec)
 
 
-def _run_extract(cube_path, sources_path, out_path, config: RunConfig) -> dict:
-    res = Extractor(config.extract)(str(cube_path), str(sources_path))
+def _coverage(cube, cat: Table, model, warn_below: float = 0.5) -> dict:
+    """How much of the model's usable pixels the cube's wavelength range covers (and the fits used)."""
+    mok = ~np.asarray(getattr(model, "pixel_mask", np.zeros(model.n_pix, bool)), bool)
+    n_model = int(mok.sum())
+    with open_cube(cube, allow_missing_stat=True) as c:
+        w0, w1 = float(np.min(c.wave)), float(np.max(c.wave))
+    mw = model.wave if getattr(model, "frame", "vacuum") == "vacuum" else air_to_vacuum(model.wave)
+    v0, v1 = (float(v) for v in air_to_vacuum(np.array([w0, w1])))
+    n_in = int((mok & (mw >= v0) & (mw <= v1)).sum())
+    used = np.asarray(cat["n_pix_used"], float) if "n_pix_used" in cat.colnames else np.zeros(len(cat))
+    med = float(np.median(used[used > 0])) if (used > 0).any() else 0.0
+    out = {"cube_range_air": [round(w0, 1), round(w1, 1)], "model_usable_ranges": model.usable_ranges()
+           if hasattr(model, "usable_ranges") else [], "model_usable_px": n_model, "model_px_in_cube": n_in,
+           "fraction": round(n_in / max(n_model, 1), 3), "median_px_used": med}
+    if out["fraction"] < warn_below:
+        out["warning"] = (f"{Path(cube).name}: the cube covers {w0:.0f}-{w1:.0f} A (air); the model's usable pixels "
+                          f"are {format_ranges(out['model_usable_ranges'])} (vacuum, {n_model} px); overlap "
+                          f"{n_in} px ({100 * out['fraction']:.0f}% of the model's)"
+                          + (": no star can be fitted" if n_in == 0 else
+                             "; labels rest on this part of the model"
+                             + (f" (fits used a median of {med:.0f} px)" if med > 0 else "")))
+    return out
+
+
+def _run_extract(cube_path, sources_path, out_path, config: RunConfig, detected: bool = False) -> dict:
+    # detected positions are already in the cube frame: no catalogue->cube transformation
+    cfg = replace(config.extract, fit_transform=False) if detected else config.extract
+    res = Extractor(cfg)(str(cube_path), str(sources_path))
     res.write(out_path)
     status = Counter(str(s) for s in res.sources["status"]) if "status" in res.sources.colnames else {}
     return {"n_sources": len(res.sources), "status": dict(status),
