@@ -97,6 +97,16 @@ def fits_ascii(table):
     Returns ``table`` itself when nothing needs escaping (the common case), so
     ASCII data are written exactly as before; a path such as ``rés/x.fits`` in a
     ``file`` column no longer makes the whole write fail.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        The table to write.
+
+    Returns
+    -------
+    astropy.table.Table
+        ``table`` itself, or a copy with escaped string columns (the caller's table is not changed).
     """
     out = table
     for c in table.colnames:
@@ -257,7 +267,13 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 
 
 class FolderBusy(RuntimeError):
-    """Another process holds the lock of an output folder."""
+    """Another process holds the lock of an output folder.
+
+    Attributes
+    ----------
+    args : tuple of str
+        The message, naming the folder and its lock file.
+    """
 
 
 LOCK_NAME = ".musepayne.lock"
@@ -271,6 +287,21 @@ def folder_lock(folder):
     process dies however it dies (SIGKILL included); the lock file itself is
     left in place (removing it would race with a waiting process).  A second
     holder is refused at once with :class:`FolderBusy` naming the folder.
+
+    Parameters
+    ----------
+    folder : str or path-like
+        The output folder (created when missing).
+
+    Yields
+    ------
+    pathlib.Path
+        The lock file, held until the block ends.
+
+    Raises
+    ------
+    FolderBusy
+        Another process holds the lock.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -296,6 +327,24 @@ def preallocate(fh, nbytes: int, path=None):
     A sparse file that is later filled through a memory map dies with SIGBUS
     when the disk runs full; reserving the blocks first turns that into an
     ``OSError(ENOSPC)`` here, before anything is written.
+
+    Parameters
+    ----------
+    fh : file object
+        An open, writable file (its ``fileno()`` is used).
+    nbytes : int
+        Bytes to reserve; nothing happens for 0 or less.
+    path : str or path-like, optional
+        Named in the error message.
+
+    Returns
+    -------
+    None
+
+    Raises
+    ------
+    OSError
+        The disk cannot hold ``nbytes`` (ENOSPC) or the file system refuses.
     """
     if nbytes <= 0:
         return
@@ -316,6 +365,24 @@ def check_claimed_sizes(hdul, path, error=ValueError):
     Readers call this right after opening, before any data is read: a 16 KB file whose
     header claims 10^8 layers is refused here instead of allocating gigabytes first.
     Compressed files (gzip etc., tile-compressed HDUs) are not checked.
+
+    Parameters
+    ----------
+    hdul : astropy.io.fits.HDUList
+        The opened file.
+    path : str or path-like
+        Its path (for the file size and the message).
+    error : type
+        Exception class raised.
+
+    Returns
+    -------
+    None
+
+    Raises
+    ------
+    error
+        A header claims data beyond the end of the file.
     """
     p = str(path)
     if p.lower().endswith((".gz", ".bz2", ".xz", ".zip")):
@@ -351,6 +418,24 @@ def scan_fits_headers(path, error=ValueError, max_hdus: int = 1000):
     the end of the file: astropy would otherwise compute HDU offsets from them
     (a 200 KB cube with ``NAXIS2 = -1`` grew to gigabytes inside ``fits.open``).
     Anything it cannot parse is left to astropy; compressed files are skipped.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The FITS file.
+    error : type
+        Exception class raised.
+    max_hdus : int
+        Headers walked at most.
+
+    Returns
+    -------
+    None
+
+    Raises
+    ------
+    error
+        A negative axis length, or data past the end of the file.
     """
     p = str(path)
     if p.lower().endswith((".gz", ".bz2", ".xz", ".zip")):
