@@ -10,10 +10,10 @@ from astropy.table import Table
 
 from ..models.files import load_model
 from ..models.model import ModelError
-from ..pipeline.runner import Pipeline, RunConfig
+from ..pipeline.runner import RunConfig
 from ..simulate.simulator import SimulateConfig, Simulator
-from ._common import FolderBusy, emit, exc_text, fail, json_option
-from .run import PIPELINE_ERRORS, one_line, progress_display, setup_log
+from ._common import emit, exc_text, fail, json_option
+from .run import run_pipeline
 
 
 @click.command(name="demo")
@@ -62,19 +62,7 @@ def demo(outdir, cube, sources, model, nstars, size, seed, progress, as_json):
         truth = Table.read(info["truth"], "TRUTH")
     t_sim = time.perf_counter() - t0
     rc = RunConfig(model=model, cube_lsf=cube_lsf)
-    log, handler = setup_log(out)
-    ctx, cb = progress_display(progress and not as_json)
-    try:
-        with ctx:
-            record = Pipeline(out, rc, progress=cb, logger=log).run(cubes, sources, truth=truth)
-    except FolderBusy:
-        raise  # the command group reports it (exit code 3)
-    except PIPELINE_ERRORS as exc:
-        log.error("demo failed: %s", exc)
-        fail(one_line(exc), as_json)
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+    record = run_pipeline(out, rc, cubes, sources, as_json=as_json, progress=progress, what="demo", truth=truth)
     rep = record.get("report", {})
     info = {"outdir": str(out.resolve()), "catalogue": str(out / "catalogue.fits"),
             "report": str(out / "report" / "index.html"), "counts": record["counts"],

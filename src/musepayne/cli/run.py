@@ -70,6 +70,28 @@ def setup_log(outdir: Path):
     return log, h
 
 
+def run_pipeline(out: Path, config: RunConfig, cubes, sources, *, as_json: bool, progress: bool, what: str = "run",
+                 truth=None, mag_column=None) -> dict:
+    """Run the pipeline for a command (``run``, ``demo``): log file, progress bars, and every
+    expected failure as one error line (a locked folder is left to the command group: exit 3).
+    ``mag_column`` first rewrites ``sources`` with that magnitude column (into ``out``)."""
+    log, handler = setup_log(out)
+    ctx, cb = progress_display(progress and not as_json)
+    try:
+        if sources is not None and mag_column:
+            sources = normalised_catalogue(sources, mag_column, out)
+        with ctx:
+            return Pipeline(out, config, progress=cb, logger=log).run(cubes, sources, truth=truth)
+    except FolderBusy:
+        raise  # the command group reports it (exit code 3)
+    except PIPELINE_ERRORS as exc:
+        log.error("%s failed: %s", what, exc)
+        fail(one_line(exc), as_json)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
 @click.command(name="run")
 @click.argument("cubes", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--sources", default=None, type=click.Path(exists=True, dir_okay=False),
@@ -115,21 +137,7 @@ def run(cubes, sources, mag_column, outdir, config_file, model, model_mp, mode, 
     for name in ("config.json", "run.json", "models.fits", "musepayne.log", "catalogue.fits", "catalogue.csv",
                  "catalogue.parquet", "catalogue_stars.fits", "catalogue_stars.csv", "catalogue_stars.parquet"):
         check_output_not_input(out / name, inputs, as_json, what="run output")
-    log, handler = setup_log(out)
-    ctx, cb = progress_display(progress and not as_json)
-    try:
-        if sources is not None and mag_column:
-            sources = normalised_catalogue(sources, mag_column, out)
-        with ctx:
-            record = Pipeline(out, cfg, progress=cb, logger=log).run(list(cubes), sources)
-    except FolderBusy:
-        raise  # the command group reports it (exit code 3)
-    except PIPELINE_ERRORS as exc:
-        log.error("run failed: %s", exc)
-        fail(one_line(exc), as_json)
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+    record = run_pipeline(out, cfg, list(cubes), sources, as_json=as_json, progress=progress, mag_column=mag_column)
     info = {"outdir": str(out), "catalogue": str(out / "catalogue.fits"),
             "stars": str(out / "catalogue_stars.fits"), "report": str(out / "report" / "index.html"),
             "counts": record["counts"], "n_observations": record["n_observations"], "n_stars": record["n_stars"],

@@ -93,7 +93,7 @@ def load_model(path) -> SpectralModel:
 def templates_path(model_path) -> Path:
     """Where a model's own gradient templates live: ``<stem>.templates.fits`` beside the model file."""
     p = Path(model_path)
-    return p.with_name(p.name[: -len(".fits")] + ".templates.fits" if p.name.endswith(".fits") else p.name + ".templates.fits")
+    return p.with_name(p.name.removesuffix(".fits") + ".templates.fits")
 
 
 def _sibling_templates(path):

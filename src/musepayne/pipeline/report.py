@@ -217,6 +217,7 @@ def plot_fit_gallery(path, wave, flux, ivar, model, cat, n_show=6, model_mask=No
     fig, axes = plt.subplots(2 * len(pick), 1, figsize=(11, 2.6 * len(pick)),
                              gridspec_kw={"height_ratios": [3, 1] * len(pick)}, sharex=True)
     axes = np.atleast_1d(axes)
+    not_in_model = _runs(np.asarray(model_mask, bool)) if model_mask is not None else []
     for k, i in enumerate(pick):
         a, r = axes[2 * k], axes[2 * k + 1]
         used = ivar[i] > 0
@@ -229,10 +230,9 @@ def plot_fit_gallery(path, wave, flux, ivar, model, cat, n_show=6, model_mask=No
         a.set_ylabel("norm. flux")
         for lo, hi in _runs(~used & np.isfinite(wave)):
             a.axvspan(wave[lo], wave[hi], color="0.9", lw=0)
-        if model_mask is not None:
-            for lo, hi in _runs(np.asarray(model_mask, bool)):
-                a.axvspan(wave[lo], wave[hi], facecolor="none", edgecolor="0.6", hatch="///", lw=0,
-                          label="not in model" if lo == _runs(np.asarray(model_mask, bool))[0][0] else None)
+        for j, (lo, hi) in enumerate(not_in_model):
+            a.axvspan(wave[lo], wave[hi], facecolor="none", edgecolor="0.6", hatch="///", lw=0,
+                      label="not in model" if j == 0 else None)
         r.plot(wave, np.where(used, flux[i] - model[i], np.nan), "k-", lw=0.5)
         r.axhline(0, color="r", lw=0.5)
         r.set_ylim(-0.08, 0.08)

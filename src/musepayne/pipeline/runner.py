@@ -549,7 +549,7 @@ def _mark_low_snr(prep: PreparedSpectra, min_snr: float) -> PreparedSpectra:
     if not low.any():
         return prep
     spectra = prep.spectra.copy()
-    spectra["status"] = np.where(low, "low_snr", status).astype(object).astype(str)
+    spectra["status"] = np.where(low, "low_snr", status)
     if "reason" in spectra.colnames:
         reason = np.asarray(spectra["reason"]).astype(object)
         reason[low] = [f"S/N {s:.2f} below min_snr {min_snr:g}" for s in snr[low]]
