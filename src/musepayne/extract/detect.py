@@ -124,7 +124,7 @@ class DetectConfig:
     sky_order: int = 1
     zeropoint: float = 28.9
     block: int = 200
-    max_sources: int = 5000
+    max_sources: int = 2000
     memory_mb: float = 512.0
     psf_radius: float = 4.5
     psf_radius_max: float = 16.0
@@ -223,6 +223,18 @@ def matched_filter_snr(img, var, kernel):
     """``(snr, flux, flux_err)`` maps of the optimal PSF flux of a star centred on each pixel.
 
     ``snr = sum(P d / V) / sqrt(sum(P^2 / V))``; unusable pixels (NaN, var <= 0) carry no weight.
+
+    Parameters
+    ----------
+    img, var : numpy.ndarray, shape (ny, nx)
+        Image (flux units) and its variance (flux units squared).
+    kernel : numpy.ndarray, shape (k, k)
+        The PSF ``P`` (odd size, centred, normalised to sum 1).
+
+    Returns
+    -------
+    snr, flux, flux_err : numpy.ndarray, shape (ny, nx)
+        S/N, optimal flux and its error (flux units) of a star centred on each pixel (NaN where unusable).
     """
     ok = np.isfinite(img) & np.isfinite(var) & (var > 0)
     iv = np.where(ok, 1.0 / np.where(ok, var, 1.0), 0.0)
@@ -345,14 +357,42 @@ def _peaks(snr, threshold, box, limit=None):
 
 
 class Detector:
-    """Configure once with :class:`DetectConfig`; call on a cube to get the detected star list."""
+    """Configure once with :class:`DetectConfig`; call on a cube to get the detected star list.
+
+    Parameters
+    ----------
+    config : DetectConfig
+        Detection settings.
+
+    Notes
+    -----
+    ``Detector(config)(cube)`` takes a path or an open :class:`~musepayne.io.cube.MuseCube` and returns
+    the table described in the module docstring; ``meta['warnings']`` lists what was bounded
+    (``meta['TRUNC']``: the candidate list hit ``max_sources``), and the same sentences are issued as
+    :class:`UserWarning`.
+    """
 
     def __init__(self, config: DetectConfig = DetectConfig()):
         self.config = config
 
     # ------------------------------------------------------------------ images
     def band_images(self, c: MuseCube):
-        """``(waves, imgs, vars, white, white_var)``: band means over usable layers and their variances."""
+        """Band means over the usable layers, their variances and the white-light image.
+
+        Parameters
+        ----------
+        c : MuseCube
+            The open cube (``DATA`` and ``STAT`` are streamed in blocks of layers).
+
+        Returns
+        -------
+        waves : numpy.ndarray, shape (n_bands,)
+            Mean wavelength of each band (Angstrom, the cube's frame).
+        imgs, vars : numpy.ndarray, shape (n_bands, ny, nx)
+            Band images (mean flux per layer) and their variances (NaN where too few layers are usable).
+        white, white_var : numpy.ndarray, shape (ny, nx)
+            Inverse-variance weighted mean of the bands and its variance.
+        """
         cfg = self.config
         nz, ny, nx = c.shape
         nb = max(1, min(cfg.n_bands, nz))
