@@ -267,3 +267,17 @@ def test_hostile_cube_detection_is_bounded_in_memory_and_candidates(tmp_path):
     # the block of layers read at once shrinks with the field so its arrays stay below memory_mb
     small = Detector(DetectConfig(memory_mb=0.05, n_bands=1, psf_stars=3, max_sources=20))(str(tmp_path / "hostile.fits"))
     assert len(small) == len(det)
+
+
+def test_run_records_a_capped_detection(tmp_path, sim):
+    from musepayne.pipeline.runner import Pipeline, RunConfig
+
+    info, _ = sim
+    rc = RunConfig(report=False, detect={"max_sources": 5, "n_bands": 1})
+    rec = Pipeline(tmp_path / "o", rc).run([info["cube"]], None)
+    det = Table.read(next((tmp_path / "o" / "cubes").glob("*/sources_detected.ecsv")), format="ascii.ecsv")
+    assert len(det) <= 5 and det.meta["TRUNC"]
+    assert any("max_sources = 5" in w for w in rec["warnings"])
+    # resumed: the detect stage is skipped and its warning still reported
+    rec2 = Pipeline(tmp_path / "o", rc).run([info["cube"]], None)
+    assert any("max_sources = 5" in w for w in rec2["warnings"])
