@@ -252,3 +252,28 @@ def test_error_targets_not_reached(muse_pull_bins):
 def test_dispersion_limits_of_the_issue(holdout_figures):
     chk = checks(holdout_figures[1], "muse")
     assert chk["teff_dispersion"] and chk["logg_dispersion"] and chk["fe_h_dispersion"], chk
+
+
+def test_reproducible_command_has_no_machine_paths(tmp_path):
+    from musepayne.cli._common import reproducible_command
+
+    inside = tmp_path / "build" / "trainset.fits"
+    cmd = reproducible_command("musepayne train", [str(inside), "-o", "/scratch/x/default.fits",
+                                                   "--gradient-templates=/scratch/t.fits", "--seed", "0"],
+                               cwd=tmp_path)
+    assert cmd == ("musepayne train build/trainset.fits -o '<DIR>/default.fits' "
+                   "'--gradient-templates=<DIR>/t.fits' --seed 0")
+
+
+def test_default_model_provenance_is_portable():
+    """Issue 19: the shipped model's recorded commands carry no machine paths; inputs by sha256."""
+    import json
+
+    from musepayne.models.files import load_model
+
+    m = load_model("default")
+    text = json.dumps({**m.meta, "benchcal": m.benchmark_calibration.meta}, default=str)
+    for bad in ("/tmp/", "/work/", "/home/", "/root/"):
+        assert bad not in text, bad
+    sha = m.benchmark_calibration.meta["inputs_sha256"]
+    assert any(k.startswith("holdout_seed") for k in sha) and all(len(v) == 64 for v in sha.values())
