@@ -149,18 +149,32 @@ def fit_calibration(fit_labels, bench_labels, stat_err, bench_err, degree: int =
                     select: bool = False) -> BenchmarkCalibration:
     """Fit the map and the systematic errors.
 
-    ``fit_labels``, ``bench_labels``, ``stat_err``, ``bench_err``: (n, 3) arrays (rows with a NaN
-    are ignored).  ``ridge``: penalty on every coefficient but the constant, in units of the
-    residual variance per star (the features are O(1)), so the map shrinks towards an offset.
-    ``sys_bins``: 'all' (one sys error per label) or 'type' (dwarf / giant / mp_giant; a type
-    with fewer than :data:`~musepayne.models.benchcal.MIN_BIN_STARS` stars is shrunk towards
-    its parent bin, see :func:`_binned_sys`).
-    ``groups``: one key per row (the star); when given, the sys errors are solved on the
-    residuals of ``inner_k``-fold out-of-fold maps (each star calibrated by a map that did not
-    see it), not on the in-sample residuals, which are smaller by the map's degrees of freedom.
-    ``select``: choose each label's inputs, degree and ridge by ``inner_k``-fold CV over
-    ``groups`` (:func:`select_maps`; ``degree`` and ``ridge`` are then ignored and the map is
-    stored as degree 2 with the unused coefficients zero).
+    Parameters
+    ----------
+    fit_labels, bench_labels, stat_err, bench_err : array_like
+        (n, 3) fitted labels, benchmark labels, statistical errors of the fit and benchmark errors
+        (teff [K], logg, fe_h [dex]); rows with a NaN are ignored.
+    degree : int
+        Polynomial degree of the map (0-2) when ``select`` is False.
+    ridge : float
+        Penalty on every coefficient but the constant (features O(1); in units of one row's
+        squared residual) when ``select`` is False: the map shrinks towards an offset.
+    sys_bins : str
+        'all' (one sys error per label) or 'type' (dwarf / giant / mp_giant; a type with fewer
+        than :data:`~musepayne.models.benchcal.MIN_BIN_STARS` stars is shrunk towards its
+        parent, see :func:`_binned_sys`).
+    meta : dict, optional
+        Provenance stored with the calibration.
+    groups : array_like, optional
+        (n,) star key per row; when given, the sys errors are solved on the residuals of
+        ``inner_k``-fold out-of-fold maps (each star calibrated by a map that did not see it),
+        not on the in-sample residuals, which are smaller by the map's degrees of freedom.
+    inner_k : int
+        Folds of that inner CV (and of the map selection).
+    select : bool
+        Choose each label's inputs, degree and ridge by ``inner_k``-fold CV over ``groups``
+        (:func:`select_maps`; ``degree`` and ``ridge`` are then ignored and the map is stored
+        as degree 2 with the unused coefficients zero).
 
     Returns
     -------
@@ -569,7 +583,18 @@ def pull_bins(tab: Table, other: Table | None = None, config: BenchCalConfig | N
 
 
 def pull_lines(bins: dict) -> list:
-    """Human-readable lines of :func:`pull_bins`."""
+    """Human-readable lines of :func:`pull_bins`.
+
+    Parameters
+    ----------
+    bins : dict
+        :func:`pull_bins` output.
+
+    Returns
+    -------
+    list of str
+        One line per instrument and S/N.
+    """
     lines = []
     for i, per in bins.items():
         for sn, o in per.items():
