@@ -15,16 +15,20 @@ Teff/log g) are independent of any library catalogue.  ~109 library spectra
 Calibration (:class:`BenchmarkCalibration`)
 -------------------------------------------
 * A **post-fit map** per label: ``x_bench = x_fit + c . phi(x_fit)`` with
-  ``phi`` the low-order polynomial features of the three fitted labels
+  ``phi`` the low-order polynomial features of the fitted labels
   (scaled to ~unit range; clamped to the fitted-label box of the calibrating stars, so
-  the polynomial never extrapolates), fitted by ridge-regularised least squares to
+  the polynomial never extrapolates); each label's inputs, degree (offset, linear,
+  quadratic) and ridge penalty are chosen by cross-validation over the benchmark stars
+  (:func:`musepayne.train.benchcal.select_maps`; unused coefficients are stored as zero),
+  fitted by robust ridge-regularised least squares to
   ``bench - fit`` over benchmark stars fitted by a model that never saw them
   (the model is trained without the benchmark stars; every spectrum is
   simulated as a MUSE and a LAMOST observation at S/N 100, prepared and
   fitted: both instruments enter the map, so it is instrument-independent by
   construction and its CV figures are quoted per instrument).
 * A **systematic error** per label (``sys``), a constant per star type bin
-  (dwarf / giant) or overall (see :attr:`BenchmarkCalibration.sys_err`): the extra variance
+  (dwarf / giant / metal-poor giant; a type with fewer than :data:`MIN_BIN_STARS` stars is
+  shrunk towards its parent type) or overall (see :attr:`BenchmarkCalibration.sys_err`): the extra variance
   that makes ``(fit_cal - bench) / sqrt(stat^2 + sys^2 + e_bench^2)`` have a
   dispersion of 1 (half the 15.87-84.13 percentile range), solved on the
   residuals of inner-CV maps (each star calibrated by a map that did not see it).  The
@@ -235,10 +239,17 @@ def info_lines(cal: BenchmarkCalibration) -> list:
            "    sys errors: " + ", ".join(f"{n} {', '.join(f'{b}={v:.3g}' for b, v in cal.sys_err[n].items())}"
                                          for n in BENCH_LABELS),
            f"    command: {m.get('command', '')}"]
+    if m.get("map"):
+        out.append("    map chosen by CV over the stars: " + ", ".join(f"{n} {v['choice']}" for n, v in m["map"].items()))
     for inst, o in (m.get("cv") or {}).items():
         for stage in ("uncal", "cal"):
             g = o[stage]["all"]
             out.append(f"    CV {inst} {stage:5s}: " + "; ".join(
                 f"{n} bias {g[n]['bias']:+.3g} disp {g[n]['dispersion']:.3g} pulls {g[n]['pull_dispersion']:.2f}"
                 for n in BENCH_LABELS))
+    for inst, per in (m.get("cv_pulls") or {}).items():
+        out.append(f"    CV {inst} pulls teff/logg/fe_h by S/N and type (seeds pooled; stars): " + "; ".join(
+            f"S/N {sn}: " + ", ".join(f"{g} {'/'.join(format(v[n], '.2f') for n in BENCH_LABELS)} ({v['n_stars']})"
+                                      for g, v in o.items())
+            for sn, o in sorted(per.items(), key=lambda kv: float(kv[0]))))
     return out
