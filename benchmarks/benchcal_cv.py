@@ -117,6 +117,14 @@ def ensemble(tab):
 
 def main(argv):
     tab = Table.read(argv[0])
+    if "teff_bench" not in tab.colnames:  # a shipped / --table file: benchmark labels re-attached by HD
+        import os
+        from pathlib import Path
+
+        from musepayne.models.benchcal import DEFAULT_BENCHMARK_FILE, attach_benchmark_labels, read_benchmarks
+
+        shared = Path(os.environ.get("MUSEPAYNE_SHARED", Path("..") / "shared" / "data"))
+        tab = attach_benchmark_labels(tab, read_benchmarks(shared / DEFAULT_BENCHMARK_FILE))
     variants(tab)
     if len(set(tab["seed"])) > 1:
         ens = ensemble(tab)

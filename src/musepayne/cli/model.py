@@ -107,7 +107,8 @@ def info(path, as_json):
               help="Systematic errors: one per label, or per star type (dwarf / giant / metal-poor giant).")
 @click.option("--threads", default=1, show_default=True, help="torch threads when training hold-out models.")
 @click.option("--table", "table_out", default=None, type=click.Path(dir_okay=False),
-              help="Also write the per-spectrum hold-out fits (FITS table).")
+              help="Also write the per-spectrum hold-out fits (FITS table; without the benchmark labels, "
+                   "which --holdout-table re-attaches from the benchmark table by HD).")
 @click.option("--holdout-table", "table_in", default=None, type=click.Path(dir_okay=False, exists=True),
               help="Reuse the hold-out fits of a previous run (its --table): nothing is trained or fitted.")
 @click.option("--save-holdout", default=None, type=click.Path(file_okay=False),
@@ -126,6 +127,7 @@ def calibrate_benchmark(path, output, shared, holdout, trainset, templates, seed
     import os
 
     from ..io.fits import sha256_file
+    from ..models.benchcal import strip_benchmark_labels
     from ..models.files import load_model
     from ..models.model import ModelError
     from ..train.benchcal import BenchCalConfig, calibrate, figures_lines
@@ -180,8 +182,8 @@ def calibrate_benchmark(path, output, shared, holdout, trainset, templates, seed
     m.benchmark_calibration = cal
     m.meta["benchmark_calibration_command"] = command
     m.save(output)
-    if table_out:
-        tab.write(table_out, overwrite=True)
+    if table_out:  # the benchmark labels (third-party) are not copied: re-attached by HD when read back
+        strip_benchmark_labels(tab).write(table_out, overwrite=True)
     info = {"output": str(output), "sys_err": cal.sys_err, "checks_muse": cal.meta["checks_muse"],
             "cv": cal.meta["cv"], "n_stars": cal.meta["n_stars"]}
     from ..train.benchcal import pull_lines

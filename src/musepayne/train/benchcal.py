@@ -18,6 +18,7 @@ from ..fit.fitter import FitConfig, Fitter
 from ..io.fits import sha256_file
 from ..io.prepared import PreparedSpectra
 from ..models.benchcal import (
+    BENCH_COLUMNS,
     BENCH_LABELS,
     DEFAULT_BENCHMARK_FILE,
     FEH_BENCH_ERR,
@@ -25,6 +26,7 @@ from ..models.benchcal import (
     BenchmarkCalibration,
     _features,
     _robust_disp,
+    attach_benchmark_labels,
     match_benchmarks,
     read_benchmarks,
     star_type,
@@ -810,7 +812,7 @@ def calibrate(model, shared, config: BenchCalConfig | None = None, holdout_model
     bench = read_benchmarks(bpath)
     holdout_meta = []
     if table is not None:
-        tab = table
+        tab = table if all(c in table.colnames for c in BENCH_COLUMNS) else attach_benchmark_labels(table, bench)
         seeds = sorted(set(int(s) for s in tab["seed"]))
         holdout_meta = [{"seed": s, "from_table": True} for s in seeds]
     else:
