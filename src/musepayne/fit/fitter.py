@@ -330,6 +330,7 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
         # flux and Jacobian planes at every grid point (the fits start there; ~n_grid * 6 * n_pix * 4 B)
         self.grid_planes = model.planar_kernel(self.grid_s, dtype=self.dtype)
         self.grid_flux = self.grid_planes[:, 0]
+        self._grid_flux2 = self.grid_flux * self.grid_flux  # (for the start search)
         tpl = np.zeros((3 if L >= 1 else 1, L))
         if L >= 1:
             tpl[1, 0], tpl[2, 0] = -0.3, 0.3
@@ -553,19 +554,41 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
         cfg = self.config
         # the weights the labels are fitted with: observed, or 1/(1/ivar + s_p^2) ('weights')
         w = self.model.inflate_ivar(w_obs) if (self._use_scatter and cfg.model_scatter == "weights") else w_obs
-        st, iters = self._optimise(d, w, opi)
+        c0, c1 = self._window(w)
+        st, iters = self._optimise(d, w, opi, c0, c1)
+        if (c0, c1) != (0, d.shape[1]):  # back on the whole grid: zero weight outside the window
+            for k in ("f", "ww"):
+                full = np.zeros((d.shape[0], d.shape[1]), st[k].dtype)
+                full[:, c0:c1] = st[k]
+                st[k] = full
         est = self._estimates(st, d, w_obs, opi)
         self._store(idx, st, iters, est, out)
 
-    def _optimise(self, d, w, opi):
+    def _window(self, w):
+        """Columns ``c0 .. c1 - 1`` of the grid that hold every pixel with weight in the rows of
+        ``w`` (all columns with ``keep_model``, whose model spectra cover the whole grid)."""
+        p = w.shape[1]
+        cols = np.flatnonzero(np.any(w > 0, axis=0))
+        if self.config.keep_model or cols.size == 0:
+            return 0, p
+        c0 = int(cols[0]) // 64 * 64
+        c1 = min(p, c0 + -(-(int(cols[-1]) + 1 - c0) // 64) * 64)
+        return c0, c1
+
+    def _optimise(self, d, w, opi, c0=None, c1=None):
         """Starting points, exploration of every start and LM to convergence from the best:
-        ``(st, iters)``, the solutions (what :meth:`_lm` returns) and iterations per spectrum."""
+        ``(st, iters)``, the solutions (what :meth:`_lm` returns) and iterations per spectrum.
+
+        The LM runs on columns ``c0 .. c1 - 1`` of the grid only (the pixels with weight):
+        ``f`` and ``ww`` of ``st`` are that wide."""
         cfg = self.config
         m = d.shape[0]
         v0 = self._coarse_rv(d, w)
         best = self._starts(d, w, v0)
         if cfg.fit_rv:
             v0 = self._refine_rv(d, w, best[:, 0], v0)
+        if c0 is not None and (c0, c1) != (0, d.shape[1]):
+            d, w, opi = d[:, c0:c1], w[:, c0:c1], opi.windowed(c0, c1)
         K = best.shape[1]
         rows = np.repeat(np.arange(m), K)
         th0 = self.grid_s[best.ravel()]

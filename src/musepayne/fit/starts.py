@@ -224,7 +224,7 @@ class _StartSearch:
         cfg = self.config
         Dm, Wm = self._to_rest(d, w, v0)
         G = self.grid_flux
-        chi = -2.0 * (Dm @ G.T) + Wm @ (G * G).T
+        chi = -2.0 * (Dm @ G.T) + Wm @ self._grid_flux2.T
         k = min(cfg.n_starts, G.shape[0])
         best = np.argsort(chi, axis=1)[:, :k]
         return best
