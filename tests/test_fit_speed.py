@@ -2,8 +2,9 @@
 
 * LSF-excess operators applied as slices of a band equal the sparse product ``K @ x``;
 * the LM on the window of pixels with weight (MUSE data leave half of a LAMOST-grid model's
-  pixels unused) gives the same results as on the whole grid (``keep_model=True`` fits the
-  whole grid, so the two paths run on the same input);
+  pixels unused), with the MLP evaluated on the rest-frame pixels that window reads, gives
+  the same results as on the whole grid (``keep_model=True`` fits the whole grid, so the two
+  paths run on the same input);
 * labels of noiseless and noisy model spectra come back within their errors.
 """
 
@@ -71,7 +72,7 @@ def test_band_operator_is_the_sparse_product_and_windows_agree():
     op.apply(full, np.arange(6))
     assert np.array_equal(part[:, :, c0 - x0:c1 - x0], full[:, :, c0:c1])
     ops = _RowOps(np.zeros(6, int), [op]).windowed(c0, c1)
-    assert ops.window == (x0, x1, c0, c1)
+    assert ops.window == (x0, x1, c0, c1, None, None)
 
 
 def test_window_fit_is_bit_identical_to_whole_grid(toy):
@@ -82,6 +83,8 @@ def test_window_fit_is_bit_identical_to_whole_grid(toy):
     fitter = Fitter(toy, FitConfig(chunk_size=8))
     c0, c1 = fitter._window(prep.ivar[:8])
     assert c0 > 500 and c1 < toy.n_pix - 100 and c0 % 64 == 0  # the window is really narrower
+    r0, sub = fitter._rest_model(c0, c1)
+    assert sub is not None and 0 < r0 < c0 and sub.n_pix < 0.8 * toy.n_pix  # and so is the model's
     with blas_threads(1, scipy=False):
         fast = fitter.fit_arrays(prep)
         whole = fitter.with_config(keep_model=True).fit_arrays(prep)  # the whole grid

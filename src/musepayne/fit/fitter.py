@@ -36,7 +36,7 @@ import numpy as np
 
 from ..flags import DEFAULT_MAX_RED_CHI2, EXCLUDING_BITS, SPECTRUM_STATUS
 from ..instrument.wavelength import C_KMS, air_to_vacuum
-from ..models.model import SpectralModel, coverage_note
+from ..models.model import MLPPayne, SpectralModel, coverage_note
 from .catalogue import build_catalogue
 from .errors import _ErrorEstimates
 from .forward import _catmull_rom, _ForwardModel, doppler_factor, grid_segments, shift_weights
@@ -575,6 +575,25 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
         c1 = min(p, c0 + -(-(int(cols[-1]) + 1 - c0) // 64) * 64)
         return c0, c1
 
+    def _rest_model(self, x0, x1):
+        """``(r0, model)``: the model restricted to the rest-frame columns ``r0 ..`` that observed
+        columns ``x0 .. x1 - 1`` read at any velocity within ``rv_range`` (MLP models on log-linear
+        grids: the last layer's rows of those pixels; its products give those columns of the
+        whole model's, bit for bit), or ``(None, None)`` (the whole model)."""
+        p = self.lnw.size
+        if type(self.model) is not MLPPayne or self._uniform is None:
+            return None, None
+        h = min(blk[2] for blk in self._uniform)
+        margin = int(np.ceil(np.arctanh(self.config.rv_range / C_KMS) / h)) + 4
+        r0, r1 = max(0, x0 - margin) // 64 * 64, min(p, x1 + margin)
+        if r1 - r0 < 256 or r1 - r0 > 0.9 * p:
+            return None, None
+        m = self.model
+        sub = MLPPayne(m.weights[:-1] + [m.weights[-1][r0:r1]], m.biases[:-1] + [m.biases[-1][r0:r1]],
+                       m.label_names, m.x_min, m.x_max, m.wave[r0:r1], frame=m.frame,
+                       negative_slope=m.negative_slope)
+        return r0, sub
+
     def _optimise(self, d, w, opi, c0=None, c1=None):
         """Starting points, exploration of every start and LM to convergence from the best:
         ``(st, iters)``, the solutions (what :meth:`_lm` returns) and iterations per spectrum.
@@ -588,7 +607,7 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
         if cfg.fit_rv:
             v0 = self._refine_rv(d, w, best[:, 0], v0)
         if c0 is not None and (c0, c1) != (0, d.shape[1]):
-            d, w, opi = d[:, c0:c1], w[:, c0:c1], opi.windowed(c0, c1)
+            d, w, opi = d[:, c0:c1], w[:, c0:c1], opi.windowed(c0, c1, self._rest_model)
         K = best.shape[1]
         rows = np.repeat(np.arange(m), K)
         th0 = self.grid_s[best.ravel()]

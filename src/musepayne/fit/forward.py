@@ -190,7 +190,7 @@ class _ForwardModel:
             out.append((a, e, h, (s0 - i + 2).astype(np.int32), (s1 - i - 4).astype(np.int32)))
         return out
 
-    def _shift(self, X, v, rv_plane=False, cols=None):
+    def _shift(self, X, v, rv_plane=False, cols=None, xoff=0):
         """Shift rest-frame planes ``X (m, Q, n_pix)`` (plane 0 the flux) to velocities ``v``.
 
         Returns ``(Y, valid)``: ``Y (m, Q + rv_plane, n_pix)`` the planes interpolated at
@@ -205,13 +205,15 @@ class _ForwardModel:
         then runs on contiguous planes with one weight per row and tap.
 
         ``cols=(x0, x1)``: only observed columns ``x0 .. x1 - 1`` (``Y`` and ``valid`` that
-        wide), each computed as over the whole grid.
+        wide), each computed as over the whole grid.  ``xoff``: column 0 of ``X`` is grid column
+        ``xoff`` (``X`` holds the rest-frame columns the taps of ``cols`` read; log-linear grids).
         """
         if self._uniform is None:
             Y, valid = self._shift_general(X, v, rv_plane)
             return (Y, valid) if cols is None else (Y[:, :, cols[0]:cols[1]], valid[:, cols[0]:cols[1]])
         dt = self.dtype
-        m, Q, p = X.shape
+        m, Q, n_x = X.shape
+        p = self.lnw.size
         x0, x1 = (0, p) if cols is None else cols
         b = np.asarray(v, np.float64) / C_KMS
         lnD = 0.5 * (np.log1p(b) - np.log1p(-b))
@@ -236,10 +238,11 @@ class _ForwardModel:
             s0 = np.minimum(np.maximum(pad + o - 1, 0), n_s + 2 * pad - (n_s + 3)) - pad  # first tap - pixel
             s0 += a2 - a  # first tap of the first column computed, from the block's start
             al = np.empty((m, Q, n2 + 3), dt)
+            src = a - xoff  # block start in X's columns
             for r in range(m):
-                lo, hi = max(0, -s0[r]), min(n2 + 3, n_s - s0[r])
+                lo, hi = max(0, -s0[r], -src - s0[r]), min(n2 + 3, n_s - s0[r], n_x - src - s0[r])
                 if hi > lo:
-                    al[r, :, lo:hi] = X[r, :, a + s0[r] + lo:a + s0[r] + hi]
+                    al[r, :, lo:hi] = X[r, :, src + s0[r] + lo:src + s0[r] + hi]
                 else:
                     lo = hi = 0
                 al[r, :, :lo] = 0
@@ -287,19 +290,22 @@ class _ForwardModel:
         L = self.model.n_labels
         s = theta[:, :L]
         v = theta[:, L] if self.config.fit_rv else np.full(theta.shape[0], self.config.rv_fixed)
+        win = opi.window
+        model, xoff = self.model, 0
+        if win is not None and win[4] is not None and rest is None:
+            xoff, model = win[4], win[5]  # the model's columns the window's taps read
         if rest is not None:
             X = rest
         elif want_jac:
-            X = self.model.planar_kernel(s, self.dtype)
+            X = model.planar_kernel(s, self.dtype)
         else:
-            X = self.model.predict_scaled(s, self.dtype)[:, None, :]
-        win = opi.window
+            X = model.predict_scaled(s, self.dtype)[:, None, :]
         Y, valid = self._shift(X, v, rv_plane=want_jac and self.config.fit_rv,
-                               cols=None if win is None else win[:2])
+                               cols=None if win is None else win[:2], xoff=xoff)
         if np.any(opi.index >= 0):
             Y = self._apply_ops(Y, opi)
         if win is not None:  # planes computed on x0 .. x1 - 1, used on c0 .. c1 - 1
-            x0, _, c0, c1 = win
+            x0, _, c0, c1 = win[:4]
             Y, valid = Y[:, :, c0 - x0:c1 - x0], valid[:, c0 - x0:c1 - x0]
         return Y, valid
 

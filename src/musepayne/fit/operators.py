@@ -124,9 +124,10 @@ class _RowOps:
     """LSF-excess operators of the rows of one fit call: ``index[i]`` into ``ops`` (-1: none).
     Indexing selects rows and keeps the operator list (and the window).
 
-    ``window``: None (model planes over the whole grid), or ``(x0, x1, c0, c1)``: planes are
-    computed on grid columns ``x0 .. x1 - 1`` (``ops`` then act on those columns) and used on
-    ``c0 .. c1 - 1`` (see :meth:`windowed`)."""
+    ``window``: None (model planes over the whole grid), or ``(x0, x1, c0, c1, r0, model)``:
+    planes are computed on grid columns ``x0 .. x1 - 1`` (``ops`` then act on those columns)
+    and used on ``c0 .. c1 - 1`` (see :meth:`windowed`); ``model`` (or None: the fitter's)
+    gives the rest-frame model on grid columns from ``r0`` on."""
 
     __slots__ = ("index", "ops", "window")
 
@@ -138,11 +139,12 @@ class _RowOps:
     def __getitem__(self, rows):
         return _RowOps(self.index[rows], self.ops, self.window)
 
-    def windowed(self, c0, c1) -> _RowOps:
+    def windowed(self, c0, c1, rest=None) -> _RowOps:
         """These rows' operators restricted to output columns ``c0 .. c1 - 1``: the model is then
         shifted on the columns the operators' taps read, ``x0 .. x1 - 1``, and only columns
         ``c0 .. c1 - 1`` are used -- each of them computed by the same operations as over the
-        whole grid."""
+        whole grid.  ``rest``: a function ``(x0, x1) -> (r0, model)`` giving the model of the
+        rest-frame columns those read (``(None, None)``: the whole model)."""
         used = np.unique(self.index[self.index >= 0])
         ops, x0, x1 = [None] * len(self.ops), c0, c1
         win = {}
@@ -151,7 +153,8 @@ class _RowOps:
             x0, x1 = min(x0, t0), max(x1, t1)
         for o in used:
             ops[o] = win[o].shifted(x0)
-        return _RowOps(self.index, ops, (x0, x1, c0, c1))
+        r0, model = rest(x0, x1) if rest is not None else (None, None)
+        return _RowOps(self.index, ops, (x0, x1, c0, c1, r0, model))
 
 
 class _RowOpsBuilder:
