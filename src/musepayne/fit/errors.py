@@ -59,8 +59,11 @@ class _ErrorEstimates:
         if scatter and cfg.model_scatter == "errors":
             # labels fitted with W = ivar while the variance is 1/ivar + s^2: cov = A^-1 B A^-1 with
             # B = J^T W (W^-1 + S) W J = A + J^T diag(W^2 s^2) J
+            # (planes on the LM's window of weighted pixels: the terms outside it are zero)
             Y, _ = self._planes(theta, opi)
-            Jw = Y[:, 1:].astype(np.float64) * (w_obs_used * self.model.scatter)[:, None, :]
+            cols = slice(None) if opi.window is None else slice(*opi.window[2:4])
+            ws = (w_obs_used * self.model.scatter)[:, cols]
+            Jw = Y[:, 1:].astype(np.float64) * ws[:, None, :]
             B = A + np.einsum("nqp,nrp->nqr", Jw, Jw)
             cov = np.einsum("nij,njk,nkl->nil", cov, B, cov)
         dof = np.maximum(n_used - P, 1)

@@ -555,8 +555,10 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
         # the weights the labels are fitted with: observed, or 1/(1/ivar + s_p^2) ('weights')
         w = self.model.inflate_ivar(w_obs) if (self._use_scatter and cfg.model_scatter == "weights") else w_obs
         c0, c1 = self._window(w)
-        st, iters = self._optimise(d, w, opi, c0, c1)
-        if (c0, c1) != (0, d.shape[1]):  # back on the whole grid: zero weight outside the window
+        if (c0, c1) != (0, d.shape[1]):  # the LM (and the covariance's planes) on that window
+            opi = opi.windowed(c0, c1, self._rest_model)
+        st, iters = self._optimise(d, w, opi)
+        if opi.window is not None:  # back on the whole grid: zero weight outside the window
             for k in ("f", "ww"):
                 full = np.zeros((d.shape[0], d.shape[1]), st[k].dtype)
                 full[:, c0:c1] = st[k]
@@ -594,20 +596,21 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
                        negative_slope=m.negative_slope)
         return r0, sub
 
-    def _optimise(self, d, w, opi, c0=None, c1=None):
+    def _optimise(self, d, w, opi):
         """Starting points, exploration of every start and LM to convergence from the best:
         ``(st, iters)``, the solutions (what :meth:`_lm` returns) and iterations per spectrum.
 
-        The LM runs on columns ``c0 .. c1 - 1`` of the grid only (the pixels with weight):
-        ``f`` and ``ww`` of ``st`` are that wide."""
+        With a window on ``opi`` (:meth:`_RowOps.windowed`), the LM runs on its columns
+        ``c0 .. c1 - 1`` only (the pixels with weight): ``f`` and ``ww`` of ``st`` are that wide."""
         cfg = self.config
         m = d.shape[0]
         v0 = self._coarse_rv(d, w)
         best = self._starts(d, w, v0)
         if cfg.fit_rv:
             v0 = self._refine_rv(d, w, best[:, 0], v0)
-        if c0 is not None and (c0, c1) != (0, d.shape[1]):
-            d, w, opi = d[:, c0:c1], w[:, c0:c1], opi.windowed(c0, c1, self._rest_model)
+        if opi.window is not None:
+            c0, c1 = opi.window[2:4]
+            d, w = d[:, c0:c1], w[:, c0:c1]
         K = best.shape[1]
         rows = np.repeat(np.arange(m), K)
         th0 = self.grid_s[best.ravel()]
