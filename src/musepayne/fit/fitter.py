@@ -20,8 +20,9 @@ the parts :class:`Fitter` is composed of, one module each:
 * :mod:`musepayne.fit.errors` -- covariance, error scaling and the per-spectrum results.
 
 One chunk: coarse RV, best grid points, refined RV; every start explores ``explore_iter``
-LM iterations; the lowest-chi2 start of each spectrum continues to convergence; errors
-from the covariance at the solution.
+LM iterations; the lowest-chi2 start of each spectrum continues to convergence (on the
+window of grid columns with weight, :mod:`musepayne.fit.lm`); errors from the covariance
+at the solution.
 
 May import: numpy, :mod:`musepayne.flags`, :mod:`musepayne.instrument`,
 :mod:`musepayne.models`, :mod:`musepayne.fit` (its other modules).

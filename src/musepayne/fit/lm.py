@@ -25,7 +25,13 @@ Where the time goes, and how it is kept small (all vectorised over the rows of a
 * lazy Jacobians: the explored steps of all starts, and any trial that follows a
   rejected one, are first evaluated without the Jacobian (flux only); the Jacobian is
   computed only for the kept start and for accepted points;
-* a rejected sub-sigma step (a kink) raises the damping to ~1 at once.
+* a rejected sub-sigma step (a kink) raises the damping to ~1 at once;
+* the LM works on the window of grid columns holding every pixel with weight in the chunk
+  (MUSE spectra use half of a LAMOST-grid model's pixels), cut at multiples of 64 columns so
+  that numpy's SIMD sums over it (chi2, ``J^T W J``, ``J^T W r``) are those over the whole grid
+  bit for bit (the terms outside are zero); the shift and the LSF-excess operators compute
+  only the columns it needs, and an MLP's last layer only the rest-frame pixels those read
+  (``Fitter._rest_model``).  Results are those of the whole grid, bit for bit.
 
 Per row only ``J^T W J`` and ``J^T W r`` are kept (the Jacobian itself is never stored).
 
