@@ -26,6 +26,9 @@ at the solution.
 
 May import: numpy, :mod:`musepayne.flags`, :mod:`musepayne.instrument`,
 :mod:`musepayne.models`, :mod:`musepayne.fit` (its other modules).
+
+(Length: about 620 lines, a fifth of them :class:`FitConfig`'s documentation of its settings
+and their measured effects, kept with the settings.)
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import numpy as np
 
 from ..flags import DEFAULT_MAX_RED_CHI2, EXCLUDING_BITS, SPECTRUM_STATUS
 from ..instrument.wavelength import C_KMS, air_to_vacuum
-from ..models.model import MLPPayne, SpectralModel, coverage_note
+from ..models.model import SpectralModel, coverage_note
 from .catalogue import build_catalogue
 from .errors import _ErrorEstimates
 from .forward import _catmull_rom, _ForwardModel, doppler_factor, grid_segments, shift_weights
@@ -566,36 +569,6 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
                 st[k] = full
         est = self._estimates(st, d, w_obs, opi)
         self._store(idx, st, iters, est, out)
-
-    def _window(self, w):
-        """Columns ``c0 .. c1 - 1`` of the grid that hold every pixel with weight in the rows of
-        ``w`` (all columns with ``keep_model``, whose model spectra cover the whole grid)."""
-        p = w.shape[1]
-        cols = np.flatnonzero(np.any(w > 0, axis=0))
-        if self.config.keep_model or cols.size == 0:
-            return 0, p
-        c0 = int(cols[0]) // 64 * 64
-        c1 = min(p, c0 + -(-(int(cols[-1]) + 1 - c0) // 64) * 64)
-        return c0, c1
-
-    def _rest_model(self, x0, x1):
-        """``(r0, model)``: the model restricted to the rest-frame columns ``r0 ..`` that observed
-        columns ``x0 .. x1 - 1`` read at any velocity within ``rv_range`` (MLP models on log-linear
-        grids: the last layer's rows of those pixels; its products give those columns of the
-        whole model's, bit for bit), or ``(None, None)`` (the whole model)."""
-        p = self.lnw.size
-        if type(self.model) is not MLPPayne or self._uniform is None:
-            return None, None
-        h = min(blk[2] for blk in self._uniform)
-        margin = int(np.ceil(np.arctanh(self.config.rv_range / C_KMS) / h)) + 4
-        r0, r1 = max(0, x0 - margin) // 64 * 64, min(p, x1 + margin)
-        if r1 - r0 < 256 or r1 - r0 > 0.9 * p:
-            return None, None
-        m = self.model
-        sub = MLPPayne(m.weights[:-1] + [m.weights[-1][r0:r1]], m.biases[:-1] + [m.biases[-1][r0:r1]],
-                       m.label_names, m.x_min, m.x_max, m.wave[r0:r1], frame=m.frame,
-                       negative_slope=m.negative_slope)
-        return r0, sub
 
     def _optimise(self, d, w, opi):
         """Starting points, exploration of every start and LM to convergence from the best:

@@ -35,10 +35,11 @@ The forward model
 This module owns the Doppler shift (:func:`doppler_factor`, :func:`shift_weights`,
 :func:`grid_segments`) and :class:`_ForwardModel`, the part of
 :class:`~musepayne.fit.fitter.Fitter` that evaluates ``P`` and its Jacobian for many
-rows at once (``_shift``, ``_planes``) and the quantities the optimiser needs there
-(``_chi2``, ``_assess``: chi2, ``J^T W J`` and ``J^T W r`` from one batched product).
+rows at once (``_shift``, ``_planes``), the quantities the optimiser needs there
+(``_chi2``, ``_assess``: chi2, ``J^T W J`` and ``J^T W r`` from one batched product) and the
+window of columns a chunk is evaluated on (``_window``, ``_rest_model``).
 
-May import: numpy, :mod:`musepayne.instrument`, :mod:`musepayne.fit.operators`.
+May import: numpy, :mod:`musepayne.instrument`, :mod:`musepayne.models`, :mod:`musepayne.fit.operators`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..instrument.wavelength import C_KMS
+from ..models.model import MLPPayne
 from .operators import _RowOps
 
 __all__ = ["doppler_factor", "shift_weights", "grid_segments"]
@@ -343,3 +345,32 @@ class _ForwardModel:
         chi2, _, ww = self._chi2(f, valid, d, w)
         return f, chi2, ww
 
+    def _window(self, w):
+        """Columns ``c0 .. c1 - 1`` of the grid that hold every pixel with weight in the rows of
+        ``w`` (all columns with ``keep_model``, whose model spectra cover the whole grid)."""
+        p = w.shape[1]
+        cols = np.flatnonzero(np.any(w > 0, axis=0))
+        if self.config.keep_model or cols.size == 0:
+            return 0, p
+        c0 = int(cols[0]) // 64 * 64
+        c1 = min(p, c0 + -(-(int(cols[-1]) + 1 - c0) // 64) * 64)
+        return c0, c1
+
+    def _rest_model(self, x0, x1):
+        """``(r0, model)``: the model restricted to the rest-frame columns ``r0 ..`` that observed
+        columns ``x0 .. x1 - 1`` read at any velocity within ``rv_range`` (MLP models on log-linear
+        grids: the last layer's rows of those pixels; its products give those columns of the
+        whole model's, bit for bit), or ``(None, None)`` (the whole model)."""
+        p = self.lnw.size
+        if type(self.model) is not MLPPayne or self._uniform is None:
+            return None, None
+        h = min(blk[2] for blk in self._uniform)
+        margin = int(np.ceil(np.arctanh(self.config.rv_range / C_KMS) / h)) + 4
+        r0, r1 = max(0, x0 - margin) // 64 * 64, min(p, x1 + margin)
+        if r1 - r0 < 256 or r1 - r0 > 0.9 * p:
+            return None, None
+        m = self.model
+        sub = MLPPayne(m.weights[:-1] + [m.weights[-1][r0:r1]], m.biases[:-1] + [m.biases[-1][r0:r1]],
+                       m.label_names, m.x_min, m.x_max, m.wave[r0:r1], frame=m.frame,
+                       negative_slope=m.negative_slope)
+        return r0, sub
