@@ -39,6 +39,12 @@ MODULES = [
     "musepayne.models.cannon",
     "musepayne.train.trainset",
     "musepayne.train.crossval",
+    "musepayne.fit.fitter",
+    "musepayne.fit.forward",
+    "musepayne.fit.starts",
+    "musepayne.fit.lm",
+    "musepayne.fit.errors",
+    "musepayne.fit.operators",
 ]
 
 SECTIONS = ("Parameters", "Returns", "Attributes", "Yields")
