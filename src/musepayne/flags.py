@@ -198,6 +198,12 @@ _FIT_FLAG_LIST = (
                           "recovery the labels' bias exceeds 0.3 sigma above it"),
     FitFlag("LARGE_ERRORS", 6, "a statistical label error above FlagThresholds.max_err (default Teff 250 K, "
                                "log g 0.5 dex, [Fe/H] 0.25 dex: worse than the paper's Eq. 11 precision at S/N 20)"),
+    FitFlag("MISFIT", 7, "catastrophic-misfit test for any S/N: the spectrum differs from its best-fit model by "
+                         "more than FlagThresholds.max_misfit (default 1.9) times the model's intrinsic scatter "
+                         "(column misfit: the noise subtracted, so it does not shrink toward 1 at low S/N as "
+                         "red_chi2_model does), and significantly so (misfit - FlagThresholds.misfit_sigma * "
+                         "misfit_err above the threshold); e.g. Arcturus as MUSE at S/N 100 fits ~470 K too hot "
+                         "at red_chi2_model 2.1 (under HIGH_CHI2) with misfit ~2.6"),
 )
 
 
@@ -207,7 +213,7 @@ DEFAULT_MAX_RED_CHI2 = 3.0
 
 @dataclass(frozen=True)
 class FlagThresholds:
-    """Thresholds of the catalogue quality flags ``LOW_SNR``, ``BLENDED`` and ``LARGE_ERRORS``.
+    """Thresholds of the catalogue quality flags ``LOW_SNR``, ``BLENDED``, ``LARGE_ERRORS`` and ``MISFIT``.
 
     Attributes
     ----------
@@ -219,11 +225,28 @@ class FlagThresholds:
         (``benchmarks/bias_budget.py``): below it crowding adds < 0.3 sigma of bias.
     max_err : tuple of (label, error) pairs
         ``LARGE_ERRORS`` when a label's statistical error exceeds its value (unit of the label).
+    max_misfit : float
+        ``MISFIT`` when the catalogue's ``misfit`` (noise-subtracted mean squared residual of the
+        best fit in units of the model's mean squared intrinsic scatter; ~1 for stars the model
+        describes as well as its validation stars) exceeds this, significantly (see ``misfit_sigma``).
+    misfit_sigma : float
+        ... by at least this many times its noise ``misfit_err`` (``misfit - misfit_sigma *
+        misfit_err > max_misfit``), so that noisy spectra are not flagged by chance.
     """
 
     min_snr: float = 20.0
     max_neighbour_frac: float = 0.5
     max_err: tuple = (("teff", 250.0), ("logg", 0.5), ("fe_h", 0.25))
+    max_misfit: float = 1.9
+    misfit_sigma: float = 2.0
+
+    def __post_init__(self):
+        for name in ("min_snr", "max_neighbour_frac", "max_misfit", "misfit_sigma"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v == v:
+                raise ValueError(f"FlagThresholds.{name} must be a number, got {v!r}")
+        if self.misfit_sigma < 0:
+            raise ValueError("FlagThresholds.misfit_sigma must be >= 0")
 
 #: Registry of fit quality flags (the ``fit_flags`` catalogue column).
 FIT_FLAGS = {f.name: f for f in _FIT_FLAG_LIST}

@@ -4,7 +4,8 @@ Columns (lower case), every one with a unit and a description:
 
 ``stellar_id, ra, dec, snr_muse``; for every model label ``X`` (``teff``,
 ``logg``, ``fe_h``, ``mg_fe``, ...): ``X, X_err, X_flag, X_gradcorr``; then
-``rv, rv_err, red_chi2, red_chi2_model, corr_flux, n_pix_used, model, status, fit_flags`` and the
+``rv, rv_err, red_chi2, red_chi2_model, misfit, misfit_err, corr_flux, n_pix_used, model, status,
+fit_flags`` and the
 diagnostics ``reason, edge_labels, n_iter, chi2, error_scale`` (+ ``model_flux``
 when the fitter keeps best-fit spectra).
 
@@ -16,7 +17,10 @@ when the fitter keeps best-fit spectra).
   would have to extrapolate; ``edge_labels`` names them, ``<`` lower / ``>`` upper);
   ``not_converged``; ``failed:<reason>`` (row kept, values NaN).
 * ``fit_flags``: OR of the :data:`musepayne.flags.FIT_FLAGS` bits (``FAILED``,
-  ``NOT_CONVERGED``, ``LABEL_EDGE``, ``HIGH_CHI2``); 0 for a clean fit.
+  ``NOT_CONVERGED``, ``LABEL_EDGE``, ``HIGH_CHI2`` from the fit; ``LOW_SNR``, ``BLENDED``,
+  ``LARGE_ERRORS``, ``MISFIT`` from :func:`apply_quality_flags`); 0 for a clean fit.
+* ``misfit``: the best fit's residual beyond the noise in units of the model's intrinsic
+  scatter (:func:`model_misfit`), the catastrophic-misfit test behind ``MISFIT``.
 * When the model carries a benchmark-scale calibration (``BENCHCAL``, :mod:`musepayne.models.benchcal`)
   and the fit config does not turn it off, ``X`` is on the Gaia FGK benchmark scale and
   ``X_uncal`` keeps the model's value; ``X_err = sqrt(X_err_stat^2 + X_err_sys^2)``.
@@ -49,6 +53,7 @@ from ..models.benchcal import BENCH_LABELS, BenchmarkCalibration
 __all__ = [
     "build_catalogue",
     "apply_quality_flags",
+    "model_misfit",
     "add_extraction_columns",
     "EXTRACTION_COLUMNS",
     "label_columns",
@@ -76,6 +81,11 @@ _FIXED_AFTER = {
     "red_chi2_model": ("", "reduced chi2 with e_i^2 = 1/ivar_i + s_i^2 (s_i: the model's intrinsic scatter); ~1 for "
                            "a star the model describes as well as its validation stars; NaN: the model has no "
                            "scatter (or model_scatter='off')"),
+    "misfit": ("", "noise-subtracted mismatch of spectrum and best fit in units of the model's intrinsic scatter: "
+                   "(mean residual^2 - mean noise variance) / mean s_i^2, from red_chi2 and red_chi2_model "
+                   "(musepayne.fit.catalogue.model_misfit); ~1 for a star the model describes as well as its "
+                   "validation stars at any S/N; NaN: the model has no scatter"),
+    "misfit_err": ("", "1-sigma noise of misfit (chi2 statistics over n_pix_used pixels)"),
     "corr_flux": ("", "Pearson correlation of observed and best-fit flux over used pixels"),
     "n_pix_used": ("", "number of pixels used in the fit"),
     "model": ("", "model(s) the labels come from"),
@@ -147,7 +157,8 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
                                                         model.arch))
     vals = {
         "rv": res.rv, "rv_err": res.rv_err, "red_chi2": res.red_chi2, "red_chi2_model": res.red_chi2_model,
-        "corr_flux": res.corr_flux,
+        "corr_flux": res.corr_flux, **dict(zip(("misfit", "misfit_err"),
+                                               model_misfit(res.red_chi2, res.red_chi2_model, res.n_pix_used))),
         "n_pix_used": res.n_pix_used, "model": np.full(n, model_name), "status": res.status.astype(str),
         "fit_flags": fit_flags(res.status, np.where(np.isfinite(res.red_chi2_model), res.red_chi2_model,
                                                      res.red_chi2),
@@ -175,6 +186,49 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
     add_extraction_columns(tab, spectra)
     apply_quality_flags(tab)
     return tab
+
+
+def model_misfit(red_chi2, red_chi2_model, n_pix):
+    """Noise-subtracted misfit of the best fit in units of the model's intrinsic scatter, and its noise.
+
+    With ``x = red_chi2`` (mean of r^2 / e^2 over the used pixels, e the observed errors) and
+    ``y = red_chi2_model`` (mean of r^2 / (e^2 + s^2), s the model's scatter), and treating e and s
+    as constant over the pixels, the mean squared residual is ``R = x e^2 = y (e^2 + s^2)``, so
+
+        misfit = (R - e^2) / s^2 = (x - 1) y / (x - y),
+
+    the part of the residual the noise does not explain, in units of the model's own scatter:
+    ~1 for a star the model describes as well as its validation stars, whatever the S/N (where
+    ``red_chi2_model`` tends to 1 for any fit as the noise grows).  Its noise, from
+    var(x) = 2 x^2 / n at fixed e^2 / s^2 = y / (x - y):
+
+        misfit_err = sqrt(2 / n) x y / (x - y).
+
+    Parameters
+    ----------
+    red_chi2 : array_like
+        Reduced chi2 with the observed errors (dimensionless).
+    red_chi2_model : array_like
+        Reduced chi2 with the model's scatter added to the variances (NaN: no scatter).
+    n_pix : array_like
+        Pixels used in the fit.
+
+    Returns
+    -------
+    misfit : numpy.ndarray
+        Dimensionless; NaN where not defined (no scatter, ``red_chi2 <= red_chi2_model``, no fit).
+    misfit_err : numpy.ndarray
+        Its 1-sigma noise; NaN where ``misfit`` is.
+    """
+    x = np.asarray(red_chi2, np.float64)
+    y = np.asarray(red_chi2_model, np.float64)
+    n = np.asarray(n_pix, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ok = np.isfinite(x) & np.isfinite(y) & (x > y) & (y > 0) & (n > 0)
+        ratio = np.where(ok, y / (x - y), np.nan)  # e^2 / s^2
+        misfit = (x - 1.0) * ratio
+        err = np.sqrt(2.0 / n) * x * ratio
+    return np.where(ok, misfit, np.nan), np.where(ok, err, np.nan)
 
 
 def fit_flags(status, red_chi2, max_red_chi2: float | None = None) -> np.ndarray:
@@ -551,13 +605,19 @@ def add_extraction_columns(cat: Table, spectra: Table) -> Table:
 
 
 def apply_quality_flags(cat: Table, thresholds: FlagThresholds | None = None) -> Table:
-    """OR the ``LOW_SNR``, ``BLENDED`` and ``LARGE_ERRORS`` bits into ``cat['fit_flags']`` (in place).
+    """Set the ``LOW_SNR``, ``BLENDED``, ``LARGE_ERRORS`` and ``MISFIT`` bits of ``cat['fit_flags']`` (in place).
+
+    These four bits are recomputed (cleared, then set where their test holds), so a catalogue can be
+    re-flagged with other thresholds; the fit's own bits (``FAILED``, ``NOT_CONVERGED``,
+    ``LABEL_EDGE``, ``HIGH_CHI2``) are kept.
 
     Parameters
     ----------
     cat : Table
-        A catalogue with ``fit_flags``; ``snr_muse``, ``neighbour_frac`` and the label errors
-        are used where present (``X_err_stat`` before ``X_err``).
+        A catalogue with ``fit_flags``; ``snr_muse``, ``neighbour_frac``, the label errors
+        (``X_err_stat`` before ``X_err``) and ``misfit`` / ``misfit_err`` are used where present
+        (``misfit`` is computed from ``red_chi2``, ``red_chi2_model`` and ``n_pix_used`` when a
+        catalogue lacks it; it is not added).
     thresholds : FlagThresholds, optional
         Default :class:`musepayne.flags.FlagThresholds`.
 
@@ -567,7 +627,8 @@ def apply_quality_flags(cat: Table, thresholds: FlagThresholds | None = None) ->
         ``cat``.
     """
     th = thresholds or FlagThresholds()
-    flags = np.asarray(cat["fit_flags"], np.int32).copy()
+    mine = sum(FIT_FLAGS[k].value for k in ("LOW_SNR", "BLENDED", "LARGE_ERRORS", "MISFIT"))
+    flags = np.asarray(cat["fit_flags"], np.int32).copy() & ~np.int32(mine)
     with np.errstate(invalid="ignore"):
         if "snr_muse" in cat.colnames:
             flags[np.asarray(cat["snr_muse"], np.float64) < th.min_snr] |= FIT_FLAGS["LOW_SNR"].value
@@ -578,6 +639,14 @@ def apply_quality_flags(cat: Table, thresholds: FlagThresholds | None = None) ->
             col = next((c for c in (f"{name}_err_stat", f"{name}_err") if c in cat.colnames), None)
             if col is not None:
                 flags[np.asarray(cat[col], np.float64) > limit] |= FIT_FLAGS["LARGE_ERRORS"].value
+        if "misfit" in cat.colnames and "misfit_err" in cat.colnames:
+            mf, me = np.asarray(cat["misfit"], np.float64), np.asarray(cat["misfit_err"], np.float64)
+        elif all(c in cat.colnames for c in ("red_chi2", "red_chi2_model", "n_pix_used")):
+            mf, me = model_misfit(cat["red_chi2"], cat["red_chi2_model"], cat["n_pix_used"])
+        else:
+            mf = me = None
+        if mf is not None:
+            flags[mf - th.misfit_sigma * me > th.max_misfit] |= FIT_FLAGS["MISFIT"].value
     cat["fit_flags"][:] = flags
     return cat
 
