@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table, vstack
 
-from musepayne.fit.catalogue import apply_quality_flags
+from musepayne.fit.catalogue import MISFIT_REF_FLOOR, apply_quality_flags, misfit_reference
 from musepayne.fit.fitter import FitConfig, Fitter
 from musepayne.flags import FIT_FLAGS, FlagThresholds
 from musepayne.io.prepared import PreparedSpectra
@@ -197,9 +197,45 @@ def rates(flag, bad):
     return float(flag[bad].mean()), float(flag[~bad].mean())
 
 
+def reference_rows(cat):
+    """Rows that make a misfit reference: S/N 100, finite labels and misfit."""
+    lab = np.column_stack([np.asarray(cat[n], float) for n in LABELS])
+    mf = np.asarray(cat["misfit"], float)
+    return (np.asarray(cat["snr_sim"], float) == 100.0) & np.all(np.isfinite(lab), 1) & np.isfinite(mf)
+
+
+def leave_fold_out_reference(cat):
+    """``misfit_ref`` of every row from the reference stars of the other folds (no star is its own reference)."""
+    fold = np.asarray(cat["fold"])
+    use = reference_rows(cat)
+    lab = np.column_stack([np.asarray(cat[n], float) for n in LABELS])
+    out, dist = np.full(len(cat), np.nan), np.full(len(cat), np.nan)
+    for f in np.unique(fold):
+        ref = cat[use & (fold != f)][list(LABELS) + ["misfit"]]
+        out[fold == f], dist[fold == f] = misfit_reference(ref, lab[fold == f], LABELS)
+    return out, dist
+
+
+def reference(args):
+    """Write the misfit reference of the recipe (every fold's S/N 100 stars) beside a model."""
+    cat = Table.read(Path(args.cache) / args.out)
+    ref = cat[reference_rows(cat)][list(LABELS) + ["misfit"]]
+    for n in LABELS:
+        ref[n] = np.round(np.asarray(ref[n], float), 3 if n == "teff" else 4).astype(np.float32)
+    ref["misfit"] = np.asarray(ref["misfit"], np.float32)
+    ref["teff"].unit = "K"
+    ref.meta["COMMENT"] = ["misfit reference (musepayne.fit.catalogue.misfit_reference): fitted labels and misfit "
+                           f"of {len(ref)} library stars held out of training ({args.k}-fold CV of the default "
+                           "recipe, benchmarks/cv_flags.py), observed as MUSE at S/N 100"]
+    ref.write(args.output, overwrite=True)
+    print(f"-> {args.output} ({len(ref)} stars)")
+
+
 def measure(args):
     cat = Table.read(Path(args.cache) / args.out)
-    th = FlagThresholds(max_misfit=args.max_misfit, misfit_sigma=args.misfit_sigma)
+    th = FlagThresholds(max_misfit=args.max_misfit, misfit_sigma=args.misfit_sigma, max_ref_dist=args.max_ref_dist)
+    # each fold's reference from the other folds' stars (no star is its own reference)
+    cat["misfit_ref"], cat["ref_dist"] = leave_fold_out_reference(cat)
     apply_quality_flags(cat, th)  # the thresholds under test (the fit step used the defaults)
     bad, _ = worst(cat)
     ff = np.asarray(cat["fit_flags"], int)
@@ -226,22 +262,30 @@ def measure(args):
                 "S/N {:g}: {:.2f} / {:.3f}".format(v, *rates(fl[snr == v], bad["combined"][snr == v]))
                 for v in SNRS))
     mf, me = np.asarray(cat["misfit"], float), np.asarray(cat["misfit_err"], float)
-    print("MISFIT threshold scan (combined; all S/N | S/N 100):")
+    ref = np.maximum(np.nan_to_num(np.asarray(cat["misfit_ref"], float), nan=1.0), MISFIT_REF_FLOOR)
+    print("MISFIT threshold scan, (misfit - sigma misfit_err) / misfit_ref > max_misfit "
+          "(combined; all S/N | S/N 100); without the reference (misfit_ref = 1) in brackets:")
     for sig in (0.0, 1.0, 2.0):
-        for a in (1.5, 1.7, 1.9, 2.1, 2.5, 3.0):
-            fl = np.nan_to_num(mf - sig * me, nan=-np.inf) > a
-            print(f"  misfit - {sig:g} err > {a:.1f}: " + "{:.2f} / {:.3f}".format(*rates(fl, bad["combined"]))
-                  + " | {:.2f} / {:.3f}".format(*rates(fl[snr == 100], bad["combined"][snr == 100])))
-    if "dx_knn5" in cat.colnames:  # a diagnostic, not a flag: distance to the 5th-nearest training star
-        knn = np.nan_to_num(np.asarray(cat["dx_knn5"], float), nan=np.inf)
-        for k in (5.0, 6.0, 8.0):
-            print(f"  (diagnostic) 5th-nearest training star farther than {k:g} (Eq. 4 units): "
-                  + "{:.2f} / {:.3f}".format(*rates(knn > k, bad["combined"])))
+        for a in (2.0, 2.5, 3.0, 3.5, 4.0):
+            fl = np.nan_to_num((mf - sig * me) / ref, nan=-np.inf) > a
+            fl0 = np.nan_to_num(mf - sig * me, nan=-np.inf) > a
+            print(f"  sigma {sig:g} max_misfit {a:.1f}: " + "{:.2f} / {:.3f}".format(*rates(fl, bad["combined"]))
+                  + " | {:.2f} / {:.3f}".format(*rates(fl[snr == 100], bad["combined"][snr == 100]))
+                  + "   [{:.2f} / {:.3f}]".format(*rates(fl0, bad["combined"])))
+    rd = np.nan_to_num(np.asarray(cat["ref_dist"], float), nan=-np.inf)
+    print("SPARSE_LABELS threshold scan, ref_dist > max_ref_dist (combined; all S/N | S/N 100):")
+    for k in (4.5, 5.0, 5.5, 6.0, 7.0):
+        print(f"  max_ref_dist {k:g}: " + "{:.2f} / {:.3f}".format(*rates(rd > k, bad["combined"]))
+              + " | {:.2f} / {:.3f}".format(*rates((rd > k)[snr == 100], bad["combined"][snr == 100])))
+    both = (ff & (FIT_FLAGS["MISFIT"].value | FIT_FLAGS["SPARSE_LABELS"].value)) > 0
+    print("MISFIT or SPARSE_LABELS: " + "  ".join(f"{k} " + "{:.2f} / {:.3f}".format(*rates(both, b))
+                                                 for k, b in bad.items()))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", choices=("prepare", "fit", "measure"))
+    p.add_argument("step", choices=("prepare", "fit", "measure", "reference"))
+    p.add_argument("--output", default=None, help="reference step: the .misfitref.fits to write")
     p.add_argument("--cache", default="build/cv_flags")
     p.add_argument("--trainset", default=None)
     p.add_argument("--templates", default=None)
@@ -249,10 +293,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-misfit", type=float, default=FlagThresholds().max_misfit)
     p.add_argument("--misfit-sigma", type=float, default=FlagThresholds().misfit_sigma)
+    p.add_argument("--max-ref-dist", type=float, default=FlagThresholds().max_ref_dist)
     p.add_argument("--folds", default=None, help="fit step: comma-separated folds (default all)")
     p.add_argument("--out", default="cv_flags.fits", help="fit / measure step: table name in the cache")
     args = p.parse_args(argv)
-    {"prepare": prepare, "fit": fit, "measure": measure}[args.step](args)
+    {"prepare": prepare, "fit": fit, "measure": measure, "reference": reference}[args.step](args)
 
 
 if __name__ == "__main__":

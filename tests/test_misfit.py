@@ -5,7 +5,7 @@ import pytest
 from astropy.table import Table
 
 from fit_helpers import as_prepared
-from musepayne.fit.catalogue import apply_quality_flags, model_misfit
+from musepayne.fit.catalogue import apply_quality_flags, misfit_reference, model_misfit
 from musepayne.fit.fitter import FitConfig, Fitter
 from musepayne.flags import FIT_FLAGS, FlagThresholds, decode_fit_flags
 from musepayne.models.files import load_model
@@ -36,29 +36,49 @@ def test_model_misfit_recovers_the_excess_and_its_noise():
 
 
 def test_misfit_flag_thresholds_and_reflagging():
-    cat = Table({"misfit": [1.0, 2.5, 2.5, np.nan], "misfit_err": [0.05, 0.05, 0.5, np.nan],
+    cat = Table({"misfit": [1.0, 3.5, 3.5, np.nan], "misfit_err": [0.05, 0.05, 0.5, np.nan],
                  "fit_flags": np.array([0, 0, 0, FIT_FLAGS["FAILED"].value], np.int32)})
-    apply_quality_flags(cat)
+    apply_quality_flags(cat)  # default: (misfit - 2 misfit_err) / misfit_ref > 3, misfit_ref 1 when absent
     assert [decode_fit_flags(int(v)) for v in cat["fit_flags"]] == [[], ["MISFIT"], [], ["FAILED"]]
     # the quality bits are recomputed: a looser threshold clears MISFIT, the fit's own bits stay
-    apply_quality_flags(cat, FlagThresholds(max_misfit=3.0))
+    apply_quality_flags(cat, FlagThresholds(max_misfit=3.5))
     assert [decode_fit_flags(int(v)) for v in cat["fit_flags"]] == [[], [], [], ["FAILED"]]
     apply_quality_flags(cat, FlagThresholds(misfit_sigma=0.0))
     assert [decode_fit_flags(int(v)) for v in cat["fit_flags"]] == [[], ["MISFIT"], ["MISFIT"], ["FAILED"]]
-    # an older catalogue without the column: computed from red_chi2 / red_chi2_model
-    old = Table({"red_chi2": [6.3], "red_chi2_model": [2.1], "n_pix_used": [1390], "fit_flags": np.zeros(1, np.int32)})
+    # relative to the model's reference at the fitted labels (floor 0.5); SPARSE_LABELS from ref_dist
+    rel = Table({"misfit": [3.5, 2.0, 1.4], "misfit_err": [0.05] * 3, "misfit_ref": [2.0, 0.6, 0.1],
+                 "ref_dist": [2.0, 7.0, np.nan], "fit_flags": np.zeros(3, np.int32)})
+    apply_quality_flags(rel)
+    assert [decode_fit_flags(int(v)) for v in rel["fit_flags"]] == [[], ["MISFIT", "SPARSE_LABELS"], []]
+    # an older catalogue without the columns: misfit from red_chi2 / red_chi2_model (here 11 x 4 / 8 = 5.5)
+    old = Table({"red_chi2": [12.0], "red_chi2_model": [4.0], "n_pix_used": [1390], "fit_flags": np.zeros(1, np.int32)})
     apply_quality_flags(old)
     assert decode_fit_flags(int(old["fit_flags"][0])) == ["MISFIT"]
     with pytest.raises(ValueError):
         FlagThresholds(max_misfit="high")
 
 
+def test_misfit_reference_is_the_local_median():
+    """misfit_ref: median misfit of the 25 nearest reference stars (Eq. 4 metric); ref_dist: 5th nearest."""
+    rng = np.random.default_rng(2)
+    n = 400
+    ref = Table({"teff": rng.uniform(4000, 7000, n), "logg": rng.uniform(1, 5, n), "fe_h": rng.uniform(-2, 0.5, n)})
+    ref["misfit"] = np.where(ref["teff"] < 4500, 3.0, 0.6)  # cool stars: the model does worse everywhere
+    lab = np.array([[4100.0, 2.0, -0.5], [6000.0, 4.0, -0.5], [np.nan, 4.0, 0.0], [5500.0, 4.0, 3.0]])
+    mref, dist = misfit_reference(ref, lab, ["teff", "logg", "fe_h"])
+    assert mref[0] == pytest.approx(3.0) and mref[1] == pytest.approx(0.6) and np.isnan(mref[2])
+    d = np.sqrt((((np.column_stack([ref["teff"], ref["logg"], ref["fe_h"]]) - lab[3]) / [100, 0.2, 0.1]) ** 2).sum(1))
+    assert dist[3] == pytest.approx(np.sort(d)[4]) and dist[3] > 25  # [Fe/H] +3: far from every reference star
+    m0, d0 = misfit_reference(None, lab, ["teff", "logg", "fe_h"])
+    assert np.array_equal(m0[:2], [1.0, 1.0]) and np.all(np.isnan(d0))
+
+
 def test_misfit_does_not_flag_stars_the_model_describes():
     """Spectra of the default model at known labels, with a deviation of the model's own
     intrinsic scatter and noise at S/N 20, 50 and 100: ``misfit`` ~1 and (almost) none flagged;
-    the same spectra with a mismatch 3x the scatter (9x its variance) are flagged at S/N 50 and 100
+    the same spectra with a mismatch 4x the scatter (16x its variance) are flagged at S/N 50 and 100
     (``misfit`` treats noise and scatter as constant over the pixels; with the default model's
-    pixel-to-pixel scatter it reads such a mismatch as ~6-7 instead of 9)."""
+    pixel-to-pixel scatter it reads such a mismatch as less than 16)."""
     model = load_model("default")
     rng = np.random.default_rng(11)
     n = 60
@@ -67,7 +87,7 @@ def test_misfit_does_not_flag_stars_the_model_describes():
     s = np.asarray(model.scatter, float)
     fitter = Fitter(model, FitConfig())
     for snr in (20.0, 50.0, 100.0):
-        for k, expect in ((1.0, "clean"), (3.0, "misfit")):
+        for k, expect in ((1.0, "clean"), (4.0, "misfit")):
             flux = clean + k * s * rng.standard_normal(clean.shape) + rng.standard_normal(clean.shape) / snr
             cat = fitter.catalogue(*_fit(fitter, model.wave, flux, snr))
             flagged = (np.asarray(cat["fit_flags"]) & MISFIT) > 0
@@ -76,8 +96,8 @@ def test_misfit_does_not_flag_stars_the_model_describes():
                 assert 0.7 < np.median(mf) < 1.3, (snr, np.median(mf))
                 assert flagged.mean() <= 0.05, (snr, flagged.mean())
             elif snr >= 50:
-                assert 5 < np.median(mf) < 11, (snr, np.median(mf))  # 3^2 = 9
-                assert flagged.mean() >= 0.95, (snr, flagged.mean())
+                assert 8 < np.median(mf) < 20, (snr, np.median(mf))  # 4^2 = 16
+                assert flagged.mean() >= 0.9, (snr, flagged.mean())
 
 
 def _fit(fitter, wave, flux, snr):
