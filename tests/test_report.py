@@ -31,5 +31,6 @@ def test_report_figures_and_truth_stats(tmp_path):
     assert abs(s["truth"]["fe_h"]["dispersion"] - 0.1) < 0.05
     assert s["n_kiel"] == n - 2
     assert s["fit_flag_counts"] == {"FAILED": 2, "NOT_CONVERGED": 0, "LABEL_EDGE": 0, "HIGH_CHI2": 2, "LOW_SNR": 0,
-                                    "BLENDED": 0, "LARGE_ERRORS": 0, "MISFIT": 1, "clean": n - 4}
+                                    "BLENDED": 0, "LARGE_ERRORS": 0, "MISFIT": 1, "SPARSE_LABELS": 0,
+                                    "clean": n - 4}
     assert "fit_flag_counts" in html

@@ -199,7 +199,7 @@ _FIT_FLAG_LIST = (
     FitFlag("LARGE_ERRORS", 6, "a statistical label error above FlagThresholds.max_err (default Teff 250 K, "
                                "log g 0.5 dex, [Fe/H] 0.25 dex: worse than the paper's Eq. 11 precision at S/N 20)"),
     FitFlag("MISFIT", 7, "catastrophic misfit, at any S/N: the spectrum differs from its best fit by more than "
-                         "FlagThresholds.max_misfit (default 3) times what the model's cross-validation stars of "
+                         "FlagThresholds.max_misfit (default 2.75) times what the model's cross-validation stars of "
                          "similar labels reach ((misfit - 2 misfit_err) / misfit_ref; misfit is noise-subtracted, "
                          "so it does not shrink toward 1 at low S/N as red_chi2_model does). Arcturus as MUSE at "
                          "S/N 100 fits ~470 K too hot at red_chi2_model 2.1, under HIGH_CHI2, with misfit ~2.5 "
@@ -245,7 +245,7 @@ class FlagThresholds:
     min_snr: float = 20.0
     max_neighbour_frac: float = 0.5
     max_err: tuple = (("teff", 250.0), ("logg", 0.5), ("fe_h", 0.25))
-    max_misfit: float = 3.0
+    max_misfit: float = 2.75
     misfit_sigma: float = 2.0
     max_ref_dist: float = 5.5
 
