@@ -130,3 +130,21 @@ def test_arcturus_misfit_is_flagged(shared):
     assert np.all(np.asarray(cat["misfit"], float) > 2.2)
     assert np.all((np.asarray(cat["fit_flags"]) & MISFIT) > 0)
     assert len(select(cat, preset="reliable")) == 0
+
+
+def test_model_reads_its_misfit_reference(tmp_path):
+    """load_model attaches ``<model>.misfitref.fits``; a reference without the needed columns is a clear error."""
+    from musepayne.models.files import misfit_reference_path
+    from musepayne.models.model import ModelError
+
+    model = load_model("default")
+    ref = model.misfit_reference
+    assert ref is not None and len(ref) > 900 and {"teff", "logg", "fe_h", "misfit"} <= set(ref.colnames)
+    # the CV stars' typical misfit is ~1 (the scatter is measured so that validation stars reach ~1)
+    assert 0.4 < np.median(ref["misfit"]) < 1.2
+    path = tmp_path / "m.fits"
+    model.save(path)
+    assert load_model(path).misfit_reference is None  # no sidecar: no reference (misfit_ref 1)
+    Table({"teff": [5000.0], "misfit": [1.0]}).write(misfit_reference_path(path))
+    with pytest.raises(ModelError, match="lacks"):
+        load_model(path)

@@ -202,8 +202,8 @@ _FIT_FLAG_LIST = (
                          "FlagThresholds.max_misfit (default 2.75) times what the model's cross-validation stars of "
                          "similar labels reach ((misfit - 2 misfit_err) / misfit_ref; misfit is noise-subtracted, "
                          "so it does not shrink toward 1 at low S/N as red_chi2_model does). Arcturus as MUSE at "
-                         "S/N 100 fits ~470 K too hot at red_chi2_model 2.1, under HIGH_CHI2, with misfit ~2.5 "
-                         "where the model's stars reach ~0.6"),
+                         "S/N 100 fits ~480 K too hot at red_chi2_model 2.1, under HIGH_CHI2, with misfit ~2.5-2.8 "
+                         "where the default model's stars reach ~0.75"),
     FitFlag("SPARSE_LABELS", 8, "the fitted labels lie where the model's training stars are sparse: the 5th-nearest "
                                 "of its cross-validation stars is farther than FlagThresholds.max_ref_dist (default "
                                 "5.5) in the paper's Eq. 4 metric (ref_dist); the model interpolates over a wide gap"),

@@ -121,9 +121,13 @@ def _sibling_misfit_reference(path):
     if not rp.is_file():
         return None
     try:
-        return Table.read(rp)
+        ref = Table.read(rp)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{rp}: the model's misfit reference is unreadable ({exc})") from None
+    missing = [c for c in ("teff", "logg", "fe_h", "misfit") if c not in ref.colnames]
+    if missing:
+        raise ModelError(f"{rp}: the model's misfit reference lacks the column(s) {', '.join(missing)}")
+    return ref
 
 
 def _read_wavelength(path) -> np.ndarray:
