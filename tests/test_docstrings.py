@@ -37,6 +37,21 @@ MODULES = [
     "musepayne.models.cannon",
     "musepayne.train.trainset",
     "musepayne.train.crossval",
+    # modules split out of the large ones (issue 13) and the remaining public API
+    "musepayne.io.libraries",
+    "musepayne.models.emulator",
+    "musepayne.models.model",
+    "musepayne.models.files",
+    "musepayne.science.relations",
+    "musepayne.science.stats",
+    "musepayne.science.repeats",
+    "musepayne.simulate.sources",
+    "musepayne.train.trainer",
+    "musepayne.train.network",
+    "musepayne.pipeline.runner",
+    "musepayne.pipeline.survey",
+    "musepayne.pipeline.report",
+    "musepayne.cli._common",
 ]
 
 SECTIONS = ("Parameters", "Returns", "Attributes", "Yields")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
+import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +17,7 @@ import click
 import numpy as np
 
 from ..fit import FitConfig, Fitter
-from ..fit.catalogue import CatalogueStream, combine_metal_poor, write_catalogue
+from ..fit.catalogue import CatalogueStream, _catalogue_format, combine_metal_poor, fits_bytes, write_catalogue
 from ..io.prepared import PreparedSpectra
 from ..io.spectra import ReaderError
 from ..models.files import load_model
@@ -199,10 +203,6 @@ def _n_processes(requested, n_spectra, cfg, outputs, metal_poor) -> int:
     """Processes for the fit: as requested, or (0) one per core for two blocks or more.  Blocks
     fitted elsewhere come back as FITS bytes, so only FITS outputs, one model, and where
     processes can be forked (the fitter and the opened file are inherited, nothing pickled)."""
-    import multiprocessing
-
-    from ..fit.catalogue import _catalogue_format
-
     if metal_poor or any(_catalogue_format(Path(p)) != "fits" for p in outputs):
         return 1
     if "fork" not in multiprocessing.get_all_start_methods():
@@ -231,8 +231,6 @@ def _decode_part(data: bytes):
 def _fit_group(fitter, data, bounds, folder):
     """Worker process: fit the blocks ``bounds`` of ``data`` and leave each as a part file
     (status list + the block's catalogue as FITS bytes), renamed into place when complete."""
-    from ..fit.catalogue import fits_bytes
-
     for a, b in bounds:
         sub = data.rows(a, b)
         for _, _, res in fitter.fit_blocks(sub):  # one block: the rows of one block of the whole
@@ -247,11 +245,6 @@ def _fit_in_processes(fitter, data, n_proc, output: Path):
     """Yield ``(a, b, FitArrays | part bytes)`` for every block in row order: the first share of
     blocks fitted here, the others in forked processes (each a contiguous share of blocks).
     Blocks are cut as in one pass over all rows, so the results are those of one process."""
-    import multiprocessing
-    import shutil
-    import tempfile
-    import time
-
     bounds = fitter.block_bounds(data)
     n_proc = max(1, min(n_proc, len(bounds)))
     edges = np.linspace(0, len(bounds), n_proc + 1).round().astype(int)

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import sys
 from pathlib import Path
 
 import click
 
+from ..models.benchcal import info_lines
+from ..models.files import import_payne_npz, load_model
+from ..models.gradients import GradientTemplates
+from ..models.model import ModelError
+from ..train.benchcal import BenchCalConfig, calibrate, figures_lines
+from ..train.trainset import TrainingSet
 from ._common import check_output_not_input, emit, exc_text, fail, json_option
 
 
@@ -28,11 +37,6 @@ def model():
 @json_option
 def import_(npz, fmt, labels, units, wavelength, vacuum, name, output, as_json):
     """Convert a The Payne .npz network NPZ into a self-describing musepayne model file."""
-    import sys
-
-    from ..models.files import import_payne_npz
-    from ..models.model import ModelError
-
     check_output_not_input(output, [npz, wavelength], as_json)
     names = [s.strip() for s in labels.split(",") if s.strip()]
     unit_list = [s.strip() for s in units.split(",")] if units else None
@@ -55,9 +59,6 @@ def import_(npz, fmt, labels, units, wavelength, vacuum, name, output, as_json):
 @json_option
 def info(path, as_json):
     """Describe a musepayne model file (labels, ranges, grid, provenance)."""
-    from ..models.files import load_model
-    from ..models.model import ModelError
-
     try:
         m = load_model(path)
     except ModelError as exc:
@@ -76,8 +77,6 @@ def info(path, as_json):
     for k, v in sorted(m.meta.items()):
         lines.append(f"  {k}: {v}")
     if m.benchmark_calibration is not None:
-        from ..models.benchcal import info_lines
-
         d["benchmark_calibration"] = m.benchmark_calibration.describe()
         lines += info_lines(m.benchmark_calibration)
     emit(d, as_json, lines)
@@ -115,14 +114,6 @@ def calibrate_benchmark(path, output, shared, holdout, trainset, templates, seed
     prepared and fitted by hold-out models (MODEL's recipe trained without them); the map and
     the sys errors are fitted to them, and cross-validated over the stars (musepayne.models.benchcal).
     """
-    import os
-    import shlex
-    import sys
-
-    from ..models.files import load_model
-    from ..models.model import ModelError
-    from ..train.benchcal import BenchCalConfig, calibrate, figures_lines
-
     try:
         m = load_model(path)
         hold = [load_model(h) for h in holdout] or None
@@ -132,18 +123,14 @@ def calibrate_benchmark(path, output, shared, holdout, trainset, templates, seed
     ts = tpl = None
     if hold is None:
         try:
-            import torch
+            import torch  # noqa: PLC0415 - heavy optional dependency, only to train hold-out models
         except ImportError:
             fail("training hold-out models needs PyTorch: pip install 'musepayne[train]' (or pass --holdout-model)",
                  as_json)
         torch.set_num_threads(max(1, threads))
         if trainset:
-            from ..train.trainset import TrainingSet
-
             ts = TrainingSet.read(trainset)
         if templates:
-            from ..models.gradients import GradientTemplates
-
             tpl = GradientTemplates.load(templates)
     cfg = BenchCalConfig(seeds=tuple(int(x) for x in seeds.split(",") if x.strip()), k=k, snr=snr, degree=degree,
                          ridge=ridge, sys_bins=sys_bins)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -37,8 +38,6 @@ def normalised_catalogue(path, mag_column, outdir: Path) -> Path:
 def progress_display(enabled: bool):
     """A rich progress display with one bar per stage; returns (context, callback)."""
     if not enabled:
-        from contextlib import nullcontext
-
         return nullcontext(), None
 
     prog = Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
