@@ -64,6 +64,9 @@ ALLOWED = {
     # Exception classes: raised with a message only, no parameters or attributes of their own.
     "musepayne.io.spectra.ReaderError",
     "musepayne.science.selection.SelectionError",
+    "musepayne.models.model.ModelError",
+    # A click option decorator (click.option's result): documented by its --help text.
+    "musepayne.cli._common.json_option",
     # No arguments, returns None: the one-line docstring is the whole contract.
     "musepayne.io.cube.MuseCube.close",
 }

@@ -160,7 +160,25 @@ class TrainConfig:
 
 
 def parse_gradient_weights(text, label_names) -> dict:
-    """``'0.1'`` (all labels) or ``'teff=0.1,logg=0.05'`` -> ``{label: weight}``."""
+    """``'0.1'`` (all labels) or ``'teff=0.1,logg=0.05'`` -> ``{label: weight}``.
+
+    Parameters
+    ----------
+    text : str or None
+        The command-line value; None or empty means no gradient term.
+    label_names : sequence of str
+        The model's labels.
+
+    Returns
+    -------
+    dict of str to float
+        Dimensionless weight of the DD-Payne gradient term per label.
+
+    Raises
+    ------
+    ValueError
+        For an unknown label or a value that is not a number.
+    """
     if text is None or str(text).strip() == "":
         return {}
     text = str(text).strip()
@@ -178,7 +196,26 @@ def parse_gradient_weights(text, label_names) -> dict:
 
 
 def split_indices(n, val_fraction, seed, groups=None):
-    """Random train/validation split (grouped: all members of a group on one side)."""
+    """Random train/validation split (grouped: all members of a group on one side).
+
+    Parameters
+    ----------
+    n : int
+        Number of spectra.
+    val_fraction : float
+        Target fraction of spectra in the validation set (0: none).
+    seed : int
+        Seed of the numpy generator (the split is reproducible).
+    groups : array_like, optional
+        (n,) group id per spectrum (e.g. ``star_key``); default every spectrum its own group.
+
+    Returns
+    -------
+    train : numpy.ndarray
+        Row indices (int) of the training spectra, ascending.
+    val : numpy.ndarray
+        Row indices (int) of the validation spectra, ascending.
+    """
     rng = np.random.default_rng(seed)
     if val_fraction <= 0 or n < 2:
         return np.arange(n), np.zeros(0, int)
@@ -205,6 +242,33 @@ class TrainResult:
 
     mlp: ``weights`` [(n_out, n_in)...], ``biases`` [(n_out,)...];
     perpixel: ``weights`` [w0 (npix, nh, nl), w1 (npix, nh)], ``biases`` [b0 (npix, nh), b1 (npix,)].
+
+    Attributes
+    ----------
+    arch : str
+        'mlp' or 'perpixel'.
+    weights, biases : list of numpy.ndarray
+        The network parameters (float64), layouts above.
+    label_names : tuple of str
+        Labels in input order.
+    x_min, x_max : numpy.ndarray
+        (n_labels,) label ranges of the scaling, physical units (K, dex).
+    wave : numpy.ndarray
+        (n_pix,) wavelengths in Angstrom, in ``frame``.
+    frame : str
+        'vacuum' or 'air'.
+    meta : dict
+        Provenance (versions, configuration, losses, split sizes, scatter estimate).
+    history : list of dict
+        Losses at every evaluation (epoch, train_data, val_data, val_score, reg, grad_<label>).
+    negative_slope : float
+        Leaky-ReLU slope of the mlp.
+    label_units : tuple of str
+        Units per label (empty: defaults).
+    pixel_mask : numpy.ndarray or None
+        (n_pix,) bool, pixels with too little training coverage.
+    scatter : numpy.ndarray or None
+        (n_pix,) intrinsic model scatter in normalised flux.
     """
 
     arch: str
@@ -224,11 +288,34 @@ class TrainResult:
 
     # ------------------------------------------------------------ numpy inference
     def scale(self, labels):
+        """Physical labels -> network input ``(l - x_min) / (x_max - x_min) - 0.5``.
+
+        Parameters
+        ----------
+        labels : array_like of float
+            (n, n_labels) or (n_labels,), physical units (K, dex).
+
+        Returns
+        -------
+        numpy.ndarray
+            (n, n_labels) scaled labels (dimensionless).
+        """
         lab = np.atleast_2d(np.asarray(labels, np.float64))
         return (lab - self.x_min) / (self.x_max - self.x_min) - 0.5
 
     def predict(self, labels):
-        """Model spectra (n, n_pix) in numpy (mirrors the torch forward pass)."""
+        """Model spectra (n, n_pix) in numpy (mirrors the torch forward pass).
+
+        Parameters
+        ----------
+        labels : array_like of float
+            (n, n_labels) or (n_labels,), physical units (K, dex).
+
+        Returns
+        -------
+        numpy.ndarray
+            (n, n_pix) normalised flux (float64).
+        """
         x = self.scale(labels)
         if self.arch == "mlp":
             h = x
@@ -243,7 +330,14 @@ class TrainResult:
         return np.einsum("pk,npk->np", w1, 1.0 / (1.0 + np.exp(-z))) + b1[None]
 
     def to_model(self):
-        """The trained network as a :mod:`musepayne.models.model` spectral model."""
+        """The trained network as a :mod:`musepayne.models.model` spectral model.
+
+        Returns
+        -------
+        SpectralModel
+            :class:`MLPPayne` or :class:`PerPixelPayne` with float32 weights, the pixel mask and the
+            scatter (when estimated) and ``meta`` as provenance.
+        """
 
         common = dict(label_names=self.label_names, x_min=self.x_min, x_max=self.x_max, wave=self.wave,
                       frame=self.frame, label_units=self.label_units or None, meta=dict(self.meta))
@@ -277,6 +371,48 @@ def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | Non
     sparse corners of label space; it is off by default.
     Returns a :class:`TrainResult` with numpy arrays and provenance; the
     inputs are not modified.
+
+    Parameters
+    ----------
+    flux, ivar : array_like of float
+        (n, n_pix) normalised training spectra and their inverse variances (0 or non-finite: unused).
+    labels : array_like of float
+        (n, n_labels) finite labels (K, dex).
+    label_names : sequence of str
+        Label names, in column order.
+    wave : array_like of float
+        (n_pix,) wavelengths in Angstrom, in ``frame``.
+    config : TrainConfig, optional
+        Settings (default ``TrainConfig()``).
+    templates : GradientTemplates, optional
+        Theoretical gradients on ``wave`` (needed when a gradient weight is > 0).
+    groups : array_like, optional
+        (n,) group ids for the validation split.
+    frame : str, optional
+        'vacuum' (default) or 'air'.
+    provenance : dict, optional
+        Extra entries for ``meta``.
+    progress : bool, optional
+        Show a progress bar.
+    label_units : sequence of str, optional
+        Units per label.
+    x_min, x_max : array_like of float, optional
+        Label ranges of the scaling (default the training labels' ranges).
+
+    Returns
+    -------
+    TrainResult
+        The network, its history and provenance.
+
+    Raises
+    ------
+    ImportError
+        If PyTorch is not installed.
+    ValueError
+        For inconsistent shapes, non-finite labels, no usable pixel, unknown gradient labels, missing
+        or mismatched templates.
+    RuntimeError
+        If ``config.device`` is 'cuda' and no CUDA device is available.
     """
     cfg = config or TrainConfig()
     kw = dict(templates=templates, groups=groups, frame=frame, provenance=provenance, label_units=label_units,
@@ -336,6 +472,22 @@ def estimate_scatter(model, flux, ivar, fit_config=None):
     best labels keeps errors of the catalogue labels out of ``s_p``: what remains is what
     the model cannot predict from any labels.  Returns ``(s_p (n_pix,), n_spectra_used)``;
     ``s_p = 0`` on the model's masked pixels.  Pure numpy; the inputs are not modified.
+
+    Parameters
+    ----------
+    model : SpectralModel
+        The model whose scatter is estimated.
+    flux, ivar : array_like of float
+        (n, n_pix) held-out prepared spectra on the model's grid and their inverse variances.
+    fit_config : FitConfig, optional
+        Fitter settings (default float64, labels and RV free).
+
+    Returns
+    -------
+    s_p : numpy.ndarray
+        (n_pix,) intrinsic scatter in normalised-flux units (0 on masked pixels).
+    n_used : int
+        Number of spectra whose fit converged and entered the estimate.
     """
 
 
