@@ -1,7 +1,8 @@
 """Layout rules of issue 13 that a linter does not check: no function over ~100 lines.
 
-A function of more than :data:`MAX_LINES` lines (``def`` to its last line, docstring included) is
-hard to review and test; split it into named steps.  ``ALLOWED`` lists the files still being split
+A function of more than :data:`MAX_LINES` lines (``def`` to its last line, its docstring not
+counted: documentation is not what makes a function hard to follow) is hard to review and test;
+split it into named steps.  ``ALLOWED`` lists the files still being split
 on other branches: the allow-list is emptied once they are merged, and
 ``test_allow_list_is_needed`` fails as soon as an entry no longer holds a long function.
 """
@@ -27,6 +28,9 @@ def _long_functions():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
+                first = node.body[0]
+                if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                    n -= first.end_lineno - first.lineno + 1      # the docstring
                 if n > MAX_LINES:
                     out.append((rel, node.name, node.lineno, n))
     return out
