@@ -20,6 +20,8 @@ MODULES = [
     "musepayne.io.spectra",
     "musepayne.io.readers",
     "musepayne.io.cube",
+    "musepayne.extract.detect",
+    "musepayne.extract.transform_guard",
     "musepayne.io.batching",
     "musepayne.io.fits",
     "musepayne.prepare.normalize",
