@@ -184,3 +184,27 @@ def test_ao_notch_masked(shared):
     prep = Preparer(PrepareConfig(mode="bulge", ao_notch="WFM-AO-E"))(s)
     w = prep.wave
     assert np.all(prep.mask[0, (w > 5760) & (w < 6000)] & flag_value("AO_NOTCH"))
+
+
+@pytest.mark.shared
+def test_shared_preparer_in_two_threads_equals_serial(shared):
+    """One Preparer (its operator cache filled concurrently) used from 2 threads gives, spectrum for
+    spectrum, the arrays of serial use: the documented thread-safety of a shared Preparer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [shared / "muse/spectra/ngc6397_id10554_pampelmuse.fits", shared / "muse/spectra/westerlund2_musepack_star.fits"]
+    files += sorted(glob.glob(str(shared / "lamost/dr1/SampleFits/*.fits")))[:6]
+    files += [shared / "libraries/stelib/STELIB_v3.2_HD102224.fits"]
+    sets = [read_spectra(f) for f in files]
+    serial = [Preparer()(s) for s in sets]                 # a fresh Preparer per spectrum: no shared cache
+    shared_prep = Preparer()                               # one instance, empty cache, used by both threads
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        threaded = list(pool.map(shared_prep, sets * 2))   # every grid requested by both threads
+    grids = {(np.asarray(s.wave, np.float64).tobytes(), s.frame, s.lsf.describe()) for s in sets}
+    assert len(grids) >= 3 and len(shared_prep._ops) == len(grids)  # one cached operator per input grid
+    for k, got in enumerate(threaded):
+        ref = serial[k % len(sets)]
+        assert list(got.spectra["status"]) == list(ref.spectra["status"])
+        assert np.all(ref.ivar.sum(axis=1) > 0)                 # real prepared spectra, not failure rows
+        for name in ("flux", "ivar", "mask", "cont", "lsf_excess"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=f"{files[k % len(sets)]}: {name}")

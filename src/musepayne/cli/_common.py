@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from contextlib import contextmanager
@@ -24,7 +25,21 @@ json_option = click.option(
 
 
 def emit(result: dict, as_json: bool, lines=()):
-    """Print either the human summary lines or one JSON object."""
+    """Print either the human summary lines or one JSON object.
+
+    Parameters
+    ----------
+    result : dict
+        The machine-readable result (non-finite floats become null).
+    as_json : bool
+        Print ``result`` as one JSON object instead of ``lines``.
+    lines : sequence of str, optional
+        The human summary.
+
+    Returns
+    -------
+    None
+    """
     if as_json:
         click.echo(json.dumps(json_safe(result), sort_keys=True, default=str, allow_nan=False))
     else:
@@ -33,7 +48,22 @@ def emit(result: dict, as_json: bool, lines=()):
 
 
 def fail(message: str, as_json: bool = False, code: int = 2):
-    """Exit with a clear one-line message (JSON object with an 'error' key under --json)."""
+    """Exit with a clear one-line message (JSON object with an 'error' key under --json).
+
+    Parameters
+    ----------
+    message : str
+        The error (collapsed to one line).
+    as_json : bool, optional
+        Print ``{"error": message}`` instead.
+    code : int, optional
+        Exit status (default 2).
+
+    Returns
+    -------
+    None
+        Never returns: raises ``SystemExit(code)``.
+    """
     message = one_line(message)
     if as_json:
         click.echo(json.dumps({"error": message}))
@@ -43,7 +73,15 @@ def fail(message: str, as_json: bool = False, code: int = 2):
 
 
 class Timer:
-    """Collect wall-clock timings per named step."""
+    """Collect wall-clock timings per named step.
+
+    ``with timer("fit"): ...`` adds the block's wall time to ``timer.timings["fit"]``.
+
+    Attributes
+    ----------
+    timings : dict of str to float
+        Seconds per step (rounded to 0.1 ms), summed over uses.
+    """
 
     def __init__(self):
         self.timings: dict[str, float] = {}
@@ -58,13 +96,37 @@ class Timer:
 
 
 def one_line(message, limit: int = 600) -> str:
-    """``message`` on one line (whitespace runs collapsed), at most ``limit`` characters."""
+    """``message`` on one line (whitespace runs collapsed), at most ``limit`` characters.
+
+    Parameters
+    ----------
+    message : object
+        Anything with a ``str``.
+    limit : int, optional
+        Maximum length (default 600).
+
+    Returns
+    -------
+    str
+        The line.
+    """
     text = " ".join(str(message).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def json_safe(obj):
-    """``obj`` with every non-finite float replaced by None (strict JSON has no NaN/Infinity)."""
+    """``obj`` with every non-finite float replaced by None (strict JSON has no NaN/Infinity).
+
+    Parameters
+    ----------
+    obj : object
+        Nested dicts, lists, tuples and scalars (numpy scalars included).
+
+    Returns
+    -------
+    object
+        A copy with NaN and infinities as None.
+    """
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -90,6 +152,21 @@ def check_output_not_input(output, inputs, as_json: bool = False, what: str = "o
 
     Every command that reads files and writes one calls this before doing any
     work, so no input is ever replaced by a result.
+
+    Parameters
+    ----------
+    output : str or os.PathLike
+        The file to be written.
+    inputs : sequence of str or os.PathLike
+        The files read (missing ones are ignored).
+    as_json : bool, optional
+        Report the error as JSON.
+    what : str, optional
+        Name of the output in the message (default 'output').
+
+    Returns
+    -------
+    None
     """
     if output is None:
         return
@@ -102,14 +179,36 @@ def check_output_not_input(output, inputs, as_json: bool = False, what: str = "o
 
 
 def exc_text(exc: BaseException) -> str:
-    """The message of an expected exception (its first argument; OSError: reason and file)."""
+    """The message of an expected exception (its first argument; OSError: reason and file).
+
+    Parameters
+    ----------
+    exc : BaseException
+        The exception.
+
+    Returns
+    -------
+    str
+        Its message on one line.
+    """
     if isinstance(exc, OSError) and exc.strerror:
         return error_message(exc)
     return str(exc.args[0]) if exc.args else str(exc)
 
 
 def error_message(exc: BaseException) -> str:
-    """A one-line description of an unexpected exception for the command line."""
+    """A one-line description of an unexpected exception for the command line.
+
+    Parameters
+    ----------
+    exc : BaseException
+        The exception.
+
+    Returns
+    -------
+    str
+        ``"<type>: <message>"`` on one line (plain words for too deep nesting, memory and OS errors).
+    """
     if isinstance(exc, RecursionError):
         return "input too deeply nested (expression or structure too complex)"
     if isinstance(exc, MemoryError):
@@ -152,8 +251,6 @@ def reproducible_command(prefix: str, args=None, cwd=None) -> str:
     str
         The shell-quoted command line.
     """
-    import shlex
-
     cwd = Path(cwd or os.getcwd()).resolve()
     words = []
     for a in (sys.argv[2:] if args is None else args):

@@ -10,8 +10,10 @@ from astropy.table import Table
 
 from ..models.files import load_model
 from ..models.model import ModelError
+from ..pipeline.report import format_budget
 from ..pipeline.runner import RunConfig
 from ..simulate.simulator import SimulateConfig, Simulator
+from ..simulate.synthesis import ModelSpectra, globular_cluster_sampler
 from ._common import emit, exc_text, fail, json_option
 from .run import detect_options, detect_overrides, run_pipeline
 
@@ -55,8 +57,6 @@ def demo(outdir, cube, sources, model, nstars, size, seed, progress, detect_thre
     if cube is not None:
         cubes, cube_lsf = [cube], "muse"
     else:
-        from ..simulate.synthesis import ModelSpectra, globular_cluster_sampler
-
         cfg = SimulateConfig(nx=size, ny=size, nlayers=3681, nstars=nstars, king_rc=size / 4.0,
                              mag_bright=15.0, mag_faint=20.0, seed=seed)
         info = Simulator(cfg, ModelSpectra(mdl, globular_cluster_sampler())).write(out / "demo_cube.fits")
@@ -81,8 +81,6 @@ def demo(outdir, cube, sources, model, nstars, size, seed, progress, detect_thre
                      f"(N={st['n']})")
     lines += [f"warning: {w}" for w in record.get("warnings", [])]
     if rep.get("truth_budget"):  # the short error budget (benchmarks/bias_budget.py has the full one)
-        from ..pipeline.report import format_budget
-
         info["truth_budget"] = rep["truth_budget"]
         lines += format_budget(rep["truth_budget"])
     lines += [f"catalogue: {out / 'catalogue.fits'}", f"report:    {out / 'report' / 'index.html'}",

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
+import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -12,12 +16,14 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..fit.catalogue import combine_metal_poor, write_catalogue
+from ..fit import FitConfig, Fitter
+from ..fit.catalogue import CatalogueStream, _catalogue_format, combine_metal_poor, fits_bytes, write_catalogue
 from ..io.prepared import PreparedSpectra
 from ..io.spectra import ReaderError
 from ..models.files import load_model
 from ..models.gradients import GradientTemplates
 from ..models.model import ModelError
+from ..threads import blas_threads
 from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_option
 
 
@@ -77,10 +83,6 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
     (with --model-mp both catalogues are combined at the end).  BLAS runs one thread
     per fitting thread.
     """
-    from ..fit import FitConfig, Fitter
-    from ..fit.catalogue import CatalogueStream
-    from ..threads import blas_threads
-
     models = [m for m in (model_path, model_mp_path, templates_path) if m and m != "default"]
     for out_path in (output, *also):
         check_output_not_input(out_path, [prepared, *models], as_json)
@@ -115,41 +117,9 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
             fitter = Fitter(model, cfg, templates)
         with blas_threads(1, scipy=False):
             if model_mp is None:
-                outs = [CatalogueStream(p) for p in (output, *also)]
-                try:
-                    blocks = (fitter.fit_blocks(data) if n_processes == 1
-                              else _fit_in_processes(fitter, data, n_processes, Path(output)))
-                    for a, b, res in _timed(timer, "fit", blocks):
-                        with timer("write"):
-                            if isinstance(res, bytes):  # a block fitted in another process
-                                status, raw = _decode_part(res)
-                                for out in outs:
-                                    out.add_fits_bytes(raw)
-                            else:
-                                status = res.status
-                                cat = fitter.catalogue(data.spectra[a:b], res)
-                                for out in outs:
-                                    out.add(cat)
-                        n += b - a
-                        counts.update(s.split(":")[0] if s.startswith("failed") else s for s in status)
-                        reasons.update(s for s in status if s.startswith("failed"))
-                    with timer("write"):
-                        for out in outs:
-                            out.close()
-                finally:
-                    for out in outs:
-                        out.abort()
+                n = _fit_streaming(fitter, data, n_processes, output, also, timer, counts, reasons)
             else:
-                with timer("fit"):
-                    fitter_mp = Fitter(model_mp, cfg, templates)
-                    cat = combine_metal_poor(fitter(data), fitter_mp(data))
-                with timer("write"):
-                    for path in (output, *also):
-                        write_catalogue(cat, path)
-                n = len(cat)
-                st = [str(s) for s in cat["status"]]
-                counts.update(s.split(":")[0] if s.startswith("failed") else s for s in st)
-                reasons.update(s for s in st if s.startswith("failed"))
+                n = _fit_metal_poor(fitter, (model_mp, cfg, templates), data, output, also, timer, counts, reasons)
     except (RuntimeError, ValueError, OSError) as exc:
         fail(exc_text(exc), as_json)
     finally:
@@ -169,6 +139,54 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
         sys.exit(1)  # the catalogue is written, but no spectrum could be fitted
 
 
+def _count(counts, reasons, status):
+    """Add a block's statuses to ``counts`` (failures by kind) and ``reasons`` (failures in full)."""
+    counts.update(s.split(":")[0] if s.startswith("failed") else s for s in status)
+    reasons.update(s for s in status if s.startswith("failed"))
+
+
+def _fit_streaming(fitter, data, n_processes, output, also, timer, counts, reasons):
+    """Fit ``data`` block by block (in this or other processes), streaming the catalogue; returns n fitted."""
+    n = 0
+    outs = [CatalogueStream(p) for p in (output, *also)]
+    try:
+        blocks = (fitter.fit_blocks(data) if n_processes == 1
+                  else _fit_in_processes(fitter, data, n_processes, Path(output)))
+        for a, b, res in _timed(timer, "fit", blocks):
+            with timer("write"):
+                if isinstance(res, bytes):  # a block fitted in another process
+                    status, raw = _decode_part(res)
+                    for out in outs:
+                        out.add_fits_bytes(raw)
+                else:
+                    status = res.status
+                    cat = fitter.catalogue(data.spectra[a:b], res)
+                    for out in outs:
+                        out.add(cat)
+            n += b - a
+            _count(counts, reasons, status)
+        with timer("write"):
+            for out in outs:
+                out.close()
+    finally:
+        for out in outs:
+            out.abort()
+    return n
+
+
+def _fit_metal_poor(fitter, mp_args, data, output, also, timer, counts, reasons):
+    """Fit ``data`` with both models (``mp_args``: the metal-poor Fitter's arguments), combine by the A / A-mp
+    rule (paper Eq. 2) and write; returns the number of rows."""
+    with timer("fit"):
+        fitter_mp = Fitter(*mp_args)
+        cat = combine_metal_poor(fitter(data), fitter_mp(data))
+    with timer("write"):
+        for path in (output, *also):
+            write_catalogue(cat, path)
+    _count(counts, reasons, [str(s) for s in cat["status"]])
+    return len(cat)
+
+
 def _timed(timer, name, blocks):
     """Iterate ``blocks``, adding the time spent producing each item to ``timer[name]``."""
     it = iter(blocks)
@@ -185,10 +203,6 @@ def _n_processes(requested, n_spectra, cfg, outputs, metal_poor) -> int:
     """Processes for the fit: as requested, or (0) one per core for two blocks or more.  Blocks
     fitted elsewhere come back as FITS bytes, so only FITS outputs, one model, and where
     processes can be forked (the fitter and the opened file are inherited, nothing pickled)."""
-    import multiprocessing
-
-    from ..fit.catalogue import _catalogue_format
-
     if metal_poor or any(_catalogue_format(Path(p)) != "fits" for p in outputs):
         return 1
     if "fork" not in multiprocessing.get_all_start_methods():
@@ -217,8 +231,6 @@ def _decode_part(data: bytes):
 def _fit_group(fitter, data, bounds, folder):
     """Worker process: fit the blocks ``bounds`` of ``data`` and leave each as a part file
     (status list + the block's catalogue as FITS bytes), renamed into place when complete."""
-    from ..fit.catalogue import fits_bytes
-
     for a, b in bounds:
         sub = data.rows(a, b)
         for _, _, res in fitter.fit_blocks(sub):  # one block: the rows of one block of the whole
@@ -233,11 +245,6 @@ def _fit_in_processes(fitter, data, n_proc, output: Path):
     """Yield ``(a, b, FitArrays | part bytes)`` for every block in row order: the first share of
     blocks fitted here, the others in forked processes (each a contiguous share of blocks).
     Blocks are cut as in one pass over all rows, so the results are those of one process."""
-    import multiprocessing
-    import shutil
-    import tempfile
-    import time
-
     bounds = fitter.block_bounds(data)
     n_proc = max(1, min(n_proc, len(bounds)))
     edges = np.linspace(0, len(bounds), n_proc + 1).round().astype(int)

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
+from astropy.table import Table
 
+from ..io.fits import sha256_file
+from ..models.benchcal import info_lines, strip_benchmark_labels
+from ..models.files import import_payne_npz, load_model
+from ..models.gradients import GradientTemplates
+from ..models.model import ModelError
+from ..train.benchcal import BenchCalConfig, calibrate, figures_lines, pull_lines
+from ..train.trainset import TrainingSet
 from ._common import check_output_not_input, emit, exc_text, fail, json_option, reproducible_command
 
 
@@ -28,9 +37,6 @@ def model():
 @json_option
 def import_(npz, fmt, labels, units, wavelength, vacuum, name, output, as_json):
     """Convert a The Payne .npz network NPZ into a self-describing musepayne model file."""
-    from ..models.files import import_payne_npz
-    from ..models.model import ModelError
-
     check_output_not_input(output, [npz, wavelength], as_json)
     names = [s.strip() for s in labels.split(",") if s.strip()]
     unit_list = [s.strip() for s in units.split(",")] if units else None
@@ -53,9 +59,6 @@ def import_(npz, fmt, labels, units, wavelength, vacuum, name, output, as_json):
 @json_option
 def info(path, as_json):
     """Describe a musepayne model file (labels, ranges, grid, provenance)."""
-    from ..models.files import load_model
-    from ..models.model import ModelError
-
     try:
         m = load_model(path)
     except ModelError as exc:
@@ -74,8 +77,6 @@ def info(path, as_json):
     for k, v in sorted(m.meta.items()):
         lines.append(f"  {k}: {v}")
     if m.benchmark_calibration is not None:
-        from ..models.benchcal import info_lines
-
         d["benchmark_calibration"] = m.benchmark_calibration.describe()
         lines += info_lines(m.benchmark_calibration)
     emit(d, as_json, lines)
@@ -124,14 +125,6 @@ def calibrate_benchmark(path, output, shared, holdout, trainset, templates, seed
     prepared and fitted by hold-out models (MODEL's recipe trained without them); the map and
     the sys errors are fitted to them, and cross-validated over the stars (musepayne.models.benchcal).
     """
-    import os
-
-    from ..io.fits import sha256_file
-    from ..models.benchcal import strip_benchmark_labels
-    from ..models.files import load_model
-    from ..models.model import ModelError
-    from ..train.benchcal import BenchCalConfig, calibrate, figures_lines
-
     try:
         m = load_model(path)
         hold = [load_model(h) for h in holdout] or None
@@ -142,23 +135,17 @@ def calibrate_benchmark(path, output, shared, holdout, trainset, templates, seed
     inputs = {Path(p).name: sha256_file(p) for p in (path, trainset, templates, table_in, *holdout)
               if p and Path(p).is_file()}
     if table_in:
-        from astropy.table import Table
-
         tab_in = Table.read(table_in)
     elif hold is None:
         try:
-            import torch
+            import torch  # noqa: PLC0415 - heavy optional dependency, only to train hold-out models
         except ImportError:
             fail("training hold-out models needs PyTorch: pip install 'musepayne[train]' (or pass --holdout-model)",
                  as_json)
         torch.set_num_threads(max(1, threads))
         if trainset:
-            from ..train.trainset import TrainingSet
-
             ts = TrainingSet.read(trainset)
         if templates:
-            from ..models.gradients import GradientTemplates
-
             tpl = GradientTemplates.load(templates)
     try:
         checks = tuple(float(x) for x in check_snr.split(",") if x.strip())
@@ -186,7 +173,6 @@ def calibrate_benchmark(path, output, shared, holdout, trainset, templates, seed
         strip_benchmark_labels(tab).write(table_out, overwrite=True)
     info = {"output": str(output), "sys_err": cal.sys_err, "checks_muse": cal.meta["checks_muse"],
             "cv": cal.meta["cv"], "n_stars": cal.meta["n_stars"]}
-    from ..train.benchcal import pull_lines
 
     pulls = {i: {float(sn): v for sn, v in d.items()} for i, d in cal.meta["cv_pulls"].items()}
     chosen = ", ".join(f"{n} {v['choice']}" for n, v in cal.meta.get("map", {}).items())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -69,8 +70,6 @@ def detect_overrides(threshold, passes, bands) -> dict:
 def progress_display(enabled: bool):
     """A rich progress display with one bar per stage; returns (context, callback)."""
     if not enabled:
-        from contextlib import nullcontext
-
         return nullcontext(), None
 
     prog = Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+from rich.progress import Progress
 
 from ..pipeline.runner import read_config_file
 from ..pipeline.survey import Survey, SurveyConfig, sources_resolver
@@ -65,8 +66,6 @@ def survey(cubes, cube_list, store, sources_dir, sources_from, scheduler, worker
     Path(store).mkdir(parents=True, exist_ok=True)  # an unwritable store fails here, before any work
     prog, bar = None, None
     if progress and not as_json:
-        from rich.progress import Progress
-
         prog = Progress()
         prog.start()
         task = prog.add_task("cubes", total=len(paths))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from ..io.fits import sha256_file
+from ..models.gradients import GradientTemplates
+from ..train.trainer import TrainConfig, parse_gradient_weights, train_model
 from ..train.trainset import TrainingSet
 from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_option, reproducible_command
 
@@ -56,9 +58,7 @@ def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradi
     """
 
     try:
-        import torch
-
-        from ..train.trainer import TrainConfig, parse_gradient_weights, train_model
+        import torch  # noqa: PLC0415 - heavy optional dependency, loaded when the command runs
     except ImportError:
         fail("training needs PyTorch: pip install 'musepayne[train]'", as_json)
     check_output_not_input(output, [trainset, templates_path], as_json)
@@ -67,8 +67,6 @@ def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradi
         ts = TrainingSet.read(trainset)
         tpl = None
         if templates_path:
-            from ..models.gradients import GradientTemplates
-
             tpl = GradientTemplates.load(templates_path)
     try:
         hid = tuple(int(h) for h in hidden.split(",")) if hidden else ((100, 100) if arch == "mlp" else (10,))

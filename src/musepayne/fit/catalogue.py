@@ -34,6 +34,9 @@ Also: :func:`combine_metal_poor` (the A / A-mp rule, paper Eq. 2),
 :func:`merge_by_gradcorr` (per label, take the model with the larger gradient
 correlation), :func:`write_catalogue` (FITS, CSV or Parquet, atomically) and
 :class:`CatalogueStream` (the same files written block by block as fits finish).
+
+Length: the module is over 600 lines because the column registry, the quality flags and both
+writers (whole table and stream) must agree column for column, so they live together.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 * :mod:`~musepayne.io.spectra` -- :class:`SpectrumSet`, the in-memory container of
   spectra on one grid;
 * :mod:`~musepayne.io.readers` -- MUSE, LAMOST, MILES, STELIB readers and lazy,
-  memory-mapped MUSE cubes (:class:`MuseCube`);
+  memory-mapped MUSE cubes (:class:`MuseCube`); the library readers are defined in
+  :mod:`~musepayne.io.libraries`;
 * :mod:`~musepayne.io.prepared` -- :class:`PreparedSpectra`, the interchange file
   between ``prepare`` and ``fit``;
 * :mod:`~musepayne.io.batching` -- grouping spectra that share a grid.

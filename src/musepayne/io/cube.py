@@ -16,7 +16,7 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
 from ..instrument.wavelength import linear_grid
-from .readers import _check_angstrom, _frame_from_ctype, _hdr_float, _open, _wave_unit_factor
+from ._reading import _check_angstrom, _frame_from_ctype, _hdr_float, _open, _wave_unit_factor
 from .spectra import ReaderError
 
 __all__ = ["MuseCube", "open_cube"]

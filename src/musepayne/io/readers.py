@@ -25,23 +25,34 @@ Kinds (``read_spectra(path, kind=...)``; ``detect_kind`` guesses it):
     ``LOG_G``, ``FE_H`` header keywords.
 
 Cubes are opened by :mod:`musepayne.io.cube`; files that specutils reads by
-:mod:`musepayne.io.specutils`.
+:mod:`musepayne.io.specutils`.  The library readers (``miles``, ``stelib``) are defined in
+:mod:`musepayne.io.libraries` (and re-exported here); the low-level helpers shared with the
+cube reader are in :mod:`musepayne.io._reading`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from ..instrument.lsf import LAMOST_LSF, LSF, MILES_LSF, MUSE_LSF, STELIB_LSF
+from ..instrument.lsf import LAMOST_LSF, LSF, MUSE_LSF
 from ..instrument.wavelength import linear_grid, log_linear_grid
-from .fits import check_claimed_sizes, scan_fits_headers
+from ._reading import (
+    _check_angstrom,
+    _check_usable,
+    _frame_from_ctype,
+    _hdr_float,
+    _load,
+    _meta,
+    _open,
+    _wave_unit_factor,
+)
+from .libraries import LIBRARY_SNR, library_variance, read_miles, read_miles_params, read_stelib
 from .spectra import ReaderError, SpectrumSet
 
 __all__ = [
@@ -54,124 +65,12 @@ __all__ = [
     "read_stelib",
     "read_miles_params",
     "library_variance",
+    "LIBRARY_SNR",
     "EXTRACTION_QUALITY",
 ]
 
 KINDS = ("muse", "lamost", "miles", "stelib")
 
-#: nominal peak S/N assigned to noise-free library spectra (see ``library_variance``)
-LIBRARY_SNR = 1000.0
-
-
-# --------------------------------------------------------------------------- helpers
-def _open(path, **kw):
-    with warnings.catch_warnings():
-        # STELIB headers repeat EXTEND; astropy fixes that silently for us
-        warnings.filterwarnings("ignore", message=".*EXTEND.*already exists.*")
-        return _open_checked(path, **kw)
-
-
-def _open_checked(path, **kw):
-    p = Path(path)
-    if not p.exists():
-        raise ReaderError(f"{path}: no such file")
-    if p.is_dir():
-        raise ReaderError(f"{path}: is a directory, not a FITS file")
-    scan_fits_headers(p, ReaderError)  # lying headers are refused before astropy reads them
-    try:
-        hdul = fits.open(p, **kw)
-        hdul.verify("silentfix")
-        # touch every header so truncated files fail here, not later
-        for h in hdul:
-            _ = h.header
-        check_claimed_sizes(hdul, p, ReaderError)  # before any data is allocated
-        return hdul
-    except ReaderError:
-        raise
-    except Exception as exc:  # astropy raises OSError/TypeError/ValueError variously
-        raise ReaderError(f"{path}: not a readable FITS file ({type(exc).__name__}: {exc})") from None
-
-
-def _load(hdu, path, what):
-    try:
-        data = hdu.data
-    except Exception as exc:
-        raise ReaderError(f"{path}: {what} could not be read, file truncated? ({exc})") from None
-    if data is None:
-        raise ReaderError(f"{path}: {what} is empty")
-    return data
-
-
-def _wave_unit_factor(header, axis, path, wave_values=None):
-    """Factor to convert the header's wavelength unit to Angstrom."""
-    unit = str(header.get(f"CUNIT{axis}", "")).strip().lower()
-    if unit in ("angstrom", "angstroms", "a", "aa", "0.1 nm"):
-        return 1.0
-    if unit in ("nm", "nanometer", "nanometers"):
-        return 10.0
-    if unit in ("um", "micron", "microns", "micrometer"):
-        return 1e4
-    if unit in ("m", "meter"):
-        return 1e10
-    if unit:
-        raise ReaderError(f"{path}: unsupported wavelength unit CUNIT{axis}={unit!r}")
-    if wave_values is not None:
-        _check_angstrom(wave_values, path)
-    return 1.0
-
-
-def _check_angstrom(wave, path):
-    w = np.asarray(wave, dtype=np.float64)
-    fin = w[np.isfinite(w)]
-    if fin.size == 0:
-        raise ReaderError(f"{path}: wavelength array has no finite value")
-    if np.nanmax(fin) < 2000.0:
-        raise ReaderError(
-            f"{path}: wavelengths {fin.min():.4g}-{fin.max():.4g} look like nm or microns, not "
-            "Angstrom; give the unit in CUNIT1 (e.g. 'nm') or convert the file"
-        )
-    if np.any(np.diff(fin) <= 0):
-        raise ReaderError(f"{path}: wavelengths are not strictly increasing")
-
-
-def _frame_from_ctype(ctype, default):
-    c = str(ctype).strip().upper()
-    if c.startswith("AWAV"):
-        return "air"
-    if c.startswith("WAVE") and not c.startswith("WAVELENGTH"):
-        return "vacuum"
-    return default
-
-
-def _meta(n, stellar_id, ra, dec, source, instrument, **labels):
-    t = Table()
-    t["stellar_id"] = np.asarray(stellar_id, dtype=str).reshape(n)
-    t["ra"] = np.asarray(ra, dtype=np.float64).reshape(n)
-    t["dec"] = np.asarray(dec, dtype=np.float64).reshape(n)
-    t["source"] = np.asarray([str(source)] * n, dtype=str)
-    t["instrument"] = np.asarray([instrument] * n, dtype=str)
-    for k, v in labels.items():
-        t[k] = np.asarray(v, dtype=np.float64).reshape(n)
-    return t
-
-
-def _hdr_float(h, *keys, default=np.nan):
-    for k in keys:
-        if k in h:
-            try:
-                return float(h[k])
-            except (TypeError, ValueError):
-                pass
-    return default
-
-
-def _check_usable(flux, var, path):
-    """Raise for files whose content is unusable as a whole (single-spectrum files)."""
-    if not np.any(np.isfinite(flux)):
-        raise ReaderError(f"{path}: flux is NaN/inf everywhere")
-    good_var = np.isfinite(var) & (var > 0)
-    if not np.any(good_var):
-        raise ReaderError(f"{path}: variance/error is zero, negative or non-finite everywhere")
 
 
 # --------------------------------------------------------------------------- detection
@@ -490,181 +389,3 @@ def read_lamost(path, lsf: LSF = LAMOST_LSF) -> SpectrumSet:
         meta["lamost_snrg"] = [_hdr_float(h0, "SNRG")]
         meta["file_id"] = [Path(path).name.split(".fits")[0]]
         return SpectrumSet(wave, flux[None], var[None], "vacuum", lsf, meta, bad=bad[None])
-
-
-# --------------------------------------------------------------------------- libraries
-def library_variance(flux, snr: float = LIBRARY_SNR):
-    """Nominal photon-like variance for noise-free library spectra.
-
-    ``var = |f| * max(f) / snr^2``: S/N = ``snr`` at the flux peak and
-    proportional to sqrt(flux) elsewhere, so the ivar-weighted continuum
-    behaves as for real data.  Non-positive flux gets infinite variance.
-
-    Parameters
-    ----------
-    flux : array_like
-        Flux, shape (n_pix,) or (n_spec, n_pix); the peak is taken per spectrum.
-    snr : float, optional
-        Nominal S/N per pixel at the flux peak (default ``LIBRARY_SNR`` = 1000).
-
-    Returns
-    -------
-    numpy.ndarray
-        Variance in flux units squared, shape (n_spec, n_pix) (1-D input gives one row).
-    """
-    f = np.atleast_2d(np.asarray(flux, dtype=np.float64))
-    peak = np.nanmax(np.where(np.isfinite(f), f, np.nan), axis=1, keepdims=True)
-    peak = np.where(np.isfinite(peak) & (peak > 0), peak, 1.0)
-    var = np.abs(f) * peak / snr**2
-    return np.where(np.isfinite(f) & (f > 0), var, np.inf)
-
-
-def read_miles_params(path) -> Table:
-    """Parse ``paramsMILES_v9.1.txt``: MILES id, name, Teff, logg, [Fe/H].
-
-    The file is fixed-width: the name in columns 0-22 (cluster stars have
-    spaces and a 'Cl' tag in it), the 4-digit MILES id in columns 23-26, then
-    CaT id, spectral type, Teff, log g, [Fe/H], references.  Missing values
-    ('--') become NaN.  Rows whose id is not four digits (one row in v9.1
-    reads '022.') are skipped: guessing the star would risk a wrong label.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        The parameter file (latin-1 text).
-
-    Returns
-    -------
-    astropy.table.Table
-        Columns ``miles_id`` (str, 4 digits), ``name`` (str), ``teff`` (K), ``logg`` (dex, cgs)
-        and ``fe_h`` (dex).
-
-    Raises
-    ------
-    ReaderError
-        If no parameter row is found.
-    """
-    num_re = re.compile(r"-?\d+\.\d+|--")
-    rows = []
-    with open(path, encoding="latin-1") as fh:
-        for line in fh:
-            mid = line[23:27]
-            if len(line) < 40 or not re.fullmatch(r"\d{4}", mid):
-                continue
-            toks = line[27:].split()
-            vals = None
-            for i in range(len(toks) - 2):
-                a, b, c = toks[i:i + 3]
-                if re.fullmatch(r"\d{4,5}|--", a) and num_re.fullmatch(b) and num_re.fullmatch(c):
-                    vals = (a, b, c)
-                    break
-            if vals is None:
-                continue
-            num = [np.nan if x == "--" else float(x) for x in vals]
-            rows.append((mid, line[:23].strip(), *num))
-    if not rows:
-        raise ReaderError(f"{path}: no MILES parameter rows found")
-    ids, names, teff, logg, feh = zip(*rows)
-    return Table({"miles_id": ids, "name": names, "teff": teff, "logg": logg, "fe_h": feh})
-
-
-def _miles_labels(path, params):
-    m = re.search(r"m(\d{4})v", os.path.basename(str(path)).lower())
-    if params is None:
-        cand = Path(path).parent / "paramsMILES_v9.1.txt"
-        params = cand if cand.exists() else None
-    if m is None or params is None:
-        return (m.group(1) if m else Path(path).stem), None, (np.nan, np.nan, np.nan)
-    tab = params if isinstance(params, Table) else read_miles_params(params)
-    sel = tab[tab["miles_id"] == m.group(1)]
-    if len(sel) == 0:
-        return m.group(1), None, (np.nan, np.nan, np.nan)
-    r = sel[0]
-    return m.group(1), r["name"], (r["teff"], r["logg"], r["fe_h"])
-
-
-def _read_library(path, lsf, instrument, labels, sid, extra_meta=None, snr=LIBRARY_SNR):
-    with _open(path, memmap=False) as h:
-        hdr = h[0].header
-        flux = np.array(_load(h[0], path, "primary image"), dtype=np.float64)
-        if flux.ndim != 1:
-            raise ReaderError(f"{path}: expected a 1-D library spectrum, found shape {flux.shape}")
-        if "CRVAL1" not in hdr:
-            raise ReaderError(f"{path}: no wavelength solution (CRVAL1)")
-        cdelt = _hdr_float(hdr, "CDELT1", "CD1_1")
-        factor = _wave_unit_factor(hdr, 1, path)
-        wave = linear_grid(float(hdr["CRVAL1"]), cdelt, flux.size, float(hdr.get("CRPIX1", 1.0))) * factor
-        _check_angstrom(wave, path)
-        if not np.any(np.isfinite(flux) & (flux > 0)):
-            raise ReaderError(f"{path}: flux is non-positive or NaN everywhere")
-        ra, dec = _hdr_float(hdr, "RA"), _hdr_float(hdr, "DEC")
-    var = library_variance(flux, snr)
-    meta = _meta(1, [sid], [ra], [dec], path, instrument,
-                 teff=[labels[0]], logg=[labels[1]], fe_h=[labels[2]])
-    for k, v in (extra_meta or {}).items():
-        meta[k] = [v]
-    return SpectrumSet(wave, flux[None], var, "air", lsf, meta, synthetic_errors=True,
-                       notes=(f"library spectrum without errors: nominal photon-like variance at peak S/N {snr:g}",))
-
-
-def read_miles(path, params=None, lsf: LSF = MILES_LSF, snr: float = LIBRARY_SNR) -> SpectrumSet:
-    """One MILES spectrum with its labels from ``paramsMILES_v9.1.txt``.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        A MILES v9.1 FITS spectrum (1-D, linear air wavelength axis).
-    params : str, os.PathLike or astropy.table.Table, optional
-        The parameter file or the table :func:`read_miles_params` made of it; by default
-        ``paramsMILES_v9.1.txt`` next to ``path`` if it exists.  Without it (or without a matching
-        row) the labels are NaN.
-    lsf : LSF, optional
-        Line-spread function (default ``MILES_LSF``, 2.5 A FWHM).
-    snr : float, optional
-        Peak S/N of the nominal variance (see :func:`library_variance`).
-
-    Returns
-    -------
-    SpectrumSet
-        One spectrum in air with ``synthetic_errors=True``; ``meta`` has ``teff`` (K), ``logg``
-        (dex), ``fe_h`` (dex) and ``name``; ``stellar_id`` is ``MILES<id>``.
-
-    Raises
-    ------
-    ReaderError
-        If the file is not a 1-D spectrum with a wavelength solution in Angstrom, or its flux is
-        non-positive or NaN everywhere.
-    """
-    mid, name, labels = _miles_labels(path, params)
-    return _read_library(path, lsf, "miles", labels, f"MILES{mid}", {"name": name or ""}, snr)
-
-
-def read_stelib(path, lsf: LSF = STELIB_LSF, snr: float = LIBRARY_SNR) -> SpectrumSet:
-    """One STELIB spectrum with labels from the TEFF, LOG_G, FE_H header keywords.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        A STELIB v3.2 FITS spectrum (1-D, linear air wavelength axis).
-    lsf : LSF, optional
-        Line-spread function (default ``STELIB_LSF``, 3.0 A FWHM).
-    snr : float, optional
-        Peak S/N of the nominal variance (see :func:`library_variance`).
-
-    Returns
-    -------
-    SpectrumSet
-        One spectrum in air with ``synthetic_errors=True``; ``meta`` has ``teff`` (K), ``logg``
-        (dex) and ``fe_h`` (dex) (NaN where the keyword is missing) and ``name``.
-
-    Raises
-    ------
-    ReaderError
-        If the file is not a 1-D spectrum with a wavelength solution in Angstrom, or its flux is
-        non-positive or NaN everywhere.
-    """
-    with _open(path) as h:
-        hdr = h[0].header
-        labels = (_hdr_float(hdr, "TEFF"), _hdr_float(hdr, "LOG_G"), _hdr_float(hdr, "FE_H"))
-        sid = str(hdr.get("OBJECT", hdr.get("STARIDEN", Path(path).stem))).strip()
-    return _read_library(path, lsf, "stelib", labels, sid, {"name": sid}, snr)

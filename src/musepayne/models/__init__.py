@@ -8,7 +8,9 @@
 * :mod:`~musepayne.models.benchcal` -- the Gaia FGK benchmark-scale calibration a model file carries
   (post-fit label map and systematic errors, HDU ``BENCHCAL``);
 * :mod:`~musepayne.models.gradients` -- theoretical gradient templates d f / d label
-  (paper Eq. 4) for regularisation and the per-label flags.
+  (paper Eq. 4) for regularisation and the per-label flags;
+* :mod:`~musepayne.models.emulator` -- the Cannon emulator of synthetic spectra the templates are
+  built from, and the reference-star grid.
 
 The shipped default model (``default.fits``) lives in this folder.
 

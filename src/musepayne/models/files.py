@@ -43,6 +43,24 @@ def load_model(path) -> SpectralModel:
     """Read a musepayne model file and return the matching :class:`SpectralModel`.
 
     ``path='default'`` loads the package's shipped ``musepayne/models/default.fits``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A musepayne model file (FITS), or ``'default'``.
+
+    Returns
+    -------
+    SpectralModel
+        The model (:class:`PerPixelPayne`, :class:`MLPPayne` or a Cannon), with ``path`` set, its pixel
+        mask, scatter and benchmark calibration when the file has them, and its gradient templates when
+        ``<stem>.templates.fits`` lies beside it.
+
+    Raises
+    ------
+    ModelError
+        If the file is missing, not a musepayne model, of an unknown architecture or inconsistent, or
+        if its templates are unreadable.
     """
     if str(path) == "default":
         p = _default_model_path()
@@ -92,7 +110,18 @@ def load_model(path) -> SpectralModel:
 
 
 def templates_path(model_path) -> Path:
-    """Where a model's own gradient templates live: ``<stem>.templates.fits`` beside the model file."""
+    """Where a model's own gradient templates live: ``<stem>.templates.fits`` beside the model file.
+
+    Parameters
+    ----------
+    model_path : str or os.PathLike
+        The model file.
+
+    Returns
+    -------
+    pathlib.Path
+        The templates file (not checked for existence).
+    """
     p = Path(model_path)
     return p.with_name(p.name.removesuffix(".fits") + ".templates.fits")
 
@@ -167,6 +196,33 @@ def import_payne_npz(path, fmt, label_names, wavelength, frame="vacuum", label_u
     ``fmt='payne-mlp'``: ``w_array_0, w_array_1, w_array_2, ...`` each
     ``(n_out, n_in)``, ``b_array_i``, ``x_min``, ``x_max``; leaky ReLU 0.01.
     ``wavelength``: an array or a path to an .npz/.fits file holding it.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The Payne ``.npz`` file (read without pickle).
+    fmt : {'payne-perpixel', 'payne-mlp'}
+        Its layout (above).
+    label_names : sequence of str
+        Label names in the order of the network's inputs.
+    wavelength : array_like or str or os.PathLike
+        (n_pix,) pixel-centre wavelengths in Angstrom, or a file holding them.
+    frame : {'vacuum', 'air'}, optional
+        Frame of the wavelengths (default 'vacuum').
+    label_units : sequence of str, optional
+        One unit per label (default K for teff, dex otherwise).
+    meta : dict, optional
+        Provenance; the source file's name and sha256 are added.
+
+    Returns
+    -------
+    SpectralModel
+        The network as a :class:`PerPixelPayne` or :class:`MLPPayne`.
+
+    Raises
+    ------
+    ModelError
+        If the file is unreadable, misses arrays, or its shapes do not fit the labels and grid.
     """
     path = Path(path)
     if isinstance(wavelength, (str, Path)):

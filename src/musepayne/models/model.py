@@ -39,6 +39,9 @@ primary    ``MPFORMAT='musepayne-model'``, ``MPMVERS`` (format version),
 ========== =================================================================
 
 Reading and writing round-trips exactly (arrays bit for bit, meta as JSON).
+
+Length: the module is over 600 lines, about half of them numpydoc sections; the base class and
+the two architectures share the file format above, so they stay in one module.
 """
 
 from __future__ import annotations
@@ -124,7 +127,54 @@ def coverage_note(wave, data_ok, model_ok) -> str:
 
 
 class SpectralModel:
-    """Common interface of all emulators (see module docstring)."""
+    """Common interface of all emulators (see module docstring).
+
+    Parameters
+    ----------
+    label_names : sequence of str
+        Label names (stripped, lower-cased; unique), e.g. ``("teff", "logg", "fe_h")``.
+    x_min, x_max : array_like of float
+        (n_labels,) training ranges in physical units (K for Teff, dex otherwise); ``x_max > x_min``.
+    wave : array_like of float
+        (n_pix,) strictly increasing pixel-centre wavelengths in Angstrom.
+    frame : {'vacuum', 'air'}, optional
+        Frame of ``wave`` (default 'vacuum').
+    label_units : sequence of str, optional
+        One unit per label (default from :data:`DEFAULT_UNITS`, else 'dex').
+    meta : dict, optional
+        Provenance (stored as JSON in the model file).
+
+    Attributes
+    ----------
+    label_names, label_units : tuple of str
+        As given (normalised).
+    x_min, x_max : numpy.ndarray
+        (n_labels,) float64 training ranges (K, dex).
+    wave : numpy.ndarray
+        (n_pix,) float64 wavelengths in Angstrom, in ``frame``.
+    pixel_mask : numpy.ndarray
+        (n_pix,) bool, True where fits ignore the model.
+    scatter : numpy.ndarray
+        (n_pix,) float64 intrinsic scatter ``s_p`` (normalised flux; 0 = none).
+    benchmark_calibration : BenchmarkCalibration or None
+        Post-fit benchmark-scale calibration the fits apply.
+    templates : GradientTemplates or None
+        Theoretical gradients for the per-label flags.
+    meta : dict
+        Provenance.
+    path : str or None
+        File the model was loaded from.
+
+    Raises
+    ------
+    ModelError
+        For inconsistent names, ranges, units, frame or wavelengths.
+
+    Notes
+    -----
+    A model may be shared by several threads: prediction keeps its state local; the only lazily
+    filled state is the per-dtype cache of cast weights, whose entries are deterministic.
+    """
 
     arch = "base"
 
@@ -173,7 +223,13 @@ class SpectralModel:
         return m.copy()
 
     def usable_ranges(self) -> list[tuple[float, float]]:
-        """Wavelength ranges (model frame, Angstrom) of contiguous pixels that fits use (not in ``pixel_mask``)."""
+        """Wavelength ranges (model frame, Angstrom) of contiguous pixels that fits use (not in ``pixel_mask``).
+
+        Returns
+        -------
+        list of tuple of (float, float)
+            ``(first, last)`` pixel-centre wavelength in Angstrom of each run of usable pixels.
+        """
         return wave_ranges(self.wave, ~np.asarray(self.pixel_mask, bool))
 
     def _checked_scatter(self, scatter) -> np.ndarray:
@@ -232,7 +288,16 @@ class SpectralModel:
     def inflate_ivar(self, ivar):
         """Fit weights ``1 / (1/ivar + s_p^2)`` for observed ``ivar`` ``(..., n_pix)`` (0 stays 0).
 
-        Returns a new array (float64); the input is not modified."""
+        Parameters
+        ----------
+        ivar : array_like of float
+            Inverse variances, shape (..., n_pix), in 1 / (normalised flux)^2; not modified.
+
+        Returns
+        -------
+        numpy.ndarray
+            A new float64 array of the same shape: the inverse variances with ``s_p^2`` added to the variance.
+        """
         iv = np.asarray(ivar, np.float64)
         s2 = self.scatter ** 2
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -252,11 +317,33 @@ class SpectralModel:
         return self.x_max - self.x_min
 
     def scale(self, labels):
-        """Physical labels -> network input ``(x - x_min)/(x_max - x_min) - 0.5``."""
+        """Physical labels -> network input ``(x - x_min)/(x_max - x_min) - 0.5``.
+
+        Parameters
+        ----------
+        labels : array_like of float
+            Shape (..., n_labels), physical units (K, dex).
+
+        Returns
+        -------
+        numpy.ndarray
+            Scaled labels, same shape, dimensionless (the training box is [-0.5, 0.5]).
+        """
         return (np.asarray(labels, dtype=np.float64) - self.x_min) / self.scale_width - 0.5
 
     def unscale(self, scaled):
-        """Network input -> physical labels (inverse of :meth:`scale`)."""
+        """Network input -> physical labels (inverse of :meth:`scale`).
+
+        Parameters
+        ----------
+        scaled : array_like of float
+            Shape (..., n_labels), dimensionless.
+
+        Returns
+        -------
+        numpy.ndarray
+            Physical labels (K, dex), same shape.
+        """
         return (np.asarray(scaled, dtype=np.float64) + 0.5) * self.scale_width + self.x_min
 
     def _as_batch(self, labels):
@@ -269,30 +356,115 @@ class SpectralModel:
 
     # ---------------------------------------------- scaled-space kernels
     def predict_scaled(self, s, dtype=np.float64):  # pragma: no cover - abstract
+        """Normalised flux at scaled labels (implemented by each architecture).
+
+        Parameters
+        ----------
+        s : array_like of float
+            (n, n_labels) or (n_labels,) scaled labels (dimensionless).
+        dtype : numpy dtype, optional
+            Precision of the computation (float64 or float32).
+
+        Returns
+        -------
+        numpy.ndarray
+            (n, n_pix) normalised flux.
+        """
         raise NotImplementedError
 
     def planar_kernel(self, s, dtype=np.float64):
         """Flux and Jacobian at scaled labels ``s`` as one planar array ``(n, 1 + n_labels, n_pix)``:
         plane 0 is the flux, plane ``1 + l`` is d flux / d s_l.  Each plane is a contiguous
-        spectrum, the layout the fitter shifts and reduces without reshuffling."""
+        spectrum, the layout the fitter shifts and reduces without reshuffling.
+
+        Parameters
+        ----------
+        s : array_like of float
+            (n, n_labels) or (n_labels,) scaled labels (dimensionless).
+        dtype : numpy dtype, optional
+            Precision of the computation (float64 or float32).
+
+        Returns
+        -------
+        numpy.ndarray
+            (n, 1 + n_labels, n_pix): normalised flux, then its derivatives per unit scaled label.
+        """
         raise NotImplementedError  # pragma: no cover - abstract
 
     def predict_scaled_with_jacobian(self, s, dtype=np.float64):
-        """(flux (n, n_pix), d flux / d s (n, n_pix, n_labels)) at scaled labels ``s``."""
+        """(flux (n, n_pix), d flux / d s (n, n_pix, n_labels)) at scaled labels ``s``.
+
+        Parameters
+        ----------
+        s : array_like of float
+            (n, n_labels) or (n_labels,) scaled labels (dimensionless).
+        dtype : numpy dtype, optional
+            Precision of the computation (float64 or float32).
+
+        Returns
+        -------
+        flux : numpy.ndarray
+            (n, n_pix) normalised flux.
+        jac : numpy.ndarray
+            (n, n_pix, n_labels) d flux / d scaled label.
+        """
         x = self.planar_kernel(s, dtype)
         return np.ascontiguousarray(x[:, 0]), np.ascontiguousarray(x[:, 1:].transpose(0, 2, 1))
 
     def predict(self, labels):
-        """Normalised flux ``(n, n_pix)`` at physical ``labels`` ``(n, n_labels)``."""
+        """Normalised flux ``(n, n_pix)`` at physical ``labels`` ``(n, n_labels)``.
+
+        Parameters
+        ----------
+        labels : array_like of float
+            (n, n_labels) or (n_labels,) physical labels (K, dex), in the order of ``label_names``.
+
+        Returns
+        -------
+        numpy.ndarray
+            (n, n_pix) normalised flux (float64).
+
+        Raises
+        ------
+        ValueError
+            If ``labels`` has the wrong shape.
+        """
         return self.predict_scaled(self.scale(self._as_batch(labels)))
 
     def predict_with_jacobian(self, labels):
         """``(flux (n, n_pix), jac (n, n_pix, n_labels))``; ``jac`` is d flux / d label
-        in physical label units, computed analytically (chain rule through the network)."""
+        in physical label units, computed analytically (chain rule through the network).
+
+        Parameters
+        ----------
+        labels : array_like of float
+            (n, n_labels) or (n_labels,) physical labels (K, dex).
+
+        Returns
+        -------
+        flux : numpy.ndarray
+            (n, n_pix) normalised flux.
+        jac : numpy.ndarray
+            (n, n_pix, n_labels) d flux / d label, per K for Teff and per dex otherwise.
+
+        Raises
+        ------
+        ValueError
+            If ``labels`` has the wrong shape.
+        """
         f, js = self.predict_scaled_with_jacobian(self.scale(self._as_batch(labels)))
         return f, js / self.scale_width
 
     def describe(self) -> dict:
+        """A JSON-able summary of the model.
+
+        Returns
+        -------
+        dict
+            ``arch``, ``labels`` (name, unit, x_min, x_max in physical units), ``n_pix``,
+            ``n_pix_usable``, ``usable_ranges`` (Angstrom), ``wave_min``, ``wave_max`` (Angstrom),
+            ``frame`` and ``meta``.
+        """
         return {
             "arch": self.arch,
             "labels": [
@@ -316,6 +488,14 @@ class SpectralModel:
         return {}
 
     def to_hdulist(self) -> fits.HDUList:
+        """The model file's HDUs (layout in the module docstring).
+
+        Returns
+        -------
+        astropy.io.fits.HDUList
+            Primary header, weight arrays, ``LABELS``, ``WAVE`` and the optional ``PIXMASK``,
+            ``SCATTER``, ``BENCHCAL`` plus ``PROVENANCE``.
+        """
         ph = fits.Header()
         ph["MPFORMAT"] = (FORMAT_NAME, "musepayne model file")
         ph["MPMVERS"] = (FORMAT_VERSION, "model format version")
@@ -359,7 +539,19 @@ class SpectralModel:
         return fits.HDUList(hdus)
 
     def save(self, path, overwrite: bool = True):
-        """Write the model file atomically (see module docstring for the layout)."""
+        """Write the model file atomically (see module docstring for the layout).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Output FITS file.
+        overwrite : bool, optional
+            Replace an existing file (default True).
+
+        Returns
+        -------
+        None
+        """
         atomic_write_fits(self.to_hdulist(), path, overwrite=overwrite)
 
 
@@ -370,6 +562,25 @@ class PerPixelPayne(SpectralModel):
     ``w1 (n_pix, n_hidden)``, ``b1 (n_pix,)`` -- the layout of The Payne's
     ``NN_normalized_spectra.npz`` (``w_array_0``, ``b_array_0``, ``w_array_1``,
     ``b_array_1``; ``einsum('ijk,k->ij', w_array_0, s)``).
+
+    Parameters
+    ----------
+    w0, b0, w1, b1 : array_like of float
+        The weights, shapes as above (usually float32).
+    label_names, x_min, x_max, wave, frame, label_units, meta
+        As for :class:`SpectralModel`.
+
+    Attributes
+    ----------
+    w0, b0, w1, b1 : numpy.ndarray
+        The weights.
+    n_hidden : int
+        Hidden neurons per pixel.
+
+    Raises
+    ------
+    ModelError
+        If the weight shapes do not match the labels and the grid.
     """
 
     arch = "perpixel"
@@ -411,11 +622,39 @@ class PerPixelPayne(SpectralModel):
         return _sigmoid_inplace(z).reshape(s.shape[0], self.n_hidden, self.n_pix)
 
     def predict_scaled(self, s, dtype=np.float64):
+        """Normalised flux (n, n_pix) at scaled labels ``s`` (n, n_labels).
+
+        Parameters
+        ----------
+        s : array_like of float
+            Scaled labels (dimensionless).
+        dtype : numpy dtype, optional
+            Precision of the computation.
+
+        Returns
+        -------
+        numpy.ndarray
+            (n, n_pix) normalised flux.
+        """
         s = np.atleast_2d(np.asarray(s, np.float64))
         _, _, w1, b1, _ = self._cast(dtype)
         return np.einsum("nhp,hp->np", self._hidden(s, dtype), w1) + b1
 
     def planar_kernel(self, s, dtype=np.float64):
+        """Flux and d flux / d s as planes ``(n, 1 + n_labels, n_pix)`` (see :meth:`SpectralModel.planar_kernel`).
+
+        Parameters
+        ----------
+        s : array_like of float
+            (n, n_labels) scaled labels (dimensionless).
+        dtype : numpy dtype, optional
+            Precision of the computation.
+
+        Returns
+        -------
+        numpy.ndarray
+            (n, 1 + n_labels, n_pix).
+        """
         s = np.atleast_2d(np.asarray(s, np.float64))
         _, _, w1, b1, w0 = self._cast(dtype)
         a = self._hidden(s, dtype)
@@ -441,6 +680,28 @@ class MLPPayne(SpectralModel):
 
     ``weights[i]`` has the torch ``Linear`` shape ``(n_out, n_in)``; the last
     layer is linear and outputs ``n_pix`` values.  Any number of hidden layers.
+
+    Parameters
+    ----------
+    weights, biases : sequence of array_like
+        Per layer ``(n_out, n_in)`` weights and ``(n_out,)`` biases; the first layer takes n_labels
+        inputs, the last outputs n_pix values.
+    label_names, x_min, x_max, wave, frame, label_units, meta
+        As for :class:`SpectralModel`.
+    negative_slope : float, optional
+        Leaky-ReLU slope of the hidden layers (default 0.01).
+
+    Attributes
+    ----------
+    weights, biases : list of numpy.ndarray
+        The layers.
+    negative_slope : float
+        Leaky-ReLU slope.
+
+    Raises
+    ------
+    ModelError
+        If the layers do not chain from n_labels inputs to n_pix outputs.
     """
 
     arch = "mlp"
@@ -470,6 +731,20 @@ class MLPPayne(SpectralModel):
         return c
 
     def predict_scaled(self, s, dtype=np.float64):
+        """Normalised flux (n, n_pix) at scaled labels ``s`` (n, n_labels).
+
+        Parameters
+        ----------
+        s : array_like of float
+            Scaled labels (dimensionless).
+        dtype : numpy dtype, optional
+            Precision of the computation.
+
+        Returns
+        -------
+        numpy.ndarray
+            (n, n_pix) normalised flux.
+        """
         ws, bs = self._cast(dtype)
         h = np.atleast_2d(np.asarray(s, dtype))
         for w, b in zip(ws[:-1], bs[:-1]):
@@ -478,6 +753,20 @@ class MLPPayne(SpectralModel):
         return h @ ws[-1].T + bs[-1]
 
     def planar_kernel(self, s, dtype=np.float64):
+        """Flux and d flux / d s as planes ``(n, 1 + n_labels, n_pix)`` by forward-mode differentiation.
+
+        Parameters
+        ----------
+        s : array_like of float
+            (n, n_labels) scaled labels (dimensionless).
+        dtype : numpy dtype, optional
+            Precision of the computation.
+
+        Returns
+        -------
+        numpy.ndarray
+            (n, 1 + n_labels, n_pix).
+        """
         ws, bs = self._cast(dtype)
         s = np.atleast_2d(np.asarray(s, dtype))
         n, L = s.shape

@@ -334,6 +334,32 @@ def injection_budget(cat, truth, sources=None, labels=("teff", "logg", "fe_h"), 
     S/N > ``snr_min`` stars in bins of that measure; ``by_snr``: isolated stars in ``snr_bins``.
     Bias = median, dispersion = half the 15.87-84.13 percentile range
     (:func:`musepayne.science.validation.bias_dispersion`).
+
+    Parameters
+    ----------
+    cat : astropy.table.Table
+        The fitted catalogue.
+    truth : astropy.table.Table
+        The simulation truth (``key`` and the labels).
+    sources : astropy.table.Table, optional
+        The extraction's source table (crowding measures).
+    labels : sequence of str, optional
+        Labels to budget (default teff, logg, fe_h).
+    snr_min : float, optional
+        S/N above which a star can count as isolated (default 50).
+    blend_max : float, optional
+        Largest crowding measure of an isolated star (default 0.05).
+    blend_bins, snr_bins : sequence of float, optional
+        Bin edges of the crowding measure and of S/N.
+    key : str, optional
+        Column matching catalogue and truth (default ``stellar_id``).
+    column : str, optional
+        The crowding measure (default :func:`crowding_column`).
+
+    Returns
+    -------
+    dict
+        As above; biases and dispersions in the labels' units (K, dex), pulls dimensionless.
     """
     labels = [n for n in labels if n in cat.colnames and n in truth.colnames]
     column = column or crowding_column(sources)
@@ -418,7 +444,36 @@ def plot_truth_snr_blend(path, cat, truth, sources=None, labels=("teff", "logg",
 
 def make_report(outdir, catalogue, *, white_light=None, sources=None, wave=None, flux=None, ivar=None,
                 model_flux=None, truth=None, title="musepayne run", extra=None, model_mask=None):
-    """Write ``outdir/index.html`` with every figure its inputs allow. Returns a summary dict."""
+    """Write ``outdir/index.html`` with every figure its inputs allow. Returns a summary dict.
+
+    Parameters
+    ----------
+    outdir : str or os.PathLike
+        Report folder (created).
+    catalogue : astropy.table.Table
+        Fitted catalogue (labels in K and dex, RV in km/s, status, flags).
+    white_light : numpy.ndarray, optional
+        (ny, nx) white-light image of the cube.
+    sources : astropy.table.Table, optional
+        The extraction's source table (positions, S/N, crowding).
+    wave : numpy.ndarray, optional
+        (n_pix,) prepared-spectra wavelengths in Angstrom (vacuum).
+    flux, ivar, model_flux : numpy.ndarray, optional
+        (n, n_pix) prepared spectra, inverse variances and best-fit models, rows as ``catalogue``.
+    truth : astropy.table.Table, optional
+        Simulation truth (recovery figures and error budget).
+    title : str, optional
+        Page title.
+    extra : dict, optional
+        More entries for the summary.
+    model_mask : numpy.ndarray, optional
+        (n_pix,) bool, pixels the model does not cover.
+
+    Returns
+    -------
+    dict
+        Counts by status and fit flag, figure names, truth statistics and budget when given.
+    """
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     figs, notes = [], []

@@ -21,6 +21,9 @@ skipped when its marker exists and records the same input checksums and
 configuration hash; fitting is checkpointed per chunk of stars, so a killed
 run loses at most one chunk of work and the final catalogue has every star
 exactly once (checked when merging).
+
+Length: the module is over 600 lines because :class:`RunConfig` and the resumable stages of
+:class:`Pipeline` (which share the completion markers and the run record) are documented in full.
 """
 
 from __future__ import annotations
@@ -142,6 +145,21 @@ class RunConfig:
         versions (``mode``, ``ao_notch``, ``extract_method``, ``rv_range``, ``extract_options``,
         ``fit_options``).  Raises :class:`~musepayne.config.ConfigError` on any unknown key,
         wrong type or out-of-range value.
+
+        Parameters
+        ----------
+        options : dict
+            The options (nested stage tables or flat names).
+
+        Returns
+        -------
+        RunConfig
+            The validated configuration.
+
+        Raises
+        ------
+        ConfigError
+            Unknown key, wrong type or out-of-range value.
         """
         if not isinstance(options, dict):
             raise ConfigError(f"expected a table of options, got {type(options).__name__}")
@@ -165,12 +183,29 @@ class RunConfig:
         return from_mapping(cls, d)
 
     def to_dict(self) -> dict:
-        """JSON-ready nested mapping; ``RunConfig.from_dict(c.to_dict()) == c``."""
+        """JSON-ready nested mapping; ``RunConfig.from_dict(c.to_dict()) == c``.
+
+        Returns
+        -------
+        dict
+            Every option, the stage configurations as nested tables.
+        """
         return to_mapping(self)
 
     def stage_digest(self, stage: str) -> str:
         """Hash of what one stage's output depends on: its own configuration (plus, for
-        prepare, the cube LSF; for fit, the chunking and the S/N threshold)."""
+        prepare, the cube LSF; for fit, the chunking and the S/N threshold).
+
+        Parameters
+        ----------
+        stage : {'detect', 'extract', 'prepare', 'fit'}
+            The stage.
+
+        Returns
+        -------
+        str
+            16 hex digits of a sha256.
+        """
         d = {"detect": {"detect": self.to_dict()["detect"]},
              "extract": {"extract": self.to_dict()["extract"]},
              "prepare": {"prepare": self.to_dict()["prepare"], "cube_lsf": self.cube_lsf},
@@ -178,11 +213,33 @@ class RunConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def digest(self) -> str:
-        """Hash of the whole configuration."""
+        """Hash of the whole configuration.
+
+        Returns
+        -------
+        str
+            16 hex digits of the sha256 of :meth:`to_dict` as sorted JSON.
+        """
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def updated(self, **overrides) -> RunConfig:
-        """A copy with options changed; None values are ignored (unset CLI flags)."""
+        """A copy with options changed; None values are ignored (unset CLI flags).
+
+        Parameters
+        ----------
+        **overrides
+            Options by name (as :meth:`from_dict` accepts them).
+
+        Returns
+        -------
+        RunConfig
+            The validated new configuration.
+
+        Raises
+        ------
+        ConfigError
+            For an invalid option.
+        """
         d = self.to_dict()
         for k, v in overrides.items():
             if v is None:
@@ -200,6 +257,16 @@ class RunConfig:
 def read_config_file(path) -> dict:
     """The options of a TOML (``[run]`` table or top level) or JSON run-configuration file,
     validated (:meth:`RunConfig.from_dict` accepts them) but kept as the file gives them.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file (``.toml`` or ``.json``).
+
+    Returns
+    -------
+    dict
+        The options.
 
     Raises
     ------
@@ -224,11 +291,41 @@ def read_config_file(path) -> dict:
 
 
 def load_config_file(path) -> RunConfig:
-    """The validated :class:`RunConfig` of a TOML or JSON file (see :func:`read_config_file`)."""
+    """The validated :class:`RunConfig` of a TOML or JSON file (see :func:`read_config_file`).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+
+    Returns
+    -------
+    RunConfig
+        The configuration.
+
+    Raises
+    ------
+    ConfigError
+        Unreadable or malformed file, unknown keys, wrong types or out-of-range values.
+    """
     return RunConfig.from_dict(read_config_file(path))
 
 
 def cube_id_for(path, checksum: str) -> str:
+    """The work-folder name of a cube: its file stem and the first 8 digits of its checksum.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The cube.
+    checksum : str
+        Its sha256 hex digest.
+
+    Returns
+    -------
+    str
+        ``<stem>-<checksum[:8]>``.
+    """
     return f"{Path(path).name.split('.fits')[0]}-{checksum[:8]}"
 
 
@@ -246,6 +343,17 @@ class Pipeline:
     ``progress`` is a callable ``(stage, done, total)`` or None; the CLI passes
     a rich progress display.  ``stop_after`` (tests) raises ``KeyboardInterrupt``
     after that many fit chunks, to exercise resuming.
+
+    Parameters
+    ----------
+    outdir : str or os.PathLike
+        Output folder (per-cube work folders, catalogue, report, run record).
+    config : RunConfig, optional
+        The validated configuration (default ``RunConfig()``).
+    progress : callable, optional
+        ``progress(stage: str, done: int, total: int)``.
+    logger : logging.Logger, optional
+        Where the stages log (default a logger of this instance).
     """
 
     def __init__(self, outdir, config: RunConfig = RunConfig(), progress=None, logger=None):
@@ -289,7 +397,22 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def detect(self, cube_path, cdir: Path, checks: dict) -> Path:
-        """No catalogue given: find the stars in the cube itself -> ``cdir/sources_detected.ecsv``."""
+        """No catalogue given: find the stars in the cube itself -> ``cdir/sources_detected.ecsv``.
+
+        Parameters
+        ----------
+        cube_path : str or os.PathLike
+            The MUSE cube.
+        cdir : pathlib.Path
+            The cube's work folder.
+        checks : dict
+            Input checksums recorded in the stage marker (a rerun with the same ones is skipped).
+
+        Returns
+        -------
+        pathlib.Path
+            The detected source list.
+        """
         out = cdir / "sources_detected.ecsv"
         cfg_hash = self.config.stage_digest("detect")
         if self._is_done(cdir, "detect", checks, cfg_hash, out):
@@ -314,6 +437,26 @@ class Pipeline:
         return out
 
     def extract(self, cube_path, sources_path, cdir: Path, checks: dict, detected: bool = False) -> Path:
+        """Extract every source's spectrum -> ``cdir/extracted.fits`` (skipped when already done).
+
+        Parameters
+        ----------
+        cube_path : str or os.PathLike
+            The MUSE cube.
+        sources_path : str or os.PathLike
+            The source catalogue (or the detected list).
+        cdir : pathlib.Path
+            The cube's work folder.
+        checks : dict
+            Input checksums recorded in the stage marker.
+        detected : bool, optional
+            The sources were detected in the cube itself (no catalogue-to-cube transformation).
+
+        Returns
+        -------
+        pathlib.Path
+            The extracted spectra.
+        """
         out = cdir / "extracted.fits"
         cfg_hash = self.config.stage_digest("extract")
         if self._is_done(cdir, "extract", checks, cfg_hash, out):
@@ -327,6 +470,20 @@ class Pipeline:
         return out
 
     def prepare(self, extracted: Path, cdir: Path) -> Path:
+        """Prepare the extracted spectra -> ``cdir/prepared.fits`` (skipped when already done).
+
+        Parameters
+        ----------
+        extracted : pathlib.Path
+            The extraction file.
+        cdir : pathlib.Path
+            The cube's work folder.
+
+        Returns
+        -------
+        pathlib.Path
+            The prepared spectra.
+        """
         out = cdir / "prepared.fits"
         inputs = {"extracted": sha256_file(extracted)}
         cfg_hash = self.config.stage_digest("prepare")
@@ -344,6 +501,28 @@ class Pipeline:
         return out
 
     def fit(self, prepared_path: Path, cdir: Path, model, model_mp=None, stop_after=None) -> tuple[Table, np.ndarray]:
+        """Fit the prepared spectra in chunks, each kept as a part file (resumable).
+
+        Parameters
+        ----------
+        prepared_path : pathlib.Path
+            The prepared spectra.
+        cdir : pathlib.Path
+            The cube's work folder (parts in ``cdir/fit``).
+        model : SpectralModel
+            The model.
+        model_mp : SpectralModel, optional
+            The metal-poor model (combined by the A / A-mp rule, paper Eq. 2).
+        stop_after : int, optional
+            Raise ``KeyboardInterrupt`` after this many chunks (tests of resuming).
+
+        Returns
+        -------
+        catalogue : astropy.table.Table
+            One row per spectrum (labels in K and dex, RV in km/s, errors, status, flags).
+        model_flux : numpy.ndarray
+            (n, n_pix) best-fit model spectra (normalised flux).
+        """
         prep = PreparedSpectra.read(prepared_path)
         fdir = cdir / "fit"
         fdir.mkdir(parents=True, exist_ok=True)
@@ -401,6 +580,27 @@ class Pipeline:
 
         The output folder is locked for the run (:func:`~musepayne.io.fits.folder_lock`): a
         second run on the same folder raises :class:`~musepayne.io.fits.FolderBusy` at once.
+
+        Parameters
+        ----------
+        cubes : sequence of str or os.PathLike
+            MUSE cubes.
+        sources : str or os.PathLike or sequence, optional
+            One source catalogue for all cubes, one per cube, or None (detect).
+        truth : astropy.table.Table, optional
+            Simulation truth for the report's recovery figures.
+        stop_after : int, optional
+            Interrupt after this many fit chunks (tests).
+
+        Returns
+        -------
+        dict
+            The run record (counts by status, timings, outputs, warnings), also written as ``run.json``.
+
+        Raises
+        ------
+        FolderBusy
+            If another run holds the output folder.
         """
         with folder_lock(self.outdir):
             if self.config.blas_threads is None:
@@ -482,6 +682,26 @@ class Pipeline:
         return record
 
     def write_report(self, cube, catalogue, models, truth=None, model_mask=None):
+        """Write the HTML report of the first cube of ``catalogue`` (:func:`musepayne.pipeline.report.make_report`).
+
+        Parameters
+        ----------
+        cube : str or os.PathLike
+            The cube (for the white-light image).
+        catalogue : astropy.table.Table
+            The run's catalogue.
+        models : numpy.ndarray
+            (n, n_pix) best-fit model spectra, rows as ``catalogue``.
+        truth : astropy.table.Table, optional
+            Simulation truth.
+        model_mask : numpy.ndarray, optional
+            (n_pix,) bool, pixels the model does not cover.
+
+        Returns
+        -------
+        dict
+            The report summary.
+        """
         first = catalogue["cube_id"][0]
         cdir = self.outdir / "cubes" / first
         prep = PreparedSpectra.read(cdir / "prepared.fits")

@@ -62,6 +62,19 @@ class SurveyConfig:
     scheduler : 'local' (a LocalCluster), 'process' (no Dask), or a scheduler address
     workers : number of local workers (default: number of cores)
     merged_fits : also write one merged FITS catalogue
+
+    Attributes
+    ----------
+    run_options : dict or None
+        :class:`~musepayne.pipeline.runner.RunConfig` options applied to every cube.
+    retries : int
+        Attempts after the first failure, per cube and across invocations.
+    scheduler : str
+        'local', 'process' or a Dask scheduler address.
+    workers : int or None
+        Local Dask workers (None: one per core).
+    merged_fits : bool
+        Also write one merged FITS catalogue.
     """
 
     run_options: dict = None
@@ -82,6 +95,18 @@ class SurveyConfig:
                              f"got {self.scheduler!r}")
 
     def run_config(self):
+        """The validated per-cube :class:`~musepayne.pipeline.runner.RunConfig` (report off unless asked).
+
+        Returns
+        -------
+        RunConfig
+            The configuration every cube runs with.
+
+        Raises
+        ------
+        ConfigError
+            For an invalid run option.
+        """
         opts = dict(self.run_options or {})
         opts.setdefault("report", False)
         return RunConfig.from_dict(opts)
@@ -111,6 +136,22 @@ def process_cube(cube: str, sources: str, store: str, run_options: dict, cube_id
 
     Runs anywhere (a Dask worker or this process).  Returns a summary dict;
     raises on failure (the driver records the reason and may retry).
+
+    Parameters
+    ----------
+    cube, sources : str
+        The cube and its source catalogue.
+    store : str
+        The store folder; the result is committed to ``store/cubes/<cube_id>`` by a rename.
+    run_options : dict
+        :class:`~musepayne.pipeline.runner.RunConfig` options.
+    cube_id, checksum : str
+        The cube's id and sha256.
+
+    Returns
+    -------
+    dict
+        ``cube_id``, ``checksum``, ``n_observations``, ``counts``, ``timings``, ``wall_s`` (s), ``model``.
     """
 
     _relax_malloc_trim()
@@ -136,7 +177,19 @@ def process_cube(cube: str, sources: str, store: str, run_options: dict, cube_id
 
 
 class Survey:
-    """Configure once; ``run(cubes, sources_for)`` processes all cubes into ``store``."""
+    """Configure once; ``run(cubes, sources_for)`` processes all cubes into ``store``.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        The store folder (manifest, per-cube results, merged catalogue).
+    config : SurveyConfig, optional
+        The options (default ``SurveyConfig()``).
+    progress : callable, optional
+        ``progress(done: int, total: int)`` after every cube.
+    log : callable, optional
+        ``log(message: str)`` (default ``print``).
+    """
 
     def __init__(self, store, config: SurveyConfig = SurveyConfig(), progress=None, log=print):
         self.store = Path(store)
@@ -151,7 +204,13 @@ class Survey:
 
     def load_manifest(self) -> dict:
         """The manifest; a damaged one is moved aside (``manifest.json.damaged-<time>``) and
-        the store starts afresh -- every cube is then redone, none is merged twice."""
+        the store starts afresh -- every cube is then redone, none is merged twice.
+
+        Returns
+        -------
+        dict
+            Per cube id: its checksum, state, attempts and summary (empty for a new store).
+        """
         if not self.manifest_path.exists():
             return {}
         try:
@@ -181,7 +240,22 @@ class Survey:
 
     # ------------------------------------------------------------------ driver
     def plan(self, cubes, sources_for):
-        """(todo, skipped) lists of task dicts for the given cubes."""
+        """(todo, skipped) lists of task dicts for the given cubes.
+
+        Parameters
+        ----------
+        cubes : sequence of str or os.PathLike
+            The cubes.
+        sources_for : callable
+            ``sources_for(cube) -> source catalogue path`` (:func:`sources_resolver`).
+
+        Returns
+        -------
+        todo : list of dict
+            Tasks to run (cube, sources, cube_id, checksum).
+        skipped : list of dict
+            Tasks already committed with the same inputs, or out of retries.
+        """
 
         todo, skipped, _ = self._plan(self.load_manifest(), cubes, sources_for)
         return todo, skipped
@@ -230,7 +304,25 @@ class Survey:
                 shutil.rmtree(self.store / "cubes" / old, ignore_errors=True)
     def run(self, cubes, sources_for) -> dict:
         """Process ``cubes`` into the store; the store is locked for the run
-        (:func:`~musepayne.io.fits.folder_lock`, a second survey on it is refused)."""
+        (:func:`~musepayne.io.fits.folder_lock`, a second survey on it is refused).
+
+        Parameters
+        ----------
+        cubes : sequence of str or os.PathLike
+            The cubes.
+        sources_for : callable
+            ``sources_for(cube) -> source catalogue path``.
+
+        Returns
+        -------
+        dict
+            Summary: cubes done, skipped and failed (with reasons), rows merged, timings.
+
+        Raises
+        ------
+        FolderBusy
+            If another survey holds the store.
+        """
         with folder_lock(self.store):
             return self._run(cubes, sources_for)
 
@@ -319,7 +411,18 @@ class Survey:
                 cluster.close()
 
     def merge(self, manifest) -> int:
-        """Rebuild the partitioned Parquet dataset (and FITS on request) from committed cubes."""
+        """Rebuild the partitioned Parquet dataset (and FITS on request) from committed cubes.
+
+        Parameters
+        ----------
+        manifest : dict
+            The store's manifest (:meth:`load_manifest`).
+
+        Returns
+        -------
+        int
+            Number of catalogue rows merged.
+        """
         done = sorted(k for k, v in manifest.items() if v["status"] == "done")
         tables, merged_ids = [], []
         pdir = self.store / "catalogue"
@@ -364,7 +467,27 @@ def _have_dask() -> bool:
 
 
 def sources_resolver(sources_dir=None, sources_from=None, workdir=None):
-    """``cube -> sources file``: from a folder (same stem, any of .csv/.fits/.vot) or one catalogue."""
+    """``cube -> sources file``: from a folder (same stem, any of .csv/.fits/.vot) or one catalogue.
+
+    Parameters
+    ----------
+    sources_dir : str or os.PathLike, optional
+        Folder of per-cube catalogues.
+    sources_from : str or os.PathLike, optional
+        One catalogue for every cube.
+    workdir : str or os.PathLike, optional
+        Base of relative paths.
+
+    Returns
+    -------
+    callable
+        ``find(cube) -> str``, raising FileNotFoundError when a cube has no catalogue.
+
+    Raises
+    ------
+    ValueError
+        If neither folder nor catalogue is given.
+    """
     if sources_from is not None:
         return lambda cube: str(sources_from)
     if sources_dir is None:
@@ -383,7 +506,18 @@ def sources_resolver(sources_dir=None, sources_from=None, workdir=None):
 
 
 def read_store_catalogue(store) -> Table:
-    """The merged catalogue of a store, read from its Parquet partitions (pyarrow, no pandas)."""
+    """The merged catalogue of a store, read from its Parquet partitions (pyarrow, no pandas).
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        The store folder.
+
+    Returns
+    -------
+    astropy.table.Table
+        All committed rows (empty when there are none).
+    """
 
     parts = sorted(Path(store, "catalogue").glob("cube_id=*/part-0.parquet"))
     tables = []

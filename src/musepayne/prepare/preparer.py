@@ -144,6 +144,13 @@ class Preparer:
     :class:`~musepayne.io.prepared.PreparedSpectra`; a chunk that raises becomes rows with
     status ``failed``.
 
+    Thread safety: one Preparer may be shared by several threads.  A call keeps its state
+    local; the only shared state is the operator cache, whose entries are built
+    deterministically from the input grid and never changed afterwards (two threads may both
+    build the operator of a new grid; the one stored last wins and both are identical), so
+    results are those of serial use (tested in ``tests/test_prepare_real.py``).  The library
+    does not change thread-pool limits; set them at the call site.
+
     Parameters
     ----------
     config : PrepareConfig, optional

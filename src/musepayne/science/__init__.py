@@ -1,11 +1,12 @@
 """Working with catalogues: validation, selection, forecasts, calibrations.
 
 * :mod:`~musepayne.science.validation` -- comparisons with reference catalogues and
-  repeat-based error scaling (paper Eq. 10);
+  repeat-based error scaling (paper Eq. 10; defined in :mod:`~musepayne.science.stats` and
+  :mod:`~musepayne.science.repeats`);
 * :mod:`~musepayne.science.selection` -- the paper's cuts (Eq. 5, 6, 8) and a safe
   expression language;
 * :mod:`~musepayne.science.forecast` -- precision vs S/N, magnitude and exposure time
-  (Eq. 11-13) and Cramer-Rao bounds;
+  (Eq. 11-13, defined in :mod:`~musepayne.science.relations`) and Cramer-Rao bounds;
 * :mod:`~musepayne.science.calibration` -- the [Mg/Fe]-Teff trend correction (App. A).
 
 May import: :mod:`musepayne.flags`, :mod:`musepayne.instrument`, :mod:`musepayne.io`,

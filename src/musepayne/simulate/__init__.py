@@ -3,6 +3,7 @@
 * :mod:`~musepayne.simulate.simulator` -- :class:`Simulator` / :class:`SimulateConfig`:
   a King-profile cluster plus field stars, Moffat PSF, sky, noise, written as an
   ESO-like cube with a truth table;
+* :mod:`~musepayne.simulate.sources` -- spectrum sources (toy, any function, real libraries);
 * :mod:`~musepayne.simulate.synthesis` -- spectra from a model on the MUSE grid;
 * :mod:`~musepayne.simulate.toyspec` -- analytic toy spectra and the MUSE grid.
 

@@ -3,7 +3,8 @@
 * :mod:`~musepayne.train.trainset` -- training sets from MILES/STELIB; library stars
   observed as MUSE or LAMOST;
 * :mod:`~musepayne.train.trainer` -- DD-Payne training with gradient regularisation,
-  the model's intrinsic scatter;
+  the model's intrinsic scatter (the torch networks and the optimisation loop are in
+  :mod:`~musepayne.train.network`);
 * :mod:`~musepayne.train.benchcal` -- building the benchmark-scale calibration (hold-out models,
   cross-validation over the Gaia FGK benchmark stars);
 * :mod:`~musepayne.train.crossval` -- K-fold cross-validation on library stars.

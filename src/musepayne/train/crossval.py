@@ -155,6 +155,60 @@ def _read_native(row):
     return read_miles(src) if str(row["instrument"]) == "miles" else read_stelib(src)
 
 
+def _read_natives(t, te, progress):
+    """The native library spectra of rows ``te`` of ``t``: ``(spectra, rows read)``; unreadable ones are reported."""
+    natives, keep = [], []
+    for i in te:
+        try:
+            natives.append(_read_native(t[i]))
+            keep.append(i)
+        except (ReaderError, OSError) as exc:  # keep going; the star is reported as missing
+            if progress:
+                progress(f"  cannot re-read {t['source'][i]}: {exc}")
+    return natives, keep
+
+
+def _fit_fold(natives, cfg, rng, prep, fitters, templates, seconds):
+    """Simulate, prepare and fit one fold's stars per instrument: ``{suffix: {instrument: catalogue}}``.
+
+    ``fitters`` maps the column suffix to its fitter (``""``: the trained model, :data:`BASELINE_SUFFIX`:
+    the Cannon baseline, fitted to the same prepared spectra, i.e. the same noise); ``seconds`` is updated.
+    """
+    sims = {"muse": simulate_muse_observation, "lamost": simulate_lamost_observation}
+    cats = {suffix: {} for suffix in fitters}
+    for inst in cfg.instruments:
+        prepped = PreparedSpectra.concatenate([prep(sims[inst](s, cfg.snr, rng)) for s in natives])
+        for suffix, fitter in fitters.items():
+            t0 = time.perf_counter()
+            with blas_threads(1):  # products per chunk (small): one BLAS thread, as musepayne fit
+                res = fitter.fit_arrays(prepped)
+            # for the baseline the Fitter adds the Cannon's scatter
+            cats[suffix][inst] = fitter.catalogue(prepped.spectra, res, templates=templates)
+            seconds["baseline_fit" if suffix else "fit"] += time.perf_counter() - t0
+    return cats
+
+
+def _fold_rows(t, keep, groups, f, names, lab, cats):
+    """One output row (dict) per validation star of fold ``f``: literature and fitted labels per instrument."""
+    rows = []
+    for j, i in enumerate(keep):
+        r = {"stellar_id": str(t["stellar_id"][i]), "star_key": str(groups[i]), "fold": f,
+             "library": str(t["instrument"][i])}
+        for k, n in enumerate(names):
+            r[f"{n}_lit"] = float(lab[i, k])
+        for suffix, cc in cats.items():
+            for inst, cat in cc.items():
+                for n in names:
+                    r[f"{n}_{inst}{suffix}"] = float(cat[n][j])
+                    r[f"{n}_err_{inst}{suffix}"] = float(cat[f"{n}_err"][j])
+                    if f"{n}_gradcorr" in cat.colnames:
+                        r[f"{n}_gradcorr_{inst}{suffix}"] = float(cat[f"{n}_gradcorr"][j])
+                r[f"rv_{inst}{suffix}"] = float(cat["rv"][j])
+                r[f"status_{inst}{suffix}"] = str(cat["status"][j])
+        rows.append(r)
+    return rows
+
+
 def cross_validate(trainset: TrainingSet, templates=None, config: CVConfig | None = None, fit_config=None,
                    progress=None):
     """Run K-fold CV; returns ``(table, summary)``.
@@ -196,7 +250,6 @@ def cross_validate(trainset: TrainingSet, templates=None, config: CVConfig | Non
     it, ig, ife = (names.index(n) for n in ("teff", "logg", "fe_h"))
     in_box = (lab[:, it] > cfg.teff_range[0]) & (lab[:, it] < cfg.teff_range[1]) & (lab[:, ife] > cfg.feh_min)
     prep = Preparer(PrepareConfig())
-    sims = {"muse": simulate_muse_observation, "lamost": simulate_lamost_observation}
     rows = []
     seconds = {"train": 0.0, "fit": 0.0, "baseline_train": 0.0, "baseline_fit": 0.0}
     for f in range(cfg.k):
@@ -218,47 +271,13 @@ def cross_validate(trainset: TrainingSet, templates=None, config: CVConfig | Non
             cannon = train_cannon(sub.flux, sub.ivar, sub.labels, names, sub.wave, cfg.baseline)
             cfitter = Fitter(cannon, replace(fcfg, model_scatter="weights"))  # Ness et al.'s test step
             seconds["baseline_train"] += time.perf_counter() - t0
-        natives, keep = [], []
-        for i in te:
-            try:
-                natives.append(_read_native(t[i]))
-                keep.append(i)
-            except (ReaderError, OSError) as exc:  # keep going; the star is reported as missing
-                if progress:
-                    progress(f"  cannot re-read {t['source'][i]}: {exc}")
+        natives, keep = _read_natives(t, te, progress)
         if not keep:
             continue
         rng = np.random.default_rng(cfg.seed * 1000 + f)
-        cats, bcats = {}, {}
-        for inst in cfg.instruments:
-            prepped = PreparedSpectra.concatenate([prep(sims[inst](s, cfg.snr, rng)) for s in natives])
-            t0 = time.perf_counter()
-            with blas_threads(1):  # products per chunk (small): one BLAS thread, as musepayne fit
-                res = fitter.fit_arrays(prepped)
-            cats[inst] = fitter.catalogue(prepped.spectra, res, templates=templates)
-            seconds["fit"] += time.perf_counter() - t0
-            if cannon is not None:  # the same prepared spectra (same noise) for the baseline
-                t0 = time.perf_counter()
-                with blas_threads(1):
-                    res = cfitter.fit_arrays(prepped)
-                # the Fitter adds the Cannon's scatter
-                bcats[inst] = cfitter.catalogue(prepped.spectra, res, templates=templates)
-                seconds["baseline_fit"] += time.perf_counter() - t0
-        for j, i in enumerate(keep):
-            r = {"stellar_id": str(t["stellar_id"][i]), "star_key": str(groups[i]), "fold": f,
-                 "library": str(t["instrument"][i])}
-            for k, n in enumerate(names):
-                r[f"{n}_lit"] = float(lab[i, k])
-            for suffix, cc in (("", cats), (BASELINE_SUFFIX, bcats)):
-                for inst, cat in cc.items():
-                    for n in names:
-                        r[f"{n}_{inst}{suffix}"] = float(cat[n][j])
-                        r[f"{n}_err_{inst}{suffix}"] = float(cat[f"{n}_err"][j])
-                        if f"{n}_gradcorr" in cat.colnames:
-                            r[f"{n}_gradcorr_{inst}{suffix}"] = float(cat[f"{n}_gradcorr"][j])
-                    r[f"rv_{inst}{suffix}"] = float(cat["rv"][j])
-                    r[f"status_{inst}{suffix}"] = str(cat["status"][j])
-            rows.append(r)
+        fitters = {"": fitter} if cannon is None else {"": fitter, BASELINE_SUFFIX: cfitter}
+        cats = _fit_fold(natives, cfg, rng, prep, fitters, templates, seconds)
+        rows.extend(_fold_rows(t, keep, groups, f, names, lab, cats))
     table = Table(rows=rows) if rows else Table()
     summary = cv_summary(table, names, cfg.instruments)
     summary["seconds"] = {k: round(v, 1) for k, v in seconds.items() if cfg.baseline is not None

@@ -40,6 +40,13 @@ validation fraction (grouped by ``star_key`` where present, so one star
 observed by two libraries never sits on both sides) drives early stopping on
 the validation loss ``L_data(val) + sum_l w_l L_grad,l``; the parameters of the
 best validation loss are returned.
+
+This module holds the configuration, the result and the numpy side (inputs, split,
+provenance, model scatter); the torch networks and the optimisation loop are in
+:mod:`musepayne.train.network`.
+
+Length: the module is slightly over 600 lines because of the numpydoc sections of its public API
+(the torch side is already in :mod:`musepayne.train.network`).
 """
 
 from __future__ import annotations
@@ -54,7 +61,6 @@ from dataclasses import replace as _replace
 
 import numpy as np
 from astropy.table import Table
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import __version__
 from ..fit.fitter import FitConfig, Fitter
@@ -62,6 +68,7 @@ from ..io.prepared import PreparedSpectra
 from ..models.cannon import ml_scatter
 from ..models.model import MLPPayne, PerPixelPayne
 from ..threads import blas_threads
+from .network import fit_network, torch_module
 
 __all__ = ["TrainConfig", "TrainResult", "train_model", "parse_gradient_weights", "split_indices"]
 
@@ -156,7 +163,25 @@ class TrainConfig:
 
 
 def parse_gradient_weights(text, label_names) -> dict:
-    """``'0.1'`` (all labels) or ``'teff=0.1,logg=0.05'`` -> ``{label: weight}``."""
+    """``'0.1'`` (all labels) or ``'teff=0.1,logg=0.05'`` -> ``{label: weight}``.
+
+    Parameters
+    ----------
+    text : str or None
+        The command-line value; None or empty means no gradient term.
+    label_names : sequence of str
+        The model's labels.
+
+    Returns
+    -------
+    dict of str to float
+        Dimensionless weight of the DD-Payne gradient term per label.
+
+    Raises
+    ------
+    ValueError
+        For an unknown label or a value that is not a number.
+    """
     if text is None or str(text).strip() == "":
         return {}
     text = str(text).strip()
@@ -174,7 +199,26 @@ def parse_gradient_weights(text, label_names) -> dict:
 
 
 def split_indices(n, val_fraction, seed, groups=None):
-    """Random train/validation split (grouped: all members of a group on one side)."""
+    """Random train/validation split (grouped: all members of a group on one side).
+
+    Parameters
+    ----------
+    n : int
+        Number of spectra.
+    val_fraction : float
+        Target fraction of spectra in the validation set (0: none).
+    seed : int
+        Seed of the numpy generator (the split is reproducible).
+    groups : array_like, optional
+        (n,) group id per spectrum (e.g. ``star_key``); default every spectrum its own group.
+
+    Returns
+    -------
+    train : numpy.ndarray
+        Row indices (int) of the training spectra, ascending.
+    val : numpy.ndarray
+        Row indices (int) of the validation spectra, ascending.
+    """
     rng = np.random.default_rng(seed)
     if val_fraction <= 0 or n < 2:
         return np.arange(n), np.zeros(0, int)
@@ -201,6 +245,33 @@ class TrainResult:
 
     mlp: ``weights`` [(n_out, n_in)...], ``biases`` [(n_out,)...];
     perpixel: ``weights`` [w0 (npix, nh, nl), w1 (npix, nh)], ``biases`` [b0 (npix, nh), b1 (npix,)].
+
+    Attributes
+    ----------
+    arch : str
+        'mlp' or 'perpixel'.
+    weights, biases : list of numpy.ndarray
+        The network parameters (float64), layouts above.
+    label_names : tuple of str
+        Labels in input order.
+    x_min, x_max : numpy.ndarray
+        (n_labels,) label ranges of the scaling, physical units (K, dex).
+    wave : numpy.ndarray
+        (n_pix,) wavelengths in Angstrom, in ``frame``.
+    frame : str
+        'vacuum' or 'air'.
+    meta : dict
+        Provenance (versions, configuration, losses, split sizes, scatter estimate).
+    history : list of dict
+        Losses at every evaluation (epoch, train_data, val_data, val_score, reg, grad_<label>).
+    negative_slope : float
+        Leaky-ReLU slope of the mlp.
+    label_units : tuple of str
+        Units per label (empty: defaults).
+    pixel_mask : numpy.ndarray or None
+        (n_pix,) bool, pixels with too little training coverage.
+    scatter : numpy.ndarray or None
+        (n_pix,) intrinsic model scatter in normalised flux.
     """
 
     arch: str
@@ -220,11 +291,34 @@ class TrainResult:
 
     # ------------------------------------------------------------ numpy inference
     def scale(self, labels):
+        """Physical labels -> network input ``(l - x_min) / (x_max - x_min) - 0.5``.
+
+        Parameters
+        ----------
+        labels : array_like of float
+            (n, n_labels) or (n_labels,), physical units (K, dex).
+
+        Returns
+        -------
+        numpy.ndarray
+            (n, n_labels) scaled labels (dimensionless).
+        """
         lab = np.atleast_2d(np.asarray(labels, np.float64))
         return (lab - self.x_min) / (self.x_max - self.x_min) - 0.5
 
     def predict(self, labels):
-        """Model spectra (n, n_pix) in numpy (mirrors the torch forward pass)."""
+        """Model spectra (n, n_pix) in numpy (mirrors the torch forward pass).
+
+        Parameters
+        ----------
+        labels : array_like of float
+            (n, n_labels) or (n_labels,), physical units (K, dex).
+
+        Returns
+        -------
+        numpy.ndarray
+            (n, n_pix) normalised flux (float64).
+        """
         x = self.scale(labels)
         if self.arch == "mlp":
             h = x
@@ -239,7 +333,14 @@ class TrainResult:
         return np.einsum("pk,npk->np", w1, 1.0 / (1.0 + np.exp(-z))) + b1[None]
 
     def to_model(self):
-        """The trained network as a :mod:`musepayne.models.model` spectral model."""
+        """The trained network as a :mod:`musepayne.models.model` spectral model.
+
+        Returns
+        -------
+        SpectralModel
+            :class:`MLPPayne` or :class:`PerPixelPayne` with float32 weights, the pixel mask and the
+            scatter (when estimated) and ``meta`` as provenance.
+        """
 
         common = dict(label_names=self.label_names, x_min=self.x_min, x_max=self.x_max, wave=self.wave,
                       frame=self.frame, label_units=self.label_units or None, meta=dict(self.meta))
@@ -255,103 +356,6 @@ class TrainResult:
         if self.scatter is not None:
             model = model.with_scatter(self.scatter)
         return model
-
-
-# --------------------------------------------------------------------------- torch parts
-def _torch():
-    try:
-        import torch  # noqa: PLC0415 - heavy optional dependency, loaded when used
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("training needs PyTorch: pip install 'musepayne[train]'") from exc
-    return torch
-
-
-class _Net:
-    """Parameters and the forward pass + analytic label Jacobian (forward mode)."""
-
-    def __init__(self, torch, arch, n_labels, n_pix, hidden, slope, dtype, device, mean_flux):
-        self.t, self.arch, self.slope = torch, arch, slope
-        g = torch.Generator(device="cpu")
-        g.manual_seed(int(torch.initial_seed()) % (2**63))
-        self.params = []
-        if arch == "mlp":
-            sizes = [n_labels, *hidden, n_pix]
-            self.W, self.b = [], []
-            for i in range(len(sizes) - 1):
-                fan_in = sizes[i]
-                # Kaiming-uniform for leaky ReLU; the last layer small so the start is the mean spectrum
-                bound = np.sqrt(6.0 / fan_in) if i < len(sizes) - 2 else 0.1 / np.sqrt(fan_in)
-                W = (torch.rand(sizes[i + 1], fan_in, generator=g, dtype=torch.float64) * 2 - 1) * bound
-                b = torch.zeros(sizes[i + 1], dtype=torch.float64)
-                if i == len(sizes) - 2:
-                    b = torch.as_tensor(mean_flux, dtype=torch.float64).clone()
-                self.W.append(W.to(device=device, dtype=dtype).requires_grad_(True))
-                self.b.append(b.to(device=device, dtype=dtype).requires_grad_(True))
-            self.params = self.W + self.b
-        else:
-            nh = hidden[0]
-            w0 = (torch.rand(n_pix, nh, n_labels, generator=g, dtype=torch.float64) * 2 - 1) * 1.0
-            b0 = (torch.rand(n_pix, nh, generator=g, dtype=torch.float64) * 2 - 1) * 0.5
-            w1 = (torch.rand(n_pix, nh, generator=g, dtype=torch.float64) * 2 - 1) * 0.05
-            m = torch.as_tensor(mean_flux, dtype=torch.float64)
-            b1 = m - 0.5 * w1.sum(1)
-            self.w0, self.b0, self.w1, self.b1 = (p.to(device=device, dtype=dtype).requires_grad_(True)
-                                                  for p in (w0, b0, w1, b1))
-            self.params = [self.w0, self.b0, self.w1, self.b1]
-
-    def forward(self, x, with_jac=False):
-        """x: scaled labels (n, nl). Returns flux (n, npix) and, if asked, d flux / d x (n, npix, nl)."""
-        t = self.t
-        if self.arch == "mlp":
-            h = x
-            dh = None
-            if with_jac:
-                dh = t.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)  # (n, nl, nl)
-            L = len(self.W)
-            for i in range(L):
-                z = h @ self.W[i].T + self.b[i]
-                if with_jac:
-                    dz = t.einsum("oi,nil->nol", self.W[i], dh)
-                if i < L - 1:
-                    pos = z > 0
-                    h = t.where(pos, z, self.slope * z)
-                    if with_jac:
-                        dh = dz * t.where(pos, 1.0, self.slope).to(z.dtype)[..., None]
-                else:
-                    h = z
-                    if with_jac:
-                        dh = dz
-            return (h, dh) if with_jac else h
-        z = t.einsum("pkl,nl->npk", self.w0, x) + self.b0
-        s = t.sigmoid(z)
-        f = t.einsum("pk,npk->np", self.w1, s) + self.b1
-        if not with_jac:
-            return f
-        ds = s * (1 - s)
-        jac = t.einsum("pk,npk,pkl->npl", self.w1, ds, self.w0)
-        return f, jac
-
-    def numpy(self):
-        if self.arch == "mlp":
-            return ([W.detach().cpu().double().numpy().copy() for W in self.W],
-                    [b.detach().cpu().double().numpy().copy() for b in self.b])
-        return ([self.w0.detach().cpu().double().numpy().copy(), self.w1.detach().cpu().double().numpy().copy()],
-                [self.b0.detach().cpu().double().numpy().copy(), self.b1.detach().cpu().double().numpy().copy()])
-
-
-def _grad_term(torch, jac_phys, tmpl, use, kind):
-    """Per-label gradient mismatch.  jac_phys, tmpl: (n_ref, npix); use: (npix,) bool tensor."""
-    a = jac_phys[:, use]
-    b = tmpl[:, use]
-    if kind == "corr":
-        a = a - a.mean(1, keepdim=True)
-        b = b - b.mean(1, keepdim=True)
-        num = (a * b).sum(1)
-        den = torch.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-30)
-        return (1.0 - num / den).mean()
-    return (((a - b) ** 2).sum(1) / ((b * b).sum(1) + 1e-30)).mean()
-
-
 def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | None = None, templates=None,
                 groups=None, frame="vacuum", provenance: dict | None = None, progress: bool = False,
                 label_units=None, x_min=None, x_max=None) -> TrainResult:
@@ -370,6 +374,48 @@ def train_model(flux, ivar, labels, label_names, wave, config: TrainConfig | Non
     sparse corners of label space; it is off by default.
     Returns a :class:`TrainResult` with numpy arrays and provenance; the
     inputs are not modified.
+
+    Parameters
+    ----------
+    flux, ivar : array_like of float
+        (n, n_pix) normalised training spectra and their inverse variances (0 or non-finite: unused).
+    labels : array_like of float
+        (n, n_labels) finite labels (K, dex).
+    label_names : sequence of str
+        Label names, in column order.
+    wave : array_like of float
+        (n_pix,) wavelengths in Angstrom, in ``frame``.
+    config : TrainConfig, optional
+        Settings (default ``TrainConfig()``).
+    templates : GradientTemplates, optional
+        Theoretical gradients on ``wave`` (needed when a gradient weight is > 0).
+    groups : array_like, optional
+        (n,) group ids for the validation split.
+    frame : str, optional
+        'vacuum' (default) or 'air'.
+    provenance : dict, optional
+        Extra entries for ``meta``.
+    progress : bool, optional
+        Show a progress bar.
+    label_units : sequence of str, optional
+        Units per label.
+    x_min, x_max : array_like of float, optional
+        Label ranges of the scaling (default the training labels' ranges).
+
+    Returns
+    -------
+    TrainResult
+        The network, its history and provenance.
+
+    Raises
+    ------
+    ImportError
+        If PyTorch is not installed.
+    ValueError
+        For inconsistent shapes, non-finite labels, no usable pixel, unknown gradient labels, missing
+        or mismatched templates.
+    RuntimeError
+        If ``config.device`` is 'cuda' and no CUDA device is available.
     """
     cfg = config or TrainConfig()
     kw = dict(templates=templates, groups=groups, frame=frame, provenance=provenance, label_units=label_units,
@@ -429,6 +475,22 @@ def estimate_scatter(model, flux, ivar, fit_config=None):
     best labels keeps errors of the catalogue labels out of ``s_p``: what remains is what
     the model cannot predict from any labels.  Returns ``(s_p (n_pix,), n_spectra_used)``;
     ``s_p = 0`` on the model's masked pixels.  Pure numpy; the inputs are not modified.
+
+    Parameters
+    ----------
+    model : SpectralModel
+        The model whose scatter is estimated.
+    flux, ivar : array_like of float
+        (n, n_pix) held-out prepared spectra on the model's grid and their inverse variances.
+    fit_config : FitConfig, optional
+        Fitter settings (default float64, labels and RV free).
+
+    Returns
+    -------
+    s_p : numpy.ndarray
+        (n_pix,) intrinsic scatter in normalised-flux units (0 on masked pixels).
+    n_used : int
+        Number of spectra whose fit converged and entered the estimate.
     """
 
 
@@ -458,10 +520,8 @@ def estimate_scatter(model, flux, ivar, fit_config=None):
     return s, int(ok.sum())
 
 
-def _train(flux, ivar, labels, label_names, wave, cfg, templates=None, groups=None, frame="vacuum",
-           provenance=None, progress=False, label_units=None, x_min=None, x_max=None, exclude=None):
-    torch = _torch()
-    t_start = time.perf_counter()
+def _checked_inputs(flux, ivar, labels, label_names, wave, cfg, templates):
+    """Copies of the inputs as float64 (flux, ivar zeroed where unusable), label names, active gradient weights."""
     flux = np.array(flux, np.float64)
     ivar = np.array(ivar, np.float64)
     labels = np.atleast_2d(np.array(labels, np.float64))
@@ -483,6 +543,15 @@ def _train(flux, ivar, labels, label_names, wave, cfg, templates=None, groups=No
     active = {k: w for k, w in cfg.gradient_weight.items() if w > 0}
     if active and templates is None:
         raise ValueError("gradient weights > 0 need gradient templates")
+    return flux, ivar, labels, wave, names, active
+
+
+def _train(flux, ivar, labels, label_names, wave, cfg, templates=None, groups=None, frame="vacuum",
+           provenance=None, progress=False, label_units=None, x_min=None, x_max=None, exclude=None):
+    torch = torch_module()
+    t_start = time.perf_counter()
+    flux, ivar, labels, wave, names, active = _checked_inputs(flux, ivar, labels, label_names, wave, cfg, templates)
+    n = flux.shape[0]
 
     xmin = labels.min(0) if x_min is None else np.asarray(x_min, np.float64)
     xmax = labels.max(0) if x_max is None else np.asarray(x_max, np.float64)
@@ -497,141 +566,27 @@ def _train(flux, ivar, labels, label_names, wave, cfg, templates=None, groups=No
     wsum = ivar[tr].sum(0)
     mean_flux = np.where(wsum > 0, (ivar[tr] * flux[tr]).sum(0) / np.where(wsum > 0, wsum, 1), 1.0)
 
-    dev = cfg.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but no CUDA device is available")
-    torch.manual_seed(cfg.seed)
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    # on CUDA some kernels have no deterministic variant without CUBLAS_WORKSPACE_CONFIG: warn, do not fail
-    torch.use_deterministic_algorithms(True, warn_only=(dev == "cuda"))
-    try:
-        dt = torch.float32 if cfg.dtype == "float32" else torch.float64
-        T = lambda a: torch.as_tensor(a, dtype=dt, device=dev)  # noqa: E731
-        X, F, W = T(xs), T(flux), T(ivar)
-        net = _Net(torch, cfg.arch, len(names), npix, cfg.hidden, cfg.negative_slope, dt, dev, mean_flux)
+    fit = fit_network(torch, cfg, xs, flux, ivar, tr, va, mean_flux, names, xmin, xmax, wave, templates, active,
+                      progress)
+    meta = _train_meta(cfg, names, xmin, xmax, tr, va, fit, active, templates, time.perf_counter() - t_start)
+    coverage = np.mean(ivar[tr] > 0, axis=0)
+    pixel_mask = coverage < cfg.min_pixel_coverage
+    meta["pixel_mask"] = {"rule": f"IVAR > 0 in fewer than {cfg.min_pixel_coverage:g} of the training spectra",
+                          "n_masked": int(pixel_mask.sum())}
+    if provenance:
+        meta.update(provenance)
+    return TrainResult(cfg.arch, fit["weights"], fit["biases"], names, xmin.copy(), xmax.copy(), wave.copy(), frame,
+                       meta, fit["history"], cfg.negative_slope, tuple(label_units or ()), pixel_mask, None)
 
-        # ---------------------------------------------------------- templates
-        reg = []
-        n_ref_used = 0
-        if active:
-            if templates.wave.shape != wave.shape or not np.allclose(templates.wave, wave, rtol=1e-9, atol=0):
-                raise ValueError("gradient templates are on a different wavelength grid than the training set")
-            ref = np.stack([np.asarray(templates.ref_labels[k], float) if k in templates.ref_labels.colnames
-                            else np.full(templates.n_ref, np.nan) for k in names], 1)
-            inside = np.all((ref >= xmin) & (ref <= xmax), axis=1)
-            if not inside.any():
-                raise ValueError("no reference star lies inside the training label range")
-            n_ref_used = int(inside.sum())
-            Xr = T((ref[inside] - xmin) / (xmax - xmin) - 0.5)
-            for k, w in active.items():
-                if k not in templates.label_names:
-                    raise ValueError(f"no gradient template for label {k!r} (templates have {templates.label_names})")
-                g = templates.gradient(k, np.nonzero(inside)[0])
-                use = templates.usable & np.all(np.isfinite(g), axis=0)
-                j = names.index(k)
-                reg.append((k, j, float(w), T(np.where(np.isfinite(g), g, 0.0)),
-                            torch.as_tensor(use, device=dev), float(xmax[j] - xmin[j])))
-        else:
-            Xr = None
 
-        def reg_loss(sub=None):
-            if not reg:
-                return torch.zeros((), dtype=dt, device=dev), {}
-            xr = Xr if sub is None else Xr[sub]
-            _, jac = net.forward(xr, with_jac=True)  # (n_ref, npix, nl) per scaled label
-            total = torch.zeros((), dtype=dt, device=dev)
-            parts = {}
-            for k, j, w, tm, use, rng_j in reg:
-                tsub = tm if sub is None else tm[sub]
-                term = _grad_term(torch, jac[:, :, j] / rng_j, tsub, use, cfg.gradient_loss)
-                parts[k] = term
-                total = total + w * term
-            return total, parts
-
-        def data_loss(idx):
-            pred = net.forward(X[idx])
-            w = W[idx]
-            return (w * (pred - F[idx]) ** 2).sum() / w.sum()
-
-        def val_score(idx):
-            if cfg.val_metric == "mean":
-                return float(data_loss(idx))
-            w = W[idx]
-            per = (w * (net.forward(X[idx]) - F[idx]) ** 2).sum(1) / w.sum(1).clamp_min(1e-30)
-            return float(per.median())
-
-        opt = torch.optim.Adam(net.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        tr_t = torch.as_tensor(tr, device=dev)
-        va_t = torch.as_tensor(va, device=dev)
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(cfg.seed)
-        best = (np.inf, None, -1)
-        history, bad_evals = [], 0
-        bar = _progress(progress, cfg.epochs)
-        stopped = "max_epochs"
-        try:
-            for epoch in range(1, cfg.epochs + 1):
-                if cfg.batch_size and cfg.batch_size < tr.size:
-                    perm = tr_t[torch.randperm(tr.size, generator=gen).to(dev)]
-                    batches = [perm[i:i + cfg.batch_size] for i in range(0, tr.size, cfg.batch_size)]
-                else:
-                    batches = [tr_t]
-                for bidx in batches:
-                    opt.zero_grad(set_to_none=True)
-                    ld = data_loss(bidx)
-                    sub = None
-                    if reg and cfg.ref_batch and cfg.ref_batch < n_ref_used:
-                        sub = torch.randperm(n_ref_used, generator=gen)[:cfg.ref_batch].to(dev)
-                    lr_, _ = reg_loss(sub)
-                    loss = ld + lr_
-                    loss.backward()
-                    opt.step()
-                if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                    with torch.no_grad():
-                        ltr = float(data_loss(tr_t))
-                        lva = float(data_loss(va_t)) if va.size else ltr
-                        sva = val_score(va_t) if va.size else ltr
-                    rl, parts = reg_loss()
-                    rl = float(rl.detach())
-                    score = sva + rl
-                    rec = {"epoch": epoch, "train_data": ltr, "val_data": lva, "val_score": sva, "reg": rl,
-                           **{f"grad_{k}": float(v.detach()) for k, v in parts.items()}}
-                    history.append(rec)
-                    if score < best[0] * (1 - 1e-5):
-                        best = (score, [p.detach().clone() for p in net.params], epoch)
-                        bad_evals = 0
-                    else:
-                        bad_evals += 1
-                    if bar is not None:
-                        bar.update(epoch, ltr, lva, rl)
-                    if bad_evals >= cfg.patience:
-                        stopped = "early_stopping"
-                        break
-        finally:
-            if bar is not None:
-                bar.close()
-        if best[1] is not None and cfg.restore_best:
-            with torch.no_grad():
-                for p, b in zip(net.params, best[1]):
-                    p.copy_(b)
-        with torch.no_grad():
-            final_tr = float(data_loss(tr_t))
-            final_va = float(data_loss(va_t)) if va.size else float("nan")
-        rl, parts = reg_loss()
-        final_parts = {k: float(v.detach()) for k, v in parts.items()}
-        weights, biases = net.numpy()
-        torch_version = torch.__version__
-    finally:
-        torch.use_deterministic_algorithms(prev_det)
-
-    elapsed = time.perf_counter() - t_start
-    meta = {
+def _train_meta(cfg, names, xmin, xmax, tr, va, fit, active, templates, elapsed):
+    """The provenance of one training run (``meta`` of :class:`TrainResult`, before the pixel mask)."""
+    history = fit["history"]
+    return {
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "software": f"musepayne {__version__}",
         "software_version": __version__,
-        "versions": {"musepayne": __version__, "torch": torch_version, "numpy": np.__version__,
+        "versions": {"musepayne": __version__, "torch": fit["torch_version"], "numpy": np.__version__,
                      "python": platform.python_version()},
         "arch": cfg.arch,
         "hidden": ",".join(str(h) for h in cfg.hidden),
@@ -642,17 +597,17 @@ def _train(flux, ivar, labels, label_names, wave, cfg, templates=None, groups=No
         "_val_idx": va.tolist(),
         "n_val": int(va.size),
         "seed": int(cfg.seed),
-        "device": dev,
+        "device": fit["device"],
         "epochs_run": int(history[-1]["epoch"]) if history else 0,
-        "best_epoch": int(best[2]),
-        "stopped": stopped,
-        "final_train_loss": final_tr,
-        "final_val_loss": final_va,
-        "final_grad_loss": final_parts,
+        "best_epoch": fit["best_epoch"],
+        "stopped": fit["stopped"],
+        "final_train_loss": fit["final_train_loss"],
+        "final_val_loss": fit["final_val_loss"],
+        "final_grad_loss": fit["final_grad_loss"],
         "regularisation": {"method": "DD-Payne gradient-spectrum penalty (Ting+17, Xiang+19)" if active
                            else "none (purely data driven)",
                            "gradient_weight": dict(cfg.gradient_weight), "gradient_loss": cfg.gradient_loss,
-                           "n_ref": n_ref_used,
+                           "n_ref": fit["n_ref_used"],
                            "templates": ({k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                           for k, v in templates.meta.items()}
                                          if (templates is not None and active) else None)},
@@ -661,32 +616,3 @@ def _train(flux, ivar, labels, label_names, wave, cfg, templates=None, groups=No
         "train_seconds": round(elapsed, 2),
         "command": " ".join(sys.argv) if sys.argv else "",
     }
-    coverage = np.mean(ivar[tr] > 0, axis=0)
-    pixel_mask = coverage < cfg.min_pixel_coverage
-    meta["pixel_mask"] = {"rule": f"IVAR > 0 in fewer than {cfg.min_pixel_coverage:g} of the training spectra",
-                          "n_masked": int(pixel_mask.sum())}
-    if provenance:
-        meta.update(provenance)
-    return TrainResult(cfg.arch, weights, biases, names, xmin.copy(), xmax.copy(), wave.copy(), frame, meta,
-                       history, cfg.negative_slope, tuple(label_units or ()), pixel_mask, None)
-
-
-class _progress:
-    """A rich progress bar (no-op when disabled or not installed)."""
-
-    def __new__(cls, enabled, total):
-        if not enabled:
-            return None
-        return super().__new__(cls)
-
-    def __init__(self, enabled, total):
-        self.p = Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                          TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False)
-        self.p.start()
-        self.task = self.p.add_task("train", total=total, info="")
-
-    def update(self, epoch, ltr, lva, rl):
-        self.p.update(self.task, completed=epoch, info=f"train {ltr:.3e} val {lva:.3e} grad {rl:.3f}")
-
-    def close(self):
-        self.p.stop()
