@@ -37,6 +37,16 @@ MODULES = [
     "musepayne.models.cannon",
     "musepayne.train.trainset",
     "musepayne.train.crossval",
+    "musepayne.extract.extractor",
+    "musepayne.extract.psf",
+    "musepayne.extract.sources",
+    "musepayne.extract.apertures",
+    "musepayne.extract.transform",
+    "musepayne.extract.result",
+    "musepayne.extract.linsolve",
+    "musepayne.extract.imagefit",
+    "musepayne.extract.fields",
+    "musepayne.extract.blocks",
 ]
 
 SECTIONS = ("Parameters", "Returns", "Attributes", "Yields")
