@@ -80,7 +80,7 @@ from .apertures import aperture_fluxes, aperture_matrix, circle_overlap
 from .blocks import _accumulators, _layer_blocks, _read_block  # noqa: F401
 from .fields import _blend_fraction, _combine_bins, _edge_distance, _pixscale_arcsec, _psf_candidates
 from .imagefit import _image_fit, _shape_psf, _sky_columns  # noqa: F401
-from .linsolve import factorise
+from .linsolve import factorise, normal_matrix
 from .psf import MoffatPSF, psf_design_matrix
 from .result import EXTRACT_STATUS, LAYER_FLAGS, ExtractionResult, _sources_table, per_star_file_name  # noqa: F401
 from .sources import MAG_COLUMNS, read_source_catalogue  # noqa: F401
@@ -435,10 +435,7 @@ class Extractor:
             sg = s[good].reshape(good.sum(), -1)
             w[mask.ravel()] = 1.0 / np.median(sg[:, mask.ravel()], axis=0)
             AW = A.multiply(w[:, None]).tocsc()
-            N = (A.T @ AW).tocsc()
-            dg = N.diagonal()
-            dg_ok = dg > 0
-            N = N + sp.diags(np.where(dg_ok, cfg.ridge * dg, 1.0))
+            N, dg_ok = normal_matrix(A, w, (ny, nx), cfg.ridge, AW=AW)
             timings["design"] = timings.get("design", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
             solve, ninv_diag = factorise(N, cfg.dense_max, border=np.arange(ns, N.shape[0]))

@@ -205,10 +205,11 @@ def _star_offsets(img, var, x, y, shape_p, idx, f, radius, oversample, sky_order
     psf = _shape_psf(shape_p)
     A = psf_design_matrix(psf, x, y, 0.0, (ny, nx), radius, oversample, valid=mask, centres=cen)
     h = 1e-3
-    gx = (psf_design_matrix(psf, x + h, y, 0.0, (ny, nx), radius, oversample, valid=mask, centres=cen) - A) / h
-    gy = (psf_design_matrix(psf, x, y + h, 0.0, (ny, nx), radius, oversample, valid=mask, centres=cen) - A) / h
-    gx = gx[:, idx] @ sp.diags(f[idx])
-    gy = gy[:, idx] @ sp.diags(f[idx])
+    xi, yi, ceni, Ai = x[idx], y[idx], (cen[0][idx], cen[1][idx]), A[:, idx]  # derivatives of stars idx only
+    gx = (psf_design_matrix(psf, xi + h, yi, 0.0, (ny, nx), radius, oversample, valid=mask, centres=ceni) - Ai) / h
+    gy = (psf_design_matrix(psf, xi, yi + h, 0.0, (ny, nx), radius, oversample, valid=mask, centres=ceni) - Ai) / h
+    gx = gx @ sp.diags(f[idx])
+    gy = gy @ sp.diags(f[idx])
     S = sp.csc_matrix(_sky_columns((ny, nx), sky_order, mask))
     nstar, nf = _flux_unknowns(len(x), free)
     M = sp.hstack([_flux_columns(A, free, f), S, gx, gy], format="csc")
