@@ -439,6 +439,7 @@ class Extractor:
             timings["design"] = timings.get("design", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
             solve, ninv_diag = factorise(N, cfg.dense_max, border=np.arange(ns, N.shape[0]))
+            del N  # dense for large fields: free it before the next block's
             timings["factorise"] = timings.get("factorise", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
             D = np.where(mask.ravel()[None, :], d[good].reshape(good.sum(), -1), 0.0).T  # (npix, L)

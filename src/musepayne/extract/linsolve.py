@@ -62,21 +62,24 @@ def normal_matrix(A, w, shape, ridge, AW=None):
         dg_ok = dg > 0
         return N + sp.diags(np.where(dg_ok, ridge * dg, 1.0)), dg_ok
     ny, nx = shape
-    Ar = sp.csr_matrix(A)
+    # pixel rows in tile-major order, so that each tile is one contiguous row range of a CSR matrix
+    ty, tx = np.divmod(np.arange(ny * nx), nx)
+    order = np.lexsort((tx, ty, tx // TILE_PX, ty // TILE_PX))
+    order = order[w[order] != 0]
+    tile_id = (ty[order] // TILE_PX) * (nx // TILE_PX + 1) + tx[order] // TILE_PX
+    bounds = np.flatnonzero(np.diff(tile_id)) + 1
+    Ar = sp.csr_matrix(A)[order]
+    wr = w[order]
     N = np.zeros((n, n))
-    for y0 in range(0, ny, TILE_PX):
-        for x0 in range(0, nx, TILE_PX):
-            rows = (np.arange(y0, min(ny, y0 + TILE_PX))[:, None] * nx
-                    + np.arange(x0, min(nx, x0 + TILE_PX))[None, :]).ravel()
-            rows = rows[w[rows] != 0]
-            if not rows.size:
-                continue
-            sub = Ar[rows]
-            idx = np.unique(sub.indices)
-            if not idx.size:
-                continue
-            Ad = sub[:, idx].toarray()
-            N[np.ix_(idx, idx)] += (Ad * w[rows][:, None]).T @ Ad
+    for r0, r1 in zip(np.r_[0, bounds], np.r_[bounds, order.size]):
+        p0, p1 = Ar.indptr[r0], Ar.indptr[r1]
+        if p1 == p0:
+            continue
+        cidx = Ar.indices[p0:p1]
+        idx = np.unique(cidx)
+        Ad = np.zeros((r1 - r0, idx.size))
+        Ad[np.repeat(np.arange(r1 - r0), np.diff(Ar.indptr[r0:r1 + 1])), np.searchsorted(idx, cidx)] = Ar.data[p0:p1]
+        N[np.ix_(idx, idx)] += (Ad * wr[r0:r1, None]).T @ Ad
     dg = np.diag(N).copy()
     dg_ok = dg > 0
     N[np.diag_indices(n)] += np.where(dg_ok, ridge * dg, 1.0)
@@ -213,7 +216,8 @@ def factorise(N, dense_max: int = 10000, border=(), need_diag: bool = True):
     bidx, sidx = np.nonzero(isb)[0], np.nonzero(~isb)[0]
     if dense_in:
         Nsb, Nbb = N[np.ix_(sidx, bidx)], N[np.ix_(bidx, bidx)]
-        Nss = N[np.ix_(sidx, sidx)] if bidx.size else N
+        lead = sidx.size and sidx[-1] == sidx.size - 1  # star unknowns first (the extraction's layout): a view
+        Nss = N if not bidx.size else N[: sidx.size, : sidx.size] if lead else N[np.ix_(sidx, sidx)]
     else:
         Nss = N[sidx][:, sidx] if bidx.size else N
     comp = _ComponentFactor(Nss, dense_max)
