@@ -79,7 +79,14 @@ def normal_matrix(A, w, shape, ridge, AW=None):
         idx = np.unique(cidx)
         Ad = np.zeros((r1 - r0, idx.size))
         Ad[np.repeat(np.arange(r1 - r0), np.diff(Ar.indptr[r0:r1 + 1])), np.searchsorted(idx, cidx)] = Ar.data[p0:p1]
-        N[np.ix_(idx, idx)] += (Ad * wr[r0:r1, None]).T @ Ad
+        Ad *= np.sqrt(wr[r0:r1])[:, None]
+        # upper triangle only (idx is sorted, so the tile's upper triangle lands in N's)
+        N[np.ix_(idx, idx)] += sl.blas.dsyrk(1.0, Ad, trans=1, lower=0)
+    for i0 in range(0, n, 512):  # mirror the upper triangle, a band of rows at a time
+        i1 = min(n, i0 + 512)
+        blk = N[i0:i1, i0:i1]
+        N[i0:i1, i0:i1] = np.triu(blk) + np.triu(blk, 1).T
+        N[i1:, i0:i1] = N[i0:i1, i1:].T
     dg = np.diag(N).copy()
     dg_ok = dg > 0
     N[np.diag_indices(n)] += np.where(dg_ok, ridge * dg, 1.0)
