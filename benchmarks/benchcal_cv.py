@@ -21,16 +21,26 @@ import numpy as np
 from astropy.table import Table
 
 from musepayne.models.benchcal import BENCH_LABELS, star_type
-from musepayne.train.benchcal import BenchCalConfig, _arrays, _usable, calibration_figures, evaluate, fit_calibration
+from musepayne.train.benchcal import (
+    BenchCalConfig,
+    _arrays,
+    _at_snr,
+    _usable,
+    calibration_figures,
+    evaluate,
+    fit_calibration,
+)
 from musepayne.train.crossval import assign_folds
 
 
 def variants(tab):
     print("variant                      | MUSE cal all: Teff bias/disp, logg bias/disp, feh bias/disp | pulls | "
           "mp_giant logg bias/disp")
-    for degree, ridge, bins, mi in [(d, r, b, m) for m in (None, ("muse",)) for d in (0, 1, 2)
-                                    for r in ((1.0,) if d == 0 else (0.1, 1.0, 10.0)) for b in ("all", "type")]:
-        cfg = BenchCalConfig(degree=degree, ridge=ridge, sys_bins=bins, map_instruments=mi)
+    # degree -1: each label's map chosen by (nested) CV (the shipped setting, BenchCalConfig.select)
+    for degree, ridge, bins, mi in [(d, r, b, m) for m in (None, ("muse",)) for d in (-1, 0, 1, 2)
+                                    for r in ((1.0,) if d <= 0 else (0.1, 1.0, 10.0)) for b in ("all", "type")]:
+        cfg = BenchCalConfig(degree=max(degree, 0), ridge=ridge, sys_bins=bins, map_instruments=mi,
+                             select=degree < 0)
         fig = evaluate(tab, cfg)["summary"]
         for inst in ("muse", "lamost"):
             if True:
@@ -57,7 +67,7 @@ def snr_check(tab, snr, holdout_paths, cfg=BenchCalConfig()):
     obs = {inst: observe(sets, inst, snr, 7000 + i) for i, inst in enumerate(cfg.instruments)}
     low = holdout_table(models, obs, bench, index, seeds)
     low = low[_usable(low)]
-    tab = tab[_usable(tab)]
+    tab = _at_snr(tab[_usable(tab)], BenchCalConfig())
     x, y, e, be = _arrays(tab)
     xl, yl, el, bl = _arrays(low)
     hd_all = np.unique(np.r_[np.asarray(tab["hd"]), np.asarray(low["hd"])])
@@ -68,7 +78,8 @@ def snr_check(tab, snr, holdout_paths, cfg=BenchCalConfig()):
     err = np.full(xl.shape, np.nan)
     for f in range(cfg.k):
         c = fit_calibration(x[f_hi != f], y[f_hi != f], e[f_hi != f], be[f_hi != f], degree=cfg.degree,
-                            ridge=cfg.ridge, sys_bins=cfg.sys_bins)
+                            ridge=cfg.ridge, sys_bins=cfg.sys_bins, groups=np.asarray(tab["hd"])[f_hi != f],
+                            select=cfg.select)
         te = f_lo == f
         xc[te] = c.apply(xl[te])
         err[te] = np.hypot(el[te], c.sys(xc[te]))
@@ -90,7 +101,7 @@ def ensemble(tab):
     models would give (each seed's fit averaged; stat error: mean of the seeds')."""
     from astropy.table import vstack
 
-    tab = tab[_usable(tab)]
+    tab = _at_snr(tab[_usable(tab)], BenchCalConfig())
     key = np.char.add(np.asarray(tab["instrument"]).astype(str), np.asarray(tab["stellar_id"]).astype(str))
     out = []
     for k in np.unique(key):
@@ -106,6 +117,14 @@ def ensemble(tab):
 
 def main(argv):
     tab = Table.read(argv[0])
+    if "teff_bench" not in tab.colnames:  # a shipped / --table file: benchmark labels re-attached by HD
+        import os
+        from pathlib import Path
+
+        from musepayne.models.benchcal import DEFAULT_BENCHMARK_FILE, attach_benchmark_labels, read_benchmarks
+
+        shared = Path(os.environ.get("MUSEPAYNE_SHARED", Path("..") / "shared" / "data"))
+        tab = attach_benchmark_labels(tab, read_benchmarks(shared / DEFAULT_BENCHMARK_FILE))
     variants(tab)
     if len(set(tab["seed"])) > 1:
         ens = ensemble(tab)

@@ -4,7 +4,8 @@
 
 Simulates a globular-cluster field with the default model's spectra (as ``musepayne demo``),
 runs the pipeline twice: with the simulator's source catalogue and with ``sources=None``
-(detection).  Detected stars are matched to the truth within 0.5 FWHM.  Prints, for both runs,
+(detection); with ``--diagnose`` also with the true cube positions of all stars and of the detected
+stars only.  Detected stars are matched to the truth within 0.5 FWHM.  Prints, for both runs,
 the number of converged stars and the median and robust dispersion of recovered - true labels,
 also on the stars common to both runs.
 """
@@ -41,6 +42,9 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=40)
     ap.add_argument("--nstars", type=int, default=120)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--diagnose", action="store_true",
+                    help="also run with the true cube positions of all stars (true_xy) and of the detected stars "
+                         "only (true_xy_det): the cost of undetected neighbours vs that of detected positions")
     a = ap.parse_args(argv)
     mdl = load_model("default")
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,10 +54,20 @@ def main(argv=None):
         info = Simulator(cfg, ModelSpectra(mdl, globular_cluster_sampler())).write(tmp / "cube.fits")
         truth = Table.read(info["truth"], "TRUTH")
         rc = RunConfig(model="default", cube_lsf="lamost", report=False)
+        rc_xy = rc.updated(extract={"fit_transform": False})  # true cube positions as given
         res = {}
-        for name, src in (("catalogue", info["sources"]), ("detected", None)):
+        runs = [("catalogue", info["sources"], rc), ("detected", None, rc)]
+        if a.diagnose:
+            runs += [("true_xy", "true_xy", rc_xy), ("true_xy_det", "true_xy_det", rc_xy)]
+        matched = None
+        for name, src, cfg_run in runs:
+            if src in ("true_xy", "true_xy_det"):
+                keep = np.ones(len(truth), bool) if src == "true_xy" else np.isin(np.arange(len(truth)), matched)
+                t = truth[keep]["stellar_id", "x", "y", "mag"]
+                src = tmp / f"{name}.ecsv"
+                t.write(src, format="ascii.ecsv")
             t0 = time.perf_counter()
-            rec = Pipeline(tmp / name, rc).run([info["cube"]], src)
+            rec = Pipeline(tmp / name, cfg_run).run([info["cube"]], src)
             cat = Table.read(tmp / name / "catalogue.fits")
             dt = time.perf_counter() - t0
             if src is None:
@@ -74,6 +88,7 @@ def main(argv=None):
                     if dd[j] < 0.5 * fwhm and s in cid:
                         used[j] = True
                         idx[cid[s]] = j
+                matched = idx[idx >= 0]
                 print(f"detected {len(det)} stars, {int((idx >= 0).sum())} matched to a true star, "
                       f"{len(det) - int((idx >= 0).sum())} unmatched")
             else:
@@ -81,8 +96,8 @@ def main(argv=None):
                 idx = np.array([tmap.get(str(k), -1) for k in cat["stellar_id"]])
             sel = (idx >= 0) & _good(cat)
             res[name] = (cat, idx, sel)
-            print(f"{name:9s}: {len(cat)} rows, {int(sel.sum())} converged & matched; {rec['counts']}; {dt:.0f} s")
-        common = set(res["catalogue"][1][res["catalogue"][2]]) & set(res["detected"][1][res["detected"][2]])
+            print(f"{name:11s}: {len(cat)} rows, {int(sel.sum())} converged & matched; {rec['counts']}; {dt:.0f} s")
+        common = set.intersection(*(set(idx[sel]) for _, idx, sel in res.values()))
         print(f"\n{'label':6s} {'run':9s} {'all matched: median, robust sigma (N)':>40s} {'common stars':>28s}")
         for lab in LABELS:
             for name, (cat, idx, sel) in res.items():
@@ -90,7 +105,7 @@ def main(argv=None):
                 c = np.isin(idx[sel], list(common))
                 m, s = stats(d)
                 mc, sc = stats(d[c])
-                print(f"{lab:6s} {name:9s} {m:+12.3f} {s:10.3f} ({sel.sum():4d}) {mc:+12.3f} {sc:10.3f} ({c.sum():4d})")
+                print(f"{lab:6s} {name:11s} {m:+12.3f} {s:10.3f} ({sel.sum():4d}) {mc:+12.3f} {sc:10.3f} ({c.sum():4d})")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
     python benchmarks/detection_completeness.py [--nstars 300 --size 60 --nlayers 600 --seeds 1 2 3]
 
 Simulates fields with ``musepayne.simulate.Simulator`` (toy spectra), runs the
-Detector and matches detections to the truth within ``match`` FWHM.  A true
+Detector and matches detections to the truth within ``match`` FWHM (stars just outside the field
+included: their light on the field's edge is a fair detection).  A true
 star's S/N is its matched-filter S/N on the white-light image from its true
 white-light flux and the cube noise (STAT); it counts as *isolated* when no
 brighter true star lies within 1 FWHM.  Prints completeness per S/N bin for
-isolated and crowded stars, the false-detection rate and the magnitude and
+isolated and crowded stars, the false-detection rate (no true star within 1 FWHM), the rate of
+unmatched blends (true stars within 1 FWHM, none within the match radius) and the magnitude and
 position errors.
 """
 
@@ -54,8 +56,21 @@ def evaluate(cube, truth, det, fwhm, match=0.5):
             j = cand[np.argmin(dd[i, cand])]
             used[j] = True
             mt[i] = j
+    # unmatched detections: the light of a true star just outside the field (matched to it), the blend of
+    # true stars within 1 FWHM (no single one within the match radius), or spurious (no true star within 1 FWHM)
+    ax, ay = np.asarray(truth["x"], float), np.asarray(truth["y"], float)
+    out = ~np.isin(np.asarray(truth["stellar_id"]), np.asarray(t["stellar_id"]))
+    n_out = n_blend = 0
+    for j in np.nonzero(~used)[0]:
+        d = np.hypot(ax - dx[j], ay - dy[j])
+        if np.any(out & (d < match * fwhm)):
+            n_out += 1
+        elif np.any(d < fwhm):
+            n_blend += 1
+    n_false = int((~used).sum()) - n_out - n_blend
     return dict(snr=snr, isolated=isolated, found=mt >= 0, mt=mt, tx=tx, ty=ty, mag=np.asarray(t["mag"]),
-                n_det=len(det), n_false=int((~used).sum()), det=det)
+                n_det=len(det) - n_out, n_false=n_false, n_blend=n_blend, n_unmatched=int((~used).sum()) - n_out,
+                det=det)
 
 
 def main(argv=None):
@@ -85,14 +100,21 @@ def main(argv=None):
             r["time"] = dt
             r["fwhm"] = fwhm
             rows.append(r)
-            print(f"seed {seed}: {r['n_det']} detections, {r['n_false']} false, FWHM {fwhm:.2f} px, {dt:.1f} s")
+            print(f"seed {seed}: {r['n_det']} detections, {r['n_false']} false, {r['n_blend']} blends, "
+                  f"FWHM {fwhm:.2f} px, beta {det.meta['BETA']:.2f}, "
+                  f"e1 {det.meta.get('E1', 0):+.3f}, e2 {det.meta.get('E2', 0):+.3f}, {dt:.1f} s")
     snr = np.concatenate([r["snr"] for r in rows])
     iso = np.concatenate([r["isolated"] for r in rows])
     found = np.concatenate([r["found"] for r in rows])
     n_det = sum(r["n_det"] for r in rows)
     n_false = sum(r["n_false"] for r in rows)
     print(f"\nthreshold {a.threshold}; {len(snr)} true stars in the field, {n_det} detections")
-    print(f"false detections: {n_false} / {n_det} = {100 * n_false / max(n_det, 1):.2f} %")
+    n_blend = sum(r["n_blend"] for r in rows)
+    n_unm = sum(r["n_unmatched"] for r in rows)
+    print(f"false detections (no true star within 1 FWHM): {n_false} / {n_det} = {100 * n_false / max(n_det, 1):.2f} %")
+    print(f"blends (true stars within 1 FWHM, none within {0.5:.1f} FWHM): {n_blend} / {n_det} = "
+          f"{100 * n_blend / max(n_det, 1):.2f} %; unmatched in all: {100 * n_unm / max(n_det, 1):.2f} % "
+          "(detections of stars just outside the field are matched to them and not counted)")
     print("completeness by true S/N (isolated = no brighter star within 1 FWHM):")
     print(f"{'S/N':>12s} {'isolated':>18s} {'crowded':>18s}")
     for lo, hi in ((3, 5), (5, 7), (7, 10), (10, 20), (20, 50), (50, 1e9)):

@@ -9,13 +9,24 @@ import pytest
 
 from musepayne.models.benchcal import (
     BENCH_LABELS,
+    DEFAULT_BENCHMARK_FILE,
     BenchmarkCalibration,
     _robust_disp,
     hd_number,
     match_benchmarks,
     read_benchmarks,
 )
-from musepayne.train.benchcal import BenchCalConfig, checks, cross_validate_calibration, evaluate, fit_calibration
+from musepayne.train.benchcal import (
+    MIN_PULL_STARS,
+    BenchCalConfig,
+    checks,
+    cross_validate_calibration,
+    ensemble_mlp,
+    evaluate,
+    fit_calibration,
+    pull_bins,
+    select_maps,
+)
 
 HOLDOUT = Path(__file__).parent / "data" / "benchcal_holdout.fits"
 
@@ -116,18 +127,71 @@ def test_benchmark_match(shared):
     assert b["teff"][m[0]] == 5514
 
 
-@pytest.mark.skipif(not HOLDOUT.is_file(), reason="hold-out fits table not present")
-def test_error_calibration_cross_validated():
+def test_map_selection_finds_the_inputs_that_matter():
+    """CV over the stars picks, per label, a map with the inputs the distortion depends on and
+    leaves a label with a pure offset at (nearly) an offset."""
+    x, y, stat, be, _ = _mock(400, seed=3)
+    x[:, 2] = y[:, 2] - 0.08 + 0.05 * np.random.default_rng(5).standard_normal(len(y))  # [Fe/H]: offset only
+    ch = select_maps(x, y, np.arange(len(x)))
+    assert "g" in ch["teff"]["name"], ch["teff"]["name"]          # Teff offset depends on log g
+    assert "f" in ch["logg"]["name"] and "quad" in ch["logg"]["name"], ch["logg"]["name"]  # quadratic in [Fe/H]
+    cal = fit_calibration(x, y, stat, be, groups=np.arange(len(x)), select=True)
+    # the [Fe/H] correction is ~the offset everywhere (whatever was chosen)
+    corr = cal.correction(x)[:, 2]
+    assert np.median(corr) == pytest.approx(0.08, abs=0.01) and np.std(corr) < 0.02
+    assert set(cal.meta["map"]) == set(BENCH_LABELS)
+
+
+def test_ensemble_mlp_is_the_mean_of_its_members():
+    from musepayne.models.model import MLPPayne
+
+    rng = np.random.default_rng(0)
+    wave = np.linspace(5000, 6000, 50)
+    members = []
+    for _ in range(3):
+        w = [rng.standard_normal((8, 3)), rng.standard_normal((8, 8)), rng.standard_normal((50, 8))]
+        b = [rng.standard_normal(8), rng.standard_normal(8), rng.standard_normal(50)]
+        members.append(MLPPayne(w, b, ["teff", "logg", "fe_h"], [4000, 0, -2.5], [7000, 5, 0.5], wave,
+                                meta={"name": "m"}).with_scatter(np.full(50, 0.01)))
+    ens = ensemble_mlp(members)
+    x = np.array([[5000.0, 3.0, -0.5], [4300.0, 1.2, -2.0]])
+    assert np.allclose(ens.predict(x), np.mean([m.predict(x) for m in members], 0), atol=1e-5)
+    assert [w.shape for w in ens.weights] == [(24, 3), (24, 24), (50, 24)]
+    assert np.allclose(ens.scatter, 0.01)
+
+
+@pytest.fixture(scope="module")
+def holdout_figures(shared):
+    """The shipped hold-out fits (our fits only) with the benchmark labels re-attached by HD from
+    the benchmark table in the shared data (third-party labels are not shipped)."""
+    from astropy.table import Table
+
+    from musepayne.models.benchcal import attach_benchmark_labels
+
+    tab = attach_benchmark_labels(Table.read(HOLDOUT), read_benchmarks(shared / DEFAULT_BENCHMARK_FILE))
+    return tab, evaluate(tab, BenchCalConfig())
+
+
+def test_shipped_holdout_table_has_no_benchmark_labels():
+    """Third-party data stays out of the repository: the hold-out table ships our fits only."""
+    from astropy.table import Table
+
+    from musepayne.models.benchcal import BENCH_COLUMNS
+
+    tab = Table.read(HOLDOUT)
+    assert not set(BENCH_COLUMNS) & set(tab.colnames)
+    assert {"hd", "teff", "teff_err", "snr"} <= set(tab.colnames)
+
+
+@pytest.mark.shared
+def test_error_calibration_cross_validated(holdout_figures):
     """The shipped hold-out fits (benchmark stars observed as MUSE and LAMOST at S/N 100, fitted by
     the default recipe trained without them, three seeds): cross-validated over the stars, the
     calibrated labels meet the issue's limits and (fit - bench) / sqrt(err^2 + e_bench^2) has a
     dispersion within 0.85-1.2 for every label, seed and instrument."""
-    from astropy.table import Table
-
     from musepayne.models.files import load_model
 
-    tab = Table.read(HOLDOUT)
-    fig = evaluate(tab, BenchCalConfig())
+    tab, fig = holdout_figures
     for key, per in fig["per_seed"].items():
         for n in BENCH_LABELS:
             pull = per["cal"]["all"][n]["pull_dispersion"]
@@ -139,7 +203,7 @@ def test_error_calibration_cross_validated():
     chk = checks(fig, "muse")
     assert all(v for k, v in chk.items() if not k.endswith("_dispersion")), chk
     s = fig["summary"]["muse"]
-    # the map removes a fifth of the log g scatter (0.213 -> 0.171 dex for the shipped model, ratio 0.80)
+    # the map removes a quarter of the log g scatter (0.213 -> 0.158 dex for the shipped model, ratio 0.74)
     assert s["cal"]["all"]["logg"]["dispersion"]["mean"] < 0.85 * s["uncal"]["all"]["logg"]["dispersion"]["mean"]
     # instrument independence: one map for both; LAMOST meets the bias limits too
     lam = fig["summary"]["lamost"]["cal"]["all"]
@@ -152,17 +216,81 @@ def test_error_calibration_cross_validated():
 
     c = cal.meta["config"]
     ref = fit_final(tab, BenchCalConfig(k=c["k"], degree=c["degree"], ridge=c["ridge"], sys_bins=c["sys_bins"],
-                                        seed=c["seed"], map_instruments=tuple(c["map_instruments"])))
+                                        seed=c["seed"], map_instruments=tuple(c["map_instruments"]),
+                                        select=c.get("select", False)))
     for n in BENCH_LABELS:
         assert np.allclose(ref.coef[n], cal.coef[n], rtol=1e-6, atol=1e-9)
         assert ref.sys_err[n] == pytest.approx(cal.sys_err[n], rel=1e-6)
 
 
-@pytest.mark.skipif(not HOLDOUT.is_file(), reason="hold-out fits table not present")
-@pytest.mark.xfail(strict=True, reason="issue 19 target not reached: cross-validated MUSE dispersion of the "
-                   "shipped model is 145 K (133-154 over seeds) in Teff and 0.171 dex in log g, above 130 K / 0.17")
-def test_dispersion_limits_of_the_issue():
-    from astropy.table import Table
+@pytest.fixture(scope="module")
+def muse_pull_bins(holdout_figures):
+    return pull_bins(holdout_figures[0], holdout_figures[0], BenchCalConfig())["muse"]
 
-    chk = checks(evaluate(Table.read(HOLDOUT), BenchCalConfig()), "muse")
+
+@pytest.mark.shared
+def test_errors_calibrated_by_snr_and_star_type(holdout_figures, muse_pull_bins):
+    """Issue 14 / 19: in CV (calibration learnt at S/N 100 from the other folds' stars, applied to
+    the held-out stars observed as MUSE at S/N 20, 50 and 100; hold-out seeds pooled), the
+    dispersion of (fit - bench) / sqrt(X_err^2 + e_bench^2) is within 0.85-1.2 for every label in
+    every S/N bin, overall and for dwarfs (log g > 3.5), and for the giants' log g and [Fe/H].
+    Bins need MIN_PULL_STARS (10) distinct stars (all 94, dwarfs 56, giants 38).  The giants'
+    Teff and the metal-poor giants (5 stars) miss the range: test_error_targets_not_reached."""
+    tab, _ = holdout_figures
+    assert set(np.unique(np.asarray(tab["snr"], float))) >= {20.0, 50.0, 100.0}
+    for sn in (20.0, 50.0, 100.0):
+        for grp in ("all", "dwarf", "giant"):
+            b = muse_pull_bins[sn][grp]
+            assert b["n_stars"] >= MIN_PULL_STARS, (sn, grp)
+            for n in BENCH_LABELS:
+                if grp == "giant" and n == "teff":
+                    assert 0.85 <= b[n] <= 1.3, (sn, grp, n, b[n])
+                    continue
+                assert 0.85 <= b[n] <= 1.2, (sn, grp, n, b[n])
+            # without the systematic term the errors are far too small at S/N >= 50
+            if sn >= 50 and grp == "all":
+                assert all(b[n] < 1.2 for n in BENCH_LABELS)
+
+
+@pytest.mark.shared
+@pytest.mark.xfail(strict=True, reason="issue 14 target not reached with the shipped fold assignment: giants' "
+                   "Teff pull 1.21 at S/N 50 (fold noise: 0.92-1.07 with other assignments) and the 5 metal-poor "
+                   "giants (Teff 1.46-1.61, log g 1.26-1.49: their errors are too small)")
+def test_error_targets_not_reached(muse_pull_bins):
+    for sn in (20.0, 50.0, 100.0):
+        assert 0.85 <= muse_pull_bins[sn]["giant"]["teff"] <= 1.2
+        for n in BENCH_LABELS:
+            assert 0.85 <= muse_pull_bins[sn]["mp_giant"][n] <= 1.2
+
+
+@pytest.mark.shared
+@pytest.mark.xfail(strict=True, reason="issue 19 target not reached: cross-validated MUSE Teff dispersion of the "
+                   "shipped model is 133 K (124-140 over seeds), above 130 K")
+def test_dispersion_limits_of_the_issue(holdout_figures):
+    chk = checks(holdout_figures[1], "muse")
     assert chk["teff_dispersion"] and chk["logg_dispersion"] and chk["fe_h_dispersion"], chk
+
+
+def test_reproducible_command_has_no_machine_paths(tmp_path):
+    from musepayne.cli._common import reproducible_command
+
+    inside = tmp_path / "build" / "trainset.fits"
+    cmd = reproducible_command("musepayne train", [str(inside), "-o", "/scratch/x/default.fits",
+                                                   "--gradient-templates=/scratch/t.fits", "--seed", "0"],
+                               cwd=tmp_path)
+    assert cmd == ("musepayne train build/trainset.fits -o '<DIR>/default.fits' "
+                   "'--gradient-templates=<DIR>/t.fits' --seed 0")
+
+
+def test_default_model_provenance_is_portable():
+    """Issue 19: the shipped model's recorded commands carry no machine paths; inputs by sha256."""
+    import json
+
+    from musepayne.models.files import load_model
+
+    m = load_model("default")
+    text = json.dumps({**m.meta, "benchcal": m.benchmark_calibration.meta}, default=str)
+    for bad in ("/tmp/", "/work/", "/home/", "/root/"):
+        assert bad not in text, bad
+    sha = m.benchmark_calibration.meta["inputs_sha256"]
+    assert any(k.startswith("holdout_seed") for k in sha) and all(len(v) == 64 for v in sha.values())

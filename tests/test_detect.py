@@ -180,3 +180,104 @@ def test_real_cubes_from_the_cube_alone(shared, tmp_path, name):
         assert "7300-9292 A" in warn and "no star can be fitted" in warn
         cov = [str(r) for s, r in zip(cat["status"], cat["reason"]) if str(s) != "failed:low_snr"]
         assert cov and all("overlap none = 0 px" in r for r in cov)
+
+
+# --------------------------------------------------------------------------- [detect] configuration
+def test_detect_section_of_the_run_configuration(tmp_path):
+    from musepayne.config import ConfigError
+    from musepayne.pipeline.runner import RunConfig, load_config_file
+
+    rc = RunConfig.from_dict({"detect": {"threshold": 4.5, "n_iter": 3, "n_bands": 2}})
+    assert isinstance(rc.detect, DetectConfig) and rc.detect.threshold == 4.5 and rc.detect.n_bands == 2
+    assert RunConfig.from_dict(rc.to_dict()) == rc
+    base = RunConfig()
+    # a detection option changes the detect stage's hash only
+    assert rc.stage_digest("detect") != base.stage_digest("detect")
+    assert rc.stage_digest("extract") == base.stage_digest("extract")
+    for bad, words in (({"treshold": 4.0}, ("detect", "treshold", "threshold")),
+                       ({"n_bands": "four"}, ("detect", "n_bands", "integer")),
+                       ({"n_iter": 0}, ("detect", "n_iter", ">= 1")),
+                       ({"threshold": -1.0}, ("detect", "threshold", "> 0")),
+                       ({"sky_order": 3}, ("detect", "sky_order"))):
+        with pytest.raises(ConfigError) as exc:
+            RunConfig.from_dict({"detect": bad})
+        assert all(w in str(exc.value) for w in words), str(exc.value)
+    f = tmp_path / "run.toml"
+    f.write_text("[run.detect]\nthreshold = 6.0\nmax_sources = 300\n")
+    assert load_config_file(f).detect == DetectConfig(threshold=6.0, max_sources=300)
+    f.write_text("[run.detect]\nthreshhold = 6.0\n")
+    with pytest.raises(ConfigError, match="threshhold"):
+        load_config_file(f)
+    res = CliRunner().invoke(cli, ["run", str(f), "-o", str(tmp_path / "o"), "--detect-passes", "0"])
+    assert res.exit_code == 2 and "n_iter" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_detection_options_reach_the_detector(tmp_path, sim):
+    info, _ = sim
+    out = tmp_path / "ext.fits"
+    res = CliRunner().invoke(cli, ["extract", info["cube"], "-o", str(out), "--block", "100",
+                                   "--detect-threshold", "50", "--detect-passes", "2", "--detect-bands", "1"])
+    assert res.exit_code == 0, res.output
+    det = Table.read(tmp_path / "ext_sources.ecsv", format="ascii.ecsv")
+    assert det.meta["THRESH"] == 50.0 and det.meta["NBANDS"] == 1 and np.all(det["snr"] > 50)
+    assert det["detected"].max() <= 2 and len(det) < len(Table.read(info["sources"]))
+
+
+# --------------------------------------------------------------------------- transform guard
+def test_sub_pixel_edge_crossings_of_a_good_transform_are_not_reported():
+    from musepayne.extract.transform_guard import moved_off_field
+
+    before = np.array([0.05, 0.2, 3.0, 0.1, 2.0])
+    after = np.array([-0.02, -0.5, 2.5, 0.3, -1.5])  # stars 0, 1, 4 cross the edge
+    dx = np.array([0.07, 0.6, 0.5, 0.1, 3.5])
+    dy = np.zeros(5)
+    # good transformation (0.04 px rms, FWHM 3.8 px): only the 3.5 px move is reported
+    assert moved_off_field(before, after, dx, dy, 0.04, 3.8).tolist() == [False, False, False, False, True]
+    # poor transformation (rms > 0.5 FWHM) or unmeasured: every star moved off is reported
+    for rms in (2.5, np.nan):
+        assert moved_off_field(before, after, dx, dy, rms, 3.8).tolist() == [True, True, False, False, True]
+
+
+# --------------------------------------------------------------------------- bounded memory and work
+def test_hostile_cube_detection_is_bounded_in_memory_and_candidates(tmp_path):
+    """Pure noise with a STAT 10^4 times too small: every noise bump is a '100 sigma star'."""
+    import tracemalloc
+
+    from astropy.io import fits
+
+    info = Simulator(SimulateConfig(nx=40, ny=40, nlayers=6, nstars=1, seed=1)).write(tmp_path / "s.fits")
+    rng = np.random.default_rng(0)
+    with fits.open(info["cube"]) as h:
+        h["DATA"].data = rng.normal(0.0, 1.0, h["DATA"].data.shape).astype(np.float32)
+        h["DATA"].data[:, :5, :] = np.nan  # a dead strip
+        h["STAT"].data = np.full(h["STAT"].data.shape, 1e-4, np.float32)
+        h.writeto(tmp_path / "hostile.fits")
+    cfg = DetectConfig(max_sources=20, psf_stars=3, n_bands=1)
+    tracemalloc.start()
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            det = Detector(cfg)(str(tmp_path / "hostile.fits"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(det) <= 20 and det.meta["TRUNC"] is True
+    assert any("max_sources = 20" in str(x.message) for x in w) and "max_sources" in det.meta["warnings"][0]
+    assert peak < 60 * 2**20, peak / 2**20  # MB: images and one bounded joint fit, not a growing candidate list
+    # the block of layers read at once shrinks with the field so its arrays stay below memory_mb
+    small = Detector(DetectConfig(memory_mb=0.05, n_bands=1, psf_stars=3, max_sources=20))(str(tmp_path / "hostile.fits"))
+    assert len(small) == len(det)
+
+
+def test_run_records_a_capped_detection(tmp_path, sim):
+    from musepayne.pipeline.runner import Pipeline, RunConfig
+
+    info, _ = sim
+    rc = RunConfig(report=False, detect={"max_sources": 5, "n_bands": 1})
+    rec = Pipeline(tmp_path / "o", rc).run([info["cube"]], None)
+    det = Table.read(next((tmp_path / "o" / "cubes").glob("*/sources_detected.ecsv")), format="ascii.ecsv")
+    assert len(det) <= 5 and det.meta["TRUNC"]
+    assert any("max_sources = 5" in w for w in rec["warnings"])
+    # resumed: the detect stage is skipped and its warning still reported
+    rec2 = Pipeline(tmp_path / "o", rc).run([info["cube"]], None)
+    assert any("max_sources = 5" in w for w in rec2["warnings"])

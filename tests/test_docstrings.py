@@ -20,6 +20,8 @@ MODULES = [
     "musepayne.io.spectra",
     "musepayne.io.readers",
     "musepayne.io.cube",
+    "musepayne.extract.detect",
+    "musepayne.extract.transform_guard",
     "musepayne.io.batching",
     "musepayne.io.fits",
     "musepayne.prepare.normalize",
@@ -47,6 +49,12 @@ MODULES = [
     "musepayne.extract.imagefit",
     "musepayne.extract.fields",
     "musepayne.extract.blocks",
+    "musepayne.fit.fitter",
+    "musepayne.fit.forward",
+    "musepayne.fit.starts",
+    "musepayne.fit.lm",
+    "musepayne.fit.errors",
+    "musepayne.fit.operators",
 ]
 
 SECTIONS = ("Parameters", "Returns", "Attributes", "Yields")

@@ -13,7 +13,7 @@ def test_report_figures_and_truth_stats(tmp_path):
                  "fe_h": truth["fe_h"] + rng.normal(0, 0.1, n), "rv": truth["rv"],
                  "snr_muse": rng.uniform(20, 200, n), "red_chi2": rng.uniform(0.8, 3, n),
                  "corr_flux": rng.uniform(0.9, 1, n), "status": ["converged"] * (n - 2) + ["failed:nan"] * 2,
-                 "fit_flags": [0] * (n - 3) + [8, 1, 1]})
+                 "fit_flags": [0] * (n - 4) + [128 + 8, 8, 1, 1]})
     wave = np.linspace(4800, 8700, 500)
     flux = 1 - 0.3 * np.exp(-0.5 * ((wave - 6565) / 3) ** 2) + rng.normal(0, 0.01, (n, 500))
     ivar = np.full((n, 500), 1e4)
@@ -30,6 +30,7 @@ def test_report_figures_and_truth_stats(tmp_path):
     assert s["truth"]["teff"]["n"] == n - 2  # failed rows excluded
     assert abs(s["truth"]["fe_h"]["dispersion"] - 0.1) < 0.05
     assert s["n_kiel"] == n - 2
-    assert s["fit_flag_counts"] == {"FAILED": 2, "NOT_CONVERGED": 0, "LABEL_EDGE": 0, "HIGH_CHI2": 1, "LOW_SNR": 0,
-                                    "BLENDED": 0, "LARGE_ERRORS": 0, "clean": n - 3}
+    assert s["fit_flag_counts"] == {"FAILED": 2, "NOT_CONVERGED": 0, "LABEL_EDGE": 0, "HIGH_CHI2": 2, "LOW_SNR": 0,
+                                    "BLENDED": 0, "LARGE_ERRORS": 0, "MISFIT": 1, "SPARSE_LABELS": 0,
+                                    "clean": n - 4}
     assert "fit_flag_counts" in html

@@ -198,6 +198,15 @@ _FIT_FLAG_LIST = (
                           "recovery the labels' bias exceeds 0.3 sigma above it"),
     FitFlag("LARGE_ERRORS", 6, "a statistical label error above FlagThresholds.max_err (default Teff 250 K, "
                                "log g 0.5 dex, [Fe/H] 0.25 dex: worse than the paper's Eq. 11 precision at S/N 20)"),
+    FitFlag("MISFIT", 7, "catastrophic misfit, at any S/N: the spectrum differs from its best fit by more than "
+                         "FlagThresholds.max_misfit (default 2.75) times what the model's cross-validation stars of "
+                         "similar labels reach ((misfit - 2 misfit_err) / misfit_ref; misfit is noise-subtracted, "
+                         "so it does not shrink toward 1 at low S/N as red_chi2_model does). Arcturus as MUSE at "
+                         "S/N 100 fits ~480 K too hot at red_chi2_model 2.1, under HIGH_CHI2, with misfit ~2.5-2.8 "
+                         "where the default model's stars reach ~0.75"),
+    FitFlag("SPARSE_LABELS", 8, "the fitted labels lie where the model's training stars are sparse: the 5th-nearest "
+                                "of its cross-validation stars is farther than FlagThresholds.max_ref_dist (default "
+                                "5.5) in the paper's Eq. 4 metric (ref_dist); the model interpolates over a wide gap"),
 )
 
 
@@ -207,7 +216,8 @@ DEFAULT_MAX_RED_CHI2 = 3.0
 
 @dataclass(frozen=True)
 class FlagThresholds:
-    """Thresholds of the catalogue quality flags ``LOW_SNR``, ``BLENDED`` and ``LARGE_ERRORS``.
+    """Thresholds of the catalogue quality flags ``LOW_SNR``, ``BLENDED``, ``LARGE_ERRORS``, ``MISFIT`` and
+    ``SPARSE_LABELS`` (:func:`musepayne.fit.catalogue.apply_quality_flags`).
 
     Attributes
     ----------
@@ -219,11 +229,33 @@ class FlagThresholds:
         (``benchmarks/bias_budget.py``): below it crowding adds < 0.3 sigma of bias.
     max_err : tuple of (label, error) pairs
         ``LARGE_ERRORS`` when a label's statistical error exceeds its value (unit of the label).
+    max_misfit : float
+        ``MISFIT`` when ``(misfit - misfit_sigma * misfit_err) / max(misfit_ref, 0.5)`` exceeds this:
+        the catalogue's ``misfit`` (noise-subtracted mean squared residual of the best fit in units of
+        the model's mean squared intrinsic scatter) relative to what the model's cross-validation stars
+        of similar labels reach (``misfit_ref``; 1 for a model without a reference).
+    misfit_sigma : float
+        Noise margin of the ``MISFIT`` test in units of ``misfit_err``, so that noisy spectra are not
+        flagged by chance.
+    max_ref_dist : float
+        ``SPARSE_LABELS`` when the 5th-nearest cross-validation star of the model is farther than this
+        from the fitted labels (``ref_dist``, paper Eq. 4 metric).
     """
 
     min_snr: float = 20.0
     max_neighbour_frac: float = 0.5
     max_err: tuple = (("teff", 250.0), ("logg", 0.5), ("fe_h", 0.25))
+    max_misfit: float = 2.75
+    misfit_sigma: float = 2.0
+    max_ref_dist: float = 5.5
+
+    def __post_init__(self):
+        for name in ("min_snr", "max_neighbour_frac", "max_misfit", "misfit_sigma", "max_ref_dist"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v == v:
+                raise ValueError(f"FlagThresholds.{name} must be a number, got {v!r}")
+        if self.misfit_sigma < 0:
+            raise ValueError("FlagThresholds.misfit_sigma must be >= 0")
 
 #: Registry of fit quality flags (the ``fit_flags`` catalogue column).
 FIT_FLAGS = {f.name: f for f in _FIT_FLAG_LIST}

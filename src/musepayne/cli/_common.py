@@ -15,7 +15,7 @@ import click
 from ..io.fits import FolderBusy, folder_lock
 
 __all__ = ["json_option", "emit", "Timer", "fail", "one_line", "json_safe", "check_output_not_input",
-           "folder_lock", "FolderBusy", "error_message", "exc_text"]
+           "folder_lock", "FolderBusy", "error_message", "exc_text", "reproducible_command"]
 
 json_option = click.option(
     "--json", "as_json", is_flag=True,
@@ -119,3 +119,48 @@ def error_message(exc: BaseException) -> str:
         return f"{exc.strerror}{where}"
     text = one_line(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"
+
+
+def _portable_path(word: str, cwd: Path) -> str:
+    """An absolute path as a relative one (under ``cwd``) or ``<DIR>/name`` (elsewhere)."""
+    if not word.startswith("/"):
+        return word
+    p = Path(word)
+    try:
+        return str(p.relative_to(cwd))
+    except ValueError:
+        return f"<DIR>/{p.name}" if p.name else "<DIR>"
+
+
+def reproducible_command(prefix: str, args=None, cwd=None) -> str:
+    """The command line of this process as provenance that does not depend on where it ran.
+
+    Absolute paths (also in ``--opt=/path``) become relative to ``cwd`` when under it, else
+    ``<DIR>/file`` (the inputs are identified by the sha256 that the provenance records beside it).
+
+    Parameters
+    ----------
+    prefix : str
+        Leading words, e.g. ``'musepayne train'``.
+    args : list of str, optional
+        Arguments after the subcommand (default ``sys.argv[2:]``).
+    cwd : path-like, optional
+        Folder paths are made relative to (default the working directory).
+
+    Returns
+    -------
+    str
+        The shell-quoted command line.
+    """
+    import shlex
+
+    cwd = Path(cwd or os.getcwd()).resolve()
+    words = []
+    for a in (sys.argv[2:] if args is None else args):
+        a = str(a)
+        if a.startswith("--") and "=" in a:
+            k, v = a.split("=", 1)
+            words.append(f"{k}={_portable_path(v, cwd)}")
+        else:
+            words.append(_portable_path(a, cwd))
+    return " ".join([prefix] + [shlex.quote(w) for w in words])

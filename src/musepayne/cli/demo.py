@@ -13,7 +13,7 @@ from ..models.model import ModelError
 from ..pipeline.runner import RunConfig
 from ..simulate.simulator import SimulateConfig, Simulator
 from ._common import emit, exc_text, fail, json_option
-from .run import run_pipeline
+from .run import detect_options, detect_overrides, run_pipeline
 
 
 @click.command(name="demo")
@@ -28,8 +28,10 @@ from .run import run_pipeline
 @click.option("--size", default=80, show_default=True, help="Simulated field size in spaxels (square).")
 @click.option("--seed", default=2022, show_default=True, help="Random seed of the simulation.")
 @click.option("--progress/--no-progress", default=True)
+@detect_options
 @json_option
-def demo(outdir, cube, sources, model, nstars, size, seed, progress, as_json):
+def demo(outdir, cube, sources, model, nstars, size, seed, progress, detect_threshold, detect_passes, detect_bands,
+         as_json):
     """Simulate a globular-cluster-like MUSE cube and run the full pipeline on it.
 
     With no arguments and no network: the package's simulator makes a crowded
@@ -61,7 +63,11 @@ def demo(outdir, cube, sources, model, nstars, size, seed, progress, as_json):
         cubes, sources, cube_lsf = [info["cube"]], info["sources"], "lamost"
         truth = Table.read(info["truth"], "TRUTH")
     t_sim = time.perf_counter() - t0
-    rc = RunConfig(model=model, cube_lsf=cube_lsf)
+    try:
+        rc = RunConfig(model=model, cube_lsf=cube_lsf).updated(
+            detect=detect_overrides(detect_threshold, detect_passes, detect_bands))
+    except ValueError as exc:  # ConfigError
+        fail(f"bad configuration: {exc}", as_json)
     record = run_pipeline(out, rc, cubes, sources, as_json=as_json, progress=progress, what="demo", truth=truth)
     rep = record.get("report", {})
     info = {"outdir": str(out.resolve()), "catalogue": str(out / "catalogue.fits"),

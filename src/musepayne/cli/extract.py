@@ -8,10 +8,12 @@ from pathlib import Path
 
 import click
 
-from ..extract.detect import Detector
+from ..config import ConfigError, from_mapping
+from ..extract.detect import DetectConfig, Detector
 from ..extract.extractor import ExtractConfig, Extractor, read_source_catalogue
 from ..io.spectra import ReaderError
 from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_option
+from .run import detect_options, detect_overrides
 
 
 @click.command(name="extract")
@@ -32,8 +34,10 @@ from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_o
 @click.option("--no-transform", is_flag=True, help="Use catalogue positions as they are (no offset/rotation/scale fit).")
 @click.option("--per-star", "per_star", type=click.Path(file_okay=False), default=None,
               help="Also write PampelMUSE-style 1-D files (flux + SIGMA) of the fitted stars into this folder.")
+@detect_options
 @json_option
-def extract(cube, catalogue, mag_column, output, method, block, sky_order, no_transform, per_star, as_json):
+def extract(cube, catalogue, mag_column, output, method, block, sky_order, no_transform, per_star, detect_threshold,
+            detect_passes, detect_bands, as_json):
     """Extract the spectrum of every catalogue star from a MUSE CUBE.
 
     Fits the catalogue->cube transformation and a wavelength-dependent Moffat
@@ -49,9 +53,13 @@ def extract(cube, catalogue, mag_column, output, method, block, sky_order, no_tr
     cfg = ExtractConfig(method=method, block=block, sky_order=sky_order, fit_transform=not no_transform)
     detected_path = None
     try:
+        dcfg = from_mapping(DetectConfig, detect_overrides(detect_threshold, detect_passes, detect_bands), "detect")
+    except ConfigError as exc:
+        fail(f"bad configuration: {exc}", as_json)
+    try:
         if catalogue is None:
             with timer("detect"):
-                sources = Detector()(cube)
+                sources = Detector(dcfg)(cube)
             if len(sources) == 0:
                 raise ValueError(f"{cube}: no star detected above S/N {sources.meta.get('THRESH')}")
             detected_path = Path(output).with_name(Path(output).stem + "_sources.ecsv")
@@ -90,5 +98,7 @@ def extract(cube, catalogue, mag_column, output, method, block, sky_order, no_tr
              f"scale={t.scale:.5f} residual rms={t.rms:.3f} px ({t.n_used} stars)",
              f"PSF: {result.psf.describe()}",
              "time: " + ", ".join(f"{k}={v:.1f}s" for k, v in result.timings.items())]
+    if detected_path is not None:
+        lines += [f"warning: {w}" for w in sources.meta.get("warnings", [])]
     lines += [f"warning: {w}" for w in result.sources.meta.get("warnings", [])]
     emit(info, as_json, lines)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import numpy as np
 from ..models.files import load_model
 from ..models.gradients import CannonEmulator, build_templates, default_emulator_path, reference_grid
 from ..models.model import ModelError
-from ._common import Timer, emit, exc_text, fail, json_option
+from ._common import Timer, emit, exc_text, fail, json_option, reproducible_command
 
 
 @click.group(name="gradients")
@@ -62,7 +60,7 @@ def build(emulator, output, teff_grid, logg_grid, feh_grid, target_lsf, for_mode
 
     with timer("build"):
         tpl = build_templates(emu, ref, target_lsf=target_lsf)
-    tpl = replace(tpl, meta={**tpl.meta, "command": "musepayne gradients " + " ".join(shlex.quote(a) for a in sys.argv[2:])})
+    tpl = replace(tpl, meta={**tpl.meta, "command": reproducible_command("musepayne gradients")})
     if for_model is not None:
         try:
             model = load_model(for_model)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import check_output_not_input, emit, exc_text, fail, json_option
+from ._common import check_output_not_input, emit, exc_text, fail, json_option, reproducible_command
 
 
 @click.group(name="model")
@@ -28,15 +28,13 @@ def model():
 @json_option
 def import_(npz, fmt, labels, units, wavelength, vacuum, name, output, as_json):
     """Convert a The Payne .npz network NPZ into a self-describing musepayne model file."""
-    import sys
-
     from ..models.files import import_payne_npz
     from ..models.model import ModelError
 
     check_output_not_input(output, [npz, wavelength], as_json)
     names = [s.strip() for s in labels.split(",") if s.strip()]
     unit_list = [s.strip() for s in units.split(",")] if units else None
-    meta = {"command": " ".join(["musepayne"] + sys.argv[1:]) if sys.argv else "musepayne model import"}
+    meta = {"command": reproducible_command("musepayne model")}
     if name:
         meta["name"] = name
     try:
@@ -99,16 +97,27 @@ def info(path, as_json):
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of the hold-out models trained here.")
 @click.option("--snr", default=100.0, show_default=True, help="S/N of the simulated MUSE / LAMOST observations.")
 @click.option("--k", default=5, show_default=True, help="Folds over the benchmark stars for the CV figures.")
-@click.option("--degree", default=2, show_default=True, type=click.IntRange(0, 2), help="Degree of the post-fit map.")
-@click.option("--ridge", default=1.0, show_default=True, help="Ridge penalty of the map's non-constant terms.")
+@click.option("--select/--no-select", default=True, show_default=True,
+              help="Choose each label's map (inputs, offset / linear / quadratic, ridge) by CV over the benchmark "
+                   "stars; --no-select: the polynomial of --degree with --ridge for every label.")
+@click.option("--degree", default=2, show_default=True, type=click.IntRange(0, 2),
+              help="Degree of the post-fit map (--no-select).")
+@click.option("--ridge", default=1.0, show_default=True, help="Ridge penalty of the map's non-constant terms (--no-select).")
 @click.option("--sys-bins", type=click.Choice(["all", "type"]), default="type", show_default=True,
               help="Systematic errors: one per label, or per star type (dwarf / giant / metal-poor giant).")
 @click.option("--threads", default=1, show_default=True, help="torch threads when training hold-out models.")
 @click.option("--table", "table_out", default=None, type=click.Path(dir_okay=False),
-              help="Also write the per-spectrum hold-out fits (FITS table).")
+              help="Also write the per-spectrum hold-out fits (FITS table; without the benchmark labels, "
+                   "which --holdout-table re-attaches from the benchmark table by HD).")
+@click.option("--holdout-table", "table_in", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="Reuse the hold-out fits of a previous run (its --table): nothing is trained or fitted.")
+@click.option("--save-holdout", default=None, type=click.Path(file_okay=False),
+              help="Folder to keep the hold-out models trained here (holdout_seed<S>.fits), for --holdout-model.")
+@click.option("--check-snr", default="20,50", show_default=True,
+              help="Further S/N at which the benchmark spectra are fitted to check the errors ('' for none).")
 @json_option
-def calibrate_benchmark(path, output, shared, holdout, trainset, templates, seeds, snr, k, degree, ridge, sys_bins,
-                        threads, table_out, as_json):
+def calibrate_benchmark(path, output, shared, holdout, trainset, templates, seeds, snr, k, select, degree, ridge,
+                        sys_bins, threads, table_out, table_in, save_holdout, check_snr, as_json):
     """Attach a Gaia FGK benchmark-scale calibration (label map + systematic errors) to MODEL.
 
     Benchmark-star spectra of MILES/STELIB (matched by HD number) are observed as MUSE and LAMOST,
@@ -116,9 +125,9 @@ def calibrate_benchmark(path, output, shared, holdout, trainset, templates, seed
     the sys errors are fitted to them, and cross-validated over the stars (musepayne.models.benchcal).
     """
     import os
-    import shlex
-    import sys
 
+    from ..io.fits import sha256_file
+    from ..models.benchcal import strip_benchmark_labels
     from ..models.files import load_model
     from ..models.model import ModelError
     from ..train.benchcal import BenchCalConfig, calibrate, figures_lines
@@ -129,8 +138,14 @@ def calibrate_benchmark(path, output, shared, holdout, trainset, templates, seed
     except ModelError as exc:
         fail(str(exc), as_json)
     shared = Path(shared or os.environ.get("MUSEPAYNE_SHARED", Path("..") / "shared" / "data"))
-    ts = tpl = None
-    if hold is None:
+    ts = tpl = tab_in = None
+    inputs = {Path(p).name: sha256_file(p) for p in (path, trainset, templates, table_in, *holdout)
+              if p and Path(p).is_file()}
+    if table_in:
+        from astropy.table import Table
+
+        tab_in = Table.read(table_in)
+    elif hold is None:
         try:
             import torch
         except ImportError:
@@ -145,21 +160,37 @@ def calibrate_benchmark(path, output, shared, holdout, trainset, templates, seed
             from ..models.gradients import GradientTemplates
 
             tpl = GradientTemplates.load(templates)
+    try:
+        checks = tuple(float(x) for x in check_snr.split(",") if x.strip())
+    except ValueError:
+        fail(f"--check-snr: not a comma-separated list of numbers: {check_snr!r}", as_json)
     cfg = BenchCalConfig(seeds=tuple(int(x) for x in seeds.split(",") if x.strip()), k=k, snr=snr, degree=degree,
-                         ridge=ridge, sys_bins=sys_bins)
-    command = "musepayne model " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
+                         ridge=ridge, sys_bins=sys_bins, select=select, check_snr=checks)
+    command = reproducible_command("musepayne model")
     say = None if as_json else (lambda msg: click.echo(msg, err=True))
+
+    def keep(seed, hm):
+        Path(save_holdout).mkdir(parents=True, exist_ok=True)
+        hm.save(Path(save_holdout) / f"holdout_seed{seed}.fits")
+
     try:
         cal, figures, tab = calibrate(m, shared, cfg, holdout_models=hold, trainset=ts, templates=tpl, progress=say,
-                                      command=command)
+                                      command=command, table=tab_in, save_holdout=keep if save_holdout else None,
+                                      inputs=inputs)
     except (ValueError, OSError) as exc:
         fail(str(exc), as_json)
     m.benchmark_calibration = cal
     m.meta["benchmark_calibration_command"] = command
     m.save(output)
-    if table_out:
-        tab.write(table_out, overwrite=True)
+    if table_out:  # the benchmark labels (third-party) are not copied: re-attached by HD when read back
+        strip_benchmark_labels(tab).write(table_out, overwrite=True)
     info = {"output": str(output), "sys_err": cal.sys_err, "checks_muse": cal.meta["checks_muse"],
             "cv": cal.meta["cv"], "n_stars": cal.meta["n_stars"]}
-    emit(info, as_json, figures_lines(figures) + [f"checks (MUSE, seed mean): {cal.meta['checks_muse']}",
-                                                  f"-> {output}"])
+    from ..train.benchcal import pull_lines
+
+    pulls = {i: {float(sn): v for sn, v in d.items()} for i, d in cal.meta["cv_pulls"].items()}
+    chosen = ", ".join(f"{n} {v['choice']}" for n, v in cal.meta.get("map", {}).items())
+    emit(info, as_json, figures_lines(figures)
+         + [f"map chosen by CV: {chosen}",
+            "error calibration, pulls teff/logg/fe_h (out of fold, seeds pooled):"] + pull_lines(pulls)
+         + [f"checks (MUSE, seed mean): {cal.meta['checks_muse']}", f"-> {output}"])

@@ -34,6 +34,38 @@ def normalised_catalogue(path, mag_column, outdir: Path) -> Path:
     return out
 
 
+def detect_options(f):
+    """Click options of source detection (``--detect-threshold``, ``--detect-passes``, ``--detect-bands``)."""
+    f = click.option("--detect-bands", type=int, default=None,
+                     help="Broad bands searched besides white light when detecting (default 4).")(f)
+    f = click.option("--detect-passes", type=int, default=None,
+                     help="Detection passes on the residual of the fitted stars (default 12).")(f)
+    f = click.option("--detect-threshold", type=float, default=None,
+                     help="S/N of a detected star (matched filter and fitted flux; default 5).")(f)
+    return f
+
+
+def detect_overrides(threshold, passes, bands) -> dict:
+    """The ``[detect]`` options given on the command line (unset ones left out).
+
+    Parameters
+    ----------
+    threshold : float or None
+        ``--detect-threshold`` (S/N).
+    passes : int or None
+        ``--detect-passes``.
+    bands : int or None
+        ``--detect-bands``.
+
+    Returns
+    -------
+    dict
+        ``DetectConfig`` option -> value, for :meth:`RunConfig.updated` (``detect=...``).
+    """
+    d = {"threshold": threshold, "n_iter": passes, "n_bands": bands}
+    return {k: v for k, v in d.items() if v is not None}
+
+
 def progress_display(enabled: bool):
     """A rich progress display with one bar per stage; returns (context, callback)."""
     if not enabled:
@@ -113,9 +145,10 @@ def run_pipeline(out: Path, config: RunConfig, cubes, sources, *, as_json: bool,
 @click.option("--fit-chunk", type=int, default=None, help="Stars per fit checkpoint (default 200).")
 @click.option("--no-report", is_flag=True, help="Skip the HTML report.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
+@detect_options
 @json_option
 def run(cubes, sources, mag_column, outdir, config_file, model, model_mp, mode, ao_notch, extract_method, cube_lsf,
-        rv_range, fit_chunk, no_report, progress, as_json):
+        rv_range, fit_chunk, no_report, progress, detect_threshold, detect_passes, detect_bands, as_json):
     """Extract, prepare and fit every star of CUBES; write catalogue and report to OUTDIR.
 
     Several cubes of the same field are allowed: the catalogue keeps every
@@ -128,7 +161,8 @@ def run(cubes, sources, mag_column, outdir, config_file, model, model_mp, mode, 
         base = load_config_file(config_file) if config_file else RunConfig()
         cfg = base.updated(model=model, model_mp=model_mp, mode=mode, ao_notch=ao_notch,
                                         extract_method=extract_method, cube_lsf=cube_lsf, rv_range=rv_range,
-                                        fit_chunk=fit_chunk, report=False if no_report else None)
+                                        fit_chunk=fit_chunk, report=False if no_report else None,
+                                        detect=detect_overrides(detect_threshold, detect_passes, detect_bands))
     except (TypeError, ValueError) as exc:
         fail(f"bad configuration: {exc}", as_json)
     out = Path(outdir)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
-
 import click
 
 from ..io.fits import sha256_file
 from ..train.trainset import TrainingSet
-from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_option
+from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_option, reproducible_command
 
 
 @click.command(name="train")
@@ -88,8 +85,7 @@ def train(trainset, output, arch, hidden, templates_path, gradient_weight, gradi
         torch.set_num_threads(threads)
     groups = ts.table["star_key"] if "star_key" in ts.table.colnames else None
     prov = {
-        "command": "musepayne train " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2
-        else "musepayne train",
+        "command": reproducible_command("musepayne train"),
         "trainset": str(trainset).rsplit("/", 1)[-1],
         "trainset_sha256": sha256_file(trainset),
         "trainset_n": int(ts.n_spectra),

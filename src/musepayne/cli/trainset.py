@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..train.trainset import TrainsetCuts, build_trainset
-from ._common import Timer, emit, exc_text, fail, json_option
+from ._common import Timer, emit, exc_text, fail, json_option, reproducible_command
 
 _DEFAULT_LIB = Path("..") / "shared" / "data" / "libraries"
 
@@ -76,7 +74,7 @@ def build(miles_dir, stelib_dir, no_miles, no_stelib, teff_range, logg_range, fe
         fail(exc_text(exc), as_json)
 
 
-    ts = replace(ts, meta={**ts.meta, "tscmd": "musepayne trainset " + " ".join(shlex.quote(a) for a in sys.argv[2:])})
+    ts = replace(ts, meta={**ts.meta, "tscmd": reproducible_command("musepayne trainset")})
     with timer("write"):
         ts.write(output)
     counts = dict(Counter(ts.table["instrument"].tolist()))

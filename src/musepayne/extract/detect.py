@@ -54,48 +54,129 @@ from photutils.background import Background2D, MedianBackground
 from photutils.detection import find_peaks
 from scipy.ndimage import correlate
 from scipy.optimize import least_squares
+from scipy.spatial import cKDTree
 
 from ..io.cube import MuseCube, open_cube
 from ..io.spectra import ReaderError
 from .extractor import _fit_single, _pixscale_arcsec, _shape_psf, _sky_columns, _stamp
 from .psf import _integrate, psf_design_matrix
 
-__all__ = ["DetectConfig", "Detector", "matched_filter_snr"]
+__all__ = ["DetectConfig", "Detector", "matched_filter_snr", "model_flux_error"]
 
 
 @dataclass(frozen=True)
 class DetectConfig:
-    """Detection settings.  Lengths in FWHM of the white-light PSF unless the name says otherwise."""
+    """Detection settings (the ``[detect]`` table of a run configuration).
 
-    threshold: float = 5.0         #: matched-filter S/N of a detection (and of its final fitted flux)
-    band_penalty: float = 1.0      #: extra S/N a peak found only in one band must reach
-    n_bands: int = 4               #: broad bands across the cube
-    n_iter: int = 12               #: detection passes (the later ones on the residual of the fitted stars)
-    model_error: float = 0.03      #: fractional PSF-model error added to the noise when searching residuals
-    min_separation: float = 0.5    #: closer pairs are merged (the fainter one dropped)
-    fwhm_guess: float = 0.8        #: arcsec; the first peaks are found with it, then the PSF is measured
+    Lengths are in FWHM of the white-light PSF unless the name says otherwise.
+
+    Parameters
+    ----------
+    threshold : float
+        S/N of a detection: matched-filter S/N of a peak, and fitted flux over its error (including
+        the PSF-model error of the neighbours' light) of a kept star (> 0).
+    band_penalty : float
+        Extra S/N a peak found only in one broad band must reach (>= 0; pays for the extra trials).
+    n_bands : int
+        Broad bands across the cube (>= 1).
+    n_iter : int
+        Detection passes; the later ones search the residual of the fitted stars (>= 1).
+    model_error : float
+        Fractional PSF-model error floor added to the noise of the neighbours' light (>= 0).
+    min_separation : float
+        Pairs closer than this (FWHM) are merged, the fainter dropped (> 0).
+    fwhm_guess : float
+        Arcsec; the first peaks are found with it, then the PSF is measured (> 0).
+    beta_guess : float
+        Moffat beta of the first guess (> 1).
+    psf_stars : int
+        Bright stars used for the PSF fit (>= 3).
+    sky_order : int
+        Sky polynomial of the joint fit (-1: none, 0, 1 or 2).
+    zeropoint : float
+        Magnitude of 1 flux unit per Angstrom (the simulator's convention).
+    block : int
+        Layers read at a time (>= 1); fewer on large fields, so a block stays below ``memory_mb``.
+    max_sources : int
+        Most stars fitted together (>= 1).  Beyond it only the highest-S/N candidates are kept,
+        with a warning (``meta['warnings']``, ``meta['TRUNC']``): a bound on memory and work
+        for noise-dominated or hostile cubes.
+    memory_mb : float
+        Rough bound (MB) on the arrays of one block of layers while the images are built (> 0).
+    psf_radius : float
+        Radius (FWHM) of the PSF model in the joint fits (> 0).
+    psf_radius_max : float
+        The PSF model radius in pixels at most (> 0).
+    beta_error_max : float
+        The Moffat beta is refitted on the neighbour-subtracted bright stars only when its error
+        is below this; otherwise it keeps ``beta_guess`` (> 0).
+    """
+
+    threshold: float = 5.0
+    band_penalty: float = 1.0
+    n_bands: int = 4
+    n_iter: int = 12
+    model_error: float = 0.03
+    min_separation: float = 0.5
+    fwhm_guess: float = 0.8
     beta_guess: float = 2.5
-    psf_stars: int = 30            #: bright peaks used for the PSF fit
-    sky_order: int = 1             #: sky polynomial of the joint fit
-    zeropoint: float = 28.9        #: magnitude of 1 flux unit / Angstrom (the simulator's convention)
-    block: int = 200               #: layers read at a time
-    max_sources: int = 20000
+    psf_stars: int = 30
+    sky_order: int = 1
+    zeropoint: float = 28.9
+    block: int = 200
+    max_sources: int = 2000
+    memory_mb: float = 512.0
+    psf_radius: float = 4.5
+    psf_radius_max: float = 16.0
+    beta_error_max: float = 0.1
 
     def __post_init__(self):
-        if not self.threshold > 0:
-            raise ValueError("threshold must be > 0")
-        if self.n_bands < 1 or self.n_iter < 1:
-            raise ValueError("n_bands and n_iter must be >= 1")
+        def bad(name, rule):
+            raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+        for name in ("threshold", "min_separation", "fwhm_guess", "memory_mb", "psf_radius", "psf_radius_max",
+                     "beta_error_max"):
+            if not _finite(getattr(self, name)) or not getattr(self, name) > 0:
+                bad(name, "a finite number > 0")
+        for name in ("band_penalty", "model_error"):
+            if not _finite(getattr(self, name)) or not getattr(self, name) >= 0:
+                bad(name, "a finite number >= 0")
+        if not _finite(self.zeropoint):
+            bad("zeropoint", "a finite number")
+        if not _finite(self.beta_guess) or not self.beta_guess > 1:
+            bad("beta_guess", "a finite number > 1")
+        for name, lo in (("n_bands", 1), ("n_iter", 1), ("psf_stars", 3), ("block", 1), ("max_sources", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                bad(name, f"an integer >= {lo}")
+        if isinstance(self.sky_order, bool) or self.sky_order not in (-1, 0, 1, 2):
+            bad("sky_order", "-1, 0, 1 or 2")
 
 
-def _fit_shape(img, var, xs, ys, p0, oversample):
-    """Joint fit of (fwhm, beta, e1, e2) to several stars at fixed positions (flux, sky linear per star)."""
+def _finite(v) -> bool:
+    return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _fit_shape(img, var, xs, ys, p0, oversample, free=(True, True, True, True)):
+    """Joint fit of (fwhm, beta, e1, e2) to several stars at fixed positions (flux, sky linear per star).
+
+    Only the ``free`` parameters are fitted (the others keep ``p0``).  Returns ``(params, errors)``
+    (errors from the Jacobian, scaled by the reduced chi-square; NaN for fixed parameters) or None.
+    """
     h = int(np.ceil(2.0 * p0[0]))
     stamps = [s for s in (_stamp(img, var, x, y, h) for x, y in zip(xs, ys)) if s[2].size >= 12]
     if not stamps:
         return None
+    free = np.asarray(free, bool)
+    p0 = np.asarray(p0, float)
 
-    def resid(p):
+    def full(q):
+        p = p0.copy()
+        p[free] = q
+        return p
+
+    def resid(q):
+        p = full(q)
         e = np.hypot(p[2], p[3])
         if e >= 0.9:
             return np.full(sum(s[2].size for s in stamps), 1e6)
@@ -109,12 +190,23 @@ def _fit_shape(img, var, xs, ys, p0, oversample):
             out.append(d * sw - M @ coef)
         return np.concatenate(out)
 
+    lo = np.array([0.5, 1.2, -0.5, -0.5])[free]
+    hi = np.array([4 * p0[0] + 5, 10, 0.5, 0.5])[free]
     try:
-        r = least_squares(resid, p0, bounds=([0.5, 1.2, -0.5, -0.5], [4 * p0[0] + 5, 10, 0.5, 0.5]),
-                          x_scale=[0.05, 0.1, 0.01, 0.01], max_nfev=80)
+        r = least_squares(resid, np.clip(p0[free], lo + 1e-9, hi - 1e-9), bounds=(lo, hi),
+                          x_scale=np.array([0.05, 0.1, 0.01, 0.01])[free], max_nfev=80)
     except Exception:
         return None
-    return r.x if r.success else None
+    if not r.success:
+        return None
+    err = np.full(4, np.nan)
+    try:
+        dof = max(1, r.fun.size - free.sum() - 2 * len(stamps))
+        cov = np.linalg.inv(r.jac.T @ r.jac) * max(1.0, float(r.fun @ r.fun) / dof)
+        err[free] = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    except np.linalg.LinAlgError:
+        pass
+    return full(r.x), err
 
 
 def _kernel(shape_p, fwhm):
@@ -131,6 +223,18 @@ def matched_filter_snr(img, var, kernel):
     """``(snr, flux, flux_err)`` maps of the optimal PSF flux of a star centred on each pixel.
 
     ``snr = sum(P d / V) / sqrt(sum(P^2 / V))``; unusable pixels (NaN, var <= 0) carry no weight.
+
+    Parameters
+    ----------
+    img, var : numpy.ndarray, shape (ny, nx)
+        Image (flux units) and its variance (flux units squared).
+    kernel : numpy.ndarray, shape (k, k)
+        The PSF ``P`` (odd size, centred, normalised to sum 1).
+
+    Returns
+    -------
+    snr, flux, flux_err : numpy.ndarray, shape (ny, nx)
+        S/N, optimal flux and its error (flux units) of a star centred on each pixel (NaN where unusable).
     """
     ok = np.isfinite(img) & np.isfinite(var) & (var > 0)
     iv = np.where(ok, 1.0 / np.where(ok, var, 1.0), 0.0)
@@ -142,6 +246,81 @@ def matched_filter_snr(img, var, kernel):
         err = np.where(den > 0, 1.0 / np.sqrt(den), np.nan)
     snr[~ok] = np.nan
     return snr, flux, err
+
+
+def model_flux_error(A, w, f, eps):
+    """Error of each star's PSF flux caused by a fractional PSF-model error ``eps`` of the other stars' light.
+
+    With the other stars' model ``M_i = sum_j f_j a_j - f_i a_i`` uncertain by ``eps M_i`` per pixel,
+    the optimal flux ``sum(a w d) / sum(a^2 w)`` of star ``i`` gets the variance
+    ``eps^2 sum(a^2 w^2 M_i^2) / (sum(a^2 w))^2``.
+
+    Parameters
+    ----------
+    A : scipy.sparse matrix, shape (n_pix, n_stars)
+        Pixel-integrated PSF of each star (columns).
+    w : numpy.ndarray, shape (n_pix,)
+        Inverse variance of each pixel (0: unusable).
+    f : numpy.ndarray, shape (n_stars,)
+        Fitted fluxes (negative ones count as 0 in the neighbours' light).
+    eps : float
+        Fractional PSF-model error.
+
+    Returns
+    -------
+    numpy.ndarray, shape (n_stars,)
+        Flux error (flux units) from the neighbours' model error; 0 for an isolated star.
+    """
+    A = sp.csc_matrix(A)
+    fp = np.maximum(np.asarray(f, float), 0.0)
+    if not A.shape[1] or not eps > 0:
+        return np.zeros(A.shape[1])
+    m = A @ fp
+    A2 = A.multiply(A).tocsc()
+    w2 = w * w
+    num = (A2.T @ (w2 * m * m) - 2.0 * fp * (A2.multiply(A).T @ (w2 * m)) + fp**2 * (A2.multiply(A2).T @ w2))
+    den = A2.T @ w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = eps * np.sqrt(np.maximum(num, 0.0)) / den
+    return np.where(den > 0, out, 0.0)
+
+
+def _disc_mask(shape, x, y, r):
+    """Boolean image: pixels within ``r`` of any of the points ``x, y`` (work ~ points x r^2, not x pixels)."""
+    ny, nx = shape
+    near = np.zeros((ny, nx), bool)
+    if not np.size(x):
+        return near
+    h = int(np.ceil(r))
+    k = np.arange(-h, h + 1)
+    ox, oy = np.meshgrid(k, k)
+    xi = np.rint(np.asarray(x, float)).astype(np.int64)[:, None] + ox.ravel()[None, :]
+    yi = np.rint(np.asarray(y, float)).astype(np.int64)[:, None] + oy.ravel()[None, :]
+    use = ((xi - np.asarray(x, float)[:, None]) ** 2 + (yi - np.asarray(y, float)[:, None]) ** 2 < r * r)
+    use &= (xi >= 0) & (xi < nx) & (yi >= 0) & (yi < ny)
+    near[yi[use], xi[use]] = True
+    return near
+
+
+def _thin(x, y, rank, sep):
+    """Mask keeping, of points closer than ``sep``, the one with the highest ``rank`` (greedy, highest first)."""
+    n = len(x)
+    keep = np.zeros(n, bool)
+    if not n:
+        return keep
+    tree = cKDTree(np.column_stack([x, y]))
+    gone = np.zeros(n, bool)
+    for i in np.argsort(-np.asarray(rank, float), kind="stable"):
+        if gone[i]:
+            continue
+        keep[i] = True
+        gone[tree.query_ball_point((x[i], y[i]), sep)] = True
+    return keep
+
+
+def _cap_note(c, n):
+    return (f"{c.path}: more candidate stars than max_sources = {n} (a noise-dominated or damaged cube, or a "
+            "threshold too low); only the highest-S/N ones were fitted")
 
 
 def _background(img, ok, box):
@@ -160,7 +339,7 @@ def _background(img, ok, box):
     return np.full(img.shape, est.calc_background(clip(v, masked=False)) if v.size else 0.0)
 
 
-def _peaks(snr, threshold, box):
+def _peaks(snr, threshold, box, limit=None):
     s = np.where(np.isfinite(snr), snr, -np.inf)
     if not np.isfinite(s).any() or np.nanmax(snr) < threshold:
         return np.zeros(0), np.zeros(0), np.zeros(0)
@@ -170,18 +349,50 @@ def _peaks(snr, threshold, box):
                        mask=~np.isfinite(snr))
     if t is None:
         return np.zeros(0), np.zeros(0), np.zeros(0)
-    return (np.asarray(t["x_peak"], float), np.asarray(t["y_peak"], float), np.asarray(t["peak_value"], float))
+    x, y, p = (np.asarray(t["x_peak"], float), np.asarray(t["y_peak"], float), np.asarray(t["peak_value"], float))
+    if limit is not None and p.size > limit:  # bounded work on noise-dominated maps: the highest peaks
+        best = np.argsort(-p, kind="stable")[:limit]
+        x, y, p = x[best], y[best], p[best]
+    return x, y, p
 
 
 class Detector:
-    """Configure once with :class:`DetectConfig`; call on a cube to get the detected star list."""
+    """Configure once with :class:`DetectConfig`; call on a cube to get the detected star list.
+
+    Parameters
+    ----------
+    config : DetectConfig
+        Detection settings.
+
+    Notes
+    -----
+    ``Detector(config)(cube)`` takes a path or an open :class:`~musepayne.io.cube.MuseCube` and returns
+    the table described in the module docstring; ``meta['warnings']`` lists what was bounded
+    (``meta['TRUNC']``: the candidate list hit ``max_sources``), and the same sentences are issued as
+    :class:`UserWarning`.
+    """
 
     def __init__(self, config: DetectConfig = DetectConfig()):
         self.config = config
 
     # ------------------------------------------------------------------ images
     def band_images(self, c: MuseCube):
-        """``(waves, imgs, vars, white, white_var)``: band means over usable layers and their variances."""
+        """Band means over the usable layers, their variances and the white-light image.
+
+        Parameters
+        ----------
+        c : MuseCube
+            The open cube (``DATA`` and ``STAT`` are streamed in blocks of layers).
+
+        Returns
+        -------
+        waves : numpy.ndarray, shape (n_bands,)
+            Mean wavelength of each band (Angstrom, the cube's frame).
+        imgs, vars : numpy.ndarray, shape (n_bands, ny, nx)
+            Band images (mean flux per layer) and their variances (NaN where too few layers are usable).
+        white, white_var : numpy.ndarray, shape (ny, nx)
+            Inverse-variance weighted mean of the bands and its variance.
+        """
         cfg = self.config
         nz, ny, nx = c.shape
         nb = max(1, min(cfg.n_bands, nz))
@@ -192,8 +403,10 @@ class Detector:
         wsum = np.zeros(nb)
         wn = np.zeros(nb)
         band_of = np.searchsorted(edges, np.arange(nz), side="right") - 1
-        for i0 in range(0, nz, cfg.block):
-            i1 = min(nz, i0 + cfg.block)
+        # layers per block: at most cfg.block, and few enough that the block's float arrays stay below memory_mb
+        block = int(max(1, min(cfg.block, cfg.memory_mb * 2**20 // (3 * 8 * max(1, ny * nx)))))
+        for i0 in range(0, nz, block):
+            i1 = min(nz, i0 + block)
             d = c.data_block(i0, i1).astype(float)
             s = c.stat_block(i0, i1)
             if s is None:
@@ -249,7 +462,7 @@ class Detector:
         mask = np.isfinite(img) & np.isfinite(var) & (var > 0)
         w = np.where(mask, 1.0 / np.where(mask, var, 1.0), 0.0).ravel()
         d = np.where(mask, img, 0.0).ravel()
-        radius = min(4.0 * shape_p[0], 20.0)
+        radius = min(cfg.psf_radius * shape_p[0], cfg.psf_radius_max)
         psf = _shape_psf(shape_p)
         S = sp.csc_matrix(_sky_columns((ny, nx), cfg.sky_order, mask))
         n = len(x)
@@ -295,7 +508,7 @@ class Detector:
             E[np.arange(i0, i1), np.arange(i1 - i0)] = 1.0
             ferr[i0:i1] = np.sqrt(np.maximum(lu.solve(E)[np.arange(i0, i1), np.arange(i1 - i0)], 0.0))
         model = (A @ f + S @ sky).reshape(ny, nx)
-        return x, y, f, ferr, model, (S @ sky).reshape(ny, nx)
+        return x, y, f, ferr, model, (S @ sky).reshape(ny, nx), (A, w)
 
     # ------------------------------------------------------------------ entry point
     def __call__(self, cube) -> Table:
@@ -314,68 +527,94 @@ class Detector:
             bkg = _background(white, ok, max(8, int(round(8 * fwhm0))))
             # first peaks with the guessed PSF, then the white-light PSF measured on them
             snr, fl, _ = matched_filter_snr(white - bkg, wvar, _kernel(shape0, fwhm0))
-            x, y, _ = _peaks(snr, cfg.threshold, box)
+            lim = 4 * cfg.max_sources
+            x, y, _ = _peaks(snr, cfg.threshold, box, lim)
             shape_w = self._measure_psf(white - bkg, wvar, x, y, np.nan_to_num(fl[y.astype(int), x.astype(int)]),
                                         shape0) if x.size else shape0
             fwhm = float(shape_w[0])
             box = 3
             # pass 1: white light and each band with its own PSF-matched filter
             snr, _, _ = matched_filter_snr(white - bkg, wvar, _kernel(shape_w, fwhm))
-            x, y, pk = _peaks(snr, cfg.threshold, box)
+            x, y, pk = _peaks(snr, cfg.threshold, box, lim)
             cand = [(x, y, pk)]
             if len(imgs) > 1:
                 for img, var in zip(imgs, vars_):
                     bb = _background(img, ok, max(8, int(round(8 * fwhm))))
                     sb = self._measure_psf(img - bb, var, x, y, pk, shape_w) if x.size else shape_w
                     s_b, _, _ = matched_filter_snr(img - bb, var, _kernel(sb, float(sb[0])))
-                    cand.append(_peaks(s_b, cfg.threshold + cfg.band_penalty, box))
+                    cand.append(_peaks(s_b, cfg.threshold + cfg.band_penalty, box, lim))
             x, y, pk = self._merge(cand, fwhm)
+            notes = set()
+            if x.size > cfg.max_sources:  # bounded work: the highest-S/N peaks only
+                notes.add(_cap_note(c, cfg.max_sources))
+                best = np.argsort(-pk, kind="stable")[:cfg.max_sources]
+                x, y, pk = x[best], y[best], pk[best]
+            x1, y1 = x, y
             passno = np.ones(x.size, int)
-            x, y, f, ferr, passno = self._passes(c, white, wvar, ok, x, y, passno, shape_w, 0)
-            # the PSF again, now on neighbour-subtracted bright stars, and the passes with it
-            for _ in range(2):
+            x, y, f, ferr, passno = self._passes(c, white, wvar, ok, x, y, passno, shape_w, 0, notes)
+            # the PSF again (FWHM, beta, ellipticity), now on neighbour-subtracted bright stars; the passes are
+            # redone from the first-pass peaks with it, so residual peaks of the first PSF's errors do not stay
+            for _ in range(0 if notes else 3):  # no refinement of a capped (noise-dominated) list
                 new_shape = self._refine_psf(white, wvar, ok, x, y, f, ferr, shape_w)
-                if abs(new_shape[0] - shape_w[0]) <= 0.02 * shape_w[0] and abs(new_shape[1] - shape_w[1]) <= 0.1:
+                d = np.abs(np.asarray(new_shape) - shape_w)
+                if not d.any():
                     break
                 shape_w = new_shape
-                x, y, f, ferr, passno = self._passes(c, white, wvar, ok, x, y, passno, shape_w,
-                                                     int(passno.max(initial=1)))
-            return self._table(c, x, y, f, ferr, passno, shape_w, waves)
+                x, y, f, ferr, passno = self._passes(c, white, wvar, ok, x1, y1, np.ones(x1.size, int), shape_w, 0,
+                                                     notes)
+                if d[0] <= 0.005 * shape_w[0] and d[1] <= 0.02 and max(d[2], d[3]) <= 0.005:
+                    break
+            for note in sorted(notes):
+                warnings.warn(note, UserWarning, stacklevel=2)
+            t = self._table(c, x, y, f, ferr, passno, shape_w, waves)
+            t.meta["TRUNC"] = bool(notes)
+            t.meta["warnings"] = sorted(notes)
+            return t
         finally:
             if own:
                 c.close()
 
-    def _passes(self, c, white, wvar, ok, x, y, passno, shape_w, first):
+    def _passes(self, c, white, wvar, ok, x, y, passno, shape_w, first, notes):
         """Joint fit of all stars, then search the residual for more; until nothing new or ``n_iter`` passes."""
         cfg = self.config
         fwhm = float(shape_w[0])
         f = ferr = np.zeros(0)
         model = sky_model = np.zeros_like(white)
+        capped = False
         for it in range(cfg.n_iter):
+            if capped:  # the candidate list hit max_sources: no further passes (bounded work)
+                break
             if it > 0:  # search the residual of all fitted stars
                 res = np.where(ok, white - model, np.nan)
                 # PSF-model errors near bright stars are not noise: inflate the variance by them
                 eps = self._model_error(res, wvar, model - sky_model, x, y, f, ferr, fwhm)
                 rvar = wvar + (eps * np.maximum(model - sky_model, 0.0)) ** 2
                 s_r, _, _ = matched_filter_snr(res, rvar, _kernel(shape_w, fwhm))
-                xn, yn, pn = _peaks(s_r, cfg.threshold, 3)
+                xn, yn, pn = _peaks(s_r, cfg.threshold, 3, 4 * cfg.max_sources)
                 if xn.size and x.size:
-                    dmin = np.min(np.hypot(xn[:, None] - x[None, :], yn[:, None] - y[None, :]), axis=1)
+                    dmin = cKDTree(np.column_stack([x, y])).query(np.column_stack([xn, yn]))[0]
                     new = dmin > cfg.min_separation * fwhm
                     xn, yn, pn = xn[new], yn[new], pn[new]
+                room = cfg.max_sources - x.size
+                if xn.size > room:  # bounded work: the highest-S/N new peaks only
+                    notes.add(_cap_note(c, cfg.max_sources))
+                    capped = True
+                    best = np.argsort(-pn, kind="stable")[:max(room, 0)]
+                    xn, yn, pn = xn[best], yn[best], pn[best]
                 if not xn.size:
                     break
                 x, y = np.concatenate([x, xn]), np.concatenate([y, yn])
                 passno = np.concatenate([passno, np.full(xn.size, first + it + 1)])
             if not x.size:
                 break
-            if x.size > cfg.max_sources:
-                raise ReaderError(f"{c.path}: more than {cfg.max_sources} detections; raise the threshold")
-            x, y, f, ferr, model, sky_model = self._joint_fit(white, wvar, x, y, shape_w)
-            keep = self._prune(x, y, f, ferr, ok, fwhm)
+            x, y, f, ferr, model, sky_model, (A, w) = self._joint_fit(white, wvar, x, y, shape_w)
+            # significance of each fitted flux against the noise and the PSF-model error of its neighbours'
+            # light: residual peaks of bright stars' imperfect PSF model are not stars
+            eps = self._model_error(np.where(ok, white - model, np.nan), wvar, model - sky_model, x, y, f, ferr, fwhm)
+            keep = self._prune(x, y, f, np.hypot(ferr, model_flux_error(A, w, f, eps)), ok, fwhm)
             x, y, f, ferr, passno = x[keep], y[keep], f[keep], ferr[keep], passno[keep]
             if x.size:
-                x, y, f, ferr, model, sky_model = self._joint_fit(white, wvar, x, y, shape_w, refine=False)
+                x, y, f, ferr, model, sky_model, _ = self._joint_fit(white, wvar, x, y, shape_w, refine=False)
         return x, y, f, ferr, passno
 
     def _model_error(self, res, var, stars, x, y, f, ferr, fwhm):
@@ -387,11 +626,7 @@ class Detector:
         bright = f > 50 * ferr
         if bright.sum() < 2:
             return floor
-        ny, nx = res.shape
-        yy, xx = np.mgrid[:ny, :nx]
-        near = np.zeros((ny, nx), bool)
-        for i in np.nonzero(bright)[0]:
-            near |= (xx - x[i]) ** 2 + (yy - y[i]) ** 2 < fwhm**2
+        near = _disc_mask(res.shape, x[bright], y[bright], fwhm)
         use = near & np.isfinite(res) & (stars > 0)
         if use.sum() < 10:
             return floor
@@ -405,7 +640,7 @@ class Detector:
             return shape_w
         ny, nx = white.shape
         fw0 = float(shape_w[0])
-        radius = min(4.0 * fw0, 20.0)
+        radius = min(cfg.psf_radius * fw0, cfg.psf_radius_max)
         A = psf_design_matrix(_shape_psf(shape_w), x, y, 0.0, (ny, nx), radius, 2, valid=ok)
         sel = []
         for i in np.argsort(-f):  # bright, well measured, stamps (2 FWHM) not overlapping
@@ -418,26 +653,21 @@ class Detector:
         others = np.ones(x.size, bool)
         others[sel] = False
         img = np.where(ok, white - (A[:, others] @ f[others]).reshape(ny, nx), np.nan)
-        p = _fit_shape(img, wvar, x[sel], y[sel], np.asarray(shape_w, float), 2)
-        if p is None or not 0.5 * fw0 < p[0] < 2.0 * fw0:
+        got = _fit_shape(img, wvar, x[sel], y[sel], np.asarray(shape_w, float), 2)
+        if got is not None and not got[1][1] <= cfg.beta_error_max:
+            # too little light in the wings to measure beta: FWHM and ellipticity only, beta as it was
+            got = _fit_shape(img, wvar, x[sel], y[sel], np.asarray(shape_w, float), 2, free=(True, False, True, True))
+        if got is None or not 0.5 * fw0 < got[0][0] < 2.0 * fw0:
             return shape_w
-        return np.asarray(p, float)
+        return np.asarray(got[0], float)
 
     # ------------------------------------------------------------------ bookkeeping
     def _merge(self, cand, fwhm):
         x = np.concatenate([c[0] for c in cand])
         y = np.concatenate([c[1] for c in cand])
         pk = np.concatenate([c[2] for c in cand])
-        order = np.argsort(-pk)
-        kx, ky, kp = [], [], []
-        for i in order:
-            if kx and np.min(np.hypot(np.array(kx) - x[i], np.array(ky) - y[i])) <= max(1.0, self.config.min_separation
-                                                                                       * fwhm):
-                continue
-            kx.append(x[i])
-            ky.append(y[i])
-            kp.append(pk[i])
-        return np.array(kx, float), np.array(ky, float), np.array(kp, float)
+        keep = _thin(x, y, pk, max(1.0, self.config.min_separation * fwhm))
+        return x[keep], y[keep], pk[keep]
 
     def _prune(self, x, y, f, ferr, ok, fwhm):
         """Drop faint fits (flux below threshold x error), stars off the usable field, and merge close pairs."""
@@ -446,12 +676,7 @@ class Detector:
         keep = np.isfinite(f) & (f > self.config.threshold * ferr) & ok[yi, xi]
         keep &= (x > -0.5) & (x < nx - 0.5) & (y > -0.5) & (y < ny - 0.5)
         idx = np.nonzero(keep)[0]
-        for i in idx[np.argsort(-f[idx])]:
-            if not keep[i]:
-                continue
-            close = keep & (np.hypot(x - x[i], y - y[i]) < self.config.min_separation * fwhm) & (f <= f[i])
-            close[i] = False
-            keep[close] = False
+        keep[idx] = _thin(x[idx], y[idx], f[idx], self.config.min_separation * fwhm)
         return keep
 
     def _table(self, c, x, y, f, ferr, passno, shape_w, waves) -> Table:
@@ -480,6 +705,8 @@ class Detector:
         t.meta["DETECTOR"] = "musepayne.extract.detect"
         t.meta["FWHM_PX"] = round(float(shape_w[0]), 4)
         t.meta["BETA"] = round(float(shape_w[1]), 4)
+        t.meta["E1"] = round(float(shape_w[2]), 4)
+        t.meta["E2"] = round(float(shape_w[3]), 4)
         t.meta["THRESH"] = cfg.threshold
         t.meta["NBANDS"] = len(waves)
         return t

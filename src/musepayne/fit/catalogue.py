@@ -4,7 +4,8 @@ Columns (lower case), every one with a unit and a description:
 
 ``stellar_id, ra, dec, snr_muse``; for every model label ``X`` (``teff``,
 ``logg``, ``fe_h``, ``mg_fe``, ...): ``X, X_err, X_flag, X_gradcorr``; then
-``rv, rv_err, red_chi2, red_chi2_model, corr_flux, n_pix_used, model, status, fit_flags`` and the
+``rv, rv_err, red_chi2, red_chi2_model, misfit, misfit_err, misfit_ref, ref_dist, corr_flux, n_pix_used,
+model, status, fit_flags`` and the
 diagnostics ``reason, edge_labels, n_iter, chi2, error_scale`` (+ ``model_flux``
 when the fitter keeps best-fit spectra).
 
@@ -16,7 +17,12 @@ when the fitter keeps best-fit spectra).
   would have to extrapolate; ``edge_labels`` names them, ``<`` lower / ``>`` upper);
   ``not_converged``; ``failed:<reason>`` (row kept, values NaN).
 * ``fit_flags``: OR of the :data:`musepayne.flags.FIT_FLAGS` bits (``FAILED``,
-  ``NOT_CONVERGED``, ``LABEL_EDGE``, ``HIGH_CHI2``); 0 for a clean fit.
+  ``NOT_CONVERGED``, ``LABEL_EDGE``, ``HIGH_CHI2`` from the fit; ``LOW_SNR``, ``BLENDED``,
+  ``LARGE_ERRORS``, ``MISFIT``, ``SPARSE_LABELS`` from :func:`apply_quality_flags`); 0 for a clean fit.
+* ``misfit``: the best fit's residual beyond the noise in units of the model's intrinsic
+  scatter (:func:`model_misfit`); ``misfit_ref`` / ``ref_dist``: what the model's cross-validation
+  stars reach near the fitted labels and how far the 5th nearest is (:func:`misfit_reference`):
+  the tests behind ``MISFIT`` and ``SPARSE_LABELS``.
 * When the model carries a benchmark-scale calibration (``BENCHCAL``, :mod:`musepayne.models.benchcal`)
   and the fit config does not turn it off, ``X`` is on the Gaia FGK benchmark scale and
   ``X_uncal`` keeps the model's value; ``X_err = sqrt(X_err_stat^2 + X_err_sys^2)``.
@@ -49,6 +55,8 @@ from ..models.benchcal import BENCH_LABELS, BenchmarkCalibration
 __all__ = [
     "build_catalogue",
     "apply_quality_flags",
+    "model_misfit",
+    "misfit_reference",
     "add_extraction_columns",
     "EXTRACTION_COLUMNS",
     "label_columns",
@@ -76,6 +84,17 @@ _FIXED_AFTER = {
     "red_chi2_model": ("", "reduced chi2 with e_i^2 = 1/ivar_i + s_i^2 (s_i: the model's intrinsic scatter); ~1 for "
                            "a star the model describes as well as its validation stars; NaN: the model has no "
                            "scatter (or model_scatter='off')"),
+    "misfit": ("", "noise-subtracted mismatch of spectrum and best fit in units of the model's intrinsic scatter: "
+                   "(mean residual^2 - mean noise variance) / mean s_i^2, from red_chi2 and red_chi2_model "
+                   "(musepayne.fit.catalogue.model_misfit); ~1 for a star the model describes as well as its "
+                   "validation stars at any S/N; NaN: the model has no scatter"),
+    "misfit_err": ("", "1-sigma noise of misfit (chi2 statistics over n_pix_used pixels)"),
+    "misfit_ref": ("", "typical misfit of the model's cross-validation stars with similar labels (median of the "
+                       "25 nearest in the paper's Eq. 4 metric, musepayne.fit.catalogue.misfit_reference); 1 when "
+                       "the model carries no reference (its scatter makes its validation stars' misfit ~1)"),
+    "ref_dist": ("", "distance of the fitted labels to the 5th-nearest of the model's cross-validation stars in the "
+                     "paper's Eq. 4 metric (Teff/100 K, log g/0.2, [Fe/H]/0.1 dex): large where the training set is "
+                     "sparse; NaN: the model carries no reference"),
     "corr_flux": ("", "Pearson correlation of observed and best-fit flux over used pixels"),
     "n_pix_used": ("", "number of pixels used in the fit"),
     "model": ("", "model(s) the labels come from"),
@@ -147,7 +166,10 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
                                                         model.arch))
     vals = {
         "rv": res.rv, "rv_err": res.rv_err, "red_chi2": res.red_chi2, "red_chi2_model": res.red_chi2_model,
-        "corr_flux": res.corr_flux,
+        "corr_flux": res.corr_flux, **dict(zip(("misfit", "misfit_err"),
+                                               model_misfit(res.red_chi2, res.red_chi2_model, res.n_pix_used))),
+        **dict(zip(("misfit_ref", "ref_dist"),
+                   misfit_reference(getattr(model, "misfit_reference", None), res.labels, model.label_names))),
         "n_pix_used": res.n_pix_used, "model": np.full(n, model_name), "status": res.status.astype(str),
         "fit_flags": fit_flags(res.status, np.where(np.isfinite(res.red_chi2_model), res.red_chi2_model,
                                                      res.red_chi2),
@@ -175,6 +197,121 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
     add_extraction_columns(tab, spectra)
     apply_quality_flags(tab)
     return tab
+
+
+#: neighbours of :func:`misfit_reference`, the floor of ``misfit_ref`` in the ``MISFIT`` test and the
+#: rank of the reference star whose distance is ``ref_dist``
+MISFIT_REF_K = 25
+MISFIT_REF_FLOOR = 0.5
+SPARSE_K = 5
+_EQ4_SCALE = {"teff": 100.0, "logg": 0.2, "fe_h": 0.1}
+
+
+def misfit_reference(reference, labels, label_names, k: int = MISFIT_REF_K, k_dist: int = SPARSE_K):
+    """What a model's cross-validation says about given labels: the misfit it typically reaches
+    there (median ``misfit`` of the ``k`` nearest reference stars) and how densely its stars cover
+    them (distance to the ``k_dist``-th nearest reference star), in the paper's Eq. 4 metric
+    (Teff / 100 K, log g / 0.2 dex, [Fe/H] / 0.1 dex).
+
+    The reference of a model is its cross-validation stars (held out of training, observed as MUSE
+    at S/N 100, fitted by fold models of the same recipe: ``benchmarks/cv_flags.py reference``),
+    shipped beside the model as ``<model>.misfitref.fits`` and attached by
+    :func:`musepayne.models.files.load_model` as ``model.misfit_reference``.  Stars the model describes
+    less well everywhere (cool and low-gravity giants have deeper lines than the average star the
+    model's scatter was measured on) then do not count as misfits, and a misfit in a part of label
+    space the model describes well (Arcturus landing among the red-clump stars) stands out.
+
+    Parameters
+    ----------
+    reference : astropy.table.Table or None
+        Columns ``teff`` (K), ``logg``, ``fe_h`` (dex; the fitted labels of the reference stars) and
+        ``misfit``; None: no reference (misfit_ref 1, ref_dist NaN for every row with finite labels).
+    labels : array_like
+        Fitted labels, shape (n, n_labels), in the order of ``label_names`` (the model's own, before
+        any benchmark calibration).
+    label_names : sequence of str
+        Names of the columns of ``labels``.
+    k : int, optional
+        Neighbours of the median misfit.
+    k_dist : int, optional
+        Rank of the neighbour whose distance is returned.
+
+    Returns
+    -------
+    misfit_ref : numpy.ndarray
+        Reference misfit per row (dimensionless); NaN for rows without finite labels.
+    ref_dist : numpy.ndarray
+        Distance to the ``k_dist``-th nearest reference star (Eq. 4 units); NaN without a reference.
+    """
+    lab = np.atleast_2d(np.asarray(labels, np.float64))
+    names = [n for n in _EQ4_SCALE if n in list(label_names)]
+    ok = np.all(np.isfinite(lab), axis=1)
+    out = np.where(ok, 1.0, np.nan)
+    dist = np.full(len(lab), np.nan)
+    if reference is None or not names or len(reference) == 0:
+        return out, dist
+    idx = [list(label_names).index(n) for n in names]
+    scale = np.array([_EQ4_SCALE[n] for n in names])
+    ref = np.column_stack([np.asarray(reference[n], np.float64) for n in names]) / scale
+    mf = np.asarray(reference["misfit"], np.float64)
+    use = np.all(np.isfinite(ref), axis=1) & np.isfinite(mf)
+    ref, mf = ref[use], mf[use]
+    kk, kd = min(int(k), len(mf)), min(int(k_dist), len(mf))
+    if kk < 1 or kd < 1:
+        return out, dist
+    x = lab[:, idx] / scale
+    for a in range(0, len(x), 512):  # (512 x n_ref) distances at a time
+        rows = np.nonzero(ok[a:a + 512])[0] + a
+        if rows.size == 0:
+            continue
+        d2 = ((x[rows, None, :] - ref[None, :, :]) ** 2).sum(-1)
+        near = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
+        out[rows] = np.median(mf[near], axis=1)
+        dist[rows] = np.sqrt(np.partition(d2, kd - 1, axis=1)[:, kd - 1])
+    return out, dist
+
+
+def model_misfit(red_chi2, red_chi2_model, n_pix):
+    """Noise-subtracted misfit of the best fit in units of the model's intrinsic scatter, and its noise.
+
+    With ``x = red_chi2`` (mean of r^2 / e^2 over the used pixels, e the observed errors) and
+    ``y = red_chi2_model`` (mean of r^2 / (e^2 + s^2), s the model's scatter), and treating e and s
+    as constant over the pixels, the mean squared residual is ``R = x e^2 = y (e^2 + s^2)``, so
+
+        misfit = (R - e^2) / s^2 = (x - 1) y / (x - y),
+
+    the part of the residual the noise does not explain, in units of the model's own scatter:
+    ~1 for a star the model describes as well as its validation stars, whatever the S/N (where
+    ``red_chi2_model`` tends to 1 for any fit as the noise grows).  Its noise, from
+    var(x) = 2 x^2 / n at fixed e^2 / s^2 = y / (x - y):
+
+        misfit_err = sqrt(2 / n) x y / (x - y).
+
+    Parameters
+    ----------
+    red_chi2 : array_like
+        Reduced chi2 with the observed errors (dimensionless).
+    red_chi2_model : array_like
+        Reduced chi2 with the model's scatter added to the variances (NaN: no scatter).
+    n_pix : array_like
+        Pixels used in the fit.
+
+    Returns
+    -------
+    misfit : numpy.ndarray
+        Dimensionless; NaN where not defined (no scatter, ``red_chi2 <= red_chi2_model``, no fit).
+    misfit_err : numpy.ndarray
+        Its 1-sigma noise; NaN where ``misfit`` is.
+    """
+    x = np.asarray(red_chi2, np.float64)
+    y = np.asarray(red_chi2_model, np.float64)
+    n = np.asarray(n_pix, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ok = np.isfinite(x) & np.isfinite(y) & (x > y) & (y > 0) & (n > 0)
+        ratio = np.where(ok, y / (x - y), np.nan)  # e^2 / s^2
+        misfit = (x - 1.0) * ratio
+        err = np.sqrt(2.0 / n) * x * ratio
+    return np.where(ok, misfit, np.nan), np.where(ok, err, np.nan)
 
 
 def fit_flags(status, red_chi2, max_red_chi2: float | None = None) -> np.ndarray:
@@ -551,13 +688,21 @@ def add_extraction_columns(cat: Table, spectra: Table) -> Table:
 
 
 def apply_quality_flags(cat: Table, thresholds: FlagThresholds | None = None) -> Table:
-    """OR the ``LOW_SNR``, ``BLENDED`` and ``LARGE_ERRORS`` bits into ``cat['fit_flags']`` (in place).
+    """Set the ``LOW_SNR``, ``BLENDED``, ``LARGE_ERRORS``, ``MISFIT`` and ``SPARSE_LABELS`` bits of
+    ``cat['fit_flags']`` (in place).
+
+    These five bits are recomputed (cleared, then set where their test holds), so a catalogue can be
+    re-flagged with other thresholds; the fit's own bits (``FAILED``, ``NOT_CONVERGED``,
+    ``LABEL_EDGE``, ``HIGH_CHI2``) are kept.
 
     Parameters
     ----------
     cat : Table
-        A catalogue with ``fit_flags``; ``snr_muse``, ``neighbour_frac`` and the label errors
-        are used where present (``X_err_stat`` before ``X_err``).
+        A catalogue with ``fit_flags``; ``snr_muse``, ``neighbour_frac``, the label errors
+        (``X_err_stat`` before ``X_err``), ``misfit`` / ``misfit_err`` / ``misfit_ref`` and ``ref_dist``
+        are used where present
+        (``misfit`` is computed from ``red_chi2``, ``red_chi2_model`` and ``n_pix_used`` when a
+        catalogue lacks it; it is not added).
     thresholds : FlagThresholds, optional
         Default :class:`musepayne.flags.FlagThresholds`.
 
@@ -567,7 +712,8 @@ def apply_quality_flags(cat: Table, thresholds: FlagThresholds | None = None) ->
         ``cat``.
     """
     th = thresholds or FlagThresholds()
-    flags = np.asarray(cat["fit_flags"], np.int32).copy()
+    mine = sum(FIT_FLAGS[k].value for k in ("LOW_SNR", "BLENDED", "LARGE_ERRORS", "MISFIT", "SPARSE_LABELS"))
+    flags = np.asarray(cat["fit_flags"], np.int32).copy() & ~np.int32(mine)
     with np.errstate(invalid="ignore"):
         if "snr_muse" in cat.colnames:
             flags[np.asarray(cat["snr_muse"], np.float64) < th.min_snr] |= FIT_FLAGS["LOW_SNR"].value
@@ -578,6 +724,19 @@ def apply_quality_flags(cat: Table, thresholds: FlagThresholds | None = None) ->
             col = next((c for c in (f"{name}_err_stat", f"{name}_err") if c in cat.colnames), None)
             if col is not None:
                 flags[np.asarray(cat[col], np.float64) > limit] |= FIT_FLAGS["LARGE_ERRORS"].value
+        if "misfit" in cat.colnames and "misfit_err" in cat.colnames:
+            mf, me = np.asarray(cat["misfit"], np.float64), np.asarray(cat["misfit_err"], np.float64)
+        elif all(c in cat.colnames for c in ("red_chi2", "red_chi2_model", "n_pix_used")):
+            mf, me = model_misfit(cat["red_chi2"], cat["red_chi2_model"], cat["n_pix_used"])
+        else:
+            mf = me = None
+        if mf is not None:
+            ref = (np.asarray(cat["misfit_ref"], np.float64) if "misfit_ref" in cat.colnames
+                   else np.ones(len(cat)))
+            ratio = (mf - th.misfit_sigma * me) / np.maximum(np.nan_to_num(ref, nan=1.0), MISFIT_REF_FLOOR)
+            flags[ratio > th.max_misfit] |= FIT_FLAGS["MISFIT"].value
+        if "ref_dist" in cat.colnames:
+            flags[np.asarray(cat["ref_dist"], np.float64) > th.max_ref_dist] |= FIT_FLAGS["SPARSE_LABELS"].value
     cat["fit_flags"][:] = flags
     return cat
 

@@ -15,16 +15,20 @@ Teff/log g) are independent of any library catalogue.  ~109 library spectra
 Calibration (:class:`BenchmarkCalibration`)
 -------------------------------------------
 * A **post-fit map** per label: ``x_bench = x_fit + c . phi(x_fit)`` with
-  ``phi`` the low-order polynomial features of the three fitted labels
+  ``phi`` the low-order polynomial features of the fitted labels
   (scaled to ~unit range; clamped to the fitted-label box of the calibrating stars, so
-  the polynomial never extrapolates), fitted by ridge-regularised least squares to
+  the polynomial never extrapolates); each label's inputs, degree (offset, linear,
+  quadratic) and ridge penalty are chosen by cross-validation over the benchmark stars
+  (:func:`musepayne.train.benchcal.select_maps`; unused coefficients are stored as zero),
+  fitted by robust ridge-regularised least squares to
   ``bench - fit`` over benchmark stars fitted by a model that never saw them
   (the model is trained without the benchmark stars; every spectrum is
   simulated as a MUSE and a LAMOST observation at S/N 100, prepared and
   fitted: both instruments enter the map, so it is instrument-independent by
   construction and its CV figures are quoted per instrument).
 * A **systematic error** per label (``sys``), a constant per star type bin
-  (dwarf / giant) or overall (see :attr:`BenchmarkCalibration.sys_err`): the extra variance
+  (dwarf / giant / metal-poor giant; a type with fewer than :data:`MIN_BIN_STARS` stars is
+  shrunk towards its parent type) or overall (see :attr:`BenchmarkCalibration.sys_err`): the extra variance
   that makes ``(fit_cal - bench) / sqrt(stat^2 + sys^2 + e_bench^2)`` have a
   dispersion of 1 (half the 15.87-84.13 percentile range), solved on the
   residuals of inner-CV maps (each star calibrated by a map that did not see it).  The
@@ -55,13 +59,17 @@ from astropy.io import fits
 from astropy.table import Column, Table
 
 __all__ = ["FEH_BENCH_ERR", "BENCH_LABELS", "HDU_NAME", "read_benchmarks", "hd_number", "match_benchmarks",
-           "star_type", "BenchmarkCalibration", "info_lines", "DEFAULT_BENCHMARK_FILE"]
+           "star_type", "BenchmarkCalibration", "info_lines", "DEFAULT_BENCHMARK_FILE", "BENCH_COLUMNS",
+           "attach_benchmark_labels", "strip_benchmark_labels"]
 
 #: [Fe/H] error assumed for the benchmark stars (the v3 table gives none), dex
 FEH_BENCH_ERR = 0.05
 BENCH_LABELS = ("teff", "logg", "fe_h")
 DEFAULT_BENCHMARK_FILE = Path("benchmarks") / "gbs_v3_gdr3_tmass.csv"  # relative to the shared data folder
 HDU_NAME = "BENCHCAL"
+#: columns of a hold-out fits table that are copied from the benchmark table (third-party data:
+#: never written to files this package ships; re-attached from the benchmark table when read)
+BENCH_COLUMNS = tuple(c for n in BENCH_LABELS for c in (f"{n}_bench", f"e_{n}_bench"))
 #: a star-type bin of the systematic errors needs this many distinct stars
 MIN_BIN_STARS = 10
 FORMAT_VERSION = 1
@@ -107,6 +115,59 @@ def match_benchmarks(names, bench: Table) -> np.ndarray:
         if h and h not in lookup:
             lookup[str(h)] = j
     return np.array([lookup.get(hd_number(n) or "", -1) for n in names], int)
+
+
+def strip_benchmark_labels(tab: Table) -> Table:
+    """A copy of a hold-out fits table without the benchmark labels (:data:`BENCH_COLUMNS`).
+
+    Parameters
+    ----------
+    tab : astropy.table.Table
+        Hold-out fits (``train.benchcal.holdout_table``), with or without the benchmark columns.
+
+    Returns
+    -------
+    astropy.table.Table
+        The fits and identifiers only (``hd`` kept, so :func:`attach_benchmark_labels` restores
+        the rest from the benchmark table).
+    """
+    out = tab.copy(copy_data=True)
+    out.remove_columns([c for c in BENCH_COLUMNS if c in out.colnames])
+    out.meta["BENCHLAB"] = ("not stored: re-attached by HD from the benchmark table "
+                                    "(musepayne.models.benchcal.attach_benchmark_labels)")
+    return out
+
+
+def attach_benchmark_labels(tab: Table, bench: Table) -> Table:
+    """A copy of a hold-out fits table with the benchmark labels and errors joined by HD.
+
+    Parameters
+    ----------
+    tab : astropy.table.Table
+        Hold-out fits with an ``hd`` column (HD designation or number).
+    bench : astropy.table.Table
+        The benchmark table of :func:`read_benchmarks`.
+
+    Returns
+    -------
+    astropy.table.Table
+        ``tab`` plus :data:`BENCH_COLUMNS` (K for Teff, dex for log g and [Fe/H]).
+
+    Raises
+    ------
+    ValueError
+        If a row's HD number is not in ``bench``.
+    """
+    idx = match_benchmarks([str(h) for h in tab["hd"]], bench)
+    if np.any(idx < 0):
+        missing = sorted({str(h) for h, j in zip(tab["hd"], idx) if j < 0})
+        raise ValueError(f"hold-out table: {len(missing)} HD numbers not in the benchmark table, e.g. {missing[:3]}")
+    out = strip_benchmark_labels(tab)
+    out.meta.pop("BENCHLAB", None)
+    for n in BENCH_LABELS:
+        out[f"{n}_bench"] = np.asarray(bench[n], float)[idx]
+        out[f"e_{n}_bench"] = np.asarray(bench[f"e_{n}"], float)[idx]
+    return out
 
 
 def star_type(labels) -> np.ndarray:
@@ -235,10 +296,17 @@ def info_lines(cal: BenchmarkCalibration) -> list:
            "    sys errors: " + ", ".join(f"{n} {', '.join(f'{b}={v:.3g}' for b, v in cal.sys_err[n].items())}"
                                          for n in BENCH_LABELS),
            f"    command: {m.get('command', '')}"]
+    if m.get("map"):
+        out.append("    map chosen by CV over the stars: " + ", ".join(f"{n} {v['choice']}" for n, v in m["map"].items()))
     for inst, o in (m.get("cv") or {}).items():
         for stage in ("uncal", "cal"):
             g = o[stage]["all"]
             out.append(f"    CV {inst} {stage:5s}: " + "; ".join(
                 f"{n} bias {g[n]['bias']:+.3g} disp {g[n]['dispersion']:.3g} pulls {g[n]['pull_dispersion']:.2f}"
                 for n in BENCH_LABELS))
+    for inst, per in (m.get("cv_pulls") or {}).items():
+        out.append(f"    CV {inst} pulls teff/logg/fe_h by S/N and type (seeds pooled; stars): " + "; ".join(
+            f"S/N {sn}: " + ", ".join(f"{g} {'/'.join(format(v[n], '.2f') for n in BENCH_LABELS)} ({v['n_stars']})"
+                                      for g, v in o.items())
+            for sn, o in sorted(per.items(), key=lambda kv: float(kv[0]))))
     return out

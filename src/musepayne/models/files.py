@@ -87,6 +87,7 @@ def load_model(path) -> SpectralModel:
         raise ModelError(f"{path}: cannot read model ({type(exc).__name__}: {exc})") from None
     model.path = str(path)
     model.templates = _sibling_templates(path)
+    model.misfit_reference = _sibling_misfit_reference(path)
     return model
 
 
@@ -105,6 +106,28 @@ def _sibling_templates(path):
         return GradientTemplates.load(tp)
     except ReaderError as exc:
         raise ModelError(f"{tp}: the model's gradient templates are unreadable ({exc})") from None
+
+
+def misfit_reference_path(model_path) -> Path:
+    """Where a model's misfit reference lives: ``<stem>.misfitref.fits`` beside the model file
+    (:func:`musepayne.fit.catalogue.misfit_reference`)."""
+    p = Path(model_path)
+    return p.with_name(p.name.removesuffix(".fits") + ".misfitref.fits")
+
+
+def _sibling_misfit_reference(path):
+    """The misfit reference table shipped beside a model file, or None."""
+    rp = misfit_reference_path(path)
+    if not rp.is_file():
+        return None
+    try:
+        ref = Table.read(rp)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{rp}: the model's misfit reference is unreadable ({exc})") from None
+    missing = [c for c in ("teff", "logg", "fe_h", "misfit") if c not in ref.colnames]
+    if missing:
+        raise ModelError(f"{rp}: the model's misfit reference lacks the column(s) {', '.join(missing)}")
+    return ref
 
 
 def _read_wavelength(path) -> np.ndarray:

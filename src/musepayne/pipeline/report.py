@@ -201,6 +201,8 @@ def _fit_title(cat, i):
         parts.append(f"RV={float(cat['rv'][i]):.1f} km/s")
     if "red_chi2" in cat.colnames:
         parts.append(f"red. chi2={float(cat['red_chi2'][i]):.2f}")
+    if "misfit" in cat.colnames and np.isfinite(float(cat["misfit"][i])):
+        parts.append(f"misfit={float(cat['misfit'][i]):.1f}")
     if "fit_flags" in cat.colnames and int(cat["fit_flags"][i]):
         parts.append("FLAGS: " + ",".join(decode_fit_flags(int(cat["fit_flags"][i]))))
     return "  ".join(parts)

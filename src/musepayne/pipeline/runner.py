@@ -30,6 +30,7 @@ import json
 import logging
 import re
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,7 +42,7 @@ from astropy.table import Column, Table, vstack
 
 from .. import __version__
 from ..config import ConfigError, from_mapping, to_mapping
-from ..extract.detect import Detector
+from ..extract.detect import DetectConfig, Detector
 from ..extract.extractor import ExtractConfig, Extractor
 from ..fit.catalogue import combine_metal_poor, write_catalogue
 from ..fit.fitter import FitConfig, Fitter
@@ -64,7 +65,7 @@ __all__ = ["RunConfig", "Pipeline", "load_config_file", "read_config_file", "cub
 #: flat option names of earlier versions -> (section, option); accepted by from_dict/updated
 _LEGACY = {"mode": ("prepare", "mode"), "ao_notch": ("prepare", "ao_notch"),
            "extract_method": ("extract", "method"), "rv_range": ("fit", "rv_range")}
-_SECTIONS = {"extract": ExtractConfig, "prepare": PrepareConfig, "fit": FitConfig}
+_SECTIONS = {"detect": DetectConfig, "extract": ExtractConfig, "prepare": PrepareConfig, "fit": FitConfig}
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,9 @@ class RunConfig:
         count, so fixing it makes a run's numbers identical wherever it runs (a resumed run,
         another worker, another machine); parallelism comes from running cubes side by side
         (``musepayne survey``).  None: leave the BLAS library's own setting.
+    detect : DetectConfig
+        Source detection when no catalogue is given (``[detect]`` table: thresholds, passes,
+        bands, bounds on the number of stars).
     extract : ExtractConfig
         The extract stage (``[extract]`` table in a file).
     prepare : PrepareConfig
@@ -110,6 +114,7 @@ class RunConfig:
     min_snr: float = 3.0
     report: bool = True
     blas_threads: int | None = 1
+    detect: DetectConfig = field(default_factory=DetectConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     fit: FitConfig = field(default_factory=FitConfig)
@@ -133,7 +138,7 @@ class RunConfig:
     def from_dict(cls, options: dict) -> RunConfig:
         """Validated configuration from a mapping (a file's content or CLI options).
 
-        Accepts nested tables ``extract``, ``prepare``, ``fit`` and the flat names of earlier
+        Accepts nested tables ``detect``, ``extract``, ``prepare``, ``fit`` and the flat names of earlier
         versions (``mode``, ``ao_notch``, ``extract_method``, ``rv_range``, ``extract_options``,
         ``fit_options``).  Raises :class:`~musepayne.config.ConfigError` on any unknown key,
         wrong type or out-of-range value.
@@ -166,7 +171,8 @@ class RunConfig:
     def stage_digest(self, stage: str) -> str:
         """Hash of what one stage's output depends on: its own configuration (plus, for
         prepare, the cube LSF; for fit, the chunking and the S/N threshold)."""
-        d = {"extract": {"extract": self.to_dict()["extract"]},
+        d = {"detect": {"detect": self.to_dict()["detect"]},
+             "extract": {"extract": self.to_dict()["extract"]},
              "prepare": {"prepare": self.to_dict()["prepare"], "cube_lsf": self.cube_lsf},
              "fit": {"fit": self.to_dict()["fit"], "fit_chunk": self.fit_chunk, "min_snr": self.min_snr}}[stage]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -248,6 +254,7 @@ class Pipeline:
         self.progress = progress
         self.log = logger or logging.getLogger(f"musepayne.run.{id(self)}")
         self.times = _StageLog()
+        self.detect_warnings: list[str] = []  # of the last detect stage (truncated candidate lists)
 
     # ------------------------------------------------------------------ helpers
     def _marker(self, cdir: Path, stage: str) -> Path:
@@ -284,18 +291,25 @@ class Pipeline:
     def detect(self, cube_path, cdir: Path, checks: dict) -> Path:
         """No catalogue given: find the stars in the cube itself -> ``cdir/sources_detected.ecsv``."""
         out = cdir / "sources_detected.ecsv"
-        if self._is_done(cdir, "detect", checks, "default", out):
+        cfg_hash = self.config.stage_digest("detect")
+        if self._is_done(cdir, "detect", checks, cfg_hash, out):
             self.log.info("detect: %s already done, skipped", cube_path)
+            self.detect_warnings = list(json.loads(self._marker(cdir, "detect").read_text()).get("warnings", []))
             return out
         t0 = time.perf_counter()
-        det = Detector()(str(cube_path))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            det = Detector(self.config.detect)(str(cube_path))
+        self.detect_warnings = [f"{Path(cube_path).name}: {w.message}" for w in caught]
+        for w in self.detect_warnings:
+            self.log.warning("detect: %s", w)
         if len(det) == 0:
             raise ValueError(f"{cube_path}: no star detected above S/N {det.meta.get('THRESH')}")
         tmp = out.with_name(f".{out.name}.part")
         det.write(tmp, format="ascii.ecsv", overwrite=True)
         tmp.replace(out)
         self.times.add("detect", time.perf_counter() - t0)
-        self._mark(cdir, "detect", checks, "default", {"n_detected": len(det)})
+        self._mark(cdir, "detect", checks, cfg_hash, {"n_detected": len(det), "warnings": self.detect_warnings})
         self.log.info("detect: %d stars in %s -> %s", len(det), cube_path, out)
         return out
 
@@ -423,6 +437,8 @@ class Pipeline:
             self.times.add("checksums", time.perf_counter() - t0)
             if detected:
                 src = self.detect(cube, cdir, {"cube": csum})
+                if self.detect_warnings:
+                    record.setdefault("warnings", []).extend(self.detect_warnings)
             ssum = sha256_file(src)
             record["inputs"][str(cube)] = csum
             record["inputs"][str(src)] = ssum

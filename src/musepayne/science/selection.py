@@ -127,7 +127,9 @@ _PRESETS["reliable"] = Preset(
     "snr_muse > 80 and red_chi2 < 20 and teff > 4300 and fit_flags == 0", False,
     "labels to trust: SNR_MUSE > 80 /pix (the MUSE part of Eq. 5), red_chi2 < 20 and Teff > 4300 K (Eq. 8), "
     "no fit flag (fit_flags == 0: converged inside the bounds, red_chi2_model < 3, S/N >= 20, not blended, "
-    "errors below 250 K / 0.5 / 0.25 dex), every computed per-label gradient flag X_flag == 1 (Eq. 4) and, "
+    "errors below 250 K / 0.5 / 0.25 dex, no catastrophic misfit (MISFIT), labels where the model's training "
+    "stars are not sparse (SPARSE_LABELS)), "
+    "every computed per-label gradient flag X_flag == 1 (Eq. 4) and, "
     "for spectra from cubes, extraction status ok. Eq. 8's [Fe/H] > -1.5 and [Mg/Fe] gradcorr cuts select "
     "the paper's abundance sample, not reliable rows, and are left out",
     optional=(("ext_status", "ext_status == 'ok'"), ("teff_flag", "teff_flag == 1"),

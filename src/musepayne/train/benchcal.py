@@ -7,16 +7,18 @@ for the method); this module runs the workflow behind ``musepayne model calibrat
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
-from astropy.table import Table
+from astropy.table import Table, vstack
 
 from ..fit.fitter import FitConfig, Fitter
 from ..io.fits import sha256_file
 from ..io.prepared import PreparedSpectra
 from ..models.benchcal import (
+    BENCH_COLUMNS,
     BENCH_LABELS,
     DEFAULT_BENCHMARK_FILE,
     FEH_BENCH_ERR,
@@ -24,29 +26,162 @@ from ..models.benchcal import (
     BenchmarkCalibration,
     _features,
     _robust_disp,
+    attach_benchmark_labels,
     match_benchmarks,
     read_benchmarks,
     star_type,
 )
 from ..models.gradients import CannonEmulator, build_templates
+from ..models.model import MLPPayne
 from ..prepare.preparer import PrepareConfig, Preparer
 from .crossval import _NOT_RECIPE, assign_folds
 from .trainer import TrainConfig, train_model
 from .trainset import build_trainset, library_files, read_library, simulate_lamost_observation, simulate_muse_observation
 
-
 # --------------------------------------------------------------------------- cross-validation
+#: index of z_i^2 in the degree-2 features of :func:`musepayne.models.benchcal._features`
+#: (order 1, zT, zg, zf, zT^2, zT zg, zT zf, zg^2, zg zf, zf^2)
+_PAIR = {(i, j): 4 + n for n, (i, j) in enumerate((i, j) for i in range(3) for j in range(i, 3))}
+#: ridge penalties tried by the map selection (features O(1); in units of one row's squared residual)
+SELECT_RIDGES = (0.1, 1.0, 10.0, 100.0)
+#: fold assignments averaged by the map selection
+SELECT_REPEATS = 3
+_SHORT = ("T", "g", "f")
+
+
+def map_candidates(ridges=SELECT_RIDGES) -> list:
+    """Candidate maps of one label for :func:`select_maps`: an offset, and for every non-empty
+    subset of the fitted labels as inputs a linear and a full quadratic polynomial, each with
+    every ridge penalty.
+
+    Parameters
+    ----------
+    ridges : sequence of float
+        Ridge penalties tried for the non-constant terms.
+
+    Returns
+    -------
+    list of tuple
+        ``(name, terms, ridge)``: a name such as ``'quad(T,g) r10'``, the indices of the degree-2
+        features used (0 is the constant) and the ridge penalty.
+    """
+    out = [("offset", (0,), 0.0)]
+    for size in (1, 2, 3):
+        for sub in itertools.combinations(range(3), size):
+            lin = (0,) + tuple(1 + i for i in sub)
+            quad = lin + tuple(_PAIR[(i, j)] for i in sub for j in sub if j >= i)
+            for kind, terms in (("lin", lin), ("quad", quad)):
+                for r in ridges:
+                    out.append((f"{kind}({','.join(_SHORT[i] for i in sub)}) r{r:g}", terms, float(r)))
+    return out
+
+
+def _score(r) -> float:
+    """Selection score of out-of-fold residuals: sqrt(dispersion^2 + median^2)."""
+    return float(np.hypot(_robust_disp(r), np.nanmedian(r)))
+
+
+def select_maps(fit_labels, bench_labels, groups, k: int = 5, seed: int = 12345, candidates=None,
+                repeats: int = SELECT_REPEATS) -> dict:
+    """Choose each label's map (inputs, degree, ridge) by K-fold CV over the stars.
+
+    Every candidate of :func:`map_candidates` is fitted on K-1 folds (grouped by star) and
+    scored on the held-out fold by sqrt(dispersion^2 + median^2) of the out-of-fold residuals
+    (dispersion: half the 15.87-84.13 percentile range, the figure the issue limits), averaged
+    over ``repeats`` fold assignments (seeds ``seed``, ``seed + 1``, ...: with ~90 stars one
+    assignment's ranking is noisy); the lowest score wins.
+
+    Parameters
+    ----------
+    fit_labels, bench_labels : array_like
+        (n, 3) fitted and benchmark labels (teff [K], logg, fe_h [dex]); rows with a NaN are ignored.
+    groups : array_like
+        (n,) star key per row (all rows of a star in one fold).
+    k : int
+        Folds.
+    seed : int
+        Seed of the fold assignment.
+    candidates : list, optional
+        ``(name, terms, ridge)`` per candidate (default :func:`map_candidates`).
+    repeats : int
+        Fold assignments averaged.
+
+    Returns
+    -------
+    dict
+        {label: {'name', 'terms', 'ridge', 'score', 'residuals'}}: the winner, its CV score
+        (label units) and its out-of-fold residuals ``bench - fit - map`` (n,; NaN on ignored rows).
+    """
+    x = np.asarray(fit_labels, float)
+    y = np.asarray(bench_labels, float)
+    g = np.asarray(groups)
+    ok = np.all(np.isfinite(x) & np.isfinite(y), axis=1)
+    x, y, g = x[ok], y[ok], g[ok]
+    cands = candidates or map_candidates()
+    d = y - x
+    # out-of-fold residuals of every candidate and label: (repeats, candidates, rows, labels);
+    # the features of a fold's training rows and its (clipped) test rows are computed once
+    res = np.full((max(1, repeats), len(cands), len(x), 3), np.nan)
+    for rep in range(max(1, repeats)):
+        folds = assign_folds(g, k, seed + rep)
+        for f in range(k):
+            te = folds == f
+            if not te.any() or te.all():
+                continue
+            phi_tr = _features(x[~te], 2)
+            phi_te = _features(np.clip(x[te], np.min(x[~te], 0), np.max(x[~te], 0)), 2)
+            for ic, (_, terms, ridge) in enumerate(cands):
+                for kk in range(3):
+                    c = _fit_terms(None, d[~te, kk], terms, ridge, phi_all=phi_tr)
+                    res[rep, ic, te, kk] = d[te, kk] - phi_te @ c
+    out = {}
+    for kk, n in enumerate(BENCH_LABELS):
+        scores = [float(np.mean([_score(res[rep, ic, :, kk]) for rep in range(res.shape[0])]))
+                  for ic in range(len(cands))]
+        ib = int(np.argmin(scores))
+        full = np.full(len(ok), np.nan)
+        full[ok] = res[0, ib, :, kk]
+        out[n] = {"name": cands[ib][0], "terms": [int(t) for t in cands[ib][1]], "ridge": float(cands[ib][2]),
+                  "score": scores[ib], "residuals": full}
+    return out
+
+
 def fit_calibration(fit_labels, bench_labels, stat_err, bench_err, degree: int = 2, ridge: float = 1.0,
-                    sys_bins: str = "all", meta=None, groups=None, inner_k: int = 5) -> BenchmarkCalibration:
+                    sys_bins: str = "all", meta=None, groups=None, inner_k: int = 5,
+                    select: bool = False) -> BenchmarkCalibration:
     """Fit the map and the systematic errors.
 
-    ``fit_labels``, ``bench_labels``, ``stat_err``, ``bench_err``: (n, 3) arrays (rows with a NaN
-    are ignored).  ``ridge``: penalty on every coefficient but the constant, in units of the
-    residual variance per star (the features are O(1)), so the map shrinks towards an offset.
-    ``sys_bins``: 'all' (one sys error per label) or 'type' (dwarf / giant / mp_giant).
-    ``groups``: one key per row (the star); when given, the sys errors are solved on the
-    residuals of ``inner_k``-fold out-of-fold maps (each star calibrated by a map that did not
-    see it), not on the in-sample residuals, which are smaller by the map's degrees of freedom.
+    Parameters
+    ----------
+    fit_labels, bench_labels, stat_err, bench_err : array_like
+        (n, 3) fitted labels, benchmark labels, statistical errors of the fit and benchmark errors
+        (teff [K], logg, fe_h [dex]); rows with a NaN are ignored.
+    degree : int
+        Polynomial degree of the map (0-2) when ``select`` is False.
+    ridge : float
+        Penalty on every coefficient but the constant (features O(1); in units of one row's
+        squared residual) when ``select`` is False: the map shrinks towards an offset.
+    sys_bins : str
+        'all' (one sys error per label) or 'type' (dwarf / giant / mp_giant; a type with fewer
+        than :data:`~musepayne.models.benchcal.MIN_BIN_STARS` stars is shrunk towards its
+        parent, see :func:`_binned_sys`).
+    meta : dict, optional
+        Provenance stored with the calibration.
+    groups : array_like, optional
+        (n,) star key per row; when given, the sys errors are solved on the residuals of
+        ``inner_k``-fold out-of-fold maps (each star calibrated by a map that did not see it),
+        not on the in-sample residuals, which are smaller by the map's degrees of freedom.
+    inner_k : int
+        Folds of that inner CV (and of the map selection).
+    select : bool
+        Choose each label's inputs, degree and ridge by ``inner_k``-fold CV over ``groups``
+        (:func:`select_maps`; ``degree`` and ``ridge`` are then ignored and the map is stored
+        as degree 2 with the unused coefficients zero).
+
+    Returns
+    -------
+    BenchmarkCalibration
+        The map and sys errors; with ``select``, ``meta['map']`` names each label's choice.
     """
     x = np.asarray(fit_labels, float)
     y = np.asarray(bench_labels, float)
@@ -54,55 +189,101 @@ def fit_calibration(fit_labels, bench_labels, stat_err, bench_err, degree: int =
     be = np.asarray(bench_err, float)
     ok = np.all(np.isfinite(x) & np.isfinite(y) & np.isfinite(se) & np.isfinite(be), axis=1)
     x, y, se, be = x[ok], y[ok], se[ok], be[ok]
-    coef = _fit_map(x, y, degree, ridge)
+    meta = dict(meta or {})
+    if select:
+        if groups is None:
+            raise ValueError("select=True needs groups (one star key per row)")
+        chosen = select_maps(x, y, np.asarray(groups)[ok], k=inner_k)
+        spec = {n: (chosen[n]["terms"], chosen[n]["ridge"]) for n in BENCH_LABELS}
+        degree = 2
+        meta["map"] = {n: {"choice": chosen[n]["name"], "cv_score": round(chosen[n]["score"], 5)} for n in BENCH_LABELS}
+    else:
+        spec = {n: (tuple(range(_features(np.zeros((1, 3)), degree).shape[1])), ridge) for n in BENCH_LABELS}
+    coef = {n: [float(v) for v in _fit_terms(x, y[:, kk] - x[:, kk], *spec[n], degree=degree)]
+            for kk, n in enumerate(BENCH_LABELS)}
     domain = {n: [float(np.min(x[:, k])), float(np.max(x[:, k]))] for k, n in enumerate(BENCH_LABELS)}
-    cal = BenchmarkCalibration(degree, coef, {n: {"all": 0.0} for n in BENCH_LABELS}, dict(meta or {}), domain)
+    cal = BenchmarkCalibration(degree, coef, {n: {"all": 0.0} for n in BENCH_LABELS}, meta, domain)
     xc = cal.apply(x)
     if groups is not None:
         g = np.asarray(groups)[ok]
-        folds = assign_folds(g, inner_k, 12345)
-        for f in range(inner_k):
-            te = folds == f
-            if te.any() and (~te).any():
-                c = BenchmarkCalibration(degree, _fit_map(x[~te], y[~te], degree, ridge), cal.sys_err,
-                                         domain={n: [float(np.min(x[~te, k])), float(np.max(x[~te, k]))]
-                                                 for k, n in enumerate(BENCH_LABELS)})
-                xc[te] = c.apply(x[te])
-    sys_err = {}
-    types = star_type(xc)
+        for kk, n in enumerate(BENCH_LABELS):
+            r = (chosen[n]["residuals"] if select
+                 else _oof_residuals_deg(x, y[:, kk] - x[:, kk], g, spec[n], degree, inner_k))
+            xc[:, kk] = y[:, kk] - r
     keys = np.asarray(groups)[ok] if groups is not None else np.arange(len(x))
-    # bins by star type (of the calibrated labels): giants include the metal-poor giants unless
-    # those alone have MIN_BIN_STARS stars; a bin with fewer stars falls back to 'all'
-    bins = {"dwarf": types == "dwarf", "giant": types != "dwarf", "mp_giant": types == "mp_giant"}
+    sys_err = _binned_sys(xc, y, se, be, keys, sys_bins)
+    return BenchmarkCalibration(degree, coef, sys_err, meta, domain)
+
+
+def _oof_residuals_deg(x, d, groups, spec, degree, k):
+    """:func:`_oof_residuals` for a map stored at ``degree`` (features of that degree)."""
+    terms, ridge = spec
+    folds = assign_folds(groups, k, 12345)
+    out = np.full(len(d), np.nan)
+    for f in range(k):
+        te = folds == f
+        if te.any() and (~te).any():
+            c = _fit_terms(x[~te], d[~te], terms, ridge, degree=degree)
+            lo, hi = np.min(x[~te], 0), np.max(x[~te], 0)
+            out[te] = d[te] - _features(np.clip(x[te], lo, hi), degree) @ c
+    return out
+
+
+def _binned_sys(xc, y, se, be, keys, sys_bins):
+    """Sys error per label: 'all', and with ``sys_bins='type'`` per star type of the calibrated
+    labels (dwarf; giant, metal-poor ones included; mp_giant).  A type with fewer than
+    MIN_BIN_STARS distinct stars is shrunk towards its parent (mp_giant -> giant -> all):
+    sys^2 = (n sys_bin^2 + MIN_BIN_STARS sys_parent^2) / (n + MIN_BIN_STARS), n its stars."""
+    types = star_type(xc)
+    bins = {"dwarf": (types == "dwarf", "all"), "giant": (types != "dwarf", "all"),
+            "mp_giant": (types == "mp_giant", "giant")}
+    sys_err = {}
     for k, n in enumerate(BENCH_LABELS):
         r = xc[:, k] - y[:, k]
         sys_err[n] = {"all": _solve_sys(r, se[:, k], be[:, k])}
         if sys_bins == "type":
-            for t, sel in bins.items():
-                if np.unique(keys[sel]).size >= MIN_BIN_STARS:
-                    sys_err[n][t] = _solve_sys(r[sel], se[sel, k], be[sel, k])
-    return BenchmarkCalibration(degree, coef, sys_err, dict(meta or {}), domain)
+            for t, (sel, parent) in bins.items():
+                ns = np.unique(keys[sel]).size
+                if ns < 3:
+                    continue
+                raw = _solve_sys(r[sel], se[sel, k], be[sel, k])
+                if ns < MIN_BIN_STARS:
+                    par = sys_err[n][parent]
+                    raw = float(np.sqrt((ns * raw**2 + MIN_BIN_STARS * par**2) / (ns + MIN_BIN_STARS)))
+                sys_err[n][t] = raw
+    return sys_err
+
+
+def _fit_terms(x, d, terms, ridge, degree: int = 2, phi_all=None) -> np.ndarray:
+    """Robust ridge fit of ``d`` on the features ``terms`` (indices into the degree-``degree``
+    features of ``x``, or of the given ``phi_all``); returns the full coefficient vector (zeros
+    for unused features)."""
+    if phi_all is None:
+        phi_all = _features(x, degree)
+    terms = list(terms)
+    phi = phi_all[:, terms]
+    nf = phi.shape[1]
+    # Huber weights (3 MAD-sigma), re-estimated twice: outliers (e.g. a badly fitted star) weigh less
+    w = np.ones(len(d))
+    for _ in range(3):
+        pen = np.eye(nf) * ridge
+        pen[0, 0] = 0.0
+        A = phi.T @ (w[:, None] * phi) + pen
+        c = np.linalg.solve(A, phi.T @ (w * d))
+        r = d - phi @ c
+        s = 1.4826 * np.median(np.abs(r - np.median(r)))
+        w = np.where(np.abs(r) > 3 * s, 3 * s / np.maximum(np.abs(r), 1e-30), 1.0)
+    c[0] += np.median(d - phi @ c)  # the median residual (the quoted bias) is zero, not the mean
+    full = np.zeros(phi_all.shape[1])
+    full[terms] = c
+    return full
 
 
 def _fit_map(x, y, degree, ridge) -> dict:
-    phi = _features(x, degree)
-    nf = phi.shape[1]
-    coef = {}
-    for k, n in enumerate(BENCH_LABELS):
-        d = y[:, k] - x[:, k]
-        # Huber weights (3 MAD-sigma), re-estimated twice: outliers (e.g. a badly fitted star) weigh less
-        w = np.ones(len(d))
-        for _ in range(3):
-            pen = np.eye(nf) * ridge
-            pen[0, 0] = 0.0
-            A = phi.T @ (w[:, None] * phi) + pen
-            c = np.linalg.solve(A, phi.T @ (w * d))
-            r = d - phi @ c
-            s = 1.4826 * np.median(np.abs(r - np.median(r)))
-            w = np.where(np.abs(r) > 3 * s, 3 * s / np.maximum(np.abs(r), 1e-30), 1.0)
-        c[0] += np.median(d - phi @ c)  # the median residual (the quoted bias) is zero, not the mean
-        coef[n] = [float(v) for v in c]
-    return coef
+    """Full polynomial of ``degree`` per label (every feature, one ridge)."""
+    nf = _features(np.zeros((1, 3)), degree).shape[1]
+    return {n: [float(v) for v in _fit_terms(x, y[:, k] - x[:, k], range(nf), ridge, degree=degree)]
+            for k, n in enumerate(BENCH_LABELS)}
 
 
 def _solve_sys(resid, stat, ebench) -> float:
@@ -147,12 +328,15 @@ def calibration_figures(fit_labels, bench_labels, err, bench_err, types=None) ->
 
 
 def cross_validate_calibration(fit_labels, bench_labels, stat_err, bench_err, groups, k: int = 5, seed: int = 0,
-                               degree: int = 2, ridge: float = 1.0, sys_bins: str = "all", learn=None):
+                               degree: int = 2, ridge: float = 1.0, sys_bins: str = "all", learn=None,
+                               select: bool = False):
     """K-fold CV of :func:`fit_calibration` grouped by star (``groups``: one key per row; all rows
     of a star -- e.g. its MUSE and LAMOST fits, MILES and STELIB spectra -- in one fold).
 
     ``learn``: optional boolean mask of the rows the maps may be fitted on (e.g. MUSE only);
-    every row is calibrated.  Returns ``(cal_labels, total_err, sys_err)``: out-of-fold
+    every row is calibrated.  ``select``: each fold chooses its maps by an inner CV over its own
+    stars (:func:`select_maps`), so the figures are those of a nested CV.
+    Returns ``(cal_labels, total_err, sys_err)``: out-of-fold
     calibrated labels, errors ``sqrt(stat^2 + sys^2)`` and the sys errors, (n, 3) each."""
     x = np.asarray(fit_labels, float)
     folds = assign_folds(np.asarray(groups), k, seed)
@@ -163,7 +347,7 @@ def cross_validate_calibration(fit_labels, bench_labels, stat_err, bench_err, gr
         tr, te = (folds != f) & learn, folds == f
         c = fit_calibration(x[tr], np.asarray(bench_labels)[tr], np.asarray(stat_err)[tr],
                             np.asarray(bench_err)[tr], degree=degree, ridge=ridge, sys_bins=sys_bins,
-                            groups=np.asarray(groups)[tr])
+                            groups=np.asarray(groups)[tr], select=select)
         cal[te] = c.apply(x[te])
         sys[te] = c.sys(cal[te])
     err = np.sqrt(np.asarray(stat_err, float) ** 2 + sys**2)
@@ -194,6 +378,12 @@ class BenchCalConfig:
     ridge: float = 1.0
     sys_bins: str = "type"
     seed: int = 0
+    #: choose each label's map (inputs, degree, ridge) by CV over the stars (:func:`select_maps`;
+    #: nested inside the CV figures); False: the polynomial of ``degree`` with ``ridge`` for all
+    select: bool = True
+    #: further S/N at which the benchmark spectra are observed and fitted to check the error
+    #: calibration (the map and sys errors are learnt at ``snr`` only)
+    check_snr: tuple = (20.0, 50.0)
 
 
 def benchmark_library_spectra(shared, bench: Table):
@@ -265,6 +455,13 @@ def _usable(tab):
     return ~np.char.startswith(st, "failed")
 
 
+def _at_snr(tab, cfg):
+    """Rows at the calibration's S/N (tables without an ``snr`` column are all at it)."""
+    if "snr" not in tab.colnames:
+        return tab
+    return tab[np.isclose(np.asarray(tab["snr"], float), cfg.snr)]
+
+
 def evaluate(tab: Table, config: BenchCalConfig | None = None) -> dict:
     """Cross-validated figures of the calibration from a :func:`holdout_table`.
 
@@ -274,11 +471,11 @@ def evaluate(tab: Table, config: BenchCalConfig | None = None) -> dict:
     after (``cal``) calibration (:func:`calibration_figures`), and their mean and spread over
     seeds (``summary``)."""
     cfg = config or BenchCalConfig()
-    tab = tab[_usable(tab)]
+    tab = _at_snr(tab[_usable(tab)], cfg)
     x, y, e, be = _arrays(tab)
     xc, err, _ = cross_validate_calibration(x, y, e, be, np.asarray(tab["hd"]), k=cfg.k, seed=cfg.seed,
                                              degree=cfg.degree, ridge=cfg.ridge, sys_bins=cfg.sys_bins,
-                                             learn=_learn_rows(tab, cfg))
+                                             learn=_learn_rows(tab, cfg), select=cfg.select)
     seeds = sorted(set(int(s) for s in tab["seed"]))
     insts = [i for i in cfg.instruments if i in set(np.asarray(tab["instrument"]).astype(str))]
     per = {}
@@ -311,6 +508,197 @@ def evaluate(tab: Table, config: BenchCalConfig | None = None) -> dict:
             "n_spectra": int(len(set(tab["stellar_id"])))}
 
 
+def _apply_out_of_fold(tab, other, cfg):
+    """``other``'s usable rows, calibrated out of fold by calibrations learnt from ``tab``
+    (K folds over the stars of both; see :func:`evaluate_snr`): ``(rows, cal_labels, total_err)``."""
+    tab = _at_snr(tab[_usable(tab)], cfg)
+    tab = tab[_learn_rows(tab, cfg)]
+    other = other[_usable(other)]
+    x, y, e, be = _arrays(tab)
+    xo, _, eo, _ = _arrays(other)
+    hd, hdo = np.asarray(tab["hd"]), np.asarray(other["hd"])
+    uniq = np.unique(np.concatenate([hd, hdo]))
+    fold_of = dict(zip(uniq, assign_folds(uniq, cfg.k, cfg.seed)))
+    f_t = np.array([fold_of[h] for h in hd])
+    f_o = np.array([fold_of[h] for h in hdo])
+    xc = np.full(xo.shape, np.nan)
+    err = np.full(xo.shape, np.nan)
+    for f in range(cfg.k):
+        tr, te = f_t != f, f_o == f
+        if not te.any():
+            continue
+        c = fit_calibration(x[tr], y[tr], e[tr], be[tr], degree=cfg.degree, ridge=cfg.ridge, sys_bins=cfg.sys_bins,
+                            groups=hd[tr], select=cfg.select)
+        xc[te] = c.apply(xo[te])
+        err[te] = np.sqrt(eo[te] ** 2 + c.sys(xc[te]) ** 2)
+    return other, xc, err
+
+
+#: a (instrument, S/N, type) bin of :func:`pull_bins` is asserted / quoted only with this many distinct stars
+MIN_PULL_STARS = 10
+
+
+def pull_bins(tab: Table, other: Table | None = None, config: BenchCalConfig | None = None) -> dict:
+    """Error calibration by S/N and star type, pooled over the hold-out seeds.
+
+    The dispersion (half the 15.87-84.13 percentile range) of
+    (fit_cal - bench) / sqrt(X_err^2 + e_bench^2), X_err = sqrt(stat^2 + sys^2), for the rows of
+    ``other`` (default: ``tab`` itself) calibrated out of fold (:func:`evaluate_snr`), per
+    instrument, S/N (column ``snr``; absent: the config's) and type of the benchmark labels
+    (all, dwarf: log g > 3.5, giant, mp_giant: giant with [Fe/H] < -1).
+
+    Parameters
+    ----------
+    tab : astropy.table.Table
+        Hold-out fits the calibration is learnt from.
+    other : astropy.table.Table, optional
+        Hold-out fits to evaluate (may hold several S/N; default ``tab``).
+    config : BenchCalConfig, optional
+        Calibration settings.
+
+    Returns
+    -------
+    dict
+        {instrument: {snr: {type: {'n', 'n_stars', label: pull dispersion}}}}.
+    """
+    cfg = config or BenchCalConfig()
+    other = tab if other is None else other
+    rows, xc, err = _apply_out_of_fold(tab, other, cfg)
+    _, y, _, be = _arrays(rows)
+    types = star_type(y)
+    inst = np.asarray(rows["instrument"]).astype(str)
+    snr = np.asarray(rows["snr"], float) if "snr" in rows.colnames else np.full(len(rows), cfg.snr)
+    hd = np.asarray(rows["hd"])
+    out = {}
+    for i in sorted(set(inst)):
+        out[i] = {}
+        for sn in sorted(set(snr)):
+            o = {}
+            for grp, sel in (("all", np.ones(len(rows), bool)), ("dwarf", types == "dwarf"),
+                             ("giant", types != "dwarf"), ("mp_giant", types == "mp_giant")):
+                m = sel & (inst == i) & (snr == sn)
+                o[grp] = {"n": int(m.sum()), "n_stars": int(np.unique(hd[m]).size)}
+                for k, n in enumerate(BENCH_LABELS):
+                    o[grp][n] = float(_robust_disp((xc[m, k] - y[m, k]) / np.hypot(err[m, k], be[m, k])))
+            out[i][float(sn)] = o
+    return out
+
+
+def pull_lines(bins: dict) -> list:
+    """Human-readable lines of :func:`pull_bins`.
+
+    Parameters
+    ----------
+    bins : dict
+        :func:`pull_bins` output.
+
+    Returns
+    -------
+    list of str
+        One line per instrument and S/N.
+    """
+    lines = []
+    for i, per in bins.items():
+        for sn, o in per.items():
+            lines.append(f"  {i:6s} S/N {sn:5.0f}: " + "; ".join(
+                f"{g} ({v['n_stars']} stars) " + "/".join(f"{v[n]:.2f}" for n in BENCH_LABELS) for g, v in o.items()))
+    return lines
+
+
+def evaluate_snr(tab: Table, other: Table, config: BenchCalConfig | None = None) -> dict:
+    """Cross-validated figures at other S/N: the calibration learnt from ``tab`` (the S/N of
+    :class:`BenchCalConfig`) applied, out of fold, to ``other`` (hold-out fits of the same
+    benchmark stars at other S/N; column ``snr``).
+
+    K folds over the stars (HD number, fold seed ``config.seed``): the calibration of fold f is
+    fitted on the rows of ``tab`` whose stars are not in f and applied to the rows of ``other``
+    whose stars are.  Returns {f'{instrument}/snr{S}/seed{s}': {'n', 'uncal', 'cal'}} with
+    :func:`calibration_figures` (types from the benchmark labels).
+
+    Parameters
+    ----------
+    tab : astropy.table.Table
+        Hold-out fits the calibration is learnt from (:func:`holdout_table`).
+    other : astropy.table.Table
+        Hold-out fits at other S/N, same columns plus ``snr``.
+    config : BenchCalConfig, optional
+        Calibration settings (default :class:`BenchCalConfig`).
+
+    Returns
+    -------
+    dict
+        Figures per instrument, S/N and seed.
+    """
+    cfg = config or BenchCalConfig()
+    other, xc, err = _apply_out_of_fold(tab, other, cfg)
+    xo, yo, eo, beo = _arrays(other)
+    out = {}
+    inst = np.asarray(other["instrument"]).astype(str)
+    snr = np.asarray(other["snr"], float)
+    seeds = np.asarray(other["seed"])
+    for i in sorted(set(inst)):
+        for sn in sorted(set(snr)):
+            for s in sorted(set(seeds)):
+                sel = (inst == i) & (snr == sn) & (seeds == s)
+                if sel.any():
+                    types = star_type(yo[sel])
+                    out[f"{i}/snr{sn:g}/seed{s}"] = {
+                        "n": int(sel.sum()),
+                        "uncal": calibration_figures(xo[sel], yo[sel], eo[sel], beo[sel], types),
+                        "cal": calibration_figures(xc[sel], yo[sel], err[sel], beo[sel], types)}
+    return out
+
+
+def ensemble_mlp(models):
+    """One MLP whose spectrum is the mean of several MLPs' spectra (a seed ensemble).
+
+    Hidden layers are stacked block-diagonally (each member's units see only its own previous
+    layer; leaky ReLU acts per unit), the output layer is the members' output layers side by
+    side divided by their number: ``predict`` equals the mean of the members' predictions, and
+    the file format is the ordinary MLP one.  The pixel mask is the union of the members'; the
+    intrinsic scatter is their mean (an upper bound: the ensemble's own scatter, not re-measured
+    here, is smaller).
+
+    Parameters
+    ----------
+    models : list of MLPPayne
+        Members with the same labels, label scaling (x_min, x_max), wavelength grid, layer count
+        and leaky-ReLU slope.
+
+    Returns
+    -------
+    MLPPayne
+        The ensemble (fitting cost grows ~ linearly with the number of members).
+    """
+    m0 = models[0]
+    for m in models[1:]:
+        if (m.arch != "mlp" or m.label_names != m0.label_names or not np.allclose(m.x_min, m0.x_min)
+                or not np.allclose(m.x_max, m0.x_max) or not np.array_equal(m.wave, m0.wave)
+                or len(m.weights) != len(m0.weights) or m.negative_slope != m0.negative_slope):
+            raise ValueError("ensemble members differ in labels, label scaling, grid, depth or slope")
+    weights, biases = [np.concatenate([m.weights[0] for m in models], 0)], [np.concatenate([m.biases[0] for m in models])]
+    for i in range(1, len(m0.weights) - 1):
+        rows = sum(m.weights[i].shape[0] for m in models)
+        cols = sum(m.weights[i].shape[1] for m in models)
+        w = np.zeros((rows, cols), m0.weights[i].dtype)
+        r = c = 0
+        for m in models:
+            h, v = m.weights[i].shape
+            w[r:r + h, c:c + v] = m.weights[i]
+            r, c = r + h, c + v
+        weights.append(w)
+        biases.append(np.concatenate([m.biases[i] for m in models]))
+    weights.append(np.concatenate([m.weights[-1] for m in models], 1) / len(models))
+    biases.append(np.mean([m.biases[-1] for m in models], 0).astype(m0.biases[-1].dtype))
+    meta = {"name": f"ensemble of {len(models)}: " + ", ".join(str(m.meta.get("name", "")) for m in models),
+            "ensemble_of": [str(m.meta.get("name", "")) for m in models],
+            "seeds": [m.meta.get("seed") for m in models]}
+    out = MLPPayne(weights, biases, m0.label_names, m0.x_min, m0.x_max, m0.wave, m0.frame, m0.label_units, meta,
+                   negative_slope=m0.negative_slope)
+    out = out.with_pixel_mask(np.any([m.pixel_mask for m in models], 0))
+    return out.with_scatter(np.mean([m.scatter for m in models], 0))
+
+
 #: the issue's acceptance limits (cross-validated, MUSE, calibrated): |bias| and dispersion per label,
 #: and the pull-dispersion range
 LIMITS = {"teff": (30.0, 130.0), "logg": (0.03, 0.17), "fe_h": (0.02, 0.09)}
@@ -331,11 +719,11 @@ def checks(figures: dict, instrument: str = "muse") -> dict:
 def fit_final(tab: Table, config: BenchCalConfig | None = None, meta=None) -> BenchmarkCalibration:
     """The calibration to ship: map and sys errors fitted on every usable row (all seeds, instruments)."""
     cfg = config or BenchCalConfig()
-    tab = tab[_usable(tab)]
+    tab = _at_snr(tab[_usable(tab)], cfg)
     tab = tab[_learn_rows(tab, cfg)]
     x, y, e, be = _arrays(tab)
     return fit_calibration(x, y, e, be, degree=cfg.degree, ridge=cfg.ridge, sys_bins=cfg.sys_bins, meta=meta,
-                           groups=np.asarray(tab["hd"]))
+                           groups=np.asarray(tab["hd"]), select=cfg.select)
 
 
 def figures_lines(figures: dict) -> list:
@@ -378,65 +766,121 @@ def _recipe(model, label_names):
 
 
 def calibrate(model, shared, config: BenchCalConfig | None = None, holdout_models=None, trainset=None,
-              templates=None, benchmarks=None, progress=None, command: str = ""):
+              templates=None, benchmarks=None, progress=None, command: str = "", table: Table | None = None,
+              save_holdout=None, inputs=None):
     """Build the benchmark calibration of ``model`` (a :class:`~musepayne.models.model.SpectralModel`).
 
-    ``holdout_models``: models of ``model``'s recipe trained without the benchmark stars (one
-    per seed); None: train them here (``config.seeds``; training set from ``trainset``, a
-    :class:`~musepayne.train.trainset.TrainingSet`, or built from ``shared/libraries``; gradient
-    templates ``templates`` or built from the shared emulator).  Returns
-    ``(calibration, figures, table)``; ``model`` is not modified."""
+    Parameters
+    ----------
+    model : SpectralModel
+        The model to calibrate (not modified).
+    shared : path-like
+        Shared data folder (``libraries/``, ``benchmarks/``, ``synthetic/``).
+    config : BenchCalConfig, optional
+        Settings.
+    holdout_models : list of SpectralModel, optional
+        Models of ``model``'s recipe trained without the benchmark stars (one per seed); None:
+        trained here (``config.seeds``; training set ``trainset`` or built from
+        ``shared/libraries``; gradient templates ``templates`` or built from the shared emulator).
+    trainset, templates : optional
+        :class:`~musepayne.train.trainset.TrainingSet` and
+        :class:`~musepayne.models.gradients.GradientTemplates` for training hold-out models.
+    benchmarks : path-like, optional
+        Benchmark table (default ``shared/benchmarks/gbs_v3_gdr3_tmass.csv``).
+    progress : callable, optional
+        Called with progress messages.
+    command : str
+        The command line recorded in the provenance (reproducible form).
+    table : astropy.table.Table, optional
+        An existing hold-out fits table (:func:`holdout_table`, e.g. a previous ``--table``):
+        no model is trained or fitted.
+    save_holdout : callable, optional
+        ``save_holdout(seed, model)`` is called for every hold-out model trained here (to cache it).
+    inputs : dict, optional
+        {name: sha256} of input files, recorded in the provenance.
+
+    Returns
+    -------
+    tuple
+        ``(calibration, figures, table)``: the :class:`BenchmarkCalibration`, the figures of
+        :func:`evaluate` and the hold-out fits (column ``snr``: ``config.snr`` and ``config.check_snr``).
+    """
     cfg = config or BenchCalConfig()
     say = progress or (lambda m: None)
     shared = Path(shared)
     bpath = Path(benchmarks) if benchmarks else shared / DEFAULT_BENCHMARK_FILE
     bench = read_benchmarks(bpath)
     holdout_meta = []
-    if holdout_models is None:
-        ts = trainset if trainset is not None else build_trainset(shared / "libraries" / "miles",
-                                                                  shared / "libraries" / "stelib")
-        keys = ts.table["star_key"] if "star_key" in ts.table.colnames else ts.table["stellar_id"]
-        names = ts.table["name"] if "name" in ts.table.colnames else keys
-        keep = np.nonzero((match_benchmarks(names, bench) < 0) & (match_benchmarks(keys, bench) < 0))[0]
-        sub = ts.select(keep)
-        if templates is None:
-            templates = build_templates(CannonEmulator.load(shared / "synthetic" / "doppler_cannon_coolstars_norm.npz"))
-        recipe = _recipe(model, ts.label_names)
-        holdout_models = []
-        for s in cfg.seeds:
-            say(f"training hold-out model seed {s} on {sub.n_spectra} spectra ({ts.n_spectra - sub.n_spectra} "
-                "benchmark spectra left out)")
-            res = train_model(sub.flux, sub.ivar, sub.labels, sub.label_names, sub.wave, replace(recipe, seed=int(s)),
-                              templates=templates,
-                              groups=np.asarray(sub.table["star_key"]) if "star_key" in sub.table.colnames else None)
-            holdout_models.append(res.to_model())
-            holdout_meta.append({"seed": int(s), "n_train_spectra": int(sub.n_spectra), "trained": "here"})
-        seeds = list(cfg.seeds)
+    if table is not None:
+        tab = table if all(c in table.colnames for c in BENCH_COLUMNS) else attach_benchmark_labels(table, bench)
+        seeds = sorted(set(int(s) for s in tab["seed"]))
+        holdout_meta = [{"seed": s, "from_table": True} for s in seeds]
     else:
-        seeds = []
-        for i, m in enumerate(holdout_models):
-            s = m.meta.get("seed", i)
-            seeds.append(int(s) if s is not None else i)
-            holdout_meta.append({"seed": seeds[-1], "name": m.meta.get("name", ""),
-                                 "file": Path(m.path).name if getattr(m, "path", None) else "",
-                                 "sha256": sha256_file(m.path) if getattr(m, "path", None) else "",
-                                 "trainset_sha256": m.meta.get("trainset_sha256", ""),
-                                 "trainset_n": m.meta.get("trainset_n", None)})
-    say("reading the benchmark stars' library spectra")
-    sets, index = benchmark_library_spectra(shared, bench)
-    if not sets:
-        raise ValueError(f"no library spectrum under {shared / 'libraries'} matches a benchmark star")
-    observed = {inst: observe(sets, inst, cfg.snr, 1000 * cfg.seed + i) for i, inst in enumerate(cfg.instruments)}
-    say(f"fitting {len(sets)} spectra x {len(observed)} instruments x {len(holdout_models)} hold-out models")
-    tab = holdout_table(holdout_models, observed, bench, index, seeds)
+        if holdout_models is None:
+            ts = trainset if trainset is not None else build_trainset(shared / "libraries" / "miles",
+                                                                      shared / "libraries" / "stelib")
+            keys = ts.table["star_key"] if "star_key" in ts.table.colnames else ts.table["stellar_id"]
+            names = ts.table["name"] if "name" in ts.table.colnames else keys
+            keep = np.nonzero((match_benchmarks(names, bench) < 0) & (match_benchmarks(keys, bench) < 0))[0]
+            sub = ts.select(keep)
+            if templates is None:
+                templates = build_templates(CannonEmulator.load(shared / "synthetic" /
+                                                                "doppler_cannon_coolstars_norm.npz"))
+            recipe = _recipe(model, ts.label_names)
+            holdout_models = []
+            for s in cfg.seeds:
+                say(f"training hold-out model seed {s} on {sub.n_spectra} spectra ({ts.n_spectra - sub.n_spectra} "
+                    "benchmark spectra left out)")
+                res = train_model(sub.flux, sub.ivar, sub.labels, sub.label_names, sub.wave,
+                                  replace(recipe, seed=int(s)), templates=templates,
+                                  groups=np.asarray(sub.table["star_key"]) if "star_key" in sub.table.colnames
+                                  else None)
+                hm = res.to_model()
+                hm.meta["seed"] = int(s)
+                hm.meta["name"] = f"{model.meta.get('name', 'model')}-nobench-seed{int(s)}"
+                if save_holdout is not None:
+                    save_holdout(int(s), hm)
+                holdout_models.append(hm)
+                holdout_meta.append({"seed": int(s), "n_train_spectra": int(sub.n_spectra), "trained": "here"})
+            seeds = list(cfg.seeds)
+        else:
+            seeds = []
+            for i, m in enumerate(holdout_models):
+                s = m.meta.get("seed", i)
+                seeds.append(int(s) if s is not None else i)
+                holdout_meta.append({"seed": seeds[-1], "name": m.meta.get("name", ""),
+                                     "file": Path(m.path).name if getattr(m, "path", None) else "",
+                                     "sha256": sha256_file(m.path) if getattr(m, "path", None) else "",
+                                     "trainset_sha256": m.meta.get("trainset_sha256", ""),
+                                     "trainset_n": m.meta.get("trainset_n", None)})
+        say("reading the benchmark stars' library spectra")
+        sets, index = benchmark_library_spectra(shared, bench)
+        if not sets:
+            raise ValueError(f"no library spectrum under {shared / 'libraries'} matches a benchmark star")
+        parts = []
+        for j, snr in enumerate((cfg.snr,) + tuple(s for s in cfg.check_snr if s != cfg.snr)):
+            observed = {inst: observe(sets, inst, snr, 1000 * cfg.seed + 10 * j + i)
+                        for i, inst in enumerate(cfg.instruments)}
+            say(f"fitting {len(sets)} spectra x {len(observed)} instruments x {len(holdout_models)} hold-out models "
+                f"at S/N {snr:g}")
+            t = holdout_table(holdout_models, observed, bench, index, seeds)
+            t["snr"] = float(snr)
+            parts.append(t)
+        tab = vstack(parts)
     figures = evaluate(tab, cfg)
     chk = checks(figures, "muse")
+    say("error calibration by S/N and star type (out of fold)")
+    pulls = pull_bins(tab, tab, cfg)
     meta = {
         "id": "gaia-fgk-benchmark-v3",
-        "method": (f"post-fit map x_bench = x_fit + polynomial (degree {cfg.degree}, ridge {cfg.ridge}) in the fitted "
-                   "labels, robust least squares over benchmark stars fitted by hold-out models; sys error per "
-                   f"label ({cfg.sys_bins}) so that the dispersion (half the 15.87-84.13 percentile range) of "
-                   "(fit - bench) / sqrt(stat^2 + sys^2 + e_bench^2) is 1"),
+        "method": ("post-fit map x_bench = x_fit + polynomial in the fitted labels, per label the inputs, degree "
+                   "(offset, linear, quadratic) and ridge chosen by CV over the benchmark stars" if cfg.select else
+                   f"post-fit map x_bench = x_fit + polynomial (degree {cfg.degree}, ridge {cfg.ridge}) in the fitted "
+                   "labels")
+                  + ", robust least squares over benchmark stars fitted by hold-out models; sys error per "
+                    f"label ({cfg.sys_bins}; types with < {MIN_BIN_STARS} stars shrunk towards their parent) so that "
+                    "the dispersion (half the 15.87-84.13 percentile range) of (fit - bench) / sqrt(stat^2 + sys^2 + "
+                    "e_bench^2) is 1",
         "benchmarks": bpath.name,
         "benchmarks_sha256": sha256_file(bpath),
         "benchmark_feh_error": f"{FEH_BENCH_ERR} dex assumed for every benchmark star (the table has none)",
@@ -444,11 +888,13 @@ def calibrate(model, shared, config: BenchCalConfig | None = None, holdout_model
         "n_stars": figures["n_stars"],
         "n_spectra": figures["n_spectra"],
         "snr": cfg.snr,
+        "check_snr": [float(s) for s in cfg.check_snr],
         "instruments": list(cfg.instruments),
         "seeds": seeds,
         "holdout_models": holdout_meta,
+        "inputs_sha256": dict(inputs or {}),
         "config": {"k": cfg.k, "degree": cfg.degree, "ridge": cfg.ridge, "sys_bins": cfg.sys_bins, "seed": cfg.seed,
-                   "map_instruments": list(cfg.map_instruments or cfg.instruments)},
+                   "select": cfg.select, "map_instruments": list(cfg.map_instruments or cfg.instruments)},
         "cv": {inst: {stage: {grp: {n: {q: round(v[q]["mean"], 4) if isinstance(v[q], dict) else v[q]
                                            for q in v} for n, v in g.items()}
                               for grp, g in st.items()} for stage, st in o.items()}
@@ -456,10 +902,11 @@ def calibrate(model, shared, config: BenchCalConfig | None = None, holdout_model
         "cv_seed_range": {inst: {n: [round(o["cal"]["all"][n]["dispersion"]["min"], 4),
                                      round(o["cal"]["all"][n]["dispersion"]["max"], 4)] for n in BENCH_LABELS}
                           for inst, o in figures["summary"].items()},
+        "cv_pulls": {inst: {f"{sn:g}": {grp: {q: (round(v, 3) if isinstance(v, float) else v) for q, v in o.items()}
+                                        for grp, o in per.items()} for sn, per in d.items()}
+                     for inst, d in pulls.items()},
         "checks_muse": chk,
         "validity": VALIDITY,
         "command": command,
     }
     return fit_final(tab, cfg, meta=meta), figures, tab
-
-
