@@ -5,6 +5,9 @@
     # scaling: time and peak memory against star count and layers, ratios and growth exponents
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/bench_extract.py --size 150 \
         --nstars 500,1000,2000,4000,8000 --nlayers 250,500,1000
+    # also check the solver path against the exact sparse-product path on one block of each run
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/bench_extract.py --size 150 --nlayers 250 \
+        --nstars 2000,8000 --check-solver
 
 With several star counts and/or layer counts (comma-separated), every star
 count is run at the largest layer count and every layer count at the star
@@ -12,7 +15,12 @@ count nearest 2000; each extraction runs in its own child process (its own
 peak memory) and the summary gives each run's time, steps, peak RSS, the
 ratio to the 2000-star (or largest-layer) run of the same series and the
 local growth exponent d ln t / d ln n.  All in one invocation, so the ratios
-come from one machine state (the load is printed before and after).
+come from one machine state (the load is printed before and after).  With
+``--check-solver`` each run also solves its middle block through the sparse
+normal-matrix product (the path of fields with at most
+``musepayne.extract.linsolve.TILED_MIN`` unknowns) and prints the largest
+flux and error differences against the path the extraction took, relative to
+max(|flux|, error).
 
 Simulates the cube in streamed blocks into a temporary folder (deleted at the
 end unless --keep), then runs the extraction in a child process (so its peak
@@ -127,6 +135,8 @@ def child(args):
         "isolated_median_snr_reported_over_empirical": round(float(np.median(np.asarray(s["snr"])[iso] / snr_emp[iso])), 3),
         "blended_median_abs_flux_err": round(float(np.median(np.abs(rel[ok & (nn < fw)]))), 5),
     }
+    if args.check_solver:
+        summary["solver_check"] = _check_solver(ex, res, cube)
     if args.baseline_layers <= 0:
         return summary
     # baseline: per-layer solve without reuse, on a subset of layers of a middle block
@@ -168,6 +178,46 @@ def child(args):
     return summary
 
 
+def _check_solver(ex, res, cube):
+    """Middle block solved through both normal-matrix paths (sparse product / tiled dense): largest
+    differences of the fluxes (relative to max(|flux|, err)) and of diag(N^-1) (relative)."""
+    from musepayne.extract import linsolve
+    from musepayne.extract.extractor import _read_block, factorise
+    from musepayne.io.cube import open_cube
+
+    c = open_cube(cube)
+    nz, ny, nx = c.shape
+    x, y = np.asarray(res.sources["x"]), np.asarray(res.sources["y"])
+    rmax = min(ex.config.psf_radius * float(np.max(res.psf.params(c.wave)[0])), ex.config.psf_radius_max_px)
+    cols = np.nonzero((x > -rmax) & (x < nx - 1 + rmax) & (y > -rmax) & (y < ny - 1 + rmax))[0]
+    valid = np.isfinite(c.data_block(nz // 2, nz // 2 + 1)[0])
+    i0 = (nz // 2 // ex.config.block) * ex.config.block
+    i1 = min(nz, i0 + ex.config.block)
+    d, st, good, mask, _ = _read_block(c, i0, i1, valid)
+    c.close()
+    A = ex._design(res.psf, x, y, cols, float(np.mean(res.wave[i0:i1][good])), (ny, nx), mask)
+    w = np.zeros(ny * nx)
+    sg = st[good].reshape(good.sum(), -1)
+    w[mask.ravel()] = 1.0 / np.median(sg[:, mask.ravel()], axis=0)
+    B = np.asarray(A.multiply(w[:, None]).T @ np.where(mask.ravel()[None, :], d[good].reshape(good.sum(), -1), 0.0).T)
+    out, saved = {}, linsolve.TILED_MIN
+    try:
+        for name, lim in (("sparse", 10**9), ("tiled", 0)):
+            linsolve.TILED_MIN = lim
+            t = time.perf_counter()
+            N, _ = linsolve.normal_matrix(A, w, (ny, nx), ex.config.ridge)
+            t1 = time.perf_counter()
+            solve, dg = factorise(N, ex.config.dense_max, border=np.arange(cols.size, A.shape[1]))
+            out[name] = (solve(B)[: cols.size], dg[: cols.size], round(t1 - t, 2), round(time.perf_counter() - t1, 2))
+    finally:
+        linsolve.TILED_MIN = saved
+    (xs, ds, *ts), (xt, dt, *tt) = out["sparse"], out["tiled"]
+    sig = np.sqrt(ds)[:, None]  # flux error (weights are 1 / the block's median variance)
+    return {"max_rel_flux_diff": float(np.max(np.abs(xt - xs) / np.maximum(np.abs(xs), sig))),
+            "max_rel_ninv_diag_diff": float(np.max(np.abs(dt / ds - 1))),
+            "sparse_normal_s": ts[0], "sparse_factorise_s": ts[1], "tiled_normal_s": tt[0], "tiled_factorise_s": tt[1]}
+
+
 def _simulate(size, nlayers, nstars, seed, folder):
     from musepayne.simulate import SimulateConfig, Simulator
 
@@ -184,7 +234,8 @@ def _simulate(size, nlayers, nstars, seed, folder):
 
 def _run_child(cube, args, baseline_layers):
     r = subprocess.run([sys.executable, __file__, "--child", cube, "--block", str(args.block),
-                        "--baseline-layers", str(baseline_layers)], capture_output=True, text=True)
+                        "--baseline-layers", str(baseline_layers)] + (["--check-solver"] if args.check_solver else []),
+                       capture_output=True, text=True)
     if r.returncode:
         print(r.stderr)
         sys.exit(r.returncode)
@@ -196,15 +247,19 @@ def _series(name, runs, ref):
     import math
 
     print(f"\n{name}: time and peak RSS (ratio: to the {ref} run of this series; exponent: d ln t / d ln {name})")
-    keys = [k for k in ("transform", "psf_fit", "design", "factorise", "solve", "read") if k in runs[0][1]["steps_s"]]
+    keys = [k for k in ("transform", "psf_fit", "geometry", "design", "factorise", "solve", "read")
+            if k in runs[0][1]["steps_s"]]
     print(f"{name:>8} {'t [s]':>8} {'ratio':>6} {'exp':>5} {'RSS MiB':>8}  " + " ".join(f"{k:>9}" for k in keys))
     t_ref = dict(runs)[ref]["t_extract_s"]
     prev = None
     for v, r in runs:
         t = r["t_extract_s"]
         ex = f"{math.log(t / prev[1]) / math.log(v / prev[0]):5.2f}" if prev else "    -"
+        chk = r.get("solver_check")
         print(f"{v:>8} {t:8.1f} {t / t_ref:6.2f} {ex} {r['peak_rss_extract_MiB']:8.0f}  "
-              + " ".join(f"{r['steps_s'].get(k, 0.0):9.1f}" for k in keys))
+              + " ".join(f"{r['steps_s'].get(k, 0.0):9.1f}" for k in keys)
+              + (f"  max rel flux diff vs sparse path {chk['max_rel_flux_diff']:.1e}, "
+                 f"diag(N^-1) {chk['max_rel_ninv_diag_diff']:.1e}" if chk else ""))
         prev = (v, t)
 
 
@@ -218,6 +273,8 @@ def main():
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--tmpdir", default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--check-solver", action="store_true",
+                    help="compare the solver path with the exact sparse-product path on one block per run")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

@@ -36,12 +36,44 @@ ELLIP_MAX = 0.9
 
 
 def moffat_alpha(fwhm, beta):
-    """Moffat core width alpha for a FWHM and beta."""
+    """Moffat core width alpha for a FWHM and beta.
+
+    Parameters
+    ----------
+    fwhm : float or array_like
+        Full width at half maximum (pixels).
+    beta : float or array_like
+        Moffat power index (> 1).
+
+    Returns
+    -------
+    numpy.ndarray or float
+        ``alpha = FWHM / (2 sqrt(2^(1/beta) - 1))`` (pixels).
+    """
     return np.asarray(fwhm) / (2.0 * np.sqrt(2.0 ** (1.0 / np.asarray(beta)) - 1.0))
 
 
 def moffat_profile(dx, dy, fwhm, beta, ellip=0.0, angle_deg=0.0):
-    """Normalised elliptical Moffat surface brightness at offsets ``dx, dy`` (pixels)."""
+    """Normalised elliptical Moffat surface brightness at offsets ``dx, dy`` (pixels).
+
+    Parameters
+    ----------
+    dx, dy : float or array_like
+        Offsets from the centre (pixels).
+    fwhm : float
+        Geometric-mean FWHM (pixels).
+    beta : float
+        Moffat power index (> 1).
+    ellip : float
+        Ellipticity ``1 - b/a``.
+    angle_deg : float
+        Major-axis angle (degrees counter-clockwise from +x).
+
+    Returns
+    -------
+    numpy.ndarray or float
+        Surface brightness (fraction of the total flux per pixel^2; integrates to 1).
+    """
     alpha = moffat_alpha(fwhm, beta)
     q = np.sqrt(1.0 - ellip)
     a, b = alpha / q, alpha * q
@@ -63,6 +95,21 @@ class MoffatPSF:
 
     Coefficients are in increasing order of ``t = (lambda - wave_ref) / wave_scale``.
     ``fwhm`` is in pixels, ``angle`` in degrees.
+
+    Attributes
+    ----------
+    fwhm : tuple of float
+        Polynomial coefficients of the geometric-mean FWHM (pixels).
+    beta : tuple of float
+        Coefficients of the Moffat beta (evaluated values clipped at :data:`BETA_MIN`).
+    ellip : tuple of float
+        Coefficients of the ellipticity ``1 - b/a`` (clipped to ``[0, ELLIP_MAX]``).
+    angle : tuple of float
+        Coefficients of the major-axis angle (degrees counter-clockwise from +x).
+    wave_ref : float
+        Reference wavelength (Angstrom).
+    wave_scale : float
+        Wavelength scale (Angstrom).
     """
 
     fwhm: tuple = (3.5,)
@@ -81,10 +128,33 @@ class MoffatPSF:
 
     # ------------------------------------------------------------ parameters
     def t(self, wave):
+        """Normalised wavelength.
+
+        Parameters
+        ----------
+        wave : float or array_like
+            Wavelength (Angstrom).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(wave - wave_ref) / wave_scale`` (dimensionless).
+        """
         return (np.asarray(wave, dtype=np.float64) - self.wave_ref) / self.wave_scale
 
     def params(self, wave):
-        """``(fwhm, beta, ellip, angle)`` at ``wave`` (arrays like ``wave``)."""
+        """``(fwhm, beta, ellip, angle)`` at ``wave`` (arrays like ``wave``).
+
+        Parameters
+        ----------
+        wave : float or array_like
+            Wavelength (Angstrom).
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            FWHM (pixels), beta, ellipticity and angle (degrees).
+        """
         t = self.t(wave)
         fwhm = _poly(self.fwhm, t)
         beta = np.maximum(_poly(self.beta, t), BETA_MIN)
@@ -92,12 +162,43 @@ class MoffatPSF:
         return fwhm, beta, ellip, _poly(self.angle, t)
 
     def fwhm_at(self, wave) -> float:
+        """FWHM at one wavelength.
+
+        Parameters
+        ----------
+        wave : float
+            Wavelength (Angstrom).
+
+        Returns
+        -------
+        float
+            FWHM (pixels).
+        """
         return float(self.params(wave)[0])
 
     @classmethod
     def fit(cls, wave, fwhm, beta, ellip, angle, deg=(2, 1, 0, 0), wave_ref=7000.0, wave_scale=2250.0,
             weights=None):
-        """Polynomial fit of measured parameters at wavelengths ``wave``."""
+        """Polynomial fit of measured parameters at wavelengths ``wave``.
+
+        Parameters
+        ----------
+        wave : array_like of float
+            Wavelengths of the measurements (Angstrom).
+        fwhm, beta, ellip, angle : array_like of float
+            Measured FWHM (pixels), beta, ellipticity and angle (degrees).
+        deg : tuple of int
+            Polynomial degrees of the four parameters (capped by the number of points).
+        wave_ref, wave_scale : float
+            Normalisation of the wavelength (Angstrom).
+        weights : array_like of float, optional
+            Weights of the measurements.
+
+        Returns
+        -------
+        MoffatPSF
+            The fitted PSF.
+        """
         t = (np.asarray(wave, float) - wave_ref) / wave_scale
         w = None if weights is None else np.asarray(weights, float)
         out = []
@@ -113,17 +214,63 @@ class MoffatPSF:
         Pixel ``(i, j)`` covers ``[i - 0.5, i + 0.5]``; values are the PSF
         integrated over the pixel (sum over all pixels -> 1 for a star well
         inside a large enough grid).  Broadcasting: ``x0 - xx`` etc.
+
+        Parameters
+        ----------
+        x0, y0 : float or array_like
+            Star position (0-based pixels).
+        xx, yy : array_like
+            Pixel centres (0-based pixels).
+        wave : float
+            Wavelength (Angstrom).
+        oversample : int
+            Sub-pixel samples per axis.
+
+        Returns
+        -------
+        numpy.ndarray
+            Fraction of the star's flux in each pixel.
         """
         fwhm, beta, ellip, angle = (float(v) for v in self.params(wave))
         return _integrate(np.asarray(xx) - x0, np.asarray(yy) - y0, fwhm, beta, ellip, angle, oversample)
 
     def image(self, shape, x0, y0, wave, oversample: int = 3):
-        """PSF of one star on a full ``(ny, nx)`` grid."""
+        """PSF of one star on a full ``(ny, nx)`` grid.
+
+        Parameters
+        ----------
+        shape : tuple of int
+            ``(ny, nx)``.
+        x0, y0 : float
+            Star position (0-based pixels).
+        wave : float
+            Wavelength (Angstrom).
+        oversample : int
+            Sub-pixel samples per axis.
+
+        Returns
+        -------
+        numpy.ndarray, shape (ny, nx)
+            Fraction of the star's flux in each pixel.
+        """
         yy, xx = np.mgrid[: shape[0], : shape[1]]
         return self.evaluate(x0, y0, xx, yy, wave, oversample)
 
     def enclosed(self, radius, wave) -> float:
-        """Fraction of flux inside a circle of ``radius`` pixels (round-profile formula)."""
+        """Fraction of flux inside a circle of ``radius`` pixels (round-profile formula).
+
+        Parameters
+        ----------
+        radius : float
+            Circle radius (pixels).
+        wave : float
+            Wavelength (Angstrom).
+
+        Returns
+        -------
+        float
+            Enclosed fraction of the flux.
+        """
         fwhm, beta, _, _ = self.params(wave)
         alpha = moffat_alpha(fwhm, beta)
         return float(1.0 - (1.0 + (radius / alpha) ** 2) ** (1.0 - beta))
@@ -132,7 +279,18 @@ class MoffatPSF:
     _KEYS = (("fwhm", "PSFFW"), ("beta", "PSFBE"), ("ellip", "PSFEL"), ("angle", "PSFPA"))
 
     def to_header(self, header=None):
-        """Write the PSF as ``PSFMODEL``, ``PSFWREF``, ``PSFWSCL`` and ``PSFFW0..`` keywords."""
+        """Write the PSF as ``PSFMODEL``, ``PSFWREF``, ``PSFWSCL`` and ``PSFFW0..`` keywords.
+
+        Parameters
+        ----------
+        header : astropy.io.fits.Header, optional
+            Header to add to (modified in place); default: a new one.
+
+        Returns
+        -------
+        astropy.io.fits.Header
+            The header with the PSF keywords.
+        """
 
         h = fits.Header() if header is None else header
         h["PSFMODEL"] = ("MOFFAT", "elliptical Moffat, musepayne.MoffatPSF")
@@ -145,6 +303,23 @@ class MoffatPSF:
 
     @classmethod
     def from_header(cls, header) -> MoffatPSF:
+        """PSF from the keywords written by :meth:`to_header`.
+
+        Parameters
+        ----------
+        header : astropy.io.fits.Header or mapping
+            Header with ``PSFMODEL = MOFFAT``.
+
+        Returns
+        -------
+        MoffatPSF
+            The PSF.
+
+        Raises
+        ------
+        KeyError
+            No Moffat PSF in the header.
+        """
         if str(header.get("PSFMODEL", "")).upper() != "MOFFAT":
             raise KeyError("header has no PSFMODEL = MOFFAT")
         kw = {}
@@ -157,6 +332,13 @@ class MoffatPSF:
         return cls(**kw, wave_ref=float(header["PSFWREF"]), wave_scale=float(header["PSFWSCL"]))
 
     def describe(self) -> str:
+        """One-line summary of the PSF at ``wave_ref``.
+
+        Returns
+        -------
+        str
+            FWHM (px), beta, ellipticity and angle (deg) at the reference wavelength.
+        """
         f, b, e, a = self.params(self.wave_ref)
         return (f"Moffat FWHM={float(f):.2f} px beta={float(b):.2f} e={float(e):.3f} PA={float(a):.1f} deg "
                 f"at {self.wave_ref:.0f} A")
@@ -208,6 +390,30 @@ def psf_design_matrix(psf: MoffatPSF, x, y, wave, shape, radius: float, oversamp
     zeroes pixels outside the usable field.  Stars whose stamp misses the
     field entirely get an empty column.  ``centres`` (integer x, y arrays)
     fixes the stamp centres (for finite differences in position).
+
+    Parameters
+    ----------
+    psf : MoffatPSF
+        The PSF.
+    x, y : array_like of float, shape (n,)
+        Star positions (0-based pixels).
+    wave : float
+        Wavelength (Angstrom).
+    shape : tuple of int
+        Image shape ``(ny, nx)``.
+    radius : float
+        Stamp radius (pixels).
+    oversample : int
+        Sub-pixel samples per axis.
+    valid : numpy.ndarray of bool, shape (ny, nx), optional
+        Usable pixels.
+    centres : tuple of numpy.ndarray, optional
+        Integer stamp centres ``(cx, cy)`` (pixels).
+
+    Returns
+    -------
+    scipy.sparse.csc_matrix, shape (ny*nx, n)
+        Fraction of each star's flux in each pixel (rows in C order of the image).
     """
     ny, nx = shape
     x = np.asarray(x, float)
