@@ -38,6 +38,10 @@ Steps:
    fitted white-light flux (cube flux units per Angstrom, mean over the
    cube's wavelength range); the default zero point is the simulator's
    convention, so simulated magnitudes and detected ones compare directly.
+
+Length: over 600 lines because :class:`DetectConfig` documents each of its ~20 settings and the
+:class:`Detector` passes (images, PSF, matched filter, iterated photometry, caps) share its state;
+the array helpers are module functions that tests call directly.
 """
 
 from __future__ import annotations
@@ -58,8 +62,10 @@ from scipy.spatial import cKDTree
 
 from ..io.cube import MuseCube, open_cube
 from ..io.spectra import ReaderError
-from .extractor import _fit_single, _pixscale_arcsec, _shape_psf, _sky_columns, _stamp
+from .fields import _pixscale_arcsec
+from .imagefit import _shape_psf, _sky_columns
 from .psf import _integrate, psf_design_matrix
+from .transform import _fit_single, _stamp
 
 __all__ = ["DetectConfig", "Detector", "matched_filter_snr", "model_flux_error"]
 

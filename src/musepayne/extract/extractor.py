@@ -85,6 +85,7 @@ from .psf import MoffatPSF, psf_design_matrix
 from .result import EXTRACT_STATUS, LAYER_FLAGS, ExtractionResult, _sources_table, per_star_file_name  # noqa: F401
 from .sources import MAG_COLUMNS, read_source_catalogue  # noqa: F401
 from .transform import CoordinateTransform, _fit_single, _single_star_start, _stamp, _transform_residuals  # noqa: F401
+from .transform_guard import moved_off_field
 
 __all__ = [
     "ExtractConfig",
@@ -333,7 +334,8 @@ class Extractor:
         x, y = np.asarray(x, float), np.asarray(y, float)
         transform = _transform_residuals(cfg, white, white_var, x, y, mag, valid, nidx, free, shape_w, fl_w, rad0,
                                          transform, notes)
-        moved = (_edge_distance(valid, xc, yc) >= 0) & (_edge_distance(valid, x, y) < 0)
+        moved = moved_off_field(_edge_distance(valid, xc, yc), _edge_distance(valid, x, y), x - xc, y - yc,
+                                transform.rms, shape_w[0])
         if moved.any() and cfg.fit_transform:
             notes.append(f"{int(moved.sum())} catalogue star(s) inside the field were moved off it by the "
                          f"fitted transformation (rotation {transform.rotation:.3f} deg, scale "
