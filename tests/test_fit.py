@@ -363,3 +363,14 @@ def test_scrambled_sobol_is_scipys():
                     warnings.simplefilter("ignore")  # scipy: balance properties need n = 2^k
                     want = qmc.Sobol(d=d, scramble=True, seed=seed).random(n)
                 assert np.array_equal(scrambled_sobol(d, n, seed), want)
+
+
+def test_with_config_keeps_the_fitters_templates():
+    """A fitter derived with ``with_config`` keeps the gradient templates it was given (else the
+    per-label flags silently turn to -1) and does not change the original fitter."""
+    model = toy_mlp_model(lamost_wavelength()[:400], hidden=(20, 20))
+    marker = object()
+    fitter = Fitter(model, FitConfig(rv_range=300.0), templates=marker)
+    derived = fitter.with_config(rv_range=600.0)
+    assert derived.templates is marker
+    assert derived.config.rv_range == 600.0 and fitter.config.rv_range == 300.0

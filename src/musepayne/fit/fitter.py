@@ -620,7 +620,6 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
         Returns
         -------
         Fitter
-            A fitter of the same model with the changed configuration (gradient templates: the
-            model's own; templates given to this fitter are not carried over).
+            A fitter of the same model, the same gradient templates and the changed configuration.
         """
-        return Fitter(self.model, replace(self.config, **changes))
+        return Fitter(self.model, replace(self.config, **changes), templates=self.templates)
