@@ -18,6 +18,7 @@ import numpy as np
 
 from ..fit import FitConfig, Fitter
 from ..fit.catalogue import CatalogueStream, _catalogue_format, combine_metal_poor, fits_bytes, write_catalogue
+from ..flags import fit_status_name
 from ..io.prepared import PreparedSpectra
 from ..io.spectra import ReaderError
 from ..models.files import load_model
@@ -141,8 +142,9 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
 
 def _count(counts, reasons, status):
     """Add a block's statuses to ``counts`` (failures by kind) and ``reasons`` (failures in full)."""
-    counts.update(s.split(":")[0] if s.startswith("failed") else s for s in status)
-    reasons.update(s for s in status if s.startswith("failed"))
+    names = [fit_status_name(s) for s in status]
+    counts.update(names)
+    reasons.update(s for s, n in zip(status, names) if n == "failed")
 
 
 def _fit_streaming(fitter, data, n_processes, output, also, timer, counts, reasons):
