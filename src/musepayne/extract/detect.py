@@ -362,6 +362,21 @@ def _peaks(snr, threshold, box, limit=None):
     return x, y, p
 
 
+def _weighted_solve(M, w, d):
+    """Weighted linear least squares ``min |sqrt(w) (M p - d)|^2`` by the normal equations.
+
+    The normal matrix gets a relative ridge of 1e-9 on its diagonal (1 where a column is empty)
+    and is factorised by SuperLU with a COLAMD ordering.  Returns ``(p, lu)``; ``lu.solve``
+    gives further solves with the same matrix (e.g. the diagonal of its inverse).
+    """
+    MW = M.multiply(w[:, None]).tocsc()
+    N = (M.T @ MW).tocsc()
+    dg = N.diagonal()
+    N = N + sp.diags(np.where(dg > 0, 1e-9 * dg, 1.0))
+    lu = spla.splu(N, permc_spec="COLAMD")
+    return lu.solve(np.asarray(MW.T @ d).ravel()), lu
+
+
 class Detector:
     """Configure once with :class:`DetectConfig`; call on a cube to get the detected star list.
 
@@ -483,13 +498,7 @@ class Detector:
                 gy = (psf_design_matrix(psf, x, y + h, 0.0, (ny, nx), radius, 2, valid=mask, centres=cen) - A) / h
                 fpos = np.maximum(f, 0.0)
                 cols += [gx @ sp.diags(fpos), gy @ sp.diags(fpos)]
-            M = sp.hstack(cols, format="csc")
-            MW = M.multiply(w[:, None]).tocsc()
-            N = (M.T @ MW).tocsc()
-            dg = N.diagonal()
-            N = N + sp.diags(np.where(dg > 0, 1e-9 * dg, 1.0))
-            lu = spla.splu(N, permc_spec="COLAMD")
-            sol = lu.solve(np.asarray(MW.T @ d).ravel())
+            sol, _ = _weighted_solve(sp.hstack(cols, format="csc"), w, d)
             f = sol[:n]
             sky = sol[n:n + S.shape[1]]
             if refine and it > 0:
@@ -499,18 +508,12 @@ class Detector:
         # flux errors: diagonal of the inverse normal matrix of the final linear problem
         cen = (np.rint(x), np.rint(y))
         A = psf_design_matrix(psf, x, y, 0.0, (ny, nx), radius, 2, valid=mask, centres=cen)
-        M = sp.hstack([A, S], format="csc")
-        MW = M.multiply(w[:, None]).tocsc()
-        N = (M.T @ MW).tocsc()
-        dg = N.diagonal()
-        N = N + sp.diags(np.where(dg > 0, 1e-9 * dg, 1.0))
-        lu = spla.splu(N, permc_spec="COLAMD")
-        sol = lu.solve(np.asarray(MW.T @ d).ravel())
+        sol, lu = _weighted_solve(sp.hstack([A, S], format="csc"), w, d)
         f, sky = sol[:n], sol[n:]
         ferr = np.empty(n)
         for i0 in range(0, n, 256):
             i1 = min(n, i0 + 256)
-            E = np.zeros((N.shape[0], i1 - i0))
+            E = np.zeros((sol.size, i1 - i0))
             E[np.arange(i0, i1), np.arange(i1 - i0)] = 1.0
             ferr[i0:i1] = np.sqrt(np.maximum(lu.solve(E)[np.arange(i0, i1), np.arange(i1 - i0)], 0.0))
         model = (A @ f + S @ sky).reshape(ny, nx)
