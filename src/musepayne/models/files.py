@@ -109,6 +109,12 @@ def load_model(path) -> SpectralModel:
     return model
 
 
+def _sibling_path(model_path, kind: str) -> Path:
+    """``<stem>.<kind>.fits`` beside the model file ``<stem>.fits`` (the files a model carries)."""
+    p = Path(model_path)
+    return p.with_name(f"{p.name.removesuffix('.fits')}.{kind}.fits")
+
+
 def templates_path(model_path) -> Path:
     """Where a model's own gradient templates live: ``<stem>.templates.fits`` beside the model file.
 
@@ -122,8 +128,7 @@ def templates_path(model_path) -> Path:
     pathlib.Path
         The templates file (not checked for existence).
     """
-    p = Path(model_path)
-    return p.with_name(p.name.removesuffix(".fits") + ".templates.fits")
+    return _sibling_path(model_path, "templates")
 
 
 def _sibling_templates(path):
@@ -140,8 +145,7 @@ def _sibling_templates(path):
 def misfit_reference_path(model_path) -> Path:
     """Where a model's misfit reference lives: ``<stem>.misfitref.fits`` beside the model file
     (:func:`musepayne.fit.catalogue.misfit_reference`)."""
-    p = Path(model_path)
-    return p.with_name(p.name.removesuffix(".fits") + ".misfitref.fits")
+    return _sibling_path(model_path, "misfitref")
 
 
 def _sibling_misfit_reference(path):
