@@ -320,6 +320,9 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
         # whether this fit uses the model's intrinsic scatter (model.scatter, model.inflate_ivar)
         self._use_scatter = cfg.model_scatter != "off" and bool(np.any(getattr(model, "scatter", 0.0)))
         self._chi2_noise = 1e-7 if self.dtype == np.float32 else 1e-13
+        # the LM keeps the Jacobian planes at the solution when the errors need them (the sandwich
+        # covariance with the model's scatter in the variance, :mod:`musepayne.fit.errors`)
+        self._keep_jac = self._use_scatter and cfg.model_scatter == "errors"
         L = model.n_labels
         self.n_par = L + (1 if cfg.fit_rv else 0)
         wave = model.wave if model.frame == "vacuum" else air_to_vacuum(model.wave)
@@ -601,7 +604,7 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
             chi = st["chi2"].reshape(m, K)
             pick = np.arange(m) * K + np.nanargmin(np.where(np.isfinite(chi), chi, np.inf), axis=1)
             th1, lam1, stale1 = st["theta"][pick], st["lam"][pick], st["stale"][pick]
-            state = tuple(st[k][pick] for k in ("f", "chi2", "ww", "A", "g"))
+            state = tuple(None if st[k] is None else st[k][pick] for k in ("f", "chi2", "ww", "A", "g", "J"))
             iters += st["iters"][pick]
         else:
             th1, lam1, state, stale1 = th0[::K], lam0[::K], state0, None

@@ -326,17 +326,20 @@ class _ForwardModel:
         return np.einsum("np,np->n", ww, r * r), r, ww
 
     def _assess(self, theta, opi, d, w, rest=None):
-        """Model at ``theta`` and what LM needs there: f, chi2, weights used, A = J^T W J, g = J^T W r.
+        """Model at ``theta`` and what LM needs there: f, chi2, weights used, A = J^T W J, g = J^T W r,
+        and the Jacobian planes ``J (m, n_par, n_pix)`` when the errors need them (the sandwich
+        covariance, :meth:`_ErrorEstimates._estimates`; else None).
 
         The residual replaces the flux plane, every plane is multiplied by sqrt(W), and one
         batched product of the planes with themselves gives chi2, ``g`` and ``A`` together."""
         Y, valid = self._planes(theta, opi, rest=rest)
         f = Y[:, 0].copy()
+        J = Y[:, 1:].copy() if self._keep_jac else None
         chi2, r, ww = self._chi2(f, valid, d, w)
         Y[:, 0] = r
         Y *= np.sqrt(ww).astype(self.dtype)[:, None, :]
         M = np.einsum("nqp,nrp->nqr", Y, Y).astype(np.float64)
-        return f, chi2, ww, np.ascontiguousarray(M[:, 1:, 1:]), np.ascontiguousarray(M[:, 1:, 0])
+        return f, chi2, ww, np.ascontiguousarray(M[:, 1:, 1:]), np.ascontiguousarray(M[:, 1:, 0]), J
 
     def _chi2_at(self, theta, opi, d, w):
         """Flux, chi2 and used weights at ``theta`` without the Jacobian (a probe)."""
