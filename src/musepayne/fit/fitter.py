@@ -495,6 +495,20 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
             good = np.isfinite(f) & np.isfinite(iv) & (iv > 0) & ((np.asarray(mk) & EXCLUDING_BITS) == 0)
         return good & model_ok[None, :]
 
+    def _n_usable(self, f, iv, mk):
+        """Usable pixels per row, ``_usable(f, iv, mk).sum(1)``, counted on the runs of columns the
+        model does not mask only (the default model masks 58 % of its pixels)."""
+        ok = ~np.asarray(getattr(self.model, "pixel_mask", np.zeros(self.model.n_pix, bool)), bool)
+        edges = np.flatnonzero(np.diff(np.r_[0, ok.astype(np.int8), 0]))
+        f, iv, mk = np.asarray(f), np.asarray(iv), np.asarray(mk)
+        n = np.zeros(f.shape[0], np.int64)
+        with np.errstate(invalid="ignore"):
+            for a, b in zip(edges[::2], edges[1::2]):
+                v = iv[:, a:b]
+                n += np.count_nonzero(np.isfinite(f[:, a:b]) & (v > 0) & (v < np.inf) & ((mk[:, a:b] & EXCLUDING_BITS) == 0),
+                                      axis=1)
+        return n
+
     def _validate(self, prepared):
         """Per-spectrum validation (rows read in blocks): ``(status, reason, fit_ok)``; the
         status and reason of rows that will not be fitted are set."""
@@ -504,7 +518,7 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
         flux, ivar, mask = prepared.flux, prepared.ivar, prepared.mask
         n_good = np.zeros(n, np.int64)
         for k in range(0, n, 2048):
-            n_good[k:k + 2048] = self._usable(flux[k:k + 2048], ivar[k:k + 2048], mask[k:k + 2048]).sum(1)
+            n_good[k:k + 2048] = self._n_usable(flux[k:k + 2048], ivar[k:k + 2048], mask[k:k + 2048])
         st_in = (np.asarray(prepared.spectra["status"]).astype(str) if "status" in prepared.spectra.colnames
                  else np.full(n, "ok"))
         rs_in = (np.asarray(prepared.spectra["reason"]).astype(str) if "reason" in prepared.spectra.colnames
