@@ -50,12 +50,15 @@ class _ErrorEstimates:
         chi2_model = (np.einsum("np,np->n", self.model.inflate_ivar(w_obs_used), r2) if scatter
                       else np.full(m, np.nan))
         # covariance in (scaled labels, v); guard singular matrices
-        cov = np.full((m, P, P), np.nan)
-        for i in range(m):
-            try:
-                cov[i] = np.linalg.inv(A[i])
-            except np.linalg.LinAlgError:
-                cov[i] = np.linalg.pinv(A[i])
+        try:  # (one call for the chunk: the same LAPACK solve per matrix as one call each)
+            cov = np.linalg.inv(A)
+        except np.linalg.LinAlgError:
+            cov = np.full((m, P, P), np.nan)
+            for i in range(m):
+                try:
+                    cov[i] = np.linalg.inv(A[i])
+                except np.linalg.LinAlgError:
+                    cov[i] = np.linalg.pinv(A[i])
         if scatter and cfg.model_scatter == "errors":
             # labels fitted with W = ivar while the variance is 1/ivar + s^2: cov = A^-1 B A^-1 with
             # B = J^T W (W^-1 + S) W J = A + J^T diag(W^2 s^2) J
