@@ -609,12 +609,13 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
             th0 = np.hstack([th0, v0[rows, None]])
         lam0 = np.full(rows.size, cfg.lambda_init)
         # the starts are grid points: their rest-frame flux and Jacobian are precomputed
-        state0 = self._assess(th0, opi[rows], d[rows], w[rows], rest=self.grid_planes[best.ravel()])
+        d_r, w_r, op_r = d[rows], w[rows], opi[rows]
+        state0 = self._assess(th0, op_r, d_r, w_r, rest=best.ravel())
         n_explore = min(cfg.explore_iter, cfg.max_iter) if K > 1 else 0
         iters = np.zeros(m, np.int64)
         if n_explore:
             # every start takes one probed step; only the kept start's Jacobian is then evaluated
-            st = self._lm(th0, d[rows], w[rows], opi[rows], n_explore, lam0, state0, probe_all=True, final_jac=False)
+            st = self._lm(th0, d_r, w_r, op_r, n_explore, lam0, state0, probe_all=True, final_jac=False)
             chi = st["chi2"].reshape(m, K)
             pick = np.arange(m) * K + np.nanargmin(np.where(np.isfinite(chi), chi, np.inf), axis=1)
             th1, lam1, stale1 = st["theta"][pick], st["lam"][pick], st["stale"][pick]

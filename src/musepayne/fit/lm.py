@@ -75,7 +75,8 @@ class _LevenbergMarquardt:
         bounds and accepted when chi2 falls or rejected (damping update of Nielsen 1999).
         A row has converged when the undamped Gauss-Newton step predicts a chi2 gain
         below ``chi2_tol`` (or the float32 rounding noise of chi2), or when it is stuck
-        (``lam > 1e8``).  ``state``: (f, chi2, ww, A, g, J) at ``theta`` if already known.
+        (``lam > 1e8``).  ``state``: (f, chi2, ww, A, g, J) at ``theta`` if already known; its
+        arrays are taken over (updated in place and returned), so callers pass arrays of their own.
         Per row ``A`` and ``g`` are kept, and the Jacobian planes ``J`` only when the errors
         need them (``J`` None otherwise; see :meth:`_assess`).
 
@@ -93,7 +94,7 @@ class _LevenbergMarquardt:
         if state is None:
             f, chi2, ww, A_all, g_all, J_all = self._assess(theta, opi, d, w)
         else:
-            f, chi2, ww, A_all, g_all, J_all = (None if x is None else x.copy() for x in state)
+            f, chi2, ww, A_all, g_all, J_all = state  # (fresh arrays of the caller's: updated in place)
         stale = np.zeros(m, bool) if stale is None else stale.copy()
         done = np.zeros(m, bool)
         iters = np.zeros(m, np.int64)
