@@ -174,3 +174,22 @@ def test_gradcorr_in_hidden_space_equals_pixel_pearson():
     assert holes._gradcorr_hidden(model, lab, use) is None
     assert np.array_equal(holes.gradcorr(model, lab), holes.gradcorr_from_jacobian(jac, lab, model.label_names, use),
                           equal_nan=True)
+
+
+def test_usable_pixel_count_on_unmasked_runs_equals_full_mask(toy):
+    """Validation counts usable pixels on the runs of columns the model does not mask: the same
+    counts as the full per-pixel test (NaN / inf / <= 0 ivar, NaN flux, excluding mask bits)."""
+    rng = np.random.default_rng(8)
+    pm = np.zeros(toy.n_pix, bool)
+    pm[:40], pm[900:1500], pm[-7:] = True, True, True
+    fitter = Fitter(toy.with_pixel_mask(pm), FitConfig())
+    shape = (40, toy.n_pix)
+    f = rng.normal(size=shape).astype(np.float32)
+    iv = rng.normal(size=shape).astype(np.float32)  # half <= 0
+    f[rng.random(shape) < 0.1] = np.nan
+    iv[rng.random(shape) < 0.05] = np.inf
+    iv[rng.random(shape) < 0.05] = np.nan
+    mk = rng.integers(0, 2**16, shape).astype(np.int32) * (rng.random(shape) < 0.2)
+    want = fitter._usable(f, iv, mk).sum(1)
+    assert np.array_equal(fitter._n_usable(f, iv, mk), want)
+    assert want.min() > 100 and want.max() < 0.5 * toy.n_pix  # a real mix of usable and not
