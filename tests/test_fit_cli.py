@@ -121,3 +121,58 @@ def test_fit_streams_file_rows_and_catalogue(tmp_path):
             out.add(cat[k:k + 7])
     assert (tmp_path / "stream.fits").read_bytes() == (tmp_path / "lib.fits").read_bytes()
     assert Table.read(tmp_path / "stream.fits")["status"][3].startswith("failed")
+
+
+class _StubFitter:
+    """Blocks of one row each; a worker process dies on the first block >= ``die`` it draws (None: never)."""
+
+    def __init__(self, n, die=None):
+        import os
+
+        self.n, self.die, self.parent = n, die, os.getpid()
+
+    def plan_blocks(self, data):
+        from musepayne.fit.fitter import BlockPlan
+
+        z = np.full(self.n, "", dtype=object)
+        return BlockPlan(1, z, z.copy(), np.ones(self.n, bool), [(i, i + 1) for i in range(self.n)])
+
+    def fit_blocks(self, data, plan=None, take=None):
+        import os
+        import time
+        from types import SimpleNamespace
+
+        for j in take:
+            time.sleep(0.005)
+            if self.die is not None and j >= self.die and os.getpid() != self.parent:
+                os._exit(3)
+            a, b = plan.bounds[j]
+            yield a, b, SimpleNamespace(status=["ok"], pid=os.getpid())
+
+    def catalogue(self, spectra, res):
+        from astropy.table import Table
+
+        return Table({"row": np.asarray(spectra)})
+
+
+def test_fit_processes_draw_blocks_and_write_them_in_row_order(tmp_path):
+    """Blocks go to whichever process is free (a shared counter); they come back in row order,
+    each exactly once; a worker that dies is a clear error, not a hang or a short catalogue."""
+    from types import SimpleNamespace
+
+    from musepayne.cli.fit import _decode_part, _fit_in_processes
+
+    data = SimpleNamespace(spectra=np.arange(60))
+    got = list(_fit_in_processes(_StubFitter(60), data, 3, tmp_path / "c.fits"))
+    assert [a for a, _, _ in got] == list(range(60))
+    here = [r for _, _, r in got if not isinstance(r, bytes)]
+    there = [r for _, _, r in got if isinstance(r, bytes)]
+    assert here and there and len(here) + len(there) == 60  # every process took blocks
+    from astropy.io import fits
+
+    rows = [int(fits.HDUList.fromstring(_decode_part(r)[1])[1].data["row"][0]) for r in there]
+    assert set(rows) == {a for a, _, r in got if isinstance(r, bytes)}
+    assert not list(tmp_path.glob(".c.fits*"))
+    with pytest.raises(RuntimeError, match="fitting process failed"):
+        list(_fit_in_processes(_StubFitter(60, die=40), data, 2, tmp_path / "d.fits"))
+    assert not list(tmp_path.glob(".d.fits*"))

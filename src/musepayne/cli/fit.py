@@ -14,7 +14,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
-import numpy as np
 
 from ..fit import FitConfig, Fitter
 from ..fit.catalogue import CatalogueStream, _catalogue_format, combine_metal_poor, fits_bytes, write_catalogue
@@ -230,47 +229,75 @@ def _decode_part(data: bytes):
     return json.loads(data[8:8 + k]), data[8 + k:]
 
 
-def _fit_group(fitter, data, bounds, folder):
-    """Worker process: fit the blocks ``bounds`` of ``data`` and leave each as a part file
+def _draw_blocks(counter, n_blocks):
+    """Block indices drawn from ``counter`` (a ``multiprocessing.Value`` shared by the forked
+    processes): every block goes to whichever process is free first."""
+    while True:
+        with counter.get_lock():
+            k = counter.value
+            counter.value = k + 1
+        if k >= n_blocks:
+            return
+        yield k
+
+
+def _fit_group(fitter, data, plan, counter, folder):
+    """Worker process: fit the blocks it draws from ``counter`` and leave each as a part file
     (status list + the block's catalogue as FITS bytes), renamed into place when complete."""
-    for a, b in bounds:
-        sub = data.rows(a, b)
-        for _, _, res in fitter.fit_blocks(sub):  # one block: the rows of one block of the whole
-            part = _part_path(folder, a)
-            tmp = part.with_suffix(".tmp")
-            tmp.write_bytes(_encode_part([str(s) for s in res.status],
-                                         fits_bytes(fitter.catalogue(sub.spectra, res))))
-            os.replace(tmp, part)
+    for a, b, res in fitter.fit_blocks(data, plan=plan, take=_draw_blocks(counter, len(plan.bounds))):
+        part = _part_path(folder, a)
+        tmp = part.with_suffix(".tmp")
+        tmp.write_bytes(_encode_part([str(s) for s in res.status],
+                                     fits_bytes(fitter.catalogue(data.spectra[a:b], res))))
+        os.replace(tmp, part)
+
+
+#: blocks this process may hold fitted ahead of the row order it writes in
+_AHEAD = 4
 
 
 def _fit_in_processes(fitter, data, n_proc, output: Path):
-    """Yield ``(a, b, FitArrays | part bytes)`` for every block in row order: the first share of
-    blocks fitted here, the others in forked processes (each a contiguous share of blocks).
-    Blocks are cut as in one pass over all rows, so the results are those of one process."""
-    bounds = fitter.block_bounds(data)
-    n_proc = max(1, min(n_proc, len(bounds)))
-    edges = np.linspace(0, len(bounds), n_proc + 1).round().astype(int)
-    groups = [bounds[edges[k]:edges[k + 1]] for k in range(n_proc)]
+    """Yield ``(a, b, FitArrays | part bytes)`` for every block in row order.  The spectra are
+    validated and the blocks cut once, here (:meth:`Fitter.plan_blocks`); this process and the
+    forked ones then draw blocks from a shared counter, so no core idles while another still
+    has a share to do.  Blocks are cut as in one pass over all rows, so the results are those
+    of one process."""
+    plan = fitter.plan_blocks(data)
+    n_proc = max(1, min(n_proc, len(plan.bounds)))
     output.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.parts-", dir=output.parent))
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_fit_group, args=(fitter, data, g, folder), daemon=True) for g in groups[1:]]
+    counter = ctx.Value("q", 0)
+    procs = [ctx.Process(target=_fit_group, args=(fitter, data, plan, counter, folder), daemon=True)
+             for _ in range(n_proc - 1)]
     try:
         for p in procs:
             p.start()
-        for a, b in groups[0]:
-            for _, _, res in fitter.fit_blocks(data.rows(a, b)):
-                yield a, b, res
-        for p, g in zip(procs, groups[1:]):
-            for a, b in g:
+        own = fitter.fit_blocks(data, plan=plan, take=_draw_blocks(counter, len(plan.bounds)))
+        mine, own_left = {}, True
+        for a, b in plan.bounds:
+            while True:
+                if a in mine:
+                    yield a, b, mine.pop(a)
+                    break
                 part = _part_path(folder, a)
-                while not part.exists():
-                    if not p.is_alive() and not part.exists():
-                        raise RuntimeError(f"a fitting process failed (exit code {p.exitcode})")
-                    time.sleep(0.02)
-                raw = part.read_bytes()
-                part.unlink()
-                yield a, b, raw
+                if part.exists():
+                    raw = part.read_bytes()
+                    part.unlink()
+                    yield a, b, raw
+                    break
+                if own_left and len(mine) < _AHEAD:
+                    got = next(own, None)
+                    if got is None:
+                        own_left = False
+                    else:
+                        mine[got[0]] = got[2]
+                    continue
+                bad = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if bad or not any(p.is_alive() for p in procs) and not part.exists():
+                    raise RuntimeError(f"a fitting process failed (exit code {bad[0] if bad else 0}) "
+                                       f"before rows {a}-{b - 1} were fitted")
+                time.sleep(0.01)
     finally:
         for p in procs:
             if p.is_alive():

@@ -48,7 +48,7 @@ from .lm import _LevenbergMarquardt
 from .operators import _BandedOp, _RowOps, _RowOpsBuilder
 from .starts import _parabola_offset, _StartSearch, scrambled_sobol
 
-__all__ = ["FitConfig", "Fitter", "FitArrays", "doppler_factor", "shift_weights", "grid_segments", "scrambled_sobol"]
+__all__ = ["FitConfig", "Fitter", "FitArrays", "BlockPlan", "doppler_factor", "shift_weights", "grid_segments", "scrambled_sobol"]
 
 # names other modules import from here (kept after the split of this module)
 _REEXPORTED = (_BandedOp, _RowOps, _RowOpsBuilder, _catmull_rom, _parabola_offset)
@@ -259,6 +259,29 @@ class FitArrays:
 
 
 
+def _whole_chunks(block_size, chunk_size) -> int:
+    """Spectra per block rounded up to whole chunks (so chunks are those of one pass)."""
+    B = max(int(block_size), 1)
+    return -(-B // chunk_size) * chunk_size
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """The blocks of one set of prepared spectra (:meth:`Fitter.plan_blocks`).
+
+    ``block_size``: fitted spectra per block (whole chunks); ``status`` / ``reason``: (n,)
+    object arrays, set for the rows that are not fitted; ``fit_ok``: (n,) bool, rows fitted;
+    ``bounds``: ``[(start, stop), ...]`` row ranges of the blocks, in order, together all rows.
+    Made once (e.g. before forking worker processes) it spares each worker the validation.
+    """
+
+    block_size: int
+    status: np.ndarray
+    reason: np.ndarray
+    fit_ok: np.ndarray
+    bounds: list
+
+
 def _block_bounds(fit_ok, B):
     """Block j: rows ``a_j .. b_j - 1`` holding the fitted rows ``todo[j*B:(j+1)*B]`` (B: a
     multiple of the chunk size, so chunks are those of one pass over all rows)."""
@@ -390,7 +413,7 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
         """
         return FitArrays.concatenate([res for _, _, res in self.fit_blocks(prepared)])
 
-    def fit_blocks(self, prepared, block_size: int | None = None):
+    def fit_blocks(self, prepared, block_size: int | None = None, plan: BlockPlan | None = None, take=None):
         """Fit in blocks of rows and yield ``(start, stop, FitArrays of rows start..stop-1)``
         as each block finishes (blocks in row order, together all rows).
 
@@ -409,6 +432,12 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
             Prepared spectra on the model's grid (:meth:`PreparedSpectra.open` keeps memory flat).
         block_size : int, optional
             Spectra per block (rounded up to whole chunks); default ``config.block_size``.
+        plan : BlockPlan, optional
+            :meth:`plan_blocks` of ``prepared`` made earlier (e.g. once before forking worker
+            processes, so that the spectra are validated once); ``block_size`` is then ignored.
+        take : iterable of int, optional
+            Indices into ``plan.bounds`` of the blocks to fit, in the order they are drawn
+            (e.g. from a counter shared by several processes); default every block in order.
 
         Yields
         ------
@@ -419,8 +448,7 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
         """
         cfg = self.config
         n = prepared.n_spectra
-        B = max(int(block_size or cfg.block_size), 1)
-        B = -(-B // cfg.chunk_size) * cfg.chunk_size  # whole chunks per block
+        B = plan.block_size if plan is not None else _whole_chunks(block_size or cfg.block_size, cfg.chunk_size)
         wave = np.asarray(prepared.wave, np.float64)
         if wave.shape != self.wave_vac.shape or not np.allclose(wave, self.wave_vac, rtol=1e-7, atol=0):
             msg = (f"prepared grid ({wave.size} px, {wave.min():.1f}-{wave.max():.1f} A) differs from the model "
@@ -433,15 +461,17 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
                 out.reason[:] = msg
                 yield a, b, out
             return
-        status, reason, fit_ok = self._validate(prepared)
+        plan = plan if plan is not None else self.plan_blocks(prepared, B)
+        if plan.fit_ok.size != n:
+            raise ValueError(f"the block plan is for {plan.fit_ok.size} spectra, not these {n}")
+        status, reason, fit_ok = plan.status, plan.reason, plan.fit_ok
         ops = _RowOpsBuilder(self, wave) if cfg.lsf_excess else None
-        todo = np.flatnonzero(fit_ok)
-        bounds = _block_bounds(fit_ok, B)
         pool = None
-        if cfg.n_threads > 1 and todo.size > cfg.chunk_size:
+        if cfg.n_threads > 1 and np.count_nonzero(fit_ok) > cfg.chunk_size:
             pool = ThreadPoolExecutor(max_workers=cfg.n_threads)
         try:
-            for a, b in bounds:
+            for j in (range(len(plan.bounds)) if take is None else take):
+                a, b = plan.bounds[j]
                 out = self._empty_arrays(b - a, wave.size)
                 out.status[:], out.reason[:] = status[a:b], reason[a:b]
                 idx = np.flatnonzero(fit_ok[a:b])  # block-local rows to fit
@@ -469,9 +499,26 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
         list of (int, int)
             ``(start, stop)`` row ranges, in order, together all rows.
         """
-        B = max(int(block_size or self.config.block_size), 1)
-        B = -(-B // self.config.chunk_size) * self.config.chunk_size
-        return _block_bounds(self._validate(prepared)[2], B)
+        return self.plan_blocks(prepared, block_size).bounds
+
+    def plan_blocks(self, prepared, block_size: int | None = None) -> BlockPlan:
+        """Validate ``prepared`` once and cut its blocks (see :class:`BlockPlan`).
+
+        Parameters
+        ----------
+        prepared : PreparedSpectra
+            The spectra (read a block of rows at a time).
+        block_size : int, optional
+            Spectra per block (rounded up to whole chunks); default ``config.block_size``.
+
+        Returns
+        -------
+        BlockPlan
+            Statuses of the rows that are not fitted and the blocks' row ranges.
+        """
+        B = _whole_chunks(block_size or self.config.block_size, self.config.chunk_size)
+        status, reason, fit_ok = self._validate(prepared)
+        return BlockPlan(B, status, reason, fit_ok, _block_bounds(fit_ok, B))
 
     def _empty_arrays(self, n, n_pix) -> FitArrays:
         L, P = self.model.n_labels, self.n_par
