@@ -269,10 +269,18 @@ def _whole_chunks(block_size, chunk_size) -> int:
 class BlockPlan:
     """The blocks of one set of prepared spectra (:meth:`Fitter.plan_blocks`).
 
-    ``block_size``: fitted spectra per block (whole chunks); ``status`` / ``reason``: (n,)
-    object arrays, set for the rows that are not fitted; ``fit_ok``: (n,) bool, rows fitted;
-    ``bounds``: ``[(start, stop), ...]`` row ranges of the blocks, in order, together all rows.
     Made once (e.g. before forking worker processes) it spares each worker the validation.
+
+    Attributes
+    ----------
+    block_size : int
+        Fitted spectra per block (whole chunks).
+    status, reason : numpy.ndarray of object, shape (n,)
+        Set for the rows that are not fitted (``failed:...`` and why).
+    fit_ok : numpy.ndarray of bool, shape (n,)
+        Rows that are fitted.
+    bounds : list of (int, int)
+        ``(start, stop)`` row ranges of the blocks, in order, together all rows.
     """
 
     block_size: int
