@@ -62,7 +62,9 @@ from scipy.spatial import cKDTree
 
 from ..io.cube import MuseCube, open_cube
 from ..io.spectra import ReaderError
+from .extractor import ExtractConfig, Extractor
 from .fields import _pixscale_arcsec
+from .hidden import HIDDEN_MODEL_ERROR
 from .imagefit import _shape_psf, _sky_columns
 from .psf import _integrate, psf_design_matrix
 from .transform import _fit_single, _stamp
@@ -116,6 +118,15 @@ class DetectConfig:
     beta_error_max : float
         The Moffat beta is refitted on the neighbour-subtracted bright stars only when its error
         is below this; otherwise it keeps ``beta_guess`` (> 0).
+    residual_passes : int
+        Extraction passes after the white-light passes (>= 0; 0: none): all stars found so far are extracted
+        layer by layer with the wavelength-dependent PSF (:class:`~musepayne.extract.extractor.Extractor`,
+        default settings, no transform), and an unmodelled point source fitted to the layer-summed residual
+        near a star (:func:`~musepayne.extract.hidden.hidden_light`) is added when its flux passes
+        ``threshold`` times its error (noise and ``residual_error`` of the star's flux): close pairs the
+        white-light PSF (a colour-dependent mixture of the layers' PSFs) cannot split.
+    residual_error : float
+        Fractional PSF-model error of a star's flux in the residual search (>= 0).
     """
 
     threshold: float = 5.0
@@ -135,6 +146,8 @@ class DetectConfig:
     psf_radius: float = 4.5
     psf_radius_max: float = 16.0
     beta_error_max: float = 0.1
+    residual_passes: int = 3
+    residual_error: float = HIDDEN_MODEL_ERROR
 
     def __post_init__(self):
         def bad(name, rule):
@@ -144,14 +157,15 @@ class DetectConfig:
                      "beta_error_max"):
             if not _finite(getattr(self, name)) or not getattr(self, name) > 0:
                 bad(name, "a finite number > 0")
-        for name in ("band_penalty", "model_error"):
+        for name in ("band_penalty", "model_error", "residual_error"):
             if not _finite(getattr(self, name)) or not getattr(self, name) >= 0:
                 bad(name, "a finite number >= 0")
         if not _finite(self.zeropoint):
             bad("zeropoint", "a finite number")
         if not _finite(self.beta_guess) or not self.beta_guess > 1:
             bad("beta_guess", "a finite number > 1")
-        for name, lo in (("n_bands", 1), ("n_iter", 1), ("psf_stars", 3), ("block", 1), ("max_sources", 1)):
+        for name, lo in (("n_bands", 1), ("n_iter", 1), ("psf_stars", 3), ("block", 1), ("max_sources", 1),
+                         ("residual_passes", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 bad(name, f"an integer >= {lo}")
@@ -573,6 +587,8 @@ class Detector:
                                                      notes)
                 if d[0] <= 0.005 * shape_w[0] and d[1] <= 0.02 and max(d[2], d[3]) <= 0.005:
                     break
+            if not notes and x.size:  # no extraction passes on a capped (noise-dominated) list
+                x, y, f, ferr, passno = self._residual_passes(c, white, wvar, ok, x, y, f, ferr, passno, shape_w)
             for note in sorted(notes):
                 warnings.warn(note, UserWarning, stacklevel=2)
             t = self._table(c, x, y, f, ferr, passno, shape_w, waves)
@@ -624,6 +640,46 @@ class Detector:
             x, y, f, ferr, passno = x[keep], y[keep], f[keep], ferr[keep], passno[keep]
             if x.size:
                 x, y, f, ferr, model, sky_model, _ = self._joint_fit(white, wvar, x, y, shape_w, refine=False)
+        return x, y, f, ferr, passno
+
+    def _residual_passes(self, c, white, wvar, ok, x, y, f, ferr, passno, shape_w):
+        """Extract all stars layer by layer; add the unmodelled point sources significant in the residual; repeat."""
+        cfg = self.config
+        ny, nx = ok.shape
+        fwhm = float(shape_w[0])
+        ext = Extractor(ExtractConfig(fit_transform=False))
+        for it in range(cfg.residual_passes):
+            mag = cfg.zeropoint - 2.5 * np.log10(np.maximum(f, 1e-30))
+            src = Table({"stellar_id": [f"s{i}" for i in range(x.size)], "x": x, "y": y, "mag": mag})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                s = ext(c, src).sources
+            hf = np.asarray(s["hidden_flux"], float)
+            sn = np.asarray(s["hidden_snr"], float)
+            xh, yh = np.asarray(s["hidden_x"], float), np.asarray(s["hidden_y"], float)
+            with np.errstate(invalid="ignore"):
+                new = (sn > cfg.threshold) & (hf > 0) & np.isfinite(xh) & np.isfinite(yh)
+            new &= (xh > -0.5) & (xh < nx - 0.5) & (yh > -0.5) & (yh < ny - 0.5)
+            idx = np.nonzero(new)[0]
+            idx = idx[ok[np.clip(np.rint(yh[idx]).astype(int), 0, ny - 1), np.clip(np.rint(xh[idx]).astype(int), 0,
+                                                                                      nx - 1)]]
+            idx = idx[_thin(xh[idx], yh[idx], sn[idx], cfg.min_separation * fwhm)]
+            if idx.size:  # not on a star already listed (two stars may point at one hidden source)
+                dmin = cKDTree(np.column_stack([x, y])).query(np.column_stack([xh[idx], yh[idx]]))[0]
+                idx = idx[dmin > 0.25 * fwhm]
+            if not idx.size:
+                break
+            x, y = np.concatenate([x, xh[idx]]), np.concatenate([y, yh[idx]])
+            f = np.concatenate([f, hf[idx]])
+            ferr = np.concatenate([ferr, hf[idx] / sn[idx]])
+            passno = np.concatenate([passno, np.full(idx.size, cfg.n_iter + 1 + it)])
+            # positions of all stars refitted together on the white-light image; a star that would move more
+            # than 0.5 FWHM or onto another (pairs the white-light PSF cannot split) keeps its position
+            x1, y1, f1, ferr1, *_ = self._joint_fit(white, wvar, x, y, shape_w)
+            moved = np.hypot(x1 - x, y1 - y) > 0.5 * fwhm
+            dmin = cKDTree(np.column_stack([x1, y1])).query(np.column_stack([x1, y1]), k=2)[0][:, 1]
+            back = moved | (dmin < 0.25 * fwhm) | ~(f1 > 0)
+            x, y = np.where(back, x, x1), np.where(back, y, y1)
         return x, y, f, ferr, passno
 
     def _model_error(self, res, var, stars, x, y, f, ferr, fwhm):
