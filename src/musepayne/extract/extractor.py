@@ -428,6 +428,7 @@ class Extractor:
         chi_den = np.zeros(n)
         r_sum = np.zeros(ny * nx)  # residual and its variance summed over the layers (hidden_light)
         v_sum = np.zeros(ny * nx)
+        m_sum = np.zeros(ny * nx)  # the stars' model summed over the layers
         # columns: stars whose stamp reaches usable spaxels (includes off-field neighbours' light)
         rmax = min(cfg.psf_radius * float(np.max(psf.params(c.wave)[0])), cfg.psf_radius_max_px)
         near = (x > -rmax) & (x < nx - 1 + rmax) & (y > -rmax) & (y < ny - 1 + rmax)
@@ -468,6 +469,7 @@ class Extractor:
             chi_num[cols] += np.asarray(core.T @ chi.sum(axis=1)).ravel()
             r_sum += R.sum(axis=1)
             v_sum += V.sum(axis=1)
+            m_sum += As @ X[:ns].sum(axis=1)
             chi_den[cols] += np.asarray(core.T @ mask.ravel().astype(float)).ravel() * good.sum()
             gi = np.nonzero(good)[0] + i0
             okc = dg_ok[:ns]
@@ -480,7 +482,8 @@ class Extractor:
         if ns:
             fsum = np.nansum(flux.astype(float), axis=1)
             fr, sn, b, _, xh, yh = hidden_light(r_sum.reshape(ny, nx), v_sum.reshape(ny, nx), valid, x[cols],
-                                                y[cols], fsum[cols], psf, float(np.median(c.wave)))
+                                                y[cols], fsum[cols], psf, float(np.median(c.wave)),
+                                                model=m_sum.reshape(ny, nx))
             nl = np.maximum(np.isfinite(flux[cols]).sum(axis=1), 1)
             hidden[:, cols] = fr, sn, b / nl, xh, yh
         return flux, err, chi2, layer_flag, hidden

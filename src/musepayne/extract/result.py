@@ -242,7 +242,7 @@ def _sources_table(cat, c, x, y, flux, err, chi2, edge, blend, neigh, fwhm_ref, 
                                 "to the star's own, from the extraction residual (3-sigma lower bound; 0: none "
                                 "significant; aperture: NaN)"),
             ("hidden_snr", "", "significance of that unmodelled source's flux in the layer-summed residual (noise "
-                               "and 1 % PSF-model error of the star's flux)"),
+                               "and a 2 % PSF-model error of the stars' light)"),
             ("hidden_flux", "", "flux of that unmodelled source (cube flux units, mean over the layers)"),
             ("hidden_x", "pix", "0-based cube pixel x of that unmodelled source (NaN: none)"),
             ("hidden_y", "pix", "0-based cube pixel y of that unmodelled source"))):
