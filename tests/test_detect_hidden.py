@@ -143,7 +143,7 @@ def test_detector_residual_passes_split_the_pair(pair):
 def test_hidden_neighbour_flag_and_reliable_preset():
     assert FIT_FLAGS["HIDDEN_NEIGHBOUR"].value == 512
     cat = Table({"stellar_id": ["a", "b", "c", "d"], "fit_flags": np.zeros(4, np.int32),
-                 "hidden_frac": [0.0, 0.05, 0.3, np.nan], "snr_muse": [100.0] * 4, "red_chi2": [1.0] * 4,
+                 "hidden_frac": [0.0, 0.02, 0.3, np.nan], "snr_muse": [100.0] * 4, "red_chi2": [1.0] * 4,
                  "teff": [5000.0] * 4})
     apply_quality_flags(cat)
     names = [decode_fit_flags(int(v)) for v in cat["fit_flags"]]

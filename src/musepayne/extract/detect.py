@@ -34,7 +34,14 @@ Steps:
    ones and in crowded cores.  Stars whose fitted flux falls below
    ``threshold`` times its error are dropped, and of two stars closer than
    ``min_separation`` FWHM the fainter is merged away.
-5. *Magnitudes.*  ``mag = zeropoint - 2.5 log10(flux)`` with ``flux`` the
+5. *Extraction-residual passes.*  The white-light PSF is one Moffat for a colour-dependent mixture
+   of the layers' PSFs, too coarse at high S/N to split pairs closer than ~1 FWHM.  So all stars
+   found so far are extracted layer by layer with the wavelength-dependent PSF
+   (:class:`~musepayne.extract.extractor.Extractor`), an unmodelled point source is fitted to the
+   layer-summed residual near each (:func:`~musepayne.extract.hidden.hidden_light`), and those
+   above ``threshold`` (noise and a PSF-model error of the fitted light) are added
+   (``residual_passes`` times, or until none is found).
+6. *Magnitudes.*  ``mag = zeropoint - 2.5 log10(flux)`` with ``flux`` the
    fitted white-light flux (cube flux units per Angstrom, mean over the
    cube's wavelength range); the default zero point is the simulator's
    convention, so simulated magnitudes and detected ones compare directly.
@@ -647,6 +654,7 @@ class Detector:
         cfg = self.config
         ny, nx = ok.shape
         fwhm = float(shape_w[0])
+        n0 = x.size
         ext = Extractor(ExtractConfig(fit_transform=False))
         for it in range(cfg.residual_passes):
             mag = cfg.zeropoint - 2.5 * np.log10(np.maximum(f, 1e-30))
@@ -680,6 +688,10 @@ class Detector:
             dmin = cKDTree(np.column_stack([x1, y1])).query(np.column_stack([x1, y1]), k=2)[0][:, 1]
             back = moved | (dmin < 0.25 * fwhm) | ~(f1 > 0)
             x, y = np.where(back, x, x1), np.where(back, y, y1)
+        if x.size > n0:  # fluxes of all stars at these positions together (the first ones carried their new neighbours')
+            x, y, f1, ferr1, *_ = self._joint_fit(white, wvar, x, y, shape_w, refine=False)
+            good = f1 > 0
+            f, ferr = np.where(good, f1, f), np.where(good, ferr1, ferr)
         return x, y, f, ferr, passno
 
     def _model_error(self, res, var, stars, x, y, f, ferr, fwhm):
@@ -766,7 +778,8 @@ class Detector:
         t["flux_err"] = Column(ferr, description="error of flux (all stars and the sky fitted together)")
         t["snr"] = Column(f / np.where(ferr > 0, ferr, np.nan), description="flux / flux_err of the PSF fit")
         t["detected"] = Column(passno.astype(np.int16),
-                               description="detection pass (1: first, >1: found in the residual of the fitted stars)")
+                               description="detection pass (1: first, >1: found in the residual of the fitted stars; "
+                                           "> n_iter: in the extraction residual, DetectConfig.residual_passes)")
         t.meta["DETECTOR"] = "musepayne.extract.detect"
         t.meta["FWHM_PX"] = round(float(shape_w[0]), 4)
         t.meta["BETA"] = round(float(shape_w[1]), 4)

@@ -45,7 +45,9 @@ Per star the SOURCES table carries snr (median flux/err), edge_dist (pixels
 from the centre to the nearest unusable spaxel or field edge; negative
 outside), blend_frac (fraction of the flux within 1 FWHM of the star that
 neighbours contribute, from catalogue magnitudes and the PSF), psf_chi2
-(reduced chi^2 of the fit residuals within 1 FWHM of the star) and a status:
+(reduced chi^2 of the fit residuals within 1 FWHM of the star), hidden_frac,
+hidden_snr, hidden_flux, hidden_x, hidden_y (an unmodelled point source fitted
+to the layer-summed residual near the star, :mod:`.hidden`) and a status:
 ``ok``, ``edge`` (centre less than 1 FWHM from the edge), ``low_snr``,
 ``off_field`` (centre outside the usable field: not fitted, NaN spectrum; its
 light is still modelled when it falls inside) or ``failed``.

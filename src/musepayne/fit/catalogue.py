@@ -18,7 +18,8 @@ when the fitter keeps best-fit spectra).
   ``not_converged``; ``failed:<reason>`` (row kept, values NaN).
 * ``fit_flags``: OR of the :data:`musepayne.flags.FIT_FLAGS` bits (``FAILED``,
   ``NOT_CONVERGED``, ``LABEL_EDGE``, ``HIGH_CHI2`` from the fit; ``LOW_SNR``, ``BLENDED``,
-  ``LARGE_ERRORS``, ``MISFIT``, ``SPARSE_LABELS`` from :func:`apply_quality_flags`); 0 for a clean fit.
+  ``HIDDEN_NEIGHBOUR``, ``LARGE_ERRORS``, ``MISFIT``, ``SPARSE_LABELS`` from :func:`apply_quality_flags`); 0 for a
+  clean fit.
 * ``misfit``: the best fit's residual beyond the noise in units of the model's intrinsic
   scatter (:func:`model_misfit`); ``misfit_ref`` / ``ref_dist``: what the model's cross-validation
   stars reach near the fitted labels and how far the 5th nearest is (:func:`misfit_reference`):
