@@ -686,10 +686,20 @@ class Detector:
             x1, y1, f1, ferr1, *_ = self._joint_fit(white, wvar, x, y, shape_w)
             moved = np.hypot(x1 - x, y1 - y) > 0.5 * fwhm
             dmin = cKDTree(np.column_stack([x1, y1])).query(np.column_stack([x1, y1]), k=2)[0][:, 1]
-            back = moved | (dmin < 0.25 * fwhm) | ~(f1 > 0)
+            back = moved | (dmin < 0.25 * fwhm) | ~(f1 > 0) | (x1 < -0.5) | (x1 > nx - 0.5) | (y1 < -0.5) | (y1 > ny - 0.5)
             x, y = np.where(back, x, x1), np.where(back, y, y1)
         if x.size > n0:  # fluxes of all stars at these positions together (the first ones carried their new neighbours')
-            x, y, f1, ferr1, *_ = self._joint_fit(white, wvar, x, y, shape_w, refine=False)
+            for _ in range(3):
+                _, _, f1, ferr1, model, sky_model, (A, w) = self._joint_fit(white, wvar, x, y, shape_w, refine=False)
+                # an added star must pass the white-light test too: flux over its error with the PSF-model error of
+                # its neighbours' light (the white-light passes' test, without their merging of close pairs)
+                eps = self._model_error(np.where(ok, white - model, np.nan), wvar, model - sky_model, x, y, f1, ferr1,
+                                        fwhm)
+                keep = (f1 > cfg.threshold * np.hypot(ferr1, model_flux_error(A, w, f1, eps))) | (np.arange(x.size) < n0)
+                if keep.all():
+                    break
+                x, y, f, ferr, passno = x[keep], y[keep], f[keep], ferr[keep], passno[keep]
+                f1, ferr1 = f1[keep], ferr1[keep]
             good = f1 > 0
             f, ferr = np.where(good, f1, f), np.where(good, ferr1, ferr)
         return x, y, f, ferr, passno
