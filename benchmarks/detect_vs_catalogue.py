@@ -8,7 +8,8 @@ runs the pipeline twice: with the simulator's source catalogue and with ``source
 stars only.  Detected stars are matched to the truth within 0.5 FWHM.  Prints, for both runs pooled over the
 seeds, the number of converged and matched stars and the median and robust dispersion of
 recovered - true labels on all of them, on the rows without a fit flag (``fit_flags == 0``) and on
-the ``reliable`` preset's rows; ``--sweep`` re-flags the detected runs with other
+the ``reliable`` preset's rows, and on the stars converged and matched in every run of their field
+(``common``); ``--sweep`` re-flags the detected runs with other
 ``FlagThresholds.max_hidden_frac`` values (how the default was chosen).
 """
 
@@ -108,14 +109,19 @@ def _diffs(cat, idx, rows, truth, lab):
 
 
 def _report(fields, subsets):
-    """Pooled median and robust sigma of recovered - true per run and subset (all / unflagged / reliable)."""
+    """Pooled median and robust sigma of recovered - true per run and subset (all / unflagged / reliable / the
+    stars converged and matched in every run of their field)."""
+    subsets = dict(subsets)
+    common = [set.intersection(*(set(idx[sel]) for _, idx, sel, _ in f.values())) for f in fields]
+    subsets["common"] = None
     print(f"\n{'label':6s} {'run':11s} " + " ".join(f"{n + ': med, sigma (N)':>30s}" for n in subsets))
     for lab in LABELS:
         for name in fields[0]:
             cells = []
             for sub in subsets.values():
-                d = np.concatenate([_diffs(cat, idx, sel & sub(cat), truth, lab)
-                                    for f in fields for cat, idx, sel, truth in [f[name]]])
+                d = np.concatenate([_diffs(cat, idx, sel & (np.isin(idx, list(com)) if sub is None else sub(cat)),
+                                           truth, lab)
+                                    for f, com in zip(fields, common) for cat, idx, sel, truth in [f[name]]])
                 m, s = stats(d)
                 cells.append(f"{m:+10.3f} {s:9.3f} ({d.size:4d})")
             print(f"{lab:6s} {name:11s} " + " ".join(f"{c:>30s}" for c in cells))
