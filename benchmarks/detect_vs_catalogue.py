@@ -1,13 +1,16 @@
 """Labels from a cube alone (detected stars) vs from the true catalogue, on a simulated crowded field.
 
-    python benchmarks/detect_vs_catalogue.py [--size 40 --nstars 120 --seed 7]
+    python benchmarks/detect_vs_catalogue.py [--size 40 --nstars 120 --seeds 7 11 --sweep 0.05 0.1 0.2]
 
 Simulates a globular-cluster field with the default model's spectra (as ``musepayne demo``),
 runs the pipeline twice: with the simulator's source catalogue and with ``sources=None``
 (detection); with ``--diagnose`` also with the true cube positions of all stars and of the detected
-stars only.  Detected stars are matched to the truth within 0.5 FWHM.  Prints, for both runs,
-the number of converged stars and the median and robust dispersion of recovered - true labels,
-also on the stars common to both runs.
+stars only.  Detected stars are matched to the truth within 0.5 FWHM.  Prints, for both runs pooled over the
+seeds, the number of converged and matched stars and the median and robust dispersion of
+recovered - true labels on all of them, on the rows without a fit flag (``fit_flags == 0``) and on
+the ``reliable`` preset's rows, and on the stars converged and matched in every run of their field
+(``common``); ``--sweep`` re-flags the detected runs with other
+``FlagThresholds.max_hidden_frac`` values (how the default was chosen).
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
+from musepayne.fit.catalogue import apply_quality_flags
+from musepayne.flags import FlagThresholds, fit_flag_value
 from musepayne.models.files import load_model
 from musepayne.pipeline.report import _good
 from musepayne.pipeline.runner import Pipeline, RunConfig
+from musepayne.science.selection import select
 from musepayne.simulate.simulator import SimulateConfig, Simulator
 from musepayne.simulate.synthesis import ModelSpectra, globular_cluster_sampler
 
@@ -37,75 +43,151 @@ def stats(d):
     return m, 1.4826 * np.median(np.abs(d - m))
 
 
+def _match(det, truth, cat):
+    """Index into ``truth`` of each catalogue row of a detected run (-1: unmatched; within 0.5 FWHM, brightest first)."""
+    fwhm = float(det.meta["FWHM_PX"])
+    pos = {str(s): (x, y) for s, x, y in zip(det["stellar_id"], det["x"], det["y"])}
+    tx, ty = np.asarray(truth["x"], float), np.asarray(truth["y"], float)
+    used = np.zeros(len(truth), bool)
+    idx = np.full(len(cat), -1)
+    ids = np.asarray(det["stellar_id"]).astype(str)[np.argsort(np.asarray(det["mag"]))]
+    cid = {str(s): i for i, s in enumerate(cat["stellar_id"])}
+    for s in ids:
+        x, y = pos[s]
+        dd = np.hypot(tx - x, ty - y)
+        dd[used] = np.inf
+        j = int(np.argmin(dd))
+        if dd[j] < 0.5 * fwhm and s in cid:
+            used[j] = True
+            idx[cid[s]] = j
+    return idx
+
+
+def _field(a, seed, mdl, tmp, diagnose):
+    """One simulated field, run with each source list; ``{run: (cat, truth index, converged & matched)}``."""
+    cfg = SimulateConfig(nx=a.size, ny=a.size, nlayers=3681, nstars=a.nstars, king_rc=a.size / 4.0,
+                         mag_bright=15.0, mag_faint=20.0, seed=seed)
+    info = Simulator(cfg, ModelSpectra(mdl, globular_cluster_sampler())).write(tmp / "cube.fits")
+    truth = Table.read(info["truth"], "TRUTH")
+    rc = RunConfig(model="default", cube_lsf="lamost", report=False)
+    if a.residual_passes is not None:
+        rc = rc.updated(detect={"residual_passes": a.residual_passes})
+    rc_xy = rc.updated(extract={"fit_transform": False})  # true cube positions as given
+    res = {}
+    runs = [("catalogue", info["sources"], rc), ("detected", None, rc)]
+    if diagnose:
+        runs += [("true_xy", "true_xy", rc_xy), ("true_xy_det", "true_xy_det", rc_xy)]
+    matched = None
+    for name, src, cfg_run in runs:
+        if src in ("true_xy", "true_xy_det"):
+            keep = np.ones(len(truth), bool) if src == "true_xy" else np.isin(np.arange(len(truth)), matched)
+            t = truth[keep]["stellar_id", "x", "y", "mag"]
+            src = tmp / f"{name}.ecsv"
+            t.write(src, format="ascii.ecsv", overwrite=True)
+        t0 = time.perf_counter()
+        rec = Pipeline(tmp / name, cfg_run).run([info["cube"]], src)
+        cat = Table.read(tmp / name / "catalogue.fits")
+        dt = time.perf_counter() - t0
+        if src is None:
+            det = Table.read(next((tmp / name / "cubes").glob("*/sources_detected.ecsv")), format="ascii.ecsv")
+            idx = _match(det, truth, cat)
+            matched = idx[idx >= 0]
+            print(f"seed {seed}: detected {len(det)} stars, {int((idx >= 0).sum())} matched to a true star, "
+                  f"{len(det) - int((idx >= 0).sum())} unmatched")
+        else:
+            tmap = {str(k): i for i, k in enumerate(truth["stellar_id"])}
+            idx = np.array([tmap.get(str(k), -1) for k in cat["stellar_id"]])
+        sel = (idx >= 0) & _good(cat)
+        res[name] = (cat, idx, sel, truth)
+        print(f"seed {seed} {name:11s}: {len(cat)} rows, {int(sel.sum())} converged & matched; {rec['counts']}; "
+              f"{dt:.0f} s")
+    return res
+
+
+def _diffs(cat, idx, rows, truth, lab):
+    return np.asarray(cat[lab], float)[rows] - np.asarray(truth[lab], float)[idx[rows]]
+
+
+def _report(fields, subsets):
+    """Pooled median and robust sigma of recovered - true per run and subset (all / unflagged / reliable / the
+    stars converged and matched in every run of their field)."""
+    subsets = dict(subsets)
+    common = [set.intersection(*(set(idx[sel]) for _, idx, sel, _ in f.values())) for f in fields]
+    subsets["common"] = None
+    print(f"\n{'label':6s} {'run':11s} " + " ".join(f"{n + ': med, sigma (N)':>30s}" for n in subsets))
+    for lab in LABELS:
+        for name in fields[0]:
+            cells = []
+            for sub in subsets.values():
+                d = np.concatenate([_diffs(cat, idx, sel & (np.isin(idx, list(com)) if sub is None else sub(cat)),
+                                           truth, lab)
+                                    for f, com in zip(fields, common) for cat, idx, sel, truth in [f[name]]])
+                m, s = stats(d)
+                cells.append(f"{m:+10.3f} {s:9.3f} ({d.size:4d})")
+            print(f"{lab:6s} {name:11s} " + " ".join(f"{c:>30s}" for c in cells))
+
+
+def _sweep(fields, thresholds):
+    """Detected run: robust sigma of the unflagged rows when HIDDEN_NEIGHBOUR is set above each threshold."""
+    print("\nHIDDEN_NEIGHBOUR threshold sweep (detected run, fit_flags == 0 after re-flagging; robust sigma, N):")
+    for th in thresholds:
+        cells = []
+        n = 0
+        for lab in ("teff", "logg", "fe_h"):
+            d = []
+            for f in fields:
+                cat, idx, sel, truth = f["detected"]
+                c = apply_quality_flags(cat.copy(), FlagThresholds(max_hidden_frac=th))
+                rows = sel & (np.asarray(c["fit_flags"]) == 0)
+                d.append(_diffs(cat, idx, rows, truth, lab))
+                n = int(sum(x.size for x in d))
+            cells.append(f"{stats(np.concatenate(d))[1]:8.3f}")
+        print(f"  max_hidden_frac {th:6.3f}: " + " ".join(cells) + f"  N {n}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=40)
     ap.add_argument("--nstars", type=int, default=120)
-    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[7])
     ap.add_argument("--diagnose", action="store_true",
                     help="also run with the true cube positions of all stars (true_xy) and of the detected stars "
                          "only (true_xy_det): the cost of undetected neighbours vs that of detected positions")
+    ap.add_argument("--sweep", type=float, nargs="*", default=None,
+                    help="re-flag the detected runs with these FlagThresholds.max_hidden_frac values and print the "
+                         "dispersion of the unflagged rows (how the default threshold was chosen)")
+    ap.add_argument("--residual-passes", type=int, default=None,
+                    help="DetectConfig.residual_passes (default: the DetectConfig default)")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="write the simulated cubes and the runs' output folders here (kept) instead of a temporary "
+                         "folder")
     a = ap.parse_args(argv)
     mdl = load_model("default")
+    fields = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        cfg = SimulateConfig(nx=a.size, ny=a.size, nlayers=3681, nstars=a.nstars, king_rc=a.size / 4.0,
-                             mag_bright=15.0, mag_faint=20.0, seed=a.seed)
-        info = Simulator(cfg, ModelSpectra(mdl, globular_cluster_sampler())).write(tmp / "cube.fits")
-        truth = Table.read(info["truth"], "TRUTH")
-        rc = RunConfig(model="default", cube_lsf="lamost", report=False)
-        rc_xy = rc.updated(extract={"fit_transform": False})  # true cube positions as given
-        res = {}
-        runs = [("catalogue", info["sources"], rc), ("detected", None, rc)]
-        if a.diagnose:
-            runs += [("true_xy", "true_xy", rc_xy), ("true_xy_det", "true_xy_det", rc_xy)]
-        matched = None
-        for name, src, cfg_run in runs:
-            if src in ("true_xy", "true_xy_det"):
-                keep = np.ones(len(truth), bool) if src == "true_xy" else np.isin(np.arange(len(truth)), matched)
-                t = truth[keep]["stellar_id", "x", "y", "mag"]
-                src = tmp / f"{name}.ecsv"
-                t.write(src, format="ascii.ecsv")
-            t0 = time.perf_counter()
-            rec = Pipeline(tmp / name, cfg_run).run([info["cube"]], src)
-            cat = Table.read(tmp / name / "catalogue.fits")
-            dt = time.perf_counter() - t0
-            if src is None:
-                det = Table.read(next((tmp / name / "cubes").glob("*/sources_detected.ecsv")), format="ascii.ecsv")
-                fwhm = float(det.meta["FWHM_PX"])
-                pos = {str(s): (x, y) for s, x, y in zip(det["stellar_id"], det["x"], det["y"])}
-                tx, ty = np.asarray(truth["x"], float), np.asarray(truth["y"], float)
-                used = np.zeros(len(truth), bool)
-                idx = np.full(len(cat), -1)
-                order = np.argsort(np.asarray(det["mag"]))
-                ids = np.asarray(det["stellar_id"]).astype(str)[order]
-                cid = {str(s): i for i, s in enumerate(cat["stellar_id"])}
-                for s in ids:
-                    x, y = pos[s]
-                    dd = np.hypot(tx - x, ty - y)
-                    dd[used] = np.inf
-                    j = int(np.argmin(dd))
-                    if dd[j] < 0.5 * fwhm and s in cid:
-                        used[j] = True
-                        idx[cid[s]] = j
-                matched = idx[idx >= 0]
-                print(f"detected {len(det)} stars, {int((idx >= 0).sum())} matched to a true star, "
-                      f"{len(det) - int((idx >= 0).sum())} unmatched")
-            else:
-                tmap = {str(k): i for i, k in enumerate(truth["stellar_id"])}
-                idx = np.array([tmap.get(str(k), -1) for k in cat["stellar_id"]])
-            sel = (idx >= 0) & _good(cat)
-            res[name] = (cat, idx, sel)
-            print(f"{name:11s}: {len(cat)} rows, {int(sel.sum())} converged & matched; {rec['counts']}; {dt:.0f} s")
-        common = set.intersection(*(set(idx[sel]) for _, idx, sel in res.values()))
-        print(f"\n{'label':6s} {'run':9s} {'all matched: median, robust sigma (N)':>40s} {'common stars':>28s}")
-        for lab in LABELS:
-            for name, (cat, idx, sel) in res.items():
-                d = np.asarray(cat[lab], float)[sel] - np.asarray(truth[lab], float)[idx[sel]]
-                c = np.isin(idx[sel], list(common))
-                m, s = stats(d)
-                mc, sc = stats(d[c])
-                print(f"{lab:6s} {name:11s} {m:+12.3f} {s:10.3f} ({sel.sum():4d}) {mc:+12.3f} {sc:10.3f} ({c.sum():4d})")
+        root = Path(tmp) if a.keep is None else a.keep
+        for seed in a.seeds:
+            d = root / f"seed{seed}"
+            d.mkdir(parents=True, exist_ok=True)
+            fields.append(_field(a, seed, mdl, d, a.diagnose))
+        for f in fields:  # count the flags
+            cat, idx, sel, _ = f["detected"]
+            fl = np.asarray(cat["fit_flags"])[sel]
+            print(f"detected, converged & matched: {sel.sum()}; BLENDED {int((fl & fit_flag_value('BLENDED') > 0).sum())}"
+                  f", HIDDEN_NEIGHBOUR {int((fl & fit_flag_value('HIDDEN_NEIGHBOUR') > 0).sum())}, fit_flags == 0 "
+                  f"{int((fl == 0).sum())}")
+        subsets = {"all": lambda c: np.ones(len(c), bool),
+                   "fit_flags == 0": lambda c: np.asarray(c["fit_flags"]) == 0,
+                   "reliable": lambda c: np.isin(np.arange(len(c)), _reliable_rows(c))}
+        _report(fields, subsets)
+        if a.sweep:
+            _sweep(fields, a.sweep)
+
+
+def _reliable_rows(cat):
+    t = cat.copy()
+    t["_row"] = np.arange(len(t))
+    return np.asarray(select(t, preset="reliable")["_row"])
 
 
 if __name__ == "__main__":

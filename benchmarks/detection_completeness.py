@@ -82,6 +82,8 @@ def main(argv=None):
     ap.add_argument("--threshold", type=float, default=5.0)
     ap.add_argument("--mag-range", type=float, nargs=2, default=(16.0, 21.0))
     ap.add_argument("--lf-slope", type=float, default=0.3, help="dN/dm ~ 10^(slope m); 0: flat")
+    ap.add_argument("--residual-passes", type=int, default=None,
+                    help="DetectConfig.residual_passes (default: the DetectConfig default)")
     ap.add_argument("--king-rc", type=float, default=None, help="King core radius (px; default size/4)")
     a = ap.parse_args(argv)
     rows = []
@@ -93,7 +95,8 @@ def main(argv=None):
             info = Simulator(cfg).write(Path(tmp) / f"sim{seed}.fits")
             truth = Table.read(info["truth"], "TRUTH")
             t0 = time.perf_counter()
-            det = Detector(DetectConfig(threshold=a.threshold))(info["cube"])
+            kw = {} if a.residual_passes is None else {"residual_passes": a.residual_passes}
+            det = Detector(DetectConfig(threshold=a.threshold, **kw))(info["cube"])
             dt = time.perf_counter() - t0
             fwhm = float(det.meta["FWHM_PX"])
             r = evaluate(info["cube"], truth, det, fwhm)

@@ -50,9 +50,12 @@ def test_detector_finds_isolated_stars_without_false_detections(sim, detected):
     dist = np.hypot(t["x"][:, None] - t["x"][None, :], t["y"][:, None] - t["y"][None, :])
     isolated = ~np.any((dist < fwhm) & (flux[None, :] > flux[:, None]), axis=1)
     det_ok, found, d = _match(det, t, 0.5 * fwhm)
-    # every star here is far above 5 sigma: completeness of the isolated ones, and false detections
+    # every star here is far above 5 sigma: completeness of the isolated ones, and false detections (no true star,
+    # in the field or just outside it, within 1 FWHM); detections of blends (a true star within 1 FWHM but none
+    # within 0.5: the extraction-residual passes place a few faint ones between stars) stay few
     assert found[isolated].mean() >= 0.8, (found[isolated].sum(), isolated.sum())
-    assert (~det_ok).sum() <= max(1, int(0.05 * len(det)))
+    assert (~_match(det, truth, fwhm)[0]).sum() <= max(1, int(0.05 * len(det)))
+    assert (~_match(det, truth, 0.5 * fwhm)[0]).sum() <= max(1, int(0.1 * len(det)))
     # positions and magnitudes of the bright matched stars
     j = np.argmin(d, axis=1)
     bright = det_ok & (np.asarray(det["snr"]) > 200)
@@ -220,7 +223,8 @@ def test_detection_options_reach_the_detector(tmp_path, sim):
     assert res.exit_code == 0, res.output
     det = Table.read(tmp_path / "ext_sources.ecsv", format="ascii.ecsv")
     assert det.meta["THRESH"] == 50.0 and det.meta["NBANDS"] == 1 and np.all(det["snr"] > 50)
-    assert det["detected"].max() <= 2 and len(det) < len(Table.read(info["sources"]))
+    # 2 white-light passes, then the extraction-residual passes (numbered after them)
+    assert det["detected"].max() <= 2 + DetectConfig().residual_passes and len(det) < len(Table.read(info["sources"]))
 
 
 # --------------------------------------------------------------------------- transform guard

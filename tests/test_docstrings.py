@@ -49,6 +49,7 @@ MODULES = [
     "musepayne.extract.imagefit",
     "musepayne.extract.fields",
     "musepayne.extract.blocks",
+    "musepayne.extract.hidden",
     "musepayne.fit.fitter",
     "musepayne.fit.forward",
     "musepayne.fit.starts",

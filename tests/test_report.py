@@ -32,5 +32,6 @@ def test_report_figures_and_truth_stats(tmp_path):
     assert s["n_kiel"] == n - 2
     assert s["fit_flag_counts"] == {"FAILED": 2, "NOT_CONVERGED": 0, "LABEL_EDGE": 0, "HIGH_CHI2": 2, "LOW_SNR": 0,
                                     "BLENDED": 0, "LARGE_ERRORS": 0, "MISFIT": 1, "SPARSE_LABELS": 0,
+                                    "HIDDEN_NEIGHBOUR": 0,
                                     "clean": n - 4}
     assert "fit_flag_counts" in html

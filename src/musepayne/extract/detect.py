@@ -34,7 +34,14 @@ Steps:
    ones and in crowded cores.  Stars whose fitted flux falls below
    ``threshold`` times its error are dropped, and of two stars closer than
    ``min_separation`` FWHM the fainter is merged away.
-5. *Magnitudes.*  ``mag = zeropoint - 2.5 log10(flux)`` with ``flux`` the
+5. *Extraction-residual passes.*  The white-light PSF is one Moffat for a colour-dependent mixture
+   of the layers' PSFs, too coarse at high S/N to split pairs closer than ~1 FWHM.  So all stars
+   found so far are extracted layer by layer with the wavelength-dependent PSF
+   (:class:`~musepayne.extract.extractor.Extractor`), an unmodelled point source is fitted to the
+   layer-summed residual near each (:func:`~musepayne.extract.hidden.hidden_light`), and those
+   above ``threshold`` (noise and a PSF-model error of the fitted light) are added
+   (``residual_passes`` times, or until none is found).
+6. *Magnitudes.*  ``mag = zeropoint - 2.5 log10(flux)`` with ``flux`` the
    fitted white-light flux (cube flux units per Angstrom, mean over the
    cube's wavelength range); the default zero point is the simulator's
    convention, so simulated magnitudes and detected ones compare directly.
@@ -62,7 +69,9 @@ from scipy.spatial import cKDTree
 
 from ..io.cube import MuseCube, open_cube
 from ..io.spectra import ReaderError
+from .extractor import ExtractConfig, Extractor
 from .fields import _pixscale_arcsec
+from .hidden import HIDDEN_MODEL_ERROR
 from .imagefit import _shape_psf, _sky_columns
 from .psf import _integrate, psf_design_matrix
 from .transform import _fit_single, _stamp
@@ -116,6 +125,15 @@ class DetectConfig:
     beta_error_max : float
         The Moffat beta is refitted on the neighbour-subtracted bright stars only when its error
         is below this; otherwise it keeps ``beta_guess`` (> 0).
+    residual_passes : int
+        Extraction passes after the white-light passes (>= 0; 0: none): all stars found so far are extracted
+        layer by layer with the wavelength-dependent PSF (:class:`~musepayne.extract.extractor.Extractor`,
+        default settings, no transform), and an unmodelled point source fitted to the layer-summed residual
+        near a star (:func:`~musepayne.extract.hidden.hidden_light`) is added when its flux passes
+        ``threshold`` times its error (noise and ``residual_error`` of the star's flux): close pairs the
+        white-light PSF (a colour-dependent mixture of the layers' PSFs) cannot split.
+    residual_error : float
+        Fractional PSF-model error of a star's flux in the residual search (>= 0).
     """
 
     threshold: float = 5.0
@@ -135,6 +153,8 @@ class DetectConfig:
     psf_radius: float = 4.5
     psf_radius_max: float = 16.0
     beta_error_max: float = 0.1
+    residual_passes: int = 3
+    residual_error: float = HIDDEN_MODEL_ERROR
 
     def __post_init__(self):
         def bad(name, rule):
@@ -144,14 +164,15 @@ class DetectConfig:
                      "beta_error_max"):
             if not _finite(getattr(self, name)) or not getattr(self, name) > 0:
                 bad(name, "a finite number > 0")
-        for name in ("band_penalty", "model_error"):
+        for name in ("band_penalty", "model_error", "residual_error"):
             if not _finite(getattr(self, name)) or not getattr(self, name) >= 0:
                 bad(name, "a finite number >= 0")
         if not _finite(self.zeropoint):
             bad("zeropoint", "a finite number")
         if not _finite(self.beta_guess) or not self.beta_guess > 1:
             bad("beta_guess", "a finite number > 1")
-        for name, lo in (("n_bands", 1), ("n_iter", 1), ("psf_stars", 3), ("block", 1), ("max_sources", 1)):
+        for name, lo in (("n_bands", 1), ("n_iter", 1), ("psf_stars", 3), ("block", 1), ("max_sources", 1),
+                         ("residual_passes", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 bad(name, f"an integer >= {lo}")
@@ -573,6 +594,8 @@ class Detector:
                                                      notes)
                 if d[0] <= 0.005 * shape_w[0] and d[1] <= 0.02 and max(d[2], d[3]) <= 0.005:
                     break
+            if not notes and x.size:  # no extraction passes on a capped (noise-dominated) list
+                x, y, f, ferr, passno = self._residual_passes(c, white, wvar, ok, x, y, f, ferr, passno, shape_w)
             for note in sorted(notes):
                 warnings.warn(note, UserWarning, stacklevel=2)
             t = self._table(c, x, y, f, ferr, passno, shape_w, waves)
@@ -624,6 +647,61 @@ class Detector:
             x, y, f, ferr, passno = x[keep], y[keep], f[keep], ferr[keep], passno[keep]
             if x.size:
                 x, y, f, ferr, model, sky_model, _ = self._joint_fit(white, wvar, x, y, shape_w, refine=False)
+        return x, y, f, ferr, passno
+
+    def _residual_passes(self, c, white, wvar, ok, x, y, f, ferr, passno, shape_w):
+        """Extract all stars layer by layer; add the unmodelled point sources significant in the residual; repeat."""
+        cfg = self.config
+        ny, nx = ok.shape
+        fwhm = float(shape_w[0])
+        n0 = x.size
+        ext = Extractor(ExtractConfig(fit_transform=False))
+        for it in range(cfg.residual_passes):
+            mag = cfg.zeropoint - 2.5 * np.log10(np.maximum(f, 1e-30))
+            src = Table({"stellar_id": [f"s{i}" for i in range(x.size)], "x": x, "y": y, "mag": mag})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                s = ext(c, src).sources
+            hf = np.asarray(s["hidden_flux"], float)
+            sn = np.asarray(s["hidden_snr"], float)
+            xh, yh = np.asarray(s["hidden_x"], float), np.asarray(s["hidden_y"], float)
+            with np.errstate(invalid="ignore"):
+                new = (sn > cfg.threshold) & (hf > 0) & np.isfinite(xh) & np.isfinite(yh)
+            new &= (xh > -0.5) & (xh < nx - 0.5) & (yh > -0.5) & (yh < ny - 0.5)
+            idx = np.nonzero(new)[0]
+            idx = idx[ok[np.clip(np.rint(yh[idx]).astype(int), 0, ny - 1), np.clip(np.rint(xh[idx]).astype(int), 0,
+                                                                                      nx - 1)]]
+            idx = idx[_thin(xh[idx], yh[idx], sn[idx], cfg.min_separation * fwhm)]
+            if idx.size:  # not on a star already listed (two stars may point at one hidden source)
+                dmin = cKDTree(np.column_stack([x, y])).query(np.column_stack([xh[idx], yh[idx]]))[0]
+                idx = idx[dmin > 0.25 * fwhm]
+            if not idx.size:
+                break
+            x, y = np.concatenate([x, xh[idx]]), np.concatenate([y, yh[idx]])
+            f = np.concatenate([f, hf[idx]])
+            ferr = np.concatenate([ferr, hf[idx] / sn[idx]])
+            passno = np.concatenate([passno, np.full(idx.size, cfg.n_iter + 1 + it)])
+            # positions of all stars refitted together on the white-light image; a star that would move more
+            # than 0.5 FWHM or onto another (pairs the white-light PSF cannot split) keeps its position
+            x1, y1, f1, ferr1, *_ = self._joint_fit(white, wvar, x, y, shape_w)
+            moved = np.hypot(x1 - x, y1 - y) > 0.5 * fwhm
+            dmin = cKDTree(np.column_stack([x1, y1])).query(np.column_stack([x1, y1]), k=2)[0][:, 1]
+            back = moved | (dmin < 0.25 * fwhm) | ~(f1 > 0) | (x1 < -0.5) | (x1 > nx - 0.5) | (y1 < -0.5) | (y1 > ny - 0.5)
+            x, y = np.where(back, x, x1), np.where(back, y, y1)
+        if x.size > n0:  # fluxes of all stars at these positions together (the first ones carried their new neighbours')
+            for _ in range(3):
+                _, _, f1, ferr1, model, sky_model, (A, w) = self._joint_fit(white, wvar, x, y, shape_w, refine=False)
+                # an added star must pass the white-light test too: flux over its error with the PSF-model error of
+                # its neighbours' light (the white-light passes' test, without their merging of close pairs)
+                eps = self._model_error(np.where(ok, white - model, np.nan), wvar, model - sky_model, x, y, f1, ferr1,
+                                        fwhm)
+                keep = (f1 > cfg.threshold * np.hypot(ferr1, model_flux_error(A, w, f1, eps))) | (np.arange(x.size) < n0)
+                if keep.all():
+                    break
+                x, y, f, ferr, passno = x[keep], y[keep], f[keep], ferr[keep], passno[keep]
+                f1, ferr1 = f1[keep], ferr1[keep]
+            good = f1 > 0
+            f, ferr = np.where(good, f1, f), np.where(good, ferr1, ferr)
         return x, y, f, ferr, passno
 
     def _model_error(self, res, var, stars, x, y, f, ferr, fwhm):
@@ -710,7 +788,8 @@ class Detector:
         t["flux_err"] = Column(ferr, description="error of flux (all stars and the sky fitted together)")
         t["snr"] = Column(f / np.where(ferr > 0, ferr, np.nan), description="flux / flux_err of the PSF fit")
         t["detected"] = Column(passno.astype(np.int16),
-                               description="detection pass (1: first, >1: found in the residual of the fitted stars)")
+                               description="detection pass (1: first, >1: found in the residual of the fitted stars; "
+                                           "> n_iter: in the extraction residual, DetectConfig.residual_passes)")
         t.meta["DETECTOR"] = "musepayne.extract.detect"
         t.meta["FWHM_PX"] = round(float(shape_w[0]), 4)
         t.meta["BETA"] = round(float(shape_w[1]), 4)

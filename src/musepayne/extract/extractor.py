@@ -45,7 +45,9 @@ Per star the SOURCES table carries snr (median flux/err), edge_dist (pixels
 from the centre to the nearest unusable spaxel or field edge; negative
 outside), blend_frac (fraction of the flux within 1 FWHM of the star that
 neighbours contribute, from catalogue magnitudes and the PSF), psf_chi2
-(reduced chi^2 of the fit residuals within 1 FWHM of the star) and a status:
+(reduced chi^2 of the fit residuals within 1 FWHM of the star), hidden_frac,
+hidden_snr, hidden_flux, hidden_x, hidden_y (an unmodelled point source fitted
+to the layer-summed residual near the star, :mod:`.hidden`) and a status:
 ``ok``, ``edge`` (centre less than 1 FWHM from the edge), ``low_snr``,
 ``off_field`` (centre outside the usable field: not fitted, NaN spectrum; its
 light is still modelled when it falls inside) or ``failed``.
@@ -79,6 +81,7 @@ from ..io.spectra import ReaderError
 from .apertures import aperture_fluxes, aperture_matrix, circle_overlap
 from .blocks import _accumulators, _layer_blocks, _read_block  # noqa: F401
 from .fields import _blend_fraction, _combine_bins, _edge_distance, _pixscale_arcsec, _psf_candidates
+from .hidden import hidden_light
 from .imagefit import _image_fit, _shape_psf, _sky_columns  # noqa: F401
 from .linsolve import factorise, normal_matrix
 from .psf import MoffatPSF, psf_design_matrix
@@ -267,12 +270,14 @@ class Extractor:
             lap("geometry")
             # ---- fluxes, streamed in blocks
             if cfg.method == "psf":
-                flux, err, chi2, layer_flag = self._psf_fluxes(c, psf, x, y, on, valid, timings)
+                flux, err, chi2, layer_flag, hidden = self._psf_fluxes(c, psf, x, y, on, valid, timings)
             else:
                 flux, err, chi2, layer_flag = aperture_fluxes(cfg, c, psf, x, y, on, valid, timings)
+                hidden = np.full((5, len(x)), np.nan)
             t0 = time.perf_counter()
             # ---- quality table
-            src = _sources_table(cat, c, x, y, flux, err, chi2, edge, blend, neigh, fwhm_ref, cfg.snr_min, notes)
+            src = _sources_table(cat, c, x, y, flux, err, chi2, edge, blend, neigh, fwhm_ref, cfg.snr_min, notes,
+                                 hidden=hidden)
             lap("quality")
             return ExtractionResult(np.asarray(c.wave, float), flux, err, src, psf, transform, layer_flag,
                                     cfg, str(c.path), str(c.header.get("BUNIT", "")), timings)
@@ -413,8 +418,9 @@ class Extractor:
     def _psf_fluxes(self, c, psf, x, y, on, valid, timings):
         """PSF-fitted fluxes: per block one design matrix and factorisation for all its layers.
 
-        Returns ``(flux, err, chi2, layer_flag)`` (see :func:`~musepayne.extract.apertures.aperture_fluxes`;
-        ``chi2`` is the reduced chi^2 of the residuals within ~1 FWHM of each star).
+        Returns ``(flux, err, chi2, layer_flag, hidden)`` (see :func:`~musepayne.extract.apertures.aperture_fluxes`;
+        ``chi2`` is the reduced chi^2 of the residuals within ~1 FWHM of each star, ``hidden`` the light of an
+        unmodelled point source near it, :func:`~musepayne.extract.hidden.hidden_light`).
         """
         cfg = self.config
         nz, ny, nx = c.shape
@@ -422,6 +428,9 @@ class Extractor:
         flux, err, layer_flag = _accumulators(n, nz)
         chi_num = np.zeros(n)
         chi_den = np.zeros(n)
+        r_sum = np.zeros(ny * nx)  # residual and its variance summed over the layers (hidden_light)
+        v_sum = np.zeros(ny * nx)
+        m_sum = np.zeros(ny * nx)  # the stars' model summed over the layers
         # columns: stars whose stamp reaches usable spaxels (includes off-field neighbours' light)
         rmax = min(cfg.psf_radius * float(np.max(psf.params(c.wave)[0])), cfg.psf_radius_max_px)
         near = (x > -rmax) & (x < nx - 1 + rmax) & (y > -rmax) & (y < ny - 1 + rmax)
@@ -460,6 +469,9 @@ class Extractor:
             with np.errstate(invalid="ignore", divide="ignore"):
                 chi = np.where(V > 0, R**2 / V, 0.0)
             chi_num[cols] += np.asarray(core.T @ chi.sum(axis=1)).ravel()
+            r_sum += R.sum(axis=1)
+            v_sum += V.sum(axis=1)
+            m_sum += As @ X[:ns].sum(axis=1)
             chi_den[cols] += np.asarray(core.T @ mask.ravel().astype(float)).ravel() * good.sum()
             gi = np.nonzero(good)[0] + i0
             okc = dg_ok[:ns]
@@ -468,7 +480,15 @@ class Extractor:
             timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
         with np.errstate(invalid="ignore", divide="ignore"):
             chi2 = np.where(chi_den > 0, chi_num / chi_den, np.nan)
-        return flux, err, chi2, layer_flag
+        hidden = np.full((5, n), np.nan)  # hidden_frac, hidden_snr, hidden_flux, hidden_x, hidden_y
+        if ns:
+            fsum = np.nansum(flux.astype(float), axis=1)
+            fr, sn, b, _, xh, yh = hidden_light(r_sum.reshape(ny, nx), v_sum.reshape(ny, nx), valid, x[cols],
+                                                y[cols], fsum[cols], psf, float(np.median(c.wave)),
+                                                model=m_sum.reshape(ny, nx))
+            nl = np.maximum(np.isfinite(flux[cols]).sum(axis=1), 1)
+            hidden[:, cols] = fr, sn, b / nl, xh, yh
+        return flux, err, chi2, layer_flag, hidden
 
 
 def _catalogue_positions(c, cat):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table
+from astropy.table import Column, Table
 
 from ..io.fits import atomic_write_fits
 from .psf import MoffatPSF
@@ -199,7 +199,7 @@ class ExtractionResult:
         return paths
 
 
-def _sources_table(cat, c, x, y, flux, err, chi2, edge, blend, neigh, fwhm_ref, snr_min, notes):
+def _sources_table(cat, c, x, y, flux, err, chi2, edge, blend, neigh, fwhm_ref, snr_min, notes, hidden=None):
     """Per-star status (sets ``flux``/``err`` of off-field stars to NaN in place) and the SOURCES table."""
     nz = flux.shape[1]
     on = edge >= 0
@@ -236,6 +236,17 @@ def _sources_table(cat, c, x, y, flux, err, chi2, edge, blend, neigh, fwhm_ref, 
                                          "neighbour, relative to the star's own flux there")
     src["psf_chi2"] = chi2
     src["psf_chi2"].description = "reduced chi^2 of the fit residuals within 1 FWHM (aperture: NaN)"
+    hidden = np.full((5, len(x)), np.nan) if hidden is None else np.asarray(hidden, float)
+    for k, (name, unit, desc) in enumerate((
+            ("hidden_frac", "", "light within 1 FWHM of an unmodelled point source (not in the source list) relative "
+                                "to the star's own, from the extraction residual (3-sigma lower bound; 0: none "
+                                "significant; aperture: NaN)"),
+            ("hidden_snr", "", "significance of that unmodelled source's flux in the layer-summed residual (noise "
+                               "and a 2 % PSF-model error of the stars' light)"),
+            ("hidden_flux", "", "flux of that unmodelled source (cube flux units, mean over the layers)"),
+            ("hidden_x", "pix", "0-based cube pixel x of that unmodelled source (NaN: none)"),
+            ("hidden_y", "pix", "0-based cube pixel y of that unmodelled source"))):
+        src[name] = Column(hidden[k], unit=unit or None, description=desc)
     src["status"] = status
     src.meta["warnings"] = notes
     return src

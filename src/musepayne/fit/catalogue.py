@@ -18,7 +18,8 @@ when the fitter keeps best-fit spectra).
   ``not_converged``; ``failed:<reason>`` (row kept, values NaN).
 * ``fit_flags``: OR of the :data:`musepayne.flags.FIT_FLAGS` bits (``FAILED``,
   ``NOT_CONVERGED``, ``LABEL_EDGE``, ``HIGH_CHI2`` from the fit; ``LOW_SNR``, ``BLENDED``,
-  ``LARGE_ERRORS``, ``MISFIT``, ``SPARSE_LABELS`` from :func:`apply_quality_flags`); 0 for a clean fit.
+  ``HIDDEN_NEIGHBOUR``, ``LARGE_ERRORS``, ``MISFIT``, ``SPARSE_LABELS`` from :func:`apply_quality_flags`); 0 for a
+  clean fit.
 * ``misfit``: the best fit's residual beyond the noise in units of the model's intrinsic
   scatter (:func:`model_misfit`); ``misfit_ref`` / ``ref_dist``: what the model's cross-validation
   stars reach near the fitted labels and how far the 5th nearest is (:func:`misfit_reference`):
@@ -661,6 +662,9 @@ EXTRACTION_COLUMNS = {
                            "star's own light there"),
     "edge_dist": ("pix", "extraction: distance to the nearest unusable spaxel or field edge (negative outside)"),
     "ext_psf_chi2": ("", "extraction: reduced chi^2 of the PSF-fit residuals within 1 FWHM (aperture: NaN)"),
+    "hidden_frac": ("", "extraction: light within 1 FWHM of the star of an unmodelled point source (one not in "
+                        "the source list, fitted to the extraction residual), relative to the star's own light there "
+                        "(3-sigma lower bound; 0: none significant; NaN: aperture extraction)"),
     "ext_status": ("", "extraction status: ok, edge (< 1 FWHM from the edge), low_snr (S/N below "
                        "ExtractConfig.snr_min), off_field, failed (musepayne.extract.extractor.EXTRACT_STATUS)"),
 }
@@ -691,17 +695,17 @@ def add_extraction_columns(cat: Table, spectra: Table) -> Table:
 
 
 def apply_quality_flags(cat: Table, thresholds: FlagThresholds | None = None) -> Table:
-    """Set the ``LOW_SNR``, ``BLENDED``, ``LARGE_ERRORS``, ``MISFIT`` and ``SPARSE_LABELS`` bits of
-    ``cat['fit_flags']`` (in place).
+    """Set the ``LOW_SNR``, ``BLENDED``, ``HIDDEN_NEIGHBOUR``, ``LARGE_ERRORS``, ``MISFIT`` and ``SPARSE_LABELS``
+    bits of ``cat['fit_flags']`` (in place).
 
-    These five bits are recomputed (cleared, then set where their test holds), so a catalogue can be
+    These six bits are recomputed (cleared, then set where their test holds), so a catalogue can be
     re-flagged with other thresholds; the fit's own bits (``FAILED``, ``NOT_CONVERGED``,
     ``LABEL_EDGE``, ``HIGH_CHI2``) are kept.
 
     Parameters
     ----------
     cat : Table
-        A catalogue with ``fit_flags``; ``snr_muse``, ``neighbour_frac``, the label errors
+        A catalogue with ``fit_flags``; ``snr_muse``, ``neighbour_frac``, ``hidden_frac``, the label errors
         (``X_err_stat`` before ``X_err``), ``misfit`` / ``misfit_err`` / ``misfit_ref`` and ``ref_dist``
         are used where present
         (``misfit`` is computed from ``red_chi2``, ``red_chi2_model`` and ``n_pix_used`` when a
@@ -715,7 +719,8 @@ def apply_quality_flags(cat: Table, thresholds: FlagThresholds | None = None) ->
         ``cat``.
     """
     th = thresholds or FlagThresholds()
-    mine = sum(FIT_FLAGS[k].value for k in ("LOW_SNR", "BLENDED", "LARGE_ERRORS", "MISFIT", "SPARSE_LABELS"))
+    mine = sum(FIT_FLAGS[k].value for k in ("LOW_SNR", "BLENDED", "HIDDEN_NEIGHBOUR", "LARGE_ERRORS", "MISFIT",
+                                            "SPARSE_LABELS"))
     flags = np.asarray(cat["fit_flags"], np.int32).copy() & ~np.int32(mine)
     with np.errstate(invalid="ignore"):
         if "snr_muse" in cat.colnames:
@@ -723,6 +728,9 @@ def apply_quality_flags(cat: Table, thresholds: FlagThresholds | None = None) ->
         if "neighbour_frac" in cat.colnames:
             nf = np.asarray(cat["neighbour_frac"], np.float64)
             flags[nf > th.max_neighbour_frac] |= FIT_FLAGS["BLENDED"].value
+        if "hidden_frac" in cat.colnames:
+            hf = np.asarray(cat["hidden_frac"], np.float64)
+            flags[hf > th.max_hidden_frac] |= FIT_FLAGS["HIDDEN_NEIGHBOUR"].value
         for name, limit in th.max_err:
             col = next((c for c in (f"{name}_err_stat", f"{name}_err") if c in cat.colnames), None)
             if col is not None:

@@ -127,6 +127,7 @@ _PRESETS["reliable"] = Preset(
     "snr_muse > 80 and red_chi2 < 20 and teff > 4300 and fit_flags == 0", False,
     "labels to trust: SNR_MUSE > 80 /pix (the MUSE part of Eq. 5), red_chi2 < 20 and Teff > 4300 K (Eq. 8), "
     "no fit flag (fit_flags == 0: converged inside the bounds, red_chi2_model < 3, S/N >= 20, not blended, "
+    "no unmodelled neighbour found in the extraction residual (HIDDEN_NEIGHBOUR), "
     "errors below 250 K / 0.5 / 0.25 dex, no catastrophic misfit (MISFIT), labels where the model's training "
     "stars are not sparse (SPARSE_LABELS)), "
     "every computed per-label gradient flag X_flag == 1 (Eq. 4) and, "
