@@ -441,6 +441,17 @@ def test_envelope_factorisation_is_exact(monkeypatch):
         np.testing.assert_allclose(d, np.diag(inv), rtol=1e-9)
         np.testing.assert_allclose(solve(B), ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())
         np.testing.assert_allclose(solve(B[:, 1]), ref[:, 1], rtol=1e-8, atol=1e-10 * np.abs(ref).max())
+    # a plan (coupling structure) made on one matrix serves another of the same pattern: same answer
+    plan = {}
+    linsolve.factorise(N, border=np.arange(ns, N.shape[0]), plan=plan)
+    assert plan["env"]
+    D = sp.diags(rng.uniform(0.5, 2.0, N.shape[0]))
+    N2 = (D @ N @ D).tocsc()
+    s1, d1 = linsolve.factorise(N2, border=np.arange(ns, N.shape[0]), plan=plan)
+    s2, d2 = linsolve.factorise(N2, border=np.arange(ns, N.shape[0]))
+    np.testing.assert_array_equal(d1, d2)
+    np.testing.assert_array_equal(s1(B), s2(B))
+    np.testing.assert_allclose(d1, np.diag(np.linalg.inv(N2.toarray())), rtol=1e-9)
 
 
 @pytest.mark.parametrize("path", ["tiled", "envelope"])

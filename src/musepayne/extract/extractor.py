@@ -427,12 +427,15 @@ class Extractor:
         near = (x > -rmax) & (x < nx - 1 + rmax) & (y > -rmax) & (y < ny - 1 + rmax)
         cols = np.nonzero(near)[0]
         ns = cols.size
+        plan, pattern = {}, None  # the normal matrix's structure, reused while A's pattern stays the same
         for i0, i1, d, s, good, mask in _layer_blocks(c, valid, cfg.block, layer_flag, timings):
             if ns == 0:
                 continue
             t = time.perf_counter()
             wmid = float(np.mean(c.wave[i0:i1][good]))
             A = self._design(psf, x, y, cols, wmid, (ny, nx), mask)
+            if pattern is None or not (np.array_equal(pattern[0], A.indptr) and np.array_equal(pattern[1], A.indices)):
+                plan, pattern = {}, (A.indptr, A.indices)
             w = np.zeros(ny * nx)
             sg = s[good].reshape(good.sum(), -1)
             w[mask.ravel()] = 1.0 / np.median(sg[:, mask.ravel()], axis=0)
@@ -440,7 +443,7 @@ class Extractor:
             N, dg_ok = normal_matrix(A, w, (ny, nx), cfg.ridge, AW=AW)
             timings["design"] = timings.get("design", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
-            solve, ninv_diag = factorise(N, cfg.dense_max, border=np.arange(ns, N.shape[0]))
+            solve, ninv_diag = factorise(N, cfg.dense_max, border=np.arange(ns, N.shape[0]), plan=plan)
             del N  # dense for large fields: free it before the next block's
             timings["factorise"] = timings.get("factorise", 0.0) + time.perf_counter() - t
             t = time.perf_counter()

@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .linsolve import factorise
-from .psf import MoffatPSF, psf_design_matrix
+from .psf import MoffatPSF, _stamp_matrix, _stamp_pixels, psf_design_matrix
 
 #: Moffat beta range of every PSF shape fit (single-star fits and crowded-field image fits)
 BETA_RANGE = (1.2, 10.0)
@@ -149,14 +149,14 @@ def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, r
     def positions(th):
         return centre[0] + th[0] * dx - th[1] * dy + th[2], centre[1] + th[1] * dx + th[0] * dy + th[3]
 
-    def design(th, sp_, cen):
-        x, y = positions(th)
-        return psf_design_matrix(_shape_psf(sp_), x, y, 0.0, (ny, nx), radius, oversample, valid=mask, centres=cen)
+    def design(stamps, sp_):  # the stamps' pixels serve every shape of one iteration
+        return _stamp_matrix(stamps, _shape_psf(sp_).params(0.0), oversample, (ny, nx))
 
     for it in range(n_iter + 1):
         x, y = positions(theta)
         cen = (np.rint(x), np.rint(y))
-        A = design(theta, shape_p, cen)
+        stamps = _stamp_pixels(x, y, (ny, nx), radius, mask, cen)
+        A = design(stamps, shape_p)
         cols = [_flux_columns(A, free, rel_flux), S]
         jac, names = [], []
         if f is not None and it < n_iter:
@@ -169,7 +169,7 @@ def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, r
                 for k, hk in enumerate(steps):
                     p1 = shape_p.copy()
                     p1[k] += hk
-                    jac.append((design(theta, p1, cen) @ f - model0) / hk)
+                    jac.append((design(stamps, p1) @ f - model0) / hk)
                 names += ["fwhm", "beta", "e1", "e2"]
         if jac:
             cols.append(sp.csc_matrix(np.column_stack(jac)))

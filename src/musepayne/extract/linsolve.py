@@ -236,12 +236,15 @@ class _ComponentFactor:
     or ``'lu'`` (SuperLU object).
     """
 
-    def __init__(self, Nss, dense_max):
+    def __init__(self, Nss, dense_max, plan=None):
         dense_in = isinstance(Nss, np.ndarray)
-        G = sp.csr_matrix(Nss != 0) if dense_in else sp.csr_matrix(Nss)
-        ncomp, lab = connected_components(G, directed=False)
-        order = np.argsort(lab, kind="stable")
-        bounds = np.searchsorted(lab[order], np.arange(ncomp + 1))
+        plan = {} if plan is None else plan
+        if "order" not in plan:  # the coupling structure: components, envelope orders (kept in plan)
+            G = sp.csr_matrix(Nss != 0) if dense_in else sp.csr_matrix(Nss)
+            ncomp, lab = connected_components(G, directed=False)
+            order = np.argsort(lab, kind="stable")
+            plan.update(G=G, order=order, bounds=np.searchsorted(lab[order], np.arange(ncomp + 1)), env={})
+        G, order, bounds = plan["G"], plan["order"], plan["bounds"]
         Nss = Nss if dense_in else Nss.tocsc()
         self.n = Nss.shape[0]
         sizes = np.diff(bounds)
@@ -254,7 +257,9 @@ class _ComponentFactor:
             sub = Nss if whole else Nss[np.ix_(I, I)] if dense_in else Nss[I][:, I]  # whole: no copy
             fac = None
             if I.size > ENVELOPE_MIN:  # narrow profile in a bandwidth-reducing order: envelope Cholesky
-                perm, first = _envelope_order(G if whole else G[I][:, I])
+                if k not in plan["env"]:
+                    plan["env"][k] = _envelope_order(G if whole else G[I][:, I])
+                perm, first = plan["env"][k]
                 if _envelope_flops(first) < ENVELOPE_GAIN * I.size**3 / 3.0:
                     try:
                         fac = ("env", _EnvelopeFactor(sub, perm, first))
@@ -324,7 +329,7 @@ def _small_spd_solver(S):
     return solve_b
 
 
-def factorise(N, dense_max: int = 10000, border=(), need_diag: bool = True):
+def factorise(N, dense_max: int = 10000, border=(), need_diag: bool = True, plan=None):
     """Factorise a symmetric positive-definite normal matrix once; return ``(solve, diag(N^-1))``.
 
     The factorisation follows the structure of ``N``.  The ``border`` unknowns
@@ -352,6 +357,11 @@ def factorise(N, dense_max: int = 10000, border=(), need_diag: bool = True):
         Indices of the unknowns coupled to all others (eliminated last).
     need_diag : bool
         Also compute ``diag(N^-1)`` (the variances of the unknowns up to the noise scale).
+    plan : dict, optional
+        Holds the coupling structure of ``N`` (connected components, envelope orders): an empty
+        dict is filled here; a dict filled by a call on a matrix with the same nonzero pattern and
+        border (e.g. the next block of layers with the same design-matrix pattern) is reused, which
+        skips the structure analysis.  The caller vouches that the pattern is the same.
 
     Returns
     -------
@@ -373,7 +383,7 @@ def factorise(N, dense_max: int = 10000, border=(), need_diag: bool = True):
         Nss = N if not bidx.size else N[: sidx.size, : sidx.size] if lead else N[np.ix_(sidx, sidx)]
     else:
         Nss = N[sidx][:, sidx] if bidx.size else N
-    comp = _ComponentFactor(Nss, dense_max)
+    comp = _ComponentFactor(Nss, dense_max, plan)
     del Nss
     solve_s = comp.solve
     if bidx.size == 0:
