@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .linsolve import factorise
+from .linsolve import factorise, normal_matrix
 from .psf import MoffatPSF, _stamp_matrix, _stamp_pixels, psf_design_matrix
 
 #: Moffat beta range of every PSF shape fit (single-star fits and crowded-field image fits)
@@ -175,9 +175,7 @@ def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, r
             cols.append(sp.csc_matrix(np.column_stack(jac)))
         M = sp.hstack(cols, format="csc")
         MW = M.multiply(w[:, None]).tocsc()
-        N = (M.T @ MW).tocsc()
-        dg = N.diagonal()
-        N = N + sp.diags(np.where(dg > 0, ridge * dg, 1.0))
+        N, _ = normal_matrix(M, w, (ny, nx), ridge, AW=MW)
         try:
             solve, _ = factorise(N, dense_max, border=np.arange(nstar, N.shape[0]), need_diag=False)
             sol = solve(np.asarray(MW.T @ d).ravel())
@@ -214,9 +212,7 @@ def _star_offsets(img, var, x, y, shape_p, idx, f, radius, oversample, sky_order
     nstar, nf = _flux_unknowns(len(x), free)
     M = sp.hstack([_flux_columns(A, free, f), S, gx, gy], format="csc")
     MW = M.multiply(w[:, None]).tocsc()
-    N = (M.T @ MW).tocsc()
-    dg = N.diagonal()
-    N = N + sp.diags(np.where(dg > 0, ridge * dg, 1.0))
+    N, _ = normal_matrix(M, w, (ny, nx), ridge, AW=MW)
     k = nf + S.shape[1]
     solve, _ = factorise(N, dense_max, border=np.arange(nstar, k), need_diag=False)
     sol = solve(np.asarray(MW.T @ d).ravel())

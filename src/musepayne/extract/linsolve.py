@@ -27,6 +27,11 @@ __all__ = ["factorise", "normal_matrix", "TILED_MIN", "ENVELOPE_MIN"]
 #: more unknowns than this: :func:`normal_matrix` forms ``N`` densely tile by tile (below it the
 #: sparse product of before, so small fields give bit-identical results)
 TILED_MIN = 3000
+#: ... and also more than this many unknowns when the design matrix has more than
+#: :data:`TILED_ROW_NNZ` nonzeros per image pixel on average (a crowded field: the sparse
+#: product's cost grows with the square of that number)
+TILED_DENSE_MIN = 1000
+TILED_ROW_NNZ = 50
 #: image tile side (pixels) of the tiled normal matrix
 TILE_PX = 16
 #: a connected component with more unknowns than this is factorised by the block envelope
@@ -57,12 +62,14 @@ def normal_matrix(A, w, shape, ridge, AW=None):
     Returns
     -------
     N : scipy.sparse.csc_matrix or numpy.ndarray, shape (n, n)
-        The normal matrix: sparse for at most :data:`TILED_MIN` unknowns, else dense.
+        The normal matrix: sparse for at most :data:`TILED_MIN` unknowns (and at most
+        :data:`TILED_DENSE_MIN` or at most :data:`TILED_ROW_NNZ` nonzeros of ``A`` per pixel),
+        else dense.
     dg_ok : numpy.ndarray of bool, shape (n,)
         Columns with a positive diagonal (the others are not constrained by the data).
     """
     n = A.shape[1]
-    if n <= TILED_MIN:
+    if n <= TILED_MIN and (n <= TILED_DENSE_MIN or A.nnz <= TILED_ROW_NNZ * A.shape[0]):
         AW = A.multiply(w[:, None]).tocsc() if AW is None else AW
         N = (A.T @ AW).tocsc()
         dg = N.diagonal()
