@@ -407,6 +407,12 @@ def test_tiled_normal_matrix_and_dense_factorisation_are_exact(monkeypatch):
     np.testing.assert_allclose(d2, d1, rtol=1e-10)
     np.testing.assert_allclose(s2(B), s1(B), rtol=1e-8, atol=1e-10 * np.abs(s1(B)).max())
     np.testing.assert_array_equal(Nd, Nd_copy)  # the caller's matrix is not modified
+    # stars in image-tile order (as the extraction orders large fields): the permuted matrix
+    o = np.lexsort((np.clip(np.rint(xy[:, 0]), 0, 39) // 16, np.clip(np.rint(xy[:, 1]), 0, 47) // 16))
+    At = sp.hstack([P[:, o], sp.csc_matrix(_sky_columns(shape, 1, valid))], format="csc")
+    Nt, _ = linsolve.normal_matrix(At, w, shape, 1e-9)
+    oo = np.r_[o, np.arange(ns, Nd.shape[0])]
+    np.testing.assert_allclose(Nt, Ns.toarray()[np.ix_(oo, oo)], rtol=1e-12, atol=1e-12 * np.abs(Nd).max())
 
 
 def test_envelope_factorisation_is_exact(monkeypatch):

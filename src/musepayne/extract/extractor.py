@@ -28,7 +28,9 @@ PSF method (paper Sect. 2.1.3; the PampelMUSE approach of Kamann et al. 2013):
    ``sky_order``) and one weight per spaxel ``w = 1 / median_block(STAT)``.
    The normal matrix ``N = A^T W A`` is factorised once (:func:`factorise`:
    groups of stars whose stamps overlap, i.e. connected components of the
-   overlap graph, by dense Cholesky each, the sky by its Schur complement)
+   overlap graph, by dense Cholesky each -- large groups by a block envelope Cholesky in a
+   bandwidth-reducing order, stars of large fields in image-tile order -- the sky by its
+   Schur complement; the groups and orders are reused while the design's pattern stays)
    and serves all layers of the block as right-hand sides:
    ``x_l = N^-1 A^T W d_l`` (weighted linear least squares, unbiased for any
    fixed weights).  Errors: ``var(x_l,s) = [N^-1]_ss * r_sl`` with
@@ -80,7 +82,7 @@ from .apertures import aperture_fluxes, aperture_matrix, circle_overlap
 from .blocks import _accumulators, _layer_blocks, _read_block  # noqa: F401
 from .fields import _blend_fraction, _combine_bins, _edge_distance, _pixscale_arcsec, _psf_candidates
 from .imagefit import _image_fit, _shape_psf, _sky_columns  # noqa: F401
-from .linsolve import factorise, normal_matrix
+from .linsolve import TILE_PX, TILED_DENSE_MIN, factorise, normal_matrix
 from .psf import MoffatPSF, psf_design_matrix
 from .result import EXTRACT_STATUS, LAYER_FLAGS, ExtractionResult, _sources_table, per_star_file_name  # noqa: F401
 from .sources import MAG_COLUMNS, read_source_catalogue  # noqa: F401
@@ -426,6 +428,10 @@ class Extractor:
         rmax = min(cfg.psf_radius * float(np.max(psf.params(c.wave)[0])), cfg.psf_radius_max_px)
         near = (x > -rmax) & (x < nx - 1 + rmax) & (y > -rmax) & (y < ny - 1 + rmax)
         cols = np.nonzero(near)[0]
+        if cols.size > TILED_DENSE_MIN:  # large fields: stars in image-tile order (a tile's stars: few index runs)
+            ty = np.clip(np.rint(y[cols]), 0, ny - 1) // TILE_PX
+            tx = np.clip(np.rint(x[cols]), 0, nx - 1) // TILE_PX
+            cols = cols[np.lexsort((tx, ty))]
         ns = cols.size
         plan, pattern = {}, None  # the normal matrix's structure, reused while A's pattern stays the same
         for i0, i1, d, s, good, mask in _layer_blocks(c, valid, cfg.block, layer_flag, timings):
