@@ -83,7 +83,7 @@ from .blocks import _accumulators, _layer_blocks, _read_block  # noqa: F401
 from .fields import _blend_fraction, _combine_bins, _edge_distance, _pixscale_arcsec, _psf_candidates
 from .imagefit import _image_fit, _shape_psf, _sky_columns  # noqa: F401
 from .linsolve import TILE_PX, TILED_DENSE_MIN, factorise, normal_matrix
-from .psf import MoffatPSF, psf_design_matrix
+from .psf import MoffatPSF, _stamp_matrix, _stamp_pixels, psf_design_matrix
 from .result import EXTRACT_STATUS, LAYER_FLAGS, ExtractionResult, _sources_table, per_star_file_name  # noqa: F401
 from .sources import MAG_COLUMNS, read_source_catalogue  # noqa: F401
 from .transform import CoordinateTransform, _fit_single, _single_star_start, _stamp, _transform_residuals  # noqa: F401
@@ -401,12 +401,17 @@ class Extractor:
         return MoffatPSF.fit(waves, pars[:, 0], pars[:, 1], e, pa, deg=deg, wave_ref=0.5 * (wl + wh),
                              wave_scale=max(0.5 * (wh - wl), 1.0))
 
-    def _design(self, psf, x, y, cols, wave, shape, mask):
-        """Star columns (only ``cols``) + sky polynomial columns, rows masked by ``mask``."""
+    def _design(self, psf, x, y, cols, wave, shape, mask, cache=None):
+        """Star columns (only ``cols``) + sky polynomial columns, rows masked by ``mask``
+        (``cache``: a dict kept by the caller across blocks for the same stars; stamps reused)."""
         cfg = self.config
         ny, nx = shape
         rad = min(cfg.psf_radius * psf.fwhm_at(wave), cfg.psf_radius_max_px)
-        A = psf_design_matrix(psf, x[cols], y[cols], wave, shape, rad, cfg.oversample, valid=mask)
+        if cache is None:
+            A = psf_design_matrix(psf, x[cols], y[cols], wave, shape, rad, cfg.oversample, valid=mask)
+        else:  # same values as psf_design_matrix
+            A = _stamp_matrix(_stamp_pixels(x[cols], y[cols], shape, rad, mask, cache=cache), psf.params(wave),
+                              cfg.oversample, shape)
         if cfg.sky_order >= 0:
             S = _sky_columns(shape, cfg.sky_order, mask)
             A = sp.hstack([A, sp.csc_matrix(S)], format="csc")
@@ -433,13 +438,13 @@ class Extractor:
             tx = np.clip(np.rint(x[cols]), 0, nx - 1) // TILE_PX
             cols = cols[np.lexsort((tx, ty))]
         ns = cols.size
-        plan, pattern = {}, None  # the normal matrix's structure, reused while A's pattern stays the same
+        plan, pattern, stamps = {}, None, {}  # normal matrix structure, stamps: reused while unchanged
         for i0, i1, d, s, good, mask in _layer_blocks(c, valid, cfg.block, layer_flag, timings):
             if ns == 0:
                 continue
             t = time.perf_counter()
             wmid = float(np.mean(c.wave[i0:i1][good]))
-            A = self._design(psf, x, y, cols, wmid, (ny, nx), mask)
+            A = self._design(psf, x, y, cols, wmid, (ny, nx), mask, stamps)
             if pattern is None or not (np.array_equal(pattern[0], A.indptr) and np.array_equal(pattern[1], A.indices)):
                 plan, pattern = {}, (A.indptr, A.indices)
             w = np.zeros(ny * nx)
@@ -458,14 +463,13 @@ class Extractor:
             B = AW.T @ D
             X = solve(np.asarray(B))
             As = A[:, :ns]
-            A2 = As.multiply(As).tocsc()
+            A2 = sp.csc_matrix((As.data * As.data, As.indices, As.indptr), shape=As.shape)
             num = A2.T @ (V * (w**2)[:, None])
             den = A2.T @ w
             with np.errstate(invalid="ignore", divide="ignore"):
                 var = ninv_diag[:ns, None] * num / den[:, None]
             R = D - A @ X
-            core = A2.multiply(1.0 / np.maximum(A2.max(axis=0).toarray(), 1e-300)) >= 0.25  # ~ within 1 FWHM
-            core = sp.csc_matrix(core, dtype=float)
+            core = _core_pixels(A2)
             with np.errstate(invalid="ignore", divide="ignore"):
                 chi = np.where(V > 0, R**2 / V, 0.0)
             chi_num[cols] += np.asarray(core.T @ chi.sum(axis=1)).ravel()
@@ -478,6 +482,18 @@ class Extractor:
         with np.errstate(invalid="ignore", divide="ignore"):
             chi2 = np.where(chi_den > 0, chi_num / chi_den, np.nan)
         return flux, err, chi2, layer_flag
+
+
+def _core_pixels(A2):
+    """Pixels of each star's core (~ within 1 FWHM): ``A2 >= 0.25`` of its column maximum, as a
+    0/1 matrix of ``A2``'s pattern (``A2``: csc, squared PSF values)."""
+    nnz = np.diff(A2.indptr)
+    cmax = np.zeros(A2.shape[1])
+    has = nnz > 0
+    cmax[has] = np.maximum.reduceat(A2.data, A2.indptr[:-1][has])
+    inv = 1.0 / np.maximum(cmax, 1e-300)
+    keep = A2.data * np.repeat(inv, nnz) >= 0.25
+    return sp.csc_matrix((keep.astype(float), A2.indices, A2.indptr), shape=A2.shape)
 
 
 def _catalogue_positions(c, cat):

@@ -420,12 +420,14 @@ def psf_design_matrix(psf: MoffatPSF, x, y, wave, shape, radius: float, oversamp
     return _stamp_matrix(stamps, psf.params(wave), oversample, shape)
 
 
-def _stamp_pixels(x, y, shape, radius, valid=None, centres=None):
+def _stamp_pixels(x, y, shape, radius, valid=None, centres=None, cache=None):
     """The pixels of every star's stamp that :func:`psf_design_matrix` fills (same arguments).
 
     Returns ``(dx, dy, rows, indptr)``: pixel-centre offsets from the star and pixel indices
     (C order) of the kept pixels, star by star, and the compressed-column pointers.  The stamps of
-    one set of positions serve several PSF shapes (:func:`_stamp_matrix`).
+    one set of positions serve several PSF shapes (:func:`_stamp_matrix`).  ``cache`` (a dict,
+    for calls with the same ``x, y, shape, centres``): the stamps are reused while the stamp
+    footprint and ``valid`` stay the same (e.g. from one block of layers to the next).
     """
     ny, nx = shape
     x = np.asarray(x, float)
@@ -436,6 +438,14 @@ def _stamp_pixels(x, y, shape, radius, valid=None, centres=None):
     ox, oy = ox.ravel(), oy.ravel()
     inside_circle = ox**2 + oy**2 <= (radius + 0.5) ** 2
     ox, oy = ox[inside_circle], oy[inside_circle]
+    if cache is not None:
+        if ("ox" in cache and np.array_equal(cache["ox"], ox) and np.array_equal(cache["oy"], oy)
+                and np.array_equal(cache["valid"], valid)):
+            return cache["stamps"]
+        cache.clear()
+        cache.update(ox=ox, oy=oy, valid=None if valid is None else np.array(valid, bool))
+        cache["stamps"] = _stamp_pixels(x, y, shape, radius, valid, centres)
+        return cache["stamps"]
     cx, cy = (np.rint(x), np.rint(y)) if centres is None else centres
     xi = np.asarray(cx).astype(np.int64)[:, None] + ox[None, :]
     yi = np.asarray(cy).astype(np.int64)[:, None] + oy[None, :]
