@@ -539,3 +539,24 @@ def test_nan_region_and_bad_catalogue_rows_are_reported(tiny_cube, tmp_path):
     assert res.layer_flag[10] & 1 and np.all(np.isnan(res.flux[:, 10]))
     ok = np.asarray(res.sources["status"]) == "ok"
     assert ok.sum() >= 3 and np.all(np.isfinite(res.flux[ok][:, 11:]))
+
+
+def test_stamp_cache_gives_the_design_matrix():
+    """Stamps kept across blocks (same stars) give psf_design_matrix's matrix exactly, and are
+    rebuilt when the stamp footprint (radius) or the usable-pixel mask changes."""
+    from musepayne.extract.psf import _stamp_matrix, _stamp_pixels
+
+    rng = np.random.default_rng(4)
+    shape = (30, 40)
+    x, y = rng.uniform(-5, 45, 80), rng.uniform(-5, 35, 80)
+    psf = MoffatPSF(fwhm=(3.0,), beta=(2.5,))
+    valid = np.ones(shape, bool)
+    valid[10:12, 5:30] = False
+    cache, prev = {}, None
+    for radius, mask, reused in ((8.0, valid, False), (8.01, valid, True), (8.2, valid, False),
+                                 (9.6, valid, False), (9.6, np.ones(shape, bool), False)):
+        ref = psf_design_matrix(psf, x, y, 7000.0, shape, radius, 2, valid=mask)
+        got = _stamp_matrix(_stamp_pixels(x, y, shape, radius, mask, cache=cache), psf.params(7000.0), 2, shape)
+        assert (got != ref).nnz == 0 and np.array_equal(got.indptr, ref.indptr)
+        assert np.array_equal(cache["valid"], mask) and (cache["stamps"] is prev) == reused
+        prev = cache["stamps"]
