@@ -450,7 +450,9 @@ class Extractor:
             w = np.zeros(ny * nx)
             sg = s[good].reshape(good.sum(), -1)
             w[mask.ravel()] = 1.0 / np.median(sg[:, mask.ravel()], axis=0)
-            AW = A.multiply(w[:, None]).tocsc()
+            # = A.multiply(w[:, None]) (own index arrays: eliminate_zeros works in place)
+            AW = sp.csc_matrix((A.data * w[A.indices], A.indices.copy(), A.indptr.copy()), shape=A.shape)
+            AW.eliminate_zeros()
             N, dg_ok = normal_matrix(A, w, (ny, nx), cfg.ridge, AW=AW)
             timings["design"] = timings.get("design", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
