@@ -5,7 +5,11 @@
   pixels unused), with the MLP evaluated on the rest-frame pixels that window reads, gives
   the same results as on the whole grid (``keep_model=True`` fits the whole grid, so the two
   paths run on the same input);
-* labels of noiseless and noisy model spectra come back within their errors.
+* labels of noiseless and noisy model spectra come back within their errors;
+* the sandwich covariance from the Jacobian planes the LM kept equals that of planes evaluated
+  again at the solution (to float32 rounding);
+* the gradient correlations of an MLP computed in its last hidden layer equal the Pearson
+  correlations over the pixels of its Jacobian.
 """
 
 import numpy as np
@@ -16,6 +20,8 @@ from musepayne.fit import FitConfig, Fitter
 from musepayne.fit.operators import _BandedOp, _RowOps
 from musepayne.instrument.lsf import FWHM_TO_SIGMA
 from musepayne.instrument.wavelength import lamost_wavelength
+from musepayne.models.files import load_model
+from musepayne.models.gradients import GradientTemplates
 from musepayne.prepare.resample import convolution_matrix
 from musepayne.testing import toy_mlp_model
 from musepayne.threads import blas_threads
@@ -112,3 +118,78 @@ def test_recovered_labels_of_model_spectra(toy, snr):
     else:
         assert 0.6 < np.sqrt(np.mean(z**2)) < 1.4
         assert np.max(np.abs(z)) < 4
+
+
+def test_sandwich_errors_from_kept_jacobian_equal_reevaluated(toy):
+    """With the model's scatter in the variance ('errors'), the covariance is A^-1 B A^-1 with B from
+    the Jacobian at the solution: the planes the LM kept there give the errors of planes evaluated
+    again over the whole chunk (the old path) to float32 rounding of the network's products."""
+    rng = np.random.default_rng(12)
+    n = 16
+    model = toy.with_scatter(np.full(toy.n_pix, 0.05))  # 3x the noise: B far from A
+    truth = model.unscale(rng.uniform(-0.35, 0.35, (n, 5)))
+    prep = _muse_like(model, truth, rng.uniform(-250, 250, n), 60, rng)
+    fitter = Fitter(model, FitConfig(chunk_size=n, scale_errors=False))
+    assert fitter._keep_jac
+    seen = {}
+    estimates = fitter._estimates
+
+    def spy(st, d, w_obs, opi):
+        seen["J"] = st["J"].copy()
+        seen["Y"] = fitter._planes(st["theta"], opi)[0][:, 1:]  # evaluated again at the solution
+        return estimates(st, d, w_obs, opi)
+
+    fitter._estimates = spy
+    with blas_threads(1, scipy=False):
+        res = fitter.fit_arrays(prep)
+        plain = fitter.with_config(model_scatter="off").fit_arrays(prep)  # A^-1 only
+    J, Y = seen["J"], seen["Y"]
+    assert J.shape == Y.shape
+    assert np.max(np.abs(J - Y)) <= 1e-6 * np.max(np.abs(Y))
+    # the same labels; the sandwich adds the scatter's variance: errors ~sqrt(1 + (0.05 * 60)^2) ~ 3x
+    assert np.array_equal(res.labels, plain.labels)
+    ratio = res.labels_err / plain.labels_err
+    assert np.all((ratio > 2) & (ratio < 4.5)), ratio.min()
+
+
+def test_gradcorr_in_hidden_space_equals_pixel_pearson():
+    """The default model's gradient correlations (its shipped templates) computed in the 100-wide
+    last hidden layer equal the Pearson correlations of the (n, 3909) Jacobian over the usable
+    pixels to 1e-12; templates with NaN on those pixels take the pixel path."""
+    model = load_model("default")
+    t = model.templates
+    rng = np.random.default_rng(3)
+    lab = model.unscale(rng.uniform(-0.55, 0.55, (300, model.n_labels)))
+    use = ~np.asarray(model.pixel_mask, bool)
+    _, jac = model.predict_with_jacobian(lab)
+    want = t.gradcorr_from_jacobian(jac, lab, model.label_names, use)
+    fast = t._gradcorr_hidden(model, lab, use)
+    assert fast is not None
+    assert np.all(np.isfinite(fast)) and np.all(np.isfinite(want))
+    assert np.nanmax(np.abs(fast - want)) < 1e-12
+    assert np.nanstd(want[:, 0]) > 0.05  # correlations that vary from star to star
+    grad = t.grad.copy()
+    grad[:, 0, np.flatnonzero(t.usable & use)[:7]] = np.nan
+    holes = GradientTemplates(t.wave, grad, t.ref_labels, t.label_names, usable=t.usable)
+    assert holes._gradcorr_hidden(model, lab, use) is None
+    assert np.array_equal(holes.gradcorr(model, lab), holes.gradcorr_from_jacobian(jac, lab, model.label_names, use),
+                          equal_nan=True)
+
+
+def test_usable_pixel_count_on_unmasked_runs_equals_full_mask(toy):
+    """Validation counts usable pixels on the runs of columns the model does not mask: the same
+    counts as the full per-pixel test (NaN / inf / <= 0 ivar, NaN flux, excluding mask bits)."""
+    rng = np.random.default_rng(8)
+    pm = np.zeros(toy.n_pix, bool)
+    pm[:40], pm[900:1500], pm[-7:] = True, True, True
+    fitter = Fitter(toy.with_pixel_mask(pm), FitConfig())
+    shape = (40, toy.n_pix)
+    f = rng.normal(size=shape).astype(np.float32)
+    iv = rng.normal(size=shape).astype(np.float32)  # half <= 0
+    f[rng.random(shape) < 0.1] = np.nan
+    iv[rng.random(shape) < 0.05] = np.inf
+    iv[rng.random(shape) < 0.05] = np.nan
+    mk = rng.integers(0, 2**16, shape).astype(np.int32) * (rng.random(shape) < 0.2)
+    want = fitter._usable(f, iv, mk).sum(1)
+    assert np.array_equal(fitter._n_usable(f, iv, mk), want)
+    assert want.min() > 100 and want.max() < 0.5 * toy.n_pix  # a real mix of usable and not

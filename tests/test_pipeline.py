@@ -285,3 +285,20 @@ def test_injection_recovery_fe_h_pull_below_0_3(injection_budget_field):
     """The [Fe/H] pull of the same isolated stars: below 0.3 with the default model rebuilt on the
     exact-variance kernels (it was -0.33 with the model trained before them)."""
     assert abs(injection_budget_field["isolated"]["fe_h"]["pull"]) < 0.3
+
+
+def test_progress_rate_counts_only_work_done_over_time():
+    """The rate shown per stage is items per second of real work: items that arrive at once
+    (a resumed run reading its checkpoints) give no rate instead of millions per second."""
+    import time
+
+    from musepayne.cli.run import progress_display
+
+    prog, cb = progress_display(True)
+    cb("fit", 10, 10)  # everything at once
+    assert prog.tasks[0].fields["rate"] == ""
+    cb("cubes", 0, 20)
+    time.sleep(0.1)
+    cb("cubes", 2, 20)
+    rate = float(prog.tasks[1].fields["rate"].rstrip("/s"))
+    assert 2.0 < rate < 21.0  # 2 items in >= 0.1 s

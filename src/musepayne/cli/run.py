@@ -75,15 +75,19 @@ def progress_display(enabled: bool):
     prog = Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
     tasks = {}
-
-    starts = {}
+    clock = {}  # stage -> (time, done) the rate is counted from
 
     def cb(stage, done, total):
+        now = time.perf_counter()
         if stage not in tasks:
             tasks[stage] = prog.add_task(stage, total=total, rate="")
-            starts[stage] = time.perf_counter()
-        dt = time.perf_counter() - starts[stage]
-        rate = f"{done / dt:.1f}/s" if dt > 0 and done else ""
+            clock[stage] = (now, done)
+        t0, d0 = clock[stage]
+        if now - t0 < 0.05:  # items done at once (resumed from checkpoints): not a rate; count from here
+            clock[stage] = (now, done)
+            rate = ""
+        else:
+            rate = f"{(done - d0) / (now - t0):.1f}/s" if done > d0 else ""
         prog.update(tasks[stage], completed=done, total=total, rate=rate)
 
     return prog, cb

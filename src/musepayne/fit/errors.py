@@ -28,7 +28,7 @@ import numpy as np
 
 class _ErrorEstimates:
     """Error-estimation part of :class:`~musepayne.fit.fitter.Fitter` (a mixin: uses its
-    ``model``, ``config``, ``n_par``, ``lo``, ``hi``, ``_use_scatter`` and ``_planes``)."""
+    ``model``, ``config``, ``n_par``, ``lo``, ``hi`` and ``_use_scatter``)."""
 
     def _estimates(self, st, d, w_obs, opi):
         """Chi2, covariance and errors of the solutions ``st`` (what :meth:`_lm` returns) of a
@@ -50,20 +50,23 @@ class _ErrorEstimates:
         chi2_model = (np.einsum("np,np->n", self.model.inflate_ivar(w_obs_used), r2) if scatter
                       else np.full(m, np.nan))
         # covariance in (scaled labels, v); guard singular matrices
-        cov = np.full((m, P, P), np.nan)
-        for i in range(m):
-            try:
-                cov[i] = np.linalg.inv(A[i])
-            except np.linalg.LinAlgError:
-                cov[i] = np.linalg.pinv(A[i])
+        try:  # (one call for the chunk: the same LAPACK solve per matrix as one call each)
+            cov = np.linalg.inv(A)
+        except np.linalg.LinAlgError:
+            cov = np.full((m, P, P), np.nan)
+            for i in range(m):
+                try:
+                    cov[i] = np.linalg.inv(A[i])
+                except np.linalg.LinAlgError:
+                    cov[i] = np.linalg.pinv(A[i])
         if scatter and cfg.model_scatter == "errors":
             # labels fitted with W = ivar while the variance is 1/ivar + s^2: cov = A^-1 B A^-1 with
             # B = J^T W (W^-1 + S) W J = A + J^T diag(W^2 s^2) J
-            # (planes on the LM's window of weighted pixels: the terms outside it are zero)
-            Y, _ = self._planes(theta, opi)
+            # (J: the Jacobian planes at the solution the LM kept, on its window of weighted
+            # pixels: the terms outside it are zero)
             cols = slice(None) if opi.window is None else slice(*opi.window[2:4])
             ws = (w_obs_used * self.model.scatter)[:, cols]
-            Jw = Y[:, 1:].astype(np.float64) * ws[:, None, :]
+            Jw = st["J"].astype(np.float64) * ws[:, None, :]
             B = A + np.einsum("nqp,nrp->nqr", Jw, Jw)
             cov = np.einsum("nij,njk,nkl->nil", cov, B, cov)
         dof = np.maximum(n_used - P, 1)

@@ -320,6 +320,9 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
         # whether this fit uses the model's intrinsic scatter (model.scatter, model.inflate_ivar)
         self._use_scatter = cfg.model_scatter != "off" and bool(np.any(getattr(model, "scatter", 0.0)))
         self._chi2_noise = 1e-7 if self.dtype == np.float32 else 1e-13
+        # the LM keeps the Jacobian planes at the solution when the errors need them (the sandwich
+        # covariance with the model's scatter in the variance, :mod:`musepayne.fit.errors`)
+        self._keep_jac = self._use_scatter and cfg.model_scatter == "errors"
         L = model.n_labels
         self.n_par = L + (1 if cfg.fit_rv else 0)
         wave = model.wave if model.frame == "vacuum" else air_to_vacuum(model.wave)
@@ -492,6 +495,20 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
             good = np.isfinite(f) & np.isfinite(iv) & (iv > 0) & ((np.asarray(mk) & EXCLUDING_BITS) == 0)
         return good & model_ok[None, :]
 
+    def _n_usable(self, f, iv, mk):
+        """Usable pixels per row, ``_usable(f, iv, mk).sum(1)``, counted on the runs of columns the
+        model does not mask only (the default model masks 58 % of its pixels)."""
+        ok = ~np.asarray(getattr(self.model, "pixel_mask", np.zeros(self.model.n_pix, bool)), bool)
+        edges = np.flatnonzero(np.diff(np.r_[0, ok.astype(np.int8), 0]))
+        f, iv, mk = np.asarray(f), np.asarray(iv), np.asarray(mk)
+        n = np.zeros(f.shape[0], np.int64)
+        with np.errstate(invalid="ignore"):
+            for a, b in zip(edges[::2], edges[1::2]):
+                v = iv[:, a:b]
+                n += np.count_nonzero(np.isfinite(f[:, a:b]) & (v > 0) & (v < np.inf) & ((mk[:, a:b] & EXCLUDING_BITS) == 0),
+                                      axis=1)
+        return n
+
     def _validate(self, prepared):
         """Per-spectrum validation (rows read in blocks): ``(status, reason, fit_ok)``; the
         status and reason of rows that will not be fitted are set."""
@@ -501,7 +518,7 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
         flux, ivar, mask = prepared.flux, prepared.ivar, prepared.mask
         n_good = np.zeros(n, np.int64)
         for k in range(0, n, 2048):
-            n_good[k:k + 2048] = self._usable(flux[k:k + 2048], ivar[k:k + 2048], mask[k:k + 2048]).sum(1)
+            n_good[k:k + 2048] = self._n_usable(flux[k:k + 2048], ivar[k:k + 2048], mask[k:k + 2048])
         st_in = (np.asarray(prepared.spectra["status"]).astype(str) if "status" in prepared.spectra.colnames
                  else np.full(n, "ok"))
         rs_in = (np.asarray(prepared.spectra["reason"]).astype(str) if "reason" in prepared.spectra.colnames
@@ -592,16 +609,17 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
             th0 = np.hstack([th0, v0[rows, None]])
         lam0 = np.full(rows.size, cfg.lambda_init)
         # the starts are grid points: their rest-frame flux and Jacobian are precomputed
-        state0 = self._assess(th0, opi[rows], d[rows], w[rows], rest=self.grid_planes[best.ravel()])
+        d_r, w_r, op_r = d[rows], w[rows], opi[rows]
+        state0 = self._assess(th0, op_r, d_r, w_r, rest=best.ravel())
         n_explore = min(cfg.explore_iter, cfg.max_iter) if K > 1 else 0
         iters = np.zeros(m, np.int64)
         if n_explore:
             # every start takes one probed step; only the kept start's Jacobian is then evaluated
-            st = self._lm(th0, d[rows], w[rows], opi[rows], n_explore, lam0, state0, probe_all=True, final_jac=False)
+            st = self._lm(th0, d_r, w_r, op_r, n_explore, lam0, state0, probe_all=True, final_jac=False)
             chi = st["chi2"].reshape(m, K)
             pick = np.arange(m) * K + np.nanargmin(np.where(np.isfinite(chi), chi, np.inf), axis=1)
             th1, lam1, stale1 = st["theta"][pick], st["lam"][pick], st["stale"][pick]
-            state = tuple(st[k][pick] for k in ("f", "chi2", "ww", "A", "g"))
+            state = tuple(None if st[k] is None else st[k][pick] for k in ("f", "chi2", "ww", "A", "g", "J"))
             iters += st["iters"][pick]
         else:
             th1, lam1, state, stale1 = th0[::K], lam0[::K], state0, None

@@ -192,7 +192,7 @@ class _ForwardModel:
             out.append((a, e, h, (s0 - i + 2).astype(np.int32), (s1 - i - 4).astype(np.int32)))
         return out
 
-    def _shift(self, X, v, rv_plane=False, cols=None, xoff=0):
+    def _shift(self, X, v, rv_plane=False, cols=None, xoff=0, xrows=None):
         """Shift rest-frame planes ``X (m, Q, n_pix)`` (plane 0 the flux) to velocities ``v``.
 
         Returns ``(Y, valid)``: ``Y (m, Q + rv_plane, n_pix)`` the planes interpolated at
@@ -209,12 +209,15 @@ class _ForwardModel:
         ``cols=(x0, x1)``: only observed columns ``x0 .. x1 - 1`` (``Y`` and ``valid`` that
         wide), each computed as over the whole grid.  ``xoff``: column 0 of ``X`` is grid column
         ``xoff`` (``X`` holds the rest-frame columns the taps of ``cols`` read; log-linear grids).
+        ``xrows``: row ``r`` of the result shifts ``X[xrows[r]]`` (e.g. precomputed grid planes,
+        read in place instead of gathered first).
         """
         if self._uniform is None:
-            Y, valid = self._shift_general(X, v, rv_plane)
+            Y, valid = self._shift_general(X if xrows is None else X[xrows], v, rv_plane)
             return (Y, valid) if cols is None else (Y[:, :, cols[0]:cols[1]], valid[:, cols[0]:cols[1]])
         dt = self.dtype
-        m, Q, n_x = X.shape
+        _, Q, n_x = X.shape
+        m = np.size(v)
         p = self.lnw.size
         x0, x1 = (0, p) if cols is None else cols
         b = np.asarray(v, np.float64) / C_KMS
@@ -244,7 +247,7 @@ class _ForwardModel:
             for r in range(m):
                 lo, hi = max(0, -s0[r], -src - s0[r]), min(n2 + 3, n_s - s0[r], n_x - src - s0[r])
                 if hi > lo:
-                    al[r, :, lo:hi] = X[r, :, src + s0[r] + lo:src + s0[r] + hi]
+                    al[r, :, lo:hi] = X[r if xrows is None else xrows[r], :, src + s0[r] + lo:src + s0[r] + hi]
                 else:
                     lo = hi = 0
                 al[r, :, :lo] = 0
@@ -287,8 +290,8 @@ class _ForwardModel:
 
     def _planes(self, theta, opi, want_jac=True, rest=None):
         """Observed-frame model planes at ``theta``: ``(Y, valid)``, ``Y (m, 1 [+ n_par], n_pix)``,
-        plane 0 the flux, then d flux / d (scaled labels, v).  ``rest``: the rest-frame planes
-        at ``theta``'s labels when already known (grid points)."""
+        plane 0 the flux, then d flux / d (scaled labels, v).  ``rest``: when ``theta``'s labels are
+        grid points (the starts), their indices into the precomputed ``grid_planes``."""
         L = self.model.n_labels
         s = theta[:, :L]
         v = theta[:, L] if self.config.fit_rv else np.full(theta.shape[0], self.config.rv_fixed)
@@ -296,14 +299,15 @@ class _ForwardModel:
         model, xoff = self.model, 0
         if win is not None and win[4] is not None and rest is None:
             xoff, model = win[4], win[5]  # the model's columns the window's taps read
+        xrows = None
         if rest is not None:
-            X = rest
+            X, xrows = self.grid_planes, rest
         elif want_jac:
             X = model.planar_kernel(s, self.dtype)
         else:
             X = model.predict_scaled(s, self.dtype)[:, None, :]
         Y, valid = self._shift(X, v, rv_plane=want_jac and self.config.fit_rv,
-                               cols=None if win is None else win[:2], xoff=xoff)
+                               cols=None if win is None else win[:2], xoff=xoff, xrows=xrows)
         if np.any(opi.index >= 0):
             Y = self._apply_ops(Y, opi)
         if win is not None:  # planes computed on x0 .. x1 - 1, used on c0 .. c1 - 1
@@ -326,17 +330,20 @@ class _ForwardModel:
         return np.einsum("np,np->n", ww, r * r), r, ww
 
     def _assess(self, theta, opi, d, w, rest=None):
-        """Model at ``theta`` and what LM needs there: f, chi2, weights used, A = J^T W J, g = J^T W r.
+        """Model at ``theta`` and what LM needs there: f, chi2, weights used, A = J^T W J, g = J^T W r,
+        and the Jacobian planes ``J (m, n_par, n_pix)`` when the errors need them (the sandwich
+        covariance, :meth:`_ErrorEstimates._estimates`; else None).
 
         The residual replaces the flux plane, every plane is multiplied by sqrt(W), and one
         batched product of the planes with themselves gives chi2, ``g`` and ``A`` together."""
         Y, valid = self._planes(theta, opi, rest=rest)
         f = Y[:, 0].copy()
+        J = Y[:, 1:].copy() if self._keep_jac else None
         chi2, r, ww = self._chi2(f, valid, d, w)
         Y[:, 0] = r
         Y *= np.sqrt(ww).astype(self.dtype)[:, None, :]
         M = np.einsum("nqp,nrp->nqr", Y, Y).astype(np.float64)
-        return f, chi2, ww, np.ascontiguousarray(M[:, 1:, 1:]), np.ascontiguousarray(M[:, 1:, 0])
+        return f, chi2, ww, np.ascontiguousarray(M[:, 1:, 1:]), np.ascontiguousarray(M[:, 1:, 0]), J
 
     def _chi2_at(self, theta, opi, d, w):
         """Flux, chi2 and used weights at ``theta`` without the Jacobian (a probe)."""

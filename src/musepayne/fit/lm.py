@@ -33,7 +33,8 @@ Where the time goes, and how it is kept small (all vectorised over the rows of a
   only the columns it needs, and an MLP's last layer only the rest-frame pixels those read
   (``Fitter._rest_model``).  Results are those of the whole grid, bit for bit.
 
-Per row only ``J^T W J`` and ``J^T W r`` are kept (the Jacobian itself is never stored).
+Per row ``J^T W J`` and ``J^T W r`` are kept; the Jacobian planes only when the errors need
+them (the sandwich covariance: they are then not evaluated again at the solution).
 
 This module owns :class:`_LevenbergMarquardt`, the part of
 :class:`~musepayne.fit.fitter.Fitter` that iterates (``_lm`` and its steps).
@@ -74,8 +75,10 @@ class _LevenbergMarquardt:
         bounds and accepted when chi2 falls or rejected (damping update of Nielsen 1999).
         A row has converged when the undamped Gauss-Newton step predicts a chi2 gain
         below ``chi2_tol`` (or the float32 rounding noise of chi2), or when it is stuck
-        (``lam > 1e8``).  ``state``: (f, chi2, ww, A, g) at ``theta`` if already known.
-        Only ``A`` and ``g`` are kept per row (the Jacobian itself is never stored).
+        (``lam > 1e8``).  ``state``: (f, chi2, ww, A, g, J) at ``theta`` if already known; its
+        arrays are taken over (updated in place and returned), so callers pass arrays of their own.
+        Per row ``A`` and ``g`` are kept, and the Jacobian planes ``J`` only when the errors
+        need them (``J`` None otherwise; see :meth:`_assess`).
 
         Lazy Jacobians: a trial that is likely to be rejected is first *probed* (flux and
         chi2 only, a fraction of the cost); its Jacobian is computed only if it is accepted,
@@ -89,9 +92,9 @@ class _LevenbergMarquardt:
         theta = theta.copy()
         lam = lam.copy()
         if state is None:
-            f, chi2, ww, A_all, g_all = self._assess(theta, opi, d, w)
+            f, chi2, ww, A_all, g_all, J_all = self._assess(theta, opi, d, w)
         else:
-            f, chi2, ww, A_all, g_all = (x.copy() for x in state)
+            f, chi2, ww, A_all, g_all, J_all = state  # (fresh arrays of the caller's: updated in place)
         stale = np.zeros(m, bool) if stale is None else stale.copy()
         done = np.zeros(m, bool)
         iters = np.zeros(m, np.int64)
@@ -100,8 +103,10 @@ class _LevenbergMarquardt:
 
         def refresh(rows):
             if rows.size:
-                f[rows], chi2[rows], ww[rows], A_all[rows], g_all[rows] = self._assess(
+                f[rows], chi2[rows], ww[rows], A_all[rows], g_all[rows], J = self._assess(
                     theta[rows], opi[rows], d[rows], w[rows])
+                if J_all is not None:
+                    J_all[rows] = J
                 stale[rows] = False
 
         for _ in range(n_iter):
@@ -118,7 +123,7 @@ class _LevenbergMarquardt:
                 break
             th_new = np.minimum(np.maximum(th + delta, self.lo), self.hi)  # (np.clip: 10x the call cost)
             probe = np.ones(act.size, bool) if probe_all else rejected[act]
-            f_n, chi_n, ww_n, full, A_n, g_n = self._lm_trial(th_new, act, probe, opi, d, w, f, ww)
+            f_n, chi_n, ww_n, full, A_n, g_n, J_n = self._lm_trial(th_new, act, probe, opi, d, w, f, ww)
             acc = np.isfinite(chi_n) & (chi_n < chi2[act])
             ia = act[acc]
             gain = chi2[ia] - chi_n[acc]
@@ -126,6 +131,8 @@ class _LevenbergMarquardt:
             if full.size:
                 ka = acc[full]  # accepted rows evaluated with their Jacobian
                 A_all[act[full[ka]]], g_all[act[full[ka]]] = A_n[ka], g_n[ka]
+                if J_all is not None:
+                    J_all[act[full[ka]]] = J_n[ka]
             stale[act[acc & probe]] = True
             rejected[act] = ~acc
             iters[act] += 1
@@ -140,8 +147,8 @@ class _LevenbergMarquardt:
             done[ir[(lam[ir] > 1e8) | (pred_d[~acc] < stall[~acc])]] = True
         if final_jac:
             refresh(np.flatnonzero(stale))
-        return dict(theta=theta, f=f, chi2=chi2, ww=ww, A=A_all, g=g_all, lam=lam, done=done, iters=iters,
-                    stale=stale)
+        return dict(theta=theta, f=f, chi2=chi2, ww=ww, A=A_all, g=g_all, J=J_all, lam=lam, done=done,
+                    iters=iters, stale=stale)
 
     def _lm_steps(self, A, g, th, lam, chi2):
         """Damped and undamped steps of the rows ``(A, g)`` at ``th`` with damping ``lam``.
@@ -178,14 +185,14 @@ class _LevenbergMarquardt:
     def _lm_trial(self, th_new, act, probe, opi, d, w, f, ww):
         """Model at the trial points ``th_new`` of rows ``act``: the rows marked ``probe`` with
         flux and chi2 only (:meth:`_chi2_at`), the others with ``A`` and ``g`` too.  Returns
-        ``(f_n, chi_n, ww_n, full, A_n, g_n)`` (``full``: positions evaluated in full, whose
-        ``A_n``, ``g_n`` these are; ``None`` when there are none)."""
+        ``(f_n, chi_n, ww_n, full, A_n, g_n, J_n)`` (``full``: positions evaluated in full, whose
+        ``A_n``, ``g_n`` and Jacobian planes ``J_n`` these are; ``None`` when there are none)."""
         full, pr = np.flatnonzero(~probe), np.flatnonzero(probe)
         f_n, chi_n, ww_n = np.empty((act.size, f.shape[1]), f.dtype), np.empty(act.size), np.empty((act.size, ww.shape[1]))
-        A_n = g_n = None
+        A_n = g_n = J_n = None
         if full.size:
-            f_n[full], chi_n[full], ww_n[full], A_n, g_n = self._assess(
+            f_n[full], chi_n[full], ww_n[full], A_n, g_n, J_n = self._assess(
                 th_new[full], opi[act[full]], d[act[full]], w[act[full]])
         if pr.size:
             f_n[pr], chi_n[pr], ww_n[pr] = self._chi2_at(th_new[pr], opi[act[pr]], d[act[pr]], w[act[pr]])
-        return f_n, chi_n, ww_n, full, A_n, g_n
+        return f_n, chi_n, ww_n, full, A_n, g_n, J_n

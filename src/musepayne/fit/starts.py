@@ -127,7 +127,7 @@ def scrambled_sobol(d: int, n: int, seed: int, bits: int = 30) -> np.ndarray:
 class _StartSearch:
     """Start-search part of :class:`~musepayne.fit.fitter.Fitter` (a mixin: uses its ``config``,
     ``dtype``, ``lnw``, ``segments``, ``_uniform``, ``_dv_pix``, ``ccf_flux``, ``_ccf``,
-    ``grid_flux`` and ``_shift``)."""
+    ``grid_flux``, ``grid_planes`` and ``_shift``)."""
 
     def _ccf_templates(self):
         """Templates shifted over the coarse velocity grid (fixed for a model and config)."""
@@ -178,7 +178,7 @@ class _StartSearch:
         dt = self.dtype
         m, p = d.shape
         h = blocks[0][2]
-        T0, valid = self._shift(self.grid_flux[g_best][:, None, :], v0)
+        T0, valid = self._shift(self.grid_planes[:, :1], v0, xrows=g_best)  # (the grid's flux planes, in place)
         T0 = T0[:, 0]
         n_c = p - 2 * hw
         win = np.lib.stride_tricks.sliding_window_view

@@ -768,6 +768,30 @@ class MLPPayne(SpectralModel):
             (n, 1 + n_labels, n_pix).
         """
         ws, bs = self._cast(dtype)
+        h = self.hidden_planes(s, dtype)
+        n, P, _ = h.shape
+        x = (h.reshape(n * P, -1) @ ws[-1].T).reshape(n, P, -1)
+        x[:, 0] += bs[-1]
+        return x
+
+    def hidden_planes(self, s, dtype=np.float64):
+        """The last hidden layer's activation and its derivatives by the scaled labels, as planes
+        ``(n, 1 + n_labels, width)`` (the input of the linear last layer: :meth:`planar_kernel` is
+        ``planes @ weights[-1].T``, plus the bias on plane 0).
+
+        Parameters
+        ----------
+        s : array_like of float
+            Scaled labels, (n, n_labels) or (n_labels,), dimensionless.
+        dtype : numpy dtype, optional
+            Precision (float32 or float64).
+
+        Returns
+        -------
+        numpy.ndarray
+            Planes (n, 1 + n_labels, width); width is n_labels for a network without hidden layers.
+        """
+        ws, bs = self._cast(dtype)
         s = np.atleast_2d(np.asarray(s, dtype))
         n, L = s.shape
         # forward mode: activations and their derivatives carried together as planes
@@ -781,9 +805,7 @@ class MLPPayne(SpectralModel):
             slope = np.where(z[:, 0] > 0, 1.0, self.negative_slope).astype(dtype)
             z *= slope[:, None, :]
             h = z
-        x = (h.reshape(n * (1 + L), -1) @ ws[-1].T).reshape(n, 1 + L, -1)
-        x[:, 0] += bs[-1]
-        return x
+        return h
 
     def _arrays(self):
         out = []

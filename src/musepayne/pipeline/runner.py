@@ -545,6 +545,7 @@ class Pipeline:
         starts = list(range(0, n, chunk))
         done_chunks = 0
         cats, models = [], []
+        self._tick("fit", 0, n)  # starts the stage's clock before the first chunk is fitted
         for k, i0 in enumerate(starts):
             part = fdir / f"part-{k:05d}.fits"
             idx = np.arange(i0, min(n, i0 + chunk))
