@@ -5,6 +5,11 @@
     # scaling: time and peak memory against star count and layers, ratios and growth exponents
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/bench_extract.py --size 150 \
         --nstars 500,1000,2000,4000,8000 --nlayers 250,500,1000
+    # compare fluxes with an earlier version's run on the same cubes (--keep, then --cubes/--compare)
+    PYTHONPATH=/old/src python benchmarks/bench_extract.py --size 150 --nstars 2000,8000 --nlayers 1000 \
+        --keep --tmpdir /tmp/ref        # prints the folder it kept, e.g. /tmp/ref/bench_extract_xxx
+    PYTHONPATH=src python benchmarks/bench_extract.py --size 150 --nstars 2000,8000 --nlayers 1000 \
+        --cubes /tmp/ref/bench_extract_xxx --compare /tmp/ref/bench_extract_xxx
     # also check the solver path against the exact sparse-product path on one block of each run
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/bench_extract.py --size 150 --nlayers 250 \
         --nstars 2000,8000 --check-solver
@@ -88,12 +93,12 @@ def child(args):
     from musepayne.io.cube import open_cube
 
     cube, cat, truth = args.cube, args.cube.replace(".fits", "_sources.csv"), args.cube.replace(".fits", "_truth.fits")
-    out = os.path.join(os.path.dirname(cube), "spectra.fits")
+    out = cube.replace(".fits", "_spectra.fits")
     ex = Extractor(ExtractConfig(block=args.block))
     mem = MemSampler()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = ex(cube, cat)
-    t_extract = time.perf_counter() - t0
+    t_extract, cpu_extract = time.perf_counter() - t0, time.process_time() - c0
     t1 = time.perf_counter()
     res.write(out)
     t_write = time.perf_counter() - t1
@@ -121,6 +126,7 @@ def child(args):
         "n_layers": int(res.wave.size),
         "n_stars": int(len(s)),
         "t_extract_s": round(t_extract, 2),
+        "cpu_extract_s": round(cpu_extract, 2),
         "t_write_s": round(t_write, 2),
         "steps_s": {k: round(v, 2) for k, v in res.timings.items()},
         "peak_rss_extract_MiB": round(peak_extract, 1),
@@ -137,6 +143,8 @@ def child(args):
     }
     if args.check_solver:
         summary["solver_check"] = _check_solver(ex, res, cube)
+    if args.compare:
+        summary["compare"] = _compare(res, os.path.join(args.compare, os.path.basename(out)))
     if args.baseline_layers <= 0:
         return summary
     # baseline: per-layer solve without reuse, on a subset of layers of a middle block
@@ -176,6 +184,25 @@ def child(args):
         "baseline_vs_blocked_median_abs_diff_in_sigma": round(float(diff), 4),
     })
     return summary
+
+
+def _compare(res, ref_path):
+    """Fluxes and errors of this run against a reference run's spectra file (same cube, e.g. made
+    by an earlier version with ``--keep``): largest flux difference relative to max(|flux|, error),
+    its 99.9th percentile, and the largest relative error difference."""
+    from astropy.io import fits
+
+    if not os.path.exists(ref_path):
+        return {"reference": ref_path, "missing": True}
+    with fits.open(ref_path) as h:
+        f0, e0 = h["FLUX"].data.astype(float), h["ERR"].data.astype(float)
+    f1, e1 = res.flux.astype(float), res.err.astype(float)
+    fin = np.isfinite(f0) & np.isfinite(f1)
+    rel = np.abs(f1[fin] - f0[fin]) / np.maximum(np.abs(f0[fin]), e0[fin])
+    erel = np.abs(e1[fin] / e0[fin] - 1)
+    return {"reference": ref_path, "same_finite": bool(np.array_equal(np.isfinite(f0), np.isfinite(f1))),
+            "max_rel_flux_diff": float(rel.max()), "p999_rel_flux_diff": float(np.percentile(rel, 99.9)),
+            "max_rel_err_diff": float(erel.max()), "median_rel_err_diff": float(np.median(erel))}
 
 
 def _check_solver(ex, res, cube):
@@ -218,10 +245,16 @@ def _check_solver(ex, res, cube):
             "sparse_normal_s": ts[0], "sparse_factorise_s": ts[1], "tiled_normal_s": tt[0], "tiled_factorise_s": tt[1]}
 
 
-def _simulate(size, nlayers, nstars, seed, folder):
+def _simulate(size, nlayers, nstars, seed, folder, cubes=None):
     from musepayne.simulate import SimulateConfig, Simulator
 
     cube = os.path.join(folder, f"cube_{size}_{nlayers}_{nstars}.fits")
+    if cubes and os.path.exists(os.path.join(cubes, os.path.basename(cube))):  # an earlier run's cube: link it
+        for suffix in (".fits", "_sources.csv", "_truth.fits"):
+            os.symlink(os.path.join(os.path.abspath(cubes), os.path.basename(cube).replace(".fits", suffix)),
+                       cube.replace(".fits", suffix))
+        print(f"cube {size}x{size}x{nlayers}, {nstars} stars (seed {seed}) taken from {cubes}", flush=True)
+        return cube, 0.0
     cfg = SimulateConfig(nx=size, ny=size, nlayers=nlayers, nstars=nstars, seed=seed, king_rc=size / 4.0,
                          psf_step=100)
     t0 = time.perf_counter()
@@ -234,7 +267,8 @@ def _simulate(size, nlayers, nstars, seed, folder):
 
 def _run_child(cube, args, baseline_layers):
     r = subprocess.run([sys.executable, __file__, "--child", cube, "--block", str(args.block),
-                        "--baseline-layers", str(baseline_layers)] + (["--check-solver"] if args.check_solver else []),
+                        "--baseline-layers", str(baseline_layers)] + (["--check-solver"] if args.check_solver else [])
+                       + (["--compare", args.compare] if args.compare else []),
                        capture_output=True, text=True)
     if r.returncode:
         print(r.stderr)
@@ -249,17 +283,23 @@ def _series(name, runs, ref):
     print(f"\n{name}: time and peak RSS (ratio: to the {ref} run of this series; exponent: d ln t / d ln {name})")
     keys = [k for k in ("transform", "psf_fit", "geometry", "design", "factorise", "solve", "read")
             if k in runs[0][1]["steps_s"]]
-    print(f"{name:>8} {'t [s]':>8} {'ratio':>6} {'exp':>5} {'RSS MiB':>8}  " + " ".join(f"{k:>9}" for k in keys))
+    print(f"{name:>8} {'t [s]':>8} {'ratio':>6} {'exp':>5} {'cpu [s]':>8} {'ratio':>6} {'RSS MiB':>8}  "
+          + " ".join(f"{k:>9}" for k in keys))
+    c_ref = dict(runs)[ref].get("cpu_extract_s", float("nan"))
     t_ref = dict(runs)[ref]["t_extract_s"]
     prev = None
     for v, r in runs:
         t = r["t_extract_s"]
         ex = f"{math.log(t / prev[1]) / math.log(v / prev[0]):5.2f}" if prev else "    -"
-        chk = r.get("solver_check")
-        print(f"{v:>8} {t:8.1f} {t / t_ref:6.2f} {ex} {r['peak_rss_extract_MiB']:8.0f}  "
+        chk, cmp = r.get("solver_check"), r.get("compare")
+        cpu = r.get("cpu_extract_s", float("nan"))
+        print(f"{v:>8} {t:8.1f} {t / t_ref:6.2f} {ex} {cpu:8.1f} {cpu / c_ref:6.2f} {r['peak_rss_extract_MiB']:8.0f}  "
               + " ".join(f"{r['steps_s'].get(k, 0.0):9.1f}" for k in keys)
               + (f"  max rel flux diff vs sparse path {chk['max_rel_flux_diff']:.1e}, "
-                 f"diag(N^-1) {chk['max_rel_ninv_diag_diff']:.1e}" if chk else ""))
+                 f"diag(N^-1) {chk['max_rel_ninv_diag_diff']:.1e}" if chk else "")
+              + (f"  vs reference: max rel flux diff {cmp['max_rel_flux_diff']:.1e} (99.9 % "
+                 f"{cmp['p999_rel_flux_diff']:.1e}), err max {cmp['max_rel_err_diff']:.1e}"
+                 if cmp and not cmp.get("missing") else ""))
         prev = (v, t)
 
 
@@ -275,6 +315,11 @@ def main():
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--check-solver", action="store_true",
                     help="compare the solver path with the exact sparse-product path on one block per run")
+    ap.add_argument("--compare", default=None,
+                    help="folder of an earlier --keep run (same sizes and seed): compare each run's fluxes and "
+                         "errors with its spectra there (e.g. made by the previous version of the code)")
+    ap.add_argument("--cubes", default=None,
+                    help="folder of an earlier --keep run: take the simulated cubes from there when present")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -284,10 +329,12 @@ def main():
     stars = [int(v) for v in str(args.nstars).split(",")]
     layers = [int(v) for v in str(args.nlayers).split(",")]
     tmp = tempfile.mkdtemp(prefix="bench_extract_", dir=args.tmpdir)
+    if args.keep:
+        print(f"keeping cubes and spectra in {tmp}", flush=True)
     try:
         load0 = os.getloadavg()
         if len(stars) == 1 and len(layers) == 1:
-            cube, t_sim = _simulate(args.size, layers[0], stars[0], args.seed, tmp)
+            cube, t_sim = _simulate(args.size, layers[0], stars[0], args.seed, tmp, args.cubes)
             res = _run_child(cube, args, args.baseline_layers)
             res["t_simulate_s"] = round(t_sim, 1)
             res["load_before"] = [round(v, 2) for v in load0]
@@ -304,7 +351,7 @@ def main():
         n_ref = min(stars, key=lambda v: abs(v - 2000))
         by_stars, by_layers = [], []
         for ns in sorted(stars):
-            cube, _ = _simulate(args.size, nl_max, ns, args.seed, tmp)
+            cube, _ = _simulate(args.size, nl_max, ns, args.seed, tmp, args.cubes)
             r = _run_child(cube, args, 0)
             print(f"  {ns} stars, {nl_max} layers: {r['t_extract_s']:.1f} s, peak RSS "
                   f"{r['peak_rss_extract_MiB']:.0f} MiB, load {os.getloadavg()[0]:.1f}", flush=True)
@@ -315,7 +362,7 @@ def main():
             if nl == nl_max:
                 by_layers.append((nl, dict(by_stars)[n_ref]))
                 continue
-            cube, _ = _simulate(args.size, nl, n_ref, args.seed, tmp)
+            cube, _ = _simulate(args.size, nl, n_ref, args.seed, tmp, args.cubes)
             r = _run_child(cube, args, 0)
             print(f"  {n_ref} stars, {nl} layers: {r['t_extract_s']:.1f} s", flush=True)
             by_layers.append((nl, r))

@@ -407,18 +407,79 @@ def test_tiled_normal_matrix_and_dense_factorisation_are_exact(monkeypatch):
     np.testing.assert_allclose(d2, d1, rtol=1e-10)
     np.testing.assert_allclose(s2(B), s1(B), rtol=1e-8, atol=1e-10 * np.abs(s1(B)).max())
     np.testing.assert_array_equal(Nd, Nd_copy)  # the caller's matrix is not modified
+    # stars in image-tile order (as the extraction orders large fields): the permuted matrix
+    o = np.lexsort((np.clip(np.rint(xy[:, 0]), 0, 39) // 16, np.clip(np.rint(xy[:, 1]), 0, 47) // 16))
+    At = sp.hstack([P[:, o], sp.csc_matrix(_sky_columns(shape, 1, valid))], format="csc")
+    Nt, _ = linsolve.normal_matrix(At, w, shape, 1e-9)
+    oo = np.r_[o, np.arange(ns, Nd.shape[0])]
+    np.testing.assert_allclose(Nt, Ns.toarray()[np.ix_(oo, oo)], rtol=1e-12, atol=1e-12 * np.abs(Nd).max())
 
 
-def test_large_field_path_gives_the_same_fluxes(small_field, monkeypatch):
-    """Extraction through the large-field solver path equals the exact sparse/dense path within 1e-6
-    relative (fluxes and errors), and conserves flux: recovered integrated fluxes of isolated bright
-    stars match the truth as well as the reference path's do."""
+def test_envelope_factorisation_is_exact(monkeypatch):
+    """The block envelope Cholesky of a large coupled star group (reverse Cuthill-McKee order,
+    left-looking block panels, selected inverse for diag(N^-1)) gives the exact solve and inverse
+    diagonal, with sky border columns, from sparse and dense normal matrices; blocks smaller than
+    the envelope's width and a last partial block are exercised."""
+    import scipy.sparse as sp
+
+    from musepayne.extract import linsolve
+    from musepayne.extract.imagefit import _sky_columns
+
+    rng = np.random.default_rng(11)
+    shape = (40, 90)  # elongated field: a narrow profile along it
+    xy = rng.uniform([-2, -2], [92, 42], (330, 2))
+    P = psf_design_matrix(MoffatPSF(fwhm=(3.0,), beta=(2.5,)), xy[:, 0], xy[:, 1], 7000.0, shape, 9.0, 2)
+    A = sp.hstack([P, sp.csc_matrix(_sky_columns(shape, 1, np.ones(shape, bool)))], format="csc")
+    w = rng.uniform(0.5, 2.0, A.shape[0])
+    N, _ = linsolve.normal_matrix(A, w, shape, 1e-9)
+    ns = len(xy)
+    monkeypatch.setattr(linsolve, "ENVELOPE_MIN", 100)
+    monkeypatch.setattr(linsolve, "ENVELOPE_BLOCK", 24)
+    comp = linsolve._ComponentFactor(N[:ns, :ns], 10000)
+    assert [k for _, k, _ in comp.blocks] == ["env"]  # one coupled group, on the envelope path
+    _, f = comp.blocks[0][::2]
+    assert f.a.size > 10 and np.any(f.e - f.b > 24) and f.b[-1] - f.a[-1] < 24  # several blocks span a panel
+    inv = np.linalg.inv(N.toarray())
+    B = rng.normal(size=(N.shape[0], 4))
+    ref = inv @ B
+    for M in (N, N.toarray()):
+        solve, d = linsolve.factorise(M, border=np.arange(ns, N.shape[0]))
+        np.testing.assert_allclose(d, np.diag(inv), rtol=1e-9)
+        np.testing.assert_allclose(solve(B), ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())
+        np.testing.assert_allclose(solve(B[:, 1]), ref[:, 1], rtol=1e-8, atol=1e-10 * np.abs(ref).max())
+    # a plan (coupling structure) made on one matrix serves another of the same pattern: same answer
+    plan = {}
+    linsolve.factorise(N, border=np.arange(ns, N.shape[0]), plan=plan)
+    assert plan["env"]
+    D = sp.diags(rng.uniform(0.5, 2.0, N.shape[0]))
+    N2 = (D @ N @ D).tocsc()
+    s1, d1 = linsolve.factorise(N2, border=np.arange(ns, N.shape[0]), plan=plan)
+    s2, d2 = linsolve.factorise(N2, border=np.arange(ns, N.shape[0]))
+    np.testing.assert_array_equal(d1, d2)
+    np.testing.assert_array_equal(s1(B), s2(B))
+    np.testing.assert_allclose(d1, np.diag(np.linalg.inv(N2.toarray())), rtol=1e-9)
+
+
+@pytest.mark.parametrize("path", ["tiled", "envelope"])
+def test_large_field_path_gives_the_same_fluxes(small_field, monkeypatch, path):
+    """Extraction through the large-field solver paths (tiled dense normal matrix; envelope Cholesky
+    of the coupled star groups) equals the exact sparse/dense path within 1e-6 relative (fluxes and
+    errors), and conserves flux: recovered integrated fluxes of isolated bright stars match the
+    truth as well as the reference path's do."""
     from musepayne.extract import linsolve
 
     cfg, out, res = small_field
     ref = res["psf"]
-    monkeypatch.setattr(linsolve, "TILED_MIN", 0)
+    if path == "tiled":
+        monkeypatch.setattr(linsolve, "TILED_MIN", 0)
+    else:
+        monkeypatch.setattr(linsolve, "ENVELOPE_MIN", 20)
+        monkeypatch.setattr(linsolve, "ENVELOPE_GAIN", 10.0)
+        monkeypatch.setattr(linsolve, "ENVELOPE_BLOCK", 16)
+        made, cls = [], linsolve._EnvelopeFactor
+        monkeypatch.setattr(linsolve, "_EnvelopeFactor", lambda *a: made.append(1) or cls(*a))
     new = Extractor(ExtractConfig(method="psf"))(out["cube"], out["sources"])
+    assert path == "tiled" or len(made) > 0  # the envelope path was taken
     fin = np.isfinite(ref.flux)
     np.testing.assert_array_equal(fin, np.isfinite(new.flux))
     scale = np.maximum(np.abs(ref.flux[fin]), ref.err[fin])
@@ -478,3 +539,24 @@ def test_nan_region_and_bad_catalogue_rows_are_reported(tiny_cube, tmp_path):
     assert res.layer_flag[10] & 1 and np.all(np.isnan(res.flux[:, 10]))
     ok = np.asarray(res.sources["status"]) == "ok"
     assert ok.sum() >= 3 and np.all(np.isfinite(res.flux[ok][:, 11:]))
+
+
+def test_stamp_cache_gives_the_design_matrix():
+    """Stamps kept across blocks (same stars) give psf_design_matrix's matrix exactly, and are
+    rebuilt when the stamp footprint (radius) or the usable-pixel mask changes."""
+    from musepayne.extract.psf import _stamp_matrix, _stamp_pixels
+
+    rng = np.random.default_rng(4)
+    shape = (30, 40)
+    x, y = rng.uniform(-5, 45, 80), rng.uniform(-5, 35, 80)
+    psf = MoffatPSF(fwhm=(3.0,), beta=(2.5,))
+    valid = np.ones(shape, bool)
+    valid[10:12, 5:30] = False
+    cache, prev = {}, None
+    for radius, mask, reused in ((8.0, valid, False), (8.01, valid, True), (8.2, valid, False),
+                                 (9.6, valid, False), (9.6, np.ones(shape, bool), False)):
+        ref = psf_design_matrix(psf, x, y, 7000.0, shape, radius, 2, valid=mask)
+        got = _stamp_matrix(_stamp_pixels(x, y, shape, radius, mask, cache=cache), psf.params(7000.0), 2, shape)
+        assert (got != ref).nnz == 0 and np.array_equal(got.indptr, ref.indptr)
+        assert np.array_equal(cache["valid"], mask) and (cache["stamps"] is prev) == reused
+        prev = cache["stamps"]

@@ -28,7 +28,9 @@ PSF method (paper Sect. 2.1.3; the PampelMUSE approach of Kamann et al. 2013):
    ``sky_order``) and one weight per spaxel ``w = 1 / median_block(STAT)``.
    The normal matrix ``N = A^T W A`` is factorised once (:func:`factorise`:
    groups of stars whose stamps overlap, i.e. connected components of the
-   overlap graph, by dense Cholesky each, the sky by its Schur complement)
+   overlap graph, by dense Cholesky each -- large groups by a block envelope Cholesky in a
+   bandwidth-reducing order, stars of large fields in image-tile order -- the sky by its
+   Schur complement; the groups and orders are reused while the design's pattern stays)
    and serves all layers of the block as right-hand sides:
    ``x_l = N^-1 A^T W d_l`` (weighted linear least squares, unbiased for any
    fixed weights).  Errors: ``var(x_l,s) = [N^-1]_ss * r_sl`` with
@@ -83,8 +85,8 @@ from .blocks import _accumulators, _layer_blocks, _read_block  # noqa: F401
 from .fields import _blend_fraction, _combine_bins, _edge_distance, _pixscale_arcsec, _psf_candidates
 from .hidden import hidden_light
 from .imagefit import _image_fit, _shape_psf, _sky_columns  # noqa: F401
-from .linsolve import factorise, normal_matrix
-from .psf import MoffatPSF, psf_design_matrix
+from .linsolve import TILE_PX, TILED_DENSE_MIN, factorise, normal_matrix
+from .psf import MoffatPSF, _stamp_matrix, _stamp_pixels, psf_design_matrix
 from .result import EXTRACT_STATUS, LAYER_FLAGS, ExtractionResult, _sources_table, per_star_file_name  # noqa: F401
 from .sources import MAG_COLUMNS, read_source_catalogue  # noqa: F401
 from .transform import CoordinateTransform, _fit_single, _single_star_start, _stamp, _transform_residuals  # noqa: F401
@@ -404,12 +406,17 @@ class Extractor:
         return MoffatPSF.fit(waves, pars[:, 0], pars[:, 1], e, pa, deg=deg, wave_ref=0.5 * (wl + wh),
                              wave_scale=max(0.5 * (wh - wl), 1.0))
 
-    def _design(self, psf, x, y, cols, wave, shape, mask):
-        """Star columns (only ``cols``) + sky polynomial columns, rows masked by ``mask``."""
+    def _design(self, psf, x, y, cols, wave, shape, mask, cache=None):
+        """Star columns (only ``cols``) + sky polynomial columns, rows masked by ``mask``
+        (``cache``: a dict kept by the caller across blocks for the same stars; stamps reused)."""
         cfg = self.config
         ny, nx = shape
         rad = min(cfg.psf_radius * psf.fwhm_at(wave), cfg.psf_radius_max_px)
-        A = psf_design_matrix(psf, x[cols], y[cols], wave, shape, rad, cfg.oversample, valid=mask)
+        if cache is None:
+            A = psf_design_matrix(psf, x[cols], y[cols], wave, shape, rad, cfg.oversample, valid=mask)
+        else:  # same values as psf_design_matrix
+            A = _stamp_matrix(_stamp_pixels(x[cols], y[cols], shape, rad, mask, cache=cache), psf.params(wave),
+                              cfg.oversample, shape)
         if cfg.sky_order >= 0:
             S = _sky_columns(shape, cfg.sky_order, mask)
             A = sp.hstack([A, sp.csc_matrix(S)], format="csc")
@@ -435,21 +442,30 @@ class Extractor:
         rmax = min(cfg.psf_radius * float(np.max(psf.params(c.wave)[0])), cfg.psf_radius_max_px)
         near = (x > -rmax) & (x < nx - 1 + rmax) & (y > -rmax) & (y < ny - 1 + rmax)
         cols = np.nonzero(near)[0]
+        if cols.size > TILED_DENSE_MIN:  # large fields: stars in image-tile order (a tile's stars: few index runs)
+            ty = np.clip(np.rint(y[cols]), 0, ny - 1) // TILE_PX
+            tx = np.clip(np.rint(x[cols]), 0, nx - 1) // TILE_PX
+            cols = cols[np.lexsort((tx, ty))]
         ns = cols.size
+        plan, pattern, stamps = {}, None, {}  # normal matrix structure, stamps: reused while unchanged
         for i0, i1, d, s, good, mask in _layer_blocks(c, valid, cfg.block, layer_flag, timings):
             if ns == 0:
                 continue
             t = time.perf_counter()
             wmid = float(np.mean(c.wave[i0:i1][good]))
-            A = self._design(psf, x, y, cols, wmid, (ny, nx), mask)
+            A = self._design(psf, x, y, cols, wmid, (ny, nx), mask, stamps)
+            if pattern is None or not (np.array_equal(pattern[0], A.indptr) and np.array_equal(pattern[1], A.indices)):
+                plan, pattern = {}, (A.indptr, A.indices)
             w = np.zeros(ny * nx)
             sg = s[good].reshape(good.sum(), -1)
             w[mask.ravel()] = 1.0 / np.median(sg[:, mask.ravel()], axis=0)
-            AW = A.multiply(w[:, None]).tocsc()
+            # = A.multiply(w[:, None]) (own index arrays: eliminate_zeros works in place)
+            AW = sp.csc_matrix((A.data * w[A.indices], A.indices.copy(), A.indptr.copy()), shape=A.shape)
+            AW.eliminate_zeros()
             N, dg_ok = normal_matrix(A, w, (ny, nx), cfg.ridge, AW=AW)
             timings["design"] = timings.get("design", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
-            solve, ninv_diag = factorise(N, cfg.dense_max, border=np.arange(ns, N.shape[0]))
+            solve, ninv_diag = factorise(N, cfg.dense_max, border=np.arange(ns, N.shape[0]), plan=plan)
             del N  # dense for large fields: free it before the next block's
             timings["factorise"] = timings.get("factorise", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
@@ -458,14 +474,13 @@ class Extractor:
             B = AW.T @ D
             X = solve(np.asarray(B))
             As = A[:, :ns]
-            A2 = As.multiply(As).tocsc()
+            A2 = sp.csc_matrix((As.data * As.data, As.indices, As.indptr), shape=As.shape)
             num = A2.T @ (V * (w**2)[:, None])
             den = A2.T @ w
             with np.errstate(invalid="ignore", divide="ignore"):
                 var = ninv_diag[:ns, None] * num / den[:, None]
             R = D - A @ X
-            core = A2.multiply(1.0 / np.maximum(A2.max(axis=0).toarray(), 1e-300)) >= 0.25  # ~ within 1 FWHM
-            core = sp.csc_matrix(core, dtype=float)
+            core = _core_pixels(A2)
             with np.errstate(invalid="ignore", divide="ignore"):
                 chi = np.where(V > 0, R**2 / V, 0.0)
             chi_num[cols] += np.asarray(core.T @ chi.sum(axis=1)).ravel()
@@ -489,6 +504,18 @@ class Extractor:
             nl = np.maximum(np.isfinite(flux[cols]).sum(axis=1), 1)
             hidden[:, cols] = fr, sn, b / nl, xh, yh
         return flux, err, chi2, layer_flag, hidden
+
+
+def _core_pixels(A2):
+    """Pixels of each star's core (~ within 1 FWHM): ``A2 >= 0.25`` of its column maximum, as a
+    0/1 matrix of ``A2``'s pattern (``A2``: csc, squared PSF values)."""
+    nnz = np.diff(A2.indptr)
+    cmax = np.zeros(A2.shape[1])
+    has = nnz > 0
+    cmax[has] = np.maximum.reduceat(A2.data, A2.indptr[:-1][has])
+    inv = 1.0 / np.maximum(cmax, 1e-300)
+    keep = A2.data * np.repeat(inv, nnz) >= 0.25
+    return sp.csc_matrix((keep.astype(float), A2.indices, A2.indptr), shape=A2.shape)
 
 
 def _catalogue_positions(c, cat):

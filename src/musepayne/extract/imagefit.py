@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .linsolve import factorise
-from .psf import MoffatPSF, psf_design_matrix
+from .linsolve import factorise, normal_matrix
+from .psf import MoffatPSF, _stamp_matrix, _stamp_pixels, psf_design_matrix
 
 #: Moffat beta range of every PSF shape fit (single-star fits and crowded-field image fits)
 BETA_RANGE = (1.2, 10.0)
@@ -149,14 +149,14 @@ def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, r
     def positions(th):
         return centre[0] + th[0] * dx - th[1] * dy + th[2], centre[1] + th[1] * dx + th[0] * dy + th[3]
 
-    def design(th, sp_, cen):
-        x, y = positions(th)
-        return psf_design_matrix(_shape_psf(sp_), x, y, 0.0, (ny, nx), radius, oversample, valid=mask, centres=cen)
+    def design(stamps, sp_):  # the stamps' pixels serve every shape of one iteration
+        return _stamp_matrix(stamps, _shape_psf(sp_).params(0.0), oversample, (ny, nx))
 
     for it in range(n_iter + 1):
         x, y = positions(theta)
         cen = (np.rint(x), np.rint(y))
-        A = design(theta, shape_p, cen)
+        stamps = _stamp_pixels(x, y, (ny, nx), radius, mask, cen)
+        A = design(stamps, shape_p)
         cols = [_flux_columns(A, free, rel_flux), S]
         jac, names = [], []
         if f is not None and it < n_iter:
@@ -169,15 +169,13 @@ def _image_fit(img, var, xc, yc, centre, theta, shape_p, fit_theta, fit_shape, r
                 for k, hk in enumerate(steps):
                     p1 = shape_p.copy()
                     p1[k] += hk
-                    jac.append((design(theta, p1, cen) @ f - model0) / hk)
+                    jac.append((design(stamps, p1) @ f - model0) / hk)
                 names += ["fwhm", "beta", "e1", "e2"]
         if jac:
             cols.append(sp.csc_matrix(np.column_stack(jac)))
         M = sp.hstack(cols, format="csc")
         MW = M.multiply(w[:, None]).tocsc()
-        N = (M.T @ MW).tocsc()
-        dg = N.diagonal()
-        N = N + sp.diags(np.where(dg > 0, ridge * dg, 1.0))
+        N, _ = normal_matrix(M, w, (ny, nx), ridge, AW=MW)
         try:
             solve, _ = factorise(N, dense_max, border=np.arange(nstar, N.shape[0]), need_diag=False)
             sol = solve(np.asarray(MW.T @ d).ravel())
@@ -214,9 +212,7 @@ def _star_offsets(img, var, x, y, shape_p, idx, f, radius, oversample, sky_order
     nstar, nf = _flux_unknowns(len(x), free)
     M = sp.hstack([_flux_columns(A, free, f), S, gx, gy], format="csc")
     MW = M.multiply(w[:, None]).tocsc()
-    N = (M.T @ MW).tocsc()
-    dg = N.diagonal()
-    N = N + sp.diags(np.where(dg > 0, ridge * dg, 1.0))
+    N, _ = normal_matrix(M, w, (ny, nx), ridge, AW=MW)
     k = nf + S.shape[1]
     solve, _ = factorise(N, dense_max, border=np.arange(nstar, k), need_diag=False)
     sol = solve(np.asarray(MW.T @ d).ravel())

@@ -416,6 +416,20 @@ def psf_design_matrix(psf: MoffatPSF, x, y, wave, shape, radius: float, oversamp
         Fraction of each star's flux in each pixel (rows in C order of the image).
     """
     ny, nx = shape
+    stamps = _stamp_pixels(x, y, shape, radius, valid, centres)
+    return _stamp_matrix(stamps, psf.params(wave), oversample, shape)
+
+
+def _stamp_pixels(x, y, shape, radius, valid=None, centres=None, cache=None):
+    """The pixels of every star's stamp that :func:`psf_design_matrix` fills (same arguments).
+
+    Returns ``(dx, dy, rows, indptr)``: pixel-centre offsets from the star and pixel indices
+    (C order) of the kept pixels, star by star, and the compressed-column pointers.  The stamps of
+    one set of positions serve several PSF shapes (:func:`_stamp_matrix`).  ``cache`` (a dict,
+    for calls with the same ``x, y, shape, centres``): the stamps are reused while the stamp
+    footprint and ``valid`` stay the same (e.g. from one block of layers to the next).
+    """
+    ny, nx = shape
     x = np.asarray(x, float)
     y = np.asarray(y, float)
     r = int(np.ceil(radius))
@@ -424,16 +438,33 @@ def psf_design_matrix(psf: MoffatPSF, x, y, wave, shape, radius: float, oversamp
     ox, oy = ox.ravel(), oy.ravel()
     inside_circle = ox**2 + oy**2 <= (radius + 0.5) ** 2
     ox, oy = ox[inside_circle], oy[inside_circle]
+    if cache is not None:
+        if ("ox" in cache and np.array_equal(cache["ox"], ox) and np.array_equal(cache["oy"], oy)
+                and np.array_equal(cache["valid"], valid)):
+            return cache["stamps"]
+        cache.clear()
+        cache.update(ox=ox, oy=oy, valid=None if valid is None else np.array(valid, bool))
+        cache["stamps"] = _stamp_pixels(x, y, shape, radius, valid, centres)
+        return cache["stamps"]
     cx, cy = (np.rint(x), np.rint(y)) if centres is None else centres
     xi = np.asarray(cx).astype(np.int64)[:, None] + ox[None, :]
     yi = np.asarray(cy).astype(np.int64)[:, None] + oy[None, :]
-    fwhm, beta, ellip, angle = (float(v) for v in psf.params(wave))
-    vals = _integrate(xi - x[:, None], yi - y[:, None], fwhm, beta, ellip, angle, oversample)
     ok = (xi >= 0) & (xi < nx) & (yi >= 0) & (yi < ny)
     if valid is not None:
         ok[ok] &= np.asarray(valid, bool)[yi[ok], xi[ok]]
     # each star's stamp runs through its pixels in increasing row index (y major, x minor): the
-    # compressed-column arrays are the masked values in order, no COO sort needed
+    # compressed-column arrays are the kept pixels in order, no COO sort needed
     indptr = np.zeros(x.size + 1, dtype=np.int64)
     np.cumsum(ok.sum(axis=1), out=indptr[1:])
-    return sp.csc_matrix((vals[ok], yi[ok] * nx + xi[ok], indptr), shape=(ny * nx, x.size))
+    xk, yk = xi[ok], yi[ok]
+    rep = np.repeat(np.arange(x.size), np.diff(indptr))
+    return xk - x[rep], yk - y[rep], yk * nx + xk, indptr
+
+
+def _stamp_matrix(stamps, params, oversample, shape):
+    """Design matrix (as :func:`psf_design_matrix`) of the stamps ``stamps`` (:func:`_stamp_pixels`)
+    for the PSF parameters ``params = (fwhm, beta, ellip, angle)`` at one wavelength."""
+    dx, dy, rows, indptr = stamps
+    fwhm, beta, ellip, angle = (float(v) for v in params)
+    vals = _integrate(dx, dy, fwhm, beta, ellip, angle, oversample)  # kept pixels only
+    return sp.csc_matrix((vals, rows, indptr), shape=(shape[0] * shape[1], indptr.size - 1))
