@@ -106,19 +106,26 @@ def hidden_light(resid, var, valid, x, y, flux, psf: MoffatPSF, wave: float, rad
     DX, DY = (a.ravel() for a in np.meshgrid(dd, dd))
     cand = np.hypot(DX, DY) <= radius * fwhm
     DX, DY = np.r_[0.0, DX[cand]], np.r_[0.0, DY[cand]]  # the star itself first
-    X, Y = np.meshgrid(np.arange(nx), np.arange(ny))
     fine = np.arange(-0.75, 0.76, 0.25)
     FX, FY = (a.ravel() for a in np.meshgrid(fine, fine))
-    X, Y = np.meshgrid(np.arange(nx), np.arange(ny))
+    r, v = r.reshape(ny, nx), v.reshape(ny, nx)
     for i in range(n):
         if not np.isfinite(flux[i]) or not flux[i] > 0 or not np.isfinite(x[i] + y[i]):
             continue
-        rows = np.nonzero(((np.abs(X - x[i]) <= half) & (np.abs(Y - y[i]) <= half) & ok).ravel())[0]
+        # the window of pixels within `half` of the star (the fits see nothing else)
+        x0, x1 = max(0, int(np.ceil(x[i] - half))), min(nx - 1, int(np.floor(x[i] + half)))
+        y0, y1 = max(0, int(np.ceil(y[i] - half))), min(ny - 1, int(np.floor(y[i] + half)))
+        if x1 < x0 or y1 < y0:
+            continue
+        okw = ok[y0:y1 + 1, x0:x1 + 1]
+        rows = np.flatnonzero(okw)
         if rows.size < 9:
             continue
-        got = _best_offset(psf, wave, half, ok, rows, r, v, x[i], y[i], DX, DY, k_max)
+        rw, vw = r[y0:y1 + 1, x0:x1 + 1].ravel(), v[y0:y1 + 1, x0:x1 + 1].ravel()
+        xs, ys = x[i] - x0, y[i] - y0  # the star in window coordinates
+        got = _best_offset(psf, wave, half, okw, rows, rw, vw, xs, ys, DX, DY, k_max)
         if got is not None:  # refine on a 0.25 px grid around the best pixel offset
-            got = _best_offset(psf, wave, half, ok, rows, r, v, x[i], y[i], np.r_[0.0, got[0] + FX],
+            got = _best_offset(psf, wave, half, okw, rows, rw, vw, xs, ys, np.r_[0.0, got[0] + FX],
                                np.r_[0.0, got[1] + FY], k_max) or got
         if got is None:
             snr[i] = frac[i] = bh[i] = 0.0
@@ -134,7 +141,8 @@ def hidden_light(resid, var, valid, x, y, flux, psf: MoffatPSF, wave: float, rad
 
 
 def _best_offset(psf, wave, half, ok, rows, r, v, x0, y0, dx, dy, k_max):
-    """Uniform-weight fits of ``[P_s, P_0]`` to the residual for the offsets ``dx[1:], dy[1:]`` (``dx[0] = dy[0] = 0``:
+    """Uniform-weight fits of ``[P_s, P_0]`` to the residual ``r`` (variance ``v``; pixels ``rows`` of the image
+    ``ok``, e.g. a window around the star at ``x0, y0``) for the offsets ``dx[1:], dy[1:]`` (``dx[0] = dy[0] = 0``:
     the star); the offset that lowers the squared residual most with ``b > 0``, as ``(dx, dy, b, sigma_b, c,
     light of P_s within 1 FWHM of the star, same of P_0)``, or None."""
     ny, nx = ok.shape
@@ -158,6 +166,6 @@ def _best_offset(psf, wave, half, ok, rows, r, v, x0, y0, dx, dy, k_max):
     sb = float(np.sqrt(max((g * g) @ v[rows], 0.0)))
     if not sb > 0:
         return None
-    xr, yr = np.divmod(rows, nx)[1], np.divmod(rows, nx)[0]
+    yr, xr = np.divmod(rows, nx)
     disc = np.hypot(xr - x0, yr - y0) <= fwhm
     return float(dx[j]), float(dy[j]), float(b[j]), sb, float(c[j]), float(Aj[disc, j].sum()), float(a0[disc].sum())
