@@ -281,7 +281,7 @@ def _series(name, runs, ref):
     import math
 
     print(f"\n{name}: time and peak RSS (ratio: to the {ref} run of this series; exponent: d ln t / d ln {name})")
-    keys = [k for k in ("transform", "psf_fit", "geometry", "design", "factorise", "solve", "read")
+    keys = [k for k in ("transform", "psf_fit", "geometry", "design", "factorise", "solve", "hidden", "read")
             if k in runs[0][1]["steps_s"]]
     print(f"{name:>8} {'t [s]':>8} {'ratio':>6} {'exp':>5} {'cpu [s]':>8} {'ratio':>6} {'RSS MiB':>8}  "
           + " ".join(f"{k:>9}" for k in keys))

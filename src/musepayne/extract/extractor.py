@@ -497,12 +497,14 @@ class Extractor:
             chi2 = np.where(chi_den > 0, chi_num / chi_den, np.nan)
         hidden = np.full((5, n), np.nan)  # hidden_frac, hidden_snr, hidden_flux, hidden_x, hidden_y
         if ns:
+            t = time.perf_counter()
             fsum = np.nansum(flux.astype(float), axis=1)
             fr, sn, b, _, xh, yh = hidden_light(r_sum.reshape(ny, nx), v_sum.reshape(ny, nx), valid, x[cols],
                                                 y[cols], fsum[cols], psf, float(np.median(c.wave)),
                                                 model=m_sum.reshape(ny, nx))
             nl = np.maximum(np.isfinite(flux[cols]).sum(axis=1), 1)
             hidden[:, cols] = fr, sn, b / nl, xh, yh
+            timings["hidden"] = timings.get("hidden", 0.0) + time.perf_counter() - t
         return flux, err, chi2, layer_flag, hidden
 
 
