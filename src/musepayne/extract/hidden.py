@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .psf import MoffatPSF, psf_design_matrix
+from .psf import MoffatPSF, _integrate, psf_design_matrix
 
 __all__ = ["hidden_light", "HIDDEN_MODEL_ERROR"]
 
@@ -147,7 +147,12 @@ def _best_offset(psf, wave, half, ok, rows, r, v, x0, y0, dx, dy, k_max):
     light of P_s within 1 FWHM of the star, same of P_0)``, or None."""
     ny, nx = ok.shape
     fwhm = float(psf.fwhm_at(wave))
-    A = np.asarray(psf_design_matrix(psf, x0 + dx, y0 + dy, wave, (ny, nx), float(half), 2, valid=ok)[rows].toarray())
+    dx, dy = np.asarray(dx, float), np.asarray(dy, float)
+    if np.array_equal(dx, np.round(dx)) and np.array_equal(dy, np.round(dy)):  # whole pixels: one stamp, moved
+        A = _shifted_stamps(psf, wave, float(half), nx, rows, x0, y0, dx, dy)
+    else:
+        A = np.asarray(psf_design_matrix(psf, x0 + dx, y0 + dy, wave, (ny, nx), float(half), 2,
+                                         valid=ok)[rows].toarray())
     a0, Aj = A[:, 0], A[:, 1:]
     n00, njj, nj0 = a0 @ a0, np.sum(Aj * Aj, axis=0), Aj.T @ a0
     det = njj * n00 - nj0 * nj0
@@ -169,3 +174,22 @@ def _best_offset(psf, wave, half, ok, rows, r, v, x0, y0, dx, dy, k_max):
     yr, xr = np.divmod(rows, nx)
     disc = np.hypot(xr - x0, yr - y0) <= fwhm
     return float(dx[j]), float(dy[j]), float(b[j]), sb, float(c[j]), float(Aj[disc, j].sum()), float(a0[disc].sum())
+
+
+def _shifted_stamps(psf, wave, radius, nx, rows, x0, y0, dx, dy):
+    """The columns of :func:`~musepayne.extract.psf.psf_design_matrix` (oversampling 2, stamp ``radius``) for point
+    sources at ``(x0 + dx, y0 + dy)`` with whole-pixel ``dx, dy``, on the pixels ``rows`` (C order, image width
+    ``nx``; the caller's usable ones): each is the stamp of a source at ``(x0, y0)`` moved by ``(dx, dy)`` pixels,
+    so the profile is integrated once (same values up to the rounding of the pixel offsets, ~1e-15)."""
+    r = int(np.ceil(radius))
+    k = np.arange(-r, r + 1)
+    ox, oy = np.meshgrid(k, k)
+    cx, cy = np.rint(x0), np.rint(y0)
+    fwhm, beta, ellip, angle = (float(v) for v in psf.params(wave))
+    stamp = np.where(ox**2 + oy**2 <= (radius + 0.5) ** 2,
+                     _integrate((cx + ox) - x0, (cy + oy) - y0, fwhm, beta, ellip, angle, 2), 0.0)
+    py, px = np.divmod(np.asarray(rows), nx)
+    ix = px[:, None] - (cx + dx[None, :]).astype(np.int64) + r
+    iy = py[:, None] - (cy + dy[None, :]).astype(np.int64) + r
+    inside = (ix >= 0) & (ix <= 2 * r) & (iy >= 0) & (iy <= 2 * r)
+    return np.where(inside, stamp[np.clip(iy, 0, 2 * r), np.clip(ix, 0, 2 * r)], 0.0)
