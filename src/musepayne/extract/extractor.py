@@ -86,7 +86,7 @@ from .fields import _blend_fraction, _combine_bins, _edge_distance, _pixscale_ar
 from .hidden import hidden_light
 from .imagefit import _image_fit, _shape_psf, _sky_columns  # noqa: F401
 from .linsolve import TILE_PX, TILED_DENSE_MIN, factorise, normal_matrix
-from .psf import MoffatPSF, _stamp_matrix, _stamp_pixels, psf_design_matrix
+from .psf import MoffatPSF, psf_design_matrix
 from .result import EXTRACT_STATUS, LAYER_FLAGS, ExtractionResult, _sources_table, per_star_file_name  # noqa: F401
 from .sources import MAG_COLUMNS, read_source_catalogue  # noqa: F401
 from .transform import CoordinateTransform, _fit_single, _single_star_start, _stamp, _transform_residuals  # noqa: F401
@@ -412,11 +412,7 @@ class Extractor:
         cfg = self.config
         ny, nx = shape
         rad = min(cfg.psf_radius * psf.fwhm_at(wave), cfg.psf_radius_max_px)
-        if cache is None:
-            A = psf_design_matrix(psf, x[cols], y[cols], wave, shape, rad, cfg.oversample, valid=mask)
-        else:  # same values as psf_design_matrix
-            A = _stamp_matrix(_stamp_pixels(x[cols], y[cols], shape, rad, mask, cache=cache), psf.params(wave),
-                              cfg.oversample, shape)
+        A = psf_design_matrix(psf, x[cols], y[cols], wave, shape, rad, cfg.oversample, valid=mask, cache=cache)
         if cfg.sky_order >= 0:
             S = _sky_columns(shape, cfg.sky_order, mask)
             A = sp.hstack([A, sp.csc_matrix(S)], format="csc")

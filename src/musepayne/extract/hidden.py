@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .psf import MoffatPSF, _integrate, psf_design_matrix
+from .psf import MoffatPSF, _integrate, _stamp_grid, psf_design_matrix
 
 __all__ = ["hidden_light", "HIDDEN_MODEL_ERROR"]
 
@@ -181,13 +181,11 @@ def _shifted_stamps(psf, wave, radius, nx, rows, x0, y0, dx, dy):
     sources at ``(x0 + dx, y0 + dy)`` with whole-pixel ``dx, dy``, on the pixels ``rows`` (C order, image width
     ``nx``; the caller's usable ones): each is the stamp of a source at ``(x0, y0)`` moved by ``(dx, dy)`` pixels,
     so the profile is integrated once (same values up to the rounding of the pixel offsets, ~1e-15)."""
-    r = int(np.ceil(radius))
-    k = np.arange(-r, r + 1)
-    ox, oy = np.meshgrid(k, k)
+    ox, oy, disc = _stamp_grid(radius)  # the stamp psf_design_matrix fills
+    r = ox.shape[0] // 2
     cx, cy = np.rint(x0), np.rint(y0)
     fwhm, beta, ellip, angle = (float(v) for v in psf.params(wave))
-    stamp = np.where(ox**2 + oy**2 <= (radius + 0.5) ** 2,
-                     _integrate((cx + ox) - x0, (cy + oy) - y0, fwhm, beta, ellip, angle, 2), 0.0)
+    stamp = np.where(disc, _integrate((cx + ox) - x0, (cy + oy) - y0, fwhm, beta, ellip, angle, 2), 0.0)
     py, px = np.divmod(np.asarray(rows), nx)
     ix = px[:, None] - (cx + dx[None, :]).astype(np.int64) + r
     iy = py[:, None] - (cy + dy[None, :]).astype(np.int64) + r

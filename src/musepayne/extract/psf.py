@@ -382,7 +382,7 @@ def _integrate(dx, dy, fwhm, beta, ellip, angle, oversample):
 
 
 def psf_design_matrix(psf: MoffatPSF, x, y, wave, shape, radius: float, oversample: int = 3,
-                      valid=None, centres=None):
+                      valid=None, centres=None, cache=None):
     """Sparse ``(ny*nx, n_stars)`` matrix: column k is star k's pixel-integrated PSF.
 
     Only pixels within ``radius`` (pixels, a square stamp of half-size
@@ -409,15 +409,27 @@ def psf_design_matrix(psf: MoffatPSF, x, y, wave, shape, radius: float, oversamp
         Usable pixels.
     centres : tuple of numpy.ndarray, optional
         Integer stamp centres ``(cx, cy)`` (pixels).
+    cache : dict, optional
+        Kept by the caller across calls for the same stars (``x, y, shape, centres``), e.g. from
+        one block of layers to the next: the stamps' pixels are reused while the stamp footprint
+        and ``valid`` stay the same (same matrix; see :func:`_stamp_pixels`).
 
     Returns
     -------
     scipy.sparse.csc_matrix, shape (ny*nx, n)
         Fraction of each star's flux in each pixel (rows in C order of the image).
     """
-    ny, nx = shape
-    stamps = _stamp_pixels(x, y, shape, radius, valid, centres)
+    stamps = _stamp_pixels(x, y, shape, radius, valid, centres, cache=cache)
     return _stamp_matrix(stamps, psf.params(wave), oversample, shape)
+
+
+def _stamp_grid(radius):
+    """The integer offsets ``(ox, oy)`` of a stamp's square, ``(2r + 1, 2r + 1)`` with
+    ``r = ceil(radius)``, and the disc of them a stamp fills (``ox^2 + oy^2 <= (radius + 0.5)^2``)."""
+    r = int(np.ceil(radius))
+    k = np.arange(-r, r + 1)
+    ox, oy = np.meshgrid(k, k)
+    return ox, oy, ox**2 + oy**2 <= (radius + 0.5) ** 2
 
 
 def _stamp_pixels(x, y, shape, radius, valid=None, centres=None, cache=None):
@@ -432,12 +444,8 @@ def _stamp_pixels(x, y, shape, radius, valid=None, centres=None, cache=None):
     ny, nx = shape
     x = np.asarray(x, float)
     y = np.asarray(y, float)
-    r = int(np.ceil(radius))
-    k = np.arange(-r, r + 1)
-    ox, oy = np.meshgrid(k, k)
-    ox, oy = ox.ravel(), oy.ravel()
-    inside_circle = ox**2 + oy**2 <= (radius + 0.5) ** 2
-    ox, oy = ox[inside_circle], oy[inside_circle]
+    ox, oy, disc = _stamp_grid(radius)
+    ox, oy = ox[disc], oy[disc]
     if cache is not None:
         if ("ox" in cache and np.array_equal(cache["ox"], ox) and np.array_equal(cache["oy"], oy)
                 and np.array_equal(cache["valid"], valid)):

@@ -259,6 +259,12 @@ class FitArrays:
 
 
 
+def _good_pixels(f, iv, mk):
+    """Finite flux, finite ivar > 0 and no excluding mask bit, element by element."""
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(f) & (iv > 0) & (iv < np.inf) & ((np.asarray(mk) & EXCLUDING_BITS) == 0)
+
+
 def _whole_chunks(block_size, chunk_size) -> int:
     """Spectra per block rounded up to whole chunks (so chunks are those of one pass)."""
     B = max(int(block_size), 1)
@@ -542,26 +548,22 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
             cov=np.full((n, P, P), np.nan),
         )
 
+    def _model_ok(self):
+        """Pixels the model itself does not mask (where it is trusted), shape (n_pix,)."""
+        return ~np.asarray(getattr(self.model, "pixel_mask", np.zeros(self.model.n_pix, bool)), bool)
+
     def _usable(self, f, iv, mk):
-        """Pixels that count: finite flux and ivar, ivar > 0, no excluding mask bit, and not
-        masked by the model itself (pixels where the model is not trusted)."""
-        model_ok = ~np.asarray(getattr(self.model, "pixel_mask", np.zeros(self.model.n_pix, bool)), bool)
-        with np.errstate(invalid="ignore"):
-            good = np.isfinite(f) & np.isfinite(iv) & (iv > 0) & ((np.asarray(mk) & EXCLUDING_BITS) == 0)
-        return good & model_ok[None, :]
+        """Pixels that count: :func:`_good_pixels` and not masked by the model itself."""
+        return _good_pixels(f, iv, mk) & self._model_ok()[None, :]
 
     def _n_usable(self, f, iv, mk):
         """Usable pixels per row, ``_usable(f, iv, mk).sum(1)``, counted on the runs of columns the
         model does not mask only (the default model masks 58 % of its pixels)."""
-        ok = ~np.asarray(getattr(self.model, "pixel_mask", np.zeros(self.model.n_pix, bool)), bool)
-        edges = np.flatnonzero(np.diff(np.r_[0, ok.astype(np.int8), 0]))
+        edges = np.flatnonzero(np.diff(np.r_[0, self._model_ok().astype(np.int8), 0]))
         f, iv, mk = np.asarray(f), np.asarray(iv), np.asarray(mk)
         n = np.zeros(f.shape[0], np.int64)
-        with np.errstate(invalid="ignore"):
-            for a, b in zip(edges[::2], edges[1::2]):
-                v = iv[:, a:b]
-                n += np.count_nonzero(np.isfinite(f[:, a:b]) & (v > 0) & (v < np.inf) & ((mk[:, a:b] & EXCLUDING_BITS) == 0),
-                                      axis=1)
+        for a, b in zip(edges[::2], edges[1::2]):
+            n += np.count_nonzero(_good_pixels(f[:, a:b], iv[:, a:b], mk[:, a:b]), axis=1)
         return n
 
     def _validate(self, prepared):
@@ -592,7 +594,7 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
                 status[i] = f"failed:{why}"
                 with np.errstate(invalid="ignore"):
                     d_ok = np.isfinite(flux[i]) & np.isfinite(ivar[i]) & (ivar[i] > 0)
-                m_ok = ~np.asarray(getattr(self.model, "pixel_mask", np.zeros(self.model.n_pix, bool)), bool)
+                m_ok = self._model_ok()
                 reason[i] = (f"{n_good[i]} usable pixels (finite flux, ivar > 0, unmasked); need >= {need}: "
                              + coverage_note(np.asarray(prepared.wave, np.float64), d_ok, m_ok))
                 fit_ok[i] = False
