@@ -27,16 +27,23 @@ Methods (every row is a fit of a star by a model and a map that did not use it):
   cell i): the same amount and kind of map data;
 * ``post_all``: hold-out fits, map learnt on every star outside cell i (other folds and other
   cells of f): the same benchmark stars ``retrain+map`` uses (for training and for its map);
-* ``retrain``: R_f, no map; ``retrain+map``: R_f with the map of cell i.
+* ``retrain``: R_f, no map; ``retrain+map``: R_f with the map of cell i;
+* ``retrain+map_pair`` (after ``train --pairs``): R_f with a map learnt from the other folds' stars,
+  each fitted by the model R_fg,s retrained (as above) without fold f AND its own fold g (10 pair
+  models per seed for K = 5; seeds pooled): the deployable "retrain on all benchmark stars, map
+  from K-fold retrained models" evaluated without any leak; compare with ``post_outer``.
 
 Maps: :func:`fit_calibration` with ``select=True`` and ``sys_bins='type'`` (the shipped settings);
 errors sqrt(stat^2 + sys^2).  Figures per seed (per instrument, all / dwarf / giant), mean over
 seeds and inner assignments.
 
-Usage (``train``: K x seeds trainings of ~2-3 CPU-min each, cached in ``--dir``; run once; then
-``report``, a few CPU-min):
+Usage (``train``: K x seeds trainings of ~2 CPU-min each, cached in ``--dir``; ``--pairs``: the
+K (K - 1) / 2 x seeds pair models; then ``report``, ~3 CPU-min; pair figures for the seeds whose pair
+models are all there):
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/benchcal_retrain.py train \
         build/trainset.fits build/templates.fits [--seeds 0,1,2] [--k 5] [--fold-seed 0] [--dir build/retrain]
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/benchcal_retrain.py train \
+        build/trainset.fits build/templates.fits --pairs [--seeds 0,1,2]
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/benchcal_retrain.py report \
         [--seeds 0,1,2] [--k 5] [--fold-seed 0] [--dir build/retrain] [--inner 3] [--j 5]
 """
@@ -195,9 +202,10 @@ def calibrated_rows(hold, ret, fold_of, k, j, n_inner):
     f_h = np.array([fold_of[h] for h in hd_h])
     hd_r = np.asarray(ret["hd"])
     f_r = np.array([fold_of[h] for h in hd_r])
-    rows, sys_list = [], {"post_cell": [], "retrain+map": []}
+    rows, sys_list = [], {"post_outer": [], "post_cell": [], "retrain+map": []}
     for f in range(k):
-        xc, err, _ = _calibrated(hold[f_h != f], hold[f_h == f])
+        xc, err, c_out = _calibrated(hold[f_h != f], hold[f_h == f])
+        sys_list["post_outer"].append(c_out.sys_err)
         for a in range(n_inner):
             rows.append(_rows(hold[f_h == f], *_arrays(hold[f_h == f])[::2], "none", a))
             rows.append(_rows(hold[f_h == f], xc, err, "post_outer", a))
