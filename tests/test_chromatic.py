@@ -156,3 +156,18 @@ def test_extraction_flags_the_unresolved_companion(colour_pair):
     assert list(cat["fit_flags"]) == [0, 0]
     with pytest.raises(ValueError):
         FlagThresholds(max_chroma_shift=None)
+
+
+def test_unusable_inputs_give_nan_not_an_error():
+    """No usable pixel, a NaN or off-image position, a non-positive band flux, a single band: NaN, no exception."""
+    psf = default_psf()
+    z = np.zeros((3, 12, 12))
+    out = chromatic_shift(z, z, z, np.ones((12, 12), bool), [6.0, np.nan, -50.0], [6.0, 1.0, 3.0], np.ones((3, 3)),
+                          psf, WAVES[:3])
+    assert np.all(np.isnan(out[0])) and np.all(np.isnan(out[1]))
+    v = np.ones((2, 12, 12))
+    r = np.random.default_rng(1).normal(size=(2, 12, 12))
+    assert np.isnan(chromatic_shift(r, v, v, np.ones((12, 12), bool), [6.0], [6.0], [[np.nan, -1.0]], psf,
+                                    WAVES[:2])[1][0])
+    assert np.isnan(chromatic_shift(r[:1], v[:1], v[:1], np.ones((12, 12), bool), [6.0], [6.0], [[100.0]], psf,
+                                    WAVES[:1])[1][0])

@@ -129,7 +129,9 @@ def _band(r, v, m, ok, x, y, f, psf, wave, radius, model_error, dx, dy, cov, idx
     h = _STEP
     A = psf_design_matrix(psf, np.r_[x, x + h, x - h, x, x], np.r_[y, y, y, y + h, y - h], wave, (ny, nx), rad, 3,
                           valid=ok, centres=cen)
-    rr, w = r.ravel(), np.where(ok, 1.0 / (v + (model_error * m) ** 2), 0.0).ravel()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(ok, 1.0 / (v + (model_error * m) ** 2), 0.0).ravel()
+    rr = r.ravel()
     for j in range(n):
         if not (np.isfinite(f[j]) and f[j] > 0):
             continue
@@ -149,8 +151,8 @@ def _band(r, v, m, ok, x, y, f, psf, wave, radius, model_error, dx, dy, cov, idx
             Ni = np.linalg.inv(N)
         except np.linalg.LinAlgError:
             continue
-        if not np.all(np.isfinite(Ni)) or not np.all(np.diag(Ni) > 0):
-            continue
+        if not np.all(np.isfinite(Ni)) or not np.all(np.diag(Ni) > 0) or not np.linalg.det(Ni[1:, 1:]) > 0:
+            continue  # the offsets' covariance must be positive definite (inverted below)
         s = Ni @ (M.T @ (ww * rr[rows]))
         # residual = F (P(x0 + d) - P(x0)) ~ F d . grad_x0 P: the centroid offset is the derivative term / F
         i = idx[j]
