@@ -119,7 +119,10 @@ def chromatic_shift(resid, var, model, valid, x, y, flux, psf: MoffatPSF, waves,
 
 
 def _band(r, v, m, ok, x, y, f, psf, wave, radius, model_error, dx, dy, cov, idx, b):
-    """Offsets of the stars ``idx`` (positions ``x, y``, band fluxes ``f``) in band ``b`` into ``dx, dy, cov``."""
+    """Offsets of the stars ``idx`` (positions ``x, y``, band fluxes ``f``) in band ``b`` into ``dx, dy, cov``.
+
+    All stars at once: each star's 3 x 3 normal matrix and right-hand side are sums over its core pixels
+    (``numpy.bincount`` by star), inverted as a batch."""
     ny, nx = r.shape
     fwhm = float(psf.fwhm_at(wave))
     rad = radius * fwhm + 2.0  # stamp radius: the core plus the finite-difference margin
@@ -131,48 +134,57 @@ def _band(r, v, m, ok, x, y, f, psf, wave, radius, model_error, dx, dy, cov, idx
                           valid=ok, centres=cen)
     with np.errstate(divide="ignore", invalid="ignore"):
         w = np.where(ok, 1.0 / (v + (model_error * m) ** 2), 0.0).ravel()
-    rr = r.ravel()
-    for j in range(n):
-        if not (np.isfinite(f[j]) and f[j] > 0):
-            continue
-        # the five columns share their stamp (same centre, same usable pixels): same rows, same order
-        a0, a1 = A.indptr[j], A.indptr[j + 1]
-        rows = A.indices[a0:a1]
-        py, px = np.divmod(rows, nx)
-        core = np.hypot(px - x[j], py - y[j]) <= radius * fwhm
-        rows = rows[core]
-        if rows.size < 6:
-            continue
-        C = np.stack([A.data[A.indptr[c * n + j]:A.indptr[c * n + j + 1]][core] for c in range(5)], axis=1)
-        M = np.stack([C[:, 0], (C[:, 1] - C[:, 2]) / (2 * h), (C[:, 3] - C[:, 4]) / (2 * h)], axis=1)
-        ww = w[rows]
-        N = (M * ww[:, None]).T @ M
-        try:
-            Ni = np.linalg.inv(N)
-        except np.linalg.LinAlgError:
-            continue
-        if not np.all(np.isfinite(Ni)) or not np.all(np.diag(Ni) > 0) or not np.linalg.det(Ni[1:, 1:]) > 0:
-            continue  # the offsets' covariance must be positive definite (inverted below)
-        s = Ni @ (M.T @ (ww * rr[rows]))
-        # residual = F (P(x0 + d) - P(x0)) ~ F d . grad_x0 P: the centroid offset is the derivative term / F
-        i = idx[j]
-        dx[i, b], dy[i, b] = s[1] / f[j], s[2] / f[j]
-        cov[i, b] = Ni[1:, 1:] / f[j] ** 2
+    # the five columns of a star share their stamp (same centre, same usable pixels): same rows, same order
+    ip = A.indptr
+    cnt = np.diff(ip[:n + 1])
+    if not all(np.array_equal(np.diff(ip[c * n:(c + 1) * n + 1]), cnt) for c in range(1, 5)):
+        raise RuntimeError("chromatic_shift: the shifted stamps do not share their pixels")  # pragma: no cover
+    rows = A.indices[:ip[n]]
+    d = [A.data[ip[c * n]:ip[(c + 1) * n]] for c in range(5)]
+    star = np.repeat(np.arange(n), cnt)
+    py, px = np.divmod(rows, nx)
+    core = np.hypot(px - x[star], py - y[star]) <= radius * fwhm
+    rows, star = rows[core], star[core]
+    M = (d[0][core], (d[1][core] - d[2][core]) / (2 * h), (d[3][core] - d[4][core]) / (2 * h))
+    ww, rr = w[rows], r.ravel()[rows]
+    N = np.empty((n, 3, 3))
+    for a in range(3):
+        for c in range(a, 3):
+            N[:, a, c] = N[:, c, a] = np.bincount(star, weights=ww * M[a] * M[c], minlength=n)
+    rhs = np.stack([np.bincount(star, weights=ww * M[a] * rr, minlength=n) for a in range(3)], axis=1)
+    use = (np.bincount(star, minlength=n) >= 6) & np.isfinite(f) & (f > 0) & np.all(np.isfinite(N), axis=(1, 2))
+    use &= np.abs(np.linalg.det(np.where(use[:, None, None], N, np.eye(3)))) > 0
+    if not use.any():
+        return
+    Ni = np.linalg.inv(N[use])
+    good = (np.all(np.isfinite(Ni), axis=(1, 2)) & np.all(np.diagonal(Ni, axis1=1, axis2=2) > 0, axis=1)
+            & (np.linalg.det(Ni[:, 1:, 1:]) > 0))  # the offsets' covariance must be positive definite
+    j = np.nonzero(use)[0][good]
+    s = np.einsum("kab,kb->ka", Ni[good], rhs[j])
+    # residual = F (P(x0 + d) - P(x0)) ~ F d . grad_x0 P: the centroid offset is the derivative term / F
+    i = idx[j]
+    dx[i, b], dy[i, b] = s[:, 1] / f[j], s[:, 2] / f[j]
+    cov[i, b] = Ni[good][:, 1:, 1:] / f[j][:, None, None] ** 2
+
+
+def _weights(dx, dy, cov):
+    """Usable bands (finite offsets) and the inverse covariance of each band's offset (zero where unusable)."""
+    use = np.isfinite(dx) & np.isfinite(dy)
+    W = np.zeros(cov.shape)
+    if use.any():
+        W[use] = np.linalg.inv(cov[use])
+    return use, W
 
 
 def _means(dx, dy, cov):
     """Inverse-covariance weighted mean offset per star over its usable bands."""
-    n, k = dx.shape
-    mx, my = np.full(n, np.nan), np.full(n, np.nan)
-    for i in range(n):
-        use = np.isfinite(dx[i]) & np.isfinite(dy[i])
-        if use.sum() < 1:
-            continue
-        W = np.linalg.inv(cov[i, use])  # (m, 2, 2)
-        d = np.stack([dx[i, use], dy[i, use]], axis=1)
-        mean = np.linalg.solve(W.sum(axis=0), np.einsum("kab,kb->a", W, d))
-        mx[i], my[i] = mean
-    return mx, my
+    use, W = _weights(dx, dy, cov)
+    d = np.where(use[..., None], np.stack([dx, dy], axis=-1), 0.0)
+    mean = np.full((dx.shape[0], 2), np.nan)
+    has = use.any(axis=1)
+    if has.any():
+        mean[has] = np.linalg.solve(W[has].sum(axis=1), np.einsum("nkab,nkb->na", W[has], d[has])[..., None])[..., 0]
+    return mean[:, 0], mean[:, 1]
 
 
 def _scatter(dx, dy, cov, nsigma):
@@ -180,16 +192,17 @@ def _scatter(dx, dy, cov, nsigma):
     ``nsigma`` lower bound (px)."""
     n, k = dx.shape
     chi2, shift = np.full(n, np.nan), np.full(n, np.nan)
+    use, W = _weights(dx, dy, cov)
     mx, my = _means(dx, dy, cov)
-    for i in range(n):
-        use = np.isfinite(dx[i]) & np.isfinite(dy[i])
-        if use.sum() < 2:
-            continue
-        W = np.linalg.inv(cov[i, use])
-        e = np.stack([dx[i, use] - mx[i], dy[i, use] - my[i]], axis=1)
-        chi2[i] = float(np.einsum("ka,kab,kb->", e, W, e)) / (2.0 * (use.sum() - 1))
-        dist = np.hypot(e[:, 0], e[:, 1])
-        u = e / np.maximum(dist, 1e-300)[:, None]  # the error of each band's offset along its deviation
-        sig = np.sqrt(np.maximum(np.einsum("ka,kab,kb->k", u, cov[i, use], u), 0.0))
-        shift[i] = float(np.max(np.maximum(dist - nsigma * sig, 0.0)))
+    two = use.sum(axis=1) >= 2
+    if not two.any():
+        return chi2, shift
+    e = np.where(use[..., None], np.stack([dx - mx[:, None], dy - my[:, None]], axis=-1), 0.0)
+    chi2[two] = np.einsum("nka,nkab,nkb->n", e, W, e)[two] / (2.0 * (use.sum(axis=1)[two] - 1))
+    dist = np.hypot(e[..., 0], e[..., 1])
+    u = e / np.maximum(dist, 1e-300)[..., None]  # the error of each band's offset along its deviation
+    c = np.where(use[..., None, None], cov, 0.0)
+    sig = np.sqrt(np.maximum(np.einsum("nka,nkab,nkb->nk", u, c, u), 0.0))
+    excess = np.where(use, np.maximum(dist - nsigma * sig, 0.0), 0.0)
+    shift[two] = excess.max(axis=1)[two]
     return chi2, shift
