@@ -10,7 +10,9 @@ seeds, the number of converged and matched stars and the median and robust dispe
 recovered - true labels on all of them, on the rows without a fit flag (``fit_flags == 0``) and on
 the ``reliable`` preset's rows, and on the stars converged and matched in every run of their field
 (``common``); ``--sweep`` re-flags the detected runs with other
-``FlagThresholds.max_hidden_frac`` values (how the default was chosen).
+``FlagThresholds.max_hidden_frac`` values, ``--sweep-chroma`` with other ``FlagThresholds.max_chroma_shift``
+values, both runs (how the defaults were chosen); ``--no-chroma`` also reports both runs re-flagged without
+the ``chroma_shift`` test (``max_chroma_shift = inf``: the flags as they were before it).
 """
 
 from __future__ import annotations
@@ -127,22 +129,27 @@ def _report(fields, subsets):
             print(f"{lab:6s} {name:11s} " + " ".join(f"{c:>30s}" for c in cells))
 
 
-def _sweep(fields, thresholds):
-    """Detected run: robust sigma of the unflagged rows when HIDDEN_NEIGHBOUR is set above each threshold."""
-    print("\nHIDDEN_NEIGHBOUR threshold sweep (detected run, fit_flags == 0 after re-flagging; robust sigma, N):")
-    for th in thresholds:
-        cells = []
-        n = 0
-        for lab in ("teff", "logg", "fe_h"):
-            d = []
-            for f in fields:
-                cat, idx, sel, truth = f["detected"]
-                c = apply_quality_flags(cat.copy(), FlagThresholds(max_hidden_frac=th))
-                rows = sel & (np.asarray(c["fit_flags"]) == 0)
-                d.append(_diffs(cat, idx, rows, truth, lab))
-                n = int(sum(x.size for x in d))
-            cells.append(f"{stats(np.concatenate(d))[1]:8.3f}")
-        print(f"  max_hidden_frac {th:6.3f}: " + " ".join(cells) + f"  N {n}")
+def _sweep(fields, thresholds, name="max_hidden_frac", runs=("detected",)):
+    """Robust sigma of the unflagged rows when HIDDEN_NEIGHBOUR is set above each threshold ``name``."""
+    print(f"\nHIDDEN_NEIGHBOUR {name} sweep (fit_flags == 0 after re-flagging; robust sigma Teff, log g, [Fe/H]; N;"
+          " converged & matched rows flagged by the new threshold):")
+    for run in runs:
+        for th in thresholds:
+            cells = []
+            n = nf = 0
+            for lab in ("teff", "logg", "fe_h"):
+                d = []
+                nf = 0
+                for f in fields:
+                    cat, idx, sel, truth = f[run]
+                    c = apply_quality_flags(cat.copy(), FlagThresholds(**{name: th}))
+                    rows = sel & (np.asarray(c["fit_flags"]) == 0)
+                    d.append(_diffs(cat, idx, rows, truth, lab))
+                    n = int(sum(x.size for x in d))
+                    col = "hidden_frac" if name == "max_hidden_frac" else "chroma_shift"
+                    nf += int((sel & (np.asarray(cat[col], float) > th)).sum()) if col in cat.colnames else 0
+                cells.append(f"{stats(np.concatenate(d))[1]:8.3f}")
+            print(f"  {run:10s} {name} {th:8.4f}: " + " ".join(cells) + f"  N {n:4d}  flagged by it {nf}")
 
 
 def main(argv=None):
@@ -156,6 +163,11 @@ def main(argv=None):
     ap.add_argument("--sweep", type=float, nargs="*", default=None,
                     help="re-flag the detected runs with these FlagThresholds.max_hidden_frac values and print the "
                          "dispersion of the unflagged rows (how the default threshold was chosen)")
+    ap.add_argument("--sweep-chroma", type=float, nargs="*", default=None,
+                    help="re-flag both runs with these FlagThresholds.max_chroma_shift values (FWHM) and print the "
+                         "dispersion of the unflagged rows (how the default threshold was chosen)")
+    ap.add_argument("--no-chroma", action="store_true",
+                    help="also report both runs re-flagged without the chroma_shift test (max_chroma_shift = inf)")
     ap.add_argument("--residual-passes", type=int, default=None,
                     help="DetectConfig.residual_passes (default: the DetectConfig default)")
     ap.add_argument("--keep", type=Path, default=None,
@@ -180,8 +192,15 @@ def main(argv=None):
                    "fit_flags == 0": lambda c: np.asarray(c["fit_flags"]) == 0,
                    "reliable": lambda c: np.isin(np.arange(len(c)), _reliable_rows(c))}
         _report(fields, subsets)
+        if a.no_chroma:
+            print("\nwithout the chroma_shift test (re-flagged with max_chroma_shift = inf):")
+            off = FlagThresholds(max_chroma_shift=np.inf)
+            _report([{k: (apply_quality_flags(c.copy(), off), i, s, t) for k, (c, i, s, t) in f.items()}
+                     for f in fields], subsets)
         if a.sweep:
             _sweep(fields, a.sweep)
+        if a.sweep_chroma:
+            _sweep(fields, a.sweep_chroma, "max_chroma_shift", runs=("catalogue", "detected"))
 
 
 def _reliable_rows(cat):

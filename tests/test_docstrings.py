@@ -50,6 +50,7 @@ MODULES = [
     "musepayne.extract.fields",
     "musepayne.extract.blocks",
     "musepayne.extract.hidden",
+    "musepayne.extract.chromatic",
     "musepayne.fit.fitter",
     "musepayne.fit.forward",
     "musepayne.fit.starts",

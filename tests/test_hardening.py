@@ -526,3 +526,33 @@ def test_damaged_intermediates_are_redone(field, tmp_path):
     rec = Pipeline(out, field["config"]).run([field["cube"]], field["sources"])
     assert "extract" not in rec["timings"] and rec["timings"]["fit"] > 0
     _same_catalogue(out / "catalogue.fits", field["ref"] / "catalogue.fits")
+
+
+def _blas_threads_now():
+    from threadpoolctl import threadpool_info
+
+    return max((p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"), default=1)
+
+
+def test_simulated_spectra_use_one_blas_thread(tmp_path):
+    """On a busy 2-core machine two spinning OpenBLAS threads made the demo's synthesis of tiny
+    products 10x slower (27 s -> 278 s): the simulator holds BLAS to one thread while it draws
+    spectra, whatever the caller's limit, and gives the same cube as under a one-thread limit."""
+    from threadpoolctl import threadpool_limits
+
+    from musepayne.simulate.sources import CallableSpectra
+
+    seen = []
+
+    def fn(labels, wave):
+        seen.append(_blas_threads_now())
+        return 1.0 + 0.1 * np.sin(np.asarray(wave) / 50.0)
+
+    src = CallableSpectra(fn, lambda rng, n: {"teff": rng.uniform(4000, 6000, n)}, ("teff",))
+    cfg = SimulateConfig(nx=10, ny=10, nlayers=50, nstars=3, seed=1)
+    with threadpool_limits(limits=2):
+        a = Simulator(cfg, src).write(tmp_path / "a.fits")
+    assert seen and set(seen) == {1}
+    with threadpool_limits(limits=1):
+        b = Simulator(cfg, src).write(tmp_path / "b.fits")
+    assert np.array_equal(fits.getdata(a["cube"], "DATA"), fits.getdata(b["cube"], "DATA"), equal_nan=True)

@@ -12,6 +12,7 @@ from ..config import ConfigError, from_mapping
 from ..extract.detect import DetectConfig, Detector
 from ..extract.extractor import ExtractConfig, Extractor, read_source_catalogue
 from ..io.spectra import ReaderError
+from ..threads import blas_threads
 from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_option
 from .run import detect_options, detect_overrides
 
@@ -34,10 +35,13 @@ from .run import detect_options, detect_overrides
 @click.option("--no-transform", is_flag=True, help="Use catalogue positions as they are (no offset/rotation/scale fit).")
 @click.option("--per-star", "per_star", type=click.Path(file_okay=False), default=None,
               help="Also write PampelMUSE-style 1-D files (flux + SIGMA) of the fitted stars into this folder.")
+@click.option("--blas-threads", "blas_threads_", type=click.IntRange(min=1), default=1, show_default=True,
+              help="BLAS/LAPACK threads of the solves (as `musepayne run`'s blas_threads: the fluxes' last bits "
+                   "depend on it, and extra threads slow a busy machine down).")
 @detect_options
 @json_option
-def extract(cube, catalogue, mag_column, output, method, block, sky_order, no_transform, per_star, detect_threshold,
-            detect_passes, detect_bands, as_json):
+def extract(cube, catalogue, mag_column, output, method, block, sky_order, no_transform, per_star, blas_threads_,
+            detect_threshold, detect_passes, detect_bands, as_json):
     """Extract the spectrum of every catalogue star from a MUSE CUBE.
 
     Fits the catalogue->cube transformation and a wavelength-dependent Moffat
@@ -57,18 +61,19 @@ def extract(cube, catalogue, mag_column, output, method, block, sky_order, no_tr
     except ConfigError as exc:
         fail(f"bad configuration: {exc}", as_json)
     try:
-        if catalogue is None:
-            with timer("detect"):
-                sources = Detector(dcfg)(cube)
-            if len(sources) == 0:
-                raise ValueError(f"{cube}: no star detected above S/N {sources.meta.get('THRESH')}")
-            detected_path = Path(output).with_name(Path(output).stem + "_sources.ecsv")
-            sources.write(detected_path, format="ascii.ecsv", overwrite=True)
-            cfg = replace(cfg, fit_transform=False)  # detected positions are in the cube frame already
-        else:
-            sources = read_source_catalogue(catalogue, mag_column=mag_column)
-        with timer("extract"):
-            result = Extractor(cfg)(cube, sources)
+        with blas_threads(blas_threads_):
+            if catalogue is None:
+                with timer("detect"):
+                    sources = Detector(dcfg)(cube)
+                if len(sources) == 0:
+                    raise ValueError(f"{cube}: no star detected above S/N {sources.meta.get('THRESH')}")
+                detected_path = Path(output).with_name(Path(output).stem + "_sources.ecsv")
+                sources.write(detected_path, format="ascii.ecsv", overwrite=True)
+                cfg = replace(cfg, fit_transform=False)  # detected positions are in the cube frame already
+            else:
+                sources = read_source_catalogue(catalogue, mag_column=mag_column)
+            with timer("extract"):
+                result = Extractor(cfg)(cube, sources)
         with timer("write"):
             result.write(output)
             n_per_star = len(result.write_per_star(per_star)) if per_star else 0

@@ -16,6 +16,7 @@ from ..io.prepared import PreparedSpectra
 from ..io.readers import read_spectra
 from ..io.spectra import ReaderError
 from ..prepare.preparer import PrepareConfig, Preparer
+from ..threads import blas_threads
 from ._common import Timer, check_output_not_input, emit, json_option
 
 
@@ -66,7 +67,7 @@ def prepare(inputs, output, mode, ao_notch, instrument, lsf_spec, target_lsf, sk
                 part = prep.failure_for_file(path, str(exc))
                 part.spectra["_order"] = [(i, 0)]
                 parts.append(part)
-    with timer("prepare"):
+    with timer("prepare"), blas_threads(1):  # small products: one BLAS thread, as `musepayne run` (same bits)
         for s in group_sets(sets):
             parts.append(prep(s))
     with timer("write"):

@@ -49,7 +49,10 @@ outside), blend_frac (fraction of the flux within 1 FWHM of the star that
 neighbours contribute, from catalogue magnitudes and the PSF), psf_chi2
 (reduced chi^2 of the fit residuals within 1 FWHM of the star), hidden_frac,
 hidden_snr, hidden_flux, hidden_x, hidden_y (an unmodelled point source fitted
-to the layer-summed residual near the star, :mod:`.hidden`) and a status:
+to the layer-summed residual near the star, :mod:`.hidden`), chroma_chi2 and
+chroma_shift (the wavelength dependence of the star's light centroid in broad
+bands of the residual: an unresolved companion of another colour,
+:mod:`.chromatic`) and a status:
 ``ok``, ``edge`` (centre less than 1 FWHM from the edge), ``low_snr``,
 ``off_field`` (centre outside the usable field: not fitted, NaN spectrum; its
 light is still modelled when it falls inside) or ``failed``.
@@ -82,6 +85,7 @@ from ..io.spectra import ReaderError
 # names marked F401 are re-exported: importable from here as before the split (detect.py, tests, benchmarks)
 from .apertures import aperture_fluxes, aperture_matrix, circle_overlap
 from .blocks import _accumulators, _layer_blocks, _read_block  # noqa: F401
+from .chromatic import CHROMA_BANDS, chromatic_shift
 from .fields import _blend_fraction, _combine_bins, _edge_distance, _pixscale_arcsec, _psf_candidates
 from .hidden import hidden_light
 from .imagefit import _image_fit, _shape_psf, _sky_columns  # noqa: F401
@@ -275,7 +279,7 @@ class Extractor:
                 flux, err, chi2, layer_flag, hidden = self._psf_fluxes(c, psf, x, y, on, valid, timings)
             else:
                 flux, err, chi2, layer_flag = aperture_fluxes(cfg, c, psf, x, y, on, valid, timings)
-                hidden = np.full((5, len(x)), np.nan)
+                hidden = np.full((7, len(x)), np.nan)
             t0 = time.perf_counter()
             # ---- quality table
             src = _sources_table(cat, c, x, y, flux, err, chi2, edge, blend, neigh, fwhm_ref, cfg.snr_min, notes,
@@ -423,7 +427,8 @@ class Extractor:
 
         Returns ``(flux, err, chi2, layer_flag, hidden)`` (see :func:`~musepayne.extract.apertures.aperture_fluxes`;
         ``chi2`` is the reduced chi^2 of the residuals within ~1 FWHM of each star, ``hidden`` the light of an
-        unmodelled point source near it, :func:`~musepayne.extract.hidden.hidden_light`).
+        unmodelled point source near it, :func:`~musepayne.extract.hidden.hidden_light`, and in its last two rows the
+        wavelength dependence of its light centroid, :func:`~musepayne.extract.chromatic.chromatic_shift`).
         """
         cfg = self.config
         nz, ny, nx = c.shape
@@ -434,6 +439,11 @@ class Extractor:
         r_sum = np.zeros(ny * nx)  # residual and its variance summed over the layers (hidden_light)
         v_sum = np.zeros(ny * nx)
         m_sum = np.zeros(ny * nx)  # the stars' model summed over the layers
+        # the same summed over the layers of each broad band (chromatic_shift)
+        nband = max(1, min(CHROMA_BANDS, nz))
+        r_band, v_band, m_band = (np.zeros((nband, ny * nx)) for _ in range(3))
+        band_of = np.full(nz, -1)  # band of each layer (-1: in no block)
+        band_wave = np.zeros((2, nband))  # layer-weighted sum of the blocks' wavelengths, layers
         # columns: stars whose stamp reaches usable spaxels (includes off-field neighbours' light)
         rmax = min(cfg.psf_radius * float(np.max(psf.params(c.wave)[0])), cfg.psf_radius_max_px)
         near = (x > -rmax) & (x < nx - 1 + rmax) & (y > -rmax) & (y < ny - 1 + rmax)
@@ -480,9 +490,13 @@ class Extractor:
             with np.errstate(invalid="ignore", divide="ignore"):
                 chi = np.where(V > 0, R**2 / V, 0.0)
             chi_num[cols] += np.asarray(core.T @ chi.sum(axis=1)).ravel()
-            r_sum += R.sum(axis=1)
-            v_sum += V.sum(axis=1)
-            m_sum += As @ X[:ns].sum(axis=1)
+            kb = min(nband - 1, int(0.5 * (i0 + i1) * nband / nz))
+            for tot, band, v in ((r_sum, r_band, R.sum(axis=1)), (v_sum, v_band, V.sum(axis=1)),
+                                 (m_sum, m_band, As @ X[:ns].sum(axis=1))):
+                tot += v
+                band[kb] += v
+            band_of[i0:i1] = kb
+            band_wave[:, kb] += wmid * good.sum(), good.sum()
             chi_den[cols] += np.asarray(core.T @ mask.ravel().astype(float)).ravel() * good.sum()
             gi = np.nonzero(good)[0] + i0
             okc = dg_ok[:ns]
@@ -491,16 +505,26 @@ class Extractor:
             timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
         with np.errstate(invalid="ignore", divide="ignore"):
             chi2 = np.where(chi_den > 0, chi_num / chi_den, np.nan)
-        hidden = np.full((5, n), np.nan)  # hidden_frac, hidden_snr, hidden_flux, hidden_x, hidden_y
-        if ns:
+        hidden = np.full((7, n), np.nan)  # hidden_frac, hidden_snr, hidden_flux, hidden_x, hidden_y, chroma_chi2,
+        if ns:                            # chroma_shift
             t = time.perf_counter()
             fsum = np.nansum(flux.astype(float), axis=1)
             fr, sn, b, _, xh, yh = hidden_light(r_sum.reshape(ny, nx), v_sum.reshape(ny, nx), valid, x[cols],
                                                 y[cols], fsum[cols], psf, float(np.median(c.wave)),
                                                 model=m_sum.reshape(ny, nx))
             nl = np.maximum(np.isfinite(flux[cols]).sum(axis=1), 1)
-            hidden[:, cols] = fr, sn, b / nl, xh, yh
+            hidden[:5, cols] = fr, sn, b / nl, xh, yh
             timings["hidden"] = timings.get("hidden", 0.0) + time.perf_counter() - t
+            t = time.perf_counter()
+            used = band_wave[1] > 0
+            fc = flux[cols]
+            fband = np.stack([np.nansum(fc[:, band_of == kb], axis=1, dtype=float) for kb in np.nonzero(used)[0]],
+                             axis=1)
+            shape3 = (int(used.sum()), ny, nx)
+            hidden[5:, cols] = chromatic_shift(r_band[used].reshape(shape3), v_band[used].reshape(shape3),
+                                               m_band[used].reshape(shape3), valid, x[cols], y[cols], fband, psf,
+                                               band_wave[0, used] / band_wave[1, used])[:2]
+            timings["chroma"] = timings.get("chroma", 0.0) + time.perf_counter() - t
         return flux, err, chi2, layer_flag, hidden
 
 

@@ -665,6 +665,9 @@ EXTRACTION_COLUMNS = {
     "hidden_frac": ("", "extraction: light within 1 FWHM of the star of an unmodelled point source (one not in "
                         "the source list, fitted to the extraction residual), relative to the star's own light there "
                         "(3-sigma lower bound; 0: none significant; NaN: aperture extraction)"),
+    "chroma_shift": ("", "extraction: largest wavelength shift of the star's light centroid in broad bands from its "
+                         "mean (3-sigma lower bound, in FWHM; 0: none significant; NaN: aperture extraction): an "
+                         "unresolved companion of another colour"),
     "ext_status": ("", "extraction status: ok, edge (< 1 FWHM from the edge), low_snr (S/N below "
                        "ExtractConfig.snr_min), off_field, failed (musepayne.extract.extractor.EXTRACT_STATUS)"),
 }
@@ -705,7 +708,8 @@ def apply_quality_flags(cat: Table, thresholds: FlagThresholds | None = None) ->
     Parameters
     ----------
     cat : Table
-        A catalogue with ``fit_flags``; ``snr_muse``, ``neighbour_frac``, ``hidden_frac``, the label errors
+        A catalogue with ``fit_flags``; ``snr_muse``, ``neighbour_frac``, ``hidden_frac``, ``chroma_shift``, the
+        label errors
         (``X_err_stat`` before ``X_err``), ``misfit`` / ``misfit_err`` / ``misfit_ref`` and ``ref_dist``
         are used where present
         (``misfit`` is computed from ``red_chi2``, ``red_chi2_model`` and ``n_pix_used`` when a
@@ -731,6 +735,9 @@ def apply_quality_flags(cat: Table, thresholds: FlagThresholds | None = None) ->
         if "hidden_frac" in cat.colnames:
             hf = np.asarray(cat["hidden_frac"], np.float64)
             flags[hf > th.max_hidden_frac] |= FIT_FLAGS["HIDDEN_NEIGHBOUR"].value
+        if "chroma_shift" in cat.colnames:
+            cs = np.asarray(cat["chroma_shift"], np.float64)
+            flags[cs > th.max_chroma_shift] |= FIT_FLAGS["HIDDEN_NEIGHBOUR"].value
         for name, limit in th.max_err:
             col = next((c for c in (f"{name}_err_stat", f"{name}_err") if c in cat.colnames), None)
             if col is not None:

@@ -312,7 +312,7 @@ def _read_extract_file(h, path, lsf, frame):
 #: the catalogue reports them): SOURCES name -> metadata name
 EXTRACTION_QUALITY = {"x": "x", "y": "y", "mag": "mag", "snr": "ext_snr", "blend_frac": "blend_frac",
                       "neighbour_frac": "neighbour_frac", "edge_dist": "edge_dist", "psf_chi2": "ext_psf_chi2",
-                      "hidden_frac": "hidden_frac", "status": "ext_status"}
+                      "hidden_frac": "hidden_frac", "chroma_shift": "chroma_shift", "status": "ext_status"}
 
 
 def _extraction_quality(src: Table) -> dict:

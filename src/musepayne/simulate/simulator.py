@@ -45,6 +45,7 @@ from ..instrument.lsf import FWHM_TO_SIGMA, MUSE_LSF
 from ..instrument.wavelength import C_KMS, bin_edges, linear_grid
 from ..io.fits import atomic_path, atomic_write_fits, preallocate
 from ..prepare.resample import rebin_matrix
+from ..threads import blas_threads
 from .sources import CallableSpectra, LibrarySpectra, ToySpectra
 
 __all__ = [
@@ -401,6 +402,13 @@ class Simulator:
         return x, y
 
     def _spectra(self, labels, rv, mag):
+        # one spectrum at a time: BLAS threads cannot help these small products, and on a busy machine
+        # OpenBLAS's spinning threads made the demo's synthesis 10x slower (27 s -> 278 s with 2 threads
+        # on a 2-core machine running one other job); one thread also makes the bits independent of the default
+        with blas_threads(1):
+            return self._spectra_one_thread(labels, rv, mag)
+
+    def _spectra_one_thread(self, labels, rv, mag):
         w = self.wave
         edges = bin_edges(w)
         out = np.empty((rv.size, w.size))
