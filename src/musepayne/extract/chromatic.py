@@ -105,14 +105,16 @@ def chromatic_shift(resid, var, model, valid, x, y, flux, psf: MoffatPSF, waves,
         for b in range(k):
             _band(resid[b], var[b], model[b], ok[b], x[idx], y[idx], flux[idx, b], psf, float(waves[b]), radius,
                   model_error, dx, dy, cov, idx, b)
-    chi2, shift = _scatter(dx, dy, cov, nsigma)
+    use, W = _weights(dx, dy, cov)  # the same bands and weights before and after the field-wide shift
+    mx, my = _means(dx, dy, use, W)
+    chi2, shift = _scatter(dx, dy, cov, use, W, mx, my, nsigma)
     full = np.isfinite(dx).all(axis=1) & np.isfinite(chi2)
     if full.sum() >= max(min_common, 1):  # field-wide chromatic shift (e.g. residual refraction): removed
-        mx, my = _means(dx, dy, cov)
         cx = np.median((dx - mx[:, None])[full], axis=0)
         cy = np.median((dy - my[:, None])[full], axis=0)
         dx, dy = dx - cx[None], dy - cy[None]
-        chi2, shift = _scatter(dx, dy, cov, nsigma)
+        mx, my = _means(dx, dy, use, W)
+        chi2, shift = _scatter(dx, dy, cov, use, W, mx, my, nsigma)
     if k:
         shift = shift / float(psf.fwhm_at(float(np.median(waves))))
     return chi2, shift, dx, dy
@@ -176,9 +178,8 @@ def _weights(dx, dy, cov):
     return use, W
 
 
-def _means(dx, dy, cov):
-    """Inverse-covariance weighted mean offset per star over its usable bands."""
-    use, W = _weights(dx, dy, cov)
+def _means(dx, dy, use, W):
+    """Inverse-covariance weighted mean offset per star over its usable bands (``use``, ``W``: :func:`_weights`)."""
     d = np.where(use[..., None], np.stack([dx, dy], axis=-1), 0.0)
     mean = np.full((dx.shape[0], 2), np.nan)
     has = use.any(axis=1)
@@ -187,13 +188,11 @@ def _means(dx, dy, cov):
     return mean[:, 0], mean[:, 1]
 
 
-def _scatter(dx, dy, cov, nsigma):
-    """Reduced chi^2 of the per-band offsets about their weighted mean, and the largest distance from it at its
-    ``nsigma`` lower bound (px)."""
+def _scatter(dx, dy, cov, use, W, mx, my, nsigma):
+    """Reduced chi^2 of the per-band offsets about their weighted mean ``mx, my`` (:func:`_means`), and the largest
+    distance from it at its ``nsigma`` lower bound (px)."""
     n, k = dx.shape
     chi2, shift = np.full(n, np.nan), np.full(n, np.nan)
-    use, W = _weights(dx, dy, cov)
-    mx, my = _means(dx, dy, cov)
     two = use.sum(axis=1) >= 2
     if not two.any():
         return chi2, shift

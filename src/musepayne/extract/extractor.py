@@ -91,7 +91,14 @@ from .hidden import hidden_light
 from .imagefit import _image_fit, _shape_psf, _sky_columns  # noqa: F401
 from .linsolve import TILE_PX, TILED_DENSE_MIN, factorise, normal_matrix
 from .psf import MoffatPSF, psf_design_matrix
-from .result import EXTRACT_STATUS, LAYER_FLAGS, ExtractionResult, _sources_table, per_star_file_name  # noqa: F401
+from .result import (  # noqa: F401
+    EXTRACT_STATUS,
+    LAYER_FLAGS,
+    RESIDUAL_COLUMNS,
+    ExtractionResult,
+    _sources_table,
+    per_star_file_name,
+)
 from .sources import MAG_COLUMNS, read_source_catalogue  # noqa: F401
 from .transform import CoordinateTransform, _fit_single, _single_star_start, _stamp, _transform_residuals  # noqa: F401
 from .transform_guard import moved_off_field
@@ -279,7 +286,7 @@ class Extractor:
                 flux, err, chi2, layer_flag, hidden = self._psf_fluxes(c, psf, x, y, on, valid, timings)
             else:
                 flux, err, chi2, layer_flag = aperture_fluxes(cfg, c, psf, x, y, on, valid, timings)
-                hidden = np.full((7, len(x)), np.nan)
+                hidden = None  # no residual diagnostics: NaN columns
             t0 = time.perf_counter()
             # ---- quality table
             src = _sources_table(cat, c, x, y, flux, err, chi2, edge, blend, neigh, fwhm_ref, cfg.snr_min, notes,
@@ -505,8 +512,8 @@ class Extractor:
             timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
         with np.errstate(invalid="ignore", divide="ignore"):
             chi2 = np.where(chi_den > 0, chi_num / chi_den, np.nan)
-        hidden = np.full((7, n), np.nan)  # hidden_frac, hidden_snr, hidden_flux, hidden_x, hidden_y, chroma_chi2,
-        if ns:                            # chroma_shift
+        hidden = np.full((len(RESIDUAL_COLUMNS), n), np.nan)  # rows: result.RESIDUAL_COLUMNS
+        if ns:
             t = time.perf_counter()
             fsum = np.nansum(flux.astype(float), axis=1)
             fr, sn, b, _, xh, yh = hidden_light(r_sum.reshape(ny, nx), v_sum.reshape(ny, nx), valid, x[cols],

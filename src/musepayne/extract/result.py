@@ -199,6 +199,25 @@ class ExtractionResult:
         return paths
 
 
+#: the SOURCES columns of the residual diagnostics, in the row order of ``_sources_table``'s ``hidden``:
+#: (name, unit, description); :mod:`.hidden` gives the first five, :mod:`.chromatic` the last two
+RESIDUAL_COLUMNS = (
+    ("hidden_frac", "", "light within 1 FWHM of an unmodelled point source (not in the source list) relative "
+                        "to the star's own, from the extraction residual (3-sigma lower bound; 0: none "
+                        "significant; aperture: NaN)"),
+    ("hidden_snr", "", "significance of that unmodelled source's flux in the layer-summed residual (noise "
+                       "and a 2 % PSF-model error of the stars' light)"),
+    ("hidden_flux", "", "flux of that unmodelled source (cube flux units, mean over the layers)"),
+    ("hidden_x", "pix", "0-based cube pixel x of that unmodelled source (NaN: none)"),
+    ("hidden_y", "pix", "0-based cube pixel y of that unmodelled source"),
+    ("chroma_chi2", "", "reduced chi^2 of the star's light centroid in broad bands of layers about its mean "
+                        "(extraction residual; noise and a 2 % PSF-model error): an unresolved companion of "
+                        "another colour moves it with wavelength (~1: none; aperture: NaN)"),
+    ("chroma_shift", "", "largest distance of a band's light centroid from its mean over the bands, at its "
+                         "3-sigma lower bound (FWHM; 0: none significant; aperture: NaN)"),
+)
+
+
 def _sources_table(cat, c, x, y, flux, err, chi2, edge, blend, neigh, fwhm_ref, snr_min, notes, hidden=None):
     """Per-star status (sets ``flux``/``err`` of off-field stars to NaN in place) and the SOURCES table."""
     nz = flux.shape[1]
@@ -236,21 +255,8 @@ def _sources_table(cat, c, x, y, flux, err, chi2, edge, blend, neigh, fwhm_ref, 
                                          "neighbour, relative to the star's own flux there")
     src["psf_chi2"] = chi2
     src["psf_chi2"].description = "reduced chi^2 of the fit residuals within 1 FWHM (aperture: NaN)"
-    hidden = np.full((7, len(x)), np.nan) if hidden is None else np.asarray(hidden, float)
-    for k, (name, unit, desc) in enumerate((
-            ("hidden_frac", "", "light within 1 FWHM of an unmodelled point source (not in the source list) relative "
-                                "to the star's own, from the extraction residual (3-sigma lower bound; 0: none "
-                                "significant; aperture: NaN)"),
-            ("hidden_snr", "", "significance of that unmodelled source's flux in the layer-summed residual (noise "
-                               "and a 2 % PSF-model error of the stars' light)"),
-            ("hidden_flux", "", "flux of that unmodelled source (cube flux units, mean over the layers)"),
-            ("hidden_x", "pix", "0-based cube pixel x of that unmodelled source (NaN: none)"),
-            ("hidden_y", "pix", "0-based cube pixel y of that unmodelled source"),
-            ("chroma_chi2", "", "reduced chi^2 of the star's light centroid in broad bands of layers about its mean "
-                                "(extraction residual; noise and a 2 % PSF-model error): an unresolved companion of "
-                                "another colour moves it with wavelength (~1: none; aperture: NaN)"),
-            ("chroma_shift", "", "largest distance of a band's light centroid from its mean over the bands, at its "
-                                 "3-sigma lower bound (FWHM; 0: none significant; aperture: NaN)"))):
+    hidden = np.full((len(RESIDUAL_COLUMNS), len(x)), np.nan) if hidden is None else np.asarray(hidden, float)
+    for k, (name, unit, desc) in enumerate(RESIDUAL_COLUMNS):
         src[name] = Column(hidden[k], unit=unit or None, description=desc)
     src["status"] = status
     src.meta["warnings"] = notes
