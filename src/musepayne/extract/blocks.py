@@ -77,7 +77,7 @@ def _solve_block(A, AW, w, ns, solve, ninv_diag, d, s, mask):
     X = solve(np.asarray(AW.T @ D))
     As = A[:, :ns]
     A2 = sp.csc_matrix((As.data * As.data, As.indices, As.indptr), shape=As.shape)
-    num = A2.T @ (V * (w**2)[:, None])
+    num = sp.csc_matrix((A2.data * (w**2)[A2.indices], A2.indices, A2.indptr), shape=A2.shape).T @ V
     den = A2.T @ w
     with np.errstate(invalid="ignore", divide="ignore"):
         var = ninv_diag[:ns, None] * num / den[:, None]
