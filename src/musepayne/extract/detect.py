@@ -58,8 +58,8 @@ Steps:
    cube's wavelength range); the default zero point is the simulator's
    convention, so simulated magnitudes and detected ones compare directly.
 
-Length: over 600 lines because :class:`DetectConfig` documents each of its ~20 settings and the
-:class:`Detector` passes (images, PSF, matched filter, iterated photometry, caps) share its state;
+Length: over 600 lines because :class:`DetectConfig` documents each of its ~25 settings and the
+:class:`Detector` passes (images, PSF, matched filter, iterated photometry, pair splitting, caps) share its state;
 the array helpers are module functions that tests call directly.
 """
 
