@@ -846,7 +846,11 @@ class Detector:
             d = np.empty((K, pix.size))
             v = np.empty((K, pix.size))
             for b, (fb, model, stars, A) in enumerate(fits):
-                own = fb[i] * A[:, i].toarray().ravel()[pix]
+                rows, vals = A.indices[A.indptr[i]:A.indptr[i + 1]], A.data[A.indptr[i]:A.indptr[i + 1]]
+                at = np.clip(np.searchsorted(pix, rows), 0, max(pix.size - 1, 0))  # pix is sorted (C order)
+                hit = pix[at] == rows if pix.size else np.zeros(rows.size, bool)
+                own = np.zeros(pix.size)
+                own[at[hit]] = fb[i] * vals[hit]
                 d[b] = imgs[b][yy, xx] - model[yy, xx] + own
                 v[b] = vars_[b][yy, xx] + (cfg.split_model_error * stars[yy, xx]) ** 2
             r = fit_pair(d, v, xx.astype(float), yy.astype(float), params, x[i], y[i], fwhm,
