@@ -560,3 +560,49 @@ def test_stamp_cache_gives_the_design_matrix():
         assert (got != ref).nnz == 0 and np.array_equal(got.indptr, ref.indptr)
         assert np.array_equal(cache["valid"], mask) and (cache["stamps"] is prev) == reused
         prev = cache["stamps"]
+
+
+def test_block_solve_residual_shortcuts_match_the_full_residual():
+    """Issue 18: the block solve forms the per-layer residual only on the stars' core pixels and its
+    layer sum from the summed solution; both equal the full residual's (chi^2 on the core pixels
+    exactly, the sum to rounding), and the fluxes are the weighted least-squares solution."""
+    import scipy.sparse as sp
+
+    from musepayne.extract.blocks import _core_pixels, _solve_block
+    from musepayne.extract.psf import MoffatPSF, psf_design_matrix
+
+    rng = np.random.default_rng(3)
+    ny = nx = 30
+    ns, nl = 12, 7
+    psf = MoffatPSF(fwhm=(3.0,), beta=(2.5,), ellip=(0.0,), angle=(0.0,), wave_ref=6000.0, wave_scale=1000.0)
+    x, y = rng.uniform(3, 27, ns), rng.uniform(3, 27, ns)
+    mask = np.ones((ny, nx), bool)
+    mask[:2] = False
+    A = sp.hstack([psf_design_matrix(psf, x, y, 6000.0, (ny, nx), 10.0, valid=mask),
+                   sp.csc_matrix(mask.ravel()[:, None].astype(float))], format="csc")
+    s = rng.uniform(0.5, 2.0, (nl, ny, nx)).astype(np.float32)
+    d = (A @ rng.uniform(10, 100, (ns + 1, nl))).T.reshape(nl, ny, nx) + rng.normal(size=(nl, ny, nx)) * np.sqrt(s)
+    d = d.astype(np.float32)
+    d0, s0 = d.copy(), s.copy()
+    w = np.where(mask.ravel(), 1.0 / np.median(s.reshape(nl, -1), axis=0), 0.0)
+    AW = sp.csc_matrix(A.multiply(w[:, None]))
+    N = (A.T @ AW).toarray()
+    Ninv = np.linalg.inv(N)
+    X, var, core, chi_pix, (r, v, m) = _solve_block(A, AW, w, ns, lambda b: Ninv @ b, np.diag(Ninv), d, s, mask)
+    np.testing.assert_array_equal(d, d0)  # inputs untouched
+    np.testing.assert_array_equal(s, s0)
+    D = np.where(mask.ravel()[:, None], d.reshape(nl, -1).T.astype(float), 0.0)
+    V = np.where(mask.ravel()[:, None], s.reshape(nl, -1).T.astype(float), 0.0)
+    np.testing.assert_allclose(X, Ninv @ (AW.T @ D), rtol=1e-12)
+    R = D - A @ X
+    chi_full = np.where(V > 0, R**2 / np.where(V > 0, V, 1.0), 0.0).sum(axis=1)
+    in_core = np.zeros(ny * nx, bool)
+    core = _core_pixels(sp.csc_matrix(A[:, :ns].multiply(A[:, :ns])))
+    in_core[core.indices[core.data > 0]] = True
+    assert 0 < in_core.sum() < mask.sum()
+    np.testing.assert_allclose(chi_pix[in_core], chi_full[in_core], rtol=1e-12)
+    assert np.all(chi_pix[~in_core] == 0)
+    np.testing.assert_allclose(r, R.sum(axis=1), atol=1e-9 * np.abs(D).sum(axis=1).max())
+    np.testing.assert_allclose(v, V.sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(m, A[:, :ns] @ X[:ns].sum(axis=1), rtol=1e-12)
+    assert var.shape == (ns, nl) and np.all(var > 0)

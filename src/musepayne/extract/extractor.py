@@ -84,7 +84,7 @@ from ..io.spectra import ReaderError
 
 # names marked F401 are re-exported: importable from here as before the split (detect.py, tests, benchmarks)
 from .apertures import aperture_fluxes, aperture_matrix, circle_overlap
-from .blocks import _accumulators, _layer_blocks, _read_block  # noqa: F401
+from .blocks import _accumulators, _core_pixels, _layer_blocks, _read_block, _solve_block  # noqa: F401
 from .chromatic import CHROMA_BANDS, chromatic_shift
 from .fields import _blend_fraction, _combine_bins, _edge_distance, _pixscale_arcsec, _psf_candidates
 from .hidden import hidden_light
@@ -471,7 +471,8 @@ class Extractor:
                 plan, pattern = {}, (A.indptr, A.indices)
             w = np.zeros(ny * nx)
             sg = s[good].reshape(good.sum(), -1)
-            w[mask.ravel()] = 1.0 / np.median(sg[:, mask.ravel()], axis=0)
+            # median over the block's layers, pixel by pixel (layers contiguous: ~1.6x faster, same values)
+            w[mask.ravel()] = 1.0 / np.median(np.ascontiguousarray(sg.T[mask.ravel()]), axis=1)
             # = A.multiply(w[:, None]) (own index arrays: eliminate_zeros works in place)
             AW = sp.csc_matrix((A.data * w[A.indices], A.indices.copy(), A.indptr.copy()), shape=A.shape)
             AW.eliminate_zeros()
@@ -482,24 +483,10 @@ class Extractor:
             del N  # dense for large fields: free it before the next block's
             timings["factorise"] = timings.get("factorise", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
-            D = np.where(mask.ravel()[None, :], d[good].reshape(good.sum(), -1), 0.0).T  # (npix, L)
-            V = np.where(mask.ravel()[None, :], sg, 0.0).T
-            B = AW.T @ D
-            X = solve(np.asarray(B))
-            As = A[:, :ns]
-            A2 = sp.csc_matrix((As.data * As.data, As.indices, As.indptr), shape=As.shape)
-            num = A2.T @ (V * (w**2)[:, None])
-            den = A2.T @ w
-            with np.errstate(invalid="ignore", divide="ignore"):
-                var = ninv_diag[:ns, None] * num / den[:, None]
-            R = D - A @ X
-            core = _core_pixels(A2)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                chi = np.where(V > 0, R**2 / V, 0.0)
-            chi_num[cols] += np.asarray(core.T @ chi.sum(axis=1)).ravel()
+            X, var, core, chi_pix, sums = _solve_block(A, AW, w, ns, solve, ninv_diag, d[good], sg, mask)
+            chi_num[cols] += np.asarray(core.T @ chi_pix).ravel()
             kb = min(nband - 1, int(0.5 * (i0 + i1) * nband / nz))
-            for tot, band, v in ((r_sum, r_band, R.sum(axis=1)), (v_sum, v_band, V.sum(axis=1)),
-                                 (m_sum, m_band, As @ X[:ns].sum(axis=1))):
+            for tot, band, v in zip((r_sum, v_sum, m_sum), (r_band, v_band, m_band), sums):
                 tot += v
                 band[kb] += v
             band_of[i0:i1] = kb
@@ -533,18 +520,6 @@ class Extractor:
                                                band_wave[0, used] / band_wave[1, used])[:2]
             timings["chroma"] = timings.get("chroma", 0.0) + time.perf_counter() - t
         return flux, err, chi2, layer_flag, hidden
-
-
-def _core_pixels(A2):
-    """Pixels of each star's core (~ within 1 FWHM): ``A2 >= 0.25`` of its column maximum, as a
-    0/1 matrix of ``A2``'s pattern (``A2``: csc, squared PSF values)."""
-    nnz = np.diff(A2.indptr)
-    cmax = np.zeros(A2.shape[1])
-    has = nnz > 0
-    cmax[has] = np.maximum.reduceat(A2.data, A2.indptr[:-1][has])
-    inv = 1.0 / np.maximum(cmax, 1e-300)
-    keep = A2.data * np.repeat(inv, nnz) >= 0.25
-    return sp.csc_matrix((keep.astype(float), A2.indices, A2.indptr), shape=A2.shape)
 
 
 def _catalogue_positions(c, cat):
