@@ -51,6 +51,7 @@ MODULES = [
     "musepayne.extract.blocks",
     "musepayne.extract.hidden",
     "musepayne.extract.chromatic",
+    "musepayne.extract.pairs",
     "musepayne.fit.fitter",
     "musepayne.fit.forward",
     "musepayne.fit.starts",

@@ -41,13 +41,25 @@ Steps:
    layer-summed residual near each (:func:`~musepayne.extract.hidden.hidden_light`), and those
    above ``threshold`` (noise and a PSF-model error of the fitted light) are added
    (``residual_passes`` times, or until none is found).
-6. *Magnitudes.*  ``mag = zeropoint - 2.5 log10(flux)`` with ``flux`` the
+6. *Close pairs.*  A star that is two stars closer than ~0.5 FWHM (one peak in every image) is
+   split when the broad-band images say so: each star with S/N above ``2 threshold`` is fitted,
+   its neighbours subtracted, with one point source and with two, positions common to the bands and
+   fluxes free per band (:func:`~musepayne.extract.pairs.fit_pair`, the extraction's
+   wavelength-dependent PSF at each band's wavelength); a pair of different colours has
+   band-dependent flux ratios that one source cannot follow.  The split is kept when the
+   improvement ``chi2_1 - chi2_2`` exceeds ``split_chi2`` (noise and a PSF-model error
+   ``split_model_error`` of the stars' light in the weights; in units of the two-source fit's reduced
+   chi-square where that exceeds 1, e.g. with unmodelled faint neighbours in the stamp), the two are between
+   ``split_min_separation`` and ``split_max_separation`` FWHM apart and each passes ``threshold``
+   (its band-summed flux over its error) and lies more than ``min_separation`` from every other
+   star.
+7. *Magnitudes.*  ``mag = zeropoint - 2.5 log10(flux)`` with ``flux`` the
    fitted white-light flux (cube flux units per Angstrom, mean over the
    cube's wavelength range); the default zero point is the simulator's
    convention, so simulated magnitudes and detected ones compare directly.
 
-Length: over 600 lines because :class:`DetectConfig` documents each of its ~20 settings and the
-:class:`Detector` passes (images, PSF, matched filter, iterated photometry, caps) share its state;
+Length: over 600 lines because :class:`DetectConfig` documents each of its ~25 settings and the
+:class:`Detector` passes (images, PSF, matched filter, iterated photometry, pair splitting, caps) share its state;
 the array helpers are module functions that tests call directly.
 """
 
@@ -73,6 +85,7 @@ from .fields import _pixscale_arcsec
 from .hidden import HIDDEN_MODEL_ERROR
 from .imagefit import _shape_psf, _sky_columns
 from .linsolve import factorise, normal_matrix
+from .pairs import fit_pair
 from .psf import _integrate, psf_design_matrix
 from .transform import _fit_single, _stamp
 
@@ -134,6 +147,28 @@ class DetectConfig:
         white-light PSF (a colour-dependent mixture of the layers' PSFs) cannot split.
     residual_error : float
         Fractional PSF-model error of a star's flux in the residual search (>= 0).
+    split_pairs : bool
+        Test every star with S/N above ``2 threshold`` for an unresolved companion and split it when the
+        broad bands say so (module docstring, step 6; needs ``n_bands >= 2``: the colour is what separates a close
+        pair).
+    split_chi2 : float
+        Least improvement ``chi2_1 - chi2_2`` of the two-source fit over the one-source fit for a split, divided by
+        the two-source fit's reduced chi-square where that exceeds 1 (> 0; ``K + 2`` more parameters for ``K``
+        bands, and the companion's position searched).  Chosen on the
+        development fields of ``benchmarks/detect_vs_catalogue.py`` (seeds 7, 11, 12).
+    split_min_separation : float
+        FWHM; no companion is searched closer than this, and a split whose components end closer is refused
+        (> 0; there the two-source fit is degenerate).
+    split_max_separation : float
+        FWHM; the companion is searched up to this separation (> ``split_min_separation``; wider pairs are two
+        peaks for the matched filter and the residual passes).
+    split_model_error : float
+        Fractional PSF-model error per pixel of the stars' fitted light in each band, in the weights of the pair
+        fits (>= 0; as :data:`~musepayne.extract.hidden.HIDDEN_MODEL_ERROR`): a bright single star's imperfect
+        PSF model is not a companion.
+    split_radius : float
+        FWHM; radius of the stamp the pair fits see (> ``split_max_separation``): the star's core, so that the light
+        of unlisted stars farther out does not pull the companion.
     """
 
     threshold: float = 5.0
@@ -155,16 +190,22 @@ class DetectConfig:
     beta_error_max: float = 0.1
     residual_passes: int = 3
     residual_error: float = HIDDEN_MODEL_ERROR
+    split_pairs: bool = True
+    split_chi2: float = 30.0
+    split_min_separation: float = 0.2
+    split_max_separation: float = 0.7
+    split_model_error: float = HIDDEN_MODEL_ERROR
+    split_radius: float = 1.7
 
     def __post_init__(self):
         def bad(name, rule):
             raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
         for name in ("threshold", "min_separation", "fwhm_guess", "memory_mb", "psf_radius", "psf_radius_max",
-                     "beta_error_max"):
+                     "beta_error_max", "split_chi2", "split_min_separation", "split_max_separation"):
             if not _finite(getattr(self, name)) or not getattr(self, name) > 0:
                 bad(name, "a finite number > 0")
-        for name in ("band_penalty", "model_error", "residual_error"):
+        for name in ("band_penalty", "model_error", "residual_error", "split_model_error"):
             if not _finite(getattr(self, name)) or not getattr(self, name) >= 0:
                 bad(name, "a finite number >= 0")
         if not _finite(self.zeropoint):
@@ -178,6 +219,12 @@ class DetectConfig:
                 bad(name, f"an integer >= {lo}")
         if isinstance(self.sky_order, bool) or self.sky_order not in (-1, 0, 1, 2):
             bad("sky_order", "-1, 0, 1 or 2")
+        if not isinstance(self.split_pairs, (bool, np.bool_)):
+            bad("split_pairs", "true or false")
+        if not self.split_max_separation > self.split_min_separation:
+            bad("split_max_separation", f"> split_min_separation = {self.split_min_separation}")
+        if not _finite(self.split_radius) or not self.split_radius > self.split_max_separation:
+            bad("split_radius", f"a finite number > split_max_separation = {self.split_max_separation}")
 
 
 def _finite(v) -> bool:
@@ -593,7 +640,12 @@ class Detector:
                 if d[0] <= 0.005 * shape_w[0] and d[1] <= 0.02 and max(d[2], d[3]) <= 0.005:
                     break
             if not notes and x.size:  # no extraction passes on a capped (noise-dominated) list
-                x, y, f, ferr, passno = self._residual_passes(c, white, wvar, ok, x, y, f, ferr, passno, shape_w)
+                x, y, f, ferr, passno, psf = self._residual_passes(c, white, wvar, ok, x, y, f, ferr, passno,
+                                                                   shape_w)
+                if cfg.split_pairs and len(imgs) >= 2:
+                    if psf is None:  # no extraction pass ran: the wavelength-dependent PSF from one extraction
+                        psf = self._extraction(c, x, y, f).psf
+                    x, y, f, ferr, passno = self._split(imgs, vars_, waves, psf, x, y, f, ferr, passno, shape_w)
             for note in sorted(notes):
                 warnings.warn(note, UserWarning, stacklevel=2)
             t = self._table(c, x, y, f, ferr, passno, shape_w, waves)
@@ -653,13 +705,10 @@ class Detector:
         ny, nx = ok.shape
         fwhm = float(shape_w[0])
         n0 = x.size
-        ext = Extractor(ExtractConfig(fit_transform=False))
+        psf = None
         for it in range(cfg.residual_passes):
-            mag = cfg.zeropoint - 2.5 * np.log10(np.maximum(f, 1e-30))
-            src = Table({"stellar_id": [f"s{i}" for i in range(x.size)], "x": x, "y": y, "mag": mag})
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                s = ext(c, src).sources
+            res = self._extraction(c, x, y, f)
+            s, psf = res.sources, res.psf
             hf = np.asarray(s["hidden_flux"], float)
             sn = np.asarray(s["hidden_snr"], float)
             xh, yh = np.asarray(s["hidden_x"], float), np.asarray(s["hidden_y"], float)
@@ -700,7 +749,143 @@ class Detector:
                 f1, ferr1 = f1[keep], ferr1[keep]
             good = f1 > 0
             f, ferr = np.where(good, f1, f), np.where(good, ferr1, ferr)
+        return x, y, f, ferr, passno, psf
+
+    def _extraction(self, c, x, y, f):
+        """Extraction of the stars at ``x, y`` (fluxes ``f``) with the wavelength-dependent PSF, no transform."""
+        mag = self.config.zeropoint - 2.5 * np.log10(np.maximum(f, 1e-30))
+        src = Table({"stellar_id": [f"s{i}" for i in range(x.size)], "x": x, "y": y, "mag": mag})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Extractor(ExtractConfig(fit_transform=False))(c, src)
+
+    def _split(self, imgs, vars_, waves, psf, x, y, f, ferr, passno, shape_w):
+        """Split the close pairs :meth:`split_pairs` finds; the components share the star's white-light flux."""
+        cfg = self.config
+        fwhm = float(shape_w[0])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            snr = f / ferr
+        t = self.split_pairs(imgs, vars_, waves, psf, x, y, snr, fwhm)
+        idx = np.nonzero(np.asarray(t["split"]))[0]
+        if not idx.size:
+            return x, y, f, ferr, passno
+        x, y = x.copy(), y.copy()
+        x[idx], y[idx] = np.asarray(t["xa"])[idx], np.asarray(t["ya"])[idx]
+        x, y = np.concatenate([x, np.asarray(t["xb"])[idx]]), np.concatenate([y, np.asarray(t["yb"])[idx]])
+        passno = np.concatenate([passno, np.full(idx.size, cfg.n_iter + cfg.residual_passes + 1)])
+        # the two components' white-light fluxes: the star's, shared as in the broad-band fit, with that fit's S/N (a
+        # white-light refit is degenerate for a close pair and can hand a neighbour's light to it); the other stars
+        # keep theirs
+        q = np.asarray(t["frac_b"])[idx]
+        fa, fb = f[idx] * (1.0 - q), f[idx] * q
+        f = np.concatenate([f, fb])
+        ferr = np.concatenate([ferr, fb / np.asarray(t["snr_b"])[idx]])
+        f[idx], ferr[idx] = fa, fa / np.asarray(t["snr_a"])[idx]
         return x, y, f, ferr, passno
+
+    def split_pairs(self, imgs, vars_, waves, psf, x, y, snr, fwhm) -> Table:
+        """Test each star for an unresolved companion: one point source or two, fitted over the broad bands.
+
+        Every band is fitted with all stars at ``x, y`` (fluxes and sky, the band's PSF from ``psf``); for each
+        star with ``snr > 2 threshold`` the others' light is subtracted and :func:`~musepayne.extract.pairs.fit_pair`
+        fits a stamp of ``split_radius`` FWHM, weighted by the noise and ``split_model_error``
+        times all stars' fitted light.  A split is accepted (column ``split``) as described in the module docstring
+        (step 6); of accepted splits whose new components come closer than ``min_separation`` to one another, the
+        one with the larger improvement is kept.
+
+        Parameters
+        ----------
+        imgs, vars_ : numpy.ndarray, shape (K, ny, nx)
+            Broad-band images and their variances (:meth:`band_images`; flux units and their square).
+        waves : numpy.ndarray, shape (K,)
+            Mean wavelength of each band (Angstrom).
+        psf : MoffatPSF
+            Wavelength-dependent PSF (e.g. an extraction's).
+        x, y : numpy.ndarray, shape (n,)
+            Star positions (0-based pixels).
+        snr : numpy.ndarray, shape (n,)
+            White-light S/N of each star (only those above ``2 threshold`` are tested).
+        fwhm : float
+            Unit of the separations (pixels; the white-light FWHM).
+
+        Returns
+        -------
+        astropy.table.Table
+            One row per star: ``dchi2`` (``chi2_1 - chi2_2``; NaN: not tested), ``lr`` (the statistic tested against
+            ``split_chi2``: ``dchi2`` over the reduced ``chi2_2`` where that exceeds 1), ``sep`` (FWHM), ``xa, ya, xb, yb``
+            (pixels: the two components, ``a`` the brighter), ``snr_a, snr_b`` (band-summed flux over its error),
+            ``frac_b`` (``b``'s share of the band-summed flux) and ``split`` (bool).
+        """
+        cfg = self.config
+        imgs, vars_ = np.asarray(imgs, float), np.asarray(vars_, float)
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        K, ny, nx = imgs.shape
+        ok = np.all(np.isfinite(imgs) & np.isfinite(vars_) & (vars_ > 0), axis=0)
+        params = np.column_stack([np.broadcast_to(p, (K,)) for p in psf.params(np.asarray(waves, float))])
+        t = Table({k: np.full(x.size, np.nan) for k in ("dchi2", "lr", "sep", "xa", "ya", "xb", "yb", "snr_a",
+                                                          "snr_b", "frac_b")})
+        t["split"] = np.zeros(x.size, bool)
+        test = np.nonzero(np.asarray(snr, float) > 2.0 * cfg.threshold)[0]
+        if not test.size:
+            return t
+        fits = []
+        for b in range(K):  # all stars in each band: fluxes, their model (for the neighbours' light) and the sky
+            ang = np.deg2rad(params[b, 3])
+            shape_b = (params[b, 0], params[b, 1], params[b, 2] * np.cos(2 * ang), params[b, 2] * np.sin(2 * ang))
+            _, _, fb, _, model, sky, (A, _) = self._joint_fit(np.where(ok, imgs[b], np.nan), vars_[b], x, y, shape_b,
+                                                              refine=False)
+            fits.append((fb, model, model - sky, sp.csc_matrix(A)))
+        rad = cfg.split_radius * fwhm
+        h = int(np.ceil(rad))
+        for i in test:
+            xi, yi = int(np.rint(x[i])), int(np.rint(y[i]))
+            yy, xx = np.mgrid[max(0, yi - h):min(ny, yi + h + 1), max(0, xi - h):min(nx, xi + h + 1)]
+            use = ok[yy, xx] & (np.hypot(xx - x[i], yy - y[i]) <= rad)
+            yy, xx = yy[use], xx[use]
+            pix = yy * nx + xx
+            d = np.empty((K, pix.size))
+            v = np.empty((K, pix.size))
+            for b, (fb, model, stars, A) in enumerate(fits):
+                rows, vals = A.indices[A.indptr[i]:A.indptr[i + 1]], A.data[A.indptr[i]:A.indptr[i + 1]]
+                at = np.clip(np.searchsorted(pix, rows), 0, max(pix.size - 1, 0))  # pix is sorted (C order)
+                hit = pix[at] == rows if pix.size else np.zeros(rows.size, bool)
+                own = np.zeros(pix.size)
+                own[at[hit]] = fb[i] * vals[hit]
+                d[b] = imgs[b][yy, xx] - model[yy, xx] + own
+                v[b] = vars_[b][yy, xx] + (cfg.split_model_error * stars[yy, xx]) ** 2
+            r = fit_pair(d, v, xx.astype(float), yy.astype(float), params, x[i], y[i], fwhm,
+                         cfg.split_min_separation, cfg.split_max_separation)
+            if r is None:
+                continue
+            for k in ("dchi2", "lr", "xa", "ya", "xb", "yb", "snr_a", "snr_b"):
+                t[k][i] = r[k]
+            t["sep"][i] = r["sep"] / fwhm
+            t["frac_b"][i] = r["fb"].sum() / (r["fa"].sum() + r["fb"].sum())
+        self._accept_splits(t, x, y, ok, fwhm)
+        return t
+
+    def _accept_splits(self, t, x, y, ok, fwhm):
+        """Set ``t['split']``: significant, separation in range, both components significant, on the usable field
+        and apart from the other stars and the other splits' components (largest improvement first)."""
+        cfg = self.config
+        ny, nx = ok.shape
+        with np.errstate(invalid="ignore"):
+            cand = ((t["lr"] > cfg.split_chi2) & (t["sep"] >= cfg.split_min_separation)
+                    & (t["sep"] <= cfg.split_max_separation) & (t["snr_a"] > cfg.threshold)
+                    & (t["snr_b"] > cfg.threshold))
+        px, py = list(x), list(y)
+        for i in np.nonzero(cand)[0][np.argsort(-np.asarray(t["lr"])[cand], kind="stable")]:
+            new = [(t["xa"][i], t["ya"][i]), (t["xb"][i], t["yb"][i])]
+            inside = all(-0.5 < u < nx - 0.5 and -0.5 < w < ny - 0.5 and ok[int(np.rint(w)), int(np.rint(u))]
+                         for u, w in new)
+            others = np.array([(u, w) for j, (u, w) in enumerate(zip(px, py)) if j != i])
+            apart = not others.size or all(np.min(np.hypot(others[:, 0] - u, others[:, 1] - w))
+                                           > cfg.min_separation * fwhm for u, w in new)
+            if inside and apart:
+                t["split"][i] = True
+                px[i], py[i] = new[0]
+                px.append(new[1][0])
+                py.append(new[1][1])
 
     def _model_error(self, res, var, stars, x, y, f, ferr, fwhm):
         """Fractional PSF-model error: excess residual variance over the noise within 1 FWHM of bright stars.
@@ -787,7 +972,9 @@ class Detector:
         t["snr"] = Column(f / np.where(ferr > 0, ferr, np.nan), description="flux / flux_err of the PSF fit")
         t["detected"] = Column(passno.astype(np.int16),
                                description="detection pass (1: first, >1: found in the residual of the fitted stars; "
-                                           "> n_iter: in the extraction residual, DetectConfig.residual_passes)")
+                                           "> n_iter: in the extraction residual, DetectConfig.residual_passes; "
+                                           "n_iter + residual_passes + 1: the companion of a split close pair, "
+                                           "DetectConfig.split_pairs)")
         t.meta["DETECTOR"] = "musepayne.extract.detect"
         t.meta["FWHM_PX"] = round(float(shape_w[0]), 4)
         t.meta["BETA"] = round(float(shape_w[1]), 4)
