@@ -128,8 +128,7 @@ def _field(a, seed, mdl, tmp, diagnose):
             det = Table.read(next((tmp / name / "cubes").glob("*/sources_detected.ecsv")), format="ascii.ecsv")
             idx = _match(det, truth, cat)
             matched = idx[idx >= 0]
-            dc = rc.detect
-            n_split, n_right = _splits(det, truth, dc.n_iter + dc.residual_passes + 1)
+            n_split, n_right = _splits(det, truth, rc.detect.split_pass)
             print(f"seed {seed}: detected {len(det)} stars, {int((idx >= 0).sum())} matched to a true star, "
                   f"{len(det) - int((idx >= 0).sum())} unmatched; {n_split} pairs split, {n_right} with both "
                   "components matched to true stars")

@@ -197,6 +197,11 @@ class DetectConfig:
     split_model_error: float = HIDDEN_MODEL_ERROR
     split_radius: float = 1.7
 
+    @property
+    def split_pass(self) -> int:
+        """The ``detected`` pass number of a split pair's companion: ``n_iter + residual_passes + 1``."""
+        return self.n_iter + self.residual_passes + 1
+
     def __post_init__(self):
         def bad(name, rule):
             raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
@@ -772,7 +777,7 @@ class Detector:
         x, y = x.copy(), y.copy()
         x[idx], y[idx] = np.asarray(t["xa"])[idx], np.asarray(t["ya"])[idx]
         x, y = np.concatenate([x, np.asarray(t["xb"])[idx]]), np.concatenate([y, np.asarray(t["yb"])[idx]])
-        passno = np.concatenate([passno, np.full(idx.size, cfg.n_iter + cfg.residual_passes + 1)])
+        passno = np.concatenate([passno, np.full(idx.size, cfg.split_pass)])
         # the two components' white-light fluxes: the star's, shared as in the broad-band fit, with that fit's S/N (a
         # white-light refit is degenerate for a close pair and can hand a neighbour's light to it); the other stars
         # keep theirs
