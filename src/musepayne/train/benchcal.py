@@ -36,6 +36,7 @@ from ..models.benchcal import (
 from ..models.gradients import CannonEmulator, build_templates
 from ..models.model import MLPPayne
 from ..prepare.preparer import PrepareConfig, Preparer
+from ..threads import blas_threads
 from .benchcal_maps import (  # noqa: F401  (re-exported: the public names of the calibration workflow)
     _PAIR,
     _SHORT,
@@ -126,7 +127,8 @@ def holdout_table(models, observed: dict, bench: Table, index, seeds=None) -> Ta
     for im, model in enumerate(models):
         fitter = Fitter(model, FitConfig(benchmark_calibration=False))
         for inst, prepared in observed.items():
-            cat = fitter(prepared)
+            with blas_threads(1):  # the fit's products are per chunk (small): one BLAS thread, as musepayne fit
+                cat = fitter(prepared)
             for i in range(len(cat)):
                 j = int(index[i])
                 r = {"seed": int(seeds[im]) if seeds is not None else im, "instrument": inst,
