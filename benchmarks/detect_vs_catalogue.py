@@ -20,7 +20,9 @@ are matched to true stars; ``--no-split``, ``--split-chi2`` and ``--detect NAME=
 settings of both runs' configuration (the detected run is the one that uses them).  The split settings were
 chosen on seeds 7, 11, 12 (development); 13-26 are held out.  ``--paired`` compares the clean rows of the
 detected runs with the same stars' rows in the catalogue runs (which stars are clean vs what the undetected
-neighbours do to a star's labels).
+neighbours do to a star's labels).  ``--companions`` splits the clean rows of the detected runs by the light of
+true stars that no detection matched at their centre (from the truth: where the remaining gap to the catalogue runs
+comes from).
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ def _field(a, seed, mdl, tmp, diagnose):
             det = Table.read(next((tmp / name / "cubes").glob("*/sources_detected.ecsv")), format="ascii.ecsv")
             idx = _match(det, truth, cat)
             matched = idx[idx >= 0]
+            cat["_companion_light"] = _companion_light(det, truth, idx)
             n_split, n_right = _splits(det, truth, rc.detect.split_pass)
             print(f"seed {seed}: detected {len(det)} stars, {int((idx >= 0).sum())} matched to a true star, "
                   f"{len(det) - int((idx >= 0).sum())} unmatched; {n_split} pairs split, {n_right} with both "
@@ -140,6 +143,47 @@ def _field(a, seed, mdl, tmp, diagnose):
         print(f"seed {seed} {name:11s}: {len(cat)} rows, {int(sel.sum())} converged & matched; {rec['counts']}; "
               f"{dt:.0f} s")
     return res
+
+
+def _companion_light(det, truth, idx):
+    """Per catalogue row of a detected run (true star ``idx``, -1: unmatched -> NaN): the light of the true stars
+    that no detection matched, at the star's true position, relative to the star's own light there (each star a
+    Gaussian of the white-light FWHM: sum of F_j exp(-4 ln 2 d_j^2 / FWHM^2) / F_star)."""
+    fwhm = float(det.meta["FWHM_PX"])
+    hit = _match_det(det, truth)
+    found = np.zeros(len(truth), bool)
+    found[hit[hit >= 0]] = True
+    tx, ty = np.asarray(truth["x"], float), np.asarray(truth["y"], float)
+    flux = 10 ** (-0.4 * np.asarray(truth["mag"], float))
+    out = np.full(len(idx), np.nan)
+    for r, t in enumerate(idx):
+        if t >= 0:
+            w = np.exp(-4 * np.log(2) * ((tx - tx[t]) ** 2 + (ty - ty[t]) ** 2) / fwhm**2)
+            out[r] = np.sum((flux * w)[~found]) / flux[t]
+    return out
+
+
+def _companions(fields, limit=0.1):
+    """The clean rows of the detected runs split by the light of undetected true stars at their centre
+    (:func:`_companion_light` below / above ``limit``), against the clean rows of the catalogue runs."""
+    print("\nclean rows (fit_flags == 0) by the light of undetected true stars at the star's centre (Gaussian of the "
+          "white-light FWHM, relative to the star's own); robust sigma Teff / log g / [Fe/H] (N):")
+    groups = {"catalogue run": [], f"detected run, undetected light < {limit:g}": [],
+              f"detected run, undetected light >= {limit:g}": []}
+    for f in fields:
+        for name, (cat, idx, sel, truth) in f.items():
+            clean = sel & (np.asarray(cat["fit_flags"]) == 0)
+            if name == "catalogue":
+                groups["catalogue run"].append((cat, idx, clean, truth))
+            elif name == "detected":
+                light = np.asarray(cat["_companion_light"], float)
+                groups[f"detected run, undetected light < {limit:g}"].append((cat, idx, clean & (light < limit), truth))
+                groups[f"detected run, undetected light >= {limit:g}"].append((cat, idx, clean & (light >= limit),
+                                                                                truth))
+    for g, parts in groups.items():
+        d = {lab: np.concatenate([_diffs(c, i, rows, t, lab) for c, i, rows, t in parts]) for lab in LABELS[:3]}
+        print(f"  {g:42s} {stats(d['teff'])[1]:.0f} K / {stats(d['logg'])[1]:.3f} / {stats(d['fe_h'])[1]:.3f} "
+              f"({d['teff'].size})")
 
 
 def _diffs(cat, idx, rows, truth, lab):
@@ -229,6 +273,9 @@ def main(argv=None):
     ap.add_argument("--paired", action="store_true",
                     help="also compare the clean rows of the detected runs with the same stars' rows in the catalogue "
                          "runs (selection vs contamination)")
+    ap.add_argument("--companions", action="store_true",
+                    help="also split the clean rows of the detected runs by the light of undetected true stars at "
+                         "their centre (< 0.1 or >= 0.1 of the star's own; needs the truth: a diagnosis, not a flag)")
     ap.add_argument("--residual-passes", type=int, default=None,
                     help="DetectConfig.residual_passes (default: the DetectConfig default)")
     ap.add_argument("--split-chi2", type=float, default=None,
@@ -265,6 +312,8 @@ def main(argv=None):
                      for f in fields], subsets)
         if a.paired:
             _paired(fields)
+        if a.companions:
+            _companions(fields)
         if a.sweep:
             _sweep(fields, a.sweep)
         if a.sweep_chroma:
