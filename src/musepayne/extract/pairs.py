@@ -29,18 +29,18 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import least_squares
 
-from .psf import _integrate
+from .psf import _integrate_bands
 
 __all__ = ["fit_pair"]
 
 
 def _design(params, xx, yy, pos, oversample):
     """``(K, npix, n_src + 1)``: each band's pixel-integrated PSF at each position, and a constant column."""
-    K = len(params)
-    out = np.ones((K, xx.size, len(pos) + 1))
-    for b, (fw, be, el, an) in enumerate(params):
-        for k, (px, py) in enumerate(pos):
-            out[b, :, k] = _integrate(xx - px, yy - py, fw, be, el, an, oversample)
+    K, m = len(params), len(pos)
+    out = np.ones((K, xx.size, m + 1))
+    prof = _integrate_bands(np.concatenate([xx - px for px, _ in pos]), np.concatenate([yy - py for _, py in pos]),
+                            params, oversample)
+    out[:, :, :m] = prof.reshape(K, m, xx.size).transpose(0, 2, 1)
     return out
 
 
@@ -71,9 +71,10 @@ def _grid_start(params, xx, yy, t, w, xs, ys, fwhm, min_sep, max_sep, oversample
         return None
     chi = np.zeros(DX.size)
     comp = np.zeros(DX.size)  # the companion's band-summed flux
-    for b, (fw, be, el, an) in enumerate(params):
-        p0 = _integrate(xx - xs, yy - ys, fw, be, el, an, oversample)
-        pj = _integrate(xx[None, :] - xs - DX[:, None], yy[None, :] - ys - DY[:, None], fw, be, el, an, oversample)
+    prof = _integrate_bands(np.concatenate([xx - xs, (xx[None, :] - xs - DX[:, None]).ravel()]),
+                            np.concatenate([yy - ys, (yy[None, :] - ys - DY[:, None]).ravel()]), params, oversample)
+    for b in range(len(params)):
+        p0, pj = prof[b, :xx.size], prof[b, xx.size:].reshape(DX.size, xx.size)
         one = np.ones_like(p0)
         wb, tb = w[b], t[b]
         cols = [np.broadcast_to(p0, pj.shape), pj, np.broadcast_to(one, pj.shape)]
