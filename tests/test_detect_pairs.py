@@ -142,11 +142,35 @@ def test_the_split_statistic_of_a_misfit_star_does_not_grow_with_its_brightness(
         assert 0.7 < got[eps, 10.0][1] / got[eps, 1.0][1] < 1.4
 
 
-def test_band_batched_psf_integration_is_bit_identical_to_one_band_at_a_time():
-    """The pair fits integrate every band's PSF at once (``psf._integrate_bands``): the values must be exactly
-    those of ``psf._integrate`` called band by band (same detections, same split decisions), and the profile
-    must still integrate to ~1 over a large stamp."""
-    from musepayne.extract.psf import _integrate, _integrate_bands
+def _integrate_reference(dx, dy, fwhm, beta, ellip, angle, oversample):
+    """The sub-pixel integration of one PSF as psf._integrate computed it before the band-batched version (one
+    PSF per call, scalars broadcast): the values every extraction and detection so far were made with."""
+    n = max(1, int(oversample))
+    offs = (np.arange(n) + 0.5) / n - 0.5
+    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    q = np.sqrt(1.0 - ellip)
+    a, b = alpha / q, alpha * q
+    c, s = np.cos(np.deg2rad(angle)), np.sin(np.deg2rad(angle))
+    u0 = dx * (c / a)
+    u0 += dy * (s / a)
+    v0 = dy * (c / b)
+    v0 -= dx * (s / b)
+    acc = np.zeros(np.shape(dx))
+    for ox in offs:
+        for oy in offs:
+            t1 = (u0 + (ox * c + oy * s) / a) ** 2
+            t1 += (v0 + (oy * c - ox * s) / b) ** 2
+            acc += np.exp(-beta * np.log1p(t1))
+    return acc * ((beta - 1.0) / (np.pi * a * b) / (n * n))
+
+
+def test_band_batched_psf_integration_is_bit_identical_to_one_psf_at_a_time():
+    """The pair fits integrate every band's PSF at once (``psf._integrate_bands``): the values must be exactly those
+    of the one-PSF integration (``psf._integrate``, which the extraction uses, and the reference loop above), so
+    detections and split decisions are those of the band-by-band code; ``psf._integrate`` itself must equal the
+    reference for 1-d offsets, 2-d offsets and 1-d offsets longer than its cache piece; the profile integrates
+    to ~1."""
+    from musepayne.extract.psf import _INTEGRATE_CHUNK, _integrate, _integrate_bands
 
     rng = np.random.default_rng(3)
     for _ in range(200):
@@ -156,7 +180,12 @@ def test_band_batched_psf_integration_is_bit_identical_to_one_band_at_a_time():
         dx, dy = rng.uniform(-12, 12, m), rng.uniform(-12, 12, m)
         got = _integrate_bands(dx, dy, params, ov)
         assert got.shape == (k, m)
-        assert np.array_equal(got, np.stack([_integrate(dx, dy, *p, ov) for p in params]))
+        assert np.array_equal(got, np.stack([_integrate_reference(dx, dy, *p, ov) for p in params]))
+        assert np.array_equal(got[0], _integrate(dx, dy, *params[0], ov))
+    for shape in ((7, 33), (_INTEGRATE_CHUNK + 1000,)):
+        dx, dy = rng.uniform(-12, 12, shape), rng.uniform(-12, 12, shape)
+        assert np.array_equal(_integrate(dx, dy, 3.7, 2.6, 0.05, 12.0, 3), _integrate_reference(dx, dy, 3.7, 2.6, 0.05,
+                                                                                                 12.0, 3))
     yy, xx = np.mgrid[-60:61, -60:61].astype(float)
     tot = _integrate_bands(xx.ravel() - 0.3, yy.ravel() + 0.2, np.array([[3.5, 3.0, 0.1, 30.0]]), 3).sum()
     assert tot == pytest.approx(1.0, abs=2e-3)

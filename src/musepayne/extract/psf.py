@@ -398,7 +398,8 @@ def _integrate_bands(dx, dy, params, oversample):
 
     The same operations on every element as :func:`_integrate` with that row's parameters (bit-identical
     values), in one pass over a ``(K, m)`` array instead of ``K`` calls: many small stamps (the pair fits of
-    detection) cost their per-call overhead once.
+    detection) cost their per-call overhead once.  :func:`_integrate` keeps its own scalar-parameter loop: for
+    one PSF it is faster (57 against 81 us on 300 pixels; 3 % on 200,000).
     """
     dx = np.asarray(dx, dtype=np.float64).reshape(1, -1)
     dy = np.asarray(dy, dtype=np.float64).reshape(1, -1)
