@@ -172,6 +172,10 @@ def test_real_cubes_from_the_cube_alone(shared, tmp_path, name):
     cat = Table.read(tmp_path / "o" / "catalogue.fits")
     assert len(cat) == len(det) and "n_pix_used" in cat.colnames
     (warn,) = rec["warnings"]  # both cubes cover the model poorly: named ranges and overlap
+    # the run record says where the source list came from, and what a detected list means for the clean rows
+    srec = json.loads((tmp_path / "o" / "run.json").read_text())["cubes"][0]["sources"]
+    assert srec["detected_in_cube"] is True and srec["path"].endswith("sources_detected.ecsv")
+    assert "blends with an undetected companion" in srec["note"]
     assert "usable pixels are 4750-6269" in warn
     if name.startswith("udf"):  # 4750-5374 A: about a quarter of the model's pixels
         assert "4750-5374 A" in warn and 20 <= float(warn.split("% of the model")[0].split("(")[-1]) <= 35

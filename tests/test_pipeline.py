@@ -89,6 +89,7 @@ def test_run_outputs(field, reference_run):
         assert (out / f).exists(), f
     run = json.loads((out / "run.json").read_text())
     assert {"extract", "prepare", "fit", "total"} <= set(run["timings"])
+    assert run["cubes"][0]["sources"]["detected_in_cube"] is False and "note" not in run["cubes"][0]["sources"]
     assert run["n_observations"] == len(truth) and sum(run["counts"].values()) == len(truth)
     assert json.loads((out / "config.json").read_text())["cube_lsf"] == "lamost"
     with fits.open(out / "models.fits") as h:

@@ -657,7 +657,8 @@ class Pipeline:
                 prep_wave = fits.getdata(prepared, "WAVE")
             cov = _coverage(cube, cat, model)
             record["cubes"].append({"cube": str(cube), "cube_id": cid, "n_rows": len(cat),
-                                    "status": fit_status_counts(cat["status"]), "coverage": cov})
+                                    "status": fit_status_counts(cat["status"]), "coverage": cov,
+                                    "sources": _source_record(src, detected)})
             if cov.get("warning"):
                 record.setdefault("warnings", []).append(cov["warning"])
                 self.log.warning(cov["warning"])
@@ -745,6 +746,22 @@ def _coverage(cube, cat: Table, model, warn_below: float = 0.5) -> dict:
                           + (": no star can be fitted" if n_in == 0 else
                              "; labels rest on this part of the model"
                              + (f" (fits used a median of {med:.0f} px)" if med > 0 else "")))
+    return out
+
+
+#: what a cube-only run's record says of its source list (README, *From a cube alone*: measured on simulated
+#: crowded fields, detect_vs_catalogue.py --companions)
+DETECTED_SOURCES_NOTE = ("source list detected in the cube itself: in crowded fields about a quarter of the "
+                         "fit_flags == 0 rows can be blends with an undetected companion within ~0.5 FWHM, which no "
+                         "flag can see; a catalogue of the field (--sources) avoids it")
+
+
+def _source_record(src, detected: bool) -> dict:
+    """The run record's account of a cube's source list: its path, whether it was detected in the cube, and for a
+    detected list :data:`DETECTED_SOURCES_NOTE`."""
+    out = {"path": str(src), "detected_in_cube": bool(detected)}
+    if detected:
+        out["note"] = DETECTED_SOURCES_NOTE
     return out
 
 
