@@ -753,7 +753,7 @@ def _coverage(cube, cat: Table, model, warn_below: float = 0.5) -> dict:
 #: crowded fields, detect_vs_catalogue.py --companions)
 DETECTED_SOURCES_NOTE = ("source list detected in the cube itself: in crowded fields about a quarter of the "
                          "fit_flags == 0 rows can be blends with an undetected companion within ~0.5 FWHM, which no "
-                         "flag can see; a catalogue of the field (--sources) avoids it")
+                         "flag can see; with a catalogue of the field (--sources) the companions are fitted too")
 
 
 def _source_record(src, detected: bool) -> dict:
