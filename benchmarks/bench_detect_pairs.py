@@ -37,10 +37,7 @@ def _design_baseline(params, xx, yy, pos, oversample):
 
 def _grid_start_baseline(params, xx, yy, t, w, xs, ys, fwhm, min_sep, max_sep, oversample):
     """``pairs._grid_start`` with the per-band integration of the baseline."""
-    calls = []
-
     def one_band(dx, dy, prm, ov):
-        calls.append(1)
         return np.stack([_integrate(dx, dy, *p, ov) for p in prm])
 
     saved = pairs._integrate_bands

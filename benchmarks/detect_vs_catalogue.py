@@ -71,26 +71,26 @@ def _match_det(det, truth):
     return idx
 
 
-def _match(det, truth, cat):
-    """Index into ``truth`` of each catalogue row of a detected run (-1: unmatched; within 0.5 FWHM, brightest first)."""
-    md = dict(zip(np.asarray(det["stellar_id"]).astype(str), _match_det(det, truth)))
+def _match(det, hit, cat):
+    """Index into the truth of each catalogue row of a detected run, from ``hit`` (:func:`_match_det` of ``det``)."""
+    md = dict(zip(np.asarray(det["stellar_id"]).astype(str), hit))
     return np.array([md.get(str(s), -1) for s in cat["stellar_id"]], int)
 
 
-def _splits(det, truth, split_pass):
+def _splits(det, hit, split_pass):
     """``(pairs split, both components matched to distinct true stars)``: the companions (``detected ==
-    split_pass``) and, for each, the nearest other detected star (the first component)."""
+    split_pass``) and, for each, the nearest other detected star (the first component); ``hit``: :func:`_match_det`
+    of ``det``."""
     comp = np.nonzero(np.asarray(det["detected"]) == split_pass)[0]
     if not comp.size:
         return 0, 0
-    idx = _match_det(det, truth)
     x, y = np.asarray(det["x"], float), np.asarray(det["y"], float)
     right = 0
     for j in comp:
         d = np.hypot(x - x[j], y - y[j])
         d[j] = np.inf
         i = int(np.argmin(d))
-        right += int(idx[i] >= 0 and idx[j] >= 0)
+        right += int(hit[i] >= 0 and hit[j] >= 0)
     return comp.size, right
 
 
@@ -128,10 +128,11 @@ def _field(a, seed, mdl, tmp, diagnose):
         dt = time.perf_counter() - t0
         if src is None:
             det = Table.read(next((tmp / name / "cubes").glob("*/sources_detected.ecsv")), format="ascii.ecsv")
-            idx = _match(det, truth, cat)
+            hit = _match_det(det, truth)  # once per field: the matching below all uses it
+            idx = _match(det, hit, cat)
             matched = idx[idx >= 0]
-            cat["_companion_light"] = _companion_light(det, truth, idx)
-            n_split, n_right = _splits(det, truth, rc.detect.split_pass)
+            cat["_companion_light"] = _companion_light(det, truth, idx, hit)
+            n_split, n_right = _splits(det, hit, rc.detect.split_pass)
             print(f"seed {seed}: detected {len(det)} stars, {int((idx >= 0).sum())} matched to a true star, "
                   f"{len(det) - int((idx >= 0).sum())} unmatched; {n_split} pairs split, {n_right} with both "
                   "components matched to true stars")
@@ -145,12 +146,12 @@ def _field(a, seed, mdl, tmp, diagnose):
     return res
 
 
-def _companion_light(det, truth, idx):
+def _companion_light(det, truth, idx, hit):
     """Per catalogue row of a detected run (true star ``idx``, -1: unmatched -> NaN): the light of the true stars
-    that no detection matched, at the star's true position, relative to the star's own light there (each star a
-    Gaussian of the white-light FWHM: sum of F_j exp(-4 ln 2 d_j^2 / FWHM^2) / F_star)."""
+    that no detection matched (``hit``: :func:`_match_det` of ``det``), at the star's true position, relative to the
+    star's own light there (each star a Gaussian of the white-light FWHM: sum of F_j exp(-4 ln 2 d_j^2 / FWHM^2) /
+    F_star)."""
     fwhm = float(det.meta["FWHM_PX"])
-    hit = _match_det(det, truth)
     found = np.zeros(len(truth), bool)
     found[hit[hit >= 0]] = True
     tx, ty = np.asarray(truth["x"], float), np.asarray(truth["y"], float)
