@@ -196,8 +196,9 @@ def test_error_calibration_cross_validated(holdout_figures):
         for n in BENCH_LABELS:
             pull = per["cal"]["all"][n]["pull_dispersion"]
             assert 0.85 <= pull <= 1.2, (key, n, pull)
-            # without the systematic term the errors are far too small
-            assert per["uncal"]["all"][n]["pull_dispersion"] > 1.3, (key, n)
+            # without the systematic term (statistical error and seed members' spread only) the
+            # errors are too small
+            assert per["uncal"]["all"][n]["pull_dispersion"] > 1.2, (key, n)
     # the issue's bias and pull limits on the seed-mean MUSE figures (the dispersion limits are
     # not reached by the shipped model: test_dispersion_limits_of_the_issue below)
     chk = checks(fig, "muse")
@@ -233,9 +234,10 @@ def test_errors_calibrated_by_snr_and_star_type(holdout_figures, muse_pull_bins)
     """Issue 14 / 19: in CV (calibration learnt at S/N 100 from the other folds' stars, applied to
     the held-out stars observed as MUSE at S/N 20, 50 and 100; hold-out seeds pooled), the
     dispersion of (fit - bench) / sqrt(X_err^2 + e_bench^2) is within 0.85-1.2 for every label in
-    every S/N bin, overall and for dwarfs (log g > 3.5), and for the giants' log g and [Fe/H].
-    Bins need MIN_PULL_STARS (10) distinct stars (all 94, dwarfs 56, giants 38).  The giants'
-    Teff and the metal-poor giants (5 stars) miss the range: test_error_targets_not_reached."""
+    every S/N bin, overall and for dwarfs (log g > 3.5), and for the giants' [Fe/H] (their Teff and
+    log g within 0.85-1.3).  Bins need MIN_PULL_STARS (10) distinct stars (all 94, dwarfs 56,
+    giants 38).  The giants' Teff and log g and the metal-poor giants (5 stars) miss the range:
+    test_error_targets_not_reached."""
     tab, _ = holdout_figures
     assert set(np.unique(np.asarray(tab["snr"], float))) >= {20.0, 50.0, 100.0}
     for sn in (20.0, 50.0, 100.0):
@@ -243,7 +245,7 @@ def test_errors_calibrated_by_snr_and_star_type(holdout_figures, muse_pull_bins)
             b = muse_pull_bins[sn][grp]
             assert b["n_stars"] >= MIN_PULL_STARS, (sn, grp)
             for n in BENCH_LABELS:
-                if grp == "giant" and n == "teff":
+                if grp == "giant" and n in ("teff", "logg"):
                     assert 0.85 <= b[n] <= 1.3, (sn, grp, n, b[n])
                     continue
                 assert 0.85 <= b[n] <= 1.2, (sn, grp, n, b[n])
@@ -254,11 +256,13 @@ def test_errors_calibrated_by_snr_and_star_type(holdout_figures, muse_pull_bins)
 
 @pytest.mark.shared
 @pytest.mark.xfail(strict=True, reason="issue 14 target not reached with the shipped fold assignment: giants' "
-                   "Teff pull 1.21 at S/N 50 (fold noise: 0.92-1.07 with other assignments) and the 5 metal-poor "
-                   "giants (Teff 1.46-1.61, log g 1.26-1.49: their errors are too small)")
+                   "Teff pull 1.23 at S/N 50 and log g 1.21 at S/N 20 (in range on average over ten assignments: "
+                   "1.04-1.10 / 0.94-1.15) and the 5 metal-poor giants (Teff 1.37-1.40, log g 1.09-1.40 with the "
+                   "seed term; 1.46-1.61 / 1.26-1.49 without: their errors are too small)")
 def test_error_targets_not_reached(muse_pull_bins):
     for sn in (20.0, 50.0, 100.0):
         assert 0.85 <= muse_pull_bins[sn]["giant"]["teff"] <= 1.2
+        assert 0.85 <= muse_pull_bins[sn]["giant"]["logg"] <= 1.2
         for n in BENCH_LABELS:
             assert 0.85 <= muse_pull_bins[sn]["mp_giant"][n] <= 1.2
 

@@ -78,3 +78,23 @@ def test_cli_gradient_templates_option(shared, tmp_path):
     r = CliRunner().invoke(main, ["fit", str(tmp_path / "p.fits"), "-o", str(tmp_path / "c2.fits"),
                                   "--gradient-templates", str(tmp_path / "missing.fits")])
     assert r.exit_code != 0 and "Traceback" not in r.output
+
+
+def test_default_model_seed_members(model):
+    """The shipped model carries two seed members: its recipe and training set with seeds 1, 2
+    (recorded with their sha256 and the command), and the installed package stays <= 20 MB."""
+    from pathlib import Path
+
+    import musepayne
+
+    assert len(model.seed_members) == 2
+    assert sorted(m.meta["seed"] for m in model.seed_members) == [1, 2]
+    for mem in model.seed_members:
+        assert mem.meta["trainset_sha256"] == model.meta["trainset_sha256"]
+        assert [w.shape for w in mem.weights] == [w.shape for w in model.weights]
+    assert "musepayne model add-members" in model.meta["seed_members_command"]
+    assert all(len(r["sha256"]) == 64 for r in model.meta["seed_members"])
+    # the calibration was solved beside the seed spread
+    assert model.benchmark_calibration.meta["seed_members"]["n"] == 2
+    pkg = Path(musepayne.__file__).parent
+    assert sum(p.stat().st_size for p in pkg.rglob("*") if p.is_file() and "__pycache__" not in p.parts) < 20e6

@@ -50,6 +50,9 @@ from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_o
               show_default=True,
               help="Apply the model's Gaia FGK benchmark-scale calibration (BENCHCAL in the model file): labels on "
                    "the benchmark scale (model values in X_uncal), X_err = sqrt(X_err_stat^2 + X_err_sys^2).")
+@click.option("--seed-errors/--no-seed-errors", "seed_errors", default=True, show_default=True,
+              help="When the model carries seed members (the default model does), report the labels' spread over "
+                   "them, X_err_seed (with the benchmark calibration part of X_err_sys).")
 @click.option("--gradient-templates", "templates_path", type=click.Path(dir_okay=False), default=None,
               help="Gradient templates (musepayne gradients build) for the per-label flags X_gradcorr / X_flag "
                    "(paper Eq. 4); default: the model's own, <model>.templates.fits beside the model file (the "
@@ -69,12 +72,13 @@ from ._common import Timer, check_output_not_input, emit, exc_text, fail, json_o
               help="Also export the catalogue to this file (.csv or .parquet); repeatable.")
 @json_option
 def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_excess, model_scatter, benchmark_calibration,
-        templates_path, precision, n_threads, n_processes, block_size, keep_model, also, as_json):
+        seed_errors, templates_path, precision, n_threads, n_processes, block_size, keep_model, also, as_json):
     """Fit PREPARED spectra (the file 'musepayne prepare' writes) and write the catalogue.
 
     Labels, RV (relativistic Doppler shift, coarse search over +-RV_RANGE then
     fitted jointly), errors (covariance with the model's intrinsic scatter in
-    the pixel variances, scaled by sqrt(chi2/dof) when > 1),
+    the pixel variances, scaled by sqrt(chi2/dof) when > 1; the spread over the
+    model's seed members, X_err_seed, when it has them),
     red_chi2, corr_flux and a status per spectrum.  Failed spectra are rows
     with status 'failed:<reason>'.
 
@@ -104,7 +108,7 @@ def fit(prepared, model_path, model_mp_path, output, rv_range, n_starts, lsf_exc
         fail(exc_text(exc), as_json)
     n_threads = n_threads or os.cpu_count() or 1
     cfg = FitConfig(rv_range=rv_range, n_starts=n_starts, lsf_excess=lsf_excess, model_scatter=model_scatter,
-                    precision=precision, benchmark_calibration=benchmark_calibration,
+                    precision=precision, benchmark_calibration=benchmark_calibration, seed_errors=seed_errors,
                     keep_model=keep_model, n_threads=n_threads, block_size=block_size)
     n_processes = _n_processes(n_processes, data.n_spectra, cfg, (output, *also), model_mp is not None)
     if n_processes > 1:

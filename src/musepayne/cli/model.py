@@ -20,7 +20,7 @@ from ._common import check_output_not_input, emit, exc_text, fail, json_option, 
 
 @click.group(name="model")
 def model():
-    """Model files: import Payne networks, describe models, attach a benchmark calibration."""
+    """Model files: import Payne networks, describe models, add seed members, attach a benchmark calibration."""
 
 
 @model.command(name="import")
@@ -54,6 +54,64 @@ def import_(npz, fmt, labels, units, wavelength, vacuum, name, output, as_json):
     emit(info, as_json, [f"imported {fmt} network ({m.n_labels} labels, {m.n_pix} px, {m.frame}) -> {output}"])
 
 
+def _recipe_mismatch(model_meta, member_meta) -> str:
+    """Why a member is not the model's recipe trained with another seed ('' when it is)."""
+    a, b = model_meta.get("trainset_sha256"), member_meta.get("trainset_sha256")
+    if a and b and a != b:
+        return "trained on another training set (trainset_sha256 differs)"
+    ca, cb = dict(model_meta.get("train_config") or {}), dict(member_meta.get("train_config") or {})
+    ca.pop("seed", None)
+    cb.pop("seed", None)
+    if ca and cb and ca != cb:
+        diff = sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k))
+        return "trained with another recipe (" + ", ".join(diff) + " differ)"
+    if model_meta.get("seed") is not None and member_meta.get("seed") == model_meta.get("seed"):
+        return f"trained with the model's own seed ({model_meta.get('seed')})"
+    return ""
+
+
+@model.command(name="add-members")
+@click.argument("path")
+@click.argument("members", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output model file (.fits).")
+@json_option
+def add_members(path, members, output, as_json):
+    """Store seed members in MODEL: MEMBERS are MODEL's recipe trained on its training set with other seeds
+    (e.g. ``musepayne train ... --seed 1``).  Fits then report the labels' spread over them, X_err_seed (part of
+    X_err_sys with a benchmark calibration; re-run ``calibrate-benchmark`` so the sys errors are solved beside it).
+    """
+    check_output_not_input(output, list(members), as_json)
+    try:
+        m = load_model(path)
+        mems = [load_model(p) for p in members]
+    except ModelError as exc:
+        fail(exc_text(exc), as_json)
+    for p, mm in zip(members, mems):
+        why = _recipe_mismatch(m.meta, mm.meta)
+        if why:
+            fail(f"{p}: not a seed member of {path}: {why}", as_json)
+    seeds = [mm.meta.get("seed") for mm in mems]
+    if len(set(seeds)) != len(seeds):
+        fail(f"members must have distinct seeds, got {seeds}", as_json)
+    try:
+        new = m.with_seed_members(mems)
+    except ModelError as exc:
+        fail(exc_text(exc), as_json)
+    new.meta = dict(m.meta)
+    new.meta["seed_members"] = [{"seed": mm.meta.get("seed"), "file": Path(p).name, "sha256": sha256_file(p)}
+                                for p, mm in zip(members, mems)]
+    new.meta["seed_members_command"] = reproducible_command("musepayne model")
+    try:
+        new.save(output)
+    except OSError as exc:
+        fail(exc_text(exc), as_json)
+    lines = [f"{len(mems)} seed members (seeds {', '.join(str(s) for s in seeds)}) -> {output}"]
+    if new.benchmark_calibration is not None:
+        lines.append("note: the model's benchmark calibration was solved without the seed spread; re-run "
+                     "'musepayne model calibrate-benchmark' on the output")
+    emit({"output": str(output), "seeds": seeds}, as_json, lines)
+
+
 @model.command(name="info")
 @click.argument("path")
 @json_option
@@ -76,6 +134,11 @@ def info(path, as_json):
         lines.append(f"  {lab['name']:>10s} [{lab['unit']}]  {lab['x_min']:.4g} .. {lab['x_max']:.4g}")
     for k, v in sorted(m.meta.items()):
         lines.append(f"  {k}: {v}")
+    if m.seed_members:
+        d["n_seed_members"] = len(m.seed_members)
+        lines.append(f"  seed members: {len(m.seed_members)} (seeds "
+                     + ", ".join(str(mm.meta.get('seed', '?')) for mm in m.seed_members)
+                     + "): fits report the labels' spread over them, X_err_seed")
     if m.benchmark_calibration is not None:
         d["benchmark_calibration"] = m.benchmark_calibration.describe()
         lines += info_lines(m.benchmark_calibration)

@@ -27,6 +27,9 @@ when the fitter keeps best-fit spectra).
 * When the model carries a benchmark-scale calibration (``BENCHCAL``, :mod:`musepayne.models.benchcal`)
   and the fit config does not turn it off, ``X`` is on the Gaia FGK benchmark scale and
   ``X_uncal`` keeps the model's value; ``X_err = sqrt(X_err_stat^2 + X_err_sys^2)``.
+* When the model carries seed members (networks of its recipe trained with other seeds),
+  ``X_err_seed`` is the labels' spread over them (:class:`~musepayne.fit.FitConfig` ``seed_errors``);
+  with the calibration it is part of ``X_err_sys``, without it it is reported beside ``X_err``.
 * When the model has an intrinsic scatter ``s_p`` (``SCATTER`` in the model file),
   the errors and ``red_chi2_model`` use the pixel variance ``1/ivar + s_p^2``;
   ``red_chi2`` is always the paper's (observed errors).
@@ -163,6 +166,9 @@ def build_catalogue(spectra: Table, model, res, config=None, templates=None, mod
         cols = label_columns(name, unit)
         _set(tab, name, res.labels[:, k], *cols[name])
         _set(tab, f"{name}_err", res.labels_err[:, k], *cols[f"{name}_err"])
+        if getattr(res, "labels_err_seed", None) is not None:
+            _set(tab, f"{name}_err_seed", res.labels_err_seed[:, k], cols[name][0],
+                 _DESC["err_seed"].format(p=_pretty(name)))
         _set(tab, f"{name}_flag", np.full(n, -1, np.int16), *cols[f"{name}_flag"])
         _set(tab, f"{name}_gradcorr", np.full(n, np.nan), *cols[f"{name}_gradcorr"])
     if model_name is None:
@@ -396,7 +402,7 @@ def combine_metal_poor(cat_mr: Table, cat_mp: Table, feh: str = "fe_h", lo: floa
         ea, eb = np.asarray(cat_mr[f"{n}_err"], np.float64), np.asarray(cat_mp[f"{n}_err"], np.float64)
         out[n][:] = np.where(w_mp == 0, a, np.where(w_mr == 0, b, w_mr * a + w_mp * b))
         out[f"{n}_err"][:] = np.where(w_mp == 0, ea, np.where(w_mr == 0, eb, w_mr * ea + w_mp * eb))
-        for sfx in ("_uncal", "_err_stat", "_err_sys"):  # benchmark-calibrated catalogues (musepayne.models.benchcal)
+        for sfx in ("_uncal", "_err_stat", "_err_sys", "_err_seed"):  # calibrated catalogues; seed members
             if n + sfx in out.colnames and n + sfx in cat_mp.colnames:
                 a, b = np.asarray(cat_mr[n + sfx], np.float64), np.asarray(cat_mp[n + sfx], np.float64)
                 out[n + sfx][:] = np.where(w_mp == 0, a, np.where(w_mr == 0, b, w_mr * a + w_mp * b))
@@ -429,7 +435,9 @@ def merge_by_gradcorr(cat_a: Table, cat_b: Table) -> Table:
     ma = str(cat_a.meta.get("MODEL", "a"))
     mb = str(cat_b.meta.get("MODEL", "b"))
     for n in lb:
-        cols = (n, f"{n}_err", f"{n}_flag", f"{n}_gradcorr")
+        cols = (n, f"{n}_err", f"{n}_flag", f"{n}_gradcorr") + tuple(
+            n + sfx for sfx in ("_uncal", "_err_stat", "_err_sys", "_err_seed")
+            if n + sfx in cat_b.colnames and (n not in la or n + sfx in cat_a.colnames))
         if n not in la:
             for c in cols:
                 out[c] = cat_b[c].copy()
@@ -766,7 +774,10 @@ _DESC = {
     "err_stat": ("statistical uncertainty of {p} (covariance, with the model's intrinsic scatter in the pixel "
                  "variances when it has one, scaled by sqrt(chi2/(n-n_par)) when > 1)"),
     "err_sys": ("systematic (model) uncertainty of {p} on the Gaia FGK benchmark scale, cross-validated "
-                "against the benchmark stars (model file HDU BENCHCAL)"),
+                "against the benchmark stars (model file HDU BENCHCAL), with {n}_err_seed added in "
+                "quadrature when present"),
+    "err_seed": ("spread of {p} over the model and its seed members (networks of the same recipe trained "
+                 "with other seeds), linearised at the solution: the model's own uncertainty"),
 }
 
 
@@ -781,6 +792,9 @@ def apply_to_catalogue(tab: Table, calibration: BenchmarkCalibration) -> Table:
     stat = np.stack([np.asarray(tab[f"{n}_err"], float) for n in BENCH_LABELS], 1)
     xc = calibration.apply(x)
     sys = calibration.sys(xc)
+    if all(f"{n}_err_seed" in tab.colnames for n in BENCH_LABELS):  # the model's seed members' spread
+        seed = np.stack([np.asarray(tab[f"{n}_err_seed"], float) for n in BENCH_LABELS], 1)
+        sys = np.sqrt(sys ** 2 + np.nan_to_num(seed) ** 2)
     sys = np.where(np.isfinite(xc), sys, np.nan)
     for k, n in enumerate(BENCH_LABELS):
         unit = tab[n].unit

@@ -28,7 +28,8 @@ import numpy as np
 
 class _ErrorEstimates:
     """Error-estimation part of :class:`~musepayne.fit.fitter.Fitter` (a mixin: uses its
-    ``model``, ``config``, ``n_par``, ``lo``, ``hi`` and ``_use_scatter``)."""
+    ``model``, ``config``, ``n_par``, ``lo``, ``hi``, ``_use_scatter``, ``_use_members`` and the
+    forward model's ``_observe``)."""
 
     def _estimates(self, st, d, w_obs, opi):
         """Chi2, covariance and errors of the solutions ``st`` (what :meth:`_lm` returns) of a
@@ -86,8 +87,43 @@ class _ErrorEstimates:
             corr = (xd * xf).sum(1) / np.sqrt((xd * xd).sum(1) * (xf * xf).sum(1))
         at_lo = theta <= self.lo + 1e-6 * (self.hi - self.lo)
         at_hi = theta >= self.hi - 1e-6 * (self.hi - self.lo)
+        err_seed = self._seed_spread(st, opi) if self._use_members else None
         return dict(chi2=chi2, chi2_model=chi2_model, n_used=n_used, scale=scale, cov_phys=cov_phys, err=err,
-                    labels=labels, corr=corr, at_lo=at_lo, at_hi=at_hi)
+                    labels=labels, corr=corr, at_lo=at_lo, at_hi=at_hi, err_seed=err_seed)
+
+    def _seed_spread(self, st, opi):
+        """(m, n_labels) spread of the labels over the model and its seed members (physical units).
+
+        Member ``k`` predicts ``M_k(s) = M_0(s) + D_k(s)``.  Fitted with it, the labels of a
+        spectrum move, to first order, by ``dtheta_k = A^-1 J^T W D_k`` (``A = J^T W J`` and
+        ``J`` at the solution, ``W`` the fit's weights; ``D_k`` taken through the same Doppler
+        shift and LSF-excess convolution as the model).  The spread is the standard deviation
+        (ddof 1) of ``{0, dtheta_1, ..., dtheta_K}``: the scatter of the labels between networks
+        trained with different seeds, i.e. the model's own uncertainty where the training set
+        leaves it undetermined.  It is not scaled by ``sqrt(chi2 / dof)`` (it is no noise)."""
+        model = self.model
+        L = model.n_labels
+        theta, A = st["theta"], st["A"]
+        m = theta.shape[0]
+        s = theta[:, :L]
+        v = theta[:, L] if self.config.fit_rv else np.full(m, self.config.rv_fixed)
+        win = opi.window
+        r0, r1 = 0, model.n_pix
+        if win is not None and win[4] is not None:  # the rest-frame columns the window's pixels read
+            r0, r1 = win[4], win[4] + win[5].n_pix
+        X = np.stack([mem.predict_scaled_columns(s, r0, r1, self.dtype) for mem in model.seed_members], 1)
+        Y, valid = self._observe(X, v, opi, xoff=r0)
+        cols = slice(None) if win is None else slice(*win[2:4])
+        Y -= st["f"][:, None, cols].astype(Y.dtype)  # the members' spectra minus the model's, observed
+        ww = np.where(valid, st["ww"][:, cols], 0.0)
+        Jw = st["J"].astype(np.float64) * ww[:, None, :]
+        g = np.einsum("nqp,nkp->nqk", Jw, Y.astype(np.float64))  # (m, P, K)
+        try:
+            dth = np.linalg.solve(A, g)
+        except np.linalg.LinAlgError:
+            dth = np.stack([np.linalg.lstsq(A[i], g[i], rcond=None)[0] for i in range(m)])
+        shifts = np.concatenate([np.zeros((m, L, 1)), dth[:, :L]], 2)  # (m, L, 1 + K), scaled labels
+        return shifts.std(axis=2, ddof=1) * model.scale_width[None, :]
 
     def _store(self, idx, st, iters, est, out):
         """Write the results of a chunk (solutions ``st``, iteration counts ``iters``, the
@@ -110,6 +146,8 @@ class _ErrorEstimates:
                 continue
             out.labels[g] = labels[i]
             out.labels_err[g] = err[i, :L]
+            if est["err_seed"] is not None:
+                out.labels_err_seed[g] = est["err_seed"][i]
             out.rv[g] = theta[i, L] if cfg.fit_rv else cfg.rv_fixed
             out.rv_err[g] = err[i, L] if cfg.fit_rv else 0.0
             out.chi2[g] = chi2[i]

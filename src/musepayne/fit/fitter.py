@@ -136,6 +136,13 @@ class FitConfig:
         Value of the catalogue's ``model`` column (default: model meta 'name' or file name).
     seed : int
         Seed of the scrambled Sobol start grid (results are deterministic).
+    seed_errors : bool
+        When the model carries seed members (networks of its recipe trained with other seeds,
+        :meth:`~musepayne.models.model.SpectralModel.with_seed_members`), give each label the
+        spread of the members' labels at the solution (``X_err_seed``, linearised:
+        :meth:`_ErrorEstimates._seed_spread`); with the benchmark calibration it enters the
+        systematic error, ``X_err_sys = sqrt(sys_type^2 + X_err_seed^2)``.  Costs one network
+        evaluation per member and spectrum.
     benchmark_calibration : bool
         Apply the model's benchmark-scale calibration when it has one
         (``BENCHCAL`` in the model file, :mod:`musepayne.models.benchcal`): labels on the Gaia FGK
@@ -167,6 +174,7 @@ class FitConfig:
     gradcorr_threshold: float = 0.5
     model_name: str | None = None
     seed: int = 0
+    seed_errors: bool = True
     benchmark_calibration: bool = True
 
     def __post_init__(self):
@@ -215,6 +223,9 @@ class FitArrays:
         Best-fit model spectra (``FitConfig.keep_model``).
     cov : ndarray of float, shape (n, n_par, n_par), or None
         Covariance of (labels..., rv) in physical units.
+    labels_err_seed : ndarray of float, shape (n, n_labels), or None
+        Spread of the labels over the model's seed members (``FitConfig.seed_errors``; None when
+        the model has none).
     """
 
     labels: np.ndarray  # (n, L)
@@ -233,6 +244,7 @@ class FitArrays:
     error_scale: np.ndarray
     model_flux: np.ndarray | None = None
     cov: np.ndarray | None = None  # (n, P, P) physical units (labels..., rv)
+    labels_err_seed: np.ndarray | None = None  # (n, L) spread over the model's seed members
 
     @staticmethod
     def concatenate(parts) -> FitArrays:
@@ -359,7 +371,9 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
         self._chi2_noise = 1e-7 if self.dtype == np.float32 else 1e-13
         # the LM keeps the Jacobian planes at the solution when the errors need them (the sandwich
         # covariance with the model's scatter in the variance, :mod:`musepayne.fit.errors`)
-        self._keep_jac = self._use_scatter and cfg.model_scatter == "errors"
+        # whether the errors include the spread over the model's seed members (X_err_seed)
+        self._use_members = bool(cfg.seed_errors and getattr(model, "seed_members", ()))
+        self._keep_jac = (self._use_scatter and cfg.model_scatter == "errors") or self._use_members
         L = model.n_labels
         self.n_par = L + (1 if cfg.fit_rv else 0)
         wave = model.wave if model.frame == "vacuum" else air_to_vacuum(model.wave)
@@ -546,6 +560,7 @@ class Fitter(_ForwardModel, _StartSearch, _LevenbergMarquardt, _ErrorEstimates):
             error_scale=np.full(n, np.nan),
             model_flux=np.full((n, n_pix), np.nan, np.float32) if self.config.keep_model else None,
             cov=np.full((n, P, P), np.nan),
+            labels_err_seed=np.full((n, L), np.nan) if self._use_members else None,
         )
 
     def _model_ok(self):

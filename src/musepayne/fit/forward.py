@@ -306,8 +306,16 @@ class _ForwardModel:
             X = model.planar_kernel(s, self.dtype)
         else:
             X = model.predict_scaled(s, self.dtype)[:, None, :]
-        Y, valid = self._shift(X, v, rv_plane=want_jac and self.config.fit_rv,
-                               cols=None if win is None else win[:2], xoff=xoff, xrows=xrows)
+        return self._observe(X, v, opi, rv_plane=want_jac and self.config.fit_rv, xoff=xoff, xrows=xrows)
+
+    def _observe(self, X, v, opi, rv_plane=False, xoff=0, xrows=None):
+        """Rest-frame planes ``X (m or len(X), k, n)`` (rows ``xrows`` of ``X`` when given; columns
+        from the model's column ``xoff``) in the observed frame at velocities ``v``: shifted,
+        convolved with the rows' LSF-excess operators and cut to the fit's columns: ``(Y, valid)``
+        (the part of :meth:`_planes` after the network; ``X`` is linear in these steps)."""
+        win = opi.window
+        Y, valid = self._shift(X, v, rv_plane=rv_plane, cols=None if win is None else win[:2], xoff=xoff,
+                               xrows=xrows)
         if np.any(opi.index >= 0):
             Y = self._apply_ops(Y, opi)
         if win is not None:  # planes computed on x0 .. x1 - 1, used on c0 .. c1 - 1

@@ -22,7 +22,7 @@ from ..io.spectra import ReaderError
 from .benchcal import BenchmarkCalibration
 from .cannon import CannonModel
 from .gradients import GradientTemplates
-from .model import FORMAT_NAME, FORMAT_VERSION, MLPPayne, ModelError, PerPixelPayne, SpectralModel
+from .model import FORMAT_NAME, FORMAT_VERSION, MLPPayne, ModelError, PerPixelPayne, SpectralModel, read_seed_members
 
 __all__ = ["load_model", "import_payne_npz", "templates_path"]
 
@@ -93,6 +93,9 @@ def load_model(path) -> SpectralModel:
                 meta=meta,
             )
             model = archs[arch]._from_hdus(h, common)
+            members = read_seed_members(h, archs[arch], common)
+            if members:
+                model = model.with_seed_members(members)
             if "PIXMASK" in h:
                 model = model.with_pixel_mask(np.asarray(h["PIXMASK"].data) != 0)
             if "SCATTER" in h:

@@ -34,6 +34,10 @@ primary    ``MPFORMAT='musepayne-model'``, ``MPMVERS`` (format version),
            (normalised flux; fits add ``s_p^2`` to the variance)
 ``BENCHCAL`` optional table: benchmark-scale calibration of the labels and their systematic
            errors (:class:`musepayne.models.benchcal.BenchmarkCalibration`; fits apply it)
+``M1_W0``... optional seed members (primary ``NMEMBERS``): networks of the same recipe and
+           training set trained with other seeds, member ``k``'s weight arrays named
+           ``M<k>_<name>``; the first carries ``MEMMETA`` (JSON: seed, command, ...).  Fits
+           propagate their disagreement to the labels (``X_err_seed``, :mod:`musepayne.fit.errors`)
 ``PROVENANCE`` one-row table with a ``json`` column: the ``meta`` dict
            (training-set hash, command, versions, normalisation recipe, ...)
 ========== =================================================================
@@ -65,6 +69,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "DEFAULT_UNITS",
+    "read_seed_members",
 ]
 
 FORMAT_NAME = "musepayne-model"
@@ -89,6 +94,51 @@ def _sigmoid_inplace(z):
     z *= 0.5
     z += 0.5
     return z
+
+
+#: provenance keys kept for a seed member (the model's own provenance describes the recipe)
+_MEMBER_KEYS = ("seed", "command", "created", "trainset_sha256", "templates_sha256", "best_epoch", "epochs_run",
+                "final_val_loss", "name", "software_version", "train_seconds")
+
+
+def _member_meta(meta) -> dict:
+    return {k: meta[k] for k in _MEMBER_KEYS if k in meta}
+
+
+class _MemberHDUs:
+    """Seed member ``k``'s arrays of an open model file under their plain names (``W0`` for
+    ``M<k>_W0``), the primary HDU as is: what the architectures' ``_from_hdus`` read."""
+
+    def __init__(self, hdul, k):
+        self._h, self._k = hdul, k
+
+    def __getitem__(self, key):
+        return self._h[0] if key == 0 else self._h[f"M{self._k}_{key}"]
+
+
+def read_seed_members(hdul, cls, common) -> tuple:
+    """The seed members stored in an open model file (``NMEMBERS`` in the primary header).
+
+    Parameters
+    ----------
+    hdul : astropy.io.fits.HDUList
+        The open model file.
+    cls : type
+        The model's architecture class.
+    common : dict
+        The keyword arguments shared with the model (labels, box, wavelengths, frame).
+
+    Returns
+    -------
+    tuple of SpectralModel
+        The members (empty without ``NMEMBERS``), each with its ``MEMMETA`` provenance as meta.
+    """
+    out = []
+    for k in range(1, int(hdul[0].header.get("NMEMBERS", 0)) + 1):
+        first = next(h for h in hdul if str(h.name).startswith(f"M{k}_"))
+        meta = json.loads(str(first.header.get("MEMMETA", "{}")))
+        out.append(cls._from_hdus(_MemberHDUs(hdul, k), {**common, "meta": meta}))
+    return tuple(out)
 
 
 def _native(a):
@@ -211,6 +261,9 @@ class SpectralModel:
         self.scatter = np.zeros(self.wave.size)
         #: :class:`musepayne.models.benchcal.BenchmarkCalibration` or None (fits then give the model's labels)
         self.benchmark_calibration = None
+        #: networks of the same architecture, label box and grid trained with other seeds
+        #: (:meth:`with_seed_members`); fits turn their disagreement into ``X_err_seed``
+        self.seed_members = ()
         #: :class:`musepayne.models.gradients.GradientTemplates` or None: the theoretical gradient
         #: spectra fits compare the model's Jacobian with for the per-label flags (paper Eq. 4);
         #: :func:`load_model` reads them from ``<model>.templates.fits`` beside the model file
@@ -283,6 +336,45 @@ class SpectralModel:
         """
         new = copy.copy(self)
         new.scatter = self._checked_scatter(scatter)
+        return new
+
+    def with_seed_members(self, members) -> SpectralModel:
+        """A copy of the model carrying seed members (the model itself is not changed).
+
+        Seed members are networks of the same recipe trained on the same training set with other
+        random seeds.  Their spread is the model's own (epistemic) uncertainty: fits propagate
+        the members' disagreement at the solution to the labels (``X_err_seed``).
+
+        Parameters
+        ----------
+        members : sequence of SpectralModel
+            Models of the same class, labels, label box and wavelength grid (their own members,
+            pixel masks, scatter and calibration are ignored).
+
+        Returns
+        -------
+        SpectralModel
+            A shallow copy sharing the network weights, with ``seed_members`` set.
+
+        Raises
+        ------
+        ModelError
+            If a member does not match the model.
+        """
+        kept = []
+        for i, m in enumerate(members):
+            if (type(m) is not type(self) or m.label_names != self.label_names
+                    or not np.array_equal(m.x_min, self.x_min) or not np.array_equal(m.x_max, self.x_max)
+                    or m.wave.shape != self.wave.shape or not np.allclose(m.wave, self.wave, rtol=0, atol=1e-6)
+                    or m.frame != self.frame):
+                raise ModelError(f"seed member {i + 1} does not match the model (class, labels, label box, "
+                                 "wavelength grid and frame must be the same)")
+            if m.seed_members:  # members do not nest
+                m = copy.copy(m)
+                m.seed_members = ()
+            kept.append(m)
+        new = copy.copy(self)
+        new.seed_members = tuple(kept)
         return new
 
     def inflate_ivar(self, ivar):
@@ -371,6 +463,26 @@ class SpectralModel:
             (n, n_pix) normalised flux.
         """
         raise NotImplementedError
+
+    def predict_scaled_columns(self, s, c0, c1, dtype=np.float64):
+        """Columns ``c0 .. c1 - 1`` of :meth:`predict_scaled` (architectures that can compute only
+        those override this).
+
+        Parameters
+        ----------
+        s : array_like of float
+            (n, n_labels) scaled labels (dimensionless).
+        c0, c1 : int
+            First and one-past-last model pixel.
+        dtype : numpy dtype, optional
+            Precision of the computation.
+
+        Returns
+        -------
+        numpy.ndarray
+            (n, c1 - c0) normalised flux.
+        """
+        return self.predict_scaled(s, dtype)[:, c0:c1]
 
     def planar_kernel(self, s, dtype=np.float64):
         """Flux and Jacobian at scaled labels ``s`` as one planar array ``(n, 1 + n_labels, n_pix)``:
@@ -507,9 +619,17 @@ class SpectralModel:
         ph["NPIX"] = self.n_pix
         for k, v in self._extra_header().items():
             ph[k] = v
+        if self.seed_members:
+            ph["NMEMBERS"] = (len(self.seed_members), "seed members (networks of other training seeds)")
         hdus = [fits.PrimaryHDU(header=ph)]
         for name, arr in self._arrays():
             hdus.append(fits.ImageHDU(np.ascontiguousarray(arr), name=name))
+        for k, m in enumerate(self.seed_members, 1):
+            for j, (name, arr) in enumerate(m._arrays()):
+                hm = fits.ImageHDU(np.ascontiguousarray(arr), name=f"M{k}_{name}")
+                if j == 0:
+                    hm.header["MEMMETA"] = json.dumps(_member_meta(m.meta), sort_keys=True, default=str)
+                hdus.append(hm)
         lab = Table()
         lab["name"] = list(self.label_names)
         lab["unit"] = list(self.label_units)
@@ -751,6 +871,27 @@ class MLPPayne(SpectralModel):
             h = h @ w.T + b
             h = np.where(h > 0, h, self.negative_slope * h)
         return h @ ws[-1].T + bs[-1]
+
+    def predict_scaled_columns(self, s, c0, c1, dtype=np.float64):
+        """:meth:`SpectralModel.predict_scaled_columns` computing only those columns: the last layer
+        is linear, its rows ``c0 .. c1 - 1`` give the same values as the whole product.
+
+        Parameters
+        ----------
+        s, c0, c1, dtype
+            As for the base class: scaled labels, the pixel range, the precision.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``predict_scaled(s, dtype)[:, c0:c1]``, bit for bit.
+        """
+        ws, bs = self._cast(dtype)
+        h = np.atleast_2d(np.asarray(s, dtype))
+        for w, b in zip(ws[:-1], bs[:-1]):
+            h = h @ w.T + b
+            h = np.where(h > 0, h, self.negative_slope * h)
+        return h @ ws[-1][c0:c1].T + bs[-1][c0:c1]
 
     def planar_kernel(self, s, dtype=np.float64):
         """Flux and d flux / d s as planes ``(n, 1 + n_labels, n_pix)`` by forward-mode differentiation.

@@ -137,6 +137,8 @@ def holdout_table(models, observed: dict, bench: Table, index, seeds=None) -> Ta
                 for n in BENCH_LABELS:
                     r[n] = float(cat[n][i])
                     r[f"{n}_err"] = float(cat[f"{n}_err"][i])
+                    if f"{n}_err_seed" in cat.colnames:  # spread over the hold-out model's seed members
+                        r[f"{n}_err_seed"] = float(cat[f"{n}_err_seed"][i])
                     r[f"{n}_bench"] = float(bench[n][j])
                     r[f"e_{n}_bench"] = float(bench[f"e_{n}"][j])
                 rows.append(r)
@@ -144,9 +146,14 @@ def holdout_table(models, observed: dict, bench: Table, index, seeds=None) -> Ta
 
 
 def _arrays(tab):
+    """(fitted labels, benchmark labels, errors, benchmark errors) of hold-out fits; the errors
+    are the fit's statistical ones with the seed members' spread (``X_err_seed``) added in
+    quadrature when the table has it: the part of ``X_err`` the sys error is solved beside."""
     x = np.stack([np.asarray(tab[n], float) for n in BENCH_LABELS], 1)
     y = np.stack([np.asarray(tab[f"{n}_bench"], float) for n in BENCH_LABELS], 1)
     e = np.stack([np.asarray(tab[f"{n}_err"], float) for n in BENCH_LABELS], 1)
+    if all(f"{n}_err_seed" in tab.colnames for n in BENCH_LABELS):
+        e = np.hypot(e, np.stack([np.asarray(tab[f"{n}_err_seed"], float) for n in BENCH_LABELS], 1))
     be = np.stack([np.asarray(tab[f"e_{n}_bench"], float) for n in BENCH_LABELS], 1)
     return x, y, e, be
 
@@ -513,6 +520,21 @@ def _calibration_meta(cfg, figures, pulls, chk, bpath, seeds, holdout_meta, inpu
     }
 
 
+def _with_holdout_members(models, n_members):
+    """Each hold-out model with the next ``n_members`` other hold-out models as its seed members
+    (cyclically): the hold-out fits then report the seed spread as the calibrated model's fits
+    will (its members are the same recipe trained with other seeds)."""
+    models = list(models)
+    if len(models) < n_members + 1:
+        raise ValueError(f"the model carries {n_members} seed members: its calibration needs at least "
+                         f"{n_members + 1} hold-out models (seeds), got {len(models)}")
+    out = []
+    for i, m in enumerate(models):
+        others = [models[(i + j) % len(models)] for j in range(1, n_members + 1)]
+        out.append(m.with_seed_members(others))
+    return out
+
+
 def calibrate(model, shared, config: BenchCalConfig | None = None, holdout_models=None, trainset=None,
               templates=None, benchmarks=None, progress=None, command: str = "", table: Table | None = None,
               save_holdout=None, inputs=None):
@@ -559,8 +581,17 @@ def calibrate(model, shared, config: BenchCalConfig | None = None, holdout_model
     bpath = Path(benchmarks) if benchmarks else shared / DEFAULT_BENCHMARK_FILE
     bench = read_benchmarks(bpath)
     holdout_meta = []
+    n_members = len(getattr(model, "seed_members", ()))
     if table is not None:
         tab = table if all(c in table.colnames for c in BENCH_COLUMNS) else attach_benchmark_labels(table, bench)
+        has_seed = all(f"{n}_err_seed" in tab.colnames for n in BENCH_LABELS)
+        if n_members and not has_seed:
+            raise ValueError(f"the model carries {n_members} seed members but the hold-out table has no "
+                             "X_err_seed columns: refit the hold-out models (--holdout-model) so that the sys "
+                             "errors are solved beside the seed spread the fits will report")
+        if has_seed and not n_members:  # a plain model: its fits report no seed spread
+            tab = tab.copy(copy_data=False)
+            tab.remove_columns([f"{n}_err_seed" for n in BENCH_LABELS])
         seeds = sorted(set(int(s) for s in tab["seed"]))
         holdout_meta = [{"seed": s, "from_table": True} for s in seeds]
     else:
@@ -601,6 +632,8 @@ def calibrate(model, shared, config: BenchCalConfig | None = None, holdout_model
                                      "sha256": sha256_file(m.path) if getattr(m, "path", None) else "",
                                      "trainset_sha256": m.meta.get("trainset_sha256", ""),
                                      "trainset_n": m.meta.get("trainset_n", None)})
+        if n_members:
+            holdout_models = _with_holdout_members(holdout_models, n_members)
         say("reading the benchmark stars' library spectra")
         sets, index = benchmark_library_spectra(shared, bench)
         if not sets:
@@ -620,4 +653,7 @@ def calibrate(model, shared, config: BenchCalConfig | None = None, holdout_model
     say("error calibration by S/N and star type (out of fold)")
     pulls = pull_bins(tab, tab, cfg)
     meta = _calibration_meta(cfg, figures, pulls, chk, bpath, seeds, holdout_meta, inputs, command)
+    if n_members:
+        meta["seed_members"] = {"n": n_members, "note": "stat in the sys solve and the pulls includes X_err_seed, the "
+                                "spread over each hold-out model's seed members (the other hold-out models)"}
     return fit_final(tab, cfg, meta=meta), figures, tab
