@@ -82,17 +82,20 @@ def prepare(args):
     folds = assign_folds(groups, args.k, args.seed)
     recipe = default_recipe(ts.label_names)
     prep = Preparer(PrepareConfig())
-    for f in range(args.k):
-        mpath = cache / f"fold{f}.fits"
-        if not mpath.exists():
+    for f in _folds(args):
+        # the fold model (seed recipe.seed + f) and its seed members (seeds 1000 j + recipe.seed + f)
+        for j in range(args.members + 1):
+            mpath = cache / (f"fold{f}.fits" if j == 0 else f"fold{f}_member{j}.fits")
+            if mpath.exists():
+                continue
             tr = np.nonzero(folds != f)[0]
             sub = ts.select(tr)
             t0 = time.process_time()
             res = train_model(sub.flux, sub.ivar, sub.labels, ts.label_names, sub.wave,
-                              replace(recipe, seed=recipe.seed + f), templates=tpl,
+                              replace(recipe, seed=1000 * j + recipe.seed + f), templates=tpl,
                               groups=np.asarray(sub.table["star_key"]) if "star_key" in sub.table.colnames else None)
             model = res.to_model()
-            model.meta["name"] = f"cvflags-fold{f}"
+            model.meta["name"] = f"cvflags-fold{f}" + (f"-member{j}" if j else "")
             model.save(mpath)
             print(f"fold {f}: trained on {tr.size} spectra in {time.process_time() - t0:.0f} CPU-s -> {mpath}",
                   flush=True)
@@ -155,6 +158,10 @@ def _diagnostics(model, ps, res, train_labels, label_names):
     return out
 
 
+def _folds(args):
+    return range(args.k) if args.folds is None else [int(v) for v in args.folds.split(",")]
+
+
 def fit(args):
     cache = Path(args.cache)
     tpl = GradientTemplates.load(args.templates) if args.templates else None
@@ -163,8 +170,11 @@ def fit(args):
     groups = np.asarray(t["star_key"]) if "star_key" in t.colnames else np.asarray(t["stellar_id"])
     folds = assign_folds(groups, args.k, args.seed)
     cats = []
-    for f in (range(args.k) if args.folds is None else [int(v) for v in args.folds.split(",")]):
+    for f in _folds(args):
         model = load_model(cache / f"fold{f}.fits")
+        members = [load_model(cache / f"fold{f}_member{j}.fits") for j in range(1, args.members + 1)]
+        if members:  # the fold model's seed members: the catalogue gets X_err_seed
+            model = model.with_seed_members(members)
         fitter = Fitter(model, FitConfig(keep_model=True))
         for snr in SNRS:
             ps = PreparedSpectra.read(cache / f"fold{f}_snr{snr:g}.fits")
@@ -305,7 +315,10 @@ def main(argv=None):
     p.add_argument("--max-misfit", type=float, default=FlagThresholds().max_misfit)
     p.add_argument("--misfit-sigma", type=float, default=FlagThresholds().misfit_sigma)
     p.add_argument("--max-ref-dist", type=float, default=FlagThresholds().max_ref_dist)
-    p.add_argument("--folds", default=None, help="fit step: comma-separated folds (default all)")
+    p.add_argument("--folds", default=None, help="prepare / fit steps: comma-separated folds (default all)")
+    p.add_argument("--members", type=int, default=0,
+                   help="prepare / fit steps: seed members per fold model (trained with seeds 1000 j + fold seed; "
+                        "fit: X_err_seed in the table)")
     p.add_argument("--out", default="cv_flags.fits", help="fit / measure step: table name in the cache")
     args = p.parse_args(argv)
     {"prepare": prepare, "fit": fit, "measure": measure, "reference": reference}[args.step](args)
