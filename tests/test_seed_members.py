@@ -168,7 +168,9 @@ def test_cli_add_members_checks_the_recipe(toy, tmp_path):
 
     def save(model, name, seed, trainset="a" * 64, **cfg):
         m = copy.copy(model)
-        m.meta = {"seed": seed, "trainset_sha256": trainset, "train_config": {**recipe, **cfg, "seed": seed}}
+        m.meta = {"seed": seed, "train_config": {**recipe, **cfg, "seed": seed}}
+        if trainset:
+            m.meta["trainset_sha256"] = trainset
         m.save(tmp_path / name)
         return str(tmp_path / name)
 
@@ -183,7 +185,8 @@ def test_cli_add_members_checks_the_recipe(toy, tmp_path):
     assert m.meta["seed_members_command"].startswith("musepayne model")
     bad = {"another training set": save(toy, "b1.fits", 3, trainset="b" * 64),
            "another recipe (hidden differ)": save(toy, "b2.fits", 4, hidden=[100, 100]),
-           "model's own seed": save(toy, "b3.fits", 0)}
+           "model's own seed": save(toy, "b3.fits", 0),
+           "does not record its training set": save(toy, "b4.fits", 5, trainset=None)}
     for why, path in bad.items():
         out2 = tmp_path / "no.fits"
         r = CliRunner().invoke(main, ["model", "add-members", base, path, "-o", str(out2)])

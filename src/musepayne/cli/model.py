@@ -59,6 +59,11 @@ def _recipe_mismatch(model_meta, member_meta) -> str:
     a, b = model_meta.get("trainset_sha256"), member_meta.get("trainset_sha256")
     if a and b and a != b:
         return "trained on another training set (trainset_sha256 differs)"
+    if a and not b:
+        return "its provenance does not record its training set (no trainset_sha256)"
+    na, nb = model_meta.get("n_train"), member_meta.get("n_train")
+    if na is not None and nb is not None and na != nb:
+        return f"trained on another training set ({nb} training spectra, the model {na})"
     ca, cb = dict(model_meta.get("train_config") or {}), dict(member_meta.get("train_config") or {})
     ca.pop("seed", None)
     cb.pop("seed", None)
