@@ -120,8 +120,13 @@ class _ErrorEstimates:
         g = np.einsum("nqp,nkp->nqk", Jw, Y.astype(np.float64))  # (m, P, K)
         try:
             dth = np.linalg.solve(A, g)
-        except np.linalg.LinAlgError:
-            dth = np.stack([np.linalg.lstsq(A[i], g[i], rcond=None)[0] for i in range(m)])
+        except np.linalg.LinAlgError:  # a singular matrix in the chunk: row by row, NaN for it
+            dth = np.full(g.shape, np.nan)
+            for i in range(m):
+                try:
+                    dth[i] = np.linalg.solve(A[i], g[i])
+                except np.linalg.LinAlgError:
+                    pass
         shifts = np.concatenate([np.zeros((m, L, 1)), dth[:, :L]], 2)  # (m, L, 1 + K), scaled labels
         return shifts.std(axis=2, ddof=1) * model.scale_width[None, :]
 
