@@ -220,3 +220,21 @@ def test_seed_spread_of_a_singular_row_is_nan_not_a_failed_chunk(toy):
     cat = fitter(prep)
     ok = np.asarray(cat["status"]) == "converged"
     assert ok.sum() >= 5 and np.all(np.isfinite(np.asarray(cat["teff_err_seed"])[ok]))
+
+
+def test_damaged_member_hdus_are_a_clear_error(toy, tmp_path):
+    """A model file that declares members it does not hold (or whose member arrays are cut) is
+    refused with a ModelError naming the problem, not a traceback."""
+    from astropy.io import fits
+
+    path = tmp_path / "m.fits"
+    toy.with_seed_members([_shifted(toy, DELTA)]).save(path)
+    with fits.open(path) as h:
+        keep = [x for x in h if not str(x.name).startswith("M1_")]
+        fits.HDUList([x.copy() for x in keep]).writeto(tmp_path / "cut.fits")
+        h2 = fits.HDUList([x.copy() for x in h if str(x.name) != "M1_W2"])
+        h2.writeto(tmp_path / "half.fits")
+    with pytest.raises(ModelError, match="seed members"):
+        load_model(tmp_path / "cut.fits")
+    with pytest.raises(ModelError, match="cannot read model"):
+        load_model(tmp_path / "half.fits")

@@ -132,10 +132,18 @@ def read_seed_members(hdul, cls, common) -> tuple:
     -------
     tuple of SpectralModel
         The members (empty without ``NMEMBERS``), each with its ``MEMMETA`` provenance as meta.
+
+    Raises
+    ------
+    ModelError
+        If a declared member has no HDUs.
     """
     out = []
-    for k in range(1, int(hdul[0].header.get("NMEMBERS", 0)) + 1):
-        first = next(h for h in hdul if str(h.name).startswith(f"M{k}_"))
+    n = int(hdul[0].header.get("NMEMBERS", 0))
+    for k in range(1, n + 1):
+        first = next((h for h in hdul if str(h.name).startswith(f"M{k}_")), None)
+        if first is None:
+            raise ModelError(f"the file declares {n} seed members (NMEMBERS) but has no HDUs of member {k}")
         meta = json.loads(str(first.header.get("MEMMETA", "{}")))
         out.append(cls._from_hdus(_MemberHDUs(hdul, k), {**common, "meta": meta}))
     return tuple(out)
