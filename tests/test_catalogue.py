@@ -109,6 +109,13 @@ def test_merge_by_gradcorr():
     assert np.allclose(m["mg_fe"], [0.1, 0.3, 0.3])
     assert list(m["mg_fe_source"]) == ["A", "G", "G"]
     assert np.allclose(m["fe_h"], 0.0)  # both NaN gradcorr: keep the first catalogue
+    # a label's companion columns (calibration, seed spread) come from the same catalogue as its value
+    for cat, v in ((a, 1.0), (b, 2.0)):
+        for sfx in ("_uncal", "_err_stat", "_err_sys", "_err_seed"):
+            cat["mg_fe" + sfx] = np.full(3, v)
+    m = merge_by_gradcorr(a, b)
+    for sfx in ("_uncal", "_err_stat", "_err_sys", "_err_seed"):
+        assert list(m["mg_fe" + sfx]) == [1.0, 2.0, 2.0], sfx
 
 
 def test_quality_flags_low_snr_blended_large_errors():
