@@ -238,3 +238,22 @@ def test_damaged_member_hdus_are_a_clear_error(toy, tmp_path):
         load_model(tmp_path / "cut.fits")
     with pytest.raises(ModelError, match="cannot read model"):
         load_model(tmp_path / "half.fits")
+
+
+def test_a_nonfinite_singular_normal_matrix_does_not_fail_its_chunk(toy):
+    """Covariance fallback: a row whose normal matrix is singular *and* non-finite (pinv cannot
+    take it) gets NaN errors; the other rows of the chunk keep theirs (before: LinAlgError, and the
+    whole chunk became failed:numerical)."""
+    from musepayne.fit.operators import _RowOps
+
+    m = toy.with_seed_members([_shifted(toy, DELTA)])
+    fitter = Fitter(m, FitConfig(fit_rv=False))
+    bad = np.full((3, 3), np.nan)
+    bad[0] = 0.0
+    n = toy.n_pix
+    st = {"theta": np.zeros((2, 3)), "A": np.stack([np.eye(3) * 1e4, bad]),
+          "J": np.ones((2, 3, n), np.float32), "ww": np.ones((2, n)),
+          "f": toy.predict_scaled(np.zeros((2, 3)), np.float32)}
+    est = fitter._estimates(st, np.ones((2, n)), np.ones((2, n)), _RowOps(np.full(2, -1), ()))
+    assert np.all(np.isfinite(est["err"][0])) and np.all(np.isnan(est["err"][1]))
+    assert np.all(np.isfinite(est["err_seed"][0])) and np.all(np.isnan(est["err_seed"][1]))

@@ -59,7 +59,8 @@ class _ErrorEstimates:
                 try:
                     cov[i] = np.linalg.inv(A[i])
                 except np.linalg.LinAlgError:
-                    cov[i] = np.linalg.pinv(A[i])
+                    if np.all(np.isfinite(A[i])):  # (pinv of a non-finite matrix raises: that row stays NaN)
+                        cov[i] = np.linalg.pinv(A[i])
         if scatter and cfg.model_scatter == "errors":
             # labels fitted with W = ivar while the variance is 1/ivar + s^2: cov = A^-1 B A^-1 with
             # B = J^T W (W^-1 + S) W J = A + J^T diag(W^2 s^2) J
