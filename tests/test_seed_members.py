@@ -215,7 +215,7 @@ def test_seed_spread_of_a_singular_row_is_nan_not_a_failed_chunk(toy):
           "f": toy.predict_scaled(np.zeros((2, 3)), np.float32)}
     from musepayne.fit.operators import _RowOps
 
-    out = fitter._seed_spread(st, _RowOps(np.full(2, -1), ()))
+    out = fitter._seed_spread(st, _RowOps(np.full(2, -1), ()), st["J"].astype(np.float64))
     assert np.all(np.isfinite(out[0])) and np.all(np.isnan(out[1]))
     cat = fitter(prep)
     ok = np.asarray(cat["status"]) == "converged"

@@ -61,6 +61,8 @@ class _ErrorEstimates:
                 except np.linalg.LinAlgError:
                     if np.all(np.isfinite(A[i])):  # (pinv of a non-finite matrix raises: that row stays NaN)
                         cov[i] = np.linalg.pinv(A[i])
+        # the Jacobian planes at the solution the LM kept (when the errors need them), in float64 once
+        J64 = None if st.get("J") is None else st["J"].astype(np.float64)
         if scatter and cfg.model_scatter == "errors":
             # labels fitted with W = ivar while the variance is 1/ivar + s^2: cov = A^-1 B A^-1 with
             # B = J^T W (W^-1 + S) W J = A + J^T diag(W^2 s^2) J
@@ -68,7 +70,7 @@ class _ErrorEstimates:
             # pixels: the terms outside it are zero)
             cols = slice(None) if opi.window is None else slice(*opi.window[2:4])
             ws = (w_obs_used * self.model.scatter)[:, cols]
-            Jw = st["J"].astype(np.float64) * ws[:, None, :]
+            Jw = J64 * ws[:, None, :]
             B = A + np.einsum("nqp,nrp->nqr", Jw, Jw)
             cov = np.einsum("nij,njk,nkl->nil", cov, B, cov)
         dof = np.maximum(n_used - P, 1)
@@ -88,12 +90,13 @@ class _ErrorEstimates:
             corr = (xd * xf).sum(1) / np.sqrt((xd * xd).sum(1) * (xf * xf).sum(1))
         at_lo = theta <= self.lo + 1e-6 * (self.hi - self.lo)
         at_hi = theta >= self.hi - 1e-6 * (self.hi - self.lo)
-        err_seed = self._seed_spread(st, opi) if self._use_members else None
+        err_seed = self._seed_spread(st, opi, J64) if self._use_members else None
         return dict(chi2=chi2, chi2_model=chi2_model, n_used=n_used, scale=scale, cov_phys=cov_phys, err=err,
                     labels=labels, corr=corr, at_lo=at_lo, at_hi=at_hi, err_seed=err_seed)
 
-    def _seed_spread(self, st, opi):
-        """(m, n_labels) spread of the labels over the model and its seed members (physical units).
+    def _seed_spread(self, st, opi, J64):
+        """(m, n_labels) spread of the labels over the model and its seed members (physical units);
+        ``J64``: the kept Jacobian planes ``st['J']`` in float64.
 
         Member ``k`` predicts ``M_k(s) = M_0(s) + D_k(s)``.  Fitted with it, the labels of a
         spectrum move, to first order, by ``dtheta_k = A^-1 J^T W D_k`` (``A = J^T W J`` and
@@ -117,7 +120,7 @@ class _ErrorEstimates:
         cols = slice(None) if win is None else slice(*win[2:4])
         Y -= st["f"][:, None, cols].astype(Y.dtype)  # the members' spectra minus the model's, observed
         ww = np.where(valid, st["ww"][:, cols], 0.0)
-        Jw = st["J"].astype(np.float64) * ww[:, None, :]
+        Jw = J64 * ww[:, None, :]
         g = np.einsum("nqp,nkp->nqk", Jw, Y.astype(np.float64))  # (m, P, K)
         try:
             dth = np.linalg.solve(A, g)
