@@ -57,7 +57,7 @@ from astropy.table.meta import YamlParseError, get_header_from_yaml
 
 from ..flags import DEFAULT_MAX_RED_CHI2, FIT_FLAGS, FlagThresholds, fit_flags_description
 from ..io.fits import atomic_path, fits_ascii
-from ..models.benchcal import BENCH_LABELS, BenchmarkCalibration
+from ..models.benchcal import BENCH_LABELS, BenchmarkCalibration, seed_spread
 
 __all__ = [
     "build_catalogue",
@@ -75,6 +75,10 @@ __all__ = [
     "read_catalogue",
     "catalogue_labels",
 ]
+
+#: per-label columns that go with ``X`` wherever it is taken from another catalogue: the benchmark calibration's
+#: (:func:`apply_to_catalogue`) and the seed members' spread
+_COMPANION_SUFFIXES = ("_uncal", "_err_stat", "_err_sys", "_err_seed")
 
 _FIXED_BEFORE = {
     "stellar_id": ("", "identifier of the star / spectrum"),
@@ -402,7 +406,7 @@ def combine_metal_poor(cat_mr: Table, cat_mp: Table, feh: str = "fe_h", lo: floa
         ea, eb = np.asarray(cat_mr[f"{n}_err"], np.float64), np.asarray(cat_mp[f"{n}_err"], np.float64)
         out[n][:] = np.where(w_mp == 0, a, np.where(w_mr == 0, b, w_mr * a + w_mp * b))
         out[f"{n}_err"][:] = np.where(w_mp == 0, ea, np.where(w_mr == 0, eb, w_mr * ea + w_mp * eb))
-        for sfx in ("_uncal", "_err_stat", "_err_sys", "_err_seed"):  # calibrated catalogues; seed members
+        for sfx in _COMPANION_SUFFIXES:
             if n + sfx in out.colnames and n + sfx in cat_mp.colnames:
                 a, b = np.asarray(cat_mr[n + sfx], np.float64), np.asarray(cat_mp[n + sfx], np.float64)
                 out[n + sfx][:] = np.where(w_mp == 0, a, np.where(w_mr == 0, b, w_mr * a + w_mp * b))
@@ -436,7 +440,7 @@ def merge_by_gradcorr(cat_a: Table, cat_b: Table) -> Table:
     mb = str(cat_b.meta.get("MODEL", "b"))
     for n in lb:
         cols = (n, f"{n}_err", f"{n}_flag", f"{n}_gradcorr") + tuple(
-            n + sfx for sfx in ("_uncal", "_err_stat", "_err_sys", "_err_seed")
+            n + sfx for sfx in _COMPANION_SUFFIXES
             if n + sfx in cat_b.colnames and (n not in la or n + sfx in cat_a.colnames))
         if n not in la:
             for c in cols:
@@ -792,8 +796,8 @@ def apply_to_catalogue(tab: Table, calibration: BenchmarkCalibration) -> Table:
     stat = np.stack([np.asarray(tab[f"{n}_err"], float) for n in BENCH_LABELS], 1)
     xc = calibration.apply(x)
     sys = calibration.sys(xc)
-    if all(f"{n}_err_seed" in tab.colnames for n in BENCH_LABELS):  # the model's seed members' spread
-        seed = np.stack([np.asarray(tab[f"{n}_err_seed"], float) for n in BENCH_LABELS], 1)
+    seed = seed_spread(tab)  # the model's seed members' spread, when the fit reported it
+    if seed is not None:
         sys = np.sqrt(sys ** 2 + np.nan_to_num(seed) ** 2)
     sys = np.where(np.isfinite(xc), sys, np.nan)
     for k, n in enumerate(BENCH_LABELS):

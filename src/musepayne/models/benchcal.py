@@ -60,6 +60,7 @@ from astropy.table import Column, Table
 
 __all__ = ["FEH_BENCH_ERR", "BENCH_LABELS", "HDU_NAME", "read_benchmarks", "hd_number", "match_benchmarks",
            "star_type", "BenchmarkCalibration", "info_lines", "DEFAULT_BENCHMARK_FILE", "BENCH_COLUMNS",
+           "SEED_COLUMNS", "seed_spread",
            "attach_benchmark_labels", "strip_benchmark_labels"]
 
 #: [Fe/H] error assumed for the benchmark stars (the v3 table gives none), dex
@@ -70,6 +71,8 @@ HDU_NAME = "BENCHCAL"
 #: columns of a hold-out fits table that are copied from the benchmark table (third-party data:
 #: never written to files this package ships; re-attached from the benchmark table when read)
 BENCH_COLUMNS = tuple(c for n in BENCH_LABELS for c in (f"{n}_bench", f"e_{n}_bench"))
+#: a catalogue's or hold-out table's spread over the model's seed members (``X_err_seed``), per label
+SEED_COLUMNS = tuple(f"{n}_err_seed" for n in BENCH_LABELS)
 #: a star-type bin of the systematic errors needs this many distinct stars
 MIN_BIN_STARS = 10
 FORMAT_VERSION = 1
@@ -168,6 +171,24 @@ def attach_benchmark_labels(tab: Table, bench: Table) -> Table:
         out[f"{n}_bench"] = np.asarray(bench[n], float)[idx]
         out[f"e_{n}_bench"] = np.asarray(bench[f"e_{n}"], float)[idx]
     return out
+
+
+def seed_spread(tab) -> np.ndarray | None:
+    """The (n, 3) seed-member spread :data:`SEED_COLUMNS` of a table, or None when it lacks any of them.
+
+    Parameters
+    ----------
+    tab : astropy.table.Table
+        A catalogue or hold-out fits table.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        ``X_err_seed`` of teff, logg, fe_h (K, dex, dex) as float64 columns.
+    """
+    if not set(SEED_COLUMNS) <= set(tab.colnames):
+        return None
+    return np.stack([np.asarray(tab[c], float) for c in SEED_COLUMNS], 1)
 
 
 def star_type(labels) -> np.ndarray:

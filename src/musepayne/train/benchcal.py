@@ -26,11 +26,13 @@ from ..models.benchcal import (
     DEFAULT_BENCHMARK_FILE,
     FEH_BENCH_ERR,
     MIN_BIN_STARS,
+    SEED_COLUMNS,
     BenchmarkCalibration,
     _robust_disp,
     attach_benchmark_labels,
     match_benchmarks,
     read_benchmarks,
+    seed_spread,
     star_type,
 )
 from ..models.gradients import CannonEmulator, build_templates
@@ -152,8 +154,9 @@ def _arrays(tab):
     x = np.stack([np.asarray(tab[n], float) for n in BENCH_LABELS], 1)
     y = np.stack([np.asarray(tab[f"{n}_bench"], float) for n in BENCH_LABELS], 1)
     e = np.stack([np.asarray(tab[f"{n}_err"], float) for n in BENCH_LABELS], 1)
-    if all(f"{n}_err_seed" in tab.colnames for n in BENCH_LABELS):
-        e = np.hypot(e, np.stack([np.asarray(tab[f"{n}_err_seed"], float) for n in BENCH_LABELS], 1))
+    seed = seed_spread(tab)
+    if seed is not None:
+        e = np.hypot(e, seed)
     be = np.stack([np.asarray(tab[f"e_{n}_bench"], float) for n in BENCH_LABELS], 1)
     return x, y, e, be
 
@@ -584,14 +587,14 @@ def calibrate(model, shared, config: BenchCalConfig | None = None, holdout_model
     n_members = len(getattr(model, "seed_members", ()))
     if table is not None:
         tab = table if all(c in table.colnames for c in BENCH_COLUMNS) else attach_benchmark_labels(table, bench)
-        has_seed = all(f"{n}_err_seed" in tab.colnames for n in BENCH_LABELS)
+        has_seed = set(SEED_COLUMNS) <= set(tab.colnames)
         if n_members and not has_seed:
             raise ValueError(f"the model carries {n_members} seed members but the hold-out table has no "
                              "X_err_seed columns: refit the hold-out models (--holdout-model) so that the sys "
                              "errors are solved beside the seed spread the fits will report")
         if has_seed and not n_members:  # a plain model: its fits report no seed spread
             tab = tab.copy(copy_data=False)
-            tab.remove_columns([f"{n}_err_seed" for n in BENCH_LABELS])
+            tab.remove_columns(list(SEED_COLUMNS))
         seeds = sorted(set(int(s) for s in tab["seed"]))
         holdout_meta = [{"seed": s, "from_table": True} for s in seeds]
     else:
